@@ -1,0 +1,503 @@
+"""Train the demo model pair that ships with edgespec: a target LM and a draft distilled from it.
+
+Everything here runs offline: the corpus is the Python standard library's own source (including
+``pydoc_data/topics.py``, the bundled language reference text), which every Python installation
+carries. The run is seeded and records exactly which files it used (a SHA-256 of the corpus), so
+that the same interpreter version reproduces the same pair.
+
+Steps:
+1. corpus: ``*.py`` under ``sysconfig.get_paths()["stdlib"]``, without ``site-packages``,
+   ``test``/``tests`` folders and ``idlelib``; ~3% of files held out for validation
+   (chosen by a hash of their relative path, so the split does not depend on file order);
+2. a byte-level BPE tokenizer trained on the training files;
+3. the target (Llama architecture) trained on next-token prediction;
+4. the draft (Llama, at most 1/8 of the target's parameters) distilled from the target: its loss
+   is the KL divergence from the target's next-token distribution, because agreement with the
+   target (the acceptance rate) is what a draft is for, not the data likelihood;
+5. evaluation (validation bits per byte, acceptance rates, per-token decode times) written to
+   ``training_report.json`` beside the models.
+
+Usage::
+
+    python -m experiments.train_demo_models --out edgespec/demo_models
+    python -m experiments.train_demo_models --out /tmp/smoke --smoke   # a 1-minute pipeline check
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import platform
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("edgespec.train")
+
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Sizes and schedule. Defaults are the shipped pair; ``--smoke`` shrinks everything."""
+
+    vocab_size: int = 4096
+    seq_len: int = 256
+    batch_size: int = 16
+    # target: Llama, ~12M parameters (about 4 ms per decoded token on a 2-core CPU)
+    target_hidden: int = 384
+    target_layers: int = 6
+    target_heads: int = 6
+    target_ffn: int = 1024
+    target_steps: int = 1200
+    target_lr: float = 1e-3
+    # draft: Llama, ~1.4M parameters (<= 1/8 of the target, most of it the embedding)
+    draft_hidden: int = 160
+    draft_layers: int = 2
+    draft_heads: int = 2
+    draft_ffn: int = 512
+    draft_steps: int = 1200
+    draft_lr: float = 2e-3
+    warmup_steps: int = 60
+    weight_decay: float = 0.1
+    max_positions: int = 1024
+    val_fraction_per_mille: int = 30  # ~3% of the files held out
+    seed: int = 1234
+    eval_prompts: int = 32  # held-out prompts for the acceptance estimate
+    eval_new_tokens: int = 48
+
+
+SMOKE = dict(
+    vocab_size=512,
+    target_hidden=64,
+    target_layers=2,
+    target_heads=2,
+    target_ffn=128,
+    target_steps=20,
+    draft_hidden=32,
+    draft_layers=1,
+    draft_heads=1,
+    draft_ffn=64,
+    draft_steps=20,
+    warmup_steps=5,
+    batch_size=4,
+    seq_len=64,
+    eval_prompts=4,
+    eval_new_tokens=8,
+)
+
+
+def corpus_files() -> tuple[Path, list[Path]]:
+    """The standard library's Python sources, sorted, without tests, site-packages and idlelib."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip_parts = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
+    files = [
+        p
+        for p in sorted(root.rglob("*.py"))
+        if not skip_parts.intersection(p.relative_to(root).parts)
+    ]
+    return root, files
+
+
+def split_corpus(cfg: TrainConfig) -> tuple[list[str], list[str], dict]:
+    """Return (train documents, validation documents, provenance record)."""
+    root, files = corpus_files()
+    train, val = [], []
+    digest = hashlib.sha256()
+    val_names = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        text = path.read_text(encoding="utf-8", errors="replace")
+        digest.update(rel.encode() + b"\0" + text.encode("utf-8") + b"\0")
+        # Held out by a hash of the path: stable under file additions elsewhere.
+        bucket = int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 1000
+        doc = f"# file: {rel}\n{text}"
+        if bucket < cfg.val_fraction_per_mille:
+            val.append(doc)
+            val_names.append(rel)
+        else:
+            train.append(doc)
+    provenance = {
+        "source": "Python standard library sources (*.py, without test/, tests/, idlelib/, site-packages/)",
+        "python_version": platform.python_version(),
+        "stdlib_path": str(root),
+        "files_total": len(files),
+        "files_validation": len(val),
+        "validation_files": val_names,
+        "bytes_train": sum(len(d.encode()) for d in train),
+        "bytes_validation": sum(len(d.encode()) for d in val),
+        "corpus_sha256": digest.hexdigest(),
+    }
+    return train, val, provenance
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    """Byte-level BPE (as GPT-2 uses): any byte sequence is encodable, so no unknown tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
+
+
+def encode_docs(tokenizer, docs: list[str]) -> torch.Tensor:
+    """One long stream: document tokens joined by EOS. (N,) int64."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_llama(cfg: TrainConfig, tokenizer, hidden: int, layers: int, heads: int, ffn: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rope_theta=10000.0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def n_params(model) -> int:
+    # Tied embeddings are counted once (parameters() deduplicates shared tensors).
+    return sum(p.numel() for p in model.parameters())
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batches(stream: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, device):
+    """Random windows of seq_len+1 tokens: (B, T+1)."""
+    span = cfg.seq_len + 1
+    while True:
+        starts = torch.randint(0, len(stream) - span, (cfg.batch_size,), generator=gen)
+        yield torch.stack([stream[s : s + span] for s in starts]).to(device)
+
+
+def optimizer_for(model, lr: float, weight_decay: float):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train_target(model, stream, cfg: TrainConfig, device) -> list[dict]:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = optimizer_for(model, cfg.target_lr, cfg.weight_decay)
+    model.train()
+    log, t0 = [], time.perf_counter()
+    it = batches(stream, cfg, gen, device)
+    for step in range(cfg.target_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.target_steps, cfg.target_lr, cfg.warmup_steps)
+        batch = next(it)
+        with autocast(device):
+            logits = model(batch[:, :-1]).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == cfg.target_steps - 1:
+            elapsed = time.perf_counter() - t0
+            log.append({"step": step, "loss": loss.item(), "elapsed_s": round(elapsed, 1)})
+            logger.info(
+                "target step %d/%d loss %.3f (%.0f tok/s)",
+                step,
+                cfg.target_steps,
+                loss.item(),
+                (step + 1) * cfg.batch_size * cfg.seq_len / elapsed,
+            )
+    return log
+
+
+def distill_draft(draft, target, stream, cfg: TrainConfig, device) -> list[dict]:
+    """Train the draft to match the target's next-token distribution (forward KL, T=1)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = optimizer_for(draft, cfg.draft_lr, cfg.weight_decay)
+    draft.train()
+    target.eval()
+    log, t0 = [], time.perf_counter()
+    it = batches(stream, cfg, gen, device)
+    for step in range(cfg.draft_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.draft_steps, cfg.draft_lr, cfg.warmup_steps)
+        batch = next(it)[:, :-1]
+        with torch.no_grad(), autocast(device):
+            p_logits = target(batch).logits.float()  # (B, T, V)
+        with autocast(device):
+            q_logits = draft(batch).logits.float()  # (B, T, V)
+        loss = F.kl_div(
+            F.log_softmax(q_logits, -1).flatten(0, 1),
+            F.log_softmax(p_logits, -1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == cfg.draft_steps - 1:
+            elapsed = time.perf_counter() - t0
+            log.append({"step": step, "kl": loss.item(), "elapsed_s": round(elapsed, 1)})
+            logger.info(
+                "draft step %d/%d KL %.3f (%.0f tok/s)",
+                step,
+                cfg.draft_steps,
+                loss.item(),
+                (step + 1) * cfg.batch_size * cfg.seq_len / elapsed,
+            )
+    return log
+
+
+@torch.no_grad()
+def bits_per_byte(model, stream: torch.Tensor, bytes_per_token: float, cfg: TrainConfig, device):
+    """Mean next-token loss over non-overlapping windows of the validation stream, in bits/byte."""
+    model.eval()
+    total_nats, total_tokens = 0.0, 0
+    span = cfg.seq_len + 1
+    for start in range(0, len(stream) - span, cfg.seq_len):
+        window = stream[start : start + span].unsqueeze(0).to(device)  # (1, T+1)
+        logits = model(window[:, :-1]).logits.float()
+        total_nats += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+        total_tokens += cfg.seq_len
+    nats_per_token = total_nats / total_tokens
+    return nats_per_token / math.log(2) / bytes_per_token, nats_per_token
+
+
+@torch.no_grad()
+def acceptance(target, draft, stream: torch.Tensor, cfg: TrainConfig, device) -> dict:
+    """Acceptance rate alpha of the draft against the target on held-out prompts.
+
+    Positions are those the target itself generates from each prompt (greedy for the greedy
+    alpha: the fraction where the draft's argmax equals the target's; sampled at T=1 for the
+    sampling alpha: the mean of sum_x min(p(x), q(x))), which is what speculative decoding sees.
+    """
+    target.eval()
+    draft.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    prompt_len = 32
+    starts = torch.randint(0, len(stream) - prompt_len, (cfg.eval_prompts,), generator=gen)
+    prompts = torch.stack([stream[s : s + prompt_len] for s in starts]).to(device)  # (P, L)
+    out: dict[str, float] = {}
+    for mode in ("greedy", "t1"):
+        seqs = prompts
+        for _ in range(cfg.eval_new_tokens):  # full re-forward: simple, and the eval is small
+            logits = target(seqs).logits[:, -1].float()  # (P, V)
+            if mode == "greedy":
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=None)
+            seqs = torch.cat([seqs, nxt], dim=1)
+        region = slice(prompt_len - 1, seqs.shape[1] - 1)
+        p = F.softmax(target(seqs).logits[:, region].float(), -1)  # (P, N, V)
+        q = F.softmax(draft(seqs).logits[:, region].float(), -1)  # (P, N, V)
+        if mode == "greedy":
+            out["alpha_greedy"] = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+        else:
+            out["alpha_t1"] = torch.minimum(p, q).sum(-1).mean().item()
+    return out
+
+
+@torch.no_grad()
+def decode_ms_per_token(model, device, new_tokens: int = 64, reps: int = 3) -> float:
+    """Median over reps of the mean KV-cached per-token decode time of one sequence."""
+    model.eval()
+    times = []
+    for _ in range(reps):
+        ids = torch.zeros((1, 16), dtype=torch.long, device=device)
+        out = model(ids, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / new_tokens * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def samples(model, tokenizer, device, prompts: list[str], temperature: float, n: int, seed: int):
+    torch.manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        gen = model.generate(
+            ids,
+            max_new_tokens=n,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_k=0 if temperature > 0 else None,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        out.append(tokenizer.decode(gen[0]))
+    return out
+
+
+def save(model, tokenizer, path: Path) -> None:
+    """Safetensors in float16 (halves the shipped size); loaders upcast to float32 on CPU."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    model.to(torch.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="folder for target/ and draft/")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    cfg = TrainConfig(**SMOKE) if args.smoke else TrainConfig()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t_start = time.perf_counter()
+
+    train_docs, val_docs, provenance = split_corpus(cfg)
+    logger.info(
+        "corpus: %d train / %d validation files, %.1f MB",
+        provenance["files_total"] - provenance["files_validation"],
+        provenance["files_validation"],
+        provenance["bytes_train"] / 1e6,
+    )
+    tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
+    train_stream = encode_docs(tokenizer, train_docs)
+    val_stream = encode_docs(tokenizer, val_docs)
+    val_bytes_per_token = provenance["bytes_validation"] / len(val_stream)
+    logger.info(
+        "tokens: %d train, %d validation (%.2f bytes/token)",
+        len(train_stream),
+        len(val_stream),
+        val_bytes_per_token,
+    )
+
+    target = build_llama(
+        cfg, tokenizer, cfg.target_hidden, cfg.target_layers, cfg.target_heads, cfg.target_ffn
+    ).to(device)
+    draft = build_llama(
+        cfg, tokenizer, cfg.draft_hidden, cfg.draft_layers, cfg.draft_heads, cfg.draft_ffn
+    ).to(device)
+    ratio = n_params(draft) / n_params(target)
+    logger.info(
+        "target %.2fM params, draft %.2fM params (ratio 1/%.1f)",
+        n_params(target) / 1e6,
+        n_params(draft) / 1e6,
+        1 / ratio,
+    )
+    if ratio > 1 / 8 and not args.smoke:  # smoke sizes are too small for the ratio to hold
+        raise SystemExit(f"draft/target parameter ratio {ratio:.3f} exceeds 1/8")
+
+    t0 = time.perf_counter()
+    target_log = train_target(target, train_stream, cfg, device)
+    target_train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    draft_log = distill_draft(draft, target, train_stream, cfg, device)
+    draft_train_s = time.perf_counter() - t0
+
+    target.eval()
+    draft.eval()
+    target_bpb, target_nats = bits_per_byte(target, val_stream, val_bytes_per_token, cfg, device)
+    draft_bpb, draft_nats = bits_per_byte(draft, val_stream, val_bytes_per_token, cfg, device)
+    alpha = acceptance(target, draft, val_stream, cfg, device)
+    speed = {
+        "target_ms_per_token": decode_ms_per_token(target, device),
+        "draft_ms_per_token": decode_ms_per_token(draft, device),
+    }
+    speed["draft_speedup"] = speed["target_ms_per_token"] / speed["draft_ms_per_token"]
+    prompts = ["import os\n", "def ", "class ", "# file: json/"]
+    report = {
+        "config": asdict(cfg),
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "corpus": provenance,
+        "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tokenizer), "eos": EOS},
+        "params": {"target": n_params(target), "draft": n_params(draft), "ratio": ratio},
+        "train_seconds": {"target": target_train_s, "draft": draft_train_s},
+        "total_seconds": time.perf_counter() - t_start,
+        "validation": {
+            "bytes_per_token": val_bytes_per_token,
+            "target_bits_per_byte": target_bpb,
+            "target_nats_per_token": target_nats,
+            "draft_bits_per_byte": draft_bpb,
+            "draft_nats_per_token": draft_nats,
+        },
+        "acceptance": alpha,
+        "decode_speed_this_machine": speed,
+        "samples": {
+            "greedy": samples(target, tokenizer, device, prompts, 0.0, 80, cfg.seed),
+            "temperature_0.8": samples(target, tokenizer, device, prompts, 0.8, 80, cfg.seed),
+        },
+        "loss_curves": {"target": target_log, "draft": draft_log},
+    }
+    save(target, tokenizer, args.out / "target")
+    save(draft, tokenizer, args.out / "draft")
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info(
+        "done in %.0f s: target %.3f bits/byte, alpha greedy %.3f, alpha T=1 %.3f, "
+        "draft %.1fx faster",
+        report["total_seconds"],
+        target_bpb,
+        alpha["alpha_greedy"],
+        alpha["alpha_t1"],
+        speed["draft_speedup"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
