@@ -1,0 +1,158 @@
+"""The ``edgespec`` command line.
+
+``edgespec demo`` runs the main job on the embedded defaults; ``edgespec bench ...`` runs the
+benchmarks, each printing its figures and writing them to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("edgespec")
+
+DEMO_PROMPT = "def read_config(path):\n"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="target checkpoint folder (default: the shipped demo target)")
+    p.add_argument("--draft", help="draft checkpoint folder (default: the shipped demo draft)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _params_from(args: argparse.Namespace):
+    from speculative.params import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write a result file (creating its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    logger.info("wrote %s", path)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Co-located speculative decoding on the shipped pair, compared with the target alone."""
+    import time
+
+    from edgespec.models import resolve_pair
+    from speculative.generate import generate, generate_autoregressive
+    from speculative.models import check_pair, load_tokenizer
+    from speculative.runner import ModelRunner
+
+    target_path, draft_path = resolve_pair(args.target, args.draft)
+    check_pair(target_path, draft_path)
+    logger.info("loading target %s and draft %s", target_path, draft_path)
+    tokenizer = load_tokenizer(target_path)
+    target = ModelRunner.from_pretrained(target_path)
+    draft = ModelRunner.from_pretrained(draft_path)
+    params = _params_from(args)
+    prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+
+    t0 = time.perf_counter()
+    spec = generate(target, draft, prompt_ids, params, k=args.k)
+    spec_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    alone = generate_autoregressive(target, prompt_ids, params)
+    alone_s = time.perf_counter() - t0
+
+    print(args.prompt + tokenizer.decode(spec.tokens))
+    print("-" * 60)
+    same = "identical to" if spec.tokens == alone.tokens else "DIFFERENT from"
+    print(f"speculative (k={args.k}): {len(spec.tokens)} tokens, {same} the target alone")
+    print(
+        f"  {len(spec.tokens) / spec_s:.1f} tokens/s vs {len(alone.tokens) / alone_s:.1f} "
+        f"tokens/s for the target alone ({alone_s / spec_s:.2f}x); "
+        f"acceptance {spec.stats.acceptance_rate:.2f}, "
+        f"{spec.stats.mean_tokens_per_round:.2f} tokens per target forward"
+    )
+    return 0 if params.temperature > 0 or spec.tokens == alone.tokens else 1
+
+
+def cmd_bench_core(args: argparse.Namespace) -> int:
+    from edgespec.models import resolve_pair
+    from experiments.bench_core import run_core_bench
+
+    target_path, draft_path = resolve_pair(args.target, args.draft)
+    if args.draft_equals_target:
+        draft_path = target_path
+    result = run_core_bench(
+        target_path,
+        draft_path,
+        max_new_tokens=args.max_new_tokens,
+        ks=range(1, args.max_k + 1),
+        reps=args.reps,
+    )
+    for row in result["methods"]:
+        k = "" if row.get("k") is None else f" k={row['k']}"
+        acc = row.get("acceptance_rate")
+        acc_s = "" if acc is None else f"  acceptance {acc:.3f}"
+        print(f"{row['name']:>24}{k:<5} {row['tokens_per_s']:8.1f} tokens/s{acc_s}")
+    print(f"best ours / HF assisted generation: {result['best_vs_hf_assisted']:.3f}")
+    write_json(args.json, result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgespec", description=__doc__.split("\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the main job on the shipped demo models")
+    _add_model_args(demo)
+    _sampling_args(demo)
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("-k", type=int, default=4, help="draft tokens per round")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks (print figures, write JSON)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    core = bench_sub.add_parser("core", help="co-located core vs target alone vs HF assisted")
+    _add_model_args(core)
+    core.add_argument("--json", required=True, help="result file")
+    core.add_argument("--max-new-tokens", type=int, default=96)
+    core.add_argument("--max-k", type=int, default=8)
+    core.add_argument("--reps", type=int, default=3)
+    core.add_argument(
+        "--draft-equals-target",
+        action="store_true",
+        help="use the target as its own draft (acceptance 1: measures our overhead)",
+    )
+    core.set_defaults(func=cmd_bench_core)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

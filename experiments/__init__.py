@@ -1,0 +1,1 @@
+"""Experiments: link emulator, compute profiles, benchmark harness and plots."""

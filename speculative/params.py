@@ -1,0 +1,119 @@
+"""Sampling parameters shared by the draft side and the target side.
+
+`SamplingParams` crosses every boundary (SDK -> edge -> cloud), so it validates itself on
+construction and converts to and from a plain JSON-able dict for the wire.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+MAX_NEW_TOKENS_LIMIT = 1_000_000
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 so they fit a signed 64-bit wire field
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; True as a token count is always a bug, never an intent.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_float(
+    name: str, value: object, in_range: Callable[[float], bool], allowed: str
+) -> float:
+    """Return `value` as a float, or raise naming the field, the value and the allowed range."""
+    if not _is_real(value) or not math.isfinite(value) or not in_range(value):
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None, allowed: str) -> int:
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to turn logits into the next token; identical for drafting and verifying.
+
+    Every field is validated in `__post_init__`; a bad value raises `ValueError` naming the
+    field, the value and the allowed range. Numbers are normalised (`temperature=1` becomes
+    `1.0`, a list of stop ids becomes a tuple) so equal params compare equal.
+    """
+
+    temperature: float = 0.0  # 0 => greedy (argmax); else logits are divided by it
+    top_k: int = 0  # keep the k most likely tokens; 0 => disabled
+    top_p: float = 1.0  # keep the smallest set with mass >= top_p, in (0, 1]; 1 => disabled
+    max_new_tokens: int = 64  # generated tokens at most, 1..1_000_000
+    seed: int | None = None  # None => nondeterministic; else 0 <= seed < 2**63
+    stop_token_ids: tuple[int, ...] = ()  # generation stops after emitting any of these
+
+    def __post_init__(self) -> None:
+        # frozen: normalised values are written back with object.__setattr__.
+        set_ = object.__setattr__
+        temperature = _check_float("temperature", self.temperature, lambda t: t >= 0, ">= 0")
+        set_(self, "temperature", temperature)
+        set_(self, "top_p", _check_float("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]"))
+        set_(self, "top_k", _check_int("top_k", self.top_k, 0, None, ">= 0 (0 disables)"))
+        set_(
+            self,
+            "max_new_tokens",
+            _check_int(
+                "max_new_tokens",
+                self.max_new_tokens,
+                1,
+                MAX_NEW_TOKENS_LIMIT,
+                f"in [1, {MAX_NEW_TOKENS_LIMIT}]",
+            ),
+        )
+        if self.seed is not None:
+            set_(self, "seed", _check_int("seed", self.seed, 0, SEED_LIMIT - 1, "in [0, 2**63)"))
+        set_(self, "stop_token_ids", _check_stop_ids(self.stop_token_ids))
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when decoding takes the argmax (temperature 0): no randomness at all."""
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (floats, ints, None, a list) with every field."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "stop_token_ids": list(self.stop_token_ids),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
+        """Inverse of `to_dict`. Missing keys take their defaults; unknown keys raise ValueError."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"SamplingParams.from_dict needs a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(key) for key in d if key not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown SamplingParams field(s) {unknown}; allowed fields are {sorted(known)}"
+            )
+        return cls(**d)
+
+
+def _check_stop_ids(value: object) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"stop_token_ids must be a list or tuple of ints >= 0, got {type(value).__name__}"
+        )
+    for token in value:
+        if not _is_int(token) or token < 0:
+            raise ValueError(f"stop_token_ids must hold only ints >= 0, got {token!r} in {value!r}")
+    return tuple(int(token) for token in value)

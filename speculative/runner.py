@@ -1,0 +1,172 @@
+"""One Hugging Face causal LM, one sequence, one KV cache that can be rolled back exactly.
+
+`ModelRunner` is the only place that calls a model's forward. Speculative decoding needs three
+things from it: a prefill, an `extend` that appends several tokens in ONE forward pass and returns
+the logits of every appended position (the target scores a whole draft block at once), and a
+`rollback` that drops rejected tokens from the cache so the next `extend` continues exactly as if
+they had never been fed. Sampling and acceptance live elsewhere (`sampling.py`, `rejection.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+TokenIds = Sequence[int] | Tensor
+
+
+class ModelRunner:
+    """Runs one HF `AutoModelForCausalLM` for ONE sequence with its KV cache (a `DynamicCache`).
+
+    Invariants:
+      - `length` is the number of tokens whose keys/values are in the cache; the next token fed is
+        placed at position `length` (explicit `position_ids`, so a rollback followed by an extend
+        gives the same logits as a fresh run over the same tokens, up to float rounding).
+      - Every call to `prefill` or `extend` runs exactly one forward pass (`forwards` counts them).
+      - Logits come back as float32 on `device`, whatever the model's dtype.
+
+    Not thread-safe: one runner serves one sequence at a time.
+    """
+
+    def __init__(self, model: PreTrainedModel, device: str | torch.device | None = None) -> None:
+        """Wrap `model` (put in eval mode). `device=None` keeps the model where it is."""
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.device: torch.device = model.device
+        out_emb = model.get_output_embeddings()
+        # The logits width is what matters to samplers; it can exceed the tokenizer's vocabulary
+        # (padded embedding matrices), so read it from the output layer when there is one.
+        if out_emb is not None and getattr(out_emb, "weight", None) is not None:
+            self.vocab_size: int = int(out_emb.weight.shape[0])
+        else:
+            self.vocab_size = int(model.config.get_text_config().vocab_size)
+        text_cfg = model.config.get_text_config()
+        max_pos = getattr(text_cfg, "max_position_embeddings", None) or getattr(
+            text_cfg, "n_positions", None
+        )
+        # Longest sequence the cache may hold; None when the config states no limit.
+        self.max_length: int | None = int(max_pos) if max_pos else None
+        self.forwards: int = 0
+        self._cache = None  # transformers Cache, created by the first forward
+        self._length = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ModelRunner:
+        """Load a causal LM from a LOCAL checkpoint directory (never touches the model hub).
+
+        `device=None` picks CUDA when available, else CPU. On CPU the model is always loaded in
+        float32 (half precision on CPU is slow and not bit-stable across kernels); on other devices
+        `dtype=None` keeps the checkpoint's saved dtype.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"path must be a local checkpoint directory, got {str(path)!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cpu":
+            if dtype is not None and dtype != torch.float32:
+                logger.warning("dtype %s ignored on CPU: loading %s in float32", dtype, path)
+            load_dtype: torch.dtype | str = torch.float32
+        else:
+            load_dtype = dtype if dtype is not None else "auto"
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=load_dtype, local_files_only=True
+        )
+        return cls(model, device=device)
+
+    @property
+    def length(self) -> int:
+        """Tokens currently in the KV cache."""
+        return self._length
+
+    def reset(self) -> None:
+        """Drop the whole cache (length becomes 0)."""
+        self._cache = None
+        self._length = 0
+
+    def prefill(self, ids: TokenIds) -> Tensor:
+        """Reset the cache and run `ids` (n >= 1 tokens) through the model in one forward.
+
+        Returns the logits predicting the token after `ids[-1]`, shape (V,), float32.
+        """
+        self.reset()
+        return self._forward(ids, last_only=True)[-1]
+
+    def extend(self, ids: TokenIds) -> Tensor:
+        """Append `ids` (n >= 1 tokens) to the cache in ONE forward pass.
+
+        Returns logits (n, V) float32; row i predicts the token after `ids[i]`.
+        A 1-D long tensor on `device` is accepted too; then ids are not range-checked, so that
+        feeding a just-sampled token does not force a device->host sync.
+        """
+        return self._forward(ids, last_only=False)
+
+    def rollback(self, length: int) -> None:
+        """Truncate the cache to its first `length` tokens (0 <= length <= self.length)."""
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise ValueError(f"length must be an int, got {length!r}")
+        if not 0 <= length <= self._length:
+            raise ValueError(f"length must be in [0, {self._length}], got {length}")
+        if length == self._length:
+            return
+        if length == 0:
+            self.reset()
+            return
+        if not getattr(self._cache, "is_croppable", True):
+            raise RuntimeError(f"{type(self.model).__name__}'s cache cannot be rolled back")
+        # transformers >= 5 crops by a NEGATIVE count of tokens to remove (4.x accepts it too).
+        self._cache.crop(length - self._length)
+        self._length = length
+
+    def _as_input(self, ids: TokenIds) -> Tensor:
+        """Token ids -> (1, n) long tensor on the device, validated when given on the host."""
+        if isinstance(ids, Tensor):
+            if ids.dim() != 1 or ids.numel() == 0:
+                raise ValueError(f"ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+            return ids.to(device=self.device, dtype=torch.long).view(1, -1)
+        ids = list(ids)
+        if not ids:
+            raise ValueError("ids must hold at least 1 token, got 0")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"token ids must be ints in [0, {self.vocab_size}), got {t!r}")
+        return torch.tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
+
+    @torch.inference_mode()
+    def _forward(self, ids: TokenIds, last_only: bool) -> Tensor:
+        input_ids = self._as_input(ids)  # (1, n)
+        n = input_ids.shape[1]
+        if self.max_length is not None and self._length + n > self.max_length:
+            raise ValueError(
+                f"sequence length must be <= max_position_embeddings={self.max_length}, "
+                f"got {self._length + n}"
+            )
+        position_ids = torch.arange(
+            self._length, self._length + n, device=self.device, dtype=torch.long
+        ).view(1, -1)  # (1, n)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            past_key_values=self._cache,
+            use_cache=True,
+            # Only the last row is needed after a prefill: skip the (n, V) head matmul.
+            logits_to_keep=1 if last_only else 0,
+        )
+        self._cache = out.past_key_values
+        self._length += n
+        self.forwards += 1
+        return out.logits[0].float()  # (n, V) or (1, V)
