@@ -136,10 +136,10 @@ class DraftProbs:
                 )
         if k == 0:
             return
-        sums = probs.to(torch.float32).sum(dim=-1)  # (k,); NaN and +inf propagate into it
+        sums = probs.to(torch.float32).sum(dim=-1)  # (k,); NaN and infs propagate into it
         if not bool(torch.isfinite(sums).all()):
             raise ValueError("draft_probs.probs must be finite, got NaN or inf")
-        minimum = float(probs.min())  # -inf shows here
+        minimum = float(probs.min())
         if minimum < 0:
             raise ValueError(f"draft_probs.probs must be >= 0, got minimum {minimum}")
         worst = int((sums - 1).abs().argmax())

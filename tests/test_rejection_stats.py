@@ -85,7 +85,7 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode())  # stable across runs, unlike hash()
 
 
-def _chain(params: SamplingParams, seed: int, noise: float = 1.0):
+def _chain(params: SamplingParams, seed: int, noise: float = 0.5):
     """Target p (K+1, V) and draft q (K, V): the same params, draft logits = target + noise."""
     g = torch.Generator().manual_seed(seed)
     target_logits = torch.randn(K + 1, V, generator=g) * 2
@@ -115,10 +115,14 @@ def _emitted_counts(draft, accepted, token) -> list[torch.Tensor]:
 
 
 def _gof_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square p-value of `counts` (V,) against `probs` (V,); cells expecting < 5 merged."""
+    """Chi-square p-value of `counts` (V,) against `probs` (V,); cells expecting < 5 merged.
+
+    0.0 when a token of target probability 0 was emitted: no sampling luck explains that.
+    """
     obs = counts.double().numpy()
     p = probs.double().numpy()
-    assert obs[p == 0].sum() == 0, "a token with target probability 0 was emitted"
+    if obs[p == 0].sum() > 0:
+        return 0.0
     obs, p = obs[p > 0], p[p > 0]
     exp = obs.sum() * p / p.sum()
     order = np.argsort(exp)
@@ -170,7 +174,7 @@ def test_dense_q_emits_target_distribution(name, params):
 
 @pytest.mark.parametrize(("name", "params"), TRUNCATED, ids=[n for n, _ in TRUNCATED])
 def test_sparse_q_emits_target_distribution(name, params):
-    p, q = _chain(params, seed=_seed('sparse' + name))
+    p, q = _chain(params, seed=_seed("sparse" + name))
     sparse = DraftProbs.from_probs_sparse(q)
     assert sparse.probs.shape[1] < V  # really sparse: a truncated q
     g = make_generator(12)
@@ -245,13 +249,15 @@ def _resample_from_target(draft, p, q, g):
 
 
 @pytest.mark.parametrize("broken", [_always_accept, _resample_from_target])
-def test_negative_control_broken_verifier_fails(broken):
-    p, q = _chain(SamplingParams(temperature=1.0), seed=_seed("t1.0-plain"))
+@pytest.mark.parametrize(("name", "params"), PARAM_GRID, ids=[n for n, _ in PARAM_GRID])
+def test_negative_control_broken_verifier_fails(broken, name, params):
+    """The dense-q test above, same chains and seeds, must reject a wrong verifier."""
+    p, q = _chain(params, seed=_seed(name))
     g = make_generator(11)
     draft = _draw(q, ROUNDS, g)
     accepted, token = broken(draft, *_expand(p, q, ROUNDS), g)
-    counts = _emitted_counts(draft, accepted, token)
-    assert _gof_pvalue(counts[0], p[0]) < ALPHA
+    pvalues = _pvalues(draft, accepted, token, p)
+    assert min(pvalues) < ALPHA, pvalues
 
 
 # ---------------------------------------------------------------- reproducibility

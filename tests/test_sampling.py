@@ -101,7 +101,7 @@ def test_top_k_keeps_ties_at_the_kth_value():
 def test_top_p_keeps_the_minimal_nucleus(logits, top_p):
     probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=top_p))
     full = torch.softmax(logits, -1)
-    for row, p in zip(full, probs):
+    for row, p in zip(full, probs, strict=True):
         order = row.argsort(descending=True)
         cum = row[order].cumsum(0)
         # the smallest n with mass >= top_p (computed independently, in float64 to be safe)
