@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from speculative.params import SamplingParams
 from speculative.runner import ModelRunner
 from speculative.sampling import logits_to_probs, make_generator, sample

@@ -86,9 +86,7 @@ def check_pair(target_path: str | Path, draft_path: str | Path) -> None:
     target, draft = model_info(target_path), model_info(draft_path)
     problems: list[str] = []
     if target.vocab_size != draft.vocab_size:
-        problems.append(
-            f"vocab_size differs: target {target.vocab_size}, draft {draft.vocab_size}"
-        )
+        problems.append(f"vocab_size differs: target {target.vocab_size}, draft {draft.vocab_size}")
     t_tok, d_tok = load_tokenizer(target_path), load_tokenizer(draft_path)
     t_vocab, d_vocab = t_tok.get_vocab(), d_tok.get_vocab()
     if t_vocab != d_vocab:

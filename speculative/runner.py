@@ -83,9 +83,7 @@ class ModelRunner:
             load_dtype: torch.dtype | str = torch.float32
         else:
             load_dtype = dtype if dtype is not None else "auto"
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=load_dtype, local_files_only=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, local_files_only=True)
         return cls(model, device=device)
 
     @property
@@ -136,7 +134,9 @@ class ModelRunner:
         """Token ids -> (1, n) long tensor on the device, validated when given on the host."""
         if isinstance(ids, Tensor):
             if ids.dim() != 1 or ids.numel() == 0:
-                raise ValueError(f"ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+                raise ValueError(
+                    f"ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}"
+                )
             return ids.to(device=self.device, dtype=torch.long).view(1, -1)
         ids = list(ids)
         if not ids:

@@ -138,6 +138,8 @@ class Drafter:
     `draft_params` (default: `params`) is how the draft chooses its tokens. Any choice is exact
     because the block carries the distribution q each token was drawn from; a truncated one
     (top_k / top_p) makes q sparse and cheap to send. Stopping rules always come from `params`.
+
+    The drafter takes over `runner`: its cache is reset and then holds this session's prefix.
     """
 
     def __init__(
@@ -173,7 +175,8 @@ class Drafter:
 
         Drafts min(k, tokens_left - 1) tokens: the verdict always adds one token of the target's
         own, so drafting more could never be used. Drafting also ends early after a stop token.
-        Runs one draft forward per draft token and one device->host sync per block.
+        Runs one draft forward per draft token; the token ids come to the host once per block
+        (greedy drafting syncs only then; sampling adds whatever logits_to_probs/sample sync).
         """
         _check_int("k", k, 0)
         if self.finished:
@@ -286,7 +289,9 @@ class Verifier:
 
     `verify(block)` = `prepare(block)` -> `runner.extend(pending.feed)` -> `complete(pending,
     logits)`; the steps are separate so a batcher can run one forward for many sessions.
-    The verifier's random draws use their own generator, seeded from `params.seed`.
+    The verifier's random draws use their own generator, seeded from `params.seed`. It takes
+    over `runner` (cache reset). Stopping rules are the drafter's business: the verifier commits
+    whatever it verifies, so its history may run past the drafter's truncated output.
     """
 
     def __init__(

@@ -1,0 +1,26 @@
+"""edgespec's cloud side: the verifier engine (target model, one KV cache per session) and the
+Verifier gRPC service around it. Run one with ``python -m cloud.server --target PATH``."""
+
+from cloud.service import RunningServer, TLSConfig, serve
+from cloud.verifier import (
+    EngineStats,
+    OpenResult,
+    Outcome,
+    ServiceError,
+    VerifierConfig,
+    VerifierEngine,
+    VerifyResult,
+)
+
+__all__ = [
+    "EngineStats",
+    "OpenResult",
+    "Outcome",
+    "RunningServer",
+    "ServiceError",
+    "TLSConfig",
+    "VerifierConfig",
+    "VerifierEngine",
+    "VerifyResult",
+    "serve",
+]

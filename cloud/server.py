@@ -1,0 +1,90 @@
+"""Run a Verifier server: ``python -m cloud.server --target PATH [--port 0] [--token T]``.
+
+Loads the target checkpoint (default: the shipped demo target), serves it, and prints exactly one
+line to stdout, ``LISTENING <host>:<port>`` (flushed), once it accepts connections; scripts and
+tests wait for that line. Logs go to stderr. SIGTERM or SIGINT stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from cloud.service import TLSConfig, serve
+from cloud.verifier import VerifierConfig, VerifierEngine
+
+logger = logging.getLogger("cloud.server")
+
+TOKEN_ENV = "EDGESPEC_VERIFIER_TOKEN"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m cloud.server", description=__doc__.split("\n")[0])
+    ap.add_argument("--target", help="target checkpoint folder (default: the shipped demo target)")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    ap.add_argument("--port", type=int, default=0, help="port (0 = any free port)")
+    ap.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"require 'authorization: Bearer <token>' on every RPC but health (env {TOKEN_ENV})",
+    )
+    defaults = VerifierConfig()
+    ap.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
+    ap.add_argument("--max-block-tokens", type=int, default=defaults.max_block_tokens)
+    ap.add_argument("--max-prefix-tokens", type=int, default=None)
+    ap.add_argument("--idle-ttl", type=float, default=defaults.session_idle_ttl_s, help="seconds")
+    ap.add_argument("--model-id", default="", help="name served (default: the folder name)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    ap.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    ap.add_argument("--tls-key", help="PEM private key")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+async def _run(args: argparse.Namespace) -> None:
+    from edgespec.models import DEFAULT_TARGET
+
+    config = VerifierConfig(
+        model_id=args.model_id,
+        max_sessions=args.max_sessions,
+        max_block_tokens=args.max_block_tokens,
+        max_prefix_tokens=args.max_prefix_tokens,
+        session_idle_ttl_s=args.idle_ttl,
+        device=args.device,
+    )
+    engine = VerifierEngine.from_pretrained(args.target or DEFAULT_TARGET, config)
+    tls = TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
+    running = await serve(engine, host=args.host, port=args.port, token=args.token, tls=tls)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"LISTENING {running.address}", flush=True)
+    await stop.wait()
+    logger.info("stopping")
+    await running.stop(grace=2.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        build_parser().error("--tls-cert and --tls-key go together")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(_run(args))
+    except (ValueError, OSError) as err:
+        logger.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The Verifier gRPC service (grpc.aio): a thin shim over `cloud.verifier.VerifierEngine`.
+
+Each RPC converts protobuf -> domain objects (`protos.convert`), calls the engine, converts the
+answer back. All engine calls, model work or not, run on ONE executor thread: one forward at a
+time, the event loop stays free for I/O, and the engine's sessions are only touched from there.
+Errors: `ServiceError` / `FieldError` -> `context.abort(code, message)`, where the message names
+the field and the allowed range; anything unexpected -> INTERNAL, logged. The service keeps
+serving either way. STALE and REPLAYED blocks are verdict outcomes, not errors.
+
+`serve()` wires the server: Verifier + standard health (grpc.health.v1, SERVING) + reflection,
+an optional bearer-token interceptor (health exempt), optional TLS and the idle-session reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloud.verifier import ServiceError, VerifierEngine, VerifyResult
+from protos.convert import FieldError, block_from_proto, params_from_proto, verdict_to_proto
+from protos.edgespec.v1 import edgespec_pb2 as pb
+from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Verifier"].full_name  # "edgespec.v1.Verifier"
+HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+# Dense q of a 32-token block over a 128k vocabulary is 16 MiB; leave room above that.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_OUTCOME_TO_PROTO = {"APPLIED": pb.Verdict.APPLIED, "REPLAYED": pb.Verdict.REPLAYED}
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server certificate chain and private key (PEM files)."""
+
+    cert_path: str | Path
+    key_path: str | Path
+
+    def credentials(self) -> grpc.ServerCredentials:
+        cert, key = Path(self.cert_path).read_bytes(), Path(self.key_path).read_bytes()
+        return grpc.ssl_server_credentials([(key, cert)])
+
+
+def result_to_proto(result: VerifyResult, queue_ms: float) -> pb.Verdict:
+    """Engine `VerifyResult` -> wire Verdict (a STALE one carries only seq and committed_len)."""
+    if result.verdict is None:
+        return pb.Verdict(
+            seq=result.seq,
+            outcome=pb.Verdict.STALE,
+            committed_len=result.committed_len,
+            queue_ms=queue_ms,
+        )
+    return verdict_to_proto(result.verdict, _OUTCOME_TO_PROTO[result.outcome.value], queue_ms)
+
+
+class VerifierServicer(pb_grpc.VerifierServicer):
+    """proto -> engine -> proto; model work on `executor` (which must have ONE thread)."""
+
+    def __init__(self, engine: VerifierEngine, executor: ThreadPoolExecutor) -> None:
+        self.engine = engine
+        self._executor = executor
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+        """Run fn(*args) on the executor; returns its result and the queue wait in ms."""
+        submitted = time.perf_counter()
+        started = submitted
+
+        def job() -> T:
+            nonlocal started
+            started = time.perf_counter()
+            return fn(*args)
+
+        result = await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        return result, (started - submitted) * 1e3
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        try:
+            if not request.HasField("params"):
+                raise FieldError("params", "params must be set (max_new_tokens >= 1 at least)")
+            params = params_from_proto(request.params)
+            opened, _ = await self._call(
+                functools.partial(
+                    self.engine.open_session,
+                    list(request.prefix_ids),
+                    params,
+                    generated=request.generated,
+                    next_seq=request.next_seq,
+                    model_id=request.model_id,
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - every failure becomes a status
+            await _abort(context, err)
+        return pb.OpenSessionResponse(
+            session_id=opened.session_id,
+            committed_len=opened.committed_len,
+            max_block_tokens=opened.max_block_tokens,
+            vocab_size=opened.vocab_size,
+            model_id=opened.model_id,
+            prefill_ms=opened.prefill_ms,
+        )
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        try:
+            existed, _ = await self._call(self.engine.close_session, request.session_id)
+        except Exception as err:  # noqa: BLE001
+            await _abort(context, err)
+        return pb.CloseSessionResponse(existed=existed)
+
+    async def VerifyStream(
+        self,
+        request_iterator: AsyncIterator[pb.DraftBlock],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.Verdict]:
+        """One session per stream, named by the first block; one verdict per block, in order."""
+        session_id: str | None = None
+        async for msg in request_iterator:
+            try:
+                if session_id is None:
+                    if not msg.session_id:
+                        raise FieldError(
+                            "session_id", "session_id must be set on the first block of a stream"
+                        )
+                    session_id = msg.session_id
+                elif msg.session_id and msg.session_id != session_id:
+                    raise FieldError(
+                        "session_id",
+                        f"session_id must be {session_id!r} (this stream's session) or empty, "
+                        f"got {msg.session_id!r}",
+                    )
+                block = block_from_proto(msg)
+                result, queue_ms = await self._call(self.engine.verify, session_id, block)
+            except Exception as err:  # noqa: BLE001
+                await _abort(context, err)
+            yield result_to_proto(result, queue_ms)
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
+    """End the RPC with the status `err` maps to (raises; never returns)."""
+    if isinstance(err, ServiceError):
+        await context.abort(grpc.StatusCode[err.code], err.message)
+    if isinstance(err, FieldError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    logger.exception("unexpected error in a Verifier RPC")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC except health checks unless its metadata holds
+    ``authorization: Bearer <token>`` (compared in constant time): UNAUTHENTICATED."""
+
+    def __init__(self, token: str, exempt_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,)):
+        if not token:
+            raise ValueError("token must be a non-empty string")
+        self._expected = f"Bearer {token}".encode()
+        self._exempt = exempt_prefixes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method.startswith(self._exempt) or self._authorized(
+            handler_call_details.invocation_metadata
+        ):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return None if handler is None else _denying_handler(handler)
+
+    def _authorized(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+
+def _denying_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as `handler` that answers UNAUTHENTICATED."""
+
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "authorization metadata must be 'Bearer <token>' with this server's token",
+        )
+
+    kind = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return kind(
+        deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+@dataclass
+class RunningServer:
+    """A started Verifier server. `await stop()` shuts it down (idempotent)."""
+
+    server: grpc.aio.Server
+    host: str
+    port: int
+    engine: VerifierEngine
+    health: health.aio.HealthServicer
+    _executor: ThreadPoolExecutor
+    _reaper: asyncio.Task | None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Report NOT_SERVING, finish in-flight RPCs within `grace` seconds, stop the reaper."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(
+    engine: VerifierEngine,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    tls: TLSConfig | None = None,
+    reap_interval_s: float | None = None,
+) -> RunningServer:
+    """Start a Verifier server for `engine` on host:port (port 0 = any free port).
+
+    `token`: require ``authorization: Bearer <token>`` on every RPC but health checks.
+    `tls`: serve TLS with that certificate, else plaintext. `reap_interval_s`: how often idle
+    sessions are closed (default: a quarter of the engine's idle TTL, at most 30 s).
+    """
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    # One thread: the target runs one forward at a time, and sessions are touched from one thread.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
+    pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine, executor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{host}:{port}"
+    try:
+        bound = (
+            server.add_secure_port(address, tls.credentials())
+            if tls is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as err:
+        raise OSError(f"cannot listen on {address}: {err}") from err
+    if not bound:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    ttl = engine.config.session_idle_ttl_s
+    interval = reap_interval_s if reap_interval_s is not None else min(ttl / 4, 30.0)
+    reaper = asyncio.create_task(_reap_forever(engine, executor, interval))
+    logger.info("Verifier serving on %s (model %r)", f"{host}:{bound}", engine.model_id)
+    return RunningServer(server, host, bound, engine, health_servicer, executor, reaper)
+
+
+async def _reap_forever(engine: VerifierEngine, executor: ThreadPoolExecutor, interval: float):
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await loop.run_in_executor(executor, engine.reap_idle)
+        except Exception:  # noqa: BLE001 - the reaper must outlive one bad pass
+            logger.exception("idle-session reaper failed")
