@@ -1,0 +1,52 @@
+"""The edge side of edgespec: the draft loop, the Verifier link client and the Edge service.
+
+`EdgeEngine` drafts locally and verifies over `VerifierLink` (one persistent gRPC VerifyStream per
+session); it owns the committed tokens, so a verifier failure never loses or changes output.
+`edge.service.serve` wraps an engine in the Edge gRPC service; `python -m edge.server` runs one.
+"""
+
+from edge.engine import (
+    POLICIES,
+    CloudOnly,
+    DraftLengthPolicy,
+    EdgeEngine,
+    EdgeError,
+    EdgeStats,
+    EngineConfig,
+    FixedK,
+    RoundRecord,
+    SummaryEvent,
+    TokensEvent,
+    register_policy,
+)
+from edge.link import (
+    ChannelPool,
+    LinkConfig,
+    LinkError,
+    RoundTiming,
+    SessionInfo,
+    VerifierLink,
+    make_address_provider,
+)
+
+__all__ = [
+    "POLICIES",
+    "ChannelPool",
+    "CloudOnly",
+    "DraftLengthPolicy",
+    "EdgeEngine",
+    "EdgeError",
+    "EdgeStats",
+    "EngineConfig",
+    "FixedK",
+    "LinkConfig",
+    "LinkError",
+    "RoundRecord",
+    "RoundTiming",
+    "SessionInfo",
+    "SummaryEvent",
+    "TokensEvent",
+    "VerifierLink",
+    "make_address_provider",
+    "register_policy",
+]

@@ -1,0 +1,107 @@
+"""Run an Edge server: ``python -m edge.server --draft PATH --verifier HOST:PORT [...]``.
+
+Loads the draft model and its tokenizer from a local checkpoint folder, serves the Edge service,
+and prints exactly one line ``LISTENING <host>:<port>`` (flushed) to stdout once it accepts calls.
+``--verifier`` may be repeated: sessions start on the first and fail over to the next.
+SIGTERM or SIGINT stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from edge.engine import EdgeEngine, EngineConfig
+from edge.link import LinkConfig
+from edge.service import TlsFiles, serve
+
+logger = logging.getLogger("edge.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m edge.server", description=__doc__.split("\n")[0])
+    ap.add_argument("--draft", required=True, help="draft checkpoint folder (with its tokenizer)")
+    ap.add_argument(
+        "--verifier",
+        action="append",
+        required=True,
+        metavar="HOST:PORT",
+        help="verifier address; repeat for failover, tried in order",
+    )
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0 = a free port")
+    ap.add_argument("--token", help="bearer token clients must send")
+    ap.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key")
+    ap.add_argument("--tls-key", help="server private key (PEM)")
+    ap.add_argument("--verifier-token", help="bearer token sent to the verifiers")
+    ap.add_argument("--verifier-tls-ca", help="PEM root certificate to trust for the verifiers")
+    ap.add_argument("--model-id", default="", help="model the verifiers must serve ('' = any)")
+    ap.add_argument("-k", "--draft-tokens", type=int, default=4, help="default draft length")
+    ap.add_argument("--max-sessions", type=int, default=64)
+    ap.add_argument("--round-timeout-s", type=float, default=10.0)
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+async def _main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        # A tiny draft model gains nothing from intra-op threads, and on a busy host every
+        # parallel region waits for its slowest (descheduled) thread.
+        torch.set_num_threads(args.threads)
+    link_config = LinkConfig(
+        token=args.verifier_token,
+        tls_root_cert=args.verifier_tls_ca,
+        model_id=args.model_id,
+        round_timeout_s=args.round_timeout_s,
+    )
+    config = EngineConfig(
+        default_k=args.draft_tokens,
+        max_k=max(32, args.draft_tokens),
+        max_sessions=args.max_sessions,
+    )
+    engine = EdgeEngine.from_pretrained(
+        args.draft, args.verifier, link_config=link_config, config=config, device=args.device
+    )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key must be given together")
+    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    running = await serve(engine, host=args.host, port=args.port, token=args.token, tls=tls)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"LISTENING {args.host}:{running.port}", flush=True)
+    await stop.wait()
+    logger.info("stopping")
+    await running.stop(grace=5.0)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_main(args))
+    except (ValueError, FileNotFoundError, OSError) as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The Edge gRPC service: a thin shim from `GenerateRequest` to `EdgeEngine.generate`.
+
+`Generate` streams one `GenerateResponse` per batch of committed tokens, then the `Summary`.
+Bad input answers INVALID_ARGUMENT with details ``"<field>: <what is wrong>"`` and the field in
+the trailing metadata ``edgespec-field`` (empty prompt, bad params, unknown policy, draft_tokens
+out of range, prompt ids outside the vocabulary); a full edge answers RESOURCE_EXHAUSTED;
+verifiers that cannot complete the session answer UNAVAILABLE. The server also runs the standard
+health service (grpc.health.v1) and server reflection, and, given a token, refuses every other
+call without ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edge.engine import EdgeEngine, EdgeError, EdgeStats, SummaryEvent, TokensEvent
+from edge.link import MAX_MESSAGE_BYTES
+from protos.convert import FieldError, params_from_proto
+from protos.edgespec.v1 import edgespec_pb2 as pb
+from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from speculative.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Edge"].full_name  # "edgespec.v1.Edge"
+FIELD_METADATA_KEY = "edgespec-field"  # names the offending request field (see edgespec.errors)
+_UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def stats_to_proto(stats: EdgeStats) -> pb.GenerateStats:
+    return pb.GenerateStats(
+        rounds=stats.rounds,
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        drafted_per_position=stats.drafted_per_position,
+        accepted_per_position=stats.accepted_per_position,
+        draft_lengths=stats.draft_lengths,
+        rtt_ms_mean=stats.rtt_ms_mean,
+        time_to_first_token_ms=stats.time_to_first_token_ms,
+        time_per_output_token_ms=stats.time_per_output_token_ms,
+        bytes_sent=stats.bytes_sent,
+        bytes_received=stats.bytes_received,
+        reconnects=stats.reconnects,
+        verifier=stats.verifier,
+    )
+
+
+class EdgeServicer(pb_grpc.EdgeServicer):
+    """Thin servicer: proto -> `EdgeEngine.generate` -> proto."""
+
+    def __init__(self, engine: EdgeEngine) -> None:
+        self.engine = engine
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            which = request.WhichOneof("input")
+            if which == "prompt":
+                prompt: str | list[int] = request.prompt
+            elif which == "prompt_ids":
+                prompt = list(request.prompt_ids.ids)
+            else:
+                raise FieldError("prompt", "prompt (text) or prompt_ids is required, got neither")
+            params = (
+                params_from_proto(request.params)
+                if request.HasField("params")
+                else SamplingParams()
+            )
+            async for event in self.engine.generate(
+                prompt, params, k=request.draft_tokens, policy=request.policy
+            ):
+                if isinstance(event, TokensEvent):
+                    yield pb.GenerateResponse(tokens=pb.TokenIds(ids=event.tokens), text=event.text)
+                elif isinstance(event, SummaryEvent):
+                    yield pb.GenerateResponse(
+                        summary=pb.Summary(
+                            finish_reason=event.finish_reason,
+                            token_ids=event.tokens,
+                            text=event.text,
+                            stats=stats_to_proto(event.stats),
+                        )
+                    )
+        except FieldError as err:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{err.field}: {err}",
+                trailing_metadata=((FIELD_METADATA_KEY, err.field),),
+            )
+        except EdgeError as err:
+            logger.warning("Generate failed: %s %s", err.code, err)
+            await context.abort(grpc.StatusCode[err.code], str(err))
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call but health and reflection without `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(_UNAUTHENTICATED_OK):
+            return handler
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else value
+                if hmac.compare_digest(got, self._expected):
+                    return handler
+        return _deny(handler)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+
+    async def abort(request, context):
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer' token"
+        )
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Server certificate chain and private key (PEM files)."""
+
+    cert: str | Path
+    key: str | Path
+
+
+@dataclass
+class RunningEdgeServer:
+    """A started Edge server; `await stop()` ends it (and closes the engine)."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: EdgeEngine
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, let running sessions finish for `grace` s, close the engine."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.engine.aclose()
+
+
+async def serve(
+    engine: EdgeEngine,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    tls: TlsFiles | None = None,
+) -> RunningEdgeServer:
+    """Start an Edge server on host:port (0 = a free port) and return it running."""
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_EdgeServicer_to_server(EdgeServicer(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{host}:{port}"
+    if tls is not None:
+        creds = grpc.ssl_server_credentials(
+            [(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())]
+        )
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind the Edge server to {address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("Edge service listening on %s:%d", host, bound)
+    return RunningEdgeServer(server=server, port=bound, engine=engine, health=health_servicer)

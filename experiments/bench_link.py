@@ -1,0 +1,374 @@
+"""Link benchmark: what the edge-cloud link costs per round, per token and at real RTTs.
+
+A verifier runs as a separate process (`python -m cloud.server`), the edge (`EdgeEngine`) in this
+one; both use the real models (compute profile "real"). Three measurements:
+
+1. RTT 0 (edge connected straight to the verifier): per-round *framework overhead* =
+   round wall time - draft compute - verifier compute, where the round runs from the start of
+   drafting to the verdict committed, draft compute is `Drafter.propose` and verifier compute is
+   the `verify_ms` the verifier reports (forward + acceptance). What is left is everything the
+   framework adds: conversions, serialisation, gRPC both ways, the verifier's executor hand-off
+   (its `queue_ms`) and committing the verdict. Reported as the median over all rounds
+   (`overhead_ms_p50`; goal < 1 ms), with its parts, once with the default engine (one session:
+   drafting on the event loop) and once drafting on the worker thread (as with many sessions).
+2. Bytes on the wire per accepted token (serialized messages both ways, OpenSession included;
+   every output token is one the verifier accepted): greedy (no draft probabilities), sampling
+   with top-k truncation (sparse q) and sampling without truncation (dense q, k x V floats).
+3. Tokens/s at emulated RTTs through `experiments.linkemu.LinkEmulator`, with the RTT each round
+   really saw (`rtt_ms_measured`: median per-round network time at the edge = wall - verify -
+   queue) and the delay the emulator reports it added.
+
+Tokens/s is total generated tokens / total wall time of the generations (prefills and TTFT
+included). `edgespec bench link --json FILE` wraps `run_link_bench`; `python -m
+experiments.bench_link --target T --draft D --json FILE` runs it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from edge.engine import EdgeEngine, EngineConfig, RoundRecord, SummaryEvent
+from edge.link import LinkConfig
+from experiments.linkemu import LinkEmulator, LinkProfile
+from speculative.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+OVERHEAD_GOAL_MS = 1.0
+DEFAULT_PROMPTS = (
+    "def read_config(path):\n",
+    "The edge drafts a few tokens and the cloud",
+    "for i in range(10):\n",
+)
+# Sampling settings for the bytes measurement: truncated (sparse q) and untruncated (dense q).
+SAMPLING_SPARSE = SamplingParams(temperature=1.0, top_k=50)
+SAMPLING_DENSE = SamplingParams(temperature=1.0)
+
+
+@contextmanager
+def _verifier_process(target: Path, threads: int | None, start_timeout_s: float) -> Iterator[str]:
+    """`python -m cloud.server` on a free port; yields its address, terminates it on exit."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "cloud.server", "--target", str(target), "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        try:
+            line = lines.get(timeout=start_timeout_s)
+        except queue.Empty:
+            line = None
+        if not line or not line.startswith("LISTENING "):
+            raise RuntimeError(f"verifier did not start (first line {line!r}): {' '.join(cmd)}")
+        yield line.split()[1]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _p(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of values, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _round_summary(records: list[RoundRecord]) -> dict:
+    med = statistics.median
+    return {
+        "rounds": len(records),
+        "overhead_ms_p50": med(r.overhead_ms for r in records),
+        "overhead_ms_p90": _p([r.overhead_ms for r in records], 0.9),
+        "round_ms_p50": med(r.round_ms + r.apply_ms for r in records),
+        "draft_ms_p50": med(r.draft_ms for r in records),
+        "verify_ms_p50": med(r.timing.verify_ms for r in records),
+        "queue_ms_p50": med(r.timing.queue_ms for r in records),
+        "network_ms_p50": med(r.timing.network_ms for r in records),
+        "apply_ms_p50": med(r.apply_ms for r in records),
+        # The split of the overhead: the edge's own share (everything outside drafting and the
+        # link call) and the link's (wall of the call minus verifier compute: gRPC both ways,
+        # the wire, the verifier service's hand-offs).
+        "edge_overhead_ms_p50": med(
+            r.round_ms + r.apply_ms - r.draft_ms - r.timing.wall_ms for r in records
+        ),
+        "link_overhead_ms_p50": med(r.timing.wall_ms - r.timing.verify_ms for r in records),
+    }
+
+
+class _Runs:
+    """Totals over a set of generations."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.wall_s = 0.0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.drafted = 0
+        self.accepted = 0
+        self.records: list[RoundRecord] = []
+
+    def add(self, summary: SummaryEvent, wall_s: float) -> None:
+        st = summary.stats
+        self.tokens += len(summary.tokens)
+        self.wall_s += wall_s
+        self.bytes_sent += st.bytes_sent
+        self.bytes_received += st.bytes_received
+        self.drafted += st.drafted
+        self.accepted += st.accepted
+        self.records.extend(st.round_records)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def bytes_per_token(self) -> dict:
+        n = max(self.tokens, 1)
+        return {
+            "total": (self.bytes_sent + self.bytes_received) / n,
+            "sent": self.bytes_sent / n,
+            "received": self.bytes_received / n,
+        }
+
+
+async def _generate_all(
+    engine: EdgeEngine,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    k: int,
+    reps: int,
+    policy: str = "fixed",
+    runs: _Runs | None = None,
+) -> _Runs:
+    """`reps` passes over `prompts` (sampling seeds differ per run), added to `runs`."""
+    runs = runs if runs is not None else _Runs()
+    for rep in range(reps):
+        for i, prompt in enumerate(prompts):
+            p = params if params.is_greedy else replace(params, seed=1000 * rep + i)
+            t0 = time.perf_counter()
+            summary = await engine.collect(prompt, p, k=k, policy=policy)
+            runs.add(summary, time.perf_counter() - t0)
+    return runs
+
+
+def run_link_bench(
+    target_path: str | Path,
+    draft_path: str | Path,
+    *,
+    k: int = 4,
+    max_new_tokens: int = 64,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    reps: int = 3,
+    rtts_ms: Sequence[float] = (10.0, 50.0, 100.0),
+    rtt_reps: int = 1,
+    threads: int | None = 1,
+    include_cloud_only: bool = False,
+    start_timeout_s: float = 180.0,
+) -> dict:
+    """Run the link benchmark (see the module docstring) and return its JSON-able result.
+
+    `reps`: passes over `prompts` at RTT 0 (and for the bytes); `rtt_reps`: passes per emulated
+    RTT. `threads`: torch intra-op threads for the edge (this process) and the verifier process,
+    both on this host (None = torch's default). `include_cloud_only`: also time the cloud-only
+    baseline (k = 0, one verifier forward per token) at each RTT.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 32:
+        raise ValueError(f"k must be an int in [1, 32], got {k!r}")
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
+    for name, value in (("reps", reps), ("rtt_reps", rtt_reps), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    greedy = SamplingParams(max_new_tokens=max_new_tokens)
+    sparse = replace(SAMPLING_SPARSE, max_new_tokens=max_new_tokens)
+    dense = replace(SAMPLING_DENSE, max_new_tokens=max_new_tokens)
+
+    async def bench(address: str) -> dict:
+        host, port = address.rsplit(":", 1)
+        result: dict = {}
+        engine = EdgeEngine.from_pretrained(
+            draft_path, [address], link_config=LinkConfig(round_timeout_s=30.0)
+        )
+        threaded = EdgeEngine(
+            engine.model,
+            engine.tokenizer,
+            [address],
+            link_config=engine.link_config,
+            config=EngineConfig(draft_in_thread=True),
+        )
+        try:
+            # Warm-up: kernels for every shape the prompts need, channels connected.
+            await _generate_all(engine, prompts, greedy, k, 1)
+            await _generate_all(threaded, prompts[:1], greedy, k, 1)
+            runs, runs_thread = _Runs(), _Runs()
+            for _ in range(reps):  # interleaved, so drift of the host hits both alike
+                await _generate_all(engine, prompts, greedy, k, 1, runs=runs)
+                await _generate_all(threaded, prompts, greedy, k, 1, runs=runs_thread)
+            rtt0 = _round_summary(runs.records)
+            rtt0.update(tokens_per_s=runs.tokens_per_s, acceptance_rate=runs.acceptance_rate)
+            result["rtt0"] = rtt0
+            result["rtt0_draft_on_worker_thread"] = _round_summary(runs_thread.records)
+            result["overhead_ms_p50"] = rtt0["overhead_ms_p50"]
+
+            per_token = {"greedy": runs.bytes_per_token()}
+            for name, params in (("sampling", sparse), ("sampling_dense", dense)):
+                per_token[name] = (
+                    await _generate_all(engine, prompts, params, k, 1)
+                ).bytes_per_token()
+            result["bytes_per_accepted_token"] = {n: v["total"] for n, v in per_token.items()}
+            result["bytes_per_accepted_token_detail"] = per_token
+
+            rows = []
+            with LinkEmulator(host, int(port), LinkProfile(rtt_ms=0)) as emu:
+                via = EdgeEngine(
+                    engine.model, engine.tokenizer, [emu.address], link_config=engine.link_config
+                )
+                try:
+                    for rtt in rtts_ms:
+                        emu.set_profile(LinkProfile(rtt_ms=rtt))
+                        await _generate_all(via, prompts[:1], greedy, k, 1)  # reconnect, warm
+                        emu.reset_stats()
+                        spec = await _generate_all(via, prompts, greedy, k, rtt_reps)
+                        link = emu.stats()
+                        row = {
+                            "rtt_ms_set": rtt,
+                            "rtt_ms_measured": statistics.median(
+                                r.timing.network_ms for r in spec.records
+                            ),
+                            "emulator_added_rtt_ms": link.rtt_ms_measured,
+                            "tokens_per_s": spec.tokens_per_s,
+                            "rounds": len(spec.records),
+                            "acceptance_rate": spec.acceptance_rate,
+                        }
+                        if include_cloud_only:
+                            cloud = await _generate_all(
+                                via, prompts, greedy, k, rtt_reps, policy="cloud_only"
+                            )
+                            row["cloud_only_tokens_per_s"] = cloud.tokens_per_s
+                        rows.append(row)
+                        logger.info("rtt %.0f ms: %.1f tokens/s", rtt, row["tokens_per_s"])
+                finally:
+                    await via.aclose()
+            result["rtt"] = rows
+        finally:
+            await threaded.aclose()
+            await engine.aclose()
+        return result
+
+    with (
+        _torch_threads(threads),
+        _verifier_process(Path(target_path), threads, start_timeout_s) as addr,
+    ):
+        measured = asyncio.run(bench(addr))
+    return {
+        "bench": "link",
+        "compute_profile": "real",
+        "device": "cpu" if not torch.cuda.is_available() else "cuda",
+        "target": str(target_path),
+        "draft": str(draft_path),
+        "k": k,
+        "max_new_tokens": max_new_tokens,
+        "prompts": len(prompts),
+        "reps": reps,
+        "rtt_reps": rtt_reps,
+        "torch_threads": threads,
+        "overhead_goal_ms": OVERHEAD_GOAL_MS,
+        "sampling_params": {"sampling": sparse.to_dict(), "sampling_dense": dense.to_dict()},
+        "link_emulator": "user-space TCP proxy on 127.0.0.1 (experiments.linkemu)",
+        **measured,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.bench_link", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--json", required=True, help="result file")
+    ap.add_argument("-k", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rtt", type=float, action="append", help="emulated RTT in ms (repeatable)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cloud-only", action="store_true", help="also time cloud-only decoding")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    result = run_link_bench(
+        args.target,
+        args.draft,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        reps=args.reps,
+        rtts_ms=tuple(args.rtt) if args.rtt else (10.0, 50.0, 100.0),
+        threads=args.threads,
+        include_cloud_only=args.cloud_only,
+    )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    r0 = result["rtt0"]
+    print(
+        f"RTT 0: overhead p50 {r0['overhead_ms_p50']:.3f} ms/round (goal < {OVERHEAD_GOAL_MS} ms), "
+        f"draft {r0['draft_ms_p50']:.2f} ms, verify {r0['verify_ms_p50']:.2f} ms, "
+        f"{r0['tokens_per_s']:.1f} tokens/s"
+    )
+    print(
+        f"  overhead split: edge {r0['edge_overhead_ms_p50']:.3f} ms, link (gRPC + verifier "
+        f"service) {r0['link_overhead_ms_p50']:.3f} ms"
+    )
+    print("bytes per accepted token:", json.dumps(result["bytes_per_accepted_token"]))
+    for row in result["rtt"]:
+        print(
+            f"RTT {row['rtt_ms_set']:g} ms (measured {row['rtt_ms_measured']:.1f}): "
+            f"{row['tokens_per_s']:.1f} tokens/s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,597 @@
+"""The edge over a real link: EdgeEngine / VerifierLink against `python -m cloud.server`
+subprocesses, through the TCP link emulator, and the Edge service via `python -m edge.server`.
+
+Checked: greedy output equals the target alone (RTT 0 and 50 ms, k in {1, 4, 8}, several
+prompts, stop tokens); sampled first tokens follow the target's distribution (chi-square, sparse
+and dense draft probabilities); a verifier SIGKILLed mid-generation, a cut link and a blackholed
+link (round deadline) all end in a reconnect and an unchanged output; the Edge service answers
+INVALID_ARGUMENT naming the field and keeps serving. Every gRPC call carries a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from scipy.stats import chisquare
+
+from edge.engine import EdgeEngine, EdgeError, EngineConfig, SummaryEvent, TokensEvent, _TextStream
+from edge.link import LinkConfig, LinkError, make_address_provider
+from experiments.linkemu import LinkEmulator, LinkProfile
+from protos.convert import params_to_proto
+from protos.edgespec.v1 import edgespec_pb2 as pb
+from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from speculative.generate import generate_autoregressive
+from speculative.models import load_tokenizer
+from speculative.params import SamplingParams
+from speculative.runner import ModelRunner
+from speculative.sampling import logits_to_probs
+
+ROOT = Path(__file__).resolve().parent.parent
+DEADLINE_S = 30.0  # every client call in these tests carries this deadline
+START_TIMEOUT_S = 180.0  # a server subprocess must print LISTENING within this (loaded CI box)
+VERIFIER_TOKEN = "verifier-secret"
+EDGE_TOKEN = "edge-secret"
+EDGE_AUTH = (("authorization", f"Bearer {EDGE_TOKEN}"),)
+PROMPTS = (
+    "The edge drafts a few tokens",
+    "def verify(block):\n",
+    [7, 200, 13, 42, 99, 150, 3],
+)
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+class Server:
+    """A server subprocess started with its LISTENING line parsed (address = 'host:port')."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            # One intra-op thread per process: several processes share this host's few cores,
+            # and a parallel region waiting on a descheduled thread costs a scheduler tick.
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.address: str | None = None
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_listening(self) -> str:
+        try:
+            line = self._lines.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            line = None
+        if line is None or not line.startswith("LISTENING "):
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r}; see {self.log.name}")
+        self.address = line.split()[1]
+        return self.address
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=DEADLINE_S)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+def verifier_args(target_dir: Path) -> list[str]:
+    return ["cloud.server", "--target", str(target_dir), "--token", VERIFIER_TOKEN]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_pair, tmp_path_factory) -> Iterator[dict[str, Server]]:
+    """'main': the shared verifier; 'victim': a verifier the failover test kills; 'edge': an
+    Edge server (bearer token EDGE_TOKEN) over 'main'. Started in parallel."""
+    logs = tmp_path_factory.mktemp("server_logs")
+    started = {
+        "main": Server(verifier_args(tiny_pair.target_dir), logs / "main.log"),
+        "victim": Server(verifier_args(tiny_pair.target_dir), logs / "victim.log"),
+    }
+    try:
+        main_address = started["main"].wait_listening()
+        started["edge"] = Server(
+            [
+                "edge.server",
+                "--draft",
+                str(tiny_pair.draft_dir),
+                "--verifier",
+                main_address,
+                "--token",
+                EDGE_TOKEN,
+                "--verifier-token",
+                VERIFIER_TOKEN,
+            ],
+            logs / "edge.log",
+        )
+        started["victim"].wait_listening()
+        started["edge"].wait_listening()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The drafts and references in this process run single-threaded too (see Server)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def emulator(servers) -> Iterator[LinkEmulator]:
+    host, port = servers["main"].address.rsplit(":", 1)
+    emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=0)).start()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture(scope="module")
+def draft(tiny_pair):
+    """(draft model, tokenizer), loaded once; each test builds its own EdgeEngine over them."""
+    model = ModelRunner.from_pretrained(tiny_pair.draft_dir, device="cpu").model
+    return model, load_tokenizer(tiny_pair.draft_dir)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_pair) -> ModelRunner:
+    return ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu")
+
+
+def make_engine(draft, verifiers, **link_kwargs) -> EdgeEngine:
+    model, tokenizer = draft
+    link_kwargs.setdefault("token", VERIFIER_TOKEN)
+    link_kwargs.setdefault("round_timeout_s", DEADLINE_S)
+    return EdgeEngine(
+        model,
+        tokenizer,
+        verifiers,
+        link_config=LinkConfig(**link_kwargs),
+        config=EngineConfig(max_retries=6, backoff_initial_s=0.02),
+    )
+
+
+def reference(target: ModelRunner, tokenizer, prompt, params: SamplingParams) -> list[int]:
+    ids = (
+        tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if isinstance(prompt, str)
+        else prompt
+    )
+    return generate_autoregressive(target, ids, params).tokens
+
+
+async def run_collecting(engine: EdgeEngine, prompt, params, k, on_first_tokens=None):
+    """Run one session; returns (tokens from TokensEvents, summary). Closes the engine."""
+    streamed: list[int] = []
+    summary = None
+    try:
+        async for event in engine.generate(prompt, params, k=k):
+            if isinstance(event, TokensEvent):
+                if not streamed and on_first_tokens is not None:
+                    on_first_tokens()
+                streamed.extend(event.tokens)
+            else:
+                assert isinstance(event, SummaryEvent)
+                summary = event
+    finally:
+        await engine.aclose()
+    assert summary is not None
+    return streamed, summary
+
+
+# ---------------------------------------------------------------- greedy equality
+
+
+@pytest.mark.parametrize("rtt_ms", [0, 50])
+def test_greedy_output_equals_target_alone(rtt_ms, draft, target, emulator):
+    emulator.set_profile(LinkProfile(rtt_ms=rtt_ms))
+    tokenizer = draft[1]
+    params = SamplingParams(max_new_tokens=16)
+
+    async def body() -> None:
+        engine = make_engine(draft, [emulator.address])
+        try:
+            for prompt in PROMPTS:
+                expected = reference(target, tokenizer, prompt, params)
+                for k in (1, 4, 8):
+                    streamed: list[int] = []
+                    summary = None
+                    async for event in engine.generate(prompt, params, k=k):
+                        if isinstance(event, TokensEvent):
+                            streamed.extend(event.tokens)
+                        else:
+                            summary = event
+                    assert summary is not None
+                    assert summary.tokens == expected, (prompt, k)
+                    assert streamed == expected
+                    assert summary.finish_reason == "length"
+                    assert summary.text == tokenizer.decode(expected)
+                    stats = summary.stats
+                    assert stats.reconnects == 0
+                    assert max(stats.draft_lengths) <= k
+                    assert stats.rounds == len(stats.draft_lengths) >= 16 / (k + 1)
+                    assert stats.accepted + stats.rounds >= 16  # every output token verified
+                    assert stats.bytes_sent > 0 and stats.bytes_received > 0
+                    assert stats.verifier == emulator.address
+                    # The emulator holds each direction rtt/2: a lower bound, never wall-clock.
+                    assert stats.rtt_ms_mean >= 0.95 * rtt_ms
+        finally:
+            await engine.aclose()
+
+    asyncio.run(body())
+
+
+def test_stop_token_ends_output_like_target_alone(draft, target, emulator):
+    emulator.set_profile(LinkProfile(rtt_ms=0))
+    tokenizer = draft[1]
+    prompt = PROMPTS[0]
+    full = reference(target, tokenizer, prompt, SamplingParams(max_new_tokens=24))
+    stop = full[9]
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=(stop,))
+    expected = full[: full.index(stop) + 1]
+    streamed, summary = asyncio.run(
+        run_collecting(make_engine(draft, [emulator.address]), prompt, params, k=4)
+    )
+    assert summary.finish_reason == "stop"
+    assert summary.tokens == streamed == expected
+
+
+# ---------------------------------------------------------------- sampling in distribution
+
+
+def _sample_first_tokens(draft, address, prompt_ids, params, runs, k, n_tokens):
+    """The first `n_tokens` tokens of `runs` seeded sessions (seed = run index), 8 at a time."""
+
+    async def body() -> list[list[int]]:
+        engine = make_engine(draft, [address])
+        gate = asyncio.Semaphore(8)
+
+        async def one(seed: int) -> list[int]:
+            async with gate:
+                p = SamplingParams(**{**params, "seed": seed})
+                summary = await engine.collect(prompt_ids, p, k=k)
+                return summary.tokens[:n_tokens]
+
+        try:
+            return await asyncio.gather(*(one(s) for s in range(runs)))
+        finally:
+            await engine.aclose()
+
+    return asyncio.run(body())
+
+
+def _chi_square_p(observed: dict[int, int], probs: torch.Tensor, runs: int) -> float:
+    """p-value of `observed` counts against `probs` (V,), tokens grouped into bins of expected
+    count >= 5 (tokens in descending probability, each bin filled to >= 5)."""
+    order = torch.argsort(probs, descending=True).tolist()
+    obs, exp = [], []
+    o_acc = e_acc = 0.0
+    for t in order:
+        o_acc += observed.get(t, 0)
+        e_acc += float(probs[t]) * runs
+        if e_acc >= 5:
+            obs.append(o_acc)
+            exp.append(e_acc)
+            o_acc = e_acc = 0.0
+    if e_acc > 0 or o_acc > 0:  # leftover mass joins the last bin
+        obs[-1] += o_acc
+        exp[-1] += e_acc
+    assert len(obs) >= 3, "too few bins for a meaningful test"
+    scale = sum(obs) / sum(exp)  # float rounding of the expected total
+    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
+
+
+def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, emulator):
+    """top_k=8: the draft sends sparse q. Token 1 and token 2 marginals against the exact ones."""
+    emulator.set_profile(LinkProfile(rtt_ms=0))
+    prompt = [1, 2, 3]
+    params = {"temperature": 1.0, "top_k": 8, "max_new_tokens": 2}
+    sp = SamplingParams(**params)
+    runs = 600
+    samples = _sample_first_tokens(draft, emulator.address, prompt, params, runs, k=3, n_tokens=2)
+    p1 = logits_to_probs(target.prefill(prompt), sp)  # (V,)
+    p2 = torch.zeros_like(p1)  # marginal of token 2: sum over token 1
+    for x1 in torch.nonzero(p1).flatten().tolist():
+        p2 += p1[x1] * logits_to_probs(target.prefill([*prompt, x1]), sp)
+    for i, probs in enumerate((p1, p2)):
+        counts: dict[int, int] = {}
+        for s in samples:
+            counts[s[i]] = counts.get(s[i], 0) + 1
+        assert set(counts) <= set(torch.nonzero(probs).flatten().tolist())
+        assert _chi_square_p(counts, probs, runs) > 1e-3, f"token {i + 1}"
+
+
+def test_sampled_first_token_follows_target_distribution_dense_q(draft, target, emulator):
+    """No truncation: the draft sends dense q (k, V) rows."""
+    emulator.set_profile(LinkProfile(rtt_ms=0))
+    prompt = [1, 2, 3]
+    params = {"temperature": 1.5, "max_new_tokens": 3}
+    runs = 400
+    samples = _sample_first_tokens(draft, emulator.address, prompt, params, runs, k=2, n_tokens=1)
+    probs = logits_to_probs(target.prefill(prompt), SamplingParams(**params))  # (V,)
+    counts: dict[int, int] = {}
+    for (t,) in samples:
+        counts[t] = counts.get(t, 0) + 1
+    assert _chi_square_p(counts, probs, runs) > 1e-3
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_verifier_killed_mid_generation_fails_over_to_next(draft, target, servers):
+    victim, backup = servers["victim"], servers["main"]
+    params = SamplingParams(max_new_tokens=40)
+    prompt = PROMPTS[1]
+    expected = reference(target, draft[1], prompt, params)
+    engine = make_engine(draft, [victim.address, backup.address])
+    streamed, summary = asyncio.run(
+        run_collecting(engine, prompt, params, k=2, on_first_tokens=victim.kill)
+    )
+    assert victim.proc.returncode is not None  # it really died mid-generation
+    assert summary.tokens == streamed == expected
+    assert summary.stats.reconnects >= 1
+    assert summary.stats.verifier == backup.address
+
+
+def test_cut_link_reconnects_after_restore(draft, target, emulator):
+    emulator.set_profile(LinkProfile(rtt_ms=0))
+    params = SamplingParams(max_new_tokens=32)
+    prompt = PROMPTS[0]
+    expected = reference(target, draft[1], prompt, params)
+
+    def cut() -> None:
+        emulator.cut()
+        asyncio.get_running_loop().call_later(0.3, emulator.restore)
+
+    try:
+        streamed, summary = asyncio.run(
+            run_collecting(make_engine(draft, [emulator.address]), prompt, params, 4, cut)
+        )
+    finally:
+        emulator.restore()
+    assert summary.tokens == streamed == expected
+    assert summary.stats.reconnects >= 1
+
+
+def test_round_deadline_on_blackholed_link_fails_over(draft, target, servers):
+    """A partition TCP does not notice: the round deadline fires and the next verifier takes over."""
+    direct = servers["main"].address
+    host, port = direct.rsplit(":", 1)
+    params = SamplingParams(max_new_tokens=24)
+    prompt = PROMPTS[2]
+    expected = reference(target, draft[1], prompt, params)
+    with LinkEmulator(host, int(port)) as emu:
+        engine = make_engine(draft, [emu.address, direct], round_timeout_s=0.5)
+        try:
+            streamed, summary = asyncio.run(
+                run_collecting(engine, prompt, params, 2, on_first_tokens=emu.blackhole)
+            )
+        finally:
+            emu.restore()
+    assert summary.tokens == streamed == expected
+    assert summary.stats.reconnects >= 1
+    assert summary.stats.verifier == direct
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 'localhost' and its key (PEM files in `folder`)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_and_the_verifiers_block_limit(draft, target, tmp_path):
+    """TLS + bearer token to an (in-process) verifier that takes at most 2 draft tokens a block."""
+    from cloud.service import TLSConfig, serve
+    from cloud.verifier import VerifierConfig, VerifierEngine
+
+    cert, key = _self_signed(tmp_path)
+    params = SamplingParams(max_new_tokens=12)
+    prompt = PROMPTS[0]
+    expected = reference(target, draft[1], prompt, params)
+
+    async def body():
+        verifier = VerifierEngine(target.model, VerifierConfig(max_block_tokens=2))
+        running = await serve(verifier, token=VERIFIER_TOKEN, tls=TLSConfig(cert, key))
+        try:
+            engine = make_engine(
+                draft,
+                [f"127.0.0.1:{running.port}"],
+                tls_root_cert=cert,
+                tls_server_name="localhost",
+            )
+            return await run_collecting(engine, prompt, params, k=6)
+        finally:
+            await running.stop(0)
+
+    streamed, summary = asyncio.run(body())
+    assert summary.tokens == streamed == expected
+    assert max(summary.stats.draft_lengths) <= 2
+
+
+def test_refused_credentials_fail_fast_without_retries(draft, servers):
+    engine = make_engine(draft, [servers["main"].address], token="wrong-token")
+    with pytest.raises(EdgeError, match="UNAUTHENTICATED") as info:
+        asyncio.run(run_collecting(engine, [1, 2, 3], SamplingParams(max_new_tokens=4), 2))
+    assert info.value.code == "UNAVAILABLE"
+
+
+def test_unreachable_verifiers_end_in_a_clear_error(draft):
+    engine = EdgeEngine(
+        draft[0],
+        draft[1],
+        ["127.0.0.1:1"],
+        link_config=LinkConfig(open_timeout_s=2.0),
+        config=EngineConfig(max_retries=2, backoff_initial_s=0.01),
+    )
+    with pytest.raises(EdgeError, match="after 3 attempts") as info:
+        asyncio.run(run_collecting(engine, [1, 2, 3], SamplingParams(max_new_tokens=4), 2))
+    assert info.value.code == "UNAVAILABLE"
+    assert isinstance(info.value.__cause__, LinkError)
+
+
+# ---------------------------------------------------------------- the Edge service
+
+
+@pytest.fixture(scope="module")
+def edge_stub(servers) -> Iterator[pb_grpc.EdgeStub]:
+    with grpc.insecure_channel(servers["edge"].address) as channel:
+        yield pb_grpc.EdgeStub(channel)
+
+
+def generate_rpc(
+    stub, request: pb.GenerateRequest, metadata=EDGE_AUTH
+) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(request, timeout=DEADLINE_S, metadata=metadata))
+
+
+def test_edge_service_streams_target_alone_output(edge_stub, draft, target):
+    params = SamplingParams(max_new_tokens=20)
+    prompt = PROMPTS[0]
+    expected = reference(target, draft[1], prompt, params)
+    request = pb.GenerateRequest(
+        prompt=prompt, params=params_to_proto(params), policy="fixed", draft_tokens=3
+    )
+    responses = generate_rpc(edge_stub, request)
+    *token_msgs, last = responses
+    assert last.WhichOneof("event") == "summary"
+    streamed = [t for m in token_msgs for t in m.tokens.ids]
+    assert streamed == list(last.summary.token_ids) == expected
+    assert "".join(m.text for m in token_msgs) == last.summary.text == draft[1].decode(expected)
+    stats = last.summary.stats
+    assert stats.rounds == len(stats.draft_lengths) > 0 and max(stats.draft_lengths) <= 3
+    assert stats.bytes_sent > 0 and stats.reconnects == 0
+    assert last.summary.finish_reason == "length"
+
+
+BAD_REQUESTS = [
+    ("empty prompt", pb.GenerateRequest(prompt=""), "prompt"),
+    ("no prompt", pb.GenerateRequest(), "prompt"),
+    ("empty ids", pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[])), "prompt_ids"),
+    ("id range", pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[5, 300])), "prompt_ids[1]"),
+    ("negative id", pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[-1])), "prompt_ids[0]"),
+    (
+        "temperature",
+        pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(temperature=-1, max_new_tokens=4)),
+        "params.temperature",
+    ),
+    (
+        "max_new_tokens",
+        pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=0)),
+        "params.max_new_tokens",
+    ),
+    (
+        "too long",
+        pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=100_000)),
+        "params.max_new_tokens",
+    ),
+    ("policy", pb.GenerateRequest(prompt="hi", policy="telepathy"), "policy"),
+    ("draft_tokens", pb.GenerateRequest(prompt="hi", draft_tokens=1000), "draft_tokens"),
+    ("negative k", pb.GenerateRequest(prompt="hi", draft_tokens=-2), "draft_tokens"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "request_msg", "field"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_edge_service_bad_input_names_field_and_keeps_serving(edge_stub, name, request_msg, field):
+    with pytest.raises(grpc.RpcError) as info:
+        generate_rpc(edge_stub, request_msg)
+    err = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+    assert err.details().startswith(f"{field}: "), err.details()
+    assert ("edgespec-field", field) in tuple(err.trailing_metadata())
+    ok = pb.GenerateRequest(
+        prompt_ids=pb.TokenIds(ids=[1, 2, 3]), params=pb.SamplingParams(max_new_tokens=2)
+    )
+    assert generate_rpc(edge_stub, ok)[-1].summary.finish_reason == "length"
+
+
+def test_edge_service_auth_and_health(servers, edge_stub):
+    with pytest.raises(grpc.RpcError) as info:
+        generate_rpc(edge_stub, pb.GenerateRequest(prompt="hi"), metadata=())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(servers["edge"].address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "edgespec.v1.Edge"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE_S)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def test_address_provider_cycles_and_validates():
+    nxt = make_address_provider(["a:1", "b:2"])
+    assert [nxt() for _ in range(3)] == ["a:1", "b:2", "a:1"]
+    for bad in ([], "a:1", ["nohostport"]):
+        with pytest.raises(ValueError, match="addresses"):
+            make_address_provider(bad)
+
+
+def test_text_stream_holds_back_split_characters(draft):
+    tokenizer = draft[1]
+    text = "naïve café ✓ done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = _TextStream(tokenizer)
+    pieces = [stream.push([t]) for t in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
