@@ -57,14 +57,14 @@ class TrainConfig:
     target_layers: int = 6
     target_heads: int = 6
     target_ffn: int = 1024
-    target_steps: int = 700
+    target_steps: int = 600
     target_lr: float = 1e-3
     # draft: Llama, ~1.4M parameters (<= 1/8 of the target, most of it the embedding)
     draft_hidden: int = 160
     draft_layers: int = 2
     draft_heads: int = 2
     draft_ffn: int = 512
-    draft_steps: int = 800
+    draft_steps: int = 700
     draft_lr: float = 2e-3
     warmup_steps: int = 60
     weight_decay: float = 0.1
