@@ -1,6 +1,9 @@
 """The ``edgespec`` command line.
 
-``edgespec demo`` runs the main job on the embedded defaults; ``edgespec bench ...`` runs the
+``edgespec demo`` runs the main job on the embedded defaults: a local Ray cluster (edge and cloud
+nodes), the shipped demo pair, an emulated link, one generation compared with the target serving
+alone. ``edgespec up / status / generate / down`` run the same cluster step by step (see
+``orchestrator/commands.py``). ``edgespec bench ...`` runs the
 benchmarks, each printing its figures and writing them to a JSON file.
 """
 
@@ -15,6 +18,13 @@ from pathlib import Path
 logger = logging.getLogger("edgespec")
 
 DEMO_PROMPT = "def read_config(path):\n"
+# Fixed benchmark prompts: code of the kind the demo pair was trained on, not from its corpus.
+BENCH_PROMPTS = (
+    "import os\nimport sys\n\n\ndef main(argv):\n",
+    "class Cache:\n    def __init__(self, size):\n",
+    "    for key, value in items.items():\n        if ",
+    '"""Return the list of files under path."""\n',
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +61,15 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The distributed demo (orchestrator.commands.cmd_demo), or with --colocated the core alone."""
+    if args.colocated:
+        return cmd_demo_colocated(args)
+    from orchestrator.commands import cmd_demo as cmd_demo_distributed
+
+    return cmd_demo_distributed(args)
+
+
+def cmd_demo_colocated(args: argparse.Namespace) -> int:
     """Co-located speculative decoding on the shipped pair, compared with the target alone."""
     import time
 
@@ -69,7 +88,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
 
     t0 = time.perf_counter()
-    spec = generate(target, draft, prompt_ids, params, k=args.k)
+    spec = generate(target, draft, prompt_ids, params, k=args.draft_tokens)
     spec_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     alone = generate_autoregressive(target, prompt_ids, params)
@@ -78,7 +97,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(args.prompt + tokenizer.decode(spec.tokens))
     print("-" * 60)
     same = "identical to" if spec.tokens == alone.tokens else "DIFFERENT from"
-    print(f"speculative (k={args.k}): {len(spec.tokens)} tokens, {same} the target alone")
+    print(
+        f"speculative (k={args.draft_tokens}): {len(spec.tokens)} tokens, {same} the target alone"
+    )
     print(
         f"  {len(spec.tokens) / spec_s:.1f} tokens/s vs {len(alone.tokens) / alone_s:.1f} "
         f"tokens/s for the target alone ({alone_s / spec_s:.2f}x); "
@@ -91,16 +112,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench_core(args: argparse.Namespace) -> int:
     from edgespec.models import resolve_pair
     from experiments.bench_core import run_core_bench
+    from speculative.models import check_pair, load_tokenizer
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     if args.draft_equals_target:
         draft_path = target_path
+    check_pair(target_path, draft_path)
+    tokenizer = load_tokenizer(target_path)
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in BENCH_PROMPTS]
     result = run_core_bench(
         target_path,
         draft_path,
+        prompts,
         max_new_tokens=args.max_new_tokens,
         ks=range(1, args.max_k + 1),
         reps=args.reps,
+        hf_assisted_ks=(4,),
     )
     for row in result["methods"]:
         k = "" if row.get("k") is None else f" k={row['k']}"
@@ -117,11 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the main job on the shipped demo models")
-    _add_model_args(demo)
-    _sampling_args(demo)
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("-k", type=int, default=4, help="draft tokens per round")
+    from orchestrator.commands import add_cluster_commands
+
+    # up / status / down / generate / demo: the cluster commands.
+    demo = add_cluster_commands(sub, _add_model_args, _sampling_args)
+    demo.add_argument(
+        "--colocated",
+        action="store_true",
+        help="no cluster: both models in this process (the speculative core alone)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (print figures, write JSON)")
@@ -149,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
+    except Exception as exc:
+        from edgespec.errors import EdgespecError
+
+        # Expected failures (bad input, missing files, a cluster that is down, a failed call)
+        # print one line; anything else is a bug and keeps its traceback.
+        expected = (ValueError, FileNotFoundError, RuntimeError, TimeoutError, ConnectionError)
+        if not isinstance(exc, expected + (EdgespecError,)):
+            raise
+        logger.error("%s: %s", type(exc).__name__, exc)
         return 2
 
 

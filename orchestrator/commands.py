@@ -1,0 +1,437 @@
+"""The cluster commands of the ``edgespec`` CLI: ``up``, ``status``, ``down``, ``generate``, ``demo``.
+
+- ``edgespec up``: a local cluster (a head plus edge and cloud nodes on this machine) or, with
+  ``--address``, an existing one; then the orchestrator, the verifiers and the edges.
+- ``edgespec status``: nodes, actors and their endpoints, health, sessions and load.
+- ``edgespec generate "prompt"``: one generation through the least-loaded edge (the SDK).
+- ``edgespec down``: removes the actors, and stops the local nodes that ``up`` started.
+- ``edgespec demo``: all of it on the shipped demo pair over an emulated link, compared with
+  the target serving alone over the same link.
+
+The commands share a state directory (``--state-dir``, env ``EDGESPEC_STATE_DIR``, default
+``~/.edgespec``). Long steps print progress to stderr; results go to stdout. This module imports
+nothing heavy at import time (the CLI's ``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgespec.cli import DEMO_PROMPT
+
+logger = logging.getLogger("edgespec")
+
+DEMO_RTT_MS = 50.0
+
+
+class _Progress:
+    """Prints ``[  12.3 s] message`` lines to stderr: long steps show they are moving."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- argument helpers
+
+
+def _state_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        help="where `up` keeps the cluster state (default: $EDGESPEC_STATE_DIR or ~/.edgespec)",
+    )
+
+
+def _link_args(p: argparse.ArgumentParser, default_rtt: float | None) -> None:
+    p.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=default_rtt,
+        help="emulate a WAN link of this round-trip time between edges and verifiers "
+        + ("(default %(default)s)" if default_rtt is not None else "(default: no emulation)"),
+    )
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="per-chunk extra one-way delay")
+    p.add_argument("--bandwidth-mbps", type=float, default=None, help="per direction")
+
+
+def _deploy_args(p: argparse.ArgumentParser, verifiers: int, edges: int) -> None:
+    p.add_argument("--verifiers", type=int, default=verifiers, help="verifier replicas")
+    p.add_argument("--edges", type=int, default=edges, help="edge actors")
+    p.add_argument("--edge-nodes", type=int, default=edges, help="local edge nodes")
+    p.add_argument("--cloud-nodes", type=int, default=verifiers, help="local cloud nodes")
+    p.add_argument("-k", "--draft-tokens", type=int, default=4, help="edges' default draft length")
+    p.add_argument("--policy", default="fixed", help="edges' default draft-length policy")
+
+
+def _link_profile(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.rtt_ms is None:
+        return None
+    from experiments.linkemu import LinkProfile
+
+    return LinkProfile(
+        rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, bandwidth_mbps=args.bandwidth_mbps
+    ).to_dict()
+
+
+def _params_from(args: argparse.Namespace):
+    from speculative.params import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+
+
+# ---------------------------------------------------------------- up / down
+
+
+def _bring_up(args: argparse.Namespace, state_dir: Path, progress: _Progress):
+    """Nodes (local, unless --address) and actors; returns (ClusterState, Deployment)."""
+    from edgespec.models import resolve_pair
+    from orchestrator import cluster
+    from speculative.models import check_pair
+
+    target, draft = resolve_pair(args.target, args.draft)
+    check_pair(target, draft)
+    spec = cluster.DeploySpec.simple(
+        target.resolve(),
+        draft.resolve(),
+        verifiers=args.verifiers,
+        edges=args.edges,
+        link=_link_profile(args),
+        default_k=args.draft_tokens,
+        default_policy=args.policy,
+    )
+    if args.address:
+        state = cluster.ClusterState(address=args.address, local=False, started_at=time.time())
+    else:
+        config = cluster.LocalClusterConfig(
+            edge_nodes=args.edge_nodes, cloud_nodes=args.cloud_nodes
+        )
+        state = cluster.start_local_cluster(state_dir, config, progress=progress)
+    try:
+        progress(f"connecting to the Ray cluster at {state.address}")
+        cluster.connect_state(state)
+        deployment = cluster.deploy(spec, progress=progress)
+    except BaseException:
+        progress("bring-up failed; stopping what was started")
+        _tear_down(state, state_dir, progress)
+        raise
+    state.deployed = {
+        "target": str(target),
+        "draft": str(draft),
+        "verifiers": spec.verifiers,
+        "edges": spec.edges,
+        "link": spec.edge.link,
+        "actors": deployment.infos,
+    }
+    state.save(state_dir)
+    return state, deployment
+
+
+def _tear_down(state, state_dir: Path, progress: _Progress) -> None:
+    from orchestrator import cluster
+
+    try:
+        cluster.connect_state(state)
+        killed = cluster.teardown(tuple(state.deployed.get("actors", {})))
+        progress(f"removed {len(killed)} actors")
+    except Exception as err:  # the nodes may be gone already: still stop what is recorded
+        progress(f"could not remove the actors ({type(err).__name__}: {err})")
+    finally:
+        cluster.disconnect()
+    if state.local:
+        progress(f"stopping {len(state.pids)} local Ray nodes")
+        cluster.stop_local_cluster(state)
+    path = state_dir / cluster.STATE_FILE
+    if path.exists():
+        path.unlink()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from orchestrator import cluster
+
+    progress = _Progress()
+    state_dir = cluster.resolve_state_dir(args.state_dir)
+    state, deployment = _bring_up(args, state_dir, progress)
+    cluster.disconnect()
+    progress("up")
+    print(f"cluster: {state.address} ({'local' if state.local else 'joined'})")
+    for name, info in sorted(deployment.infos.items()):
+        print(f"  {name:<22} {info['address']:<22} {info['device']}")
+    print(f"state: {state_dir / cluster.STATE_FILE}")
+    print('next: edgespec generate "def f(x):"   |   edgespec status   |   edgespec down')
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from orchestrator import cluster
+
+    progress = _Progress()
+    state_dir = cluster.resolve_state_dir(args.state_dir)
+    state = cluster.ClusterState.load(state_dir)
+    _tear_down(state, state_dir, progress)
+    progress("down")
+    return 0
+
+
+# ---------------------------------------------------------------- status
+
+
+def _connect(args: argparse.Namespace) -> None:
+    """Connect to --address, else to the cluster recorded in the state dir."""
+    from orchestrator import cluster
+
+    if getattr(args, "address", None):
+        cluster.connect(args.address)
+    else:
+        cluster.connect_state(cluster.ClusterState.load(cluster.resolve_state_dir(args.state_dir)))
+
+
+def format_status(view: dict[str, Any]) -> str:
+    """The human-readable `edgespec status` text for an orchestrator status view."""
+    lines = []
+    nodes = view.get("nodes", [])
+    lines.append(f"nodes ({sum(n['alive'] for n in nodes)} alive of {len(nodes)})")
+    for n in nodes:
+        roles = [r for r in ("edge", "cloud") if n["resources"].get(r)] or (
+            ["head"] if n["is_head"] else ["-"]
+        )
+        res = ", ".join(f"{k}={v:g}" for k, v in sorted(n["resources"].items()))
+        alive = "alive" if n["alive"] else "DEAD"
+        lines.append(
+            f"  {n['node_id'][:12]}  {n['address']:<15} {'/'.join(roles):<6} {alive:<5} {res}"
+        )
+    verifier_sessions = {v["endpoint_id"]: v["load"] for v in view.get("verifiers", [])}
+    total = sum(verifier_sessions.values())
+    for title, kind in (("verifiers", "verifiers"), ("edges", "edges")):
+        eps = view.get(kind, [])
+        lines.append(f"{title} ({len(eps)})")
+        for e in eps:
+            flags = " draining" if e.get("draining") else ""
+            stats = e.get("actor_stats", {})
+            extra = ""
+            if "error" in stats:
+                extra = f"  stats: {stats['error']}"
+            elif kind == "verifiers" and stats:
+                extra = (
+                    f"  open={stats.get('sessions', 0)} blocks={stats.get('applied', 0)} "
+                    f"accepted={stats.get('accepted', 0)}/{stats.get('drafted', 0)}"
+                )
+            elif stats:
+                extra = (
+                    f"  active={stats.get('active_sessions', 0)} "
+                    f"assigned={stats.get('assignments', 0)}"
+                )
+            total = f" total={e.get('total_assigned', 0)}" if kind == "verifiers" else ""
+            lines.append(
+                f"  {e['endpoint_id']:<22} {e['address']:<21} node {e['node_id'][:8]} "
+                f"{e['device']:<5} {e['health']:<11} load={e['load']:<3} "
+                f"restarts={e['restarts']}{total}{flags}{extra}"
+            )
+    sessions = view.get("sessions", [])
+    lines.append(f"sessions ({len(sessions)} active)")
+    if total:
+        share = ", ".join(f"{k}: {v}" for k, v in sorted(verifier_sessions.items()))
+        lines.append(f"  per verifier: {share}")
+    for s in sessions[:20]:
+        lines.append(
+            f"  {s['session_key']:<40} edge {s['edge_id']:<20} verifier {s['verifier_id']} "
+            f"(moved {s['reassignments']}x)"
+        )
+    if len(sessions) > 20:
+        lines.append(f"  ... {len(sessions) - 20} more")
+    moves = view.get("moves", [])
+    if moves:
+        lines.append(f"recent reassignments ({len(moves)})")
+        for m in moves[-5:]:
+            lines.append(f"  {m['session_key']}: {m['from_id']} -> {m['to_id']} ({m['reason']})")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator import cluster
+
+    _connect(args)
+    try:
+        view = cluster.status()
+    finally:
+        cluster.disconnect()
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print(format_status(view))
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+
+
+def pick_edge(args: argparse.Namespace) -> str:
+    """The least-loaded healthy edge's address, asked of the orchestrator."""
+    import ray
+
+    from orchestrator import cluster
+
+    _connect(args)
+    try:
+        return ray.get(cluster.get_orchestrator().pick_edge.remote(), timeout=30)
+    finally:
+        cluster.disconnect()
+
+
+def _print_result(prompt: str, result, elapsed_s: float) -> None:
+    print(prompt + result.text)
+    print("-" * 60, file=sys.stderr)
+    s = result.stats
+    print(
+        f"{len(result.token_ids)} tokens ({result.finish_reason}) in {elapsed_s:.2f} s "
+        f"= {len(result.token_ids) / elapsed_s:.1f} tokens/s; {s.rounds} rounds, acceptance "
+        f"{s.acceptance_rate:.2f}, network RTT {s.rtt_ms:.1f} ms, reconnects {s.reconnects}, "
+        f"verifier {s.verifier}",
+        file=sys.stderr,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from edgespec.client import Client
+
+    edge = args.edge or pick_edge(args)
+    params = _params_from(args)
+    with Client(edge, timeout=args.timeout) as client:
+        t0 = time.perf_counter()
+        result = client.generate(
+            args.prompt, params, policy=args.policy, draft_tokens=args.draft_tokens
+        )
+        elapsed = time.perf_counter() - t0
+    _print_result(args.prompt, result, elapsed)
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _timed_generate(edge: str, prompt: str, params, policy: str, k: int, timeout: float):
+    from edgespec.client import Client
+
+    with Client(edge, timeout=timeout) as client:
+        t0 = time.perf_counter()
+        result = client.generate(prompt, params, policy=policy, draft_tokens=k)
+        return result, time.perf_counter() - t0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Local cluster + shipped pair + emulated link: generate, compare with the target alone."""
+
+    progress = _Progress()
+    state_dir = (
+        Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edgespec-demo-"))
+    )
+    params = _params_from(args)
+    state, deployment = _bring_up(args, state_dir, progress)
+    try:
+        edge = deployment.edge_addresses()[0]
+        link = f"an emulated {args.rtt_ms:g} ms RTT link" if args.rtt_ms else "a direct link"
+        progress(f"generating through {edge} over {link} (speculative, k={args.draft_tokens})")
+        spec, spec_s = _timed_generate(
+            edge, args.prompt, params, args.policy, args.draft_tokens, args.timeout
+        )
+        progress("generating with the target serving alone over the same link (cloud_only)")
+        alone, alone_s = _timed_generate(edge, args.prompt, params, "cloud_only", 0, args.timeout)
+    finally:
+        if args.keep:
+            progress(f"--keep: cluster left running; `edgespec down --state-dir {state_dir}`")
+        else:
+            progress("shutting down")
+            _tear_down(state, state_dir, progress)
+            if not args.state_dir:
+                shutil.rmtree(state_dir, ignore_errors=True)
+    print(args.prompt + spec.text)
+    print("-" * 60)
+    n_spec, n_alone = len(spec.token_ids), len(alone.token_ids)
+    same = spec.token_ids == alone.token_ids
+    if params.temperature == 0:
+        verdict = "identical to" if same else "DIFFERENT from"
+        print(f"{n_spec} tokens, {verdict} the target serving alone")
+    print(
+        f"speculative (edge drafts k={args.draft_tokens}, cloud verifies): "
+        f"{n_spec / spec_s:.1f} tokens/s, {spec.stats.rounds} round trips, acceptance "
+        f"{spec.stats.acceptance_rate:.2f}, {spec.stats.bytes_sent + spec.stats.bytes_received} "
+        f"bytes on the link"
+    )
+    print(
+        f"target alone (cloud decodes, one round trip per token): {n_alone / alone_s:.1f} "
+        f"tokens/s, {alone.stats.rounds} round trips"
+    )
+    print(
+        f"speed-up {alone_s / n_alone * n_spec / spec_s:.2f}x over {link} "
+        f"(measured network RTT {spec.stats.rtt_ms:.1f} ms)"
+    )
+    return 0 if params.temperature > 0 or same else 1
+
+
+# ---------------------------------------------------------------- parser wiring
+
+
+def add_cluster_commands(
+    sub: argparse._SubParsersAction,
+    add_model_args: Callable[[argparse.ArgumentParser], None],
+    add_sampling_args: Callable[[argparse.ArgumentParser], None],
+) -> argparse.ArgumentParser:
+    """Add up / status / down / generate / demo to the CLI's subparsers; returns demo's parser."""
+    up = sub.add_parser("up", help="start a local cluster (or join one) and deploy edgespec")
+    up.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    add_model_args(up)
+    _deploy_args(up, verifiers=2, edges=2)
+    _link_args(up, default_rtt=None)
+    _state_args(up)
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="nodes, actors, endpoints, sessions and load")
+    status.add_argument("--address", help="Ray cluster address (default: from the state dir)")
+    status.add_argument("--json", action="store_true", help="print the raw view as JSON")
+    _state_args(status)
+    status.set_defaults(func=cmd_status)
+
+    down = sub.add_parser("down", help="remove the actors and stop the local nodes")
+    _state_args(down)
+    down.set_defaults(func=cmd_down)
+
+    gen = sub.add_parser("generate", help="generate through the least-loaded edge")
+    gen.add_argument("prompt")
+    add_sampling_args(gen)
+    gen.add_argument("--policy", default="", help="draft-length policy ('' = the edge's default)")
+    gen.add_argument("-k", "--draft-tokens", type=int, default=0, help="0 = the edge's default")
+    gen.add_argument("--edge", help="edge address host:port (default: asked of the orchestrator)")
+    gen.add_argument("--address", help="Ray cluster address (default: from the state dir)")
+    gen.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    _state_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser(
+        "demo", help="local cluster + shipped models + emulated link; compare with the target alone"
+    )
+    add_model_args(demo)
+    add_sampling_args(demo)
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    _deploy_args(demo, verifiers=1, edges=1)
+    _link_args(demo, default_rtt=DEMO_RTT_MS)
+    demo.add_argument("--timeout", type=float, default=300.0, help="deadline per generation")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster running")
+    demo.add_argument("--state-dir", help="state dir for the demo's cluster (default: a temp dir)")
+    demo.set_defaults(func=cmd_demo, address=None)
+    return demo
