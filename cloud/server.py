@@ -1,5 +1,9 @@
 """Run a Verifier server: ``python -m cloud.server --target PATH [--port 0] [--token T]``.
 
+``--compute-profile NAME`` (default ``real``) pads every target forward to the profile's modelled
+time (e.g. ``h100-70b``: a 70B-class target on one H100, emulated); ``--threads N`` sets torch's
+intra-op threads.
+
 Loads the target checkpoint (default: the shipped demo target), serves it, and prints exactly one
 line to stdout, ``LISTENING <host>:<port>`` (flushed), once it accepts connections; scripts and
 tests wait for that line. Logs go to stderr. SIGTERM or SIGINT stops it gracefully.
@@ -16,6 +20,7 @@ import sys
 
 from cloud.service import TLSConfig, serve
 from cloud.verifier import VerifierConfig, VerifierEngine
+from speculative.profiles import profile_names
 
 logger = logging.getLogger("cloud.server")
 
@@ -41,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     ap.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     ap.add_argument("--tls-key", help="PEM private key")
+    ap.add_argument(
+        "--compute-profile",
+        default="real",
+        choices=profile_names(),
+        help="pad target forwards to this profile's modelled times (default: real = no padding)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -48,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace) -> None:
     from edgespec.models import DEFAULT_TARGET
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = VerifierConfig(
         model_id=args.model_id,
         max_sessions=args.max_sessions,
@@ -56,7 +76,9 @@ async def _run(args: argparse.Namespace) -> None:
         session_idle_ttl_s=args.idle_ttl,
         device=args.device,
     )
-    engine = VerifierEngine.from_pretrained(args.target or DEFAULT_TARGET, config)
+    engine = VerifierEngine.from_pretrained(
+        args.target or DEFAULT_TARGET, config, compute_profile=args.compute_profile
+    )
     tls = TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     running = await serve(engine, host=args.host, port=args.port, token=args.token, tls=tls)
     stop = asyncio.Event()

@@ -7,6 +7,11 @@ Errors: `ServiceError` / `FieldError` -> `context.abort(code, message)`, where t
 the field and the allowed range; anything unexpected -> INTERNAL, logged. The service keeps
 serving either way. STALE and REPLAYED blocks are verdict outcomes, not errors.
 
+VerifyStream reads blocks as they arrive (a reader task stamps each arrival), so a pipelined edge
+may send the next block while the previous one is verified: its ``queue_ms`` then counts the wait
+since its arrival, including the previous block's forward. A decode block (cloud-only streaming)
+is answered with one Verdict per token, each written as soon as its forward is done.
+
 `serve()` wires the server: Verifier + standard health (grpc.health.v1, SERVING) + reflection,
 an optional bearer-token interceptor (health exempt), optional TLS and the idle-session reaper.
 """
@@ -66,7 +71,9 @@ def result_to_proto(result: VerifyResult, queue_ms: float) -> pb.Verdict:
             committed_len=result.committed_len,
             queue_ms=queue_ms,
         )
-    return verdict_to_proto(result.verdict, _OUTCOME_TO_PROTO[result.outcome.value], queue_ms)
+    msg = verdict_to_proto(result.verdict, _OUTCOME_TO_PROTO[result.outcome.value], queue_ms)
+    msg.more = result.more
+    return msg
 
 
 class VerifierServicer(pb_grpc.VerifierServicer):
@@ -76,9 +83,12 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         self.engine = engine
         self._executor = executor
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> tuple[T, float]:
-        """Run fn(*args) on the executor; returns its result and the queue wait in ms."""
-        submitted = time.perf_counter()
+    async def _call(
+        self, fn: Callable[..., T], *args: Any, since: float | None = None
+    ) -> tuple[T, float]:
+        """Run fn(*args) on the executor; returns its result and the queue wait in ms (from
+        `since`, a perf_counter time such as the request's arrival, else from now)."""
+        submitted = time.perf_counter() if since is None else since
         started = submitted
 
         def job() -> T:
@@ -115,6 +125,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             vocab_size=opened.vocab_size,
             model_id=opened.model_id,
             prefill_ms=opened.prefill_ms,
+            compute_profile=opened.compute_profile,
         )
 
     async def CloseSession(
@@ -131,27 +142,63 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         request_iterator: AsyncIterator[pb.DraftBlock],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.Verdict]:
-        """One session per stream, named by the first block; one verdict per block, in order."""
+        """One session per stream, named by the first block; verdicts in block order: one per
+        block, or one per token for a decode block."""
         session_id: str | None = None
-        async for msg in request_iterator:
-            try:
-                if session_id is None:
-                    if not msg.session_id:
+        arrivals: asyncio.Queue[tuple[pb.DraftBlock, float] | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(_read_blocks(request_iterator, arrivals))
+        try:
+            while True:
+                item = await arrivals.get()
+                if item is None:
+                    break
+                msg, arrived = item
+                try:
+                    if session_id is None:
+                        if not msg.session_id:
+                            raise FieldError(
+                                "session_id",
+                                "session_id must be set on the first block of a stream",
+                            )
+                        session_id = msg.session_id
+                    elif msg.session_id and msg.session_id != session_id:
                         raise FieldError(
-                            "session_id", "session_id must be set on the first block of a stream"
+                            "session_id",
+                            f"session_id must be {session_id!r} (this stream's session) or "
+                            f"empty, got {msg.session_id!r}",
                         )
-                    session_id = msg.session_id
-                elif msg.session_id and msg.session_id != session_id:
-                    raise FieldError(
-                        "session_id",
-                        f"session_id must be {session_id!r} (this stream's session) or empty, "
-                        f"got {msg.session_id!r}",
+                    block = block_from_proto(msg)
+                    result, queue_ms = await self._call(
+                        self.engine.verify, session_id, block, since=arrived
                     )
-                block = block_from_proto(msg)
-                result, queue_ms = await self._call(self.engine.verify, session_id, block)
-            except Exception as err:  # noqa: BLE001
-                await _abort(context, err)
-            yield result_to_proto(result, queue_ms)
+                except Exception as err:  # noqa: BLE001
+                    await _abort(context, err)
+                yield result_to_proto(result, queue_ms)
+                while result.more:
+                    try:
+                        result, queue_ms = await self._call(
+                            self.engine.decode_next, session_id, block.seq
+                        )
+                    except Exception as err:  # noqa: BLE001
+                        await _abort(context, err)
+                    yield result_to_proto(result, queue_ms)
+        finally:
+            reader.cancel()
+
+
+async def _read_blocks(
+    request_iterator: AsyncIterator[pb.DraftBlock],
+    arrivals: asyncio.Queue[tuple[pb.DraftBlock, float] | None],
+) -> None:
+    """Move blocks from the stream to `arrivals` as they come, stamped with their arrival time;
+    None marks the end of the stream (or a broken one: the handler then ends too)."""
+    try:
+        async for msg in request_iterator:
+            arrivals.put_nowait((msg, time.perf_counter()))
+    except Exception as err:  # noqa: BLE001 - a broken stream ends the handler, not the server
+        logger.debug("VerifyStream reader ended: %s", err)
+    finally:
+        arrivals.put_nowait(None)
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:

@@ -10,6 +10,18 @@ One block is verified in three steps, `prepare` (validate, detect stale/resent b
 work) -> `run_forward` (the target forward) -> `complete` (acceptance, commit), so that a later
 batcher can gather prepared blocks of many sessions into a single forward pass.
 
+Cloud-only streaming: a block with no draft tokens and ``decode_tokens = n`` is verified like a
+k = 0 block (its first token), and its result has ``more`` set while tokens remain; each further
+token is one `decode_next` call (prepare/forward/complete of a one-position step), so a service
+can stream each verdict as soon as it is produced and other sessions' blocks interleave. The
+stream ends after n tokens, after a stop token, or at max_new_tokens.
+
+Pipelined blocks carry an ``anchor_token``: one whose anchor is not the session's last committed
+token is STALE (no forward), exactly like one drafted on another committed length.
+
+A `ComputeProfile` (speculative.profiles) other than "real" pads every target forward to its
+modelled time (emulated deployments); outputs are unchanged.
+
 Threading: the session table is guarded by a lock; model work is meant to run on ONE thread (the
 service uses a single-thread executor), as a session's runner is not thread-safe.
 """
@@ -21,7 +33,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +42,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from speculative.params import SamplingParams
+from speculative.profiles import ComputeProfile, get_profile, make_runner
 from speculative.runner import ModelRunner
 from speculative.session import (
     DraftBlock,
@@ -126,6 +139,7 @@ class OpenResult:
     vocab_size: int  # width of the target's logits
     model_id: str
     prefill_ms: float  # target prefill of the prefix
+    compute_profile: str = "real"  # the engine's compute profile (emulated ones pad forwards)
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,7 @@ class VerifyResult:
     seq: int  # seq of the block answered
     committed_len: int  # the session's committed length after this block
     verdict: Verdict | None
+    more: bool = False  # a decode block with tokens still to stream: call decode_next
 
 
 @dataclass
@@ -163,6 +178,7 @@ class _Session:
     generated_at_open: int  # tokens of the prefix that were generated (the rest is prompt)
     next_seq: int  # blocks with a lower seq are stale until the first verdict
     last_used: float  # engine clock
+    decode_left: int = 0  # tokens the last (decode) block still streams
 
     @property
     def tokens_left(self) -> int:
@@ -193,9 +209,12 @@ class VerifierEngine:
         model: PreTrainedModel,
         config: VerifierConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        compute_profile: ComputeProfile | str | None = None,
     ) -> None:
-        """Wrap a loaded causal LM. `clock` (seconds) drives idle expiry; tests may inject one."""
+        """Wrap a loaded causal LM. `clock` (seconds) drives idle expiry; tests may inject one.
+        `compute_profile` (name or profile; None = "real") pads each target forward."""
         self.config = config if config is not None else VerifierConfig()
+        self.compute_profile = get_profile(compute_profile or "real")
         if self.config.device is not None:
             model = model.to(self.config.device)
         self.model = model.eval()
@@ -224,13 +243,14 @@ class VerifierEngine:
         path: str | Path,
         config: VerifierConfig | None = None,
         dtype: torch.dtype | None = None,
+        compute_profile: ComputeProfile | str | None = None,
     ) -> VerifierEngine:
         """Load the target from a local checkpoint folder (offline; float32 on CPU)."""
         config = config if config is not None else VerifierConfig()
         runner = ModelRunner.from_pretrained(path, device=config.device, dtype=dtype)
         if not config.model_id:
             config = replace(config, model_id=Path(path).name)
-        return cls(runner.model, config)
+        return cls(runner.model, config, compute_profile=compute_profile)
 
     # ------------------------------------------------------------------ sessions
 
@@ -291,7 +311,8 @@ class VerifierEngine:
         self._reserve_slot()
         try:
             started = time.perf_counter()
-            verifier = Verifier(ModelRunner(self.model), prefix, params)
+            runner = make_runner(self.model, self.compute_profile, "target")
+            verifier = Verifier(runner, prefix, params)
             prefill_ms = (time.perf_counter() - started) * 1e3
         except BaseException:
             with self._lock:
@@ -318,6 +339,7 @@ class VerifierEngine:
             vocab_size=self.vocab_size,
             model_id=self.model_id,
             prefill_ms=prefill_ms,
+            compute_profile=self.compute_profile.name,
         )
 
     def _reserve_slot(self) -> None:
@@ -442,7 +464,40 @@ class VerifierEngine:
                 f"tokens must hold at most {left - 1} draft tokens here: {left} more tokens "
                 f"reach max_new_tokens and the verdict adds 1, got {k}",
             )
+        if block.decode_tokens > left:
+            raise _invalid(
+                "decode_tokens",
+                f"decode_tokens must be in [0, {left}] here ({left} more tokens reach "
+                f"max_new_tokens), got {block.decode_tokens}",
+            )
         return PreparedBlock(session=session, pending=pending)
+
+    def decode_next(self, session_id: str, seq: int) -> VerifyResult:
+        """The next token of the session's decode block `seq` (whose last result had ``more``):
+        one target forward; the result has ``more`` while tokens remain.
+
+        Raises ServiceError: NOT_FOUND (session_id), FAILED_PRECONDITION (block `seq` is not a
+        decode block with tokens left), INTERNAL (the forward failed; the session is closed).
+        """
+        session = self._session(session_id)
+        last = session.verifier.last_verdict
+        if session.decode_left <= 0 or last is None or last.seq != seq:
+            raise ServiceError(
+                FAILED_PRECONDITION,
+                f"seq {seq} is not a decode block with tokens left in session {session.id}",
+                "seq",
+            )
+        prepared = PreparedBlock(session=session, pending=session.verifier.continue_decode())
+        return self.complete(prepared, self.run_forward(prepared))
+
+    def verify_stream(self, session_id: str, block: DraftBlock) -> Iterator[VerifyResult]:
+        """`verify`, then `decode_next` while the result has ``more``: every result of a block
+        (one for a speculative block, up to decode_tokens for a decode block)."""
+        result = self.verify(session_id, block)
+        yield result
+        while result.more:
+            result = self.decode_next(session_id, block.seq)
+            yield result
 
     def run_forward(self, prepared: PreparedBlock) -> Tensor:
         """The target forward over the block: logits (len(pending.feed), V) float32.
@@ -462,14 +517,31 @@ class VerifierEngine:
     def complete(self, prepared: PreparedBlock, logits: Tensor) -> VerifyResult:
         """Acceptance over the block's logits (len(pending.feed), V); commits, returns the verdict."""
         session = prepared.session
+        block = prepared.pending.block
+        first = session.verifier.last_verdict is None or (
+            session.verifier.last_verdict.seq != block.seq
+        )
         verdict = session.verifier.complete(prepared.pending, logits)
         session.last_used = self._clock()
+        if block.decode_tokens:
+            left = block.decode_tokens if first else session.decode_left
+            left -= 1
+            stop = verdict.token in session.params.stop_token_ids
+            session.decode_left = 0 if stop or session.tokens_left <= 0 else left
+        else:
+            session.decode_left = 0
         with self._lock:
             self._stats.applied += 1
             self._stats.forwards += 1
             self._stats.drafted += len(prepared.pending.block.tokens)
             self._stats.accepted += verdict.accepted
-        return VerifyResult(Outcome.APPLIED, verdict.seq, verdict.committed_len, verdict)
+        return VerifyResult(
+            Outcome.APPLIED,
+            verdict.seq,
+            verdict.committed_len,
+            verdict,
+            more=session.decode_left > 0,
+        )
 
     # ------------------------------------------------------------------ helpers
 

@@ -3,8 +3,22 @@
 `EdgeEngine.generate` runs one session as an async generator of events: a `TokensEvent` each
 time tokens are committed, then one `SummaryEvent`. A round is
 
-    apply the last verdict (commit tokens, roll the draft cache back) -> yield the new tokens
-    -> choose k (the policy seam) -> draft k tokens -> one VerifyStream round trip.
+    choose (the draft-length policy) -> draft k tokens -> one VerifyStream round trip
+    -> apply the verdict (commit tokens, roll the draft cache back) -> yield the new tokens
+    -> tell the policy what the round cost (`observation_from_record`).
+
+Policies (`speculative.controller`, by name: "fixed", "heuristic", "adaptive" (the default),
+"cloud_only") decide per round between a speculative round of k draft tokens and cloud-only
+decoding, where the verifier decodes alone and streams its tokens (a decode block: one verdict per
+token, committed and yielded as each arrives). Consecutive cloud-only chunks are requested back to
+back, the next sent while the current one streams, so the stream only pays an RTT when it starts.
+
+Pipelined drafting (`pipelined=True`): after sending block n, while its verdict travels, the
+engine drafts block n+1 on the guess that block n is accepted whole and that the verifier's bonus
+token is the draft's own next token, and sends it at once (pipeline depth 1). On a hit the next
+verdict is already on its way; on a miss the verifier answers the block STALE (its base_len or
+anchor token does not match) and the engine drafts afresh from the committed tokens. Exactness is
+unchanged (the argument is in `speculative.session`'s docstring).
 
 The edge owns the committed tokens (`speculative.session.Drafter`); the verifier's KV cache is only
 a cache. When the link fails (verifier down, connection reset, stream broken, round deadline
@@ -29,9 +43,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -41,16 +54,31 @@ from edge.link import (
     ChannelPool,
     LinkConfig,
     LinkError,
+    Reply,
     RoundTiming,
     SessionInfo,
     VerifierLink,
     make_address_provider,
+    round_timing,
 )
 from protos.convert import FieldError
+from speculative.controller import (
+    CLOUD_ONLY,
+    SPECULATIVE,
+    AdaptiveConfig,
+    AdaptivePolicy,
+    CloudOnlyPolicy,
+    Decision,
+    DraftLengthPolicy,
+    FixedPolicy,
+    HeuristicPolicy,
+    RoundObservation,
+)
 from speculative.params import SamplingParams
+from speculative.profiles import ComputeProfile, get_profile, make_runner
 from speculative.rejection import DraftProbs
 from speculative.runner import ModelRunner
-from speculative.session import DraftBlock, Drafter, Verdict
+from speculative.session import DraftBlock, Drafter
 
 logger = logging.getLogger(__name__)
 
@@ -67,49 +95,39 @@ class EdgeError(Exception):
 # ---------------------------------------------------------------- draft-length policies
 
 
-class DraftLengthPolicy(Protocol):
-    """Chooses the draft length k of the next round from the session's stats so far.
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a policy factory is given for one session."""
 
-    One instance per session (it may keep state). The engine clips the answer to
-    [0, min(EngineConfig.max_k, verifier's max_block_tokens)].
-    """
-
-    name: str
-
-    def choose_k(self, stats: EdgeStats) -> int: ...
+    k: int  # the request's draft_tokens (or the engine's default_k): k for "fixed", else the start
+    max_k: int  # the engine's largest draft length (EngineConfig.max_k)
+    pipelined: bool  # the session drafts ahead while verdicts travel
 
 
-@dataclass
-class FixedK:
-    """The same k every round."""
-
-    k: int
-    name: str = "fixed"
-
-    def choose_k(self, stats: EdgeStats) -> int:
-        return self.k
+PolicyFactory = Callable[[PolicySpec], DraftLengthPolicy]
 
 
-@dataclass
-class CloudOnly:
-    """k = 0: the verifier decodes one token per round, the edge only relays (a baseline)."""
-
-    name: str = "cloud_only"
-
-    def choose_k(self, stats: EdgeStats) -> int:
-        return 0
+def _k_max(spec: PolicySpec) -> int:
+    # Blocks longer than 16 pay off only with acceptance near 1; never below the requested k.
+    return max(spec.k, min(16, spec.max_k))
 
 
-# name -> factory(k) for policies selectable by name (GenerateRequest.policy). The adaptive
-# controllers register themselves here later.
-POLICIES: dict[str, Callable[[int], DraftLengthPolicy]] = {
-    "fixed": FixedK,
-    "cloud_only": lambda k: CloudOnly(),
+# Policies selectable by name (GenerateRequest.policy): factory(spec) -> a fresh policy (one per
+# session; see speculative.controller for what each does).
+POLICIES: dict[str, PolicyFactory] = {
+    "fixed": lambda spec: FixedPolicy(spec.k),
+    "heuristic": lambda spec: HeuristicPolicy(k0=spec.k, k_max=_k_max(spec)),
+    "adaptive": lambda spec: AdaptivePolicy(
+        AdaptiveConfig(k_init=spec.k, k_max=_k_max(spec), pipelined=spec.pipelined)
+    ),
+    "cloud_only": lambda spec: CloudOnlyPolicy(),
 }
 
 
-def register_policy(name: str, factory: Callable[[int], DraftLengthPolicy]) -> None:
-    """Make `factory(k)` selectable as policy `name` (k: the requested or default draft length)."""
+def register_policy(name: str, factory: PolicyFactory) -> None:
+    """Make `factory(spec)` selectable as policy `name` (see `PolicySpec`)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
     POLICIES[name] = factory
 
 
@@ -118,22 +136,78 @@ def register_policy(name: str, factory: Callable[[int], DraftLengthPolicy]) -> N
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One verification round as the edge saw it (milliseconds)."""
+    """One round as the edge saw it (milliseconds): a verified block, or one cloud-only stream.
+
+    `tokens` is what the round yields before any cut at a stop token or max_new_tokens: accepted
+    + 1 for a speculative round (the E(k) of the draft-length model), the tokens streamed for a
+    cloud-only one. `round_ms` is the session's wall time spent on the round: from the end of
+    the previous round (or the block's send, if later) to its (last) verdict; with pipelining
+    the block may have been drafted and sent during the previous round, so round_ms can be
+    smaller than draft + network + verify.
+    """
 
     seq: int
-    k: int  # draft length the policy chose (after clipping)
+    k: int  # draft length the policy chose (after clipping); 0 for cloud-only
     drafted: int  # draft tokens sent (k, or fewer near max_new_tokens or after a stop token)
     accepted: int
-    draft_ms: float  # draft compute: Drafter.propose on the worker thread
-    round_ms: float  # propose start -> verdict received, retries included
-    apply_ms: float  # committing the verdict (Drafter.apply)
-    timing: RoundTiming  # the successful attempt's link timing
-    attempts: int  # 1 + retries this round needed
+    draft_ms: float  # draft compute for the block (a block drafted ahead: its guess too)
+    round_ms: float
+    apply_ms: float  # committing the verdict(s) (Drafter.apply)
+    timing: RoundTiming  # link timing (cloud-only: verifier compute summed over the stream)
+    attempts: int  # 1 + link failures during the round
+    mode: str = SPECULATIVE  # "speculative" | "cloud_only"
+    tokens: int = 0
+    t_wall: float = 0.0  # time.time() when the round's (last) verdict arrived
+    t_ms: float = 0.0  # the same, in ms since the generate call started
+    pipelined: bool = False  # the block was drafted ahead, during the previous round, and used
+    probe: bool = False  # the policy marked the decision an exploration probe
+    draft_forwards: int = 0  # draft forward passes spent on the block
+
+    @property
+    def network_ms(self) -> float:
+        """Wall time of the round not explained by verifier compute and queueing (~ the RTT)."""
+        return self.timing.network_ms
 
     @property
     def overhead_ms(self) -> float:
         """Framework time of the round: everything but draft and verifier compute."""
         return self.round_ms + self.apply_ms - self.draft_ms - self.timing.verify_ms
+
+
+def observation_from_record(record: RoundRecord) -> RoundObservation | None:
+    """The controller's view of a round (`speculative.controller.RoundObservation`), or None for
+    a round it cannot learn from (a speculative round with no draft token, near the end).
+
+    Speculative: k = the draft tokens sent, draft_ms = the time per draft forward times k (a block
+    drafted ahead also paid a forward for its guessed bonus token), network_ms clipped at 0.
+    Cloud-only: one step of `tokens` streamed tokens with the stream's summed compute and queue.
+    """
+    t = record.timing
+    network = max(t.network_ms, 0.0)
+    if record.mode == CLOUD_ONLY:
+        if record.tokens < 1:
+            return None
+        return RoundObservation(
+            k=0,
+            accepted=0,
+            draft_ms=0.0,
+            verify_ms=max(t.verify_ms, 0.0),
+            network_ms=network,
+            queue_ms=max(t.queue_ms, 0.0),
+            cloud_only=True,
+            tokens=record.tokens,
+        )
+    if record.drafted < 1:
+        return None
+    per_forward = record.draft_ms / max(record.draft_forwards, record.drafted)
+    return RoundObservation(
+        k=record.drafted,
+        accepted=record.accepted,
+        draft_ms=max(per_forward * record.drafted, 0.0),
+        verify_ms=max(t.verify_ms, 0.0),
+        network_ms=network,
+        queue_ms=max(t.queue_ms, 0.0),
+    )
 
 
 @dataclass
@@ -152,9 +226,18 @@ class EdgeStats:
     bytes_received: int = 0
     reconnects: int = 0  # sessions reopened after a link failure
     verifier: str = ""  # address of the verifier that finished the session
+    pipeline_hits: int = 0  # blocks drafted ahead and used
+    pipeline_misses: int = 0  # blocks drafted ahead and dropped (the verifier answers STALE)
+    cloud_only_tokens: int = 0  # tokens the verifier decoded alone
+    policy: str = ""  # the policy's repr at the end of the session
+    pipelined: bool = False
+    compute_profile: str = "real"  # the edge's (draft) compute profile
+    verifier_compute_profile: str = ""  # the verifier's, as it reported it
     round_records: list[RoundRecord] = field(default_factory=list)
 
     def observe_round(self, record: RoundRecord) -> None:
+        if record.mode == CLOUD_ONLY:
+            self.cloud_only_tokens += record.tokens
         self.rounds += 1
         self.drafted += record.drafted
         self.accepted += record.accepted
@@ -179,11 +262,25 @@ class EdgeStats:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    @property
+    def mean_k(self) -> float:
+        """Mean draft length chosen over the speculative rounds (0.0 when there were none)."""
+        ks = [r.k for r in self.round_records if r.mode == SPECULATIVE]
+        return sum(ks) / len(ks) if ks else 0.0
+
+    @property
+    def mean_tokens_per_round(self) -> float:
+        """Mean of accepted + 1 over the speculative rounds (the measured E(k))."""
+        recs = [r for r in self.round_records if r.mode == SPECULATIVE]
+        return sum(r.tokens for r in recs) / len(recs) if recs else 0.0
+
     def to_dict(self) -> dict:
         """Plain JSON-able dict (round records flattened)."""
         d = asdict(self)
         d["rtt_ms_mean"] = self.rtt_ms_mean
         d["acceptance_rate"] = self.acceptance_rate
+        d["mean_k"] = self.mean_k
+        d["mean_tokens_per_round"] = self.mean_tokens_per_round
         return d
 
 
@@ -217,7 +314,8 @@ class EngineConfig:
 
     default_k: int = 4  # draft length when a request names none
     max_k: int = 32  # largest draft length a request may ask for
-    default_policy: str = "fixed"  # policy when a request names none
+    default_policy: str = "adaptive"  # policy when a request names none
+    pipelined: bool = False  # draft ahead while verdicts travel, when a request does not say
     max_sessions: int = 64  # concurrent sessions; more answer RESOURCE_EXHAUSTED
     max_retries: int = 6  # reconnect attempts per round before giving up
     backoff_initial_s: float = 0.02  # sleep before the 2nd attempt; doubles each time
@@ -229,7 +327,7 @@ class EngineConfig:
     add_special_tokens: bool = False  # when tokenizing a text prompt
 
     def __post_init__(self) -> None:
-        for name, lo in (("default_k", 0), ("max_k", 0), ("max_sessions", 1), ("max_retries", 0)):
+        for name, lo in (("default_k", 1), ("max_k", 1), ("max_sessions", 1), ("max_retries", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -243,6 +341,8 @@ class EngineConfig:
             raise ValueError(
                 f"default_policy must be one of {sorted(POLICIES)}, got {self.default_policy!r}"
             )
+        if not isinstance(self.pipelined, bool):
+            raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
 
 
 class _TextStream:
@@ -280,9 +380,7 @@ def _truncate_block(block: DraftBlock, k: int) -> DraftBlock:
             if q.ids is None
             else DraftProbs.sparse(q.ids[:k], q.probs[:k])
         )
-    return DraftBlock(
-        seq=block.seq, base_len=block.base_len, tokens=block.tokens[:k], draft_probs=q
-    )
+    return replace(block, tokens=block.tokens[:k], draft_probs=q)
 
 
 class EdgeEngine:
@@ -303,8 +401,12 @@ class EdgeEngine:
         link_config: LinkConfig | None = None,
         config: EngineConfig | None = None,
         device: str | torch.device | None = None,
+        compute_profile: ComputeProfile | str | None = None,
     ) -> None:
+        """`compute_profile` (name or profile; None = "real") pads each draft forward to its
+        modelled time (an emulated edge device); outputs are unchanged."""
         self.model = draft_model.eval() if device is None else draft_model.to(device).eval()
+        self.compute_profile = get_profile(compute_profile or "real")
         self.tokenizer = tokenizer
         self.link_config = link_config if link_config is not None else LinkConfig()
         self.config = config if config is not None else EngineConfig()
@@ -328,6 +430,7 @@ class EdgeEngine:
         link_config: LinkConfig | None = None,
         config: EngineConfig | None = None,
         device: str | torch.device | None = None,
+        compute_profile: ComputeProfile | str | None = None,
     ) -> EdgeEngine:
         """Load the draft model and its tokenizer from a local checkpoint folder."""
         from speculative.models import load_tokenizer
@@ -338,7 +441,14 @@ class EdgeEngine:
         except (OSError, ValueError) as err:
             logger.warning("no tokenizer in %s (%s): token-id prompts only", draft_path, err)
             tokenizer = None
-        return cls(runner.model, tokenizer, verifiers, link_config=link_config, config=config)
+        return cls(
+            runner.model,
+            tokenizer,
+            verifiers,
+            link_config=link_config,
+            config=config,
+            compute_profile=compute_profile,
+        )
 
     # ---- request validation -----------------------------------------------------------------
 
@@ -371,9 +481,13 @@ class EdgeEngine:
         return ids
 
     def make_policy(
-        self, policy: str | DraftLengthPolicy | None, k: int | None
+        self,
+        policy: str | DraftLengthPolicy | None,
+        k: int | None,
+        pipelined: bool = False,
     ) -> DraftLengthPolicy:
-        """Resolve a policy name (None/'' = default) and draft length (None/0 = default).
+        """Resolve a policy name (None/'' = default) and draft length (None/0 = default) into a
+        fresh policy (`speculative.controller.DraftLengthPolicy`); a policy object is used as is.
 
         Raises `FieldError` naming 'policy' or 'draft_tokens'."""
         if k is None or k == 0:
@@ -391,7 +505,13 @@ class EdgeEngine:
                 raise FieldError(
                     "policy", f"policy must be one of {sorted(POLICIES)}, got {policy!r}"
                 )
-            return factory(k)
+            return factory(PolicySpec(k=k, max_k=self.config.max_k, pipelined=pipelined))
+        if not isinstance(policy, DraftLengthPolicy):
+            raise FieldError(
+                "policy",
+                f"policy must be a name in {sorted(POLICIES)} or a DraftLengthPolicy, got "
+                f"{type(policy).__name__}",
+            )
         return policy
 
     def _check_length(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -419,9 +539,13 @@ class EdgeEngine:
         params: SamplingParams,
         k: int | None = None,
         policy: str | DraftLengthPolicy | None = None,
+        pipelined: bool | None = None,
     ) -> AsyncIterator[GenerateEvent]:
         """Generate for one prompt: yields `TokensEvent`s, then one `SummaryEvent`.
 
+        `policy`: a name in `POLICIES` (None/'' = EngineConfig.default_policy) or a policy
+        object; `k`: the draft length for "fixed", the starting one otherwise (None/0 = default);
+        `pipelined`: draft ahead while verdicts travel (None = EngineConfig.pipelined).
         Raises `FieldError` (a ValueError naming the field) for a bad request before anything is
         yielded, `EdgeError` when the verifiers cannot complete the session (after bounded
         retries with backoff) or the engine is at `max_sessions`.
@@ -429,8 +553,12 @@ class EdgeEngine:
         t_start = time.perf_counter()
         if not isinstance(params, SamplingParams):
             raise FieldError("params", f"params must be SamplingParams, got {type(params)}")
+        if pipelined is None:
+            pipelined = self.config.pipelined
+        if not isinstance(pipelined, bool):
+            raise FieldError("pipelined", f"pipelined must be a bool, got {pipelined!r}")
         prompt_ids = self.encode_prompt(prompt)
-        chooser = self.make_policy(policy, k)
+        chooser = self.make_policy(policy, k, pipelined)
         self._check_length(prompt_ids, params)
         if self.active_sessions >= self.config.max_sessions:
             raise EdgeError(
@@ -440,7 +568,7 @@ class EdgeEngine:
         self.active_sessions += 1
         link = VerifierLink(self._session_addresses(), self.link_config, pool=self._get_pool())
         try:
-            async for event in self._run(link, prompt_ids, params, chooser, t_start):
+            async for event in self._run(link, prompt_ids, params, chooser, pipelined, t_start):
                 yield event
         finally:
             self.active_sessions -= 1
@@ -453,17 +581,19 @@ class EdgeEngine:
         prompt_ids: list[int],
         params: SamplingParams,
         chooser: DraftLengthPolicy,
+        pipelined: bool,
         t_start: float,
     ) -> AsyncIterator[GenerateEvent]:
-        stats = EdgeStats()
+        stats = EdgeStats(pipelined=pipelined, compute_profile=self.compute_profile.name)
         # The verifier's prefill (behind a round trip) and the draft's prefill run concurrently.
         opening = asyncio.ensure_future(
             self._open(link, prompt_ids, params, generated=0, next_seq=0, stats=stats)
         )
         try:
             loop = asyncio.get_running_loop()
+            runner = make_runner(self.model, self.compute_profile, "draft")
             drafter = await loop.run_in_executor(
-                self._executor, Drafter, ModelRunner(self.model), prompt_ids, params
+                self._executor, Drafter, runner, prompt_ids, params
             )
             await opening
         finally:
@@ -474,44 +604,13 @@ class EdgeEngine:
         text = _TextStream(self.tokenizer)
         t_first = t_last = None
         n_first = 0
-        verdict: Verdict | None = None
-        block: DraftBlock | None = None
-        timing: RoundTiming | None = None
-        apply_ms = 0.0
-        draft_ms = round_ms = 0.0
-        attempts = 0
-        k = 0
-        while True:
-            if verdict is not None:
-                assert block is not None and timing is not None
-                t0 = time.perf_counter()
-                new = drafter.apply(verdict)
-                apply_ms = (time.perf_counter() - t0) * 1e3
-                stats.observe_round(
-                    RoundRecord(
-                        seq=block.seq,
-                        k=k,
-                        drafted=len(block.tokens),
-                        accepted=verdict.accepted,
-                        draft_ms=draft_ms,
-                        round_ms=round_ms,
-                        apply_ms=apply_ms,
-                        timing=timing,
-                        attempts=attempts,
-                    )
-                )
-                if new:
-                    t_last = time.perf_counter()
-                    if t_first is None:
-                        t_first, n_first = t_last, len(new)
-                    yield TokensEvent(tokens=new, text=text.push(new))
-            if drafter.finished:
-                break
-            k = self._clip_k(chooser.choose_k(stats), link.session)
-            t0 = time.perf_counter()
-            block, draft_ms = await self._compute(_timed_propose, drafter, k)
-            verdict, timing, attempts = await self._verify(link, drafter, block, params, stats)
-            round_ms = (time.perf_counter() - t0) * 1e3
+        session = _SessionLoop(self, link, drafter, params, chooser, pipelined, stats, t_start)
+        async for new in session.run():
+            if new:
+                t_last = time.perf_counter()
+                if t_first is None:
+                    t_first, n_first = t_last, len(new)
+                yield TokensEvent(tokens=new, text=text.push(new))
         assert t_first is not None and t_last is not None and drafter.finish_reason is not None
         n = len(drafter.generated)
         stats.time_to_first_token_ms = (t_first - t_start) * 1e3
@@ -521,6 +620,9 @@ class EdgeEngine:
         stats.bytes_sent = link.bytes_sent
         stats.bytes_received = link.bytes_received
         stats.verifier = link.address or ""
+        if link.session is not None:
+            stats.verifier_compute_profile = link.session.compute_profile
+        stats.policy = repr(chooser)
         tokens = list(drafter.generated)
         full_text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
         yield SummaryEvent(
@@ -547,38 +649,6 @@ class EdgeEngine:
                 return
             except LinkError as err:
                 await self._after_failure(err, attempts, stats, "opening the session")
-
-    async def _verify(
-        self,
-        link: VerifierLink,
-        drafter: Drafter,
-        block: DraftBlock,
-        params: SamplingParams,
-        stats: EdgeStats,
-    ) -> tuple[Verdict, RoundTiming, int]:
-        """One round trip, reopening the session on retryable failures; returns the attempts."""
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                if not link.is_open:
-                    # A reopen seeds the verifier with everything committed so far; the pending
-                    # block then extends exactly that prefix and is verified there afresh.
-                    session = await link.open(
-                        drafter.committed,
-                        params,
-                        generated=len(drafter.generated),
-                        next_seq=block.seq,
-                    )
-                    self._check_session(session, params)
-                assert link.session is not None
-                sent = block
-                if len(block.tokens) > link.session.max_block_tokens:
-                    sent = _truncate_block(block, link.session.max_block_tokens)
-                verdict, timing = await link.verify(sent)
-                return verdict, timing, attempts
-            except LinkError as err:
-                await self._after_failure(err, attempts, stats, f"round seq={block.seq}")
 
     async def _after_failure(
         self, err: LinkError, attempts: int, stats: EdgeStats, what: str
@@ -650,10 +720,11 @@ class EdgeEngine:
         params: SamplingParams,
         k: int | None = None,
         policy: str | DraftLengthPolicy | None = None,
+        pipelined: bool | None = None,
     ) -> SummaryEvent:
         """Run `generate` to the end and return its summary."""
         summary = None
-        async for event in self.generate(prompt, params, k=k, policy=policy):
+        async for event in self.generate(prompt, params, k=k, policy=policy, pipelined=pipelined):
             if isinstance(event, SummaryEvent):
                 summary = event
         assert summary is not None
@@ -669,10 +740,340 @@ class EdgeEngine:
         self._executor.shutdown(wait=False)
 
 
-def _timed_propose(drafter: Drafter, k: int) -> tuple[DraftBlock, float]:
+def _timed(fn: Callable, drafter: Drafter, n: int) -> tuple[DraftBlock | None, float, int]:
+    """Run a drafting call; returns its block, its wall ms and the draft forwards it ran."""
+    forwards = drafter.runner.forwards
     t0 = time.perf_counter()
-    block = drafter.propose(k)
-    return block, (time.perf_counter() - t0) * 1e3
+    block = fn(n)
+    return block, (time.perf_counter() - t0) * 1e3, drafter.runner.forwards - forwards
+
+
+@dataclass
+class _Sent:
+    """What the session knows of a proposed block until its round is recorded."""
+
+    block: DraftBlock
+    k: int  # draft length chosen (0 for a decode block)
+    draft_ms: float = 0.0
+    draft_forwards: int = 0
+    probe: bool = False
+    ahead: bool = False  # drafted (or requested) ahead, while the previous block was in flight
+    t_sent: float | None = None  # perf_counter of the write on the current stream
+    bytes_sent: int = 0
+
+
+class _SessionLoop:
+    """The rounds of one session: policy decisions, drafting (ahead, when pipelined), sending,
+    matching replies to blocks, reconnecting; yields each batch of newly committed tokens.
+
+    Replies arrive in the order blocks were sent. A reply for a block the session dropped (a
+    pipelined guess that missed) must be STALE and is skipped; anything else unexpected is a
+    protocol error, handled like a broken link (reopen with the committed prefix).
+    """
+
+    def __init__(
+        self,
+        engine: EdgeEngine,
+        link: VerifierLink,
+        drafter: Drafter,
+        params: SamplingParams,
+        policy: DraftLengthPolicy,
+        pipelined: bool,
+        stats: EdgeStats,
+        t_start: float,
+    ) -> None:
+        self.engine = engine
+        self.link = link
+        self.drafter = drafter
+        self.params = params
+        self.policy = policy
+        self.pipelined = pipelined
+        self.stats = stats
+        self.t_start = t_start
+        self.blocks: dict[int, _Sent] = {}  # seq -> proposed block not yet recorded
+        self.sent: set[int] = set()  # seqs written on the current stream
+        self.dropped: set[int] = set()  # seqs written on the current stream, then dropped
+        self.next_decision: Decision | None = None  # chosen ahead of time but not yet used
+        self.failures = 0  # link failures since the last good reply (bounds the retries)
+        self._round_failures = 0  # link failures during the current round
+        self.last_end = time.perf_counter()  # when the previous round ended
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> AsyncIterator[list[int]]:
+        d = self.drafter
+        while not d.finished:
+            if d.pending is None:
+                decision, self.next_decision = self.next_decision, None
+                if decision is None:
+                    decision = self.policy.choose()
+                if decision.mode == CLOUD_ONLY:
+                    block = d.propose_decode(min(decision.stream_tokens, d.tokens_left))
+                    self.blocks[block.seq] = _Sent(block, 0, probe=decision.probe)
+                else:
+                    k = self._clip_k(decision.k)
+                    block, ms, forwards = await self.engine._compute(_timed, d.propose, d, k)
+                    self.blocks[block.seq] = _Sent(block, k, ms, forwards, decision.probe)
+            pending = d.pending
+            assert pending is not None
+            if pending.decode_tokens:
+                async for new in self._decode_round(pending):
+                    yield new
+            else:
+                yield await self._speculative_round(pending)
+
+    def _clip_k(self, k: int) -> int:
+        return self.engine._clip_k(k, self.link.session)
+
+    async def _failed(self, err: LinkError, what: str) -> None:
+        self.failures += 1
+        self._round_failures += 1
+        await self.engine._after_failure(err, self.failures, self.stats, what)
+
+    # ---- speculative rounds -----------------------------------------------------------------
+
+    async def _speculative_round(self, pending: DraftBlock) -> list[int]:
+        d = self.drafter
+        self._round_failures = 0
+        while True:
+            try:
+                await self._ensure_sent(pending)
+                if self.pipelined:
+                    await self._send_ahead()
+                reply = await self._receive_for(pending.seq)
+                if reply.more:
+                    raise self.link.protocol_error(
+                        f"verifier streamed several verdicts for block seq={pending.seq}"
+                    )
+                break
+            except LinkError as err:
+                await self._failed(err, f"round seq={pending.seq}")
+        assert reply.verdict is not None
+        t0 = time.perf_counter()
+        new = d.apply(reply.verdict)
+        apply_ms = (time.perf_counter() - t0) * 1e3
+        sent = self.blocks.pop(pending.seq)
+        self._after_apply()
+        assert sent.t_sent is not None
+        self._record(
+            RoundRecord(
+                seq=pending.seq,
+                k=sent.k,
+                drafted=len(pending.tokens),
+                accepted=reply.verdict.accepted,
+                draft_ms=sent.draft_ms,
+                round_ms=(reply.received - self.last_end) * 1e3,
+                apply_ms=apply_ms,
+                timing=round_timing(reply, sent.t_sent, sent.bytes_sent),
+                attempts=1 + self._round_failures,
+                mode=SPECULATIVE,
+                tokens=reply.verdict.accepted + 1,
+                pipelined=sent.ahead,
+                probe=sent.probe,
+                draft_forwards=sent.draft_forwards,
+            ),
+            reply,
+        )
+        return new
+
+    async def _send_ahead(self) -> None:
+        """Pipelining: draft the block after the pending one and send it (depth 1)."""
+        d = self.drafter
+        if self.next_decision is not None or d.ahead is not None or d.ahead_room() < 0:
+            return
+        decision = self.policy.choose()
+        if decision.mode != SPECULATIVE:
+            self.next_decision = decision  # taken when the pending round is over
+            return
+        k = self._clip_k(decision.k)
+        block, ms, forwards = await self.engine._compute(_timed, d.propose_ahead, d, k)
+        if block is None:  # the guessed bonus token is a stop token: nothing to draft
+            self.next_decision = decision
+            return
+        self.blocks[block.seq] = _Sent(block, k, ms, forwards, decision.probe, ahead=True)
+        await self._send(block)
+
+    # ---- cloud-only streams -----------------------------------------------------------------
+
+    async def _decode_round(self, pending: DraftBlock) -> AsyncIterator[list[int]]:
+        """Stream the tokens of decode block `pending`, yielding each as it is committed, and
+        record the stream as one round (also when the link breaks midway: the tokens already
+        committed stay, and the next round reopens the session)."""
+        d = self.drafter
+        sent = self.blocks[pending.seq]
+        count = 0
+        verify_ms = queue_ms = apply_ms = 0.0
+        bytes_received = 0
+        last: Reply | None = None
+        self._round_failures = 0
+        while d.pending is pending and not d.finished:
+            try:
+                await self._ensure_sent(pending)
+                await self._send_decode_ahead()
+                reply = await self._receive_for(pending.seq)
+            except LinkError as err:
+                await self._stream_broken(err, pending)
+                break
+            assert reply.verdict is not None
+            t0 = time.perf_counter()
+            new = d.apply(reply.verdict)
+            apply_ms += (time.perf_counter() - t0) * 1e3
+            count += 1
+            verify_ms += reply.verify_ms
+            # A block requested ahead waited at the verifier behind the stream before it: that
+            # wait is the previous stream's time, not this one's.
+            if count > 1 or not sent.ahead:
+                queue_ms += reply.queue_ms
+            bytes_received += reply.bytes_received
+            last = reply
+            yield new
+            # Both sides end a stream by the same rules (n tokens, a stop token, max_new_tokens).
+            if reply.more != (d.pending is pending and not d.finished):
+                err = self.link.protocol_error(
+                    f"the verifier's stream for block seq={pending.seq} disagrees on its length "
+                    f"(token {count} of {pending.decode_tokens}, more={reply.more})"
+                )
+                await self._stream_broken(err, pending)
+                break
+        self.blocks.pop(pending.seq, None)
+        self._after_apply()
+        if last is None or sent.t_sent is None:
+            return
+        start = max(self.last_end, sent.t_sent)
+        wall_ms = (last.received - start) * 1e3
+        timing = RoundTiming(
+            wall_ms=wall_ms,
+            verify_ms=verify_ms,
+            queue_ms=queue_ms,
+            network_ms=wall_ms - verify_ms - queue_ms,
+            bytes_sent=sent.bytes_sent,
+            bytes_received=bytes_received,
+        )
+        self._record(
+            RoundRecord(
+                seq=pending.seq,
+                k=0,
+                drafted=0,
+                accepted=0,
+                draft_ms=0.0,
+                round_ms=wall_ms,
+                apply_ms=apply_ms,
+                timing=timing,
+                attempts=1 + self._round_failures,
+                mode=CLOUD_ONLY,
+                tokens=count,
+                pipelined=sent.ahead,
+                probe=sent.probe,
+            ),
+            last,
+        )
+
+    async def _stream_broken(self, err: LinkError, pending: DraftBlock) -> None:
+        """Give up the rest of a cloud-only stream (the next round reopens the session)."""
+        if self.drafter.pending is pending:
+            self.drafter.abandon_decode()  # drops a chunk requested ahead too
+        self._forget_unsent()
+        live = self.drafter.pending
+        self.blocks = {live.seq: self.blocks[live.seq]} if live is not None else {}
+        await self._failed(err, f"cloud-only stream seq={pending.seq}")
+
+    async def _send_decode_ahead(self) -> None:
+        """Request the next cloud-only chunk while this one streams, if the policy wants one."""
+        d = self.drafter
+        if self.next_decision is not None or d.decode_ahead_room() < 1:
+            return
+        decision = self.policy.choose()
+        if decision.mode != CLOUD_ONLY:
+            self.next_decision = decision
+            return
+        block = d.propose_decode_ahead(decision.stream_tokens)
+        if block is None:
+            self.next_decision = decision
+            return
+        self.blocks[block.seq] = _Sent(block, 0, probe=decision.probe, ahead=True)
+        await self._send(block)
+
+    # ---- the stream ---------------------------------------------------------------------------
+
+    async def _ensure_sent(self, pending: DraftBlock) -> None:
+        """Open the session if the link is closed (the committed prefix seeds the verifier; a
+        block drafted ahead is dropped, as it may not fit the new session) and send `pending`
+        unless it is on the current stream already."""
+        if not self.link.is_open:
+            self._forget_unsent()
+            session = await self.link.open(
+                self.drafter.committed,
+                self.params,
+                generated=len(self.drafter.generated),
+                next_seq=pending.seq,
+            )
+            self.engine._check_session(session, self.params)
+        if pending.seq not in self.sent:
+            await self._send(pending)
+
+    def _forget_unsent(self) -> None:
+        """After a broken stream: nothing is on the (next) stream; drop the block ahead."""
+        dropped = self.drafter.drop_ahead()
+        if dropped is not None:
+            self.blocks.pop(dropped.seq, None)
+        self.sent.clear()
+        self.dropped.clear()
+
+    async def _send(self, block: DraftBlock) -> None:
+        session = self.link.session
+        assert session is not None
+        wire = block
+        if len(block.tokens) > session.max_block_tokens:
+            wire = _truncate_block(block, session.max_block_tokens)
+        t_sent, nbytes = await self.link.send(wire)
+        sent = self.blocks[block.seq]
+        sent.t_sent, sent.bytes_sent = t_sent, nbytes
+        self.sent.add(block.seq)
+
+    async def _receive_for(self, seq: int) -> Reply:
+        """The next reply for block `seq`, skipping STALE replies of dropped blocks."""
+        while True:
+            reply = await self.link.receive()
+            if reply.seq == seq and reply.verdict is not None:
+                self.failures = 0
+                return reply
+            if reply.seq in self.dropped and reply.outcome == "STALE":
+                self.dropped.discard(reply.seq)
+                self.sent.discard(reply.seq)
+                continue
+            raise self.link.protocol_error(
+                f"verifier answered {reply.outcome} seq={reply.seq} "
+                f"(committed_len={reply.committed_len}) while block seq={seq} awaited its verdict"
+            )
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+
+    def _after_apply(self) -> None:
+        """Account for the block drafted ahead after `Drafter.apply`: used or dropped."""
+        d = self.drafter
+        if d.last_ahead_hit is True:
+            if d.pending is not None and not d.pending.decode_tokens:
+                self.stats.pipeline_hits += 1
+        elif d.last_ahead_hit is False and d.dropped_ahead is not None:
+            seq = d.dropped_ahead.seq
+            self.blocks.pop(seq, None)
+            if seq in self.sent:
+                self.dropped.add(seq)  # its STALE reply is still to come
+            if not d.dropped_ahead.decode_tokens:
+                self.stats.pipeline_misses += 1
+
+    def _record(self, record: RoundRecord, reply: Reply) -> None:
+        now = time.perf_counter()
+        record = replace(
+            record,
+            t_wall=time.time() - (now - reply.received),
+            t_ms=(reply.received - self.t_start) * 1e3,
+        )
+        self.last_end = now
+        self.stats.observe_round(record)
+        obs = observation_from_record(record)
+        if obs is not None:
+            self.policy.observe(obs)
 
 
 def _edge_code(verifier_code: str) -> str:

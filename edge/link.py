@@ -4,6 +4,9 @@
 bidirectional `VerifyStream` open for it, and turns each round into a write of one `DraftBlock` and
 a read of its `Verdict`. Nothing else happens per round: no new call, no channel lookup, no extra
 serialisation (byte counts come from the serializer itself), one timer for the round's deadline.
+`verify` is that round; `send` and `receive` are its halves, for a caller that keeps more than one
+block in flight (pipelined drafting) or reads several verdicts per block (cloud-only streaming,
+where each `Reply` has ``more`` set until the last).
 
 Failures surface as `LinkError`, whose `retryable` flag tells the caller (the `EdgeEngine`) whether
 reopening the session, on this or on the next verifier, can help. The link never retries by itself:
@@ -120,6 +123,22 @@ class SessionInfo:
     vocab_size: int
     model_id: str
     prefill_ms: float
+    compute_profile: str = "real"  # the verifier's compute profile ("real" or an emulated one)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One Verdict message as `receive` read it."""
+
+    seq: int  # seq of the block it answers
+    outcome: str  # "APPLIED" | "REPLAYED" | "STALE"
+    verdict: Verdict | None  # None for STALE
+    more: bool  # more replies answer the same block (cloud-only streaming)
+    committed_len: int  # the verifier's committed length after it
+    verify_ms: float  # verifier compute for it
+    queue_ms: float  # time its block waited at the verifier (since arrival) before the forward
+    received: float  # time.perf_counter() when it was read
+    bytes_received: int  # serialized size
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,20 @@ class RoundTiming:
     bytes_sent: int
     bytes_received: int
     replayed: bool = False  # the verifier answered with the stored verdict of a resent block
+
+
+def round_timing(reply: Reply, t_sent: float, bytes_sent: int) -> RoundTiming:
+    """The `RoundTiming` of a block sent at `t_sent` (perf_counter) and answered by `reply`."""
+    wall_ms = (reply.received - t_sent) * 1e3
+    return RoundTiming(
+        wall_ms=wall_ms,
+        verify_ms=reply.verify_ms,
+        queue_ms=reply.queue_ms,
+        network_ms=wall_ms - reply.verify_ms - reply.queue_ms,
+        bytes_sent=bytes_sent,
+        bytes_received=reply.bytes_received,
+        replayed=reply.outcome == "REPLAYED",
+    )
 
 
 class LinkError(Exception):
@@ -356,6 +389,7 @@ class VerifierLink:
             vocab_size=response.vocab_size,
             model_id=response.model_id,
             prefill_ms=response.prefill_ms,
+            compute_profile=response.compute_profile or "real",
         )
         self._channel = channel
         if response.committed_len != len(prefix_ids):
@@ -387,6 +421,23 @@ class VerifierLink:
         Returns the verdict (APPLIED or REPLAYED) and the round's timing. Raises `LinkError` on
         any failure, after which the link must be reopened; a STALE verdict is a `LinkError` too
         (the edge never drafts on a stale prefix, so it means the sides disagree: reopen).
+        For one-verdict blocks only (not decode blocks).
+        """
+        t_sent, bytes_sent = await self.send(block)
+        reply = await self.receive()
+        if reply.verdict is None or reply.seq != block.seq or reply.more:
+            raise self._stream_failure(
+                f"verifier answered block seq={block.seq} base_len={block.base_len} with "
+                f"{reply.outcome} seq={reply.seq} committed_len={reply.committed_len}",
+                None,
+            )
+        return reply.verdict, round_timing(reply, t_sent, bytes_sent)
+
+    async def send(self, block: DraftBlock) -> tuple[float, int]:
+        """Write one block on the session's stream without waiting for its verdict.
+
+        Returns (time.perf_counter() at the write, serialized bytes). Raises `LinkError` (the link
+        must then be reopened).
         """
         call, session = self._call, self.session
         if call is None or session is None:
@@ -394,23 +445,9 @@ class VerifierLink:
         # The verifier learns the session from the stream's first block; later blocks omit it.
         request = block_to_proto(block, "" if self._stream_named else session.session_id)
         self._stream_named = True
-        counter = self._counter
-        self._expired = False
-        loop = asyncio.get_running_loop()
-        # One timer per round; on expiry the call is cancelled, which fails the pending read.
-        timer = loop.call_later(self.config.round_timeout_s, self._expire, call)
-        t0 = time.perf_counter()
+        t_sent = time.perf_counter()
         try:
             await call.write(request)
-            response = await call.read()
-        except asyncio.CancelledError:
-            if not self._expired:
-                raise  # our caller was cancelled: not a link failure
-            raise self._stream_failure(
-                f"no verdict for block seq={block.seq} within the round deadline "
-                f"{self.config.round_timeout_s:g} s",
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            ) from None
         except grpc.aio.AioRpcError as err:
             raise self._rpc_failure("VerifyStream", session.address, self._channel, err) from err
         except asyncio.InvalidStateError:
@@ -418,38 +455,65 @@ class VerifierLink:
             code = await call.code()
             details = await call.details()
             raise self._stream_failure(f"stream ended: {details}", code, details) from None
+        return t_sent, self._counter.last_sent
+
+    async def receive(self) -> Reply:
+        """Read the next Verdict of the stream (blocks are answered in the order sent), within
+        the round deadline. STALE replies are returned, not raised: a pipelined edge expects
+        them for blocks it dropped. Raises `LinkError` on a broken stream or a malformed reply.
+        """
+        call, session = self._call, self.session
+        if call is None or session is None:
+            raise RuntimeError("link is not open; call open() first")
+        self._expired = False
+        loop = asyncio.get_running_loop()
+        # One timer per read; on expiry the call is cancelled, which fails the pending read.
+        timer = loop.call_later(self.config.round_timeout_s, self._expire, call)
+        try:
+            response = await call.read()
+        except asyncio.CancelledError:
+            if not self._expired:
+                raise  # our caller was cancelled: not a link failure
+            raise self._stream_failure(
+                f"no verdict within the round deadline {self.config.round_timeout_s:g} s",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
+        except grpc.aio.AioRpcError as err:
+            raise self._rpc_failure("VerifyStream", session.address, self._channel, err) from err
         finally:
             timer.cancel()
-        wall_ms = (time.perf_counter() - t0) * 1e3
+        received = time.perf_counter()
         if response is grpc.aio.EOF:
             code = await call.code()
             details = await call.details()
             raise self._stream_failure(
-                f"stream ended before the verdict of block seq={block.seq}: {code.name} {details}",
-                code,
-                details,
+                f"stream ended before a verdict: {code.name} {details}", code, details
             )
-        if response.outcome == pb.Verdict.STALE or response.seq != block.seq:
-            raise self._stream_failure(
-                f"verifier answered block seq={block.seq} base_len={block.base_len} with "
-                f"{pb.Verdict.Outcome.Name(response.outcome)} seq={response.seq} "
-                f"committed_len={response.committed_len}",
-                None,
-            )
-        try:
-            verdict = verdict_from_proto(response)
-        except ValueError as err:
-            raise self._stream_failure(f"malformed verdict: {err}", None) from err
-        timing = RoundTiming(
-            wall_ms=wall_ms,
+        verdict = None
+        if response.outcome == pb.Verdict.STALE:
+            outcome = "STALE"
+        else:
+            try:
+                verdict = verdict_from_proto(response)
+            except ValueError as err:
+                raise self._stream_failure(f"malformed verdict: {err}", None) from err
+            outcome = "REPLAYED" if response.outcome == pb.Verdict.REPLAYED else "APPLIED"
+        return Reply(
+            seq=response.seq,
+            outcome=outcome,
+            verdict=verdict,
+            more=response.more,
+            committed_len=response.committed_len,
             verify_ms=response.verify_ms,
             queue_ms=response.queue_ms,
-            network_ms=wall_ms - response.verify_ms - response.queue_ms,
-            bytes_sent=counter.last_sent,
-            bytes_received=counter.last_received,
-            replayed=response.outcome == pb.Verdict.REPLAYED,
+            received=received,
+            bytes_received=self._counter.last_received,
         )
-        return verdict, timing
+
+    def protocol_error(self, message: str) -> LinkError:
+        """A `LinkError` for replies that make no sense to the caller (e.g. STALE for a live
+        block): the stream is abandoned, the error is retryable (reopen the session)."""
+        return self._stream_failure(message, None)
 
     async def close(self) -> None:
         """End the session: half-close the stream and ask the verifier to drop it (best effort)."""

@@ -3,6 +3,9 @@
 Loads the draft model and its tokenizer from a local checkpoint folder, serves the Edge service,
 and prints exactly one line ``LISTENING <host>:<port>`` (flushed) to stdout once it accepts calls.
 ``--verifier`` may be repeated: sessions start on the first and fail over to the next.
+``--compute-profile NAME`` (default ``real``) pads every draft forward to the profile's modelled
+time (an emulated edge GPU, e.g. ``h100-70b``'s 1B-class draft); ``--policy`` and ``--pipelined``
+set what a request that names no policy / does not say gets.
 SIGTERM or SIGINT stops it gracefully.
 """
 
@@ -15,9 +18,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from edge.engine import EdgeEngine, EngineConfig
+from edge.engine import POLICIES, EdgeEngine, EngineConfig
 from edge.link import LinkConfig
 from edge.service import TlsFiles, serve
+from speculative.profiles import profile_names
 
 logger = logging.getLogger("edge.server")
 
@@ -41,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verifier-tls-ca", help="PEM root certificate to trust for the verifiers")
     ap.add_argument("--model-id", default="", help="model the verifiers must serve ('' = any)")
     ap.add_argument("-k", "--draft-tokens", type=int, default=4, help="default draft length")
+    ap.add_argument(
+        "--policy",
+        default=EngineConfig().default_policy,
+        choices=sorted(POLICIES),
+        help="draft-length policy of requests that name none",
+    )
+    ap.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="draft ahead while verdicts travel, for requests that do not say",
+    )
+    ap.add_argument(
+        "--compute-profile",
+        default="real",
+        choices=profile_names(),
+        help="pad draft forwards to this profile's modelled times (default: real = no padding)",
+    )
     ap.add_argument("--max-sessions", type=int, default=64)
     ap.add_argument("--round-timeout-s", type=float, default=10.0)
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -70,9 +91,16 @@ async def _main(args: argparse.Namespace) -> int:
         default_k=args.draft_tokens,
         max_k=max(32, args.draft_tokens),
         max_sessions=args.max_sessions,
+        default_policy=args.policy,
+        pipelined=args.pipelined,
     )
     engine = EdgeEngine.from_pretrained(
-        args.draft, args.verifier, link_config=link_config, config=config, device=args.device
+        args.draft,
+        args.verifier,
+        link_config=link_config,
+        config=config,
+        device=args.device,
+        compute_profile=args.compute_profile,
     )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key must be given together")

@@ -50,6 +50,9 @@ def stats_to_proto(stats: EdgeStats) -> pb.GenerateStats:
         bytes_received=stats.bytes_received,
         reconnects=stats.reconnects,
         verifier=stats.verifier,
+        pipeline_hits=stats.pipeline_hits,
+        pipeline_misses=stats.pipeline_misses,
+        cloud_only_tokens=stats.cloud_only_tokens,
     )
 
 
@@ -75,8 +78,9 @@ class EdgeServicer(pb_grpc.EdgeServicer):
                 if request.HasField("params")
                 else SamplingParams()
             )
+            pipelined = request.pipelined if request.HasField("pipelined") else None
             async for event in self.engine.generate(
-                prompt, params, k=request.draft_tokens, policy=request.policy
+                prompt, params, k=request.draft_tokens, policy=request.policy, pipelined=pipelined
             ):
                 if isinstance(event, TokensEvent):
                     yield pb.GenerateResponse(tokens=pb.TokenIds(ids=event.tokens), text=event.text)

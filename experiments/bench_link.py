@@ -63,12 +63,16 @@ SAMPLING_DENSE = SamplingParams(temperature=1.0)
 
 
 @contextmanager
-def _verifier_process(target: Path, threads: int | None, start_timeout_s: float) -> Iterator[str]:
-    """`python -m cloud.server` on a free port; yields its address, terminates it on exit."""
+def _verifier_process(
+    target: Path, threads: int | None, start_timeout_s: float, extra_args: Sequence[str] = ()
+) -> Iterator[str]:
+    """`python -m cloud.server` on a free port (plus `extra_args`); yields its address,
+    terminates it on exit."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "cloud.server", "--target", str(target), "--log-level", "WARNING"]
+    cmd += list(extra_args)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -351,6 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print_summary(result)
+    return 0
+
+
+def print_summary(result: dict) -> None:
+    """The link benchmark's headline figures on stdout."""
     r0 = result["rtt0"]
     print(
         f"RTT 0: overhead p50 {r0['overhead_ms_p50']:.3f} ms/round (goal < {OVERHEAD_GOAL_MS} ms), "
@@ -367,7 +377,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"RTT {row['rtt_ms_set']:g} ms (measured {row['rtt_ms_measured']:.1f}): "
             f"{row['tokens_per_s']:.1f} tokens/s"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -96,8 +96,14 @@ def params_from_proto(msg: pb.SamplingParams, field: str = "params") -> Sampling
 def block_to_proto(block: DraftBlock, session_id: str = "") -> pb.DraftBlock:
     """`DraftBlock` -> wire message. Sparse draft probs drop their zero-probability padding."""
     msg = pb.DraftBlock(
-        session_id=session_id, seq=block.seq, base_len=block.base_len, tokens=block.tokens
+        session_id=session_id,
+        seq=block.seq,
+        base_len=block.base_len,
+        tokens=block.tokens,
+        decode_tokens=block.decode_tokens,
     )
+    if block.anchor_token is not None:
+        msg.anchor_token = block.anchor_token
     q = block.draft_probs
     if q is None:
         return msg
@@ -117,10 +123,11 @@ def block_to_proto(block: DraftBlock, session_id: str = "") -> pb.DraftBlock:
 def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     """Wire message -> `DraftBlock` (the session id is the caller's business).
 
-    Checks the wire structure only: token ids >= 0, ``base_len`` >= 1, and probs whose sizes fit
+    Checks the wire structure only: token ids >= 0, ``base_len`` >= 1, probs whose sizes fit
     the k = len(tokens) draft tokens (dense: k*V values, V >= 1; sparse: k row lengths adding up to
-    the number of ids and probs). Value checks against the vocabulary (ids < V, rows summing to 1)
-    are left to the receiver. Raises `FieldError` naming the field.
+    the number of ids and probs), ``decode_tokens`` >= 0 and 0 unless k = 0, ``anchor_token``
+    (when set) >= 0. Value checks against the vocabulary (ids < V, rows summing to 1) are left
+    to the receiver. Raises `FieldError` naming the field.
     """
     tokens = tuple(msg.tokens)
     k = len(tokens)
@@ -129,6 +136,15 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
         raise FieldError(f"tokens[{i}]", f"tokens[{i}] must be a token id >= 0, got {tokens[i]}")
     if msg.base_len < 1:
         raise FieldError("base_len", f"base_len must be >= 1, got {msg.base_len}")
+    if msg.decode_tokens < 0 or (msg.decode_tokens and k):
+        raise FieldError(
+            "decode_tokens",
+            f"decode_tokens must be >= 0, and 0 for a block with draft tokens (k = {k}), "
+            f"got {msg.decode_tokens}",
+        )
+    anchor = msg.anchor_token if msg.HasField("anchor_token") else None
+    if anchor is not None and anchor < 0:
+        raise FieldError("anchor_token", f"anchor_token must be a token id >= 0, got {anchor}")
     form = msg.probs.WhichOneof("form") if msg.HasField("probs") else None
     draft_probs = None
     if form is not None and k == 0:
@@ -137,7 +153,14 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
         draft_probs = _dense_from_proto(msg.probs.dense, k)
     elif form == "sparse":
         draft_probs = _sparse_from_proto(msg.probs.sparse, k)
-    return DraftBlock(seq=msg.seq, base_len=msg.base_len, tokens=tokens, draft_probs=draft_probs)
+    return DraftBlock(
+        seq=msg.seq,
+        base_len=msg.base_len,
+        tokens=tokens,
+        draft_probs=draft_probs,
+        decode_tokens=msg.decode_tokens,
+        anchor_token=anchor,
+    )
 
 
 def _dense_from_proto(msg: pb.DenseProbs, k: int) -> DraftProbs:

@@ -1,6 +1,28 @@
 """edgespec's transport-free core: sampling, exact rejection sampling, model runners with KV-cache
-rollback, the drafter/verifier session halves and co-located generation. No Ray, no gRPC."""
+rollback, the drafter/verifier session halves, co-located generation, draft-length controllers and
+compute profiles. No Ray, no gRPC."""
 
+from speculative.controller import (
+    CLOUD_ONLY,
+    SPECULATIVE,
+    AdaptiveConfig,
+    AdaptivePolicy,
+    CloudOnlyPolicy,
+    CostModel,
+    Decision,
+    DraftLengthPolicy,
+    Estimates,
+    FixedPolicy,
+    HeuristicPolicy,
+    RoundObservation,
+    SimEnv,
+    SimResult,
+    best_k,
+    expected_tokens,
+    expected_tokens_per_position,
+    make_policy,
+    simulate,
+)
 from speculative.generate import (
     GenerationResult,
     SpecStats,
@@ -8,6 +30,14 @@ from speculative.generate import (
     generate_autoregressive,
 )
 from speculative.params import SamplingParams
+from speculative.profiles import (
+    ComputeProfile,
+    ForwardCost,
+    PaddedRunner,
+    get_profile,
+    make_runner,
+    profile_names,
+)
 from speculative.rejection import DraftProbs, Verification, verify
 from speculative.runner import ModelRunner
 from speculative.sampling import logits_to_probs, make_generator, sample
@@ -20,6 +50,31 @@ from speculative.session import (
 )
 
 __all__ = [
+    "CLOUD_ONLY",
+    "SPECULATIVE",
+    "AdaptiveConfig",
+    "AdaptivePolicy",
+    "CloudOnlyPolicy",
+    "ComputeProfile",
+    "CostModel",
+    "Decision",
+    "DraftLengthPolicy",
+    "Estimates",
+    "FixedPolicy",
+    "ForwardCost",
+    "HeuristicPolicy",
+    "PaddedRunner",
+    "RoundObservation",
+    "SimEnv",
+    "SimResult",
+    "best_k",
+    "expected_tokens",
+    "expected_tokens_per_position",
+    "get_profile",
+    "make_policy",
+    "make_runner",
+    "profile_names",
+    "simulate",
     "DraftBlock",
     "DraftProbs",
     "Drafter",

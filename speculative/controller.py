@@ -41,13 +41,28 @@ Estimators (all updated from each round's `RoundObservation`):
 
 k moves to the best k only when the predicted gain beats `k_hysteresis`; the mode switches when
 the other mode beats the current one by `mode_hysteresis` (leaving speculative decoding is judged
-on an optimistic acceptance, one standard error up, so thin evidence does not end it). `FixedPolicy` and `HeuristicPolicy`
-(k += 2 when a block is accepted whole, k -= 1 otherwise) are the baselines to compare against.
+on an optimistic acceptance, one standard error up, so thin evidence does not end it).
+`FixedPolicy`, `HeuristicPolicy` (k += 2 when a block is accepted whole, k -= 1 otherwise) and
+`CloudOnlyPolicy` (the verifier decodes alone) are the baselines to compare against.
 `simulate` runs any policy against a synthetic environment drawn from the same model (Bernoulli
 acceptance, jittery timings, level shifts by round); tests and the experiments harness use it.
 
-Not modelled here (yet): pipelined drafting (the edge drafting the next block while the verdict
-travels), where part of k * t_d overlaps the RTT; T(k) above is the serial round.
+Pipelined drafting (`CostModel.pipelined`, `AdaptiveConfig.pipelined`): while block n's verdict
+travels, the edge guesses its bonus token and drafts block n+1 after it (pipeline depth 1). Block
+n+1 is used (a *hit*) with probability h(k) = p_1 * ... * p_k * p_{k+1}: every draft token
+accepted and the bonus equal to the draft's guess, which for greedy decoding is exactly the
+event that a (k+1)-th draft token would have been accepted (for sampling, p_{k+1} approximates
+P(bonus == guess)). A run of hits sends a block every (k + 1) * t_d + RTT + q + t_v(k + 1) per
+two blocks, as each block is drafted while the one before it travels; a miss costs a fresh serial
+round. So, as an approximation that ignores the order of hits and misses:
+
+    T_hit(k)  = max(((k + 1) * t_d + RTT + q + t_v(k + 1)) / 2, (k + 1) * t_d, t_v(k + 1) + q)
+    T_pipe(k) = h(k) * T_hit(k) + (1 - h(k)) * T(k)
+
+(the second and third terms of the max: the edge drafts k + 1 tokens per block and the verifier
+verifies one block at a time, whatever the overlap). Round observations of a pipelined session are
+the same as serial ones: network_ms of a block drafted ahead is still measured from its own send,
+and the verifier's queue_ms counts the time it waited behind the block before it.
 """
 
 from __future__ import annotations
@@ -153,8 +168,11 @@ class CostModel:
     verify_per_token_ms: float  # b: cost per position verified
     queue_ms: float = 0.0  # mean wait at the verifier before the forward (batching, load)
     cloud_token_ms: float | None = None  # cloud-only time per token; None => verify_ms(1) + queue
+    pipelined: bool = False  # the edge drafts the next block while a verdict travels (depth 1)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pipelined, bool):
+            raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
         for name in ("draft_ms", "rtt_ms", "verify_base_ms", "verify_per_token_ms", "queue_ms"):
             object.__setattr__(self, name, _check_ms(name, getattr(self, name)))
         if self.cloud_token_ms is not None:
@@ -168,8 +186,22 @@ class CostModel:
         return self.verify_base_ms + self.verify_per_token_ms * positions
 
     def round_ms(self, k: int) -> float:
-        """T(k): wall time of one speculative round drafting `k` tokens."""
+        """T(k): wall time of one serial speculative round drafting `k` tokens."""
         return k * self.draft_ms + self.rtt_ms + self.queue_ms + self.verify_ms(k + 1)
+
+    def pipelined_hit_ms(self, k: int) -> float:
+        """T_hit(k): mean time per round in a run of pipeline hits (module docstring)."""
+        verify = self.verify_ms(k + 1) + self.queue_ms
+        drafting = (k + 1) * self.draft_ms
+        return max((drafting + self.rtt_ms + verify) / 2.0, drafting, verify)
+
+    def expected_round_ms(self, k: int, hit_prob: float) -> float:
+        """Mean time per round at draft length `k`: T(k) when not pipelined, else T_pipe(k) with
+        `hit_prob` = P(the next block, drafted ahead, is used)."""
+        if not self.pipelined:
+            return self.round_ms(k)
+        h = _check_prob("hit_prob", hit_prob)
+        return h * self.pipelined_hit_ms(k) + (1.0 - h) * self.round_ms(k)
 
     def cloud_ms_per_token(self) -> float:
         """t_c: steady-state time per token when the cloud decodes alone and streams."""
@@ -182,9 +214,13 @@ class CostModel:
         per-position acceptance probabilities (at least k of them)."""
         if isinstance(accept, Sequence):
             tokens = expected_tokens_per_position(accept, k)
+            # h(k): all k accepted, and p_{k+1} (the last probability given when absent)
+            p_next = accept[k] if len(accept) > k else (accept[-1] if accept else 1.0)
+            hit = math.prod(accept[:k]) * p_next
         else:
             tokens = expected_tokens(accept, k)
-        return 1e3 * tokens / max(self.round_ms(k), 1e-9)
+            hit = accept ** (k + 1)
+        return 1e3 * tokens / max(self.expected_round_ms(k, min(max(hit, 0.0), 1.0)), 1e-9)
 
     def cloud_rate(self) -> float:
         """Tokens per second when the cloud decodes alone."""
@@ -192,14 +228,21 @@ class CostModel:
 
 
 def _rates(cost: CostModel, accept_probs: Sequence[float], k_min: int, k_max: int) -> list[float]:
-    """Tokens per second for k = k_min..k_max, E(k) accumulated in one pass (unchecked input)."""
+    """Tokens per second for k = k_min..k_max, E(k) accumulated in one pass (unchecked input).
+    A pipelined cost model also reads p_{k+1} (accept_probs[k], the last one when absent)."""
     rates = []
     tokens, reach = 1.0, 1.0
+    n = len(accept_probs)
     for k in range(1, k_max + 1):
         reach *= accept_probs[k - 1]
         tokens += reach
         if k >= k_min:
-            rates.append(1e3 * tokens / max(cost.round_ms(k), 1e-9))
+            if cost.pipelined:
+                hit = reach * accept_probs[min(k, n - 1)]
+                time_ms = cost.expected_round_ms(k, min(hit, 1.0))
+            else:
+                time_ms = cost.round_ms(k)
+            rates.append(1e3 * tokens / max(time_ms, 1e-9))
     return rates
 
 
@@ -355,6 +398,27 @@ class HeuristicPolicy:
 
     def __repr__(self) -> str:
         return f"HeuristicPolicy(k={self.k}, k_min={self.k_min}, k_max={self.k_max})"
+
+
+STREAM_ALL = 1 << 20  # CloudOnlyPolicy's default chunk: more than any generation, i.e. one stream
+
+
+class CloudOnlyPolicy:
+    """The cloud-only baseline: the verifier decodes alone and streams, `stream_tokens` tokens per
+    request (the edge clips a chunk to the tokens left, so the default is one stream for the
+    whole generation, paying one RTT). Drafts nothing; ignores what it observes."""
+
+    def __init__(self, stream_tokens: int = STREAM_ALL) -> None:
+        self.stream_tokens = _check_int("stream_tokens", stream_tokens, 1)
+
+    def choose(self) -> Decision:
+        return Decision(CLOUD_ONLY, 0, stream_tokens=self.stream_tokens)
+
+    def observe(self, obs: RoundObservation) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"CloudOnlyPolicy(stream_tokens={self.stream_tokens})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,6 +791,7 @@ class AdaptiveConfig:
     cloud_chunk_tokens: int = 8  # tokens per cloud-only step
     cloud_probe_every: int = 8  # cloud-only steps between speculative probes
     cloud_probe_k: int = 4  # probes from cloud-only mode draft at least this many (to learn alpha)
+    pipelined: bool = False  # the edge drafts ahead while verdicts travel: use T_pipe(k)
 
     def __post_init__(self) -> None:
         k_min = _check_int("k_min", self.k_min, 1, K_LIMIT)
@@ -754,6 +819,8 @@ class AdaptiveConfig:
         _check_int("cloud_chunk_tokens", self.cloud_chunk_tokens, 1)
         _check_int("cloud_probe_every", self.cloud_probe_every, 1)
         _check_int("cloud_probe_k", self.cloud_probe_k, 1, K_LIMIT)
+        if not isinstance(self.pipelined, bool):
+            raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
 
 
 @dataclass(frozen=True)
@@ -840,6 +907,7 @@ class AdaptivePolicy:
             verify_base_ms=self._verify.a,
             verify_per_token_ms=self._verify.b,
             queue_ms=self._queue or 0.0,
+            pipelined=self.config.pipelined,
         )
         cloud = spec.cloud_ms_per_token() + (self._cloud_offset.value or 0.0)
         return replace(spec, cloud_token_ms=max(cloud, 1e-3))
@@ -901,7 +969,7 @@ class AdaptivePolicy:
         if cost is None or self._spec_rounds < c.warmup_rounds:
             return Decision(SPECULATIVE, self._k)
 
-        accept = self._accept.probs(c.k_max)
+        accept = self._accept.probs(c.k_max + 1)  # p_{k_max+1}: the pipelined hit rate
         ks = range(c.k_min, c.k_max + 1)
         rates = dict(zip(ks, _rates(cost, accept, c.k_min, c.k_max), strict=True))
         k_best = max(rates, key=rates.__getitem__)
@@ -917,7 +985,7 @@ class AdaptivePolicy:
             # error up): speculative rounds are where the evidence comes from, so thin evidence
             # (early on, or just after a shift) keeps the session there until it is conclusive.
             if self._mode == SPECULATIVE and cloud_rate > spec_rate * (1.0 + c.mode_hysteresis):
-                hopeful = max(_rates(cost, self._accept.upper(c.k_max), c.k_min, c.k_max))
+                hopeful = max(_rates(cost, self._accept.upper(c.k_max + 1), c.k_min, c.k_max))
                 if cloud_rate > hopeful * (1.0 + c.mode_hysteresis):
                     logger.info("to cloud-only: %.1f > %.1f tok/s", cloud_rate, hopeful)
                     self._mode, self._cloud_steps = CLOUD_ONLY, 0
@@ -959,6 +1027,7 @@ class AdaptivePolicy:
         streamed = c.cloud_probe_every * c.cloud_chunk_tokens
         k = self._cloud_probe_k()
         tokens = streamed + expected_tokens_per_position(accept, k)
+        # the probe is a fresh round after a stream: serial, whether pipelined or not
         time_ms = cost.rtt_ms + streamed * cost.cloud_ms_per_token() + cost.round_ms(k)
         return 1e3 * tokens / time_ms
 
@@ -987,18 +1056,20 @@ _POLICIES: dict[str, Callable[..., DraftLengthPolicy]] = {
     "fixed": FixedPolicy,
     "heuristic": HeuristicPolicy,
     "adaptive": lambda **kw: AdaptivePolicy(AdaptiveConfig(**kw)),
+    "cloud_only": CloudOnlyPolicy,
 }
 _POLICY_OPTIONS = {
     "fixed": ("k",),
     "heuristic": ("k0", "k_min", "k_max"),
     "adaptive": tuple(f.name for f in fields(AdaptiveConfig)),
+    "cloud_only": ("stream_tokens",),
 }
 
 
 def make_policy(name: str, **options: object) -> DraftLengthPolicy:
-    """A fresh policy by name: "fixed" (k), "heuristic" (k0, k_min, k_max) or "adaptive" (the
-    fields of `AdaptiveConfig`). An unknown name or option, or a bad value, raises `ValueError`
-    naming it."""
+    """A fresh policy by name: "fixed" (k), "heuristic" (k0, k_min, k_max), "adaptive" (the
+    fields of `AdaptiveConfig`) or "cloud_only" (stream_tokens). An unknown name or option, or a
+    bad value, raises `ValueError` naming it."""
     if name not in _POLICIES:
         raise ValueError(f"policy must be one of {sorted(_POLICIES)}, got {name!r}")
     allowed = _POLICY_OPTIONS[name]

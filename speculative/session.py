@@ -10,6 +10,32 @@ gRPC; `generate.generate` wires them directly (co-located).
 Cache convention on both sides: a runner's cache holds a prefix of the committed tokens, at most
 all but the last one. Every forward feeds the committed tokens the cache lacks (usually just the
 last one) followed by the new tokens, so one forward yields the logits for every position needed.
+(The draft's cache may also hold draft tokens still awaiting their verdict; `apply` rolls it back
+to the part that was committed.)
+
+Two extensions of the plain round:
+
+- **Cloud-only decoding** (`Drafter.propose_decode`): a block with no draft tokens and
+  ``decode_tokens = n`` asks the verifier to decode n tokens alone. The verifier answers with one
+  verdict per token (`Verifier.continue_decode` after the first); each is a k = 0 round, its token
+  drawn from the target's own distribution, so the output is the target's.
+- **Pipelined drafting** (`Drafter.propose_ahead`): while block n's verdict travels, the drafter
+  guesses the verdict's bonus token g (the draft's most likely next token after the whole block)
+  and drafts block n+1 after it, with ``base_len = base_n + k_n + 1`` and ``anchor_token = g``.
+  The verifier applies block n+1 only if its committed length is base_len AND its last committed
+  token is g; otherwise the block is stale (no forward, nothing changes). On the verdict of
+  block n, the drafter keeps block n+1 (a *hit*: every draft token accepted and the bonus equals
+  g) or drops it and rolls its cache back to the committed prefix (a *miss*).
+
+  Why this is exact. Greedy: a block is verified against the target's argmax whatever its
+  origin, and only on the prefix it names, so the committed tokens are the target's. Sampling:
+  the bonus token of block n is drawn by the verifier from p exactly, independently of g (the
+  guess only decides whether block n+1 is used). Block n+1 proceeds only if the committed prefix
+  ends in g, which is the prefix its draft tokens were drawn on, each from its own q (sent with
+  the block) with the draft's randomness, independent of the verifier's draws. So conditioned on
+  the committed prefix, block n+1 is an ordinary block drafted from q on that prefix, and
+  rejection sampling against p commits tokens distributed as the target alone would produce
+  them. A dropped block consumed only draft randomness, which no committed token depends on.
 """
 
 from __future__ import annotations
@@ -66,6 +92,11 @@ class DraftBlock:
     tokens: tuple[int, ...]  # the draft tokens, k >= 0 of them
     # The distributions the draft tokens were drawn from; None for greedy drafting (q one-hot).
     draft_probs: DraftProbs | None = None
+    # Cloud-only streaming: k = 0 and the verifier decodes this many tokens alone (0 = a round).
+    decode_tokens: int = 0
+    # Pipelined drafting: the token assumed at position base_len - 1 (the guessed bonus token of
+    # the block before); the block is stale unless the verifier's last token is this. None = any.
+    anchor_token: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("seq", self.seq, 0)
@@ -75,6 +106,19 @@ class DraftBlock:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise ValueError(f"tokens must hold only ints >= 0, got {t!r}")
         object.__setattr__(self, "tokens", tokens)
+        _check_int("decode_tokens", self.decode_tokens, 0)
+        if self.decode_tokens and tokens:
+            raise ValueError(
+                f"decode_tokens must be 0 for a block with draft tokens (k = {len(tokens)}), "
+                f"got {self.decode_tokens}"
+            )
+        if self.anchor_token is not None:
+            _check_int("anchor_token", self.anchor_token, 0)
+
+    @property
+    def identity(self) -> tuple:
+        """What defines the block (a resend must match it); q is excluded (a re-decoded copy)."""
+        return (self.base_len, self.tokens, self.decode_tokens, self.anchor_token)
 
 
 @dataclass(frozen=True)
@@ -135,11 +179,20 @@ class Drafter:
     a stop token (kept in the output) or after `params.max_new_tokens` tokens, dropping any
     committed overshoot.
 
+    Cloud-only decoding: `block = propose_decode(n)`, then `apply` each of its (up to n) verdicts;
+    the block stays `pending` until its last token is committed. Pipelined drafting: with a block
+    pending, `propose_ahead(k)` drafts the next one on the guess that the pending one is accepted
+    whole (see the module docstring); `apply` of the pending block's verdict then either makes it
+    the pending block (`last_ahead_hit` True) or drops it (`dropped_ahead`). At most one block
+    ahead (pipeline depth 1).
+
     `draft_params` (default: `params`) is how the draft chooses its tokens. Any choice is exact
     because the block carries the distribution q each token was drawn from; a truncated one
     (top_k / top_p) makes q sparse and cheap to send. Stopping rules always come from `params`.
 
-    The drafter takes over `runner`: its cache is reset and then holds this session's prefix.
+    Seqs are allocated when a block is proposed (0, 1, 2, ...): a dropped block's seq is never
+    reused. The drafter takes over `runner`: its cache is reset and then holds this session's
+    prefix.
     """
 
     def __init__(
@@ -160,6 +213,12 @@ class Drafter:
         self._stop = frozenset(params.stop_token_ids)
         self._next_seq = 0
         self._pending: DraftBlock | None = None
+        self._ahead: DraftBlock | None = None
+        self._decoded = 0  # tokens committed so far by the pending decode block
+        # Outcome of the last `apply` for the block drafted ahead: True = it became the pending
+        # block, False = dropped (also in `dropped_ahead`), None = there was none.
+        self.last_ahead_hit: bool | None = None
+        self.dropped_ahead: DraftBlock | None = None
         self._generator = make_generator(derive_seed(params.seed, "draft"), runner.device)
         runner.reset()
         if len(self.committed) > 1:
@@ -170,6 +229,32 @@ class Drafter:
         """Tokens still allowed by max_new_tokens."""
         return self.params.max_new_tokens - len(self.generated)
 
+    @property
+    def pending(self) -> DraftBlock | None:
+        """The block awaiting its verdict (None between rounds)."""
+        return self._pending
+
+    @property
+    def ahead(self) -> DraftBlock | None:
+        """The block drafted ahead of the pending one, if any."""
+        return self._ahead
+
+    @property
+    def next_seq(self) -> int:
+        """Seq the next proposed block gets."""
+        return self._next_seq
+
+    def _new_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _check_can_propose(self) -> None:
+        if self.finished:
+            raise RuntimeError(f"session finished ({self.finish_reason}); nothing to propose")
+        if self._pending is not None:
+            raise RuntimeError(f"block seq={self._pending.seq} awaits its verdict; apply it first")
+
     def propose(self, k: int) -> DraftBlock:
         """Draft up to `k` tokens extending `committed` (k >= 0); returns the block to verify.
 
@@ -179,36 +264,151 @@ class Drafter:
         (greedy drafting syncs only then; sampling adds whatever logits_to_probs/sample sync).
         """
         _check_int("k", k, 0)
-        if self.finished:
-            raise RuntimeError(f"session finished ({self.finish_reason}); nothing to propose")
-        if self._pending is not None:
-            raise RuntimeError(f"block seq={self._pending.seq} awaits its verdict; apply it first")
+        self._check_can_propose()
         n = min(k, self.tokens_left - 1)
         tokens: list[int] = []
         q_rows: Tensor | None = None
         if n > 0:
-            tokens, q_rows = self._draft(n)
-        draft_probs = None
-        if q_rows is not None:
-            if _truncates(self.draft_params):
-                draft_probs = DraftProbs.from_probs_sparse(q_rows)
-            else:
-                draft_probs = DraftProbs.dense(q_rows)
+            # Feed what the cache lacks of the committed tokens (1 token, or 2 after a full accept).
+            logits = self.runner.extend(self.committed[self.runner.length :])[-1]  # (V,)
+            tokens, q_rows = self._draft(logits, n)
         block = DraftBlock(
-            seq=self._next_seq,
+            seq=self._new_seq(),
             base_len=len(self.committed),
             tokens=tuple(tokens),
-            draft_probs=draft_probs,
+            draft_probs=self._draft_probs(q_rows),
         )
         self._pending = block
         return block
 
-    def _draft(self, n: int) -> tuple[list[int], Tensor | None]:
-        """Sample n draft tokens; returns them and q (n', V) (None when drafting greedily)."""
+    def propose_decode(self, n: int) -> DraftBlock:
+        """A cloud-only block: the verifier decodes `n` tokens alone (1 <= n <= tokens_left) and
+        answers with one verdict per token. No draft work."""
+        self._check_can_propose()
+        _check_int("n", n, 1)
+        if n > self.tokens_left:
+            raise ValueError(f"n must be <= tokens_left={self.tokens_left}, got {n}")
+        block = DraftBlock(
+            seq=self._new_seq(), base_len=len(self.committed), tokens=(), decode_tokens=n
+        )
+        self._pending = block
+        self._decoded = 0
+        return block
+
+    def ahead_room(self) -> int:
+        """Draft tokens a block drafted ahead of the pending one could hold now; -1 when none can
+        be drafted (no speculative block pending, one already ahead, or the pending block, if
+        accepted whole, ends the session). 0 means a block of the guessed bonus token alone."""
+        block = self._pending
+        if block is None or block.decode_tokens or self._ahead is not None or self.finished:
+            return -1
+        if block.tokens and block.tokens[-1] in self._stop:
+            return -1
+        # If the pending block is accepted whole, it commits k + 1 tokens (the last is the guess).
+        left_after = self.tokens_left - len(block.tokens) - 1
+        return left_after - 1 if left_after >= 1 else -1
+
+    def propose_ahead(self, k: int) -> DraftBlock | None:
+        """Pipelined drafting: guess the pending block's bonus token g (the draft's argmax after
+        the whole block) and draft up to `k` tokens after it; returns that block (seq = the next
+        seq, base_len = pending base_len + k_pending + 1, anchor_token = g), or None when no
+        block can go ahead (see `ahead_room`, or g is a stop token: the session would end).
+
+        Costs one draft forward for g plus one per draft token. g is an argmax even when sampling:
+        it is only a guess (it decides whether the block is used, never what is committed), and
+        the most likely token is the best guess of the bonus token.
+        """
+        _check_int("k", k, 0)
+        room = self.ahead_room()
+        if room < 0:
+            return None
+        pending = self._pending
+        assert pending is not None
+        runner = self.runner
+        context = self.committed + list(pending.tokens)  # the prefix if pending is accepted whole
+        logits = runner.extend(context[runner.length :])[-1]  # (V,) predicts the bonus token
+        guess = int(logits.argmax())
+        if guess in self._stop:
+            return None
+        n = min(k, room)
+        tokens: list[int] = []
+        q_rows: Tensor | None = None
+        if n > 0:
+            logits = runner.extend([guess])[-1]  # (V,)
+            tokens, q_rows = self._draft(logits, n)
+        block = DraftBlock(
+            seq=self._new_seq(),
+            base_len=len(context) + 1,
+            tokens=tuple(tokens),
+            draft_probs=self._draft_probs(q_rows),
+            anchor_token=guess,
+        )
+        self._ahead = block
+        return block
+
+    def decode_ahead_room(self) -> int:
+        """Tokens a decode block requested ahead of the pending decode block could ask for now
+        (0: none can be; the pending one is not a decode block, or it ends the session)."""
+        block = self._pending
+        if block is None or not block.decode_tokens or self._ahead is not None or self.finished:
+            return 0
+        return max(self.tokens_left - (block.decode_tokens - self._decoded), 0)
+
+    def propose_decode_ahead(self, n: int) -> DraftBlock | None:
+        """Cloud-only streaming without gaps: the decode block that follows the pending decode
+        block (base_len = where the pending one ends), to be sent while the pending one streams,
+        so the verifier goes on decoding without waiting a round trip. Asks for min(n,
+        `decode_ahead_room()`) tokens; None when that is 0. Used (`apply` makes it pending) once
+        the pending block has streamed all its tokens, dropped if the session ends first."""
+        _check_int("n", n, 1)
+        room = self.decode_ahead_room()
+        if room < 1:
+            return None
+        pending = self._pending
+        assert pending is not None
+        block = DraftBlock(
+            seq=self._new_seq(),
+            base_len=pending.base_len + pending.decode_tokens,
+            tokens=(),
+            decode_tokens=min(n, room),
+        )
+        self._ahead = block
+        return block
+
+    def drop_ahead(self) -> DraftBlock | None:
+        """Forget the block drafted ahead (e.g. before resending the pending one on a new
+        session); returns it. The draft cache is rolled back to committed + pending drafts."""
+        ahead, self._ahead = self._ahead, None
+        pending = self._pending
+        if ahead is not None and pending is not None:
+            keep = pending.base_len + len(pending.tokens)
+            self.runner.rollback(min(self.runner.length, keep))
+        return ahead
+
+    def abandon_decode(self) -> DraftBlock | None:
+        """Give up on a pending decode block (and a decode block requested ahead of it) after a
+        broken stream; the tokens already applied stay committed. Returns the pending block. A
+        pending speculative block is kept (it is resent)."""
+        block = self._pending
+        if block is None or not block.decode_tokens:
+            return None
+        self._pending = None
+        self._ahead = None
+        return block
+
+    def _draft_probs(self, q_rows: Tensor | None) -> DraftProbs | None:
+        if q_rows is None:
+            return None
+        if _truncates(self.draft_params):
+            return DraftProbs.from_probs_sparse(q_rows)
+        return DraftProbs.dense(q_rows)
+
+    def _draft(self, logits: Tensor, n: int) -> tuple[list[int], Tensor | None]:
+        """Sample n draft tokens, the first from `logits` (V,) (which predict the position after
+        the cache); returns them and q (n', V) (None when drafting greedily). Every drafted token
+        but the last is fed to the cache."""
         runner, dparams = self.runner, self.draft_params
         greedy = dparams.is_greedy
-        # Feed what the cache lacks of the committed tokens (1 token, or 2 after a full accept).
-        logits = runner.extend(self.committed[runner.length :])[-1]  # (V,)
         picked: list[Tensor] = []  # 0-dim long tensors, kept on device until the end
         q: list[Tensor] = []  # (V,) each
         for i in range(n):
@@ -235,7 +435,9 @@ class Drafter:
 
         Appends the accepted draft tokens and the verdict's token, stopping after a stop token or
         at max_new_tokens (overshoot is dropped), then rolls the draft cache back to the longest
-        prefix that is still valid.
+        prefix that is still valid. A decode block's verdicts commit one token each. With a block
+        drafted ahead, a hit makes it the pending block (its drafts stay in the cache); a miss
+        drops it.
         """
         block = self._pending
         if block is None:
@@ -246,16 +448,47 @@ class Drafter:
             raise ValueError(
                 f"verdict accepted must be in [0, {len(block.tokens)}], got {verdict.accepted}"
             )
-        expected_len = block.base_len + verdict.accepted + 1
+        base = len(self.committed)  # == block.base_len, except within a decode stream
+        expected_len = base + verdict.accepted + 1
         if verdict.committed_len != expected_len:
             raise ValueError(
                 f"verdict committed_len must be {expected_len}, got {verdict.committed_len}"
             )
+        self.last_ahead_hit = None
+        self.dropped_ahead = None
+        out = self._commit([*block.tokens[: verdict.accepted], verdict.token])
+        if block.decode_tokens:
+            # Nothing was drafted: the cache still holds a prefix of the committed tokens.
+            self._decoded += 1
+            if self.finished or self._decoded >= block.decode_tokens:
+                ahead, self._ahead = self._ahead, None
+                hit = ahead is not None and not self.finished
+                if ahead is not None:
+                    self.last_ahead_hit = hit
+                self._pending = ahead if hit else None
+                self.dropped_ahead = None if hit else ahead
+                self._decoded = 0
+            return out
+        ahead, self._ahead = self._ahead, None
+        hit = (
+            ahead is not None
+            and not self.finished
+            and verdict.accepted == len(block.tokens)
+            and verdict.token == ahead.anchor_token
+        )
+        if ahead is not None:
+            self.last_ahead_hit = hit
+        if hit:
+            # The cache holds committed + the ahead block's drafts: still a valid prefix.
+            self._pending = ahead
+            return out
         self._pending = None
-        self._next_seq += 1
+        self.dropped_ahead = ahead
         # Draft cache holds committed + draft tokens fed so far; keep only the accepted part.
-        self.runner.rollback(min(self.runner.length, block.base_len + verdict.accepted))
-        new = [*block.tokens[: verdict.accepted], verdict.token]
+        self.runner.rollback(min(self.runner.length, base + verdict.accepted))
+        return out
+
+    def _commit(self, new: list[int]) -> list[int]:
         out: list[int] = []
         for t in new:
             out.append(t)
@@ -337,11 +570,13 @@ class Verifier:
         if last is not None and block.seq <= last.seq:
             if block.seq == last.seq:
                 # Compare what defines the block; q may be a re-decoded copy (tensors).
-                if (block.base_len, block.tokens) != (last.base_len, last.tokens):
+                if block.identity != last.identity:
                     raise ValueError(f"seq {block.seq} was already used by a different block")
                 return None
             raise StaleBlockError(block.seq, block.base_len, self.committed_len, last.seq)
-        if block.base_len != self.committed_len:
+        anchored = block.anchor_token is None or block.anchor_token == self._tokens[-1]
+        if block.base_len != self.committed_len or not anchored:
+            # A pipelined block drafted on a guess that did not come true lands here too.
             raise StaleBlockError(
                 block.seq, block.base_len, self.committed_len, last.seq if last else None
             )
@@ -356,6 +591,19 @@ class Verifier:
         feed = self._tokens[start:] + list(block.tokens)
         return PendingVerify(block=block, feed=feed, start_len=start, started=time.perf_counter())
 
+    def continue_decode(self) -> PendingVerify:
+        """The next step of the last block, a cloud-only decode block that `complete` has applied
+        at least once: a one-position forward (k = 0) whose token is drawn from p alone. How many
+        steps a block gets (decode_tokens, fewer after a stop token or at max_new_tokens) is the
+        caller's business; every step's verdict carries the block's seq."""
+        block = self._last_block
+        if block is None or not block.decode_tokens:
+            raise RuntimeError("the last block is not a decode block; nothing to continue")
+        start = self.runner.length
+        return PendingVerify(
+            block=block, feed=self._tokens[start:], start_len=start, started=time.perf_counter()
+        )
+
     def complete(self, pending: PendingVerify, logits: Tensor) -> Verdict:
         """Run acceptance on the target logits of the block and commit the outcome.
 
@@ -367,8 +615,9 @@ class Verifier:
         rows = logits[-(k + 1) :]  # (k+1, V)
         result = self._accept(block, rows)
         # Cache now holds committed + all k draft tokens; keep committed + accepted ones, so the
-        # new last committed token (result.token) is the one fed first next round.
-        self.runner.rollback(block.base_len + result.accepted)
+        # new last committed token (result.token) is the one fed first next round. (The committed
+        # length is block.base_len, except within a decode stream, where it grows every step.)
+        self.runner.rollback(len(self._tokens) + result.accepted)
         self._tokens.extend(block.tokens[: result.accepted])
         self._tokens.append(result.token)
         verdict = Verdict(

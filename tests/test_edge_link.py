@@ -228,7 +228,7 @@ def test_greedy_output_equals_target_alone(rtt_ms, draft, target, emulator):
                 for k in (1, 4, 8):
                     streamed: list[int] = []
                     summary = None
-                    async for event in engine.generate(prompt, params, k=k):
+                    async for event in engine.generate(prompt, params, k=k, policy="fixed"):
                         if isinstance(event, TokensEvent):
                             streamed.extend(event.tokens)
                         else:

@@ -38,20 +38,22 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, prefix_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., generated: _Optional[int] = ..., next_seq: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "committed_len", "max_block_tokens", "vocab_size", "model_id", "prefill_ms")
+    __slots__ = ("session_id", "committed_len", "max_block_tokens", "vocab_size", "model_id", "prefill_ms", "compute_profile")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_PROFILE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed_len: int
     max_block_tokens: int
     vocab_size: int
     model_id: str
     prefill_ms: float
-    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., max_block_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_id: _Optional[str] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
+    compute_profile: str
+    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., max_block_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_id: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., compute_profile: _Optional[str] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -90,21 +92,25 @@ class SparseProbs(_message.Message):
     def __init__(self, row_lengths: _Optional[_Iterable[int]] = ..., ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
-    __slots__ = ("session_id", "seq", "base_len", "tokens", "probs")
+    __slots__ = ("session_id", "seq", "base_len", "tokens", "probs", "decode_tokens", "anchor_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     base_len: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     probs: DraftProbs
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[DraftProbs, _Mapping]] = ...) -> None: ...
+    decode_tokens: int
+    anchor_token: int
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[DraftProbs, _Mapping]] = ..., decode_tokens: _Optional[int] = ..., anchor_token: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "outcome", "accepted", "token", "is_bonus", "committed_len", "verify_ms", "queue_ms")
+    __slots__ = ("seq", "outcome", "accepted", "token", "is_bonus", "committed_len", "verify_ms", "queue_ms", "more")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[Verdict.Outcome]
@@ -123,6 +129,7 @@ class Verdict(_message.Message):
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     outcome: Verdict.Outcome
     accepted: int
@@ -131,7 +138,8 @@ class Verdict(_message.Message):
     committed_len: int
     verify_ms: float
     queue_ms: float
-    def __init__(self, seq: _Optional[int] = ..., outcome: _Optional[_Union[Verdict.Outcome, str]] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., verify_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    more: bool
+    def __init__(self, seq: _Optional[int] = ..., outcome: _Optional[_Union[Verdict.Outcome, str]] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., verify_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -140,21 +148,23 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_ids", "params", "policy", "draft_tokens")
+    __slots__ = ("prompt", "prompt_ids", "params", "policy", "draft_tokens", "pipelined")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PIPELINED_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_ids: TokenIds
     params: SamplingParams
     policy: str
     draft_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., prompt_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
+    pipelined: bool
+    def __init__(self, prompt: _Optional[str] = ..., prompt_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., draft_tokens: _Optional[int] = ..., pipelined: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "drafted_per_position", "accepted_per_position", "draft_lengths", "rtt_ms_mean", "time_to_first_token_ms", "time_per_output_token_ms", "bytes_sent", "bytes_received", "reconnects", "verifier")
+    __slots__ = ("rounds", "drafted", "accepted", "drafted_per_position", "accepted_per_position", "draft_lengths", "rtt_ms_mean", "time_to_first_token_ms", "time_per_output_token_ms", "bytes_sent", "bytes_received", "reconnects", "verifier", "pipeline_hits", "pipeline_misses", "cloud_only_tokens")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +178,9 @@ class GenerateStats(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     RECONNECTS_FIELD_NUMBER: _ClassVar[int]
     VERIFIER_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_ONLY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -181,7 +194,10 @@ class GenerateStats(_message.Message):
     bytes_received: int
     reconnects: int
     verifier: str
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., draft_lengths: _Optional[_Iterable[int]] = ..., rtt_ms_mean: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., time_per_output_token_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., reconnects: _Optional[int] = ..., verifier: _Optional[str] = ...) -> None: ...
+    pipeline_hits: int
+    pipeline_misses: int
+    cloud_only_tokens: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., draft_lengths: _Optional[_Iterable[int]] = ..., rtt_ms_mean: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., time_per_output_token_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., reconnects: _Optional[int] = ..., verifier: _Optional[str] = ..., pipeline_hits: _Optional[int] = ..., pipeline_misses: _Optional[int] = ..., cloud_only_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("tokens", "summary", "text")

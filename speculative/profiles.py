@@ -1,0 +1,247 @@
+"""Compute profiles: how long a forward pass of each model takes, real or emulated.
+
+An experiment runs the demo models on whatever machine it has. To study a deployment we cannot
+run here (a 70B-class target on an H100, a 1B-class draft on an edge GPU), an *emulated* profile
+pads every forward pass to a modelled time: `PaddedRunner` runs the real (small) model, so every
+token is real and exactness is untouched, then sleeps for whatever the model's time leaves. Only
+timing is emulated; an emulated profile says so (`emulated=True`) wherever it is reported.
+
+The time model of one forward over n new tokens is affine, ``base_ms + per_token_ms * n``, for
+four kinds of pass: target verification/decoding, target prefill, draft decoding, draft prefill.
+Padding gives a LOWER bound: when the real compute is slower than the model (a loaded host), the
+pass takes its real time and the runner counts an overrun.
+
+Profiles (`get_profile(name)`):
+
+- ``real``: no padding; the models as they run here.
+- ``h100-70b``: a 70B-class target on one H100 SXM, a 1B-class draft on an edge GPU. Numbers
+  (decode is memory-bandwidth bound: each forward streams every weight once):
+
+  * target decode/verify: 70B parameters in FP8/INT8 = 70 GB; H100 SXM HBM3 bandwidth
+    3.35 TB/s -> 70 / 3350 s = 20.9 ms at peak. Kernels reach ~80-85 % of peak bandwidth
+    (~25 ms), plus KV-cache reads, kernel launches and sampling: about 30 ms per forward.
+    Verifying a block of n positions adds compute: 2 * 70e9 = 140 GFLOP per position, at a
+    realistic ~700 TFLOP/s of the 1979 dense FP8 TFLOP/s ~0.2 ms per position; the weights are
+    read once however many positions there are, so the cost stays ~30 ms + 0.2 ms * n for the
+    block sizes used here (n <= 33).
+  * target prefill: compute bound, ~0.2 ms per prompt token on top of one weight pass (30 ms).
+  * draft decode: a 1.2B-parameter model (Llama-3.2-1B class) in FP16 = 2.5 GB; an edge GPU
+    with 300-400 GB/s (RTX 3060 / 4060 Ti: 360 / 288 GB/s; Jetson AGX Orin: 205 GB/s) reads it
+    in 6-9 ms at peak, ~7 ms at 80 % of 360 GB/s: 6 ms + 0.1 ms per token fed (a draft forward
+    feeds 1-2 tokens).
+  * draft prefill: 6 ms + 0.05 ms per prompt token (2.4 GFLOP per token at ~50 TFLOP/s).
+
+  Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM: 3.35 TB/s HBM3, 1979 TFLOPS dense FP8);
+  NVIDIA GeForce RTX 3060 / 4060 Ti and Jetson AGX Orin specifications (memory bandwidth);
+  Meta Llama 3.2 1B model card (1.24B parameters); the memory-bound decode argument of Pope et
+  al. 2022, "Efficiently Scaling Transformer Inference", and Leviathan et al. 2023. These are
+  modelled times, not measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from speculative.runner import ModelRunner, TokenIds
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ComputeProfile",
+    "ForwardCost",
+    "PaddedRunner",
+    "get_profile",
+    "make_runner",
+    "profile_names",
+]
+
+
+def _check_ms(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= 0 (milliseconds), got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (milliseconds), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Modelled time of one forward pass over n new tokens: base_ms + per_token_ms * n."""
+
+    base_ms: float = 0.0
+    per_token_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_ms", _check_ms("base_ms", self.base_ms))
+        object.__setattr__(self, "per_token_ms", _check_ms("per_token_ms", self.per_token_ms))
+
+    def ms(self, n_tokens: int) -> float:
+        """Modelled milliseconds of a forward feeding `n_tokens` (>= 1) tokens."""
+        return self.base_ms + self.per_token_ms * n_tokens
+
+    @property
+    def is_zero(self) -> bool:
+        return self.base_ms == 0.0 and self.per_token_ms == 0.0
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    """Forward-time models of the target and the draft (verification/decoding and prefill).
+
+    `emulated`: forwards are padded to the modelled times (results must say so); False means
+    the models run at their real speed and every cost is zero (no padding). `sources` justifies
+    the numbers (free text, reported with results).
+    """
+
+    name: str
+    emulated: bool
+    target: ForwardCost = ForwardCost()  # verify a block / decode a token, per forward
+    target_prefill: ForwardCost = ForwardCost()
+    draft: ForwardCost = ForwardCost()  # one draft forward (1-2 tokens fed)
+    draft_prefill: ForwardCost = ForwardCost()
+    description: str = ""
+    sources: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty str, got {self.name!r}")
+        if not isinstance(self.emulated, bool):
+            raise ValueError(f"emulated must be a bool, got {self.emulated!r}")
+        for role in ("target", "target_prefill", "draft", "draft_prefill"):
+            if not isinstance(getattr(self, role), ForwardCost):
+                raise ValueError(f"{role} must be a ForwardCost, got {getattr(self, role)!r}")
+
+    def costs(self, role: str) -> tuple[ForwardCost, ForwardCost]:
+        """(forward cost, prefill cost) of `role`, "target" or "draft"."""
+        if role == "target":
+            return self.target, self.target_prefill
+        if role == "draft":
+            return self.draft, self.draft_prefill
+        raise ValueError(f"role must be 'target' or 'draft', got {role!r}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (for result files)."""
+        return asdict(self)
+
+
+_H100_70B_SOURCES = (
+    "Modelled, not measured. Target: 70B params FP8/INT8 = 70 GB read per forward; H100 SXM "
+    "HBM3 3.35 TB/s -> 20.9 ms at peak, ~25 ms at 80-85% of peak, + KV reads, launches, "
+    "sampling ~ 30 ms per forward; + ~0.2 ms per verified position (140 GFLOP each at "
+    "~700 of 1979 dense FP8 TFLOP/s). Draft: 1.2B params FP16 = 2.5 GB on an edge GPU with "
+    "300-400 GB/s (RTX 3060 360 GB/s, RTX 4060 Ti 288 GB/s, Jetson AGX Orin 205 GB/s) ~ 6-7 ms "
+    "per forward. Sources: NVIDIA H100 datasheet; NVIDIA RTX 3060/4060 Ti and Jetson AGX Orin "
+    "specifications; Llama 3.2 1B model card; Pope et al. 2022 (Efficiently Scaling Transformer "
+    "Inference) for memory-bound decoding."
+)
+
+_PROFILES: dict[str, ComputeProfile] = {
+    "real": ComputeProfile(
+        name="real",
+        emulated=False,
+        description="the models as they run on this machine (no padding)",
+        sources="measured: no padding is applied",
+    ),
+    "h100-70b": ComputeProfile(
+        name="h100-70b",
+        emulated=True,
+        target=ForwardCost(base_ms=30.0, per_token_ms=0.2),
+        target_prefill=ForwardCost(base_ms=30.0, per_token_ms=0.2),
+        draft=ForwardCost(base_ms=6.0, per_token_ms=0.1),
+        draft_prefill=ForwardCost(base_ms=6.0, per_token_ms=0.05),
+        description="EMULATED: 70B-class target on one H100 SXM (FP8), 1B-class draft on an "
+        "edge GPU (FP16)",
+        sources=_H100_70B_SOURCES,
+    ),
+}
+
+
+def profile_names() -> list[str]:
+    """Names `get_profile` knows."""
+    return sorted(_PROFILES)
+
+
+def get_profile(name: str | ComputeProfile) -> ComputeProfile:
+    """The profile named `name` ("real", "h100-70b"); a `ComputeProfile` is returned as is."""
+    if isinstance(name, ComputeProfile):
+        return name
+    profile = _PROFILES.get(name) if isinstance(name, str) else None
+    if profile is None:
+        raise ValueError(f"compute profile must be one of {profile_names()}, got {name!r}")
+    return profile
+
+
+class PaddedRunner(ModelRunner):
+    """A `ModelRunner` whose every `prefill`/`extend` takes at least its modelled time.
+
+    It runs the real model (outputs unchanged), then sleeps for what the model's time leaves
+    (`cost.ms(n)` for n tokens fed, `prefill_cost` for a prefill). When the real forward alone
+    takes longer, nothing is added and the pass counts as an overrun (`overruns`,
+    `overrun_ms`): the emulation is then slower than modelled, never faster. On a CUDA device the
+    forward is synchronised before it is timed.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        cost: ForwardCost,
+        prefill_cost: ForwardCost | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(model, device=device)
+        self.cost = cost
+        self.prefill_cost = prefill_cost if prefill_cost is not None else cost
+        self.padded_ms = 0.0  # total sleep added
+        self.overruns = 0  # forwards whose real time exceeded the model
+        self.overrun_ms = 0.0  # total excess of those
+
+    def prefill(self, ids: TokenIds) -> Tensor:
+        t0 = time.perf_counter()
+        out = super().prefill(ids)
+        self._pad(t0, self.prefill_cost.ms(self._count(ids)))
+        return out
+
+    def extend(self, ids: TokenIds) -> Tensor:
+        t0 = time.perf_counter()
+        out = super().extend(ids)
+        self._pad(t0, self.cost.ms(self._count(ids)))
+        return out
+
+    @staticmethod
+    def _count(ids: TokenIds) -> int:
+        return int(ids.numel()) if isinstance(ids, Tensor) else len(ids)
+
+    def _pad(self, t0: float, target_ms: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        spent_ms = (time.perf_counter() - t0) * 1e3
+        left_ms = target_ms - spent_ms
+        if left_ms > 0:
+            time.sleep(left_ms / 1e3)
+            self.padded_ms += left_ms
+        elif target_ms > 0:
+            self.overruns += 1
+            self.overrun_ms -= left_ms
+            logger.debug("forward overran its modelled %.2f ms by %.2f ms", target_ms, -left_ms)
+
+
+def make_runner(
+    model: PreTrainedModel,
+    profile: ComputeProfile | str | None,
+    role: str,
+    device: str | torch.device | None = None,
+) -> ModelRunner:
+    """A runner for `model` playing `role` ("target" or "draft") under `profile`: a plain
+    `ModelRunner` when the profile pads nothing (None = "real"), else a `PaddedRunner`."""
+    profile = get_profile(profile if profile is not None else "real")
+    cost, prefill = profile.costs(role)
+    if cost.is_zero and prefill.is_zero:
+        return ModelRunner(model, device=device)
+    return PaddedRunner(model, cost, prefill, device=device)
