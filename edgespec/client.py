@@ -135,6 +135,9 @@ class GenerationStats:
     bytes_received: int = 0  # on the verifier -> edge link
     reconnects: int = 0  # verifier sessions reopened after a failure
     verifier: str = ""  # address of the verifier that finished the generation
+    pipeline_hits: int = 0  # blocks drafted ahead (pipelined) that turned out live
+    pipeline_misses: int = 0  # blocks drafted ahead that were discarded
+    cloud_only_tokens: int = 0  # tokens the verifier decoded alone (cloud-only mode)
 
     @classmethod
     def from_proto(cls, stats: pb.GenerateStats) -> GenerationStats:
@@ -158,6 +161,9 @@ class GenerationStats:
             bytes_sent=stats.bytes_sent,
             bytes_received=stats.bytes_received,
             reconnects=stats.reconnects,
+            pipeline_hits=stats.pipeline_hits,
+            pipeline_misses=stats.pipeline_misses,
+            cloud_only_tokens=stats.cloud_only_tokens,
             verifier=stats.verifier,
         )
 
@@ -198,6 +204,7 @@ def build_request(
     *,
     policy: str = "adaptive",
     draft_tokens: int = 0,
+    pipelined: bool | None = None,
 ) -> pb.GenerateRequest:
     """The `GenerateRequest` for these arguments (what `Client.generate` sends).
 
@@ -232,9 +239,16 @@ def build_request(
             f"got {draft_tokens}",
             field="draft_tokens",
         )
+    if pipelined is not None and not isinstance(pipelined, bool):
+        raise InvalidArgument(
+            f"pipelined must be a bool or None (None = edge default), got {pipelined!r}",
+            field="pipelined",
+        )
     request = pb.GenerateRequest(
         params=params_to_proto(params), policy=policy, draft_tokens=int(draft_tokens)
     )
+    if pipelined is not None:
+        request.pipelined = pipelined
     if isinstance(prompt, str):
         request.prompt = prompt
         return request
@@ -460,6 +474,7 @@ class Client:
         *,
         policy: str = "adaptive",
         draft_tokens: int = 0,
+        pipelined: bool | None = None,
         timeout: float | None = None,
     ) -> GenerationStream:
         """Start a generation and return its `GenerationStream` of `TokenChunk`s.
@@ -473,7 +488,9 @@ class Client:
             ids = [t for chunk in stream for t in chunk.ids]
             assert ids == stream.result.token_ids
         """
-        request = build_request(prompt, params, policy=policy, draft_tokens=draft_tokens)
+        request = build_request(
+            prompt, params, policy=policy, draft_tokens=draft_tokens, pipelined=pipelined
+        )
         deadline = self.timeout if timeout is None else _check_timeout("timeout", timeout)
         call = self._stub.Generate(request, timeout=deadline, metadata=self._metadata)
         return GenerationStream(call)
@@ -485,6 +502,7 @@ class Client:
         *,
         policy: str = "adaptive",
         draft_tokens: int = 0,
+        pipelined: bool | None = None,
         timeout: float | None = None,
     ) -> Result:
         """Generate a continuation of `prompt` and return the finished `Result`.
@@ -495,6 +513,8 @@ class Client:
             policy: draft-length policy: ``"adaptive"``, ``"fixed"``, ``"heuristic"`` or
                 ``"cloud_only"`` (the server validates the name).
             draft_tokens: k for ``"fixed"``, the starting k otherwise; 0 = the server's default.
+            pipelined: draft the next block while a verdict is in flight (True/False);
+                None = the edge's default.
             timeout: deadline for the whole call in seconds; None = the client's ``timeout``.
 
         Raises:
@@ -509,7 +529,12 @@ class Client:
             print(result.text, result.stats.acceptance_rate)
         """
         with self.stream(
-            prompt, params, policy=policy, draft_tokens=draft_tokens, timeout=timeout
+            prompt,
+            params,
+            policy=policy,
+            draft_tokens=draft_tokens,
+            pipelined=pipelined,
+            timeout=timeout,
         ) as stream:
             for _ in stream:
                 pass
@@ -632,6 +657,7 @@ class AsyncClient:
         *,
         policy: str = "adaptive",
         draft_tokens: int = 0,
+        pipelined: bool | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerationStream:
         """Start a generation; ``async for`` the returned stream (see `Client.generate` for
@@ -644,7 +670,9 @@ class AsyncClient:
                 ...
             print(stream.result.text)
         """
-        request = build_request(prompt, params, policy=policy, draft_tokens=draft_tokens)
+        request = build_request(
+            prompt, params, policy=policy, draft_tokens=draft_tokens, pipelined=pipelined
+        )
         deadline = self.timeout if timeout is None else _check_timeout("timeout", timeout)
         call = self._stub.Generate(request, timeout=deadline, metadata=self._metadata)
         return AsyncGenerationStream(call)
@@ -656,6 +684,7 @@ class AsyncClient:
         *,
         policy: str = "adaptive",
         draft_tokens: int = 0,
+        pipelined: bool | None = None,
         timeout: float | None = None,
     ) -> Result:
         """Generate a continuation and return the finished `Result` (see `Client.generate`).
@@ -665,7 +694,12 @@ class AsyncClient:
             result = await client.generate([5, 6, 7], SamplingParams(max_new_tokens=8))
         """
         async with self.stream(
-            prompt, params, policy=policy, draft_tokens=draft_tokens, timeout=timeout
+            prompt,
+            params,
+            policy=policy,
+            draft_tokens=draft_tokens,
+            pipelined=pipelined,
+            timeout=timeout,
         ) as stream:
             async for _ in stream:
                 pass

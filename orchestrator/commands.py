@@ -71,7 +71,7 @@ def _deploy_args(p: argparse.ArgumentParser, verifiers: int, edges: int) -> None
     p.add_argument("--edge-nodes", type=int, default=edges, help="local edge nodes")
     p.add_argument("--cloud-nodes", type=int, default=verifiers, help="local cloud nodes")
     p.add_argument("-k", "--draft-tokens", type=int, default=4, help="edges' default draft length")
-    p.add_argument("--policy", default="fixed", help="edges' default draft-length policy")
+    p.add_argument("--policy", default="adaptive", help="edges' default draft-length policy")
 
 
 def _link_profile(args: argparse.Namespace) -> dict[str, Any] | None:

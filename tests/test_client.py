@@ -196,6 +196,13 @@ def test_build_request_token_ids_params_and_policy():
     assert request.params.HasField("seed") and request.params.seed == 3
 
 
+def test_build_request_pipelined_is_sent_only_when_chosen():
+    assert not build_request("x").HasField("pipelined")
+    assert build_request("x", pipelined=True).pipelined is True
+    request = build_request("x", pipelined=False)
+    assert request.HasField("pipelined") and request.pipelined is False
+
+
 def test_build_request_text_prompt_and_defaults():
     request = build_request("hello")
     assert request.WhichOneof("input") == "prompt" and request.prompt == "hello"
@@ -223,6 +230,7 @@ def test_build_request_empty_id_list_still_names_the_input():
         ({"prompt": "x", "draft_tokens": 2**31}, "draft_tokens"),
         ({"prompt": "x", "draft_tokens": 2.0}, "draft_tokens"),
         ({"prompt": "x", "policy": None}, "policy"),
+        ({"prompt": "x", "pipelined": 1}, "pipelined"),
         ({"prompt": "x", "params": {"temperature": 0.5}}, "params"),
     ],
 )
