@@ -6,6 +6,8 @@ checkpoint folders (config + safetensors + tokenizer), as the services load real
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,8 +42,9 @@ class TinyPair(NamedTuple):
     draft_dir: Path
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE `PreTrainedTokenizerFast` of TINY_VOCAB_SIZE tokens (any text encodes)."""
+def build_tiny_tokenizer(corpus: tuple[str, ...] = _CORPUS):
+    """A byte-level BPE `PreTrainedTokenizerFast` of TINY_VOCAB_SIZE tokens trained on `corpus`
+    (any text encodes; a different corpus gives different merges and ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,7 +57,7 @@ def build_tiny_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=SPECIAL_TOKENS[0],
@@ -119,3 +122,42 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return pair
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgespec-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

@@ -7,7 +7,6 @@ and every call carries a deadline. One test starts `python -m cloud.server` as a
 from __future__ import annotations
 
 import asyncio
-import datetime
 import math
 import os
 import queue
@@ -22,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud.service import TLSConfig, serve
@@ -582,40 +582,8 @@ def test_reaper_task_closes_idle_sessions(start_server) -> None:
 # ---------------------------------------------------------------- TLS and the CLI
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_with_token(start_server, tmp_path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     server = start_server(token=TOKEN, tls=TLSConfig(cert, key))
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     options = (("grpc.ssl_target_name_override", "localhost"),)

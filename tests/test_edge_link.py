@@ -11,7 +11,6 @@ INVALID_ARGUMENT naming the field and keeps serving. Every gRPC call carries a d
 from __future__ import annotations
 
 import asyncio
-import datetime
 import os
 import queue
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scipy.stats import chisquare
 
@@ -405,45 +405,12 @@ def test_round_deadline_on_blackholed_link_fails_over(draft, target, servers):
     assert summary.stats.verifier == direct
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 'localhost' and its key (PEM files in `folder`)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_and_the_verifiers_block_limit(draft, target, tmp_path):
     """TLS + bearer token to an (in-process) verifier that takes at most 2 draft tokens a block."""
     from cloud.service import TLSConfig, serve
     from cloud.verifier import VerifierConfig, VerifierEngine
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     params = SamplingParams(max_new_tokens=12)
     prompt = PROMPTS[0]
     expected = reference(target, draft[1], prompt, params)

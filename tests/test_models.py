@@ -7,34 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SPECIAL_TOKENS, TinyPair, build_tiny_llama
+from conftest import TinyPair, build_tiny_llama, build_tiny_tokenizer
 
 from speculative.models import IncompatiblePairError, check_pair, model_info
-
-
-def _other_tokenizer(vocab_size: int):
-    """A byte-level BPE trained on different text: same size, different merges and ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(
-        ["zebra quartz jukebox " * 20, "xylophone wizard " * 20], trainer=trainer
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=SPECIAL_TOKENS[0],
-        pad_token=SPECIAL_TOKENS[1],
-        bos_token=SPECIAL_TOKENS[2],
-    )
 
 
 def test_compatible_pair_passes(tiny_pair: TinyPair) -> None:
@@ -51,8 +26,10 @@ def test_different_tokenizer_is_refused_naming_the_difference(
     shutil.copytree(tiny_pair.draft_dir, draft)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (draft / name).unlink(missing_ok=True)
-    other = _other_tokenizer(vocab_size=model_info(tiny_pair.target_dir).vocab_size)
-    other.save_pretrained(draft)
+    # Same size, different merges and ids: trained on other text.
+    build_tiny_tokenizer(("zebra quartz jukebox " * 20, "xylophone wizard " * 20)).save_pretrained(
+        draft
+    )
     with pytest.raises(IncompatiblePairError, match="tokenizer vocabularies differ"):
         check_pair(tiny_pair.target_dir, draft)
 
