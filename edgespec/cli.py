@@ -139,6 +139,65 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    """Tokens/s vs RTT for every method (experiments.bench_latency); JSON and optional plots."""
+    from edgespec.models import resolve_pair
+    from experiments.bench_latency import print_summary, run_from_args
+    from speculative.models import check_pair
+
+    target_path, draft_path = resolve_pair(args.target, args.draft)
+    check_pair(target_path, draft_path)
+    print_summary(run_from_args(args, target_path, draft_path))
+    return 0
+
+
+def cmd_bench_link(args: argparse.Namespace) -> int:
+    """Per-round framework overhead, bytes per token, tokens/s at RTTs (experiments.bench_link)."""
+    from edgespec.models import resolve_pair
+    from experiments.bench_link import print_summary, run_link_bench
+    from speculative.models import check_pair
+
+    target_path, draft_path = resolve_pair(args.target, args.draft)
+    check_pair(target_path, draft_path)
+    result = run_link_bench(
+        target_path,
+        draft_path,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        reps=args.reps,
+        rtts_ms=tuple(args.rtt) if args.rtt else (10.0, 50.0, 100.0),
+        threads=args.threads,
+        include_cloud_only=args.cloud_only,
+    )
+    write_json(args.json, result)
+    print_summary(result)
+    return 0
+
+
+def _bench_latency_args(p: argparse.ArgumentParser) -> None:
+    """`edgespec bench latency` options (also `python -m experiments.bench_latency`)."""
+    _add_model_args(p)
+    p.add_argument("--json", required=True, help="result file")
+    p.add_argument("--plots", help="folder for the PNG plots (none if omitted)")
+    p.add_argument(
+        "--compute-profile",
+        default="h100-70b",
+        help="speculative.profiles name: h100-70b (emulated, default) or real",
+    )
+    p.add_argument("--rtts", help="comma-separated RTTs in ms (default 0,5,10,25,50,100,200)")
+    p.add_argument("--reps", type=int, help="repetitions per method and RTT (default 3)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per generation (default 64)")
+    p.add_argument(
+        "--varying-max-new-tokens", type=int, help="tokens of the varying-RTT run (default 360)"
+    )
+    p.add_argument("--varying-reps", type=int, help="repetitions of the varying run (default 1)")
+    p.add_argument("--no-varying", action="store_true", help="skip the varying-RTT run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke size: 2 RTTs, 1 rep, short generations"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgespec", description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -169,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the target as its own draft (acceptance 1: measures our overhead)",
     )
     core.set_defaults(func=cmd_bench_core)
+    latency = bench_sub.add_parser(
+        "latency", help="tokens/s vs RTT: cloud-only, edge-only, co-located, fixed k, adaptive"
+    )
+    _bench_latency_args(latency)
+    latency.set_defaults(func=cmd_bench_latency)
+    link = bench_sub.add_parser(
+        "link", help="per-round overhead, bytes per token and tokens/s through the link emulator"
+    )
+    _add_model_args(link)
+    link.add_argument("--json", required=True, help="result file")
+    link.add_argument("-k", type=int, default=4, help="draft length")
+    link.add_argument("--max-new-tokens", type=int, default=64)
+    link.add_argument("--reps", type=int, default=3)
+    link.add_argument("--rtt", type=float, action="append", help="emulated RTT, ms (repeatable)")
+    link.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+    link.add_argument("--cloud-only", action="store_true", help="also time cloud-only decoding")
+    link.set_defaults(func=cmd_bench_link)
     return ap
 
 

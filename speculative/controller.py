@@ -773,7 +773,8 @@ class AdaptiveConfig:
     k_max: int = 16  # longest block drafted, k_min..256
     k_init: int | None = None  # k before any observation; None => 4 clipped to [k_min, k_max]
     warmup_rounds: int = 4  # speculative rounds at k_init before k follows the estimates
-    cloud_warmup_rounds: int = 32  # speculative rounds before cloud-only may be chosen
+    cloud_warmup_rounds: int = 6  # speculative rounds before cloud-only may be chosen (the
+    # t_v(n) fit and RTT estimate are usable by then; the switch still needs a clear win)
     alpha_prior: float = 0.6  # prior acceptance rate, in (0, 1)
     alpha_prior_weight: float = 2.0  # pseudo-trials behind alpha_prior in the pooled rate, > 0
     position_prior_weight: float = 12.0  # pseudo-trials pulling each position to the pooled rate

@@ -205,9 +205,11 @@ def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, 
                     assert stats.drafted == 0
                     assert records[0].network_ms >= 0.9 * RTT_MS  # the stream's one RTT
                 else:
-                    assert all(r.mode == SPECULATIVE for r in records)
-                    assert stats.accepted + stats.rounds >= len(expected)
-                    assert all(r.network_ms >= 0.9 * RTT_MS for r in records)
+                    spec = [r for r in records if r.mode == SPECULATIVE]
+                    if policy != "adaptive":  # adaptive may switch to cloud-only when it is faster
+                        assert len(spec) == len(records)
+                    assert stats.accepted + len(spec) + stats.cloud_only_tokens >= len(expected)
+                    assert all(r.network_ms >= 0.9 * RTT_MS for r in spec)
                 if pipelined:
                     assert stats.pipelined and stats.pipeline_hits > 0
                     assert any(r.pipelined for r in records)
