@@ -40,18 +40,6 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _params_from(args: argparse.Namespace):
-    from speculative.params import SamplingParams
-
-    return SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-
-
 def write_json(path: str | Path, data: dict) -> None:
     """Write a result file (creating its folder)."""
     path = Path(path)
@@ -74,6 +62,7 @@ def cmd_demo_colocated(args: argparse.Namespace) -> int:
     import time
 
     from edgespec.models import resolve_pair
+    from orchestrator.commands import params_from_args
     from speculative.generate import generate, generate_autoregressive
     from speculative.models import check_pair, load_tokenizer
     from speculative.runner import ModelRunner
@@ -84,7 +73,7 @@ def cmd_demo_colocated(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(target_path)
     target = ModelRunner.from_pretrained(target_path)
     draft = ModelRunner.from_pretrained(draft_path)
-    params = _params_from(args)
+    params = params_from_args(args)
     prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
 
     t0 = time.perf_counter()

@@ -84,7 +84,8 @@ def _link_profile(args: argparse.Namespace) -> dict[str, Any] | None:
     ).to_dict()
 
 
-def _params_from(args: argparse.Namespace):
+def params_from_args(args: argparse.Namespace):
+    """The SamplingParams named by the CLI's sampling options (ValueError names a bad one)."""
     from speculative.params import SamplingParams
 
     return SamplingParams(
@@ -311,7 +312,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edgespec.client import Client
 
     edge = args.edge or pick_edge(args)
-    params = _params_from(args)
+    params = params_from_args(args)
     with Client(edge, timeout=args.timeout) as client:
         t0 = time.perf_counter()
         result = client.generate(
@@ -341,7 +342,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     state_dir = (
         Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edgespec-demo-"))
     )
-    params = _params_from(args)
+    params = params_from_args(args)
     state, deployment = _bring_up(args, state_dir, progress)
     try:
         edge = deployment.edge_addresses()[0]
