@@ -106,6 +106,16 @@ def make_draft(target, noise_rel: float = DRAFT_NOISE_REL, seed: int = 1):
     return draft.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests run torch single-threaded: on a 2-core machine shared with the test's own server
+    subprocesses, intra-op threads oversubscribe the cores and a tiny forward slows ~100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
     """(target_dir, draft_dir): tiny Llama checkpoints with identical tokenizers (vocab 300).

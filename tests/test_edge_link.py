@@ -141,15 +141,6 @@ def servers(tiny_pair, tmp_path_factory) -> Iterator[dict[str, Server]]:
             server.stop()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The drafts and references in this process run single-threaded too (see Server)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def emulator(servers) -> Iterator[LinkEmulator]:
     host, port = servers["main"].address.rsplit(":", 1)

@@ -19,15 +19,6 @@ KS = range(1, 9)
 NOISE = {"gpt2": 0.03, "llama": 0.07}  # relative weight noise giving a mixed acceptance rate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: thread sync costs more than the math.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     name = request.param

@@ -86,14 +86,6 @@ class ServerThread:
         self.loop.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def target(tiny_pair) -> ModelRunner:
     return ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu")

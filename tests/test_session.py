@@ -26,14 +26,6 @@ from speculative import (
 V = 160
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def models(request):
     target = tiny_model(request.param, seed=0)

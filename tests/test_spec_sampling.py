@@ -27,14 +27,6 @@ N_SAMPLES = 500
 PROMPT = [3, 14, 15, 9, 2, 6]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runners():
     # Wide init: peaked, clearly different target and draft distributions (the test has power).
