@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -325,6 +326,8 @@ class EngineConfig:
     # while this is the engine's only session, on the worker thread when sessions overlap.
     draft_in_thread: bool | None = None
     add_special_tokens: bool = False  # when tokenizing a text prompt
+    # write each finished generation's per-round trace (msgpack, edge/trace.py) into this folder
+    trace_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name, lo in (("default_k", 1), ("max_k", 1), ("max_sessions", 1), ("max_retries", 0)):
@@ -625,9 +628,33 @@ class EdgeEngine:
         stats.policy = repr(chooser)
         tokens = list(drafter.generated)
         full_text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
+        if self.config.trace_dir is not None:
+            self._write_trace(stats, params, drafter.finish_reason, len(tokens))
         yield SummaryEvent(
             finish_reason=drafter.finish_reason, tokens=tokens, text=full_text, stats=stats
         )
+
+    def _write_trace(
+        self, stats: EdgeStats, params: SamplingParams, finish_reason: str, n_tokens: int
+    ) -> None:
+        """One msgpack trace file per generation (a few hundred bytes per round); a failure to
+        write is logged, never raised: the generation itself succeeded."""
+        from edge.trace import write_trace  # edge.trace imports this module
+
+        folder = Path(self.config.trace_dir)
+        path = folder / f"trace-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.msgpack"
+        meta = {
+            "params": params.to_dict(),
+            "finish_reason": finish_reason,
+            "tokens": n_tokens,
+            "policy": stats.policy,
+            "verifier": stats.verifier,
+        }
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_trace(path, stats.round_records, meta)
+        except (OSError, TypeError, ValueError) as err:
+            logger.warning("could not write the round trace %s: %s", path, err)
 
     async def _open(
         self,

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pad draft forwards to this profile's modelled times (default: real = no padding)",
     )
     ap.add_argument("--max-sessions", type=int, default=64)
+    ap.add_argument(
+        "--trace-dir", default=None, help="write a msgpack per-round trace of each generation here"
+    )
     ap.add_argument("--round-timeout-s", type=float, default=10.0)
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     ap.add_argument(
@@ -93,6 +96,7 @@ async def _main(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         default_policy=args.policy,
         pipelined=args.pipelined,
+        trace_dir=args.trace_dir,
     )
     engine = EdgeEngine.from_pretrained(
         args.draft,

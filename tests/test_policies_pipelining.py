@@ -112,14 +112,16 @@ def emulator(verifier) -> Iterator[LinkEmulator]:
     emu.stop()
 
 
-def make_engine(draft, address: str, max_retries: int = 2) -> EdgeEngine:
+def make_engine(
+    draft, address: str, max_retries: int = 2, trace_dir: str | None = None
+) -> EdgeEngine:
     model, tokenizer = draft
     return EdgeEngine(
         model,
         tokenizer,
         [address],
         link_config=LinkConfig(round_timeout_s=DEADLINE_S),
-        config=EngineConfig(max_retries=max_retries, backoff_initial_s=0.02),
+        config=EngineConfig(max_retries=max_retries, backoff_initial_s=0.02, trace_dir=trace_dir),
     )
 
 
@@ -540,3 +542,39 @@ def test_cut_link_during_pipelined_and_cloud_only_rounds_reconnects(draft, targe
     assert summary is not None
     assert summary.tokens == streamed == expected
     assert summary.stats.reconnects >= 1
+
+
+# ---------------------------------------------------------------- msgpack round traces
+
+
+def test_round_trace_written_per_generation_reads_back(draft, emulator, tmp_path):
+    from edge.trace import read_trace, write_trace
+
+    params = SamplingParams(max_new_tokens=24)
+
+    async def body():
+        engine = make_engine(draft, emulator.address, trace_dir=str(tmp_path))
+        try:
+            return await run_one(engine, PROMPTS[0], params, k=3, policy="adaptive", pipelined=True)
+        finally:
+            await engine.aclose()
+
+    _, _, summary = asyncio.run(body())
+    [path] = list(tmp_path.glob("trace-*.msgpack"))
+    header, records = read_trace(path)
+    assert records == summary.stats.round_records and len(records) >= 1
+    assert header["rounds"] == len(records) and header["tokens"] == len(summary.tokens)
+    assert header["finish_reason"] == summary.finish_reason
+    assert header["params"] == params.to_dict()
+    # Not a trace, another version, or cut short: refused with the reason.
+    (tmp_path / "junk.msgpack").write_bytes(b"\x01")
+    with pytest.raises(ValueError, match="not an edgespec trace"):
+        read_trace(tmp_path / "junk.msgpack")
+    assert len(records) >= 2  # 24 tokens at k <= 3 take several rounds
+    cut = tmp_path / "cut.msgpack"
+    cut.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=f"header says {len(records)} rounds"):
+        read_trace(cut)
+    assert read_trace(write_trace(tmp_path / "again.msgpack", records, {"rounds": -1}))[0][
+        "rounds"
+    ] == len(records)
