@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (0 = a free one; default: none)",
+    )
     return ap
 
 
@@ -80,7 +86,14 @@ async def _run(args: argparse.Namespace) -> None:
         args.target or DEFAULT_TARGET, config, compute_profile=args.compute_profile
     )
     tls = TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
-    running = await serve(engine, host=args.host, port=args.port, token=args.token, tls=tls)
+    metrics = metrics_server = None
+    if args.metrics_port is not None:
+        from speculative.metrics import VerifierMetrics, serve_metrics
+
+        metrics, metrics_server = serve_metrics(VerifierMetrics, args.metrics_port, host=args.host)
+    running = await serve(
+        engine, host=args.host, port=args.port, token=args.token, tls=tls, metrics=metrics
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,6 +102,8 @@ async def _run(args: argparse.Namespace) -> None:
     await stop.wait()
     logger.info("stopping")
     await running.stop(grace=2.0)
+    if metrics_server is not None:
+        metrics_server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

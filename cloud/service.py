@@ -37,6 +37,7 @@ from cloud.verifier import ServiceError, VerifierEngine, VerifyResult
 from protos.convert import FieldError, block_from_proto, params_from_proto, verdict_to_proto
 from protos.edgespec.v1 import edgespec_pb2 as pb
 from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from speculative.metrics import VerifierMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,37 @@ def result_to_proto(result: VerifyResult, queue_ms: float) -> pb.Verdict:
 class VerifierServicer(pb_grpc.VerifierServicer):
     """proto -> engine -> proto; model work on `executor` (which must have ONE thread)."""
 
-    def __init__(self, engine: VerifierEngine, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        engine: VerifierEngine,
+        executor: ThreadPoolExecutor,
+        metrics: VerifierMetrics | None = None,
+    ) -> None:
         self.engine = engine
         self._executor = executor
+        self.metrics = metrics
+
+    async def _fail(self, context: grpc.aio.ServicerContext, err: Exception) -> None:
+        """Count the failure (metrics) and abort the RPC with the status that fits it."""
+        if self.metrics is not None:
+            self.metrics.observe_error(_status_of(err).name)
+        await _abort(context, err)
+
+    def _observe(self, result: VerifyResult, drafted: int, queue_ms: float) -> None:
+        if self.metrics is None:
+            return
+        verdict = result.verdict
+        self.metrics.observe_block(
+            outcome=result.outcome.name.lower(),
+            drafted=drafted,
+            accepted=verdict.accepted if verdict is not None else 0,
+            verify_ms=verdict.verify_ms if verdict is not None else 0.0,
+            queue_ms=queue_ms,
+        )
+
+    def _sessions_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_active_sessions(self.engine.stats().sessions)
 
     async def _call(
         self, fn: Callable[..., T], *args: Any, since: float | None = None
@@ -117,7 +146,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 )
             )
         except Exception as err:  # noqa: BLE001 - every failure becomes a status
-            await _abort(context, err)
+            await self._fail(context, err)
+        if self.metrics is not None:
+            self.metrics.observe_session_opened(opened.prefill_ms)
+            self._sessions_changed()
         return pb.OpenSessionResponse(
             session_id=opened.session_id,
             committed_len=opened.committed_len,
@@ -134,7 +166,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         try:
             existed, _ = await self._call(self.engine.close_session, request.session_id)
         except Exception as err:  # noqa: BLE001
-            await _abort(context, err)
+            await self._fail(context, err)
+        if existed and self.metrics is not None:
+            self.metrics.observe_session_closed("closed")
+            self._sessions_changed()
         return pb.CloseSessionResponse(existed=existed)
 
     async def VerifyStream(
@@ -172,7 +207,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                         self.engine.verify, session_id, block, since=arrived
                     )
                 except Exception as err:  # noqa: BLE001
-                    await _abort(context, err)
+                    await self._fail(context, err)
+                self._observe(result, len(block.tokens), queue_ms)
                 yield result_to_proto(result, queue_ms)
                 while result.more:
                     try:
@@ -180,7 +216,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                             self.engine.decode_next, session_id, block.seq
                         )
                     except Exception as err:  # noqa: BLE001
-                        await _abort(context, err)
+                        await self._fail(context, err)
+                    self._observe(result, 0, queue_ms)  # one token the verifier decoded alone
                     yield result_to_proto(result, queue_ms)
         finally:
             reader.cancel()
@@ -201,14 +238,25 @@ async def _read_blocks(
         arrivals.put_nowait(None)
 
 
+def _status_of(err: Exception) -> grpc.StatusCode:
+    """The status a failure maps to: the engine's own code, INVALID_ARGUMENT for a malformed
+    message, INTERNAL for anything unexpected."""
+    if isinstance(err, ServiceError):
+        return grpc.StatusCode[err.code]
+    if isinstance(err, FieldError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
 async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
     """End the RPC with the status `err` maps to (raises; never returns)."""
+    code = _status_of(err)
     if isinstance(err, ServiceError):
-        await context.abort(grpc.StatusCode[err.code], err.message)
+        await context.abort(code, err.message)
     if isinstance(err, FieldError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        await context.abort(code, str(err))
     logger.exception("unexpected error in a Verifier RPC")
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+    await context.abort(code, f"internal error: {type(err).__name__}: {err}")
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -299,12 +347,14 @@ async def serve(
     token: str | None = None,
     tls: TLSConfig | None = None,
     reap_interval_s: float | None = None,
+    metrics: VerifierMetrics | None = None,
 ) -> RunningServer:
     """Start a Verifier server for `engine` on host:port (port 0 = any free port).
 
     `token`: require ``authorization: Bearer <token>`` on every RPC but health checks.
     `tls`: serve TLS with that certificate, else plaintext. `reap_interval_s`: how often idle
     sessions are closed (default: a quarter of the engine's idle TTL, at most 30 s).
+    `metrics`: a `VerifierMetrics` (on the caller's registry) that records every RPC.
     """
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.aio.server(
@@ -316,7 +366,7 @@ async def serve(
     )
     # One thread: the target runs one forward at a time, and sessions are touched from one thread.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
-    pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine, executor), server)
+    pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine, executor, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -343,16 +393,25 @@ async def serve(
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     ttl = engine.config.session_idle_ttl_s
     interval = reap_interval_s if reap_interval_s is not None else min(ttl / 4, 30.0)
-    reaper = asyncio.create_task(_reap_forever(engine, executor, interval))
+    reaper = asyncio.create_task(_reap_forever(engine, executor, interval, metrics))
     logger.info("Verifier serving on %s (model %r)", f"{host}:{bound}", engine.model_id)
     return RunningServer(server, host, bound, engine, health_servicer, executor, reaper)
 
 
-async def _reap_forever(engine: VerifierEngine, executor: ThreadPoolExecutor, interval: float):
+async def _reap_forever(
+    engine: VerifierEngine,
+    executor: ThreadPoolExecutor,
+    interval: float,
+    metrics: VerifierMetrics | None = None,
+):
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
         try:
-            await loop.run_in_executor(executor, engine.reap_idle)
+            reaped = await loop.run_in_executor(executor, engine.reap_idle)
+            if metrics is not None and reaped:
+                for _ in reaped:
+                    metrics.observe_session_closed("idle")
+                metrics.set_active_sessions(engine.stats().sessions)
         except Exception:  # noqa: BLE001 - the reaper must outlive one bad pass
             logger.exception("idle-session reaper failed")

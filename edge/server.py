@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (0 = a free one; default: none)",
+    )
     return ap
 
 
@@ -109,7 +115,14 @@ async def _main(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key must be given together")
     tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
-    running = await serve(engine, host=args.host, port=args.port, token=args.token, tls=tls)
+    metrics = metrics_server = None
+    if args.metrics_port is not None:
+        from speculative.metrics import EdgeMetrics, serve_metrics
+
+        metrics, metrics_server = serve_metrics(EdgeMetrics, args.metrics_port, host=args.host)
+    running = await serve(
+        engine, host=args.host, port=args.port, token=args.token, tls=tls, metrics=metrics
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,6 +131,8 @@ async def _main(args: argparse.Namespace) -> int:
     await stop.wait()
     logger.info("stopping")
     await running.stop(grace=5.0)
+    if metrics_server is not None:
+        metrics_server.stop()
     return 0
 
 

@@ -11,6 +11,7 @@ call without ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from edge.link import MAX_MESSAGE_BYTES
 from protos.convert import FieldError, params_from_proto
 from protos.edgespec.v1 import edgespec_pb2 as pb
 from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from speculative.metrics import EdgeMetrics
 from speculative.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -56,13 +58,47 @@ def stats_to_proto(stats: EdgeStats) -> pb.GenerateStats:
     )
 
 
-class EdgeServicer(pb_grpc.EdgeServicer):
-    """Thin servicer: proto -> `EdgeEngine.generate` -> proto."""
+def observe_summary(metrics: EdgeMetrics, event: SummaryEvent) -> None:
+    """Record a finished generation's rounds and totals (at its summary: a round's numbers are
+    final only once the generation is, e.g. the last round's cut at max_new_tokens)."""
+    stats = event.stats
+    for r in stats.round_records:
+        metrics.observe_round(
+            drafted=r.drafted,
+            accepted=r.accepted,
+            rtt_ms=max(r.network_ms, 0.0),
+            round_ms=r.round_ms,
+            committed=r.tokens,
+            bytes_sent=r.timing.bytes_sent,
+            bytes_received=r.timing.bytes_received,
+        )
+    for _ in range(stats.reconnects):
+        metrics.observe_reconnect()
+    n = len(event.tokens)
+    metrics.observe_generation(
+        finish_reason=event.finish_reason,
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        time_to_first_token_ms=stats.time_to_first_token_ms,
+        time_per_output_token_ms=stats.time_per_output_token_ms if n > 1 else None,
+    )
 
-    def __init__(self, engine: EdgeEngine) -> None:
+
+class EdgeServicer(pb_grpc.EdgeServicer):
+    """Thin servicer: proto -> `EdgeEngine.generate` -> proto; Prometheus metrics if given."""
+
+    def __init__(self, engine: EdgeEngine, metrics: EdgeMetrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics
 
     async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        with self.metrics.track_session() if self.metrics else contextlib.nullcontext():
+            async for response in self._generate(request, context):
+                yield response
+
+    async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
@@ -85,6 +121,8 @@ class EdgeServicer(pb_grpc.EdgeServicer):
                 if isinstance(event, TokensEvent):
                     yield pb.GenerateResponse(tokens=pb.TokenIds(ids=event.tokens), text=event.text)
                 elif isinstance(event, SummaryEvent):
+                    if self.metrics is not None:
+                        observe_summary(self.metrics, event)
                     yield pb.GenerateResponse(
                         summary=pb.Summary(
                             finish_reason=event.finish_reason,
@@ -94,6 +132,8 @@ class EdgeServicer(pb_grpc.EdgeServicer):
                         )
                     )
         except FieldError as err:
+            if self.metrics is not None:
+                self.metrics.observe_error("INVALID_ARGUMENT")
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{err.field}: {err}",
@@ -101,6 +141,8 @@ class EdgeServicer(pb_grpc.EdgeServicer):
             )
         except EdgeError as err:
             logger.warning("Generate failed: %s %s", err.code, err)
+            if self.metrics is not None:
+                self.metrics.observe_error(err.code)
             await context.abort(grpc.StatusCode[err.code], str(err))
 
 
@@ -174,8 +216,10 @@ async def serve(
     port: int = 0,
     token: str | None = None,
     tls: TlsFiles | None = None,
+    metrics: EdgeMetrics | None = None,
 ) -> RunningEdgeServer:
-    """Start an Edge server on host:port (0 = a free port) and return it running."""
+    """Start an Edge server on host:port (0 = a free port) and return it running; `metrics`
+    (an `EdgeMetrics` on the caller's registry) records every generation."""
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -184,7 +228,7 @@ async def serve(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_EdgeServicer_to_server(EdgeServicer(engine), server)
+    pb_grpc.add_EdgeServicer_to_server(EdgeServicer(engine, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

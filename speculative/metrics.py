@@ -431,3 +431,13 @@ def start_metrics_server(
     bound = server.server_address[1]
     logger.info("serving metrics on http://%s:%d/metrics", host, bound)
     return MetricsServer(host=host, port=bound, _server=server, _thread=thread)
+
+
+def serve_metrics(
+    metrics_cls: type[EdgeMetrics] | type[VerifierMetrics], port: int, host: str = "127.0.0.1"
+) -> tuple[EdgeMetrics | VerifierMetrics, MetricsServer]:
+    """A fresh registry with `metrics_cls`'s families, served on ``http://host:port/metrics``:
+    what a server's ``--metrics-port`` flag sets up."""
+    registry = CollectorRegistry()
+    metrics = metrics_cls(registry)
+    return metrics, start_metrics_server(registry, port=port, host=host)
