@@ -79,8 +79,11 @@ class VerifierSpec:
     max_block_tokens: int = 32  # largest draft block (k) a replica verifies
     token: str | None = None  # bearer token the edges must send; None = no auth
     port: int = 0  # gRPC port on the node; 0 = a free one
+    metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None:
+            _check_port("metrics_port", self.metrics_port)
         if not isinstance(self.target_path, str) or not self.target_path:
             raise ValueError(f"target_path must be a non-empty str, got {self.target_path!r}")
         for name in ("max_sessions", "max_block_tokens"):
@@ -106,8 +109,11 @@ class EdgeSpec:
     # as a dict (`LinkProfile.to_dict()`); None = direct connections.
     link: dict[str, Any] | None = None
     port: int = 0
+    metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None:
+            _check_port("metrics_port", self.metrics_port)
         if not isinstance(self.draft_path, str) or not self.draft_path:
             raise ValueError(f"draft_path must be a non-empty str, got {self.draft_path!r}")
         _check_positive("round_timeout_s", self.round_timeout_s)
@@ -184,10 +190,22 @@ class _EndpointActor:
         self.device = "cpu"
         self.started_at = time.time()
         self._server = None
+        self.metrics_url = ""  # this endpoint's Prometheus /metrics, when served
         self._ready = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
         raise NotImplementedError
+
+    def _serve_metrics(self, metrics_cls: type, port: int | None):
+        """Start this actor's /metrics endpoint (None: metrics off) and return its metrics."""
+        if port is None:
+            return None
+        from speculative.metrics import serve_metrics
+
+        metrics, server = serve_metrics(metrics_cls, port, host=BIND_HOST)
+        self.metrics_url = f"http://{ray.util.get_node_ip_address()}:{server.port}/metrics"
+        logger.info("%s: metrics on %s", self.name, self.metrics_url)
+        return metrics
 
     async def ready(self) -> dict[str, Any]:
         """Wait until the endpoint serves (raises what the start raised); returns `info()`."""
@@ -200,6 +218,7 @@ class _EndpointActor:
             "kind": self.kind,
             "address": self.address,
             "device": self.device,
+            "metrics_url": self.metrics_url,
             "started_at": self.started_at,
             **_node_info(),
         }
@@ -246,7 +265,12 @@ class VerifierActor(_EndpointActor):
         self.engine = await asyncio.to_thread(
             VerifierEngine.from_pretrained, spec.target_path, config
         )
-        self._server = await serve(self.engine, host=BIND_HOST, port=spec.port, token=spec.token)
+        from speculative.metrics import VerifierMetrics
+
+        metrics = self._serve_metrics(VerifierMetrics, spec.metrics_port)
+        self._server = await serve(
+            self.engine, host=BIND_HOST, port=spec.port, token=spec.token, metrics=metrics
+        )
         self.address = f"{ray.util.get_node_ip_address()}:{self._server.port}"
         logger.info("verifier %s serving on %s (%s)", self.name, self.address, self.device)
         await _register(self.name, self.kind, self.address, self.device)
@@ -309,7 +333,12 @@ class EdgeActor(_EndpointActor):
         )
         self.engine.key_prefix = self.name
         self.engine.on_session_end = self._release
-        self._server = await serve(self.engine, host=BIND_HOST, port=spec.port, token=spec.token)
+        from speculative.metrics import EdgeMetrics
+
+        metrics = self._serve_metrics(EdgeMetrics, spec.metrics_port)
+        self._server = await serve(
+            self.engine, host=BIND_HOST, port=spec.port, token=spec.token, metrics=metrics
+        )
         self.address = f"{ray.util.get_node_ip_address()}:{self._server.port}"
         logger.info("edge %s serving on %s (%s)", self.name, self.address, self.device)
         await _register(self.name, self.kind, self.address, self.device)

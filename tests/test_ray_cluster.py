@@ -150,6 +150,18 @@ def test_sdk_generation_equals_the_target_alone(deployment, target_alone):
         assert result.stats.rounds < 40  # speculative: several tokens per round trip
 
 
+def test_each_actor_serves_prometheus_metrics(deployment):
+    import urllib.request
+
+    for name, info in deployment.infos.items():
+        url = info["metrics_url"]
+        assert url.startswith("http://") and url.endswith("/metrics"), (name, url)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        family = "edgespec_verifier_" if name.startswith("edgespec-verifier") else "edgespec_edge_"
+        assert f"{family}active_sessions" in text, (name, text[:300])
+
+
 def test_16_concurrent_sessions_zero_errors_and_balanced(deployment, target_alone):
     from experiments.load_sessions import run_load_sessions
 
