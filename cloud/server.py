@@ -21,6 +21,7 @@ import sys
 from cloud.service import TLSConfig, serve
 from cloud.verifier import VerifierConfig, VerifierEngine
 from speculative.profiles import profile_names
+from speculative.server_cli import add_runtime_args, apply_threads
 
 logger = logging.getLogger("cloud.server")
 
@@ -52,28 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=profile_names(),
         help="pad target forwards to this profile's modelled times (default: real = no padding)",
     )
-    ap.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
-    )
     ap.add_argument("--log-level", default="INFO")
-    ap.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics on this port (0 = a free one; default: none)",
-    )
+    add_runtime_args(ap)
     return ap
 
 
 async def _run(args: argparse.Namespace) -> None:
     from edgespec.models import DEFAULT_TARGET
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     config = VerifierConfig(
         model_id=args.model_id,
         max_sessions=args.max_sessions,

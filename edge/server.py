@@ -22,6 +22,7 @@ from edge.engine import POLICIES, EdgeEngine, EngineConfig
 from edge.link import LinkConfig
 from edge.service import TlsFiles, serve
 from speculative.profiles import profile_names
+from speculative.server_cli import add_runtime_args, apply_threads
 
 logger = logging.getLogger("edge.server")
 
@@ -68,28 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--round-timeout-s", type=float, default=10.0)
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    ap.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
-    )
     ap.add_argument("-v", "--verbose", action="store_true")
-    ap.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics on this port (0 = a free one; default: none)",
-    )
+    add_runtime_args(ap)
     return ap
 
 
 async def _main(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        # A tiny draft model gains nothing from intra-op threads, and on a busy host every
-        # parallel region waits for its slowest (descheduled) thread.
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     link_config = LinkConfig(
         token=args.verifier_token,
         tls_root_cert=args.verifier_tls_ca,
