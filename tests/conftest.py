@@ -6,13 +6,16 @@ checkpoint folders (config + safetensors + tokenizer), as the services load real
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
+from scipy.stats import chisquare
 
 TINY_VOCAB_SIZE = 300  # byte-level BPE: 256 byte tokens + 3 specials + merges
 TINY_MAX_POSITIONS = 512
@@ -171,3 +174,48 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+SERVER_DEADLINE_S = 30.0
+
+
+class VerifierServerThread:
+    """A Verifier server on its own event loop in a background thread."""
+
+    def __init__(self, engine, **serve_kwargs) -> None:  # engine: cloud.verifier.VerifierEngine
+        from cloud.service import serve
+
+        self.engine = engine
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        future = asyncio.run_coroutine_threadsafe(serve(engine, **serve_kwargs), self.loop)
+        self.running = future.result(timeout=SERVER_DEADLINE_S)
+        self.address = self.running.address
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(SERVER_DEADLINE_S)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(SERVER_DEADLINE_S)
+        self.loop.close()
+
+
+def chi_square_p(observed: dict[int, int], probs: torch.Tensor, runs: int) -> float:
+    """p-value of `observed` counts against `probs` (V,), tokens grouped into bins of expected
+    count >= 5 (tokens in descending probability, each bin filled to >= 5)."""
+    order = torch.argsort(probs, descending=True).tolist()
+    obs, exp = [], []
+    o_acc = e_acc = 0.0
+    for t in order:
+        o_acc += observed.get(t, 0)
+        e_acc += float(probs[t]) * runs
+        if e_acc >= 5:
+            obs.append(o_acc)
+            exp.append(e_acc)
+            o_acc = e_acc = 0.0
+    if e_acc > 0 or o_acc > 0:  # leftover mass joins the last bin
+        obs[-1] += o_acc
+        exp[-1] += e_acc
+    assert len(obs) >= 3, "too few bins for a meaningful test"
+    scale = sum(obs) / sum(exp)  # float rounding of the expected total
+    return float(chisquare(obs, [e * scale for e in exp]).pvalue)

@@ -6,7 +6,6 @@ and every call carries a deadline. One test starts `python -m cloud.server` as a
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import queue
@@ -21,10 +20,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import self_signed_cert
+from conftest import VerifierServerThread, self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud.service import TLSConfig, serve
+from cloud.service import TLSConfig
 from cloud.verifier import (
     INVALID_ARGUMENT,
     NOT_FOUND,
@@ -51,25 +50,6 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=32)
 
 
 # ---------------------------------------------------------------- servers and clients
-
-
-class ServerThread:
-    """A Verifier server on its own event loop in a background thread."""
-
-    def __init__(self, engine: VerifierEngine, **serve_kwargs) -> None:
-        self.engine = engine
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        future = asyncio.run_coroutine_threadsafe(serve(engine, **serve_kwargs), self.loop)
-        self.running = future.result(timeout=DEADLINE_S)
-        self.address = self.running.address
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(DEADLINE_S)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE_S)
-        self.loop.close()
 
 
 class VerifyStream:
@@ -120,13 +100,13 @@ def target_model(tiny_pair):
 
 
 @pytest.fixture(scope="module")
-def start_server(target_model) -> Iterator[Callable[..., ServerThread]]:
+def start_server(target_model) -> Iterator[Callable[..., VerifierServerThread]]:
     """Factory: start_server(config=None, **serve_kwargs); every server stops at module end."""
-    started: list[ServerThread] = []
+    started: list[VerifierServerThread] = []
 
-    def start(config: VerifierConfig | None = None, **serve_kwargs) -> ServerThread:
+    def start(config: VerifierConfig | None = None, **serve_kwargs) -> VerifierServerThread:
         config = config or VerifierConfig(model_id="tiny-target", max_block_tokens=8)
-        server = ServerThread(VerifierEngine(target_model, config), **serve_kwargs)
+        server = VerifierServerThread(VerifierEngine(target_model, config), **serve_kwargs)
         started.append(server)
         return server
 
@@ -136,7 +116,7 @@ def start_server(target_model) -> Iterator[Callable[..., ServerThread]]:
 
 
 @pytest.fixture(scope="module")
-def server(start_server) -> ServerThread:
+def server(start_server) -> VerifierServerThread:
     """The shared server: bearer token required, max_block_tokens 8."""
     return start_server(token=TOKEN)
 

@@ -22,9 +22,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import self_signed_cert
+from conftest import chi_square_p, self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from scipy.stats import chisquare
 
 from edge.engine import EdgeEngine, EdgeError, EngineConfig, SummaryEvent, TokensEvent, _TextStream
 from edge.link import LinkConfig, LinkError, make_address_provider
@@ -283,27 +282,6 @@ def _sample_first_tokens(draft, address, prompt_ids, params, runs, k, n_tokens):
     return asyncio.run(body())
 
 
-def _chi_square_p(observed: dict[int, int], probs: torch.Tensor, runs: int) -> float:
-    """p-value of `observed` counts against `probs` (V,), tokens grouped into bins of expected
-    count >= 5 (tokens in descending probability, each bin filled to >= 5)."""
-    order = torch.argsort(probs, descending=True).tolist()
-    obs, exp = [], []
-    o_acc = e_acc = 0.0
-    for t in order:
-        o_acc += observed.get(t, 0)
-        e_acc += float(probs[t]) * runs
-        if e_acc >= 5:
-            obs.append(o_acc)
-            exp.append(e_acc)
-            o_acc = e_acc = 0.0
-    if e_acc > 0 or o_acc > 0:  # leftover mass joins the last bin
-        obs[-1] += o_acc
-        exp[-1] += e_acc
-    assert len(obs) >= 3, "too few bins for a meaningful test"
-    scale = sum(obs) / sum(exp)  # float rounding of the expected total
-    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
-
-
 def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, emulator):
     """top_k=8: the draft sends sparse q. Token 1 and token 2 marginals against the exact ones."""
     emulator.set_profile(LinkProfile(rtt_ms=0))
@@ -321,7 +299,7 @@ def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, emula
         for s in samples:
             counts[s[i]] = counts.get(s[i], 0) + 1
         assert set(counts) <= set(torch.nonzero(probs).flatten().tolist())
-        assert _chi_square_p(counts, probs, runs) > 1e-3, f"token {i + 1}"
+        assert chi_square_p(counts, probs, runs) > 1e-3, f"token {i + 1}"
 
 
 def test_sampled_first_token_follows_target_distribution_dense_q(draft, target, emulator):
@@ -335,7 +313,7 @@ def test_sampled_first_token_follows_target_distribution_dense_q(draft, target, 
     counts: dict[int, int] = {}
     for (t,) in samples:
         counts[t] = counts.get(t, 0) + 1
-    assert _chi_square_p(counts, probs, runs) > 1e-3
+    assert chi_square_p(counts, probs, runs) > 1e-3
 
 
 # ---------------------------------------------------------------- failures

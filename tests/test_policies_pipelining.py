@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 import torch
-from scipy.stats import chisquare
+from conftest import VerifierServerThread, chi_square_p
 
-from cloud.service import serve
 from cloud.verifier import Outcome, VerifierConfig, VerifierEngine
 from edge.engine import (
     EdgeEngine,
@@ -68,24 +66,6 @@ PROMPTS = ([7, 200, 13, 42, 99, 150, 3], [1, 2, 3], [250, 17, 5, 88])
 # ---------------------------------------------------------------- fixtures
 
 
-class ServerThread:
-    """A Verifier server on its own event loop in a background thread."""
-
-    def __init__(self, engine: VerifierEngine) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        future = asyncio.run_coroutine_threadsafe(serve(engine), self.loop)
-        self.running = future.result(timeout=DEADLINE_S)
-        self.address = self.running.address
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(DEADLINE_S)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE_S)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def target(tiny_pair) -> ModelRunner:
     return ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu")
@@ -98,8 +78,8 @@ def draft(tiny_pair):
 
 
 @pytest.fixture(scope="module")
-def verifier(target) -> Iterator[ServerThread]:
-    server = ServerThread(VerifierEngine(target.model, VerifierConfig(max_block_tokens=16)))
+def verifier(target) -> Iterator[VerifierServerThread]:
+    server = VerifierServerThread(VerifierEngine(target.model, VerifierConfig(max_block_tokens=16)))
     yield server
     server.stop()
 
@@ -255,26 +235,6 @@ def test_mixed_speculative_and_cloud_only_rounds_with_pipelining(draft, target, 
 # ---------------------------------------------------------------- sampling with pipelining
 
 
-def _chi_square_p(observed: dict[int, int], probs: torch.Tensor, runs: int) -> float:
-    """p-value of counts against probs (V,), bins of expected count >= 5."""
-    order = torch.argsort(probs, descending=True).tolist()
-    obs, exp = [], []
-    o_acc = e_acc = 0.0
-    for t in order:
-        o_acc += observed.get(t, 0)
-        e_acc += float(probs[t]) * runs
-        if e_acc >= 5:
-            obs.append(o_acc)
-            exp.append(e_acc)
-            o_acc = e_acc = 0.0
-    if e_acc > 0 or o_acc > 0:
-        obs[-1] += o_acc
-        exp[-1] += e_acc
-    assert len(obs) >= 3, "too few bins for a meaningful test"
-    scale = sum(obs) / sum(exp)
-    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
-
-
 def test_sampling_with_adaptive_and_pipelining_follows_target_distribution(draft, target, verifier):
     """Tokens 1, 2 and 3 of 360 seeded runs (k = 1 to start: block 0 yields tokens 1-2, and the
     block drafted ahead yields token 3 whenever its guess of token 2 held) against the exact
@@ -314,7 +274,7 @@ def test_sampling_with_adaptive_and_pipelining_follows_target_distribution(draft
         for tokens, _ in results:
             counts[tokens[i]] = counts.get(tokens[i], 0) + 1
         assert set(counts) <= set(torch.nonzero(probs).flatten().tolist())
-        assert _chi_square_p(counts, probs, runs) > 1e-3, f"token {i + 1}"
+        assert chi_square_p(counts, probs, runs) > 1e-3, f"token {i + 1}"
 
 
 # ---------------------------------------------------------------- stale anchors, decode streams
