@@ -15,13 +15,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from cloud.service import TLSConfig, serve
 from cloud.verifier import VerifierConfig, VerifierEngine
+from speculative.metrics import VerifierMetrics
 from speculative.profiles import profile_names
-from speculative.server_cli import add_runtime_args, apply_threads
+from speculative.server_cli import add_runtime_args, apply_threads, run_until_signal
 
 logger = logging.getLogger("cloud.server")
 
@@ -74,24 +74,14 @@ async def _run(args: argparse.Namespace) -> None:
         args.target or DEFAULT_TARGET, config, compute_profile=args.compute_profile
     )
     tls = TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
-    metrics = metrics_server = None
-    if args.metrics_port is not None:
-        from speculative.metrics import VerifierMetrics, serve_metrics
-
-        metrics, metrics_server = serve_metrics(VerifierMetrics, args.metrics_port, host=args.host)
-    running = await serve(
-        engine, host=args.host, port=args.port, token=args.token, tls=tls, metrics=metrics
+    await run_until_signal(
+        args,
+        VerifierMetrics,
+        lambda metrics: serve(
+            engine, host=args.host, port=args.port, token=args.token, tls=tls, metrics=metrics
+        ),
+        grace_s=2.0,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"LISTENING {running.address}", flush=True)
-    await stop.wait()
-    logger.info("stopping")
-    await running.stop(grace=2.0)
-    if metrics_server is not None:
-        metrics_server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 from edge.engine import POLICIES, EdgeEngine, EngineConfig
 from edge.link import LinkConfig
 from edge.service import TlsFiles, serve
+from speculative.metrics import EdgeMetrics
 from speculative.profiles import profile_names
-from speculative.server_cli import add_runtime_args, apply_threads
+from speculative.server_cli import add_runtime_args, apply_threads, run_until_signal
 
 logger = logging.getLogger("edge.server")
 
@@ -101,24 +101,14 @@ async def _main(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key must be given together")
     tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
-    metrics = metrics_server = None
-    if args.metrics_port is not None:
-        from speculative.metrics import EdgeMetrics, serve_metrics
-
-        metrics, metrics_server = serve_metrics(EdgeMetrics, args.metrics_port, host=args.host)
-    running = await serve(
-        engine, host=args.host, port=args.port, token=args.token, tls=tls, metrics=metrics
+    await run_until_signal(
+        args,
+        EdgeMetrics,
+        lambda metrics: serve(
+            engine, host=args.host, port=args.port, token=args.token, tls=tls, metrics=metrics
+        ),
+        grace_s=5.0,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"LISTENING {args.host}:{running.port}", flush=True)
-    await stop.wait()
-    logger.info("stopping")
-    await running.stop(grace=5.0)
-    if metrics_server is not None:
-        metrics_server.stop()
     return 0
 
 

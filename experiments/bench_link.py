@@ -20,12 +20,11 @@ one; both use the real models (compute profile "real"). Three measurements:
 
 Tokens/s is total generated tokens / total wall time of the generations (prefills and TTFT
 included). `edgespec bench link --json FILE` wraps `run_link_bench`; `python -m
-experiments.bench_link --target T --draft D --json FILE` runs it directly.
+experiments.bench_link ARGS` is the same command.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -327,36 +326,10 @@ def run_link_bench(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.bench_link", description=__doc__.split("\n")[0]
-    )
-    ap.add_argument("--target", required=True)
-    ap.add_argument("--draft", required=True)
-    ap.add_argument("--json", required=True, help="result file")
-    ap.add_argument("-k", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--rtt", type=float, action="append", help="emulated RTT in ms (repeatable)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cloud-only", action="store_true", help="also time cloud-only decoding")
-    args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    result = run_link_bench(
-        args.target,
-        args.draft,
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        reps=args.reps,
-        rtts_ms=tuple(args.rtt) if args.rtt else (10.0, 50.0, 100.0),
-        threads=args.threads,
-        include_cloud_only=args.cloud_only,
-    )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print_summary(result)
-    return 0
+    """``python -m experiments.bench_link ARGS`` is ``edgespec bench link ARGS``."""
+    from edgespec.cli import main as cli_main
+
+    return cli_main(["bench", "link", *(sys.argv[1:] if argv is None else argv)])
 
 
 def print_summary(result: dict) -> None:

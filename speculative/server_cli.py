@@ -5,6 +5,13 @@ they share lives here."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def add_runtime_args(ap: argparse.ArgumentParser) -> None:
@@ -33,3 +40,30 @@ def apply_threads(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+
+
+async def run_until_signal(
+    args: argparse.Namespace,
+    metrics_cls: type,
+    start: Callable[[Any], Awaitable[Any]],
+    grace_s: float,
+) -> None:
+    """Serve until SIGTERM/SIGINT: start the ``--metrics-port`` endpoint (if asked), the server
+    (``start(metrics)``, returning an object with ``.port`` and ``async stop(grace)``), print the
+    one ``LISTENING host:port`` line that launchers and tests read, then stop both on a signal."""
+    from speculative.metrics import serve_metrics
+
+    metrics = metrics_server = None
+    if args.metrics_port is not None:
+        metrics, metrics_server = serve_metrics(metrics_cls, args.metrics_port, host=args.host)
+    running = await start(metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"LISTENING {args.host}:{running.port}", flush=True)
+    await stop.wait()
+    logger.info("stopping")
+    await running.stop(grace=grace_s)
+    if metrics_server is not None:
+        metrics_server.stop()
