@@ -42,6 +42,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -73,6 +74,7 @@ from speculative.controller import (
     DraftLengthPolicy,
     FixedPolicy,
     HeuristicPolicy,
+    PolicyMemory,
     RoundObservation,
 )
 from speculative.params import SamplingParams
@@ -103,6 +105,9 @@ class PolicySpec:
     k: int  # the request's draft_tokens (or the engine's default_k): k for "fixed", else the start
     max_k: int  # the engine's largest draft length (EngineConfig.max_k)
     pipelined: bool  # the session drafts ahead while verdicts travel
+    # what earlier sessions on this link learnt (EngineConfig.link_memory), for policies that
+    # can start from it; None for the first session on a link
+    memory: PolicyMemory | None = None
 
 
 PolicyFactory = Callable[[PolicySpec], DraftLengthPolicy]
@@ -113,14 +118,17 @@ def _k_max(spec: PolicySpec) -> int:
     return max(spec.k, min(16, spec.max_k))
 
 
+def _adaptive(spec: PolicySpec) -> AdaptivePolicy:
+    config = AdaptiveConfig(k_init=spec.k, k_max=_k_max(spec), pipelined=spec.pipelined)
+    return AdaptivePolicy(config, spec.memory)
+
+
 # Policies selectable by name (GenerateRequest.policy): factory(spec) -> a fresh policy (one per
 # session; see speculative.controller for what each does).
 POLICIES: dict[str, PolicyFactory] = {
     "fixed": lambda spec: FixedPolicy(spec.k),
     "heuristic": lambda spec: HeuristicPolicy(k0=spec.k, k_max=_k_max(spec)),
-    "adaptive": lambda spec: AdaptivePolicy(
-        AdaptiveConfig(k_init=spec.k, k_max=_k_max(spec), pipelined=spec.pipelined)
-    ),
+    "adaptive": _adaptive,
     "cloud_only": lambda spec: CloudOnlyPolicy(),
 }
 
@@ -234,6 +242,7 @@ class EdgeStats:
     pipelined: bool = False
     compute_profile: str = "real"  # the edge's (draft) compute profile
     verifier_compute_profile: str = ""  # the verifier's, as it reported it
+    warm_start: bool = False  # the adaptive policy started from the link's memory
     round_records: list[RoundRecord] = field(default_factory=list)
 
     def observe_round(self, record: RoundRecord) -> None:
@@ -328,6 +337,10 @@ class EngineConfig:
     add_special_tokens: bool = False  # when tokenizing a text prompt
     # write each finished generation's per-round trace (msgpack, edge/trace.py) into this folder
     trace_dir: str | None = None
+    # Learn each link across sessions: every session's rounds (whatever its policy) update an
+    # estimate per (verifier, sampling regime), and an adaptive session starts from it
+    # (`speculative.controller.PolicyMemory`) instead of from priors.
+    link_memory: bool = True
 
     def __post_init__(self) -> None:
         for name, lo in (("default_k", 1), ("max_k", 1), ("max_sessions", 1), ("max_retries", 0)):
@@ -344,8 +357,21 @@ class EngineConfig:
             raise ValueError(
                 f"default_policy must be one of {sorted(POLICIES)}, got {self.default_policy!r}"
             )
-        if not isinstance(self.pipelined, bool):
-            raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
+        for name in ("pipelined", "link_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+# distinct (verifier, sampling regime) links an engine remembers; the least recently used goes
+LINK_MEMORY_SIZE = 256
+
+
+def sampling_regime(params: SamplingParams) -> str:
+    """The part of the sampling params that acceptance depends on: sessions sharing it (and a
+    verifier) share a link memory."""
+    if params.is_greedy:
+        return "greedy"
+    return f"t={params.temperature!r},top_k={params.top_k},top_p={params.top_p!r}"
 
 
 class _TextStream:
@@ -423,6 +449,8 @@ class EdgeEngine:
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Task] = set()
         self.active_sessions = 0
+        # (verifier address, sampling regime) -> what sessions on it learnt, least recent first
+        self._link_memory: OrderedDict[tuple[str, str], PolicyMemory] = OrderedDict()
 
     @classmethod
     def from_pretrained(
@@ -488,9 +516,11 @@ class EdgeEngine:
         policy: str | DraftLengthPolicy | None,
         k: int | None,
         pipelined: bool = False,
+        memory: PolicyMemory | None = None,
     ) -> DraftLengthPolicy:
         """Resolve a policy name (None/'' = default) and draft length (None/0 = default) into a
-        fresh policy (`speculative.controller.DraftLengthPolicy`); a policy object is used as is.
+        fresh policy (`speculative.controller.DraftLengthPolicy`), handing it `memory` (see
+        `PolicySpec`); a policy object is used as is.
 
         Raises `FieldError` naming 'policy' or 'draft_tokens'."""
         if k is None or k == 0:
@@ -508,7 +538,8 @@ class EdgeEngine:
                 raise FieldError(
                     "policy", f"policy must be one of {sorted(POLICIES)}, got {policy!r}"
                 )
-            return factory(PolicySpec(k=k, max_k=self.config.max_k, pipelined=pipelined))
+            spec = PolicySpec(k=k, max_k=self.config.max_k, pipelined=pipelined, memory=memory)
+            return factory(spec)
         if not isinstance(policy, DraftLengthPolicy):
             raise FieldError(
                 "policy",
@@ -561,7 +592,11 @@ class EdgeEngine:
         if not isinstance(pipelined, bool):
             raise FieldError("pipelined", f"pipelined must be a bool, got {pipelined!r}")
         prompt_ids = self.encode_prompt(prompt)
-        chooser = self.make_policy(policy, k, pipelined)
+        self.make_policy(policy, k, pipelined)  # validated now; built once the link is known
+
+        def build(memory: PolicyMemory | None) -> DraftLengthPolicy:
+            return self.make_policy(policy, k, pipelined, memory)
+
         self._check_length(prompt_ids, params)
         if self.active_sessions >= self.config.max_sessions:
             raise EdgeError(
@@ -571,7 +606,7 @@ class EdgeEngine:
         self.active_sessions += 1
         link = VerifierLink(self._session_addresses(), self.link_config, pool=self._get_pool())
         try:
-            async for event in self._run(link, prompt_ids, params, chooser, pipelined, t_start):
+            async for event in self._run(link, prompt_ids, params, build, pipelined, t_start):
                 yield event
         finally:
             self.active_sessions -= 1
@@ -583,7 +618,7 @@ class EdgeEngine:
         link: VerifierLink,
         prompt_ids: list[int],
         params: SamplingParams,
-        chooser: DraftLengthPolicy,
+        build: Callable[[PolicyMemory | None], DraftLengthPolicy],
         pipelined: bool,
         t_start: float,
     ) -> AsyncIterator[GenerateEvent]:
@@ -604,10 +639,19 @@ class EdgeEngine:
                 opening.cancel()
             elif not opening.cancelled():
                 opening.exception()  # mark it retrieved; the drafter's error (if any) wins
+        key = (link.address or "", sampling_regime(params))
+        memory = self._link_memory.get(key) if self.config.link_memory else None
+        chooser = build(memory)
+        learner = self._learner(chooser, memory, pipelined)
+        stats.warm_start = isinstance(chooser, AdaptivePolicy) and chooser.warm
+        if learner is not None and link.session is not None and link.session.open_rtt_ms is not None:
+            learner.observe_rtt(link.session.open_rtt_ms)
         text = _TextStream(self.tokenizer)
         t_first = t_last = None
         n_first = 0
-        session = _SessionLoop(self, link, drafter, params, chooser, pipelined, stats, t_start)
+        session = _SessionLoop(
+            self, link, drafter, params, chooser, pipelined, stats, t_start, learner
+        )
         async for new in session.run():
             if new:
                 t_last = time.perf_counter()
@@ -626,6 +670,8 @@ class EdgeEngine:
         if link.session is not None:
             stats.verifier_compute_profile = link.session.compute_profile
         stats.policy = repr(chooser)
+        if learner is not None:
+            self._remember((link.address or "", key[1]), learner.memory())
         tokens = list(drafter.generated)
         full_text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
         if self.config.trace_dir is not None:
@@ -633,6 +679,30 @@ class EdgeEngine:
         yield SummaryEvent(
             finish_reason=drafter.finish_reason, tokens=tokens, text=full_text, stats=stats
         )
+
+    def _learner(
+        self, chooser: DraftLengthPolicy, memory: PolicyMemory | None, pipelined: bool
+    ) -> AdaptivePolicy | None:
+        """What learns the link during a session: the adaptive policy itself, or a shadow one
+        (its decisions unused) beside any other policy; None with link memory off."""
+        if not self.config.link_memory:
+            return None
+        if isinstance(chooser, AdaptivePolicy):
+            return chooser
+        spec = PolicySpec(self.config.default_k, self.config.max_k, pipelined, memory)
+        return _adaptive(spec)
+
+    def _remember(self, key: tuple[str, str], memory: PolicyMemory) -> None:
+        if not memory.usable:
+            return
+        self._link_memory[key] = memory
+        self._link_memory.move_to_end(key)
+        while len(self._link_memory) > LINK_MEMORY_SIZE:
+            self._link_memory.popitem(last=False)
+
+    def forget_links(self) -> None:
+        """Drop what earlier sessions learnt of every link: the next sessions start cold."""
+        self._link_memory.clear()
 
     def _write_trace(
         self, stats: EdgeStats, params: SamplingParams, finish_reason: str, n_tokens: int
@@ -808,8 +878,10 @@ class _SessionLoop:
         pipelined: bool,
         stats: EdgeStats,
         t_start: float,
+        learner: AdaptivePolicy | None = None,
     ) -> None:
         self.engine = engine
+        self.learner = learner  # observes every round too, unless it is the policy itself
         self.link = link
         self.drafter = drafter
         self.params = params
@@ -1101,6 +1173,8 @@ class _SessionLoop:
         obs = observation_from_record(record)
         if obs is not None:
             self.policy.observe(obs)
+            if self.learner is not None and self.learner is not self.policy:
+                self.learner.observe(obs)
 
 
 def _edge_code(verifier_code: str) -> str:

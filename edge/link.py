@@ -124,6 +124,9 @@ class SessionInfo:
     model_id: str
     prefill_ms: float
     compute_profile: str = "real"  # the verifier's compute profile ("real" or an emulated one)
+    # OpenSession's wall time less the verifier's prefill: one RTT sample; None when the call
+    # also set up the connection (a fresh channel costs extra round trips)
+    open_rtt_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,10 @@ class ChannelPool:
         ]
         if self.config.tls_server_name:
             self._options.append(("grpc.ssl_target_name_override", self.config.tls_server_name))
+
+    def has(self, address: str) -> bool:
+        """A channel to `address` exists (and has most likely connected already)."""
+        return address in self._channels
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -364,6 +371,7 @@ class VerifierLink:
         """
         self._abandon(discard_channel=False)
         address = self._next_address()
+        reused = self._pool.has(address)
         channel = self._pool.get(address)
         request = pb.OpenSessionRequest(
             prefix_ids=prefix_ids,
@@ -373,12 +381,14 @@ class VerifierLink:
             next_seq=next_seq,
         )
         stub = pb_grpc.VerifierStub(channel)
+        t0 = time.perf_counter()
         try:
             response = await stub.OpenSession(
                 request, timeout=self.config.open_timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as err:
             raise self._rpc_failure("OpenSession", address, channel, err) from err
+        open_ms = (time.perf_counter() - t0) * 1e3
         self._open_bytes_sent += request.ByteSize()
         self._open_bytes_received += response.ByteSize()
         self.session = SessionInfo(
@@ -390,6 +400,7 @@ class VerifierLink:
             model_id=response.model_id,
             prefill_ms=response.prefill_ms,
             compute_profile=response.compute_profile or "real",
+            open_rtt_ms=max(open_ms - response.prefill_ms, 0.0) if reused else None,
         )
         self._channel = channel
         if response.committed_len != len(prefix_ids):

@@ -11,6 +11,16 @@ condition. Methods:
 - ``adaptive``: the E(k)/T(k) controller (may switch to cloud-only), starts at k = 4.
 - ``adaptive_pipelined``: the same with pipelined drafting (the next block drafted and sent while
   a verdict travels).
+- ``adaptive_pipelined_cold``: adaptive + pipelined with no link memory at all (every session
+  starts from priors): the first session an edge ever runs on a link.
+
+Link memory. An edge learns each link across sessions (`EngineConfig.link_memory`): an adaptive
+session starts from the estimates (acceptance, timings, mode, k) the earlier sessions on the same
+verifier left. A deployed edge serves many sessions per link, so the adaptive rows measure that
+warm state, prepared without touching the measured text: before each measured adaptive
+generation the engine forgets every link and runs one unmeasured generation of the *warm-up
+prompt* (``warmup_prompt``, not among ``prompts``) with the same method over the same link. The
+cold row shows what the very first session costs.
 - ``colocated``: `speculative.generate.generate` with both models in this process, both padded by
   the compute profile, no link at all. Run at every k of ``fixed_ks``; the row is the best of them
   by median tokens/s (its ``k`` field says which; ``colocated_by_k`` holds all of them).
@@ -100,8 +110,10 @@ DEFAULT_FIXED_KS = (1, 2, 4, 8)
 # Python, like the demo pair's corpus (not taken from it). One prompt by default: the run time
 # goes to repetitions and to generations long enough for the adaptive policy to settle.
 DEFAULT_PROMPTS = BENCH_PROMPTS[:1]
+# the generation that warms the link memory before a measured adaptive one: another text
+DEFAULT_WARMUP_PROMPT = BENCH_PROMPTS[-1]
 IN_PROCESS_METHODS = ("edge_only_draft", "colocated")
-ADAPTIVE_METHODS = ("adaptive", "adaptive_pipelined")
+ADAPTIVE_METHODS = ("adaptive", "adaptive_pipelined")  # the methods the checks judge
 INITIAL_K = 4  # k0 of the heuristic and k_init of the adaptive policy
 # Criteria of the issue.
 ADAPTIVE_VS_BEST_MIN = 0.95
@@ -121,6 +133,9 @@ class MethodSpec:
     policy: str
     k: int
     pipelined: bool = False
+    # link memory before each measured generation: "warm" (forget, then one warm-up generation
+    # of the warm-up prompt), "cold" (forget), None (left as it is: the policy does not read it)
+    memory: str | None = None
 
 
 def link_methods(fixed_ks: Sequence[int]) -> tuple[MethodSpec, ...]:
@@ -129,8 +144,11 @@ def link_methods(fixed_ks: Sequence[int]) -> tuple[MethodSpec, ...]:
         MethodSpec("cloud_only", "cloud_only", INITIAL_K),
         *(MethodSpec(f"fixed_k{k}", "fixed", k) for k in fixed_ks),
         MethodSpec("heuristic", "heuristic", INITIAL_K),
-        MethodSpec("adaptive", "adaptive", INITIAL_K),
-        MethodSpec("adaptive_pipelined", "adaptive", INITIAL_K, pipelined=True),
+        MethodSpec("adaptive", "adaptive", INITIAL_K, memory="warm"),
+        MethodSpec("adaptive_pipelined", "adaptive", INITIAL_K, pipelined=True, memory="warm"),
+        MethodSpec(
+            "adaptive_pipelined_cold", "adaptive", INITIAL_K, pipelined=True, memory="cold"
+        ),
     )
 
 
@@ -183,6 +201,7 @@ class LatencyBenchConfig:
     reps: int = 3
     max_new_tokens: int = 64
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    warmup_prompt: str = DEFAULT_WARMUP_PROMPT  # warms the link memory (see the module doc)
     fixed_ks: tuple[int, ...] = DEFAULT_FIXED_KS
     # None = all; else a subset of the link methods and IN_PROCESS_METHODS by name
     methods: tuple[str, ...] | None = None
@@ -215,6 +234,10 @@ class LatencyBenchConfig:
             )
         if not self.prompts or not all(isinstance(p, str) and p for p in self.prompts):
             raise ValueError(f"prompts must be non-empty strings, got {self.prompts!r}")
+        if not isinstance(self.warmup_prompt, str) or not self.warmup_prompt:
+            raise ValueError(f"warmup_prompt must be a non-empty string, got {self.warmup_prompt!r}")
+        if self.warmup_prompt in self.prompts:
+            raise ValueError("warmup_prompt must not be one of prompts (it would be measured text)")
         if not self.fixed_ks or any(
             isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 32 for k in self.fixed_ks
         ):
@@ -339,6 +362,9 @@ class _Harness:
         self.prompt_ids = [
             list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in config.prompts
         ]
+        self.warmup_ids = list(
+            self.tokenizer(config.warmup_prompt, add_special_tokens=False)["input_ids"]
+        )
         # In-process runners (colocated, edge-only); the edge engine keeps its own draft.
         self.target = make_runner(
             ModelRunner.from_pretrained(target_path).model, self.profile, "target"
@@ -369,9 +395,28 @@ class _Harness:
         if self.emu is not None:
             self.emu.stop()
 
-    async def run_link(self, spec: MethodSpec, prompt_index: int, max_new_tokens: int) -> RunSample:
+    async def prepare_memory(self, spec: MethodSpec) -> None:
+        """Set the engine's link memory up as `spec.memory` says (see the module docstring)."""
+        assert self.engine is not None
+        if spec.memory is not None:
+            self.engine.forget_links()
+        if spec.memory == "warm":
+            await self.engine.collect(
+                self.warmup_ids,
+                SamplingParams(max_new_tokens=self.config.max_new_tokens),
+                k=spec.k,
+                policy=spec.policy,
+                pipelined=spec.pipelined,
+            )
+
+    async def run_link(
+        self, spec: MethodSpec, prompt_index: int, max_new_tokens: int, prepare: bool = True
+    ) -> RunSample:
+        """One measured generation, after `prepare_memory` unless `prepare` is False."""
         assert self.engine is not None
         params = SamplingParams(max_new_tokens=max_new_tokens)
+        if prepare:
+            await self.prepare_memory(spec)
         t0 = time.perf_counter()
         summary: SummaryEvent = await self.engine.collect(
             self.prompt_ids[prompt_index],
@@ -807,11 +852,15 @@ async def _measure(harness: _Harness, config: LatencyBenchConfig, t_start: float
     logger.info("warm-up at RTT 0 (one generation per method) ...")
     calib: dict[str, _Calibration] = {}
     for spec in specs:
-        await harness.run_link(spec, 0, 4)  # connect, compile shapes
+        await harness.run_link(spec, 0, 4, prepare=False)  # connect, compile shapes
+        t0 = time.perf_counter()
         s = await harness.run_link(spec, 0, config.max_new_tokens)
+        wall = time.perf_counter() - t0  # a warm method's warm-up generation included
         greedy.add(s)
         n_rounds = sum(1 for r in s.rounds if r.speculative) + (spec.name == "cloud_only")
-        calib[spec.name] = _Calibration(s.wall_s, len(s.tokens), n_rounds)
+        if spec.memory == "warm":
+            n_rounds *= 2
+        calib[spec.name] = _Calibration(wall, len(s.tokens), n_rounds)
     if config.selected("edge_only_draft"):
         harness.run_edge_only(0, 4)
         s = harness.run_edge_only(0, config.max_new_tokens)
@@ -881,7 +930,8 @@ async def _measure(harness: _Harness, config: LatencyBenchConfig, t_start: float
 
     for cond in config.conditions():
         emu.set_profile(cond.profile)
-        await harness.run_link(specs[0], 0, 4)  # a round trip under the new link before timing
+        # a round trip under the new link before timing
+        await harness.run_link(specs[0], 0, 4, prepare=False)
         emu.reset_stats()
         samples: dict[str, list[RunSample]] = {s.name: [] for s in specs}
         for rep in range(config.reps):
@@ -913,6 +963,7 @@ async def _measure(harness: _Harness, config: LatencyBenchConfig, t_start: float
         for spec in specs:
             row = summarise(spec.name, cond, samples[spec.name])
             row["emulator_rtt_ms_measured"] = stats.rtt_ms_measured
+            row["link_memory"] = spec.memory
             rows.append(row)
 
     varying = None
@@ -952,10 +1003,12 @@ async def _measure_varying(
     for rep in range(config.varying_reps):
         for name in _rotate(names, rep):
             emu.set_profile(LinkProfile(rtt_ms=schedule.phases[0][1]))
-            await harness.run_link(by_name[name], 0, 4)  # settle the link at the first RTT
+            # settle the link at the first RTT, then warm the memory there (untimed)
+            await harness.run_link(by_name[name], 0, 4, prepare=False)
+            await harness.prepare_memory(by_name[name])
             t0 = time.perf_counter()
             with _RttSwitcher(emu, schedule, t0) as switcher:
-                s = await harness.run_link(by_name[name], 0, n)
+                s = await harness.run_link(by_name[name], 0, n, prepare=False)
             s.rep = rep
             greedy.add(s)
             samples[name].append(s)
@@ -1121,6 +1174,10 @@ def config_from_args(args: argparse.Namespace) -> LatencyBenchConfig:
             overrides[name] = getattr(args, name)
     if args.no_varying:
         overrides["varying"] = None
+    if getattr(args, "methods", None):
+        overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if getattr(args, "no_link_cases", False):
+        overrides["jitter_case"] = overrides["bandwidth_case"] = None
     if args.quick:
         return LatencyBenchConfig.quick(args.compute_profile, **overrides)
     return LatencyBenchConfig(compute_profile=args.compute_profile, **overrides)
@@ -1155,13 +1212,15 @@ def command_line(args: argparse.Namespace) -> str:
         "varying_max_new_tokens",
         "varying_reps",
         "threads",
+        "methods",
         "json",
         "plots",
     ):
         value = getattr(args, name, None)
         if value is not None:
             parts += [f"--{name.replace('_', '-')}", str(value)]
-    parts += [f"--{flag}" for flag in ("quick", "no_varying") if getattr(args, flag, False)]
+    flags = ("quick", "no_varying", "no_link_cases")
+    parts += [f"--{flag}" for flag in flags if getattr(args, flag, False)]
     return " ".join(p.replace("_", "-") if p.startswith("--") else p for p in parts)
 
 

@@ -65,6 +65,12 @@ def _check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
+def _check_profile(name: object) -> None:
+    from speculative.profiles import get_profile  # torch: not at import time
+
+    get_profile(name)  # ValueError naming the known profiles
+
+
 def _check_port(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError(f"{name} must be an int in [0, 65535] (0 = a free port), got {value!r}")
@@ -80,8 +86,11 @@ class VerifierSpec:
     token: str | None = None  # bearer token the edges must send; None = no auth
     port: int = 0  # gRPC port on the node; 0 = a free one
     metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
+    # speculative.profiles name: "real", or an emulated device that pads each target forward
+    compute_profile: str = "real"
 
     def __post_init__(self) -> None:
+        _check_profile(self.compute_profile)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
         if not isinstance(self.target_path, str) or not self.target_path:
@@ -110,8 +119,11 @@ class EdgeSpec:
     link: dict[str, Any] | None = None
     port: int = 0
     metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
+    # speculative.profiles name: "real", or an emulated device that pads each draft forward
+    compute_profile: str = "real"
 
     def __post_init__(self) -> None:
+        _check_profile(self.compute_profile)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
         if not isinstance(self.draft_path, str) or not self.draft_path:
@@ -263,7 +275,10 @@ class VerifierActor(_EndpointActor):
         )
         # Loading takes seconds: off the loop, so Ray calls (ready, stats) still answer.
         self.engine = await asyncio.to_thread(
-            VerifierEngine.from_pretrained, spec.target_path, config
+            VerifierEngine.from_pretrained,
+            spec.target_path,
+            config,
+            compute_profile=spec.compute_profile,
         )
         from speculative.metrics import VerifierMetrics
 
@@ -330,6 +345,7 @@ class EdgeActor(_EndpointActor):
             link_config=link_config,
             config=config,
             device=self.device,
+            compute_profile=spec.compute_profile,
         )
         self.engine.key_prefix = self.name
         self.engine.on_session_end = self._release

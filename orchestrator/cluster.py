@@ -118,16 +118,19 @@ class DeploySpec:
         link: dict[str, Any] | None = None,
         default_k: int = 4,
         default_policy: str = "fixed",
+        compute_profile: str = "real",
         **kwargs: Any,
     ) -> DeploySpec:
-        """A spec from the two checkpoint folders and the usual knobs."""
+        """A spec from the two checkpoint folders and the usual knobs (`compute_profile`: the
+        `speculative.profiles` name both roles run under)."""
         return cls(
-            verifier=VerifierSpec(target_path=str(target_path)),
+            verifier=VerifierSpec(target_path=str(target_path), compute_profile=compute_profile),
             edge=EdgeSpec(
                 draft_path=str(draft_path),
                 link=link,
                 default_k=default_k,
                 default_policy=default_policy,
+                compute_profile=compute_profile,
             ),
             verifiers=verifiers,
             edges=edges,

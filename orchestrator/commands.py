@@ -30,7 +30,10 @@ from edgespec.cli import DEMO_PROMPT
 
 logger = logging.getLogger("edgespec")
 
-DEMO_RTT_MS = 50.0
+DEMO_RTT_MS = 20.0
+# The demo emulates the deployment edgespec is for (a 70B-class target on a cloud GPU, a small
+# draft on an edge GPU: speculative.profiles); `--compute-profile real` runs this machine's speed.
+DEMO_COMPUTE_PROFILE = "h100-70b"
 
 
 class _Progress:
@@ -72,6 +75,12 @@ def _deploy_args(p: argparse.ArgumentParser, verifiers: int, edges: int) -> None
     p.add_argument("--cloud-nodes", type=int, default=verifiers, help="local cloud nodes")
     p.add_argument("-k", "--draft-tokens", type=int, default=4, help="edges' default draft length")
     p.add_argument("--policy", default="adaptive", help="edges' default draft-length policy")
+    p.add_argument(
+        "--compute-profile",
+        default=None,
+        help="speculative.profiles name for verifiers and edges: real (default for up) or an "
+        "emulated device, e.g. h100-70b (a 70B-class target on one H100, pads each forward)",
+    )
 
 
 def _link_profile(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -116,6 +125,7 @@ def _bring_up(args: argparse.Namespace, state_dir: Path, progress: _Progress):
         link=_link_profile(args),
         default_k=args.draft_tokens,
         default_policy=args.policy,
+        compute_profile=args.compute_profile or "real",
     )
     if args.address:
         state = cluster.ClusterState(address=args.address, local=False, started_at=time.time())
@@ -326,12 +336,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- demo
 
 
-def _timed_generate(edge: str, prompt: str, params, policy: str, k: int, timeout: float):
+def _timed_generate(
+    edge: str, prompt: str, params, policy: str, k: int, timeout: float, pipelined: bool = False
+):
     from edgespec.client import Client
 
     with Client(edge, timeout=timeout) as client:
         t0 = time.perf_counter()
-        result = client.generate(prompt, params, policy=policy, draft_tokens=k)
+        result = client.generate(prompt, params, policy=policy, draft_tokens=k, pipelined=pipelined)
         return result, time.perf_counter() - t0
 
 
@@ -347,9 +359,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         edge = deployment.edge_addresses()[0]
         link = f"an emulated {args.rtt_ms:g} ms RTT link" if args.rtt_ms else "a direct link"
-        progress(f"generating through {edge} over {link} (policy {args.policy or 'adaptive'})")
+        how = f"policy {args.policy or 'adaptive'}" + (", pipelined" if args.pipelined else "")
+        progress(
+            f"generating through {edge} over {link} ({how}; compute profile "
+            f"{args.compute_profile})"
+        )
         spec, spec_s = _timed_generate(
-            edge, args.prompt, params, args.policy, args.draft_tokens, args.timeout
+            edge,
+            args.prompt,
+            params,
+            args.policy,
+            args.draft_tokens,
+            args.timeout,
+            args.pipelined,
         )
         progress("generating with the target serving alone over the same link (cloud_only)")
         alone, alone_s = _timed_generate(edge, args.prompt, params, "cloud_only", 0, args.timeout)
@@ -372,8 +394,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec_ks = [k for k in s.draft_lengths if k > 0]  # cloud-only chunks draft nothing
     # The adaptive policy may hand part of the generation to the cloud (cloud-only streaming)
     # when that is faster on this link: say how the tokens were made.
+    from speculative.profiles import get_profile
+
+    profile = get_profile(args.compute_profile)
+    if profile.emulated:
+        print(f"compute profile {profile.name}: {profile.description} (tokens are the models')")
     print(
-        f"edgespec (policy {args.policy or 'adaptive'}): {n_spec / spec_s:.1f} tokens/s; "
+        f"edgespec ({how}): {n_spec / spec_s:.1f} tokens/s; "
         f"{n_spec - s.cloud_only_tokens} tokens from {len(spec_ks)} speculative rounds "
         f"(draft lengths {sorted(set(spec_ks)) or '-'}, acceptance "
         f"{s.acceptance_rate:.2f}), {s.cloud_only_tokens} streamed by the cloud alone; "
@@ -439,5 +466,13 @@ def add_cluster_commands(
     demo.add_argument("--timeout", type=float, default=300.0, help="deadline per generation")
     demo.add_argument("--keep", action="store_true", help="leave the cluster running")
     demo.add_argument("--state-dir", help="state dir for the demo's cluster (default: a temp dir)")
-    demo.set_defaults(func=cmd_demo, address=None)
+    demo.add_argument(
+        "--pipelined",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draft the next block while a verdict travels (default on)",
+    )
+    demo.set_defaults(
+        func=cmd_demo, address=None, compute_profile=DEMO_COMPUTE_PROFILE
+    )
     return demo

@@ -67,6 +67,7 @@ and the verifier's queue_ms counts the time it waited behind the block before it
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
@@ -452,6 +453,9 @@ class _RunDetector:
         """A run of surprises has started and not yet been confirmed or broken."""
         return self.count > 0
 
+    def clear(self) -> None:
+        self.side, self.count = 0, 0
+
 
 class _RobustLevel:
     """Robust online level of a noisy timing, quick to follow a persistent shift.
@@ -508,6 +512,13 @@ class _RobustLevel:
         self.value += self.gain * clipped
         self.dev += self.gain * (abs(clipped) - self.dev)
         return False
+
+    def settled(self) -> _RobustLevel:
+        """A copy with no shift pending (what a new session starts from)."""
+        out = copy.deepcopy(self)
+        out._detector.clear()
+        out._run = []
+        return out
 
 
 class _AffineFit:
@@ -569,6 +580,12 @@ class _AffineFit:
         self.sxy += x * y
         self._solve()
 
+    def settled(self) -> _AffineFit:
+        """A copy with no shift pending (what a new session starts from)."""
+        out = copy.deepcopy(self)
+        out._detector.clear()
+        return out
+
     def _scale_stats(self, factor: float) -> None:
         self.w *= factor
         self.sx *= factor
@@ -606,8 +623,7 @@ class _Counts:
         """A round drafting k and accepting m reached positions 1..min(m+1, k), accepted 1..m;
         older counts are first multiplied by `decay`."""
         if decay != 1.0:
-            self.reached = [v * decay for v in self.reached]
-            self.accepted = [v * decay for v in self.accepted]
+            self.scale(decay)
         reached = min(accepted + 1, k)
         grow = reached - len(self.reached)
         if grow > 0:
@@ -620,6 +636,10 @@ class _Counts:
 
     def totals(self) -> tuple[float, float]:
         return sum(self.reached), sum(self.accepted)
+
+    def scale(self, factor: float) -> None:
+        self.reached = [v * factor for v in self.reached]
+        self.accepted = [v * factor for v in self.accepted]
 
 
 def _bernoulli_g(n: float, s: float, p: float) -> float:
@@ -732,6 +752,18 @@ class _AcceptanceEstimator:
         """The recent rounds disagree with the estimate, though not yet enough to call a shift."""
         return self.g > self.shift_g / 4.0
 
+    def settled(self, max_trials: float) -> _AcceptanceEstimator:
+        """A copy for a new session: every round in the older counts, scaled down to at most
+        `max_trials` positions reached (so the new session's own rounds can overrule what earlier
+        sessions saw, on a text of another kind), no shift pending."""
+        out = copy.deepcopy(self)
+        counts = out._counts()
+        n = counts.totals()[0]
+        if n > max_trials:
+            counts.scale(max_trials / n)
+        out.older, out.recent, out.g = counts, deque(), 0.0
+        return out
+
     def update(self, k: int, accepted: int) -> None:
         if len(self.recent) == self.SHIFT_WINDOW:
             self.older.add(*self.recent.popleft(), decay=self.decay)
@@ -793,6 +825,9 @@ class AdaptiveConfig:
     cloud_probe_every: int = 8  # cloud-only steps between speculative probes
     cloud_probe_k: int = 4  # probes from cloud-only mode draft at least this many (to learn alpha)
     pipelined: bool = False  # the edge drafts ahead while verdicts travel: use T_pipe(k)
+    memory_trials: float = 48.0  # a session started from `PolicyMemory` carries at most this
+    # many acceptance trials over (> 0): enough to decide from the first round, few enough that
+    # its own rounds overrule them within a few dozen positions
 
     def __post_init__(self) -> None:
         k_min = _check_int("k_min", self.k_min, 1, K_LIMIT)
@@ -822,6 +857,31 @@ class AdaptiveConfig:
         _check_int("cloud_probe_k", self.cloud_probe_k, 1, K_LIMIT)
         if not isinstance(self.pipelined, bool):
             raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
+        _check_float("memory_trials", self.memory_trials, lambda v: v > 0.0, "> 0")
+
+
+@dataclass(frozen=True)
+class PolicyMemory:
+    """What an `AdaptivePolicy` learnt of a link (acceptance per position, t_d, RTT, t_v(n),
+    queue, cloud-only token time) and where it ended (mode, k): the start of the next session on
+    the same link. Opaque: made by `AdaptivePolicy.memory()`, consumed by `AdaptivePolicy(config,
+    memory)`; the estimators inside are private copies, never shared between sessions."""
+
+    accept: _AcceptanceEstimator
+    draft: _RobustLevel
+    rtt: _RobustLevel
+    verify: _AffineFit
+    queue: float | None
+    cloud_offset: _RobustLevel
+    mode: Mode
+    k: int
+    speculative_rounds: int  # speculative rounds behind the estimates, over all sessions
+    cloud_only_steps: int
+
+    @property
+    def usable(self) -> bool:
+        """Enough to decide from: a verifier-time fit and an RTT level."""
+        return self.verify.has_data and self.rtt.value is not None
 
 
 @dataclass(frozen=True)
@@ -856,16 +916,27 @@ class AdaptivePolicy:
     `cloud_probe_every`-th step is one speculative round at max(k, `cloud_probe_k`), every other
     step while the acceptance estimate rests on few trials, and straight away again while an
     estimator has a shift pending, so that a return of good conditions is confirmed within a few
-    probes. Probes are marked `Decision.probe`.
+    probes (fast probing only while the optimistic speculative rate could beat cloud-only).
+    Probes are marked `Decision.probe`.
 
     Observations: a speculative round updates every estimate; a cloud-only step only the cloud
     per-token time (its `network_ms` is the stream's first-token latency or ~0, not an RTT
-    sample). `observe_rtt` takes RTT samples from elsewhere (pings) while cloud-only.
+    sample). `observe_rtt` takes RTT samples from elsewhere (a session's open, pings).
+
+    Warm start: given a usable `PolicyMemory` (what an earlier session on the same link learnt)
+    the policy starts from its estimates (acceptance capped at `memory_trials` trials), its mode
+    and its k, and decides from the first round: no warm-up, no cloud warm-up. Short generations
+    are where this matters: a 64-token generation has ~20 rounds, fewer than the estimates need to
+    settle, and at long RTTs a single speculative round costs more than cloud-only could gain.
     """
 
-    def __init__(self, config: AdaptiveConfig | None = None) -> None:
+    def __init__(
+        self, config: AdaptiveConfig | None = None, memory: PolicyMemory | None = None
+    ) -> None:
         self.config = config if config is not None else AdaptiveConfig()
         c = self.config
+        if memory is not None and not isinstance(memory, PolicyMemory):
+            raise ValueError(f"memory must be a PolicyMemory or None, got {type(memory).__name__}")
         self._accept = _AcceptanceEstimator(
             c.alpha_prior,
             c.alpha_prior_weight,
@@ -887,6 +958,39 @@ class AdaptivePolicy:
         self._since_explore = 0
         self._probes = 0  # exploration probes issued, indexes _PROBE_CYCLE
         self._cloud_steps = 0  # cloud-only steps since the last probe
+        self._warm = memory is not None and memory.usable
+        if self._warm:
+            assert memory is not None
+            self._accept = memory.accept.settled(c.memory_trials)
+            self._accept.decay = c.acceptance_decay
+            self._draft, self._rtt = memory.draft.settled(), memory.rtt.settled()
+            self._verify = memory.verify.settled()
+            self._queue = memory.queue
+            self._cloud_offset = memory.cloud_offset.settled()
+            self._k = min(max(memory.k, c.k_min), c.k_max)
+            self._mode = memory.mode if c.allow_cloud_only else SPECULATIVE
+            self._spec_rounds = memory.speculative_rounds
+            self._cloud_steps_seen = memory.cloud_only_steps
+
+    @property
+    def warm(self) -> bool:
+        """Started from a usable `PolicyMemory`."""
+        return self._warm
+
+    def memory(self) -> PolicyMemory:
+        """A snapshot of what this policy has learnt, for the next session on the same link."""
+        return PolicyMemory(
+            accept=copy.deepcopy(self._accept),
+            draft=copy.deepcopy(self._draft),
+            rtt=copy.deepcopy(self._rtt),
+            verify=copy.deepcopy(self._verify),
+            queue=self._queue,
+            cloud_offset=copy.deepcopy(self._cloud_offset),
+            mode=self._mode,
+            k=self._k,
+            speculative_rounds=self._spec_rounds,
+            cloud_only_steps=self._cloud_steps_seen,
+        )
 
     # -- estimates ------------------------------------------------------------------------------
 
@@ -967,7 +1071,7 @@ class AdaptivePolicy:
     def choose(self) -> Decision:
         c = self.config
         cost = self._cost()
-        if cost is None or self._spec_rounds < c.warmup_rounds:
+        if cost is None or (not self._warm and self._spec_rounds < c.warmup_rounds):
             return Decision(SPECULATIVE, self._k)
 
         accept = self._accept.probs(c.k_max + 1)  # p_{k_max+1}: the pipelined hit rate
@@ -981,13 +1085,13 @@ class AdaptivePolicy:
             self._k = k_best
         spec_rate, cloud_rate = rates[self._k], self._cloud_mode_rate(cost, accept)
 
-        if c.allow_cloud_only and self._spec_rounds >= c.cloud_warmup_rounds:
+        if c.allow_cloud_only and (self._warm or self._spec_rounds >= c.cloud_warmup_rounds):
             # Leaving speculative decoding is judged on an optimistic acceptance (one standard
             # error up): speculative rounds are where the evidence comes from, so thin evidence
             # (early on, or just after a shift) keeps the session there until it is conclusive.
             if self._mode == SPECULATIVE and cloud_rate > spec_rate * (1.0 + c.mode_hysteresis):
-                hopeful = max(_rates(cost, self._accept.upper(c.k_max + 1), c.k_min, c.k_max))
-                if cloud_rate > hopeful * (1.0 + c.mode_hysteresis):
+                hopeful = self._hopeful_rate(cost)
+                if cloud_rate > hopeful:
                     logger.info("to cloud-only: %.1f > %.1f tok/s", cloud_rate, hopeful)
                     self._mode, self._cloud_steps = CLOUD_ONLY, 0
             elif self._mode == CLOUD_ONLY and spec_rate > cloud_rate * (1.0 + c.mode_hysteresis):
@@ -998,8 +1102,10 @@ class AdaptivePolicy:
 
         if self._mode == CLOUD_ONLY:
             every = c.cloud_probe_every
-            if self._accept.trials < _CONFIDENT_TRIALS:
-                # thin evidence (counts just rebuilt after a shift): firm it up quickly
+            if self._accept.trials < _CONFIDENT_TRIALS and self._hopeful_rate(cost) > cloud_rate:
+                # thin evidence (counts just rebuilt after a shift) that could still favour
+                # speculating: firm it up quickly (when even the optimistic rate loses, the
+                # probes would only cost round trips)
                 every = min(every, 2)
             if self._cloud_steps >= every or self._spec_surprised():
                 self._cloud_steps = 0
@@ -1014,6 +1120,11 @@ class AdaptivePolicy:
             if k != self._k:
                 return Decision(SPECULATIVE, k, probe=True)
         return Decision(SPECULATIVE, self._k)
+
+    def _hopeful_rate(self, cost: CostModel) -> float:
+        """The best speculative rate under an acceptance one standard error higher."""
+        c = self.config
+        return max(_rates(cost, self._accept.upper(c.k_max + 1), c.k_min, c.k_max))
 
     def _cloud_probe_k(self) -> int:
         c = self.config

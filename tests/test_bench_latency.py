@@ -180,6 +180,7 @@ def test_quick_run_through_the_cli(tiny_pair, tmp_path):
         "heuristic",
         "adaptive",
         "adaptive_pipelined",
+        "adaptive_pipelined_cold",
     }
     assert grid == {(rtt, m) for rtt in (0.0, 20.0) for m in link_methods}
     assert {r["method"] for r in rows if r["in_process"]} == {"edge_only_draft", "colocated"}
@@ -189,6 +190,11 @@ def test_quick_run_through_the_cli(tiny_pair, tmp_path):
         assert keys <= set(row) and row["tokens_per_s"] > 0
     by = {(r["rtt_ms"], r["method"]): r for r in rows if r["case"] == "rtt"}
     assert by[(20.0, "fixed_k2")]["mean_k"] == 2.0
+    # the adaptive rows say how their link memory was prepared (warm: one earlier session on
+    # another prompt; cold: none), the others that it was left alone
+    assert by[(20.0, "adaptive")]["link_memory"] == "warm"
+    assert by[(20.0, "adaptive_pipelined_cold")]["link_memory"] == "cold"
+    assert by[(20.0, "fixed_k2")]["link_memory"] is None
     assert by[(20.0, "fixed_k2")]["rtt_ms_measured"] >= 20.0  # the emulated delay is really there
     assert by[(20.0, "cloud_only")]["mean_k"] in (0.0, None)
 

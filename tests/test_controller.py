@@ -20,6 +20,7 @@ from speculative.controller import (
     DraftLengthPolicy,
     FixedPolicy,
     HeuristicPolicy,
+    PolicyMemory,
     RoundObservation,
     SimEnv,
     SimResult,
@@ -496,3 +497,75 @@ def test_adaptive_respects_k_bounds() -> None:
         result = simulate(AdaptivePolicy(config), env, 300, seed=0)
         ks = [r.decision.k for r in result.rounds if r.decision.mode == SPECULATIVE]
         assert min(ks) >= 3 and max(ks) <= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# memory across sessions (warm start)
+
+
+def _learnt(env: SimEnv, rounds: int = 80, **config) -> AdaptivePolicy:
+    policy = AdaptivePolicy(AdaptiveConfig(**config))
+    simulate(policy, env, rounds, seed=3)
+    return policy
+
+
+def test_warm_start_decides_from_the_first_round() -> None:
+    """A long RTT where cloud-only wins: a cold policy spends its warm-up rounds speculating; one
+    started from an earlier session's memory streams from the first decision, and a short link
+    resumes at the k the earlier session settled on."""
+    far = _env(alpha=0.7, rtt_ms=200.0)
+    cold = AdaptivePolicy()
+    assert cold.choose().mode == SPECULATIVE and not cold.warm
+    earlier = _learnt(far)
+    assert earlier.mode == CLOUD_ONLY
+    warm = AdaptivePolicy(AdaptiveConfig(), earlier.memory())
+    assert warm.warm and warm.choose().mode == CLOUD_ONLY
+    # over a short session the warm policy commits more per unit of time than the cold one
+    rates = [simulate(p, far, 12, seed=5).tokens_per_s for p in (cold, warm)]
+    assert rates[1] > 1.2 * rates[0]
+
+    near = _env(alpha=0.8, rtt_ms=5.0)
+    settled = _learnt(near)
+    resumed = AdaptivePolicy(AdaptiveConfig(), settled.memory())
+    first = resumed.choose()
+    assert first.mode == SPECULATIVE and first.k == settled.k
+    assert abs(settled.k - near.best_k()) <= 1
+
+
+def test_memory_is_a_copy_with_capped_acceptance_evidence() -> None:
+    env = _env(alpha=0.8)
+    earlier = _learnt(env, rounds=200, acceptance_decay=1.0)
+    memory = earlier.memory()
+    assert memory.usable and memory.accept.trials > 200  # every position reached, undecayed
+    before = (memory.accept.trials, memory.rtt.value, earlier.estimates())
+    warm = AdaptivePolicy(AdaptiveConfig(memory_trials=40.0, allow_cloud_only=False), memory)
+    assert warm.warm
+    # the new session carries at most memory_trials trials, at the same rate
+    assert warm._accept.trials == pytest.approx(40.0)
+    assert warm._accept.pooled() == pytest.approx(earlier._accept.pooled(), abs=0.02)
+    # its own rounds change neither the memory nor the policy that made it
+    simulate(warm, _env(alpha=0.3, rtt_ms=80.0), 40, seed=1)
+    assert (memory.accept.trials, memory.rtt.value, earlier.estimates()) == before
+    # and they overrule the memory: acceptance collapsed, the RTT quadrupled
+    estimates = warm.estimates()
+    assert estimates is not None
+    assert estimates.alpha < 0.5 and estimates.cost.rtt_ms > 60.0
+
+
+def test_unusable_or_wrong_memory() -> None:
+    fresh = AdaptivePolicy().memory()  # nothing observed: no t_v fit, no RTT
+    assert not fresh.usable
+    policy = AdaptivePolicy(AdaptiveConfig(), fresh)
+    assert not policy.warm and policy.choose() == Decision(SPECULATIVE, 4)
+    with pytest.raises(ValueError, match="memory must be a PolicyMemory"):
+        AdaptivePolicy(AdaptiveConfig(), {"k": 4})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="memory_trials"):
+        AdaptiveConfig(memory_trials=0.0)
+    # a memory whose k lies outside this session's bounds is clipped; cloud-only only if allowed
+    earlier = _learnt(_env(alpha=0.7, rtt_ms=200.0))
+    assert isinstance(earlier.memory(), PolicyMemory)
+    speculative_only = AdaptivePolicy(
+        AdaptiveConfig(k_max=2, k_init=2, allow_cloud_only=False), earlier.memory()
+    )
+    decision = speculative_only.choose()
+    assert decision.mode == SPECULATIVE and 1 <= decision.k <= 2
