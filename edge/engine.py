@@ -644,7 +644,11 @@ class EdgeEngine:
         chooser = build(memory)
         learner = self._learner(chooser, memory, pipelined)
         stats.warm_start = isinstance(chooser, AdaptivePolicy) and chooser.warm
-        if learner is not None and link.session is not None and link.session.open_rtt_ms is not None:
+        if (
+            learner is not None
+            and link.session is not None
+            and link.session.open_rtt_ms is not None
+        ):
             learner.observe_rtt(link.session.open_rtt_ms)
         text = _TextStream(self.tokenizer)
         t_first = t_last = None

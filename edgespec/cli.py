@@ -184,9 +184,7 @@ def _bench_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-link-cases", action="store_true", help="skip the jitter and bandwidth-limit cases"
     )
-    p.add_argument(
-        "--methods", help="comma-separated subset of the methods (default: all of them)"
-    )
+    p.add_argument("--methods", help="comma-separated subset of the methods (default: all of them)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
     p.add_argument(
         "--quick", action="store_true", help="smoke size: 2 RTTs, 1 rep, short generations"

@@ -146,9 +146,7 @@ def link_methods(fixed_ks: Sequence[int]) -> tuple[MethodSpec, ...]:
         MethodSpec("heuristic", "heuristic", INITIAL_K),
         MethodSpec("adaptive", "adaptive", INITIAL_K, memory="warm"),
         MethodSpec("adaptive_pipelined", "adaptive", INITIAL_K, pipelined=True, memory="warm"),
-        MethodSpec(
-            "adaptive_pipelined_cold", "adaptive", INITIAL_K, pipelined=True, memory="cold"
-        ),
+        MethodSpec("adaptive_pipelined_cold", "adaptive", INITIAL_K, pipelined=True, memory="cold"),
     )
 
 
@@ -235,7 +233,9 @@ class LatencyBenchConfig:
         if not self.prompts or not all(isinstance(p, str) and p for p in self.prompts):
             raise ValueError(f"prompts must be non-empty strings, got {self.prompts!r}")
         if not isinstance(self.warmup_prompt, str) or not self.warmup_prompt:
-            raise ValueError(f"warmup_prompt must be a non-empty string, got {self.warmup_prompt!r}")
+            raise ValueError(
+                f"warmup_prompt must be a non-empty string, got {self.warmup_prompt!r}"
+            )
         if self.warmup_prompt in self.prompts:
             raise ValueError("warmup_prompt must not be one of prompts (it would be measured text)")
         if not self.fixed_ks or any(

@@ -361,8 +361,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         link = f"an emulated {args.rtt_ms:g} ms RTT link" if args.rtt_ms else "a direct link"
         how = f"policy {args.policy or 'adaptive'}" + (", pipelined" if args.pipelined else "")
         progress(
-            f"generating through {edge} over {link} ({how}; compute profile "
-            f"{args.compute_profile})"
+            f"generating through {edge} over {link} ({how}; compute profile {args.compute_profile})"
         )
         spec, spec_s = _timed_generate(
             edge,
@@ -472,7 +471,5 @@ def add_cluster_commands(
         default=True,
         help="draft the next block while a verdict travels (default on)",
     )
-    demo.set_defaults(
-        func=cmd_demo, address=None, compute_profile=DEMO_COMPUTE_PROFILE
-    )
+    demo.set_defaults(func=cmd_demo, address=None, compute_profile=DEMO_COMPUTE_PROFILE)
     return demo
