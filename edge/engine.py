@@ -20,6 +20,17 @@ verdict is already on its way; on a miss the verifier answers the block STALE (i
 anchor token does not match) and the engine drafts afresh from the committed tokens. Exactness is
 unchanged (the argument is in `speculative.session`'s docstring).
 
+Link memory (`EngineConfig.link_memory`, on by default): the engine keeps, per (verifier
+address, sampling regime), what its sessions learnt of the link: per-position acceptance, draft
+and verifier step times, RTT, queueing, the cloud-only token time, and the mode and k the last
+session ended in (`speculative.controller.PolicyMemory`). Every session feeds it (an adaptive
+policy directly, any other policy through a shadow adaptive learner that only observes), and an
+adaptive session starts from it: it decides from its first round instead of spending warm-up
+rounds on priors, which is most of a short generation at long RTTs. The RTT measured by each
+OpenSession on an already connected channel is one more sample. Sessions with different
+sampling settings do not share acceptance (greedy and T=1 accept differently); the last session
+to finish writes the memory (concurrent sessions on one link see the same link).
+
 The edge owns the committed tokens (`speculative.session.Drafter`); the verifier's KV cache is only
 a cache. When the link fails (verifier down, connection reset, stream broken, round deadline
 passed, session reaped), the engine opens a new session on the same or the next verifier with
@@ -674,7 +685,7 @@ class EdgeEngine:
         if link.session is not None:
             stats.verifier_compute_profile = link.session.compute_profile
         stats.policy = repr(chooser)
-        if learner is not None:
+        if learner is not None and self.config.link_memory:
             self._remember((link.address or "", key[1]), learner.memory())
         tokens = list(drafter.generated)
         full_text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
@@ -687,17 +698,17 @@ class EdgeEngine:
     def _learner(
         self, chooser: DraftLengthPolicy, memory: PolicyMemory | None, pipelined: bool
     ) -> AdaptivePolicy | None:
-        """What learns the link during a session: the adaptive policy itself, or a shadow one
-        (its decisions unused) beside any other policy; None with link memory off."""
-        if not self.config.link_memory:
-            return None
+        """What learns the link during a session: the adaptive policy itself, or, for the link
+        memory, a shadow one (its decisions unused) beside any other policy."""
         if isinstance(chooser, AdaptivePolicy):
             return chooser
+        if not self.config.link_memory:
+            return None
         spec = PolicySpec(self.config.default_k, self.config.max_k, pipelined, memory)
         return _adaptive(spec)
 
     def _remember(self, key: tuple[str, str], memory: PolicyMemory) -> None:
-        if not memory.usable:
+        if memory.empty:
             return
         self._link_memory[key] = memory
         self._link_memory.move_to_end(key)
@@ -886,6 +897,7 @@ class _SessionLoop:
     ) -> None:
         self.engine = engine
         self.learner = learner  # observes every round too, unless it is the policy itself
+        self._ping: asyncio.Future | None = None  # the RTT ping in flight (cloud-only streams)
         self.link = link
         self.drafter = drafter
         self.params = params
@@ -904,6 +916,14 @@ class _SessionLoop:
     # ---- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> AsyncIterator[list[int]]:
+        try:
+            async for new in self._rounds():
+                yield new
+        finally:
+            if self._ping is not None:
+                self._ping.cancel()
+
+    async def _rounds(self) -> AsyncIterator[list[int]]:
         d = self.drafter
         while not d.finished:
             if d.pending is None:
@@ -1004,6 +1024,7 @@ class _SessionLoop:
         committed stay, and the next round reopens the session)."""
         d = self.drafter
         sent = self.blocks[pending.seq]
+        self._start_ping()
         count = 0
         verify_ms = queue_ms = apply_ms = 0.0
         bytes_received = 0
@@ -1070,6 +1091,27 @@ class _SessionLoop:
             ),
             last,
         )
+        if self.learner is not None and not d.finished:
+            # what the draft would have proposed for the streamed tokens (greedy only): the
+            # acceptance estimate stays current without speculative probes
+            matches = await self.engine._compute(d.shadow_matches)
+            if matches:
+                self.learner.observe_shadow(matches)
+
+    def _start_ping(self) -> None:
+        """Cloud-only streams carry no RTT samples: ping the verifier once per chunk (one ping
+        in flight at most) so the learner sees the link improve and can go back to speculating."""
+        if self.learner is None or self._ping is not None:
+            return
+        self._ping = asyncio.ensure_future(self.link.ping())
+        self._ping.add_done_callback(self._pinged)
+
+    def _pinged(self, task: asyncio.Future) -> None:
+        self._ping = None
+        if task.cancelled() or task.exception() is not None or task.result() is None:
+            return
+        assert self.learner is not None
+        self.learner.observe_rtt(task.result())
 
     async def _stream_broken(self, err: LinkError, pending: DraftBlock) -> None:
         """Give up the rest of a cloud-only stream (the next round reopens the session)."""

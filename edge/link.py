@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from protos.convert import block_to_proto, params_to_proto, verdict_from_proto
 from protos.edgespec.v1 import edgespec_pb2 as pb
@@ -525,6 +526,30 @@ class VerifierLink:
         """A `LinkError` for replies that make no sense to the caller (e.g. STALE for a live
         block): the stream is abandoned, the error is retryable (reopen the session)."""
         return self._stream_failure(message, None)
+
+    async def ping(self) -> float | None:
+        """One RTT sample on the session's connection: a grpc.health.v1 Check (the verifier
+        answers it without touching the model) timed from send to answer, in ms. None when no
+        session is open or the check fails; the stream itself reports real failures."""
+        channel = self._channel
+        if channel is None:
+            return None
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        t0 = time.perf_counter()
+        try:
+            await check(
+                health_pb2.HealthCheckRequest(),
+                timeout=self.config.round_timeout_s,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as err:
+            logger.debug("ping %s failed: %s", self.address, err.code().name)
+            return None
+        return (time.perf_counter() - t0) * 1e3
 
     async def close(self) -> None:
         """End the session: half-close the stream and ask the verifier to drop it (best effort)."""

@@ -47,6 +47,18 @@ on an optimistic acceptance, one standard error up, so thin evidence does not en
 `simulate` runs any policy against a synthetic environment drawn from the same model (Bernoulli
 acceptance, jittery timings, level shifts by round); tests and the experiments harness use it.
 
+Across sessions (`PolicyMemory`): a policy's estimates and its final mode and k are the start of
+the next session on the same link, which then decides from its first round. Generations are
+short (a 64-token one has ~20 rounds, fewer than the estimates need from priors), and at long
+RTTs one speculative round costs more than cloud-only can gain, so a cold start is most of the
+cost there. The edge keeps one memory per verifier and sampling regime (`edge.engine`).
+
+While cloud-only, nothing is drafted, but the policy need not go blind: `observe_shadow` takes
+what the draft would have proposed for the streamed tokens (under greedy decoding a draft token
+is accepted iff it equals the committed token, so these are exact acceptance outcomes), and
+`observe_rtt` takes pings. With both arriving, scheduled probes are skipped: the link getting
+better shows in the pings, easier text in the shadow rounds.
+
 Pipelined drafting (`CostModel.pipelined`, `AdaptiveConfig.pipelined`): while block n's verdict
 travels, the edge guesses its bonus token and drafts block n+1 after it (pipeline depth 1). Block
 n+1 is used (a *hit*) with probability h(k) = p_1 * ... * p_k * p_{k+1}: every draft token
@@ -883,6 +895,11 @@ class PolicyMemory:
         """Enough to decide from: a verifier-time fit and an RTT level."""
         return self.verify.has_data and self.rtt.value is not None
 
+    @property
+    def empty(self) -> bool:
+        """Nothing learnt at all (no acceptance trial, no timing)."""
+        return self.accept.trials == 0.0 and self.rtt.value is None and self.draft.value is None
+
 
 @dataclass(frozen=True)
 class Estimates:
@@ -958,15 +975,22 @@ class AdaptivePolicy:
         self._since_explore = 0
         self._probes = 0  # exploration probes issued, indexes _PROBE_CYCLE
         self._cloud_steps = 0  # cloud-only steps since the last probe
+        self._shadow_tail: list[bool] = []  # matches of a shadow round still open
+        self._shadow_rounds = 0  # shadow rounds counted (observe_shadow)
+        self._rtt_samples = 0  # RTT samples from outside rounds (observe_rtt)
+        self._fresh = (0, 0)  # (shadow rounds, RTT samples) when the last probe was chosen
         self._warm = memory is not None and memory.usable
-        if self._warm:
-            assert memory is not None
+        if memory is not None:
+            # whatever was learnt is a better start than the priors; but without a verifier-time
+            # fit and an RTT there is nothing to decide from yet: warm-up as usual
             self._accept = memory.accept.settled(c.memory_trials)
             self._accept.decay = c.acceptance_decay
             self._draft, self._rtt = memory.draft.settled(), memory.rtt.settled()
             self._verify = memory.verify.settled()
             self._queue = memory.queue
             self._cloud_offset = memory.cloud_offset.settled()
+        if self._warm:
+            assert memory is not None
             self._k = min(max(memory.k, c.k_min), c.k_max)
             self._mode = memory.mode if c.allow_cloud_only else SPECULATIVE
             self._spec_rounds = memory.speculative_rounds
@@ -1062,9 +1086,34 @@ class AdaptivePolicy:
             obs.queue_ms if self._queue is None else self._queue + g * (obs.queue_ms - self._queue)
         )
 
+    def observe_shadow(self, matches: Sequence[bool]) -> None:
+        """Acceptance outcomes seen without rounds: for consecutive committed tokens, whether
+        the draft would have proposed each (greedy: `Drafter.shadow_matches`). They are cut into
+        the rounds the current k would have made (a round accepts the run of matches from its
+        first position, up to k, and the next round starts after its bonus token) and counted like
+        real ones; an unfinished round carries over to the next call. Only the acceptance
+        estimate learns from them; cloud-only mode then needs its probes for nothing but the
+        timings, and skips them while RTT samples arrive too (`observe_rtt`)."""
+        k = self._cloud_probe_k() if self._mode == CLOUD_ONLY else self._k
+        seq = self._shadow_tail + [bool(m) for m in matches]
+        i = 0
+        while True:
+            run = 0
+            while run < k and i + run < len(seq) and seq[i + run]:
+                run += 1
+            if run < k and i + run >= len(seq):
+                break  # the round's end is not committed yet
+            self._accept.update(k, run)
+            self._shadow_rounds += 1
+            i += run + 1  # accepted tokens, then the bonus token (no draft position)
+            if i >= len(seq):
+                break
+        self._shadow_tail = seq[i:]
+
     def observe_rtt(self, rtt_ms: float) -> None:
         """An RTT measured outside a round (e.g. a keepalive ping): keeps the RTT estimate current
         while the session decodes cloud-only."""
+        self._rtt_samples += 1
         if self._rtt.update(_check_ms("rtt_ms", rtt_ms)):
             logger.info("RTT shifted to %.1f ms", self._rtt.value)
 
@@ -1107,9 +1156,17 @@ class AdaptivePolicy:
                 # speculating: firm it up quickly (when even the optimistic rate loses, the
                 # probes would only cost round trips)
                 every = min(every, 2)
+            # Shadow acceptance and RTT samples since the last probe keep the estimates a probe
+            # would refresh current (t_d and t_v change with the hardware's load, not the text
+            # or the link): then the probe would only cost a round trip.
             if self._cloud_steps >= every or self._spec_surprised():
+                informed = (
+                    self._shadow_rounds > self._fresh[0] and self._rtt_samples > self._fresh[1]
+                )
                 self._cloud_steps = 0
-                return Decision(SPECULATIVE, self._cloud_probe_k(), probe=True)
+                self._fresh = (self._shadow_rounds, self._rtt_samples)
+                if not informed:
+                    return Decision(SPECULATIVE, self._cloud_probe_k(), probe=True)
             self._cloud_steps += 1
             return Decision(CLOUD_ONLY, 0, stream_tokens=c.cloud_chunk_tokens)
 

@@ -295,6 +295,33 @@ class Drafter:
         self._decoded = 0
         return block
 
+    def shadow_matches(self) -> list[bool]:
+        """Greedy drafting only: what the draft would have proposed for the tokens committed
+        since its cache was last fed, without a round trip (cloud-only streaming uses this to keep
+        the acceptance estimate current).
+
+        Feeds the committed tokens the draft cache lacks, all but the last (the cache stays a
+        prefix of `committed`, as `propose` expects), and returns, for each token those forwards
+        predict, whether the draft's argmax equals the committed token. Under greedy decoding
+        that is exactly the accept/reject outcome a draft token at that position would have had
+        (a draft token is accepted iff it equals the target's argmax, i.e. the committed token),
+        so runs of True are the accepted runs of speculative rounds on this text. Returns [] when
+        drafting samples, a block with draft tokens is pending or drafted ahead (the cache then
+        holds drafts), or nothing is new. Outputs are unaffected: the cache only gains tokens
+        `propose` would feed anyway.
+        """
+        if not self.draft_params.is_greedy or self.finished:
+            return []
+        for block in (self._pending, self._ahead):
+            if block is not None and block.tokens:
+                return []
+        start = self.runner.length
+        feed = self.committed[start:-1]
+        if not feed:
+            return []
+        predicted = self.runner.extend(feed).argmax(-1).tolist()  # row i predicts start + i + 1
+        return [p == t for p, t in zip(predicted, self.committed[start + 1 :], strict=True)]
+
     def ahead_room(self) -> int:
         """Draft tokens a block drafted ahead of the pending one could hold now; -1 when none can
         be drafted (no speculative block pending, one already ahead, or the pending block, if

@@ -4,6 +4,7 @@ run against the simulator (seeded, so every assertion is deterministic; no wall-
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -569,3 +570,51 @@ def test_unusable_or_wrong_memory() -> None:
     )
     decision = speculative_only.choose()
     assert decision.mode == SPECULATIVE and 1 <= decision.k <= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# shadow acceptance and RTT samples while cloud-only
+
+
+def test_observe_shadow_cuts_matches_into_the_rounds_k_would_make() -> None:
+    policy = AdaptivePolicy(AdaptiveConfig(k_init=4, alpha_prior=0.5, alpha_prior_weight=1e-6))
+    policy.observe_shadow([True] * 12)  # rounds (4 of 4) at 0-3 and 5-8; 10-11 still open
+    assert policy._accept.trials == pytest.approx(8.0) and policy._shadow_tail == [True, True]
+    policy.observe_shadow([False])  # closes the open round: 2 accepted, then a rejection
+    assert policy._accept.trials == pytest.approx(11.0)
+    assert policy._accept.pooled() == pytest.approx(10.0 / 11.0, abs=1e-4)
+    # bonus positions are no draft positions: after a rejection the next round starts one later
+    policy = AdaptivePolicy(AdaptiveConfig(k_init=4, alpha_prior=0.5, alpha_prior_weight=1e-6))
+    policy.observe_shadow([True, False, True, True, True, True, True])
+    assert policy._accept.trials == pytest.approx(2.0 + 4.0)  # (k=4, 1) then (k=4, 4)
+    # a long stream at a 0.7 match rate: the estimate follows it
+    rng = random.Random(0)
+    policy.observe_shadow([rng.random() < 0.7 for _ in range(4000)])
+    assert policy.estimates() is None  # no timings yet: shadow rounds teach acceptance only
+    assert policy._accept.pooled() == pytest.approx(0.7, abs=0.05)
+
+
+def test_cloud_only_skips_probes_while_shadow_and_rtt_samples_arrive() -> None:
+    far = _env(alpha=0.7, rtt_ms=200.0)
+
+    def cloud_policy() -> AdaptivePolicy:
+        policy = AdaptivePolicy(AdaptiveConfig(), _learnt(far).memory())
+        assert policy.mode == CLOUD_ONLY
+        return policy
+
+    fed, starved = cloud_policy(), cloud_policy()
+    rng = random.Random(1)
+    fed_probes = starved_probes = 0
+    for _ in range(40):
+        fed_probes += fed.choose().probe
+        starved_probes += starved.choose().probe
+        fed.observe_shadow([rng.random() < 0.7 for _ in range(8)])
+        fed.observe_rtt(200.0 + rng.gauss(0.0, 2.0))
+    assert fed_probes == 0 and starved_probes >= 4
+    # the RTT falls to 5 ms: the pings show it, and the policy goes back to speculating
+    modes = []
+    for _ in range(12):
+        fed.observe_rtt(5.0 + rng.gauss(0.0, 0.5))
+        fed.observe_shadow([rng.random() < 0.7 for _ in range(8)])
+        modes.append(fed.choose().mode)
+    assert modes[-1] == SPECULATIVE and modes.index(SPECULATIVE) <= 4

@@ -39,6 +39,7 @@ from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 from speculative.controller import (
     CLOUD_ONLY,
     SPECULATIVE,
+    CloudOnlyPolicy,
     CostModel,
     Decision,
     RoundObservation,
@@ -267,6 +268,36 @@ def test_open_session_measures_the_rtt_on_a_connected_channel(emulator):
     fresh, again = asyncio.run(body())
     assert fresh.open_rtt_ms is None
     assert again.open_rtt_ms is not None and RTT_MS * 0.9 <= again.open_rtt_ms < RTT_MS * 3
+
+
+def test_cloud_only_streams_keep_the_link_estimates_current(draft, emulator):
+    """While the cloud decodes alone the edge still learns: greedy streams give shadow acceptance
+    (what the draft would have proposed), a ping per chunk gives RTT samples."""
+    params = SamplingParams(max_new_tokens=40)
+
+    async def body():
+        engine = make_engine(draft, emulator.address)
+        try:
+            chunks = CloudOnlyPolicy(stream_tokens=8)  # as adaptive streams: chunk by chunk
+            summary = await engine.collect(PROMPTS[0], params, policy=chunks)
+            assert summary.stats.drafted == 0 and summary.stats.cloud_only_tokens == 40
+            memory = engine._link_memory[(summary.stats.verifier, "greedy")]
+            link = VerifierLink([emulator.address], LinkConfig(round_timeout_s=DEADLINE_S))
+            try:
+                assert await link.ping() is None  # no session, no connection to time
+                await link.open(PROMPTS[0], params)
+                rtt = await link.ping()
+            finally:
+                await link.aclose()
+            return memory, rtt
+        finally:
+            await engine.aclose()
+
+    memory, rtt = asyncio.run(body())
+    assert memory.speculative_rounds == 0  # no round was ever sent ...
+    assert memory.accept.trials >= 10  # ... yet acceptance was observed (shadow rounds)
+    assert memory.rtt.value is not None and 0.9 * RTT_MS <= memory.rtt.value < 3 * RTT_MS
+    assert rtt is not None and 0.9 * RTT_MS <= rtt < 3 * RTT_MS
 
 
 def test_mixed_speculative_and_cloud_only_rounds_with_pipelining(draft, target, emulator):

@@ -319,3 +319,55 @@ def test_apply_truncates_after_a_stop_token_among_accepted_tokens(models, monkey
     assert verdict.accepted == 8
     assert drafter.apply(verdict) == expected == free.tokens[: free.tokens.index(stop) + 1]
     assert drafter.finished and drafter.finish_reason == "stop"
+
+
+# ---------------------------------------------------------------- shadow acceptance
+
+
+def _decode(drafter: Drafter, verifier: Verifier, n: int) -> None:
+    """Stream n cloud-only tokens into the drafter, as the edge does."""
+    block = drafter.propose_decode(n)
+    drafter.apply(verifier.verify(block))
+    for _ in range(n - 1):
+        pending = verifier.continue_decode()
+        logits = verifier.runner.extend(pending.feed)
+        drafter.apply(verifier.complete(pending, logits))
+
+
+def test_shadow_matches_are_the_greedy_acceptance_outcomes(models):
+    """After cloud-only tokens, shadow_matches says for each one whether the draft would have
+    proposed it: exactly the draft's argmax given the committed prefix (what a speculative
+    round would have accepted); it feeds the cache like propose would, so the rounds after it,
+    and the output, are unchanged."""
+    params = SamplingParams(max_new_tokens=40)
+    prompt = _ids(7, 11)
+    drafter, verifier = _pair(models, params, prompt)
+    drafter.apply(verifier.verify(drafter.propose(3)))  # a speculative round first
+    start = len(drafter.committed)
+    _decode(drafter, verifier, 12)
+    matches = drafter.shadow_matches()
+    committed = drafter.committed
+    # the draft's own argmax at every position, from a fresh runner over the whole prefix
+    fresh = ModelRunner(models[1]).extend(committed).argmax(-1).tolist()
+    expected = [fresh[j - 1] == committed[j] for j in range(start, len(committed))]
+    assert matches == expected and len(matches) == 12
+    assert 0 < sum(matches) < 12  # a perturbed draft: some hits, some misses
+    assert drafter.shadow_matches() == []  # nothing new
+    _decode(drafter, verifier, 5)
+    assert len(drafter.shadow_matches()) == 5  # continues where it stopped, no gap
+    while not drafter.finished:
+        drafter.apply(verifier.verify(drafter.propose(4)))
+    reference = generate_autoregressive(ModelRunner(models[0]), prompt, params).tokens
+    assert drafter.generated == reference
+
+
+def test_shadow_matches_only_for_greedy_drafting_with_no_drafts_in_the_cache(models):
+    sampled, prompt = SamplingParams(temperature=1.0, max_new_tokens=20, seed=1), _ids(5, 12)
+    drafter, verifier = _pair(models, sampled, prompt)
+    _decode(drafter, verifier, 4)
+    assert drafter.shadow_matches() == []  # q-sampled drafts are not decided by an argmax
+    drafter, verifier = _pair(models, SamplingParams(max_new_tokens=20), prompt)
+    _decode(drafter, verifier, 4)
+    block = drafter.propose(3)  # its drafts are in the cache now
+    assert drafter.shadow_matches() == []
+    drafter.apply(verifier.verify(block))
