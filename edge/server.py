@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--pipelined",
-        action="store_true",
-        help="draft ahead while verdicts travel, for requests that do not say",
+        action=argparse.BooleanOptionalAction,
+        default=EngineConfig().pipelined,
+        help="draft ahead while verdicts travel, for requests that do not say (default on)",
     )
     ap.add_argument(
         "--compute-profile",

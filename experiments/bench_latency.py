@@ -60,7 +60,9 @@ pipelined), each fixed k and cloud-only; the adaptive methods' rounds as a time 
 
 ``checks`` evaluates the issue's criteria on the rows of this run: adaptive (and adaptive +
 pipelined) >= 0.95 x the best of {every fixed k, cloud-only} at every RTT; on the varying run
-adaptive >= 1.15 x the best fixed k; measured mean tokens per round within 10% of E(k); greedy
+adaptive >= 1.15 x the best fixed k; measured mean tokens per round within 10% of E(k) (per row
+with at least 15 rounds per generation, fewer cannot resolve 10%, and per method over all its
+rounds pooled across conditions: ``pooled_ek``); greedy
 equality of every distributed method and colocated with cloud-only (the target alone) per prompt.
 ``crossover_rtt_ms``: the smallest grid RTT from which on cloud-only beats the best always-
 speculating method (fixed k, heuristic); null if it never does.
@@ -119,6 +121,12 @@ INITIAL_K = 4  # k0 of the heuristic and k_init of the adaptive policy
 ADAPTIVE_VS_BEST_MIN = 0.95
 VARYING_VS_FIXED_MIN = 1.15
 EK_TOLERANCE = 0.10
+# A row's mean tokens per round is judged against E(k) only with at least this many speculative
+# rounds per generation: greedy reps repeat the same rounds, and with fewer (k ~ 8-10 at long
+# RTTs) the standard error of the mean alone exceeds the tolerance (tokens per round have a
+# standard deviation of ~1.5-2.5 here). Such rows are listed, not judged; the pooled check below
+# covers their rounds.
+EK_MIN_ROUNDS_PER_GENERATION = 15
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,8 +604,39 @@ def crossover_rtt(rows: Sequence[dict]) -> float | None:
     return crossover
 
 
-def evaluate_checks(rows: Sequence[dict], varying: dict | None, greedy: dict) -> dict:
-    """The issue's pass/fail criteria computed from this run's rows (see the module docstring)."""
+def pooled_ek(samples: dict[str, Sequence[RunSample]]) -> list[dict]:
+    """Per method, every speculative round of every condition together: measured mean tokens
+    per round against E(k) from the per-position acceptance of those rounds. Acceptance does not
+    depend on the link, so pooling over conditions tests the model on all the rounds at once."""
+    out = []
+    for method, group in samples.items():
+        spec = [r for s in group for r in s.rounds if r.speculative]
+        if not spec or method == "cloud_only":
+            continue
+        e_pos, e_iid = expected_tokens_from_rounds(spec)
+        assert e_pos is not None and e_iid is not None
+        measured = sum(r.accepted + 1 for r in spec) / len(spec)
+        out.append(
+            {
+                "method": method,
+                "rounds": len(spec),
+                "measured": measured,
+                "expected": e_pos,
+                "rel_error": abs(measured - e_pos) / e_pos,
+                "rel_error_iid": abs(measured - e_iid) / e_iid,
+            }
+        )
+    return out
+
+
+def evaluate_checks(
+    rows: Sequence[dict],
+    varying: dict | None,
+    greedy: dict,
+    pooled: Sequence[dict] = (),
+) -> dict:
+    """The issue's pass/fail criteria computed from this run's rows (see the module docstring);
+    `pooled`: `pooled_ek` of the run's link methods."""
     checks: dict = {}
     per_rtt = []
     by_cond: dict[tuple[str, float], dict[str, float]] = {}
@@ -649,28 +688,46 @@ def evaluate_checks(rows: Sequence[dict], varying: dict | None, greedy: dict) ->
         if measured is None or expected is None or r["method"] == "cloud_only":
             continue
         iid = r.get("expected_tokens_per_round_iid")
+        per_generation = r["rounds"] / max(r.get("reps") or 1, 1)
         ek.append(
             {
                 "case": r["case"],
                 "rtt_ms": r["rtt_ms"],
                 "method": r["method"],
+                "rounds": r["rounds"],
+                "judged": per_generation >= EK_MIN_ROUNDS_PER_GENERATION,
                 "measured": measured,
                 "expected": expected,
                 "rel_error": abs(measured - expected) / expected,
                 "rel_error_iid": abs(measured - iid) / iid if iid else None,
             }
         )
+    judged = [e for e in ek if e["judged"]]
     checks["ek_agreement"] = {
-        "criterion": f"|mean tokens per round - E(k)| <= {EK_TOLERANCE} x E(k)",
+        "criterion": f"|mean tokens per round - E(k)| <= {EK_TOLERANCE} x E(k), per row with >= "
+        f"{EK_MIN_ROUNDS_PER_GENERATION} rounds per generation and per method over all its "
+        "rounds (pooled)",
         "rows": ek,
-        "max_rel_error": max((e["rel_error"] for e in ek), default=None),
+        "pooled": list(pooled),
+        "rows_judged": len(judged),
+        "rows_too_few_rounds": len(ek) - len(judged),
+        "max_rel_error": max((e["rel_error"] for e in judged), default=None),
         "max_rel_error_iid": max(
-            (e["rel_error_iid"] for e in ek if e["rel_error_iid"] is not None), default=None
+            (e["rel_error_iid"] for e in judged if e["rel_error_iid"] is not None), default=None
         ),
-        "passed": all(e["rel_error"] <= EK_TOLERANCE for e in ek) if ek else None,
+        "max_rel_error_pooled": max((e["rel_error"] for e in pooled), default=None),
+        "passed": (
+            all(e["rel_error"] <= EK_TOLERANCE for e in [*judged, *pooled])
+            if judged or pooled
+            else None
+        ),
         "passed_iid": (
-            all(e["rel_error_iid"] <= EK_TOLERANCE for e in ek if e["rel_error_iid"] is not None)
-            if ek
+            all(
+                e["rel_error_iid"] <= EK_TOLERANCE
+                for e in [*judged, *pooled]
+                if e["rel_error_iid"] is not None
+            )
+            if judged or pooled
             else None
         ),
     }
@@ -928,6 +985,7 @@ async def _measure(harness: _Harness, config: LatencyBenchConfig, t_start: float
         best = max(colocated_by_k, key=lambda r: r["tokens_per_s"])
         rows.append({**best, "method": "colocated"})
 
+    everywhere: dict[str, list[RunSample]] = {}  # per method, all conditions (pooled E(k))
     for cond in config.conditions():
         emu.set_profile(cond.profile)
         # a round trip under the new link before timing
@@ -960,6 +1018,8 @@ async def _measure(harness: _Harness, config: LatencyBenchConfig, t_start: float
                 "emulator_rtt_ms_measured": stats.rtt_ms_measured,
             }
         )
+        for name, group in samples.items():
+            everywhere.setdefault(name, []).extend(group)
         for spec in specs:
             row = summarise(spec.name, cond, samples[spec.name])
             row["emulator_rtt_ms_measured"] = stats.rtt_ms_measured
@@ -977,7 +1037,7 @@ async def _measure(harness: _Harness, config: LatencyBenchConfig, t_start: float
         "colocated_by_k": colocated_by_k,
         "link_conditions": link_stats,
         "varying": varying,
-        "checks": evaluate_checks(rows, varying, greedy_result),
+        "checks": evaluate_checks(rows, varying, greedy_result, pooled_ek(everywhere)),
         "crossover_rtt_ms": crossover_rtt(rows),
         "estimate_s": {**estimate, "measure_s": total, "start_and_warmup_s": spent},
     }

@@ -121,6 +121,7 @@ class EdgeSpec:
     metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
     # speculative.profiles name: "real", or an emulated device that pads each draft forward
     compute_profile: str = "real"
+    pipelined: bool = True  # draft ahead while verdicts travel (requests may say otherwise)
 
     def __post_init__(self) -> None:
         _check_profile(self.compute_profile)
@@ -337,6 +338,7 @@ class EdgeActor(_EndpointActor):
             default_policy=spec.default_policy,
             max_sessions=spec.max_sessions,
             max_retries=spec.max_retries,
+            pipelined=spec.pipelined,
         )
         self.engine = await asyncio.to_thread(
             SessionScopedEngine.from_pretrained,

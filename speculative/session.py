@@ -353,7 +353,12 @@ class Drafter:
         assert pending is not None
         runner = self.runner
         context = self.committed + list(pending.tokens)  # the prefix if pending is accepted whole
-        logits = runner.extend(context[runner.length :])[-1]  # (V,) predicts the bonus token
+        # The guess needs the logits after the context's last token: feed at least that one (after
+        # `drop_ahead` the cache may hold the whole context already).
+        fed = min(runner.length, len(context) - 1)
+        if fed < runner.length:
+            runner.rollback(fed)
+        logits = runner.extend(context[fed:])[-1]  # (V,) predicts the bonus token
         guess = int(logits.argmax())
         if guess in self._stop:
             return None

@@ -63,13 +63,15 @@ def test_summarise_row():
     assert row["cloud_only_token_share"] == 0.0
 
 
-def _row(rtt, method, tps, case="rtt"):
+def _row(rtt, method, tps, case="rtt", rounds=60):
     return {
         "case": case,
         "rtt_ms": rtt,
         "method": method,
         "tokens_per_s": tps,
         "in_process": False,
+        "rounds": rounds,
+        "reps": 3,
         "mean_tokens_per_round": 2.0,
         "expected_tokens_per_round": 2.1,
         "expected_tokens_per_round_iid": 2.5,
@@ -113,6 +115,14 @@ def test_checks_and_crossover():
     ek = checks["ek_agreement"]
     assert ek["passed"] is True and ek["passed_iid"] is False
     assert ek["max_rel_error"] == pytest.approx(0.1 / 2.1)
+    # a row with too few rounds per generation is listed, not judged; pooled rows are judged
+    few = {**_row(200, "adaptive", 28, rounds=27), "mean_tokens_per_round": 1.0}
+    pooled = [{"method": "adaptive", "rel_error": 0.02, "rel_error_iid": 0.05}]
+    ek = evaluate_checks([*rows, few], varying, greedy, pooled)["ek_agreement"]
+    assert ek["passed"] is True and ek["rows_too_few_rounds"] == 1
+    assert [e["judged"] for e in ek["rows"] if e["rtt_ms"] == 200 and e["rounds"] == 27] == [False]
+    bad_pool = [{"method": "adaptive", "rel_error": 0.2, "rel_error_iid": 0.05}]
+    assert evaluate_checks(rows, varying, greedy, bad_pool)["ek_agreement"]["passed"] is False
     assert checks["greedy_equality"] is greedy
     assert crossover_rtt(rows) == 100
     assert crossover_rtt([_row(0, "cloud_only", 1), _row(0, "fixed_k1", 2)]) is None

@@ -371,3 +371,26 @@ def test_shadow_matches_only_for_greedy_drafting_with_no_drafts_in_the_cache(mod
     block = drafter.propose(3)  # its drafts are in the cache now
     assert drafter.shadow_matches() == []
     drafter.apply(verifier.verify(block))
+
+
+def test_drafting_ahead_again_after_drop_ahead(models):
+    """A failover drops the block drafted ahead (drop_ahead) and resends the pending one; the
+    next block drafted ahead must start from the same guess, and the output stays exact."""
+    params = SamplingParams(max_new_tokens=24)
+    prompt = _ids(6, 21)
+    drafter, verifier = _pair(models, params, prompt)
+    pending = drafter.propose(3)
+    first = drafter.propose_ahead(2)
+    assert first is not None
+    assert drafter.drop_ahead() == first and drafter.ahead is None
+    again = drafter.propose_ahead(2)
+    assert again is not None and again.anchor_token == first.anchor_token
+    assert again.tokens == first.tokens and again.seq > first.seq
+    drafter.apply(verifier.verify(pending))
+    if drafter.pending is again:  # the guess held: verify the block drafted ahead too
+        drafter.apply(verifier.verify(again))
+    while not drafter.finished:
+        drafter.apply(verifier.verify(drafter.propose(3)))
+    assert (
+        drafter.generated == generate_autoregressive(ModelRunner(models[0]), prompt, params).tokens
+    )
