@@ -72,8 +72,14 @@ def plot_tokens_per_s(result: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(11, 5.5))
     colors = {}
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # The y range follows the link methods: a far faster in-process line (the draft alone, whose
+    # output is not the target's) would squash them; it is named in the legend instead.
+    link_max = max((r["tokens_per_s"] for r in rows if not r["in_process"]), default=0.0)
+    top = 1.25 * link_max if link_max > 0 else None
     for i, method in enumerate(_method_order(rows)):
         colors[method] = cycle[i % len(cycle)]
+        # a variant ("..._cold") is drawn dashed in its base method's colour family
+        style = "--" if method.endswith("_cold") else "-"
         grid = sorted(
             (r for r in rows if r["method"] == method and r["case"] == "rtt"),
             key=lambda r: r["rtt_ms"],
@@ -91,10 +97,21 @@ def plot_tokens_per_s(result: dict, path: str | Path) -> Path:
                 for r in grid
             ]
             ax.errorbar(
-                x, y, yerr=[lo, hi], marker="o", ms=4, capsize=2, label=method, color=colors[method]
+                x,
+                y,
+                yerr=[lo, hi],
+                marker="o",
+                ms=4,
+                capsize=2,
+                label=method,
+                color=colors[method],
+                ls=style,
             )
         for r in in_process:
             label = f"{method}" + (f" (k={r['k']})" if r.get("k") else "") + ", no link"
+            if top is not None and r["tokens_per_s"] > top:
+                ax.plot([], [], ls="none", label=f"{label}: {r['tokens_per_s']:.0f} (off scale)")
+                continue
             ax.axhline(
                 r["tokens_per_s"],
                 ls=_IN_PROCESS_STYLE.get(method, "-."),
@@ -120,6 +137,8 @@ def plot_tokens_per_s(result: dict, path: str | Path) -> Path:
             crossover, color="gray", lw=0.8, ls="-.", label=f"cloud-only wins from {crossover:g} ms"
         )
     _rtt_axis(ax, rows)
+    if top is not None:
+        ax.set_ylim(0, top)
     ax.set_ylabel("tokens/s (median over reps, bars: min-max)")
     note = _link_note(result)
     ax.set_title(
