@@ -161,14 +161,15 @@ def plot_k_vs_rtt(result: dict, path: str | Path) -> Path:
         x = [r["rtt_ms"] for r in grid]
         ax_k.plot(
             x,
-            [r["mean_k"] if r["mean_k"] is not None else float("nan") for r in grid],
+            # no speculative round (all cloud-only): no k to show, a gap rather than a 0
+            [r["mean_k"] if r.get("rounds") else float("nan") for r in grid],
             marker="o",
             label=method,
         )
         ax_c.plot(
             x, [r.get("cloud_only_token_share") or 0.0 for r in grid], marker="o", label=method
         )
-    ax_k.set_ylabel("mean k of speculative rounds")
+    ax_k.set_ylabel("mean k of speculative rounds\n(gap: no speculative round)")
     ax_c.set_ylabel("share of tokens from cloud-only")
     ax_c.set_ylim(-0.05, 1.05)
     _rtt_axis(ax_c, rows)
