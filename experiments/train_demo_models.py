@@ -34,6 +34,7 @@ import platform
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -229,73 +230,100 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
-def train_target(model, stream, cfg: TrainConfig, device) -> list[dict]:
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = optimizer_for(model, cfg.target_lr, cfg.weight_decay)
+def _train(
+    model,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    stream,
+    cfg: TrainConfig,
+    device,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    name: str,
+    metric: str,
+) -> list[dict]:
+    """AdamW with warm-up + cosine decay and gradient clipping at 1; `loss_of(batch)` is the loss
+    of one (B, seq_len + 1) batch. Logs `metric` every 20 steps and at the last."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = optimizer_for(model, lr, cfg.weight_decay)
     model.train()
     log, t0 = [], time.perf_counter()
     it = batches(stream, cfg, gen, device)
-    for step in range(cfg.target_steps):
+    for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.target_steps, cfg.target_lr, cfg.warmup_steps)
-        batch = next(it)
-        with autocast(device):
-            logits = model(batch[:, :-1]).logits  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            group["lr"] = lr_at(step, steps, lr, cfg.warmup_steps)
+        loss = loss_of(next(it))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 20 == 0 or step == cfg.target_steps - 1:
+        if step % 20 == 0 or step == steps - 1:
             elapsed = time.perf_counter() - t0
-            log.append({"step": step, "loss": loss.item(), "elapsed_s": round(elapsed, 1)})
+            log.append({"step": step, metric: loss.item(), "elapsed_s": round(elapsed, 1)})
             logger.info(
-                "target step %d/%d loss %.3f (%.0f tok/s)",
+                "%s step %d/%d %s %.3f (%.0f tok/s)",
+                name,
                 step,
-                cfg.target_steps,
+                steps,
+                metric,
                 loss.item(),
                 (step + 1) * cfg.batch_size * cfg.seq_len / elapsed,
             )
     return log
 
 
+def train_target(model, stream, cfg: TrainConfig, device) -> list[dict]:
+    """Next-token cross-entropy."""
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            logits = model(batch[:, :-1]).logits  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    return _train(
+        model,
+        loss_of,
+        stream,
+        cfg,
+        device,
+        steps=cfg.target_steps,
+        lr=cfg.target_lr,
+        seed=cfg.seed,
+        name="target",
+        metric="loss",
+    )
+
+
 def distill_draft(draft, target, stream, cfg: TrainConfig, device) -> list[dict]:
     """Train the draft to match the target's next-token distribution (forward KL, T=1)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = optimizer_for(draft, cfg.draft_lr, cfg.weight_decay)
-    draft.train()
     target.eval()
-    log, t0 = [], time.perf_counter()
-    it = batches(stream, cfg, gen, device)
-    for step in range(cfg.draft_steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.draft_steps, cfg.draft_lr, cfg.warmup_steps)
-        batch = next(it)[:, :-1]
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        inputs = batch[:, :-1]
         with torch.no_grad(), autocast(device):
-            p_logits = target(batch).logits.float()  # (B, T, V)
+            p_logits = target(inputs).logits.float()  # (B, T, V)
         with autocast(device):
-            q_logits = draft(batch).logits.float()  # (B, T, V)
-        loss = F.kl_div(
+            q_logits = draft(inputs).logits.float()  # (B, T, V)
+        return F.kl_div(
             F.log_softmax(q_logits, -1).flatten(0, 1),
             F.log_softmax(p_logits, -1).flatten(0, 1),
             log_target=True,
             reduction="batchmean",
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
-        opt.step()
-        if step % 20 == 0 or step == cfg.draft_steps - 1:
-            elapsed = time.perf_counter() - t0
-            log.append({"step": step, "kl": loss.item(), "elapsed_s": round(elapsed, 1)})
-            logger.info(
-                "draft step %d/%d KL %.3f (%.0f tok/s)",
-                step,
-                cfg.draft_steps,
-                loss.item(),
-                (step + 1) * cfg.batch_size * cfg.seq_len / elapsed,
-            )
-    return log
+
+    return _train(
+        draft,
+        loss_of,
+        stream,
+        cfg,
+        device,
+        steps=cfg.draft_steps,
+        lr=cfg.draft_lr,
+        seed=cfg.seed + 1,
+        name="draft",
+        metric="kl",
+    )
 
 
 @torch.no_grad()
