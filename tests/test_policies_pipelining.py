@@ -272,7 +272,9 @@ def test_open_session_measures_the_rtt_on_a_connected_channel(emulator):
 
     fresh, again = asyncio.run(body())
     assert fresh.open_rtt_ms is None
-    assert again.open_rtt_ms is not None and RTT_MS * 0.9 <= again.open_rtt_ms < RTT_MS * 3
+    # at least the emulated round trip (the prefill is taken out); the bound above only rules out
+    # nonsense on a loaded machine
+    assert again.open_rtt_ms is not None and RTT_MS * 0.9 <= again.open_rtt_ms < RTT_MS + 1000
 
 
 def test_cloud_only_streams_keep_the_link_estimates_current(draft, emulator):
@@ -301,8 +303,8 @@ def test_cloud_only_streams_keep_the_link_estimates_current(draft, emulator):
     memory, rtt = asyncio.run(body())
     assert memory.speculative_rounds == 0  # no round was ever sent ...
     assert memory.accept.trials >= 10  # ... yet acceptance was observed (shadow rounds)
-    assert memory.rtt.value is not None and 0.9 * RTT_MS <= memory.rtt.value < 3 * RTT_MS
-    assert rtt is not None and 0.9 * RTT_MS <= rtt < 3 * RTT_MS
+    assert memory.rtt.value is not None and 0.9 * RTT_MS <= memory.rtt.value < RTT_MS + 1000
+    assert rtt is not None and 0.9 * RTT_MS <= rtt < RTT_MS + 1000
 
 
 def test_mixed_speculative_and_cloud_only_rounds_with_pipelining(draft, target, emulator):
