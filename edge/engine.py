@@ -718,6 +718,14 @@ class EdgeEngine:
         while len(self._link_memory) > LINK_MEMORY_SIZE:
             self._link_memory.popitem(last=False)
 
+    def link_estimates(self) -> list[dict]:
+        """What the engine believes of each link it remembers, most recent last: one dict per
+        (verifier, sampling regime) with `PolicyMemory.summary`'s numbers."""
+        return [
+            {"verifier": verifier, "regime": regime, **memory.summary()}
+            for (verifier, regime), memory in self._link_memory.items()
+        ]
+
     def forget_links(self) -> None:
         """Drop what earlier sessions learnt of every link: the next sessions start cold."""
         self._link_memory.clear()

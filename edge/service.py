@@ -123,6 +123,7 @@ class EdgeServicer(pb_grpc.EdgeServicer):
                 elif isinstance(event, SummaryEvent):
                     if self.metrics is not None:
                         observe_summary(self.metrics, event)
+                        self.metrics.observe_links(self.engine.link_estimates())
                     yield pb.GenerateResponse(
                         summary=pb.Summary(
                             finish_reason=event.finish_reason,

@@ -449,6 +449,8 @@ class EdgeActor(_EndpointActor):
                 addr: {"via": emu.address, "profile": emu.profile.name}
                 for addr, emu in self._links.items()
             },
+            # what the engine has learnt of each verifier link (RTT, acceptance, mode, k)
+            "link_estimates": self.engine.link_estimates(),
         }
 
     async def link_stats(self) -> dict[str, Any]:

@@ -213,6 +213,20 @@ def _connect(args: argparse.Namespace) -> None:
         cluster.connect_state(cluster.ClusterState.load(cluster.resolve_state_dir(args.state_dir)))
 
 
+def _format_link(link: dict[str, Any]) -> str:
+    """One learnt link of an edge (`EdgeEngine.link_estimates`) as a status line."""
+
+    def ms(key: str) -> str:
+        return "-" if link.get(key) is None else f"{link[key]:.1f} ms"
+
+    alpha = "-" if link.get("alpha") is None else f"{link['alpha']:.2f}"
+    mode = "cloud-only" if link["mode"] == "cloud_only" else f"speculative k={link['k']}"
+    return (
+        f"link {link['verifier']} ({link['regime']}): rtt {ms('rtt_ms')}, acceptance {alpha}, "
+        f"draft {ms('draft_ms')}/token, verify {ms('verify_ms')}; {mode}"
+    )
+
+
 def format_status(view: dict[str, Any]) -> str:
     """The human-readable `edgespec status` text for an orchestrator status view."""
     lines = []
@@ -254,6 +268,8 @@ def format_status(view: dict[str, Any]) -> str:
                 f"{e['device']:<5} {e['health']:<11} load={e['load']:<3} "
                 f"restarts={e['restarts']}{total}{flags}{extra}"
             )
+            for link in stats.get("link_estimates", []) if "error" not in stats else []:
+                lines.append("    " + _format_link(link))
     sessions = view.get("sessions", [])
     lines.append(f"sessions ({len(sessions)} active)")
     if total:

@@ -895,6 +895,21 @@ class PolicyMemory:
         """Enough to decide from: a verifier-time fit and an RTT level."""
         return self.verify.has_data and self.rtt.value is not None
 
+    def summary(self) -> dict[str, float | int | str | None]:
+        """The estimates in plain numbers (ms; None where nothing was learnt yet), for
+        observability: rtt_ms, alpha (pooled acceptance), draft_ms (per token), verify_ms (t_v of
+        one position), mode, k, speculative_rounds, cloud_only_steps."""
+        return {
+            "rtt_ms": self.rtt.value,
+            "alpha": self.accept.pooled() if self.accept.trials > 0 else None,
+            "draft_ms": self.draft.value,
+            "verify_ms": self.verify.predict(1) if self.verify.has_data else None,
+            "mode": self.mode,
+            "k": self.k,
+            "speculative_rounds": self.speculative_rounds,
+            "cloud_only_steps": self.cloud_only_steps,
+        }
+
     @property
     def empty(self) -> bool:
         """Nothing learnt at all (no acceptance trial, no timing)."""

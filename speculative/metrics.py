@@ -130,6 +130,11 @@ class EdgeMetrics:
     - ``acceptance_ratio``: histogram of each finished generation's accepted / drafted.
     - ``time_to_first_token_seconds``, ``time_per_output_token_seconds``: per generation.
     - ``active_sessions``: generations in progress.
+    - ``link_rtt_seconds``, ``link_acceptance``, ``link_draft_seconds``, ``link_verify_seconds``,
+      ``link_cloud_only``, ``link_draft_tokens`` (gauges, labels ``verifier`` and ``regime``):
+      what the edge has learnt of each verifier link (`observe_links`): RTT, pooled acceptance,
+      draft time per token, verifier time of one position, whether it streams cloud-only (1) or
+      speculates (0), and the draft length it would use.
 
     Example::
 
@@ -200,6 +205,24 @@ class EdgeMetrics:
             "edgespec_edge_active_sessions", "Generations in progress.", registry=registry
         )
 
+        def link_gauge(name: str, doc: str) -> Gauge:
+            labels = ("verifier", "regime")
+            return Gauge(f"edgespec_edge_link_{name}", doc, labels, registry=registry)
+
+        self.link_gauges = {
+            "rtt_ms": (link_gauge("rtt_seconds", "Learnt RTT of the link."), 1e-3),
+            "alpha": (link_gauge("acceptance", "Learnt pooled acceptance rate."), 1.0),
+            "draft_ms": (link_gauge("draft_seconds", "Learnt draft time per token."), 1e-3),
+            "verify_ms": (
+                link_gauge("verify_seconds", "Learnt verifier time of a one-position forward."),
+                1e-3,
+            ),
+        }
+        self.link_cloud_only = link_gauge(
+            "cloud_only", "1 if the link's sessions would stream cloud-only, 0 if they speculate."
+        )
+        self.link_k = link_gauge("draft_tokens", "Draft length the link's sessions would use.")
+
     def observe_round(
         self,
         *,
@@ -235,6 +258,17 @@ class EdgeMetrics:
             self.round_time.observe(_seconds("round_ms", round_ms))
         self.link_bytes.labels(direction="sent").inc(bytes_sent)
         self.link_bytes.labels(direction="received").inc(bytes_received)
+
+    def observe_links(self, links: list[dict]) -> None:
+        """Set the link gauges from `EdgeEngine.link_estimates()` (numbers in ms as there;
+        an estimate not learnt yet leaves its gauge unset)."""
+        for link in links:
+            labels = {"verifier": link["verifier"], "regime": link["regime"]}
+            for key, (gauge, scale) in self.link_gauges.items():
+                if link.get(key) is not None:
+                    gauge.labels(**labels).set(link[key] * scale)
+            self.link_cloud_only.labels(**labels).set(1.0 if link["mode"] == "cloud_only" else 0.0)
+            self.link_k.labels(**labels).set(link["k"])
 
     def observe_reconnect(self) -> None:
         """Record a verifier session reopened after a failure."""

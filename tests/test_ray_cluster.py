@@ -244,15 +244,21 @@ def test_restarted_orchestrator_rebuilds_its_registry(deployment):
 
 
 def test_status_view_names_nodes_endpoints_and_load(deployment):
+    from edgespec.client import Client
     from orchestrator import cluster as oc
     from orchestrator.commands import format_status
+    from speculative.params import SamplingParams
 
+    with Client(_edge_address(deployment, 0), timeout=120) as client:
+        client.generate(PROMPTS[0], SamplingParams(max_new_tokens=8))
     _wait_for(lambda: _all_serving(deployment), "every endpoint SERVING, no sessions")
     text = format_status(oc.status())
     assert "nodes (5 alive of 5)" in text
     for name in deployment.spec.actor_names():
         assert name in text
     assert "SERVING" in text and "sessions (0 active)" in text
+    # the edge that served says what it learnt of its verifier link
+    assert "link " in text and "(greedy): rtt " in text and "acceptance " in text
 
 
 def test_verifier_killed_mid_generation_completes_with_the_same_output(deployment, target_alone):

@@ -41,13 +41,13 @@ def test_both_services_export_generation_metrics(tiny_pair) -> None:
                 ]
                 with pytest.raises(InvalidArgument):
                     await client.generate([5], params, policy="no-such-policy")
-            return results
+            return results, verifier.address
         finally:
             await edge.stop()
             await engine.aclose()
             await verifier.stop()
 
-    spec, cloud_only = asyncio.run(body())
+    (spec, cloud_only), verifier_address = asyncio.run(body())
 
     # Edge: one count per generation, per round, per draft position; nothing left in progress.
     assert value(edge_reg, "edgespec_edge_generations_total", finish_reason="length") == 2
@@ -64,6 +64,15 @@ def test_both_services_export_generation_metrics(tiny_pair) -> None:
     assert value(edge_reg, "edgespec_edge_draft_length_count") >= spec.stats.rounds
     assert value(edge_reg, "edgespec_edge_active_sessions") == 0
     assert value(edge_reg, "edgespec_edge_errors_total", code="INVALID_ARGUMENT") == 1
+    # What the edge learnt of its link (greedy sessions on the one verifier): the fixed-k
+    # session's rounds gave an RTT, an acceptance rate and the draft and verifier times.
+    link = {"verifier": verifier_address, "regime": "greedy"}
+    assert 0.0 < value(edge_reg, "edgespec_edge_link_rtt_seconds", **link) < 1.0
+    assert 0.0 <= value(edge_reg, "edgespec_edge_link_acceptance", **link) <= 1.0
+    assert value(edge_reg, "edgespec_edge_link_draft_seconds", **link) > 0.0
+    assert value(edge_reg, "edgespec_edge_link_verify_seconds", **link) > 0.0
+    assert value(edge_reg, "edgespec_edge_link_cloud_only", **link) in (0.0, 1.0)
+    assert value(edge_reg, "edgespec_edge_link_draft_tokens", **link) >= 1
 
     # Verifier: every block answered, every token it committed, sessions opened and closed.
     assert value(cloud_reg, "edgespec_verifier_blocks_total", outcome="applied") >= (
