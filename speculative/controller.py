@@ -1090,6 +1090,7 @@ class AdaptivePolicy:
                     logger.info("cloud-only token time shifted to %.2f ms", per_token)
             return
         self._spec_rounds += 1
+        self._shadow_tail = []  # a real round in between: the open shadow round is not contiguous
         self._accept.update(obs.k, obs.accepted)
         if self._draft.update(obs.draft_ms / obs.k):
             logger.info("draft time shifted to %.2f ms/token", self._draft.value)
