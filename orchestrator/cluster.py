@@ -305,31 +305,28 @@ def deploy(spec: DeploySpec, progress: Progress = _quiet, timeout_s: float = 600
         f"({'GPU ' + format(v_gpus, 'g') if v_gpus else 'CPU'}) and {spec.edges} edge(s) on "
         f"'{EDGE_RESOURCE}' nodes ({'GPU ' + format(e_gpus, 'g') if e_gpus else 'CPU'})"
     )
-    verifiers = [
-        ray.remote(VerifierActor)
-        .options(
-            name=verifier_name(i),
-            resources={CLOUD_RESOURCE: ROLE_SHARE},
-            num_cpus=spec.actor_num_cpus,
-            num_gpus=v_gpus,
-            scheduling_strategy="SPREAD",
-            **common,
+
+    def start(actor_cls, name: str, resource: str, gpus: float, actor_spec):
+        """One model actor, spread over the nodes that declare `resource`."""
+        return (
+            ray.remote(actor_cls)
+            .options(
+                name=name,
+                resources={resource: ROLE_SHARE},
+                num_cpus=spec.actor_num_cpus,
+                num_gpus=gpus,
+                scheduling_strategy="SPREAD",
+                **common,
+            )
+            .remote(name, actor_spec)
         )
-        .remote(verifier_name(i), spec.verifier)
+
+    verifiers = [
+        start(VerifierActor, verifier_name(i), CLOUD_RESOURCE, v_gpus, spec.verifier)
         for i in range(spec.verifiers)
     ]
     edges = [
-        ray.remote(EdgeActor)
-        .options(
-            name=edge_name(i),
-            resources={EDGE_RESOURCE: ROLE_SHARE},
-            num_cpus=spec.actor_num_cpus,
-            num_gpus=e_gpus,
-            scheduling_strategy="SPREAD",
-            **common,
-        )
-        .remote(edge_name(i), spec.edge)
-        for i in range(spec.edges)
+        start(EdgeActor, edge_name(i), EDGE_RESOURCE, e_gpus, spec.edge) for i in range(spec.edges)
     ]
     names = spec.actor_names()
     refs = {a.ready.remote(): name for a, name in zip(verifiers + edges, names, strict=True)}

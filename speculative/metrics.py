@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -98,6 +98,21 @@ BLOCK_OUTCOMES = ("applied", "replayed", "stale")
 SESSION_CLOSE_REASONS = ("closed", "idle", "stream_end", "error")
 
 
+def _factories(
+    prefix: str, registry: CollectorRegistry
+) -> tuple[Callable[..., Counter], Callable[..., Histogram]]:
+    """counter(name, doc, labels=()) and histogram(name, doc, buckets), named `prefix + name`
+    and registered in `registry`."""
+
+    def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(f"{prefix}{name}", doc, labels, registry=registry)
+
+    def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(f"{prefix}{name}", doc, buckets=buckets, registry=registry)
+
+    return counter, histogram
+
+
 def _check_counts(drafted: int, accepted: int) -> None:
     if drafted < 0 or not 0 <= accepted <= drafted:
         raise ValueError(
@@ -144,11 +159,7 @@ class EdgeMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"edgespec_edge_{name}", doc, labels, registry=registry)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"edgespec_edge_{name}", doc, buckets=buckets, registry=registry)
+        counter, histogram = _factories("edgespec_edge_", registry)
 
         self.registry = registry
         self.rounds = counter("rounds", "Verification rounds (edge -> verifier -> edge).")
@@ -339,11 +350,7 @@ class VerifierMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"edgespec_verifier_{name}", doc, labels, registry=registry)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"edgespec_verifier_{name}", doc, buckets=buckets, registry=registry)
+        counter, histogram = _factories("edgespec_verifier_", registry)
 
         self.registry = registry
         self.blocks = counter("blocks", "Draft blocks answered, by outcome.", ("outcome",))
