@@ -1,8 +1,8 @@
 """edgespec's cloud side: the verifier engine (target model, one KV cache per session) and the
-Verifier gRPC service around it. Run one with ``python -m cloud.server --target PATH``."""
+Verifier gRPC service around it. Run one with ``python -m edgespec.cloud.server --target PATH``."""
 
-from cloud.service import RunningServer, TLSConfig, serve
-from cloud.verifier import (
+from edgespec.cloud.service import RunningServer, TLSConfig, serve
+from edgespec.cloud.verifier import (
     EngineStats,
     OpenResult,
     Outcome,

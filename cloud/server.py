@@ -1,4 +1,4 @@
-"""Run a Verifier server: ``python -m cloud.server --target PATH [--port 0] [--token T]``.
+"""Run a Verifier server: ``python -m edgespec.cloud.server --target PATH [--port 0] [--token T]``.
 
 ``--compute-profile NAME`` (default ``real``) pads every target forward to the profile's modelled
 time (e.g. ``h100-70b``: a 70B-class target on one H100, emulated); ``--threads N`` sets torch's
@@ -17,19 +17,21 @@ import logging
 import os
 import sys
 
-from cloud.service import TLSConfig, serve
-from cloud.verifier import VerifierConfig, VerifierEngine
-from speculative.metrics import VerifierMetrics
-from speculative.profiles import profile_names
-from speculative.server_cli import add_runtime_args, apply_threads, run_until_signal
+from edgespec.cloud.service import TLSConfig, serve
+from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
+from edgespec.core.profiles import profile_names
+from edgespec.serving.metrics import VerifierMetrics
+from edgespec.serving.server_cli import add_runtime_args, apply_threads, run_until_signal
 
-logger = logging.getLogger("cloud.server")
+logger = logging.getLogger("edgespec.cloud.server")
 
 TOKEN_ENV = "EDGESPEC_VERIFIER_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m cloud.server", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m edgespec.cloud.server", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--target", help="target checkpoint folder (default: the shipped demo target)")
     ap.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     ap.add_argument("--port", type=int, default=0, help="port (0 = any free port)")
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    from edgespec.models import DEFAULT_TARGET
+    from edgespec.core.demo_pair import DEFAULT_TARGET
 
     apply_threads(args)
     config = VerifierConfig(

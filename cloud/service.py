@@ -1,6 +1,6 @@
 """The Verifier gRPC service (grpc.aio): a thin shim over `cloud.verifier.VerifierEngine`.
 
-Each RPC converts protobuf -> domain objects (`protos.convert`), calls the engine, converts the
+Each RPC converts protobuf -> domain objects (`edgespec.protos.convert`), calls the engine, converts the
 answer back. All engine calls, model work or not, run on ONE executor thread: one forward at a
 time, the event loop stays free for I/O, and the engine's sessions are only touched from there.
 Errors: `ServiceError` / `FieldError` -> `context.abort(code, message)`, where the message names
@@ -33,11 +33,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud.verifier import ServiceError, VerifierEngine, VerifyResult
-from protos.convert import FieldError, block_from_proto, params_from_proto, verdict_to_proto
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from speculative.metrics import VerifierMetrics
+from edgespec.cloud.verifier import ServiceError, VerifierEngine, VerifyResult
+from edgespec.protos.convert import (
+    FieldError,
+    block_from_proto,
+    params_from_proto,
+    verdict_to_proto,
+)
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from edgespec.serving.metrics import VerifierMetrics
 
 logger = logging.getLogger(__name__)
 

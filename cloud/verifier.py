@@ -2,7 +2,7 @@
 
 `VerifierEngine` is what `cloud.service` wraps (and what tests build directly). It loads the
 target once; each session gets its own `ModelRunner` over that same model object (its own KV
-cache) and a `speculative.session.Verifier` that owns the session's committed length and last
+cache) and a `edgespec.core.session.Verifier` that owns the session's committed length and last
 verdict. Bad input raises `ServiceError` carrying a grpc-agnostic status code name and the field
 at fault; a stale or resent block is not an error but a `VerifyResult` outcome.
 
@@ -19,7 +19,7 @@ stream ends after n tokens, after a stop token, or at max_new_tokens.
 Pipelined blocks carry an ``anchor_token``: one whose anchor is not the session's last committed
 token is STALE (no forward), exactly like one drafted on another committed length.
 
-A `ComputeProfile` (speculative.profiles) other than "real" pads every target forward to its
+A `ComputeProfile` (edgespec.core.profiles) other than "real" pads every target forward to its
 modelled time (emulated deployments); outputs are unchanged.
 
 Threading: the session table is guarded by a lock; model work is meant to run on ONE thread (the
@@ -41,10 +41,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from speculative.params import SamplingParams
-from speculative.profiles import ComputeProfile, get_profile, make_runner
-from speculative.runner import ModelRunner
-from speculative.session import (
+from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
+from edgespec.core.runner import ModelRunner
+from edgespec.core.session import (
     DraftBlock,
     PendingVerify,
     StaleBlockError,

@@ -2,23 +2,18 @@
 
 `EdgeEngine` drafts locally and verifies over `VerifierLink` (one persistent gRPC VerifyStream per
 session); it owns the committed tokens, so a verifier failure never loses or changes output.
-`edge.service.serve` wraps an engine in the Edge gRPC service; `python -m edge.server` runs one.
+`edge.service.serve` wraps an engine in the Edge gRPC service; `python -m edgespec.edge.server` runs one.
 """
 
-from edge.engine import (
+from edgespec.edge.engine import (
     POLICIES,
     EdgeEngine,
     EdgeError,
-    EdgeStats,
     EngineConfig,
     PolicySpec,
-    RoundRecord,
-    SummaryEvent,
-    TokensEvent,
-    observation_from_record,
     register_policy,
 )
-from edge.link import (
+from edgespec.edge.link import (
     ChannelPool,
     LinkConfig,
     LinkError,
@@ -27,6 +22,13 @@ from edge.link import (
     SessionInfo,
     VerifierLink,
     make_address_provider,
+)
+from edgespec.edge.records import (
+    EdgeStats,
+    RoundRecord,
+    SummaryEvent,
+    TokensEvent,
+    observation_from_record,
 )
 
 __all__ = [

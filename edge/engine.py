@@ -7,7 +7,7 @@ time tokens are committed, then one `SummaryEvent`. A round is
     -> apply the verdict (commit tokens, roll the draft cache back) -> yield the new tokens
     -> tell the policy what the round cost (`observation_from_record`).
 
-Policies (`speculative.controller`, by name: "fixed", "heuristic", "adaptive" (the default),
+Policies (`edgespec.core.controller`, by name: "fixed", "heuristic", "adaptive" (the default),
 "cloud_only") decide per round between a speculative round of k draft tokens and cloud-only
 decoding, where the verifier decodes alone and streams its tokens (a decode block: one verdict per
 token, committed and yielded as each arrives). Consecutive cloud-only chunks are requested back to
@@ -18,12 +18,12 @@ engine drafts block n+1 on the guess that block n is accepted whole and that the
 token is the draft's own next token, and sends it at once (pipeline depth 1). On a hit the next
 verdict is already on its way; on a miss the verifier answers the block STALE (its base_len or
 anchor token does not match) and the engine drafts afresh from the committed tokens. Exactness is
-unchanged (the argument is in `speculative.session`'s docstring).
+unchanged (the argument is in `edgespec.core.session`'s docstring).
 
 Link memory (`EngineConfig.link_memory`, on by default): the engine keeps, per (verifier
 address, sampling regime), what its sessions learnt of the link: per-position acceptance, draft
 and verifier step times, RTT, queueing, the cloud-only token time, and the mode and k the last
-session ended in (`speculative.controller.PolicyMemory`). Every session feeds it (an adaptive
+session ended in (`edgespec.core.controller.PolicyMemory`). Every session feeds it (an adaptive
 policy directly, any other policy through a shadow adaptive learner that only observes), and an
 adaptive session starts from it: it decides from its first round instead of spending warm-up
 rounds on priors, which is most of a short generation at long RTTs. The RTT measured by each
@@ -31,7 +31,7 @@ OpenSession on an already connected channel is one more sample. Sessions with di
 sampling settings do not share acceptance (greedy and T=1 accept differently); the last session
 to finish writes the memory (concurrent sessions on one link see the same link).
 
-The edge owns the committed tokens (`speculative.session.Drafter`); the verifier's KV cache is only
+The edge owns the committed tokens (`edgespec.core.session.Drafter`); the verifier's KV cache is only
 a cache. When the link fails (verifier down, connection reset, stream broken, round deadline
 passed, session reaped), the engine opens a new session on the same or the next verifier with
 the committed prefix and resends the pending block: nothing is lost and the output is unchanged.
@@ -56,13 +56,30 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from edge.link import (
+from edgespec.core.controller import (
+    CLOUD_ONLY,
+    SPECULATIVE,
+    AdaptiveConfig,
+    AdaptivePolicy,
+    CloudOnlyPolicy,
+    Decision,
+    DraftLengthPolicy,
+    FixedPolicy,
+    HeuristicPolicy,
+    PolicyMemory,
+)
+from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
+from edgespec.core.rejection import DraftProbs
+from edgespec.core.runner import ModelRunner
+from edgespec.core.session import DraftBlock, Drafter
+from edgespec.edge.link import (
     AddressProvider,
     ChannelPool,
     LinkConfig,
@@ -74,25 +91,16 @@ from edge.link import (
     make_address_provider,
     round_timing,
 )
-from protos.convert import FieldError
-from speculative.controller import (
-    CLOUD_ONLY,
-    SPECULATIVE,
-    AdaptiveConfig,
-    AdaptivePolicy,
-    CloudOnlyPolicy,
-    Decision,
-    DraftLengthPolicy,
-    FixedPolicy,
-    HeuristicPolicy,
-    PolicyMemory,
-    RoundObservation,
+from edgespec.edge.records import (
+    EdgeStats,
+    GenerateEvent,
+    RoundRecord,
+    SummaryEvent,
+    TokensEvent,
+    observation_from_record,
 )
-from speculative.params import SamplingParams
-from speculative.profiles import ComputeProfile, get_profile, make_runner
-from speculative.rejection import DraftProbs
-from speculative.runner import ModelRunner
-from speculative.session import DraftBlock, Drafter
+from edgespec.edge.trace import write_trace
+from edgespec.protos.convert import FieldError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +143,7 @@ def _adaptive(spec: PolicySpec) -> AdaptivePolicy:
 
 
 # Policies selectable by name (GenerateRequest.policy): factory(spec) -> a fresh policy (one per
-# session; see speculative.controller for what each does).
+# session; see edgespec.core.controller for what each does).
 POLICIES: dict[str, PolicyFactory] = {
     "fixed": lambda spec: FixedPolicy(spec.k),
     "heuristic": lambda spec: HeuristicPolicy(k0=spec.k, k_max=_k_max(spec)),
@@ -149,181 +157,6 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
     POLICIES[name] = factory
-
-
-# ---------------------------------------------------------------- events and stats
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """One round as the edge saw it (milliseconds): a verified block, or one cloud-only stream.
-
-    `tokens` is what the round yields before any cut at a stop token or max_new_tokens: accepted
-    + 1 for a speculative round (the E(k) of the draft-length model), the tokens streamed for a
-    cloud-only one. `round_ms` is the session's wall time spent on the round: from the end of
-    the previous round (or the block's send, if later) to its (last) verdict; with pipelining
-    the block may have been drafted and sent during the previous round, so round_ms can be
-    smaller than draft + network + verify.
-    """
-
-    seq: int
-    k: int  # draft length the policy chose (after clipping); 0 for cloud-only
-    drafted: int  # draft tokens sent (k, or fewer near max_new_tokens or after a stop token)
-    accepted: int
-    draft_ms: float  # draft compute for the block (a block drafted ahead: its guess too)
-    round_ms: float
-    apply_ms: float  # committing the verdict(s) (Drafter.apply)
-    timing: RoundTiming  # link timing (cloud-only: verifier compute summed over the stream)
-    attempts: int  # 1 + link failures during the round
-    mode: str = SPECULATIVE  # "speculative" | "cloud_only"
-    tokens: int = 0
-    t_wall: float = 0.0  # time.time() when the round's (last) verdict arrived
-    t_ms: float = 0.0  # the same, in ms since the generate call started
-    pipelined: bool = False  # the block was drafted ahead, during the previous round, and used
-    probe: bool = False  # the policy marked the decision an exploration probe
-    draft_forwards: int = 0  # draft forward passes spent on the block
-
-    @property
-    def network_ms(self) -> float:
-        """Wall time of the round not explained by verifier compute and queueing (~ the RTT)."""
-        return self.timing.network_ms
-
-    @property
-    def overhead_ms(self) -> float:
-        """Framework time of the round: everything but draft and verifier compute."""
-        return self.round_ms + self.apply_ms - self.draft_ms - self.timing.verify_ms
-
-
-def observation_from_record(record: RoundRecord) -> RoundObservation | None:
-    """The controller's view of a round (`speculative.controller.RoundObservation`), or None for
-    a round it cannot learn from (a speculative round with no draft token, near the end).
-
-    Speculative: k = the draft tokens sent, draft_ms = the time per draft forward times k (a block
-    drafted ahead also paid a forward for its guessed bonus token), network_ms clipped at 0.
-    Cloud-only: one step of `tokens` streamed tokens with the stream's summed compute and queue.
-    """
-    t = record.timing
-    network = max(t.network_ms, 0.0)
-    if record.mode == CLOUD_ONLY:
-        if record.tokens < 1:
-            return None
-        return RoundObservation(
-            k=0,
-            accepted=0,
-            draft_ms=0.0,
-            verify_ms=max(t.verify_ms, 0.0),
-            network_ms=network,
-            queue_ms=max(t.queue_ms, 0.0),
-            cloud_only=True,
-            tokens=record.tokens,
-        )
-    if record.drafted < 1:
-        return None
-    per_forward = record.draft_ms / max(record.draft_forwards, record.drafted)
-    return RoundObservation(
-        k=record.drafted,
-        accepted=record.accepted,
-        draft_ms=max(per_forward * record.drafted, 0.0),
-        verify_ms=max(t.verify_ms, 0.0),
-        network_ms=network,
-        queue_ms=max(t.queue_ms, 0.0),
-    )
-
-
-@dataclass
-class EdgeStats:
-    """Counters of one session (mirrors `GenerateStats` on the wire, plus per-round records)."""
-
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    drafted_per_position: list[int] = field(default_factory=list)
-    accepted_per_position: list[int] = field(default_factory=list)
-    draft_lengths: list[int] = field(default_factory=list)  # draft tokens sent in each round
-    time_to_first_token_ms: float = 0.0
-    time_per_output_token_ms: float = 0.0
-    bytes_sent: int = 0  # serialized bytes: blocks + OpenSession requests
-    bytes_received: int = 0
-    reconnects: int = 0  # sessions reopened after a link failure
-    verifier: str = ""  # address of the verifier that finished the session
-    pipeline_hits: int = 0  # blocks drafted ahead and used
-    pipeline_misses: int = 0  # blocks drafted ahead and dropped (the verifier answers STALE)
-    cloud_only_tokens: int = 0  # tokens the verifier decoded alone
-    policy: str = ""  # the policy's repr at the end of the session
-    pipelined: bool = False
-    compute_profile: str = "real"  # the edge's (draft) compute profile
-    verifier_compute_profile: str = ""  # the verifier's, as it reported it
-    warm_start: bool = False  # the adaptive policy started from the link's memory
-    round_records: list[RoundRecord] = field(default_factory=list)
-
-    def observe_round(self, record: RoundRecord) -> None:
-        if record.mode == CLOUD_ONLY:
-            self.cloud_only_tokens += record.tokens
-        self.rounds += 1
-        self.drafted += record.drafted
-        self.accepted += record.accepted
-        self.draft_lengths.append(record.drafted)
-        grow = record.drafted - len(self.drafted_per_position)
-        if grow > 0:
-            self.drafted_per_position.extend([0] * grow)
-            self.accepted_per_position.extend([0] * grow)
-        for i in range(record.drafted):
-            self.drafted_per_position[i] += 1
-        for i in range(record.accepted):
-            self.accepted_per_position[i] += 1
-        self.round_records.append(record)
-
-    @property
-    def rtt_ms_mean(self) -> float:
-        """Mean network time per round (wall minus verifier compute and queueing)."""
-        recs = self.round_records
-        return sum(r.timing.network_ms for r in recs) / len(recs) if recs else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_k(self) -> float:
-        """Mean draft length chosen over the speculative rounds (0.0 when there were none)."""
-        ks = [r.k for r in self.round_records if r.mode == SPECULATIVE]
-        return sum(ks) / len(ks) if ks else 0.0
-
-    @property
-    def mean_tokens_per_round(self) -> float:
-        """Mean of accepted + 1 over the speculative rounds (the measured E(k))."""
-        recs = [r for r in self.round_records if r.mode == SPECULATIVE]
-        return sum(r.tokens for r in recs) / len(recs) if recs else 0.0
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict (round records flattened)."""
-        d = asdict(self)
-        d["rtt_ms_mean"] = self.rtt_ms_mean
-        d["acceptance_rate"] = self.acceptance_rate
-        d["mean_k"] = self.mean_k
-        d["mean_tokens_per_round"] = self.mean_tokens_per_round
-        return d
-
-
-@dataclass(frozen=True)
-class TokensEvent:
-    """Newly committed tokens, in order, and their decoded text."""
-
-    tokens: list[int]
-    text: str
-
-
-@dataclass(frozen=True)
-class SummaryEvent:
-    """Last event of a session."""
-
-    finish_reason: str  # "stop" | "length"
-    tokens: list[int]  # every generated token (prompt excluded)
-    text: str
-    stats: EdgeStats
-
-
-GenerateEvent = TokensEvent | SummaryEvent
 
 
 # ---------------------------------------------------------------- engine
@@ -353,7 +186,7 @@ class EngineConfig:
     trace_dir: str | None = None
     # Learn each link across sessions: every session's rounds (whatever its policy) update an
     # estimate per (verifier, sampling regime), and an adaptive session starts from it
-    # (`speculative.controller.PolicyMemory`) instead of from priors.
+    # (`edgespec.core.controller.PolicyMemory`) instead of from priors.
     link_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -478,7 +311,7 @@ class EdgeEngine:
         compute_profile: ComputeProfile | str | None = None,
     ) -> EdgeEngine:
         """Load the draft model and its tokenizer from a local checkpoint folder."""
-        from speculative.models import load_tokenizer
+        from edgespec.core.models import load_tokenizer
 
         runner = ModelRunner.from_pretrained(draft_path, device=device)
         try:
@@ -533,7 +366,7 @@ class EdgeEngine:
         memory: PolicyMemory | None = None,
     ) -> DraftLengthPolicy:
         """Resolve a policy name (None/'' = default) and draft length (None/0 = default) into a
-        fresh policy (`speculative.controller.DraftLengthPolicy`), handing it `memory` (see
+        fresh policy (`edgespec.core.controller.DraftLengthPolicy`), handing it `memory` (see
         `PolicySpec`); a policy object is used as is.
 
         Raises `FieldError` naming 'policy' or 'draft_tokens'."""
@@ -735,8 +568,6 @@ class EdgeEngine:
     ) -> None:
         """One msgpack trace file per generation (a few hundred bytes per round); a failure to
         write is logged, never raised: the generation itself succeeded."""
-        from edge.trace import write_trace  # edge.trace imports this module
-
         folder = Path(self.config.trace_dir)
         path = folder / f"trace-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.msgpack"
         meta = {

@@ -31,11 +31,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
-from protos.convert import block_to_proto, params_to_proto, verdict_from_proto
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from speculative.params import SamplingParams
-from speculative.session import DraftBlock, Verdict
+from edgespec.core.params import SamplingParams
+from edgespec.core.session import DraftBlock, Verdict
+from edgespec.protos.convert import block_to_proto, params_to_proto, verdict_from_proto
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Run an Edge server: ``python -m edge.server --draft PATH --verifier HOST:PORT [...]``.
+"""Run an Edge server: ``python -m edgespec.edge.server --draft PATH --verifier HOST:PORT [...]``.
 
 Loads the draft model and its tokenizer from a local checkpoint folder, serves the Edge service,
 and prints exactly one line ``LISTENING <host>:<port>`` (flushed) to stdout once it accepts calls.
@@ -17,18 +17,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from edge.engine import POLICIES, EdgeEngine, EngineConfig
-from edge.link import LinkConfig
-from edge.service import TlsFiles, serve
-from speculative.metrics import EdgeMetrics
-from speculative.profiles import profile_names
-from speculative.server_cli import add_runtime_args, apply_threads, run_until_signal
+from edgespec.core.profiles import profile_names
+from edgespec.edge.engine import POLICIES, EdgeEngine, EngineConfig
+from edgespec.edge.link import LinkConfig
+from edgespec.edge.service import TlsFiles, serve
+from edgespec.serving.metrics import EdgeMetrics
+from edgespec.serving.server_cli import add_runtime_args, apply_threads, run_until_signal
 
-logger = logging.getLogger("edge.server")
+logger = logging.getLogger("edgespec.edge.server")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m edge.server", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m edgespec.edge.server", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--draft", required=True, help="draft checkpoint folder (with its tokenizer)")
     ap.add_argument(
         "--verifier",

@@ -22,13 +22,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge.engine import EdgeEngine, EdgeError, EdgeStats, SummaryEvent, TokensEvent
-from edge.link import MAX_MESSAGE_BYTES
-from protos.convert import FieldError, params_from_proto
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from speculative.metrics import EdgeMetrics
-from speculative.params import SamplingParams
+from edgespec.core.params import SamplingParams
+from edgespec.edge.engine import EdgeEngine, EdgeError
+from edgespec.edge.link import MAX_MESSAGE_BYTES
+from edgespec.edge.records import EdgeStats, SummaryEvent, TokensEvent
+from edgespec.protos.convert import FieldError, params_from_proto
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from edgespec.serving.metrics import EdgeMetrics
 
 logger = logging.getLogger(__name__)
 

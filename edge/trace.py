@@ -8,7 +8,7 @@ hot path (a few hundred bytes per round), and any language reads them::
     ks = [r.k for r in records]
 
 Written by the edge engine after each generation when `EngineConfig.trace_dir` is set
-(``python -m edge.server --trace-dir DIR``).
+(``python -m edgespec.edge.server --trace-dir DIR``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import msgpack
 
-from edge.engine import RoundRecord
-from edge.link import RoundTiming
+from edgespec.edge.link import RoundTiming
+from edgespec.edge.records import RoundRecord
 
 TRACE_FORMAT = "edgespec-round-trace"
 TRACE_VERSION = 1

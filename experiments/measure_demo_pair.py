@@ -24,6 +24,10 @@ from pathlib import Path
 
 import torch
 
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.models import check_pair, load_tokenizer
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
 from experiments.train_demo_models import (
     TrainConfig,
     acceptance,
@@ -31,10 +35,6 @@ from experiments.train_demo_models import (
     encode_docs,
     split_corpus,
 )
-from speculative.generate import generate_autoregressive
-from speculative.models import check_pair, load_tokenizer
-from speculative.params import SamplingParams
-from speculative.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def measure(target_path: Path, draft_path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgespec.models import resolve_pair
+    from edgespec.core.demo_pair import resolve_pair
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target")

@@ -19,7 +19,7 @@ Steps:
 
 Usage::
 
-    python -m experiments.train_demo_models --out edgespec/demo_models
+    python -m experiments.train_demo_models --out core/demo_models
     python -m experiments.train_demo_models --out /tmp/smoke --smoke   # a 1-minute pipeline check
 """
 

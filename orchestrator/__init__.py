@@ -9,5 +9,5 @@
   `teardown` of the actors on any cluster, the state file.
 - `orchestrator.commands`: ``edgespec up / status / generate / down / demo``.
 
-Nothing is imported here, so ``import orchestrator.registry`` stays free of Ray and torch.
+Nothing is imported here, so ``import edgespec.orchestrator.registry`` stays free of Ray and torch.
 """

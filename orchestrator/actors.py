@@ -36,7 +36,7 @@ from typing import Any
 
 import ray
 
-from orchestrator.registry import (
+from edgespec.orchestrator.registry import (
     EDGE,
     NOT_SERVING,
     SERVING,
@@ -66,7 +66,7 @@ def _check_positive(name: str, value: object) -> None:
 
 
 def _check_profile(name: object) -> None:
-    from speculative.profiles import get_profile  # torch: not at import time
+    from edgespec.core.profiles import get_profile  # torch: not at import time
 
     get_profile(name)  # ValueError naming the known profiles
 
@@ -86,7 +86,7 @@ class VerifierSpec:
     token: str | None = None  # bearer token the edges must send; None = no auth
     port: int = 0  # gRPC port on the node; 0 = a free one
     metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
-    # speculative.profiles name: "real", or an emulated device that pads each target forward
+    # edgespec.core.profiles name: "real", or an emulated device that pads each target forward
     compute_profile: str = "real"
 
     def __post_init__(self) -> None:
@@ -114,12 +114,12 @@ class EdgeSpec:
     max_retries: int = 6  # reconnects per round before the session fails
     token: str | None = None  # bearer token clients must send to the edge
     verifier_token: str | None = None  # bearer token sent to the verifiers
-    # Emulated WAN link between this edge and every verifier: an `experiments.linkemu.LinkProfile`
+    # Emulated WAN link between this edge and every verifier: an `edgespec.linkemu.LinkProfile`
     # as a dict (`LinkProfile.to_dict()`); None = direct connections.
     link: dict[str, Any] | None = None
     port: int = 0
     metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
-    # speculative.profiles name: "real", or an emulated device that pads each draft forward
+    # edgespec.core.profiles name: "real", or an emulated device that pads each draft forward
     compute_profile: str = "real"
     pipelined: bool = True  # draft ahead while verdicts travel (requests may say otherwise)
 
@@ -132,7 +132,7 @@ class EdgeSpec:
         _check_positive("round_timeout_s", self.round_timeout_s)
         _check_port("port", self.port)
         if self.link is not None:
-            from experiments.linkemu import LinkProfile
+            from edgespec.linkemu import LinkProfile
 
             LinkProfile.from_dict(self.link)  # validates
 
@@ -213,7 +213,7 @@ class _EndpointActor:
         """Start this actor's /metrics endpoint (None: metrics off) and return its metrics."""
         if port is None:
             return None
-        from speculative.metrics import serve_metrics
+        from edgespec.serving.metrics import serve_metrics
 
         metrics, server = serve_metrics(metrics_cls, port, host=BIND_HOST)
         self.metrics_url = f"http://{ray.util.get_node_ip_address()}:{server.port}/metrics"
@@ -264,8 +264,8 @@ class VerifierActor(_EndpointActor):
         super().__init__(name)
 
     async def _start(self) -> None:
-        from cloud.service import serve
-        from cloud.verifier import VerifierConfig, VerifierEngine
+        from edgespec.cloud.service import serve
+        from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
 
         self.device = _device()
         spec = self.spec
@@ -281,7 +281,7 @@ class VerifierActor(_EndpointActor):
             config,
             compute_profile=spec.compute_profile,
         )
-        from speculative.metrics import VerifierMetrics
+        from edgespec.serving.metrics import VerifierMetrics
 
         metrics = self._serve_metrics(VerifierMetrics, spec.metrics_port)
         self._server = await serve(
@@ -324,10 +324,10 @@ class EdgeActor(_EndpointActor):
         super().__init__(name)
 
     async def _start(self) -> None:
-        from edge.engine import EngineConfig
-        from edge.link import LinkConfig
-        from edge.service import serve
-        from orchestrator.edge_shim import SessionScopedEngine
+        from edgespec.edge.engine import EngineConfig
+        from edgespec.edge.link import LinkConfig
+        from edgespec.edge.service import serve
+        from edgespec.orchestrator.edge_shim import SessionScopedEngine
 
         self.device = _device()
         spec = self.spec
@@ -351,7 +351,7 @@ class EdgeActor(_EndpointActor):
         )
         self.engine.key_prefix = self.name
         self.engine.on_session_end = self._release
-        from speculative.metrics import EdgeMetrics
+        from edgespec.serving.metrics import EdgeMetrics
 
         metrics = self._serve_metrics(EdgeMetrics, spec.metrics_port)
         self._server = await serve(
@@ -365,7 +365,7 @@ class EdgeActor(_EndpointActor):
     # -- the engine's address provider (called on this actor's loop, in the session's context)
 
     def _next_verifier(self) -> str:
-        from orchestrator.edge_shim import current_session
+        from edgespec.orchestrator.edge_shim import current_session
 
         slot = current_session()
         if slot is None:  # not inside a generation: a one-off assignment
@@ -412,7 +412,7 @@ class EdgeActor(_EndpointActor):
             return address
         emu = self._links.get(address)
         if emu is None:
-            from experiments.linkemu import LinkEmulator, LinkProfile
+            from edgespec.linkemu import LinkEmulator, LinkProfile
 
             host, _, port = address.rpartition(":")
             emu = LinkEmulator(host, int(port), LinkProfile.from_dict(self.spec.link)).start()

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.actors import (
+from edgespec.orchestrator.actors import (
     NAMESPACE,
     ORCHESTRATOR_NAME,
     EdgeActor,
@@ -55,7 +55,6 @@ CLOUD_RESOURCE = "cloud"
 ROLE_SHARE = 0.01
 DEFAULT_STATE_DIR = Path("~/.edgespec")
 STATE_FILE = "state.json"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 Progress = Callable[[str], None]
 
@@ -122,7 +121,7 @@ class DeploySpec:
         **kwargs: Any,
     ) -> DeploySpec:
         """A spec from the two checkpoint folders and the usual knobs (`compute_profile`: the
-        `speculative.profiles` name both roles run under)."""
+        `edgespec.core.profiles` name both roles run under)."""
         return cls(
             verifier=VerifierSpec(target_path=str(target_path), compute_profile=compute_profile),
             edge=EdgeSpec(
@@ -149,18 +148,15 @@ class DeploySpec:
 def connect(address: str | None = None) -> None:
     """Connect this process to a Ray cluster (idempotent). `address` None = a new local Ray.
 
-    The actors need the project's packages: the repository root is put on the workers'
-    PYTHONPATH, so a checkout runs without installing.
+    The actors import ``edgespec`` from the workers' environment: every node has it installed.
     """
     import ray
 
     if ray.is_initialized():
         return
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(
         address=address,
         namespace=NAMESPACE,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
         logging_level=logging.WARNING,
         log_to_driver=False,
         include_dashboard=False if address is None else None,
@@ -507,7 +503,6 @@ def _start_node(
         *args,
     ]
     env = {**os.environ, **extra_env}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     log = log_path.open("w")
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge.engine import EdgeEngine
+from edgespec.edge.engine import EdgeEngine
 
 _SESSION: contextvars.ContextVar[SessionSlot | None] = contextvars.ContextVar(
     "edgespec_edge_session", default=None

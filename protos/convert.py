@@ -1,6 +1,6 @@
 """Conversions between the wire messages (`edgespec.v1`) and the core dataclasses.
 
-The one place where protobuf meets `speculative/`: the edge and the cloud both import these, so
+The one place where protobuf meets `core/`: the edge and the cloud both import these, so
 both sides read and write a field the same way. Rules:
 
 - `*_from_proto` checks what the wire format alone can get wrong (a negative token id, a probs
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from speculative.params import SamplingParams
-from speculative.rejection import DraftProbs
-from speculative.session import DraftBlock, Verdict
+from edgespec.core.params import SamplingParams
+from edgespec.core.rejection import DraftProbs
+from edgespec.core.session import DraftBlock, Verdict
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
 __all__ = [
     "FieldError",

@@ -1,8 +1,9 @@
-"""Regenerate the Python stubs from the .proto sources: ``python -m protos.generate``.
+"""Regenerate the Python stubs from the .proto sources: ``python -m edgespec.protos.generate``.
 
-The generated ``*_pb2*.py`` files are committed (users need no protoc) and never edited by hand;
-``--check`` regenerates into a temporary folder and fails when the committed stubs differ, which
-is what the test suite runs.
+Run from a checkout (it writes into the checkout's ``protos/`` folder). The generated
+``*_pb2*.py`` files are committed (users need no protoc) and never edited by hand; ``--check``
+regenerates into a temporary folder and fails when the committed stubs differ, which is what the
+test suite runs.
 """
 
 from __future__ import annotations
@@ -17,37 +18,42 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository root: imports are protos.edgespec.v1
-PROTOS = sorted((ROOT / "protos").rglob("*.proto"))
+# The checkout's protos/ folder (resolved: in an editable install this file is a link to it).
+PROTOS_DIR = Path(__file__).resolve().parent
+# protoc names each generated module after its .proto's path under the include folder, and the
+# stubs are imported as `edgespec.protos...`: each .proto is staged under this prefix first.
+PACKAGE_PREFIX = Path("edgespec") / "protos"
 
 
-def _generated_names(proto: Path) -> list[str]:
-    stem = proto.stem
-    return [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"]
+def _protos() -> list[Path]:
+    return sorted(p.relative_to(PROTOS_DIR) for p in PROTOS_DIR.rglob("*.proto"))
 
 
 def generate(out_root: Path) -> list[Path]:
-    """Run protoc (grpc_tools) over every .proto, writing stubs under ``out_root``."""
-    from grpc_tools import protoc  # test extra: only needed to regenerate
+    """Run protoc (grpc_tools) over every .proto; writes the stubs under ``out_root`` at the same
+    relative paths as in ``protos/`` and returns them."""
+    import grpc_tools  # test extra: only needed to regenerate
+    from grpc_tools import protoc
 
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
     written: list[Path] = []
-    for proto in PROTOS:
-        rel = proto.relative_to(ROOT)
-        args = [
-            "protoc",
-            f"-I{ROOT}",
-            f"--python_out={out_root}",
-            f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}",
-            str(rel),
-        ]
-        # grpc_tools resolves the well-known types from its own include folder.
-        import grpc_tools
-
-        args.insert(1, f"-I{Path(grpc_tools.__file__).parent / '_proto'}")
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {rel}")
-        written += [out_root / rel.parent / name for name in _generated_names(proto)]
+    with tempfile.TemporaryDirectory() as tmp:
+        include, out = Path(tmp) / "in", Path(tmp) / "out"
+        for rel in _protos():
+            staged = include / PACKAGE_PREFIX / rel
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(PROTOS_DIR / rel, staged)
+        out.mkdir()
+        for rel in _protos():
+            args = ["protoc", f"-I{well_known}", f"-I{include}", f"--python_out={out}"]
+            args += [f"--pyi_out={out}", f"--grpc_python_out={out}", str(PACKAGE_PREFIX / rel)]
+            if protoc.main(args) != 0:
+                raise RuntimeError(f"protoc failed on {rel}")
+            for name in (f"{rel.stem}_pb2.py", f"{rel.stem}_pb2.pyi", f"{rel.stem}_pb2_grpc.py"):
+                dest = out_root / rel.parent / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out / PACKAGE_PREFIX / rel.parent / name, dest)
+                written.append(dest)
     return written
 
 
@@ -56,9 +62,9 @@ def check() -> list[str]:
     stale: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for fresh in generate(Path(tmp)):
-            committed = ROOT / fresh.relative_to(tmp)
+            committed = PROTOS_DIR / fresh.relative_to(tmp)
             if not committed.exists() or not filecmp.cmp(fresh, committed, shallow=False):
-                stale.append(str(committed.relative_to(ROOT)))
+                stale.append(f"protos/{committed.relative_to(PROTOS_DIR)}")
     return stale
 
 
@@ -70,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = check()
         for name in stale:
-            logger.error("stale: %s (run python -m protos.generate)", name)
+            logger.error("stale: %s (run python -m edgespec.protos.generate)", name)
         return 1 if stale else 0
     with tempfile.TemporaryDirectory() as tmp:
         for fresh in generate(Path(tmp)):
-            dest = ROOT / fresh.relative_to(tmp)
+            dest = PROTOS_DIR / fresh.relative_to(tmp)
             shutil.copyfile(fresh, dest)
-            logger.info("wrote %s", dest.relative_to(ROOT))
+            logger.info("wrote protos/%s", dest.relative_to(PROTOS_DIR))
     return 0
 
 

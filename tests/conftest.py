@@ -183,7 +183,7 @@ class VerifierServerThread:
     """A Verifier server on its own event loop in a background thread."""
 
     def __init__(self, engine, **serve_kwargs) -> None:  # engine: cloud.verifier.VerifierEngine
-        from cloud.service import serve
+        from edgespec.cloud.service import serve
 
         self.engine = engine
         self.loop = asyncio.new_event_loop()

@@ -7,7 +7,7 @@ import json
 import pytest
 from _tiny_models import perturbed, tiny_model
 
-from experiments.bench_core import run_core_bench
+from edgespec.bench.core import run_core_bench
 
 
 def test_core_bench_report():

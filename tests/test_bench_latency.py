@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments.bench_latency import (
+from edgespec.bench.latency import (
     LatencyBenchConfig,
     LinkCondition,
     RoundSample,
@@ -19,8 +19,8 @@ from experiments.bench_latency import (
     per_position_acceptance,
     summarise,
 )
-from experiments.linkemu import LinkProfile
-from speculative.controller import expected_tokens
+from edgespec.core.controller import expected_tokens
+from edgespec.linkemu import LinkProfile
 
 
 def _round(k: int, accepted: int, mode: str = "speculative") -> RoundSample:
@@ -145,8 +145,8 @@ def test_config_and_schedule_validation():
 
 
 def test_cli_parses_the_bench_commands():
+    from edgespec.bench.latency import command_line, config_from_args
     from edgespec.cli import build_parser, cmd_bench_latency, cmd_bench_link
-    from experiments.bench_latency import command_line, config_from_args
 
     ap = build_parser()
     args = ap.parse_args(["bench", "latency", "--json", "r.json", "--rtts", "0,50", "--reps", "4"])

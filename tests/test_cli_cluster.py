@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _edgespec(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     return subprocess.run(
         [sys.executable, "-m", "edgespec.cli", *args],
         cwd=REPO,

@@ -41,8 +41,8 @@ from edgespec import (
 )
 from edgespec.client import build_request
 from edgespec.errors import FIELD_METADATA_KEY, error_class, from_rpc_error, parse_field
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CALL_TIMEOUT_S = 10.0  # deadline of every call that is expected to succeed
@@ -566,15 +566,25 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def real_edge(tiny_pair) -> Iterator[tuple[str, str]]:
-    """(edge address, verifier address): ``python -m cloud.server`` and ``python -m edge.server``
+    """(edge address, verifier address): ``python -m edgespec.cloud.server`` and ``python -m edgespec.edge.server``
     on the tiny pair, as separate processes."""
     if not (EDGE_SERVICE.exists() and CLOUD_SERVICE.exists()):
         pytest.skip("needs the real servers: edge/service.py and cloud/service.py are not written")
     target_dir, draft_dir = tiny_pair
-    cloud, cloud_addr = _start_server(["cloud.server", "--target", str(target_dir), "--port", "0"])
+    cloud, cloud_addr = _start_server(
+        ["edgespec.cloud.server", "--target", str(target_dir), "--port", "0"]
+    )
     try:
         edge, edge_addr = _start_server(
-            ["edge.server", "--draft", str(draft_dir), "--verifier", cloud_addr, "--port", "0"]
+            [
+                "edgespec.edge.server",
+                "--draft",
+                str(draft_dir),
+                "--verifier",
+                cloud_addr,
+                "--port",
+                "0",
+            ]
         )
         try:
             yield edge_addr, cloud_addr
@@ -586,8 +596,8 @@ def real_edge(tiny_pair) -> Iterator[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_end_to_end_token_ids_match_target_alone(tiny_pair, real_edge):
-    from speculative.generate import generate_autoregressive
-    from speculative.runner import ModelRunner
+    from edgespec.core.generate import generate_autoregressive
+    from edgespec.core.runner import ModelRunner
 
     edge_addr, cloud_addr = real_edge
     params = SamplingParams(max_new_tokens=24)
@@ -617,8 +627,8 @@ def test_end_to_end_token_ids_match_target_alone(tiny_pair, real_edge):
 def test_end_to_end_text_prompt_async(tiny_pair, real_edge):
     from transformers import AutoTokenizer
 
-    from speculative.generate import generate_autoregressive
-    from speculative.runner import ModelRunner
+    from edgespec.core.generate import generate_autoregressive
+    from edgespec.core.runner import ModelRunner
 
     edge_addr, _ = real_edge
     params = SamplingParams(max_new_tokens=16)

@@ -1,7 +1,7 @@
 """The Verifier service over real gRPC on 127.0.0.1, with a tiny random Llama target.
 
 Servers run in-process (a background event loop per server); clients are synchronous gRPC stubs
-and every call carries a deadline. One test starts `python -m cloud.server` as a subprocess.
+and every call carries a deadline. One test starts `python -m edgespec.cloud.server` as a subprocess.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,8 +22,8 @@ import torch
 from conftest import VerifierServerThread, self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud.service import TLSConfig
-from cloud.verifier import (
+from edgespec.cloud.service import TLSConfig
+from edgespec.cloud.verifier import (
     INVALID_ARGUMENT,
     NOT_FOUND,
     Outcome,
@@ -32,14 +31,14 @@ from cloud.verifier import (
     VerifierConfig,
     VerifierEngine,
 )
-from protos.convert import block_to_proto, params_to_proto
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from speculative.generate import generate_autoregressive
-from speculative.params import SamplingParams
-from speculative.rejection import DraftProbs
-from speculative.runner import ModelRunner
-from speculative.session import DraftBlock, Drafter, Verifier
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.params import SamplingParams
+from edgespec.core.rejection import DraftProbs
+from edgespec.core.runner import ModelRunner
+from edgespec.core.session import DraftBlock, Drafter, Verifier
+from edgespec.protos.convert import block_to_proto, params_to_proto
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 DEADLINE_S = 20.0  # every client call carries this deadline
 TOKEN = "s3cret-token"
@@ -575,12 +574,12 @@ def test_tls_with_token(start_server, tmp_path) -> None:
 
 
 def test_cli_prints_listening_serves_and_stops_on_sigterm(tiny_pair) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "cloud.server",
+            "edgespec.cloud.server",
             "--target",
             str(tiny_pair.target_dir),
             "--port",

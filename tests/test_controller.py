@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from speculative.controller import (
+from edgespec.core.controller import (
     CLOUD_ONLY,
     SPECULATIVE,
     AdaptiveConfig,

@@ -1,4 +1,4 @@
-"""protos.convert: wire messages <-> core dataclasses, both directions, and the errors."""
+"""edgespec.protos.convert: wire messages <-> core dataclasses, both directions, and the errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
-from protos.convert import (
+from edgespec.core.params import SamplingParams
+from edgespec.core.rejection import DraftProbs
+from edgespec.core.session import DraftBlock, Verdict
+from edgespec.protos.convert import (
     FieldError,
     block_from_proto,
     block_to_proto,
@@ -16,10 +19,7 @@ from protos.convert import (
     verdict_from_proto,
     verdict_to_proto,
 )
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from speculative.params import SamplingParams
-from speculative.rejection import DraftProbs
-from speculative.session import DraftBlock, Verdict
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,17 @@
 """The shipped demo pair loads offline, is what its model card says, and its draft still agrees
 with its target: acceptance on a fixed prompt set stays above the published floors
-(edgespec/demo_models/MODEL_CARD.md)."""
+(core/demo_models/MODEL_CARD.md)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from edgespec.models import DEFAULT_DRAFT, DEFAULT_TARGET
-from speculative.generate import generate, generate_autoregressive
-from speculative.models import check_pair, load_tokenizer, model_info
-from speculative.params import SamplingParams
-from speculative.runner import ModelRunner
+from edgespec.core.demo_pair import DEFAULT_DRAFT, DEFAULT_TARGET
+from edgespec.core.generate import generate, generate_autoregressive
+from edgespec.core.models import check_pair, load_tokenizer, model_info
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
 
 # Published floors (MODEL_CARD.md): the issue's bars. The measured values sit well above them.
 ALPHA_GREEDY_FLOOR = 0.6

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cluster import CLOUD_RESOURCE, EDGE_RESOURCE, ROLE_SHARE
+from edgespec.orchestrator.cluster import CLOUD_RESOURCE, EDGE_RESOURCE, ROLE_SHARE
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ROLES = (EDGE_RESOURCE, CLOUD_RESOURCE)

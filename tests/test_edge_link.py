@@ -1,5 +1,5 @@
-"""The edge over a real link: EdgeEngine / VerifierLink against `python -m cloud.server`
-subprocesses, through the TCP link emulator, and the Edge service via `python -m edge.server`.
+"""The edge over a real link: EdgeEngine / VerifierLink against `python -m edgespec.cloud.server`
+subprocesses, through the TCP link emulator, and the Edge service via `python -m edgespec.edge.server`.
 
 Checked: greedy output equals the target alone (RTT 0 and 50 ms, k in {1, 4, 8}, several
 prompts, stop tokens); sampled first tokens follow the target's distribution (chi-square, sparse
@@ -25,17 +25,18 @@ import torch
 from conftest import chi_square_p, self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge.engine import EdgeEngine, EdgeError, EngineConfig, SummaryEvent, TokensEvent, _TextStream
-from edge.link import LinkConfig, LinkError, make_address_provider
-from experiments.linkemu import LinkEmulator, LinkProfile
-from protos.convert import params_to_proto
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from speculative.generate import generate_autoregressive
-from speculative.models import load_tokenizer
-from speculative.params import SamplingParams
-from speculative.runner import ModelRunner
-from speculative.sampling import logits_to_probs
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.models import load_tokenizer
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
+from edgespec.core.sampling import logits_to_probs
+from edgespec.edge.engine import EdgeEngine, EdgeError, EngineConfig, _TextStream
+from edgespec.edge.link import LinkConfig, LinkError, make_address_provider
+from edgespec.edge.records import SummaryEvent, TokensEvent
+from edgespec.linkemu import LinkEmulator, LinkProfile
+from edgespec.protos.convert import params_to_proto
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 30.0  # every client call in these tests carries this deadline
@@ -66,7 +67,7 @@ class Server:
             text=True,
             # One intra-op thread per process: several processes share this host's few cores,
             # and a parallel region waiting on a descheduled thread costs a scheduler tick.
-            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -104,7 +105,7 @@ class Server:
 
 
 def verifier_args(target_dir: Path) -> list[str]:
-    return ["cloud.server", "--target", str(target_dir), "--token", VERIFIER_TOKEN]
+    return ["edgespec.cloud.server", "--target", str(target_dir), "--token", VERIFIER_TOKEN]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def servers(tiny_pair, tmp_path_factory) -> Iterator[dict[str, Server]]:
         main_address = started["main"].wait_listening()
         started["edge"] = Server(
             [
-                "edge.server",
+                "edgespec.edge.server",
                 "--draft",
                 str(tiny_pair.draft_dir),
                 "--verifier",
@@ -376,8 +377,8 @@ def test_round_deadline_on_blackholed_link_fails_over(draft, target, servers):
 
 def test_tls_and_the_verifiers_block_limit(draft, target, tmp_path):
     """TLS + bearer token to an (in-process) verifier that takes at most 2 draft tokens a block."""
-    from cloud.service import TLSConfig, serve
-    from cloud.verifier import VerifierConfig, VerifierEngine
+    from edgespec.cloud.service import TLSConfig, serve
+    from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
 
     cert, key = self_signed_cert(tmp_path)
     params = SamplingParams(max_new_tokens=12)

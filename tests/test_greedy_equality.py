@@ -11,7 +11,7 @@ import pytest
 import torch
 from _tiny_models import FAMILIES, hf_greedy, perturbed, tiny_model
 
-from speculative import ModelRunner, SamplingParams, generate, generate_autoregressive
+from edgespec.core import ModelRunner, SamplingParams, generate, generate_autoregressive
 
 N_NEW = 21  # not a multiple of k+1 for most k: the limit falls inside a round's natural block
 PROMPT_LENS = (1, 7, 30)

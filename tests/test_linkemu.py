@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.linkemu import LinkEmulator, LinkProfile, LinkStats, parse_hostport
+from edgespec.linkemu import LinkEmulator, LinkProfile, LinkStats, parse_hostport
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECV_TIMEOUT_S = 10.0
@@ -372,7 +372,7 @@ def test_start_stop_lifecycle(echo: EchoServer) -> None:
 
 def test_cli_forwards_and_stops_on_sigint(echo: EchoServer) -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "experiments.linkemu", "--upstream", f"127.0.0.1:{echo.port}"]
+        [sys.executable, "-m", "edgespec.linkemu", "--upstream", f"127.0.0.1:{echo.port}"]
         + ["--rtt-ms", "10", "--jitter-ms", "1", "--bandwidth-mbps", "100"],
         cwd=REPO_ROOT,
         stderr=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""Tests for `speculative.metrics`: observe rounds/blocks, scrape the text format, check values."""
+"""Tests for `edgespec.serving.metrics`: observe rounds/blocks, scrape the text format, check values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from speculative.metrics import EdgeMetrics, VerifierMetrics, start_metrics_server
+from edgespec.serving.metrics import EdgeMetrics, VerifierMetrics, start_metrics_server
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TinyPair, build_tiny_llama, build_tiny_tokenizer
 
-from speculative.models import IncompatiblePairError, check_pair, model_info
+from edgespec.core.models import IncompatiblePairError, check_pair, model_info
 
 
 def test_compatible_pair_passes(tiny_pair: TinyPair) -> None:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from speculative.params import SamplingParams
+from edgespec.core.params import SamplingParams
 
 INVALID = [
     # (field, bad value)

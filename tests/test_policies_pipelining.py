@@ -22,21 +22,8 @@ import pytest
 import torch
 from conftest import VerifierServerThread, chi_square_p
 
-from cloud.verifier import Outcome, VerifierConfig, VerifierEngine
-from edge.engine import (
-    EdgeEngine,
-    EngineConfig,
-    RoundRecord,
-    SummaryEvent,
-    TokensEvent,
-    observation_from_record,
-)
-from edge.link import LinkConfig, RoundTiming, VerifierLink
-from experiments.linkemu import LinkEmulator, LinkProfile
-from protos.convert import block_to_proto, params_to_proto
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from speculative.controller import (
+from edgespec.cloud.verifier import Outcome, VerifierConfig, VerifierEngine
+from edgespec.core.controller import (
     CLOUD_ONLY,
     SPECULATIVE,
     CloudOnlyPolicy,
@@ -45,19 +32,26 @@ from speculative.controller import (
     RoundObservation,
     best_k,
 )
-from speculative.generate import generate_autoregressive
-from speculative.models import load_tokenizer
-from speculative.params import SamplingParams
-from speculative.profiles import (
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.models import load_tokenizer
+from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import (
     ComputeProfile,
     ForwardCost,
     PaddedRunner,
     get_profile,
     make_runner,
 )
-from speculative.runner import ModelRunner
-from speculative.sampling import logits_to_probs
-from speculative.session import DraftBlock, Drafter, Verifier
+from edgespec.core.runner import ModelRunner
+from edgespec.core.sampling import logits_to_probs
+from edgespec.core.session import DraftBlock, Drafter, Verifier
+from edgespec.edge.engine import EdgeEngine, EngineConfig
+from edgespec.edge.link import LinkConfig, RoundTiming, VerifierLink
+from edgespec.edge.records import RoundRecord, SummaryEvent, TokensEvent, observation_from_record
+from edgespec.linkemu import LinkEmulator, LinkProfile
+from edgespec.protos.convert import block_to_proto, params_to_proto
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 DEADLINE_S = 30.0
 RTT_MS = 20.0
@@ -430,7 +424,7 @@ def test_pipelined_core_loop_hits_and_misses_and_matches_target(draft, target):
             assert drafter.pending is ahead
         else:
             misses += 1
-            from speculative.session import StaleBlockError
+            from edgespec.core.session import StaleBlockError
 
             with pytest.raises(StaleBlockError):
                 verifier.verify(ahead)
@@ -621,7 +615,7 @@ def test_cut_link_during_pipelined_and_cloud_only_rounds_reconnects(draft, targe
 
 
 def test_round_trace_written_per_generation_reads_back(draft, emulator, tmp_path):
-    from edge.trace import read_trace, write_trace
+    from edgespec.edge.trace import read_trace, write_trace
 
     params = SamplingParams(max_new_tokens=24)
 

@@ -1,7 +1,7 @@
-"""The committed gRPC stubs match the .proto sources (regenerate: python -m protos.generate)."""
+"""The committed gRPC stubs match the .proto sources (regenerate: python -m edgespec.protos.generate)."""
 
-from protos.generate import check
+from edgespec.protos.generate import check
 
 
 def test_generated_stubs_are_up_to_date() -> None:
-    assert check() == [], "stale stubs: run `python -m protos.generate`"
+    assert check() == [], "stale stubs: run `python -m edgespec.protos.generate`"

@@ -40,9 +40,9 @@ def _wait_for(predicate, what: str, timeout_s: float = 90.0, interval_s: float =
 def deployment(tiny_pair):
     from ray.cluster_utils import Cluster
 
-    from experiments.linkemu import LinkProfile
-    from orchestrator import cluster as oc
-    from orchestrator.actors import OrchestratorConfig
+    from edgespec.linkemu import LinkProfile
+    from edgespec.orchestrator import cluster as oc
+    from edgespec.orchestrator.actors import OrchestratorConfig
 
     rc = Cluster(
         initialize_head=True,
@@ -79,9 +79,9 @@ def deployment(tiny_pair):
 @pytest.fixture(scope="module")
 def target_alone(tiny_pair):
     """prompt tuple + max_new_tokens -> the target's greedy tokens (the reference output)."""
-    from speculative.generate import generate_autoregressive
-    from speculative.params import SamplingParams
-    from speculative.runner import ModelRunner
+    from edgespec.core.generate import generate_autoregressive
+    from edgespec.core.params import SamplingParams
+    from edgespec.core.runner import ModelRunner
 
     runner = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu")
     cache: dict[tuple, list[int]] = {}
@@ -101,7 +101,7 @@ def _status(dep) -> dict:
 
 
 def _actor(name: str):
-    from orchestrator.actors import NAMESPACE
+    from edgespec.orchestrator.actors import NAMESPACE
 
     return ray.get_actor(name, namespace=NAMESPACE)
 
@@ -138,7 +138,7 @@ def test_each_actor_runs_on_a_node_of_its_kind(deployment):
 
 def test_sdk_generation_equals_the_target_alone(deployment, target_alone):
     from edgespec.client import Client
-    from speculative.params import SamplingParams
+    from edgespec.core.params import SamplingParams
 
     for i, prompt in enumerate(PROMPTS[:2]):
         with Client(_edge_address(deployment, i % 2), timeout=60) as client:
@@ -163,7 +163,7 @@ def test_each_actor_serves_prometheus_metrics(deployment):
 
 
 def test_16_concurrent_sessions_zero_errors_and_balanced(deployment, target_alone):
-    from experiments.load_sessions import run_load_sessions
+    from edgespec.bench.load_sessions import run_load_sessions
 
     _wait_for(lambda: _all_serving(deployment), "every endpoint SERVING, no sessions")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
@@ -187,7 +187,7 @@ def test_16_concurrent_sessions_zero_errors_and_balanced(deployment, target_alon
 
 def test_drained_verifier_gets_no_new_sessions(deployment):
     from edgespec.client import Client
-    from speculative.params import SamplingParams
+    from edgespec.core.params import SamplingParams
 
     orch = deployment.orchestrator
     ray.get(orch.drain.remote("edgespec-verifier-0"), timeout=30)
@@ -205,7 +205,7 @@ def test_drained_verifier_gets_no_new_sessions(deployment):
 
 def test_drain_with_stop_moves_a_running_session_with_the_same_output(deployment, target_alone):
     from edgespec.client import Client
-    from speculative.params import SamplingParams
+    from edgespec.core.params import SamplingParams
 
     _wait_for(lambda: _all_serving(deployment), "every endpoint SERVING, no sessions")
     orch = deployment.orchestrator
@@ -245,9 +245,9 @@ def test_restarted_orchestrator_rebuilds_its_registry(deployment):
 
 def test_status_view_names_nodes_endpoints_and_load(deployment):
     from edgespec.client import Client
-    from orchestrator import cluster as oc
-    from orchestrator.commands import format_status
-    from speculative.params import SamplingParams
+    from edgespec.commands import format_status
+    from edgespec.core.params import SamplingParams
+    from edgespec.orchestrator import cluster as oc
 
     with Client(_edge_address(deployment, 0), timeout=120) as client:
         client.generate(PROMPTS[0], SamplingParams(max_new_tokens=8))
@@ -263,7 +263,7 @@ def test_status_view_names_nodes_endpoints_and_load(deployment):
 
 def test_verifier_killed_mid_generation_completes_with_the_same_output(deployment, target_alone):
     from edgespec.client import Client
-    from speculative.params import SamplingParams
+    from edgespec.core.params import SamplingParams
 
     _wait_for(lambda: _all_serving(deployment), "every endpoint SERVING, no sessions")
     prompt, n = PROMPTS[2], 200
@@ -299,8 +299,8 @@ def test_edge_killed_sdk_gets_a_typed_error_then_the_restarted_edge_serves(
     deployment, target_alone
 ):
     from edgespec.client import Client
+    from edgespec.core.params import SamplingParams
     from edgespec.errors import EdgespecError, Unavailable
-    from speculative.params import SamplingParams
 
     _wait_for(lambda: _all_serving(deployment), "every endpoint SERVING, no sessions")
     prompt, n = PROMPTS[3], 200

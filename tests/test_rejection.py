@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from speculative.params import SamplingParams
-from speculative.rejection import (
+from edgespec.core.params import SamplingParams
+from edgespec.core.rejection import (
     DraftProbs,
     Verification,
     recovered_probs,
     rejection_sample,
     verify,
 )
-from speculative.sampling import logits_to_probs, make_generator, sample
+from edgespec.core.sampling import logits_to_probs, make_generator, sample
 
 V = 20
 K = 3

@@ -25,15 +25,15 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from speculative.params import SamplingParams
-from speculative.rejection import (
+from edgespec.core.params import SamplingParams
+from edgespec.core.rejection import (
     DraftProbs,
     Verification,
     recovered_probs,
     rejection_sample,
     verify,
 )
-from speculative.sampling import categorical, logits_to_probs, make_generator
+from edgespec.core.sampling import categorical, logits_to_probs, make_generator
 
 ALPHA = 1e-4
 K = 4  # draft tokens per round

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from speculative.params import SamplingParams
-from speculative.sampling import categorical, logits_to_probs, make_generator, sample
+from edgespec.core.params import SamplingParams
+from edgespec.core.sampling import categorical, logits_to_probs, make_generator, sample
 
 V = 100
 

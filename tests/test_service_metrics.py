@@ -8,12 +8,12 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cloud.service import serve as serve_verifier
-from cloud.verifier import VerifierEngine
-from edge.engine import EdgeEngine
-from edge.service import serve as serve_edge
 from edgespec import AsyncClient, InvalidArgument, SamplingParams
-from speculative.metrics import EdgeMetrics, VerifierMetrics
+from edgespec.cloud.service import serve as serve_verifier
+from edgespec.cloud.verifier import VerifierEngine
+from edgespec.edge.engine import EdgeEngine
+from edgespec.edge.service import serve as serve_edge
+from edgespec.serving.metrics import EdgeMetrics, VerifierMetrics
 
 TIMEOUT_S = 60.0
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _tiny_models import FAMILIES, perturbed, tiny_model
 
-from speculative import (
+from edgespec.core import (
     DraftBlock,
     Drafter,
     DraftProbs,

@@ -14,7 +14,7 @@ import torch
 from _tiny_models import tiny_model
 from scipy.stats import chisquare
 
-from speculative import (
+from edgespec.core import (
     ModelRunner,
     SamplingParams,
     generate,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.edgespec.v1 import edgespec_pb2 as protos_dot_edgespec_dot_v1_dot_edgespec__pb2
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/edgespec/v1/edgespec_pb2_grpc.py depends on'
+        + ' but the generated code in edgespec/protos/edgespec/v1/edgespec_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class VerifierStub:
         """
         self.OpenSession = channel.unary_unary(
                 '/edgespec.v1.Verifier/OpenSession',
-                request_serializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.SerializeToString,
-                response_deserializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.FromString,
+                request_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/edgespec.v1.Verifier/CloseSession',
-                request_serializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.SerializeToString,
-                response_deserializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.FromString,
+                request_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
         self.VerifyStream = channel.stream_stream(
                 '/edgespec.v1.Verifier/VerifyStream',
-                request_serializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.SerializeToString,
-                response_deserializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.FromString,
+                request_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.SerializeToString,
+                response_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.FromString,
                 _registered_method=True)
 
 
@@ -78,18 +78,18 @@ def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
-                    request_deserializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.FromString,
-                    response_serializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.SerializeToString,
+                    request_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.FromString,
+                    response_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
-                    request_deserializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.FromString,
-                    response_serializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.SerializeToString,
+                    request_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.FromString,
+                    response_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.SerializeToString,
             ),
             'VerifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.VerifyStream,
-                    request_deserializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.FromString,
-                    response_serializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.SerializeToString,
+                    request_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.FromString,
+                    response_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -117,8 +117,8 @@ class Verifier:
             request,
             target,
             '/edgespec.v1.Verifier/OpenSession',
-            protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.SerializeToString,
-            protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.FromString,
+            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.SerializeToString,
+            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -144,8 +144,8 @@ class Verifier:
             request,
             target,
             '/edgespec.v1.Verifier/CloseSession',
-            protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.SerializeToString,
-            protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.FromString,
+            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.SerializeToString,
+            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +171,8 @@ class Verifier:
             request_iterator,
             target,
             '/edgespec.v1.Verifier/VerifyStream',
-            protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.SerializeToString,
-            protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.FromString,
+            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.SerializeToString,
+            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.FromString,
             options,
             channel_credentials,
             insecure,
@@ -195,8 +195,8 @@ class EdgeStub:
         """
         self.Generate = channel.unary_stream(
                 '/edgespec.v1.Edge/Generate',
-                request_serializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.FromString,
+                request_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.FromString,
                 _registered_method=True)
 
 
@@ -214,8 +214,8 @@ def add_EdgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.FromString,
+                    response_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -243,8 +243,8 @@ class Edge:
             request,
             target,
             '/edgespec.v1.Edge/Generate',
-            protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.SerializeToString,
-            protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.FromString,
+            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.SerializeToString,
+            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

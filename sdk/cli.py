@@ -15,16 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("edgespec")
+from edgespec.core.demo_pair import BENCH_PROMPTS
 
-DEMO_PROMPT = "def read_config(path):\n"
-# Fixed benchmark prompts: code of the kind the demo pair was trained on, not from its corpus.
-BENCH_PROMPTS = (
-    "import os\nimport sys\n\n\ndef main(argv):\n",
-    "class Cache:\n    def __init__(self, size):\n",
-    "    for key, value in items.items():\n        if ",
-    '"""Return the list of files under path."""\n',
-)
+logger = logging.getLogger("edgespec")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The distributed demo (orchestrator.commands.cmd_demo), or with --colocated the core alone."""
     if args.colocated:
         return cmd_demo_colocated(args)
-    from orchestrator.commands import cmd_demo as cmd_demo_distributed
+    from edgespec.commands import cmd_demo as cmd_demo_distributed
 
     return cmd_demo_distributed(args)
 
@@ -61,11 +54,11 @@ def cmd_demo_colocated(args: argparse.Namespace) -> int:
     """Co-located speculative decoding on the shipped pair, compared with the target alone."""
     import time
 
-    from edgespec.models import resolve_pair
-    from orchestrator.commands import params_from_args
-    from speculative.generate import generate, generate_autoregressive
-    from speculative.models import check_pair, load_tokenizer
-    from speculative.runner import ModelRunner
+    from edgespec.commands import params_from_args
+    from edgespec.core.demo_pair import resolve_pair
+    from edgespec.core.generate import generate, generate_autoregressive
+    from edgespec.core.models import check_pair, load_tokenizer
+    from edgespec.core.runner import ModelRunner
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     check_pair(target_path, draft_path)
@@ -99,9 +92,9 @@ def cmd_demo_colocated(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_core(args: argparse.Namespace) -> int:
-    from edgespec.models import resolve_pair
-    from experiments.bench_core import run_core_bench
-    from speculative.models import check_pair, load_tokenizer
+    from edgespec.bench.core import run_core_bench
+    from edgespec.core.demo_pair import resolve_pair
+    from edgespec.core.models import check_pair, load_tokenizer
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     if args.draft_equals_target:
@@ -129,10 +122,10 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
-    """Tokens/s vs RTT for every method (experiments.bench_latency); JSON and optional plots."""
-    from edgespec.models import resolve_pair
-    from experiments.bench_latency import print_summary, run_from_args
-    from speculative.models import check_pair
+    """Tokens/s vs RTT for every method (edgespec.bench.latency); JSON and optional plots."""
+    from edgespec.bench.latency import print_summary, run_from_args
+    from edgespec.core.demo_pair import resolve_pair
+    from edgespec.core.models import check_pair
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     check_pair(target_path, draft_path)
@@ -141,10 +134,10 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_link(args: argparse.Namespace) -> int:
-    """Per-round framework overhead, bytes per token, tokens/s at RTTs (experiments.bench_link)."""
-    from edgespec.models import resolve_pair
-    from experiments.bench_link import print_summary, run_link_bench
-    from speculative.models import check_pair
+    """Per-round framework overhead, bytes per token, tokens/s at RTTs (edgespec.bench.link)."""
+    from edgespec.bench.link import print_summary, run_link_bench
+    from edgespec.core.demo_pair import resolve_pair
+    from edgespec.core.models import check_pair
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     check_pair(target_path, draft_path)
@@ -164,14 +157,14 @@ def cmd_bench_link(args: argparse.Namespace) -> int:
 
 
 def _bench_latency_args(p: argparse.ArgumentParser) -> None:
-    """`edgespec bench latency` options (also `python -m experiments.bench_latency`)."""
+    """`edgespec bench latency` options (also `python -m edgespec.bench.latency`)."""
     _add_model_args(p)
     p.add_argument("--json", required=True, help="result file")
     p.add_argument("--plots", help="folder for the PNG plots (none if omitted)")
     p.add_argument(
         "--compute-profile",
         default="h100-70b",
-        help="speculative.profiles name: h100-70b (emulated, default) or real",
+        help="edgespec.core.profiles name: h100-70b (emulated, default) or real",
     )
     p.add_argument("--rtts", help="comma-separated RTTs in ms (default 0,5,10,25,50,100,200)")
     p.add_argument("--reps", type=int, help="repetitions per method and RTT (default 3)")
@@ -196,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    from orchestrator.commands import add_cluster_commands
+    from edgespec.commands import add_cluster_commands
 
     # up / status / down / generate / demo: the cluster commands.
     demo = add_cluster_commands(sub, _add_model_args, _sampling_args)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from speculative.params import SamplingParams
-from speculative.runner import ModelRunner
-from speculative.sampling import logits_to_probs, make_generator, sample
-from speculative.session import (
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
+from edgespec.core.sampling import logits_to_probs, make_generator, sample
+from edgespec.core.session import (
     FINISH_LENGTH,
     FINISH_STOP,
     Drafter,

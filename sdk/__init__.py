@@ -42,7 +42,7 @@ _EXPORTS = {
     "ResourceExhausted": "edgespec.errors",
     "Unauthenticated": "edgespec.errors",
     "Unavailable": "edgespec.errors",
-    "SamplingParams": "speculative.params",
+    "SamplingParams": "edgespec.core.params",
 }
 
 __all__ = [
@@ -77,6 +77,7 @@ if TYPE_CHECKING:
         TlsConfig,
         TokenChunk,
     )
+    from edgespec.core.params import SamplingParams
     from edgespec.errors import (
         DeadlineExceeded,
         EdgespecError,
@@ -87,7 +88,6 @@ if TYPE_CHECKING:
         Unauthenticated,
         Unavailable,
     )
-    from speculative.params import SamplingParams
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ prometheus_client's global default registry, so tests and several servers in one
 their numbers apart. The services own one registry each and expose it with
 `start_metrics_server`.
 
-Vocabulary as in `speculative.rejection`: per round the edge sends a block of k **draft
+Vocabulary as in `edgespec.core.rejection`: per round the edge sends a block of k **draft
 tokens**; the verifier **accepts** a prefix of them and adds one token of its own (the
 **recovered** token on a rejection, the **bonus** token when all were accepted), so a round
 commits accepted + 1 tokens.
@@ -27,7 +27,7 @@ acceptance rate (how acceptance spreads across requests).
 Example::
 
     from prometheus_client import CollectorRegistry
-    from speculative.metrics import EdgeMetrics, start_metrics_server
+    from edgespec.serving.metrics import EdgeMetrics, start_metrics_server
 
     registry = CollectorRegistry()
     metrics = EdgeMetrics(registry)

@@ -1,4 +1,4 @@
-"""Command-line options both servers (`python -m cloud.server`, `python -m edge.server`) share:
+"""Command-line options both servers (`python -m edgespec.cloud.server`, `python -m edgespec.edge.server`) share:
 torch threads and the Prometheus metrics port. Edge and cloud import each other never, so what
 they share lives here."""
 
@@ -51,7 +51,7 @@ async def run_until_signal(
     """Serve until SIGTERM/SIGINT: start the ``--metrics-port`` endpoint (if asked), the server
     (``start(metrics)``, returning an object with ``.port`` and ``async stop(grace)``), print the
     one ``LISTENING host:port`` line that launchers and tests read, then stop both on a signal."""
-    from speculative.metrics import serve_metrics
+    from edgespec.serving.metrics import serve_metrics
 
     metrics = metrics_server = None
     if args.metrics_port is not None:

@@ -40,11 +40,11 @@ from types import TracebackType
 
 import grpc
 
+from edgespec.core.params import SamplingParams
 from edgespec.errors import EdgespecError, Internal, InvalidArgument, from_rpc_error
-from protos.convert import params_to_proto
-from protos.edgespec.v1 import edgespec_pb2 as pb
-from protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from speculative.params import SamplingParams
+from edgespec.protos.convert import params_to_proto
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Both the draft side and the target side call `logits_to_probs` with the same `SamplingParams`,
 so the draft distribution q and the target distribution p are built by the same rules, and the
-rejection sampler (`speculative.rejection`) only ever sees probabilities.
+rejection sampler (`edgespec.core.rejection`) only ever sees probabilities.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from speculative.params import SEED_LIMIT, SamplingParams
+from edgespec.core.params import SEED_LIMIT, SamplingParams
 
 
 def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:

@@ -10,11 +10,11 @@ verifier at once, and the balance:
 
 Against a running deployment (``edgespec up``)::
 
-    python -m experiments.load_sessions --sessions 16 --json runs/load_sessions.json
+    python -m edgespec.bench.load_sessions --sessions 16 --json runs/load_sessions.json
 
 or self-contained (a local cluster of 2 edge and 2 cloud nodes, torn down at the end)::
 
-    python -m experiments.load_sessions --up --target T --draft D --json runs/load_sessions.json
+    python -m edgespec.bench.load_sessions --up --target T --draft D --json runs/load_sessions.json
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def run_load_sessions(
     """
     import ray
 
-    from orchestrator.actors import NAMESPACE
-    from speculative.params import SamplingParams
+    from edgespec.core.params import SamplingParams
+    from edgespec.orchestrator.actors import NAMESPACE
 
     if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
         raise ValueError(f"sessions must be an int >= 1, got {sessions!r}")
@@ -204,10 +204,10 @@ def run_load_sessions(
 
 def _reference(target: Path, prompts: list, sessions: int, max_new_tokens: int):
     """Token-id prompts and the target-alone greedy output of each session (for --check)."""
-    from speculative.generate import generate_autoregressive
-    from speculative.models import load_tokenizer
-    from speculative.params import SamplingParams
-    from speculative.runner import ModelRunner
+    from edgespec.core.generate import generate_autoregressive
+    from edgespec.core.models import load_tokenizer
+    from edgespec.core.params import SamplingParams
+    from edgespec.core.runner import ModelRunner
 
     tokenizer = load_tokenizer(target)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -235,7 +235,7 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.load_sessions", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m edgespec.bench.load_sessions", description=__doc__)
     ap.add_argument("--sessions", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("-k", type=int, default=4)
@@ -255,12 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from orchestrator import cluster
+    from edgespec.orchestrator import cluster
 
     state = None
     if args.up:
-        from edgespec.models import resolve_pair
-        from experiments.linkemu import LinkProfile
+        from edgespec.core.demo_pair import resolve_pair
+        from edgespec.linkemu import LinkProfile
 
         target, draft = resolve_pair(args.target, args.draft)
         state_dir = Path(tempfile.mkdtemp(prefix="edgespec-load-"))

@@ -26,13 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgespec.cli import DEMO_PROMPT
+from edgespec.core.demo_pair import DEMO_PROMPT
 
 logger = logging.getLogger("edgespec")
 
 DEMO_RTT_MS = 20.0
 # The demo emulates the deployment edgespec is for (a 70B-class target on a cloud GPU, a small
-# draft on an edge GPU: speculative.profiles); `--compute-profile real` runs this machine's speed.
+# draft on an edge GPU: edgespec.core.profiles); `--compute-profile real` runs this machine's speed.
 DEMO_COMPUTE_PROFILE = "h100-70b"
 
 
@@ -78,7 +78,7 @@ def _deploy_args(p: argparse.ArgumentParser, verifiers: int, edges: int) -> None
     p.add_argument(
         "--compute-profile",
         default=None,
-        help="speculative.profiles name for verifiers and edges: real (default for up) or an "
+        help="edgespec.core.profiles name for verifiers and edges: real (default for up) or an "
         "emulated device, e.g. h100-70b (a 70B-class target on one H100, pads each forward)",
     )
 
@@ -86,7 +86,7 @@ def _deploy_args(p: argparse.ArgumentParser, verifiers: int, edges: int) -> None
 def _link_profile(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.rtt_ms is None:
         return None
-    from experiments.linkemu import LinkProfile
+    from edgespec.linkemu import LinkProfile
 
     return LinkProfile(
         rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, bandwidth_mbps=args.bandwidth_mbps
@@ -95,7 +95,7 @@ def _link_profile(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def params_from_args(args: argparse.Namespace):
     """The SamplingParams named by the CLI's sampling options (ValueError names a bad one)."""
-    from speculative.params import SamplingParams
+    from edgespec.core.params import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature,
@@ -111,9 +111,9 @@ def params_from_args(args: argparse.Namespace):
 
 def _bring_up(args: argparse.Namespace, state_dir: Path, progress: _Progress):
     """Nodes (local, unless --address) and actors; returns (ClusterState, Deployment)."""
-    from edgespec.models import resolve_pair
-    from orchestrator import cluster
-    from speculative.models import check_pair
+    from edgespec.core.demo_pair import resolve_pair
+    from edgespec.core.models import check_pair
+    from edgespec.orchestrator import cluster
 
     target, draft = resolve_pair(args.target, args.draft)
     check_pair(target, draft)
@@ -155,7 +155,7 @@ def _bring_up(args: argparse.Namespace, state_dir: Path, progress: _Progress):
 
 
 def _tear_down(state, state_dir: Path, progress: _Progress) -> None:
-    from orchestrator import cluster
+    from edgespec.orchestrator import cluster
 
     try:
         cluster.connect_state(state)
@@ -174,7 +174,7 @@ def _tear_down(state, state_dir: Path, progress: _Progress) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from orchestrator import cluster
+    from edgespec.orchestrator import cluster
 
     progress = _Progress()
     state_dir = cluster.resolve_state_dir(args.state_dir)
@@ -190,7 +190,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from orchestrator import cluster
+    from edgespec.orchestrator import cluster
 
     progress = _Progress()
     state_dir = cluster.resolve_state_dir(args.state_dir)
@@ -205,7 +205,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def _connect(args: argparse.Namespace) -> None:
     """Connect to --address, else to the cluster recorded in the state dir."""
-    from orchestrator import cluster
+    from edgespec.orchestrator import cluster
 
     if getattr(args, "address", None):
         cluster.connect(args.address)
@@ -291,7 +291,7 @@ def format_status(view: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator import cluster
+    from edgespec.orchestrator import cluster
 
     _connect(args)
     try:
@@ -312,7 +312,7 @@ def pick_edge(args: argparse.Namespace) -> str:
     """The least-loaded healthy edge's address, asked of the orchestrator."""
     import ray
 
-    from orchestrator import cluster
+    from edgespec.orchestrator import cluster
 
     _connect(args)
     try:
@@ -409,7 +409,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec_ks = [k for k in s.draft_lengths if k > 0]  # cloud-only chunks draft nothing
     # The adaptive policy may hand part of the generation to the cloud (cloud-only streaming)
     # when that is faster on this link: say how the tokens were made.
-    from speculative.profiles import get_profile
+    from edgespec.core.profiles import get_profile
 
     profile = get_profile(args.compute_profile)
     if profile.emulated:

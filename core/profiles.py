@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from speculative.runner import ModelRunner, TokenIds
+from edgespec.core.runner import ModelRunner, TokenIds
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Latency benchmark: tokens/s against the link's RTT for every way of serving a generation.
 
-One verifier process (``python -m cloud.server --compute-profile P --threads 1``) serves the whole
+One verifier process (``python -m edgespec.cloud.server --compute-profile P --threads 1``) serves the whole
 run; the edge (`edge.engine.EdgeEngine`, draft padded by the same profile) runs in this process and
-reaches the verifier through `experiments.linkemu.LinkEmulator`, whose profile is swapped per
+reaches the verifier through `edgespec.linkemu.LinkEmulator`, whose profile is swapped per
 condition. Methods:
 
 - ``cloud_only``: policy ``cloud_only`` through the edge; the verifier decodes alone and streams.
@@ -21,7 +21,7 @@ warm state, prepared without touching the measured text: before each measured ad
 generation the engine forgets every link and runs one unmeasured generation of the *warm-up
 prompt* (``warmup_prompt``, not among ``prompts``) with the same method over the same link. The
 cold row shows what the very first session costs.
-- ``colocated``: `speculative.generate.generate` with both models in this process, both padded by
+- ``colocated``: `edgespec.core.generate.generate` with both models in this process, both padded by
   the compute profile, no link at all. Run at every k of ``fixed_ks``; the row is the best of them
   by median tokens/s (its ``k`` field says which; ``colocated_by_k`` holds all of them).
 - ``edge_only_draft``: the draft model alone, padded by the profile: what the edge produces without
@@ -76,7 +76,7 @@ test pair (h100-70b profile) took 10m50s against an estimate of 9m38s: the estim
 Quick mode (`LatencyBenchConfig.quick`) takes seconds on tiny models.
 
 CLI: ``edgespec bench latency --json FILE --plots DIR`` (see `edgespec.cli`), or
-``python -m experiments.bench_latency --target T --draft D --json FILE [--plots DIR]``.
+``python -m edgespec.bench.latency --target T --draft D --json FILE [--plots DIR]``.
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ import json
 import logging
 import math
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -96,14 +95,15 @@ from pathlib import Path
 
 import torch
 
-from edge.engine import POLICIES, EdgeEngine, EngineConfig, RoundRecord, SummaryEvent
-from edge.link import LinkConfig
-from edgespec.cli import BENCH_PROMPTS
-from experiments.bench_link import _torch_threads, _verifier_process
-from experiments.linkemu import LinkEmulator, LinkProfile
-from speculative.controller import expected_tokens
-from speculative.params import SamplingParams
-from speculative.profiles import get_profile, make_runner
+from edgespec.bench.link import _torch_threads, _verifier_process
+from edgespec.core.controller import expected_tokens
+from edgespec.core.demo_pair import BENCH_PROMPTS
+from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import get_profile, make_runner
+from edgespec.edge.engine import POLICIES, EdgeEngine, EngineConfig
+from edgespec.edge.link import LinkConfig
+from edgespec.edge.records import RoundRecord, SummaryEvent
+from edgespec.linkemu import LinkEmulator, LinkProfile
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class LatencyBenchConfig:
     """Everything a latency run varies. `quick()` is the smoke-test size."""
 
     compute_profile: str = (
-        "real"  # speculative.profiles name, applied to edge, verifier, in-process
+        "real"  # edgespec.core.profiles name, applied to edge, verifier, in-process
     )
     rtts_ms: tuple[float, ...] = DEFAULT_RTTS_MS
     reps: int = 3
@@ -360,8 +360,8 @@ class _Harness:
     """Holds the models, engine and emulator of one run and measures methods one at a time."""
 
     def __init__(self, config: LatencyBenchConfig, target_path: Path, draft_path: Path) -> None:
-        from speculative.models import load_tokenizer
-        from speculative.runner import ModelRunner
+        from edgespec.core.models import load_tokenizer
+        from edgespec.core.runner import ModelRunner
 
         self.config = config
         self.profile = get_profile(config.compute_profile)
@@ -447,7 +447,7 @@ class _Harness:
     # -- in-process methods ---------------------------------------------------------------------
 
     def run_edge_only(self, prompt_index: int, max_new_tokens: int) -> RunSample:
-        from speculative.generate import generate_autoregressive
+        from edgespec.core.generate import generate_autoregressive
 
         params = SamplingParams(max_new_tokens=max_new_tokens)
         t0 = time.perf_counter()
@@ -462,7 +462,7 @@ class _Harness:
         )
 
     def run_colocated(self, k: int, prompt_index: int, max_new_tokens: int) -> RunSample:
-        from speculative.generate import generate
+        from edgespec.core.generate import generate
 
         params = SamplingParams(max_new_tokens=max_new_tokens)
         t0 = time.perf_counter()
@@ -1199,7 +1199,7 @@ def run_latency_bench(
             "compute": profile.to_dict(),
             "compute_emulated": profile.emulated,
             "link": link_profiles,
-            "link_emulator": "user-space TCP proxy on 127.0.0.1 (experiments.linkemu)",
+            "link_emulator": "user-space TCP proxy on 127.0.0.1 (edgespec.linkemu)",
         },
         "target": str(target_path),
         "draft": str(draft_path),
@@ -1212,13 +1212,6 @@ def run_latency_bench(
         "elapsed_s": elapsed,
         **measured,
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m experiments.bench_latency ARGS`` is ``edgespec bench latency ARGS``."""
-    from edgespec.cli import main as cli_main
-
-    return cli_main(["bench", "latency", *(sys.argv[1:] if argv is None else argv)])
 
 
 def config_from_args(args: argparse.Namespace) -> LatencyBenchConfig:
@@ -1252,7 +1245,7 @@ def run_from_args(args: argparse.Namespace, target: str | Path, draft: str | Pat
     path.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s", path)
     if args.plots:
-        from experiments.plots import plot_latency
+        from edgespec.bench.plots import plot_latency
 
         for p in plot_latency(result, args.plots):
             logger.info("wrote %s", p)
@@ -1316,7 +1309,3 @@ def print_summary(result: dict) -> None:
         f"greedy equality {checks['greedy_equality']['passed']}; "
         f"crossover RTT {result['crossover_rtt_ms']} ms"
     )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

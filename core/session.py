@@ -50,10 +50,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from speculative.params import SamplingParams
-from speculative.rejection import DraftProbs, Verification, verify
-from speculative.runner import ModelRunner
-from speculative.sampling import logits_to_probs, make_generator, sample
+from edgespec.core.params import SamplingParams
+from edgespec.core.rejection import DraftProbs, Verification, verify
+from edgespec.core.runner import ModelRunner
+from edgespec.core.sampling import logits_to_probs, make_generator, sample
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 rollback, the drafter/verifier session halves, co-located generation, draft-length controllers and
 compute profiles. No Ray, no gRPC."""
 
-from speculative.controller import (
+from edgespec.core.controller import (
     CLOUD_ONLY,
     SPECULATIVE,
     AdaptiveConfig,
@@ -24,14 +24,14 @@ from speculative.controller import (
     make_policy,
     simulate,
 )
-from speculative.generate import (
+from edgespec.core.generate import (
     GenerationResult,
     SpecStats,
     generate,
     generate_autoregressive,
 )
-from speculative.params import SamplingParams
-from speculative.profiles import (
+from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import (
     ComputeProfile,
     ForwardCost,
     PaddedRunner,
@@ -39,10 +39,10 @@ from speculative.profiles import (
     make_runner,
     profile_names,
 )
-from speculative.rejection import DraftProbs, Verification, verify
-from speculative.runner import ModelRunner
-from speculative.sampling import logits_to_probs, make_generator, sample
-from speculative.session import (
+from edgespec.core.rejection import DraftProbs, Verification, verify
+from edgespec.core.runner import ModelRunner
+from edgespec.core.sampling import logits_to_probs, make_generator, sample
+from edgespec.core.session import (
     DraftBlock,
     Drafter,
     StaleBlockError,

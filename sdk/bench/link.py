@@ -1,6 +1,6 @@
 """Link benchmark: what the edge-cloud link costs per round, per token and at real RTTs.
 
-A verifier runs as a separate process (`python -m cloud.server`), the edge (`EdgeEngine`) in this
+A verifier runs as a separate process (`python -m edgespec.cloud.server`), the edge (`EdgeEngine`) in this
 one; both use the real models (compute profile "real"). Three measurements:
 
 1. RTT 0 (edge connected straight to the verifier): per-round *framework overhead* =
@@ -14,13 +14,13 @@ one; both use the real models (compute profile "real"). Three measurements:
 2. Bytes on the wire per accepted token (serialized messages both ways, OpenSession included;
    every output token is one the verifier accepted): greedy (no draft probabilities), sampling
    with top-k truncation (sparse q) and sampling without truncation (dense q, k x V floats).
-3. Tokens/s at emulated RTTs through `experiments.linkemu.LinkEmulator`, with the RTT each round
+3. Tokens/s at emulated RTTs through `edgespec.linkemu.LinkEmulator`, with the RTT each round
    really saw (`rtt_ms_measured`: median per-round network time at the edge = wall - verify -
    queue) and the delay the emulator reports it added.
 
 Tokens/s is total generated tokens / total wall time of the generations (prefills and TTFT
 included). `edgespec bench link --json FILE` wraps `run_link_bench`; `python -m
-experiments.bench_link ARGS` is the same command.
+edgespec.bench.link ARGS` is the same command.
 """
 
 from __future__ import annotations
@@ -42,14 +42,14 @@ from pathlib import Path
 
 import torch
 
-from edge.engine import EdgeEngine, EngineConfig, RoundRecord, SummaryEvent
-from edge.link import LinkConfig
-from experiments.linkemu import LinkEmulator, LinkProfile
-from speculative.params import SamplingParams
+from edgespec.core.params import SamplingParams
+from edgespec.edge.engine import EdgeEngine, EngineConfig
+from edgespec.edge.link import LinkConfig
+from edgespec.edge.records import RoundRecord, SummaryEvent
+from edgespec.linkemu import LinkEmulator, LinkProfile
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
 OVERHEAD_GOAL_MS = 1.0
 DEFAULT_PROMPTS = (
     "def read_config(path):\n",
@@ -65,14 +65,22 @@ SAMPLING_DENSE = SamplingParams(temperature=1.0)
 def _verifier_process(
     target: Path, threads: int | None, start_timeout_s: float, extra_args: Sequence[str] = ()
 ) -> Iterator[str]:
-    """`python -m cloud.server` on a free port (plus `extra_args`); yields its address,
+    """`python -m edgespec.cloud.server` on a free port (plus `extra_args`); yields its address,
     terminates it on exit."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "cloud.server", "--target", str(target), "--log-level", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgespec.cloud.server",
+        "--target",
+        str(target),
+        "--log-level",
+        "WARNING",
+    ]
     cmd += list(extra_args)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:
@@ -320,16 +328,9 @@ def run_link_bench(
         "torch_threads": threads,
         "overhead_goal_ms": OVERHEAD_GOAL_MS,
         "sampling_params": {"sampling": sparse.to_dict(), "sampling_dense": dense.to_dict()},
-        "link_emulator": "user-space TCP proxy on 127.0.0.1 (experiments.linkemu)",
+        "link_emulator": "user-space TCP proxy on 127.0.0.1 (edgespec.linkemu)",
         **measured,
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m experiments.bench_link ARGS`` is ``edgespec bench link ARGS``."""
-    from edgespec.cli import main as cli_main
-
-    return cli_main(["bench", "link", *(sys.argv[1:] if argv is None else argv)])
 
 
 def print_summary(result: dict) -> None:
@@ -350,7 +351,3 @@ def print_summary(result: dict) -> None:
             f"RTT {row['rtt_ms_set']:g} ms (measured {row['rtt_ms_measured']:.1f}): "
             f"{row['tokens_per_s']:.1f} tokens/s"
         )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

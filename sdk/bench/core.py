@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from speculative.generate import GenerationResult, generate, generate_autoregressive
-from speculative.params import SamplingParams
-from speculative.runner import ModelRunner
+from edgespec.core.generate import GenerationResult, generate, generate_autoregressive
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

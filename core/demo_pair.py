@@ -2,16 +2,26 @@
 
 The pair (a ~12M-parameter Llama target and a ~1.4M-parameter draft distilled from it, both
 trained on the Python standard library's source by ``experiments/train_demo_models.py``) is
-package data, so that a fresh install runs offline. See ``edgespec/demo_models/MODEL_CARD.md``.
+package data, so that a fresh install runs offline. See ``core/demo_models/MODEL_CARD.md``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_MODELS_DIR = Path(__file__).resolve().parent / "demo_models"
+DEMO_MODELS_DIR = Path(__file__).parent / "demo_models"
 DEFAULT_TARGET = DEMO_MODELS_DIR / "target"
 DEFAULT_DRAFT = DEMO_MODELS_DIR / "draft"
+
+# The prompt of `edgespec demo`: code of the kind the demo pair was trained on.
+DEMO_PROMPT = "def read_config(path):\n"
+# Fixed benchmark prompts: code of the kind the demo pair was trained on, not from its corpus.
+BENCH_PROMPTS = (
+    "import os\nimport sys\n\n\ndef main(argv):\n",
+    "class Cache:\n    def __init__(self, size):\n",
+    "    for key, value in items.items():\n        if ",
+    '"""Return the list of files under path."""\n',
+)
 
 
 def resolve_pair(target: str | Path | None, draft: str | Path | None) -> tuple[Path, Path]:

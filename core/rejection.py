@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from speculative.sampling import categorical, is_one_hot
+from edgespec.core.sampling import categorical, is_one_hot
 
 # Draft rows must sum to 1 within this; it leaves room for q sent over the wire in float16.
 PROB_SUM_TOLERANCE = 1e-3

@@ -1,4 +1,4 @@
-"""PNG plots of a latency benchmark result (`experiments.bench_latency`), matplotlib on Agg.
+"""PNG plots of a latency benchmark result (`edgespec.bench.latency`), matplotlib on Agg.
 
 `plot_latency(result, out_dir)` writes three files and returns their paths:
 

@@ -39,7 +39,7 @@ Faults:
 
 Run standalone::
 
-    python -m experiments.linkemu --listen 127.0.0.1:0 --upstream 127.0.0.1:50051 \\
+    python -m edgespec.linkemu --listen 127.0.0.1:0 --upstream 127.0.0.1:50051 \\
         --rtt-ms 50 --jitter-ms 5 --bandwidth-mbps 10
 """
 
@@ -836,7 +836,7 @@ def parse_hostport(text: str, *, field: str = "address") -> tuple[str, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: run an emulator until SIGINT/SIGTERM, then log its stats."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.linkemu", description=__doc__.split("\n\n")[0]
+        prog="python -m edgespec.linkemu", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 = any)")
     parser.add_argument("--upstream", required=True, help="HOST:PORT to forward to")
@@ -873,7 +873,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         logger.info("linkemu stats: %s", emu.stats().to_dict())
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -39,7 +39,7 @@ import re
 
 import grpc
 
-from protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
 FIELD_METADATA_KEY = "edgespec-field"
 
