@@ -17,11 +17,13 @@ import logging
 import os
 import sys
 
-from edgespec.cloud.service import TLSConfig, serve
-from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
+from edgespec.cloud.service import serve
+from edgespec.cloud.verifier import VerifierEngine
+from edgespec.cloud.verifier_types import VerifierConfig
 from edgespec.core.profiles import profile_names
-from edgespec.serving.metrics import VerifierMetrics
-from edgespec.serving.server_cli import add_runtime_args, apply_threads, run_until_signal
+from edgespec.serving.server_options import add_runtime_args, apply_threads, run_until_signal
+from edgespec.serving.tls import TlsConfig
+from edgespec.serving.verifier_metrics import VerifierMetrics
 
 logger = logging.getLogger("edgespec.cloud.server")
 
@@ -75,7 +77,7 @@ async def _run(args: argparse.Namespace) -> None:
     engine = VerifierEngine.from_pretrained(
         args.target or DEFAULT_TARGET, config, compute_profile=args.compute_profile
     )
-    tls = TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
+    tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     await run_until_signal(
         args,
         VerifierMetrics,

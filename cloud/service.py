@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # health.aio at runtime; the stubs lack it
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgespec.cloud.verifier import ServiceError, VerifierEngine, VerifyResult
+from edgespec.cloud.verifier import VerifierEngine
+from edgespec.cloud.verifier_types import ServiceError, VerifyResult
 from edgespec.protos.convert import (
     FieldError,
     block_from_proto,
@@ -42,30 +42,19 @@ from edgespec.protos.convert import (
 )
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from edgespec.serving.metrics import VerifierMetrics
+from edgespec.serving.auth import VERIFIER_EXEMPT, auth_interceptors
+from edgespec.serving.tls import TlsConfig, bind
+from edgespec.serving.verifier_metrics import VerifierMetrics
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Verifier"].full_name  # "edgespec.v1.Verifier"
-HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 # Dense q of a 32-token block over a 128k vocabulary is 16 MiB; leave room above that.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _OUTCOME_TO_PROTO = {"APPLIED": pb.Verdict.APPLIED, "REPLAYED": pb.Verdict.REPLAYED}
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """Server certificate chain and private key (PEM files)."""
-
-    cert_path: str | Path
-    key_path: str | Path
-
-    def credentials(self) -> grpc.ServerCredentials:
-        cert, key = Path(self.cert_path).read_bytes(), Path(self.key_path).read_bytes()
-        return grpc.ssl_server_credentials([(key, cert)])
 
 
 def result_to_proto(result: VerifyResult, queue_ms: float) -> pb.Verdict:
@@ -264,58 +253,6 @@ async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
     await context.abort(code, f"internal error: {type(err).__name__}: {err}")
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC except health checks unless its metadata holds
-    ``authorization: Bearer <token>`` (compared in constant time): UNAUTHENTICATED."""
-
-    def __init__(self, token: str, exempt_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,)):
-        if not token:
-            raise ValueError("token must be a non-empty string")
-        self._expected = f"Bearer {token}".encode()
-        self._exempt = exempt_prefixes
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        if handler_call_details.method.startswith(self._exempt) or self._authorized(
-            handler_call_details.invocation_metadata
-        ):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        return None if handler is None else _denying_handler(handler)
-
-    def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
-        return False
-
-
-def _denying_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as `handler` that answers UNAUTHENTICATED."""
-
-    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "authorization metadata must be 'Bearer <token>' with this server's token",
-        )
-
-    kind = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return kind(
-        deny,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
 @dataclass
 class RunningServer:
     """A started Verifier server. `await stop()` shuts it down (idempotent)."""
@@ -324,7 +261,7 @@ class RunningServer:
     host: str
     port: int
     engine: VerifierEngine
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
     _executor: ThreadPoolExecutor
     _reaper: asyncio.Task | None
 
@@ -350,20 +287,20 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     token: str | None = None,
-    tls: TLSConfig | None = None,
+    tls: TlsConfig | None = None,
     reap_interval_s: float | None = None,
     metrics: VerifierMetrics | None = None,
 ) -> RunningServer:
     """Start a Verifier server for `engine` on host:port (port 0 = any free port).
 
     `token`: require ``authorization: Bearer <token>`` on every RPC but health checks.
-    `tls`: serve TLS with that certificate, else plaintext. `reap_interval_s`: how often idle
+    `tls`: serve TLS with its cert + key (and require client certificates signed by its
+    ca_cert, if set), else plaintext. `reap_interval_s`: how often idle
     sessions are closed (default: a quarter of the engine's idle TTL, at most 30 s).
     `metrics`: a `VerifierMetrics` (on the caller's registry) that records every RPC.
     """
-    interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=auth_interceptors(token, VERIFIER_EXEMPT),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -372,7 +309,7 @@ async def serve(
     # One thread: the target runs one forward at a time, and sessions are touched from one thread.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
     pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine, executor, metrics), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -382,17 +319,7 @@ async def serve(
         ),
         server,
     )
-    address = f"{host}:{port}"
-    try:
-        bound = (
-            server.add_secure_port(address, tls.credentials())
-            if tls is not None
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError as err:
-        raise OSError(f"cannot listen on {address}: {err}") from err
-    if not bound:
-        raise OSError(f"cannot listen on {address}")
+    bound = bind(server, f"{host}:{port}", tls)
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

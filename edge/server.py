@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from edgespec.core.profiles import profile_names
 from edgespec.edge.engine import POLICIES, EdgeEngine, EngineConfig
 from edgespec.edge.link import LinkConfig
-from edgespec.edge.service import TlsFiles, serve
-from edgespec.serving.metrics import EdgeMetrics
-from edgespec.serving.server_cli import add_runtime_args, apply_threads, run_until_signal
+from edgespec.edge.service import serve
+from edgespec.serving.edge_metrics import EdgeMetrics
+from edgespec.serving.server_options import add_runtime_args, apply_threads, run_until_signal
+from edgespec.serving.tls import TlsConfig
 
 logger = logging.getLogger("edgespec.edge.server")
 
@@ -103,7 +104,7 @@ async def _main(args: argparse.Namespace) -> int:
     )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key must be given together")
-    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     await run_until_signal(
         args,
         EdgeMetrics,

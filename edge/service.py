@@ -12,11 +12,9 @@ call without ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED).
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,13 +27,14 @@ from edgespec.edge.records import EdgeStats, SummaryEvent, TokensEvent
 from edgespec.protos.convert import FieldError, params_from_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
-from edgespec.serving.metrics import EdgeMetrics
+from edgespec.serving.auth import EDGE_EXEMPT, auth_interceptors
+from edgespec.serving.edge_metrics import EdgeMetrics
+from edgespec.serving.tls import TlsConfig, bind
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Edge"].full_name  # "edgespec.v1.Edge"
 FIELD_METADATA_KEY = "edgespec-field"  # names the offending request field (see edgespec.errors)
-_UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def stats_to_proto(stats: EdgeStats) -> pb.GenerateStats:
@@ -148,54 +147,6 @@ class EdgeServicer(pb_grpc.EdgeServicer):
             await context.abort(grpc.StatusCode[err.code], str(err))
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call but health and reflection without `authorization: Bearer <token>`."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
-        if handler is None or method.startswith(_UNAUTHENTICATED_OK):
-            return handler
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(got, self._expected):
-                    return handler
-        return _deny(handler)
-
-
-def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
-
-    async def abort(request, context):
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer' token"
-        )
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """Server certificate chain and private key (PEM files)."""
-
-    cert: str | Path
-    key: str | Path
-
-
 @dataclass
 class RunningEdgeServer:
     """A started Edge server; `await stop()` ends it (and closes the engine)."""
@@ -217,14 +168,18 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     token: str | None = None,
-    tls: TlsFiles | None = None,
+    tls: TlsConfig | None = None,
     metrics: EdgeMetrics | None = None,
 ) -> RunningEdgeServer:
-    """Start an Edge server on host:port (0 = a free port) and return it running; `metrics`
-    (an `EdgeMetrics` on the caller's registry) records every generation."""
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    """Start an Edge server on host:port (0 = a free port) and return it running.
+
+    `token`: require ``authorization: Bearer <token>`` on every call but health and reflection.
+    `tls`: serve TLS with its cert + key (and require client certificates signed by its
+    ca_cert, if set), else plaintext. `metrics`: an `EdgeMetrics` on the caller's registry that
+    records every generation. OSError if host:port cannot be bound.
+    """
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=auth_interceptors(token, EDGE_EXEMPT),
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -236,16 +191,7 @@ async def serve(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{host}:{port}"
-    if tls is not None:
-        creds = grpc.ssl_server_credentials(
-            [(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())]
-        )
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"could not bind the Edge server to {address}")
+    bound = bind(server, f"{host}:{port}", tls)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

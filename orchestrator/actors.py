@@ -265,7 +265,8 @@ class VerifierActor(_EndpointActor):
 
     async def _start(self) -> None:
         from edgespec.cloud.service import serve
-        from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
+        from edgespec.cloud.verifier import VerifierEngine
+        from edgespec.cloud.verifier_types import VerifierConfig
 
         self.device = _device()
         spec = self.spec
@@ -281,7 +282,7 @@ class VerifierActor(_EndpointActor):
             config,
             compute_profile=spec.compute_profile,
         )
-        from edgespec.serving.metrics import VerifierMetrics
+        from edgespec.serving.verifier_metrics import VerifierMetrics
 
         metrics = self._serve_metrics(VerifierMetrics, spec.metrics_port)
         self._server = await serve(
@@ -351,7 +352,7 @@ class EdgeActor(_EndpointActor):
         )
         self.engine.key_prefix = self.name
         self.engine.on_session_end = self._release
-        from edgespec.serving.metrics import EdgeMetrics
+        from edgespec.serving.edge_metrics import EdgeMetrics
 
         metrics = self._serve_metrics(EdgeMetrics, spec.metrics_port)
         self._server = await serve(

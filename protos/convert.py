@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from edgespec.core.params import SamplingParams
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.session import DraftBlock, Verdict
+from edgespec.core.validation import check_int
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
 __all__ = [
@@ -134,8 +135,7 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     if k and min(tokens) < 0:
         i = next(i for i, t in enumerate(tokens) if t < 0)
         raise FieldError(f"tokens[{i}]", f"tokens[{i}] must be a token id >= 0, got {tokens[i]}")
-    if msg.base_len < 1:
-        raise FieldError("base_len", f"base_len must be >= 1, got {msg.base_len}")
+    _check_field_int("base_len", msg.base_len, 1)
     if msg.decode_tokens < 0 or (msg.decode_tokens and k):
         raise FieldError(
             "decode_tokens",
@@ -143,8 +143,8 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
             f"got {msg.decode_tokens}",
         )
     anchor = msg.anchor_token if msg.HasField("anchor_token") else None
-    if anchor is not None and anchor < 0:
-        raise FieldError("anchor_token", f"anchor_token must be a token id >= 0, got {anchor}")
+    if anchor is not None:
+        _check_field_int("anchor_token", anchor, 0)
     form = msg.probs.WhichOneof("form") if msg.HasField("probs") else None
     draft_probs = None
     if form is not None and k == 0:
@@ -217,7 +217,7 @@ def _sparse_from_proto(msg: pb.SparseProbs, k: int) -> DraftProbs:
 
 
 def verdict_to_proto(
-    verdict: Verdict, outcome: int = pb.Verdict.APPLIED, queue_ms: float = 0.0
+    verdict: Verdict, outcome: pb.Verdict.Outcome = pb.Verdict.APPLIED, queue_ms: float = 0.0
 ) -> pb.Verdict:
     """`Verdict` -> wire message with its `outcome` (APPLIED or REPLAYED) and queue time."""
     return pb.Verdict(
@@ -260,6 +260,14 @@ def verdict_from_proto(msg: pb.Verdict) -> Verdict:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _check_field_int(field: str, value: int, lo: int) -> None:
+    """`check_int` for a wire field: its ValueError as a `FieldError` naming `field`."""
+    try:
+        check_int(field, value, lo)
+    except ValueError as err:
+        raise FieldError(field, str(err)) from None
 
 
 def _as_numpy(t: torch.Tensor, dtype: type) -> np.ndarray:

@@ -26,14 +26,14 @@ __version__ = "0.1.0"
 
 # name -> module that defines it
 _EXPORTS = {
-    "AsyncClient": "edgespec.client",
-    "AsyncGenerationStream": "edgespec.client",
+    "AsyncClient": "edgespec.async_client",
+    "AsyncGenerationStream": "edgespec.async_client",
     "Client": "edgespec.client",
-    "GenerationStats": "edgespec.client",
     "GenerationStream": "edgespec.client",
-    "Result": "edgespec.client",
-    "TlsConfig": "edgespec.client",
-    "TokenChunk": "edgespec.client",
+    "GenerationStats": "edgespec.results",
+    "Result": "edgespec.results",
+    "TokenChunk": "edgespec.results",
+    "TlsConfig": "edgespec.serving.tls",
     "DeadlineExceeded": "edgespec.errors",
     "EdgespecError": "edgespec.errors",
     "Internal": "edgespec.errors",
@@ -67,16 +67,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from edgespec.client import (
-        AsyncClient,
-        AsyncGenerationStream,
-        Client,
-        GenerationStats,
-        GenerationStream,
-        Result,
-        TlsConfig,
-        TokenChunk,
-    )
+    from edgespec.async_client import AsyncClient, AsyncGenerationStream
+    from edgespec.client import Client, GenerationStream
     from edgespec.core.params import SamplingParams
     from edgespec.errors import (
         DeadlineExceeded,
@@ -88,6 +80,8 @@ if TYPE_CHECKING:
         Unauthenticated,
         Unavailable,
     )
+    from edgespec.results import GenerationStats, Result, TokenChunk
+    from edgespec.serving.tls import TlsConfig
 
 
 def __getattr__(name: str) -> Any:

@@ -39,10 +39,10 @@ from edgespec import (
     Unauthenticated,
     Unavailable,
 )
-from edgespec.client import build_request
 from edgespec.errors import FIELD_METADATA_KEY, error_class, from_rpc_error, parse_field
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from edgespec.request import build_request
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CALL_TIMEOUT_S = 10.0  # deadline of every call that is expected to succeed
@@ -250,8 +250,8 @@ def test_client_constructor_validates_its_arguments():
         Client("")
     with pytest.raises(ValueError, match="token"):
         Client("127.0.0.1:1", token="")
-    with pytest.raises(ValueError, match="client_key"):
-        TlsConfig(client_cert="cert.pem")
+    with pytest.raises(ValueError, match="cert and key must be given together"):
+        TlsConfig(cert="cert.pem")
 
 
 # ----------------------------------------------------------------------------- results

@@ -22,14 +22,13 @@ import torch
 from conftest import VerifierServerThread, self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgespec.cloud.service import TLSConfig
-from edgespec.cloud.verifier import (
+from edgespec.cloud.verifier import VerifierEngine
+from edgespec.cloud.verifier_types import (
     INVALID_ARGUMENT,
     NOT_FOUND,
     Outcome,
     ServiceError,
     VerifierConfig,
-    VerifierEngine,
 )
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
@@ -39,6 +38,7 @@ from edgespec.core.session import DraftBlock, Drafter, Verifier
 from edgespec.protos.convert import block_to_proto, params_to_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from edgespec.serving.tls import TlsConfig
 
 DEADLINE_S = 20.0  # every client call carries this deadline
 TOKEN = "s3cret-token"
@@ -563,7 +563,7 @@ def test_reaper_task_closes_idle_sessions(start_server) -> None:
 
 def test_tls_with_token(start_server, tmp_path) -> None:
     cert, key = self_signed_cert(tmp_path)
-    server = start_server(token=TOKEN, tls=TLSConfig(cert, key))
+    server = start_server(token=TOKEN, tls=TlsConfig(cert, key))
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     options = (("grpc.ssl_target_name_override", "localhost"),)
     with grpc.secure_channel(server.address, credentials, options=options) as channel:

@@ -377,8 +377,10 @@ def test_round_deadline_on_blackholed_link_fails_over(draft, target, servers):
 
 def test_tls_and_the_verifiers_block_limit(draft, target, tmp_path):
     """TLS + bearer token to an (in-process) verifier that takes at most 2 draft tokens a block."""
-    from edgespec.cloud.service import TLSConfig, serve
-    from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
+    from edgespec.cloud.service import serve
+    from edgespec.cloud.verifier import VerifierEngine
+    from edgespec.cloud.verifier_types import VerifierConfig
+    from edgespec.serving.tls import TlsConfig
 
     cert, key = self_signed_cert(tmp_path)
     params = SamplingParams(max_new_tokens=12)
@@ -387,7 +389,7 @@ def test_tls_and_the_verifiers_block_limit(draft, target, tmp_path):
 
     async def body():
         verifier = VerifierEngine(target.model, VerifierConfig(max_block_tokens=2))
-        running = await serve(verifier, token=VERIFIER_TOKEN, tls=TLSConfig(cert, key))
+        running = await serve(verifier, token=VERIFIER_TOKEN, tls=TlsConfig(cert, key))
         try:
             engine = make_engine(
                 draft,

@@ -1,4 +1,4 @@
-"""Tests for `edgespec.serving.metrics`: observe rounds/blocks, scrape the text format, check values."""
+"""Tests for the Prometheus metrics (`edgespec.serving.edge_metrics`, `.verifier_metrics`, the `/metrics` endpoint of `.metrics`): observe rounds/blocks, scrape the text format, check values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgespec.serving.metrics import EdgeMetrics, VerifierMetrics, start_metrics_server
+from edgespec.serving.edge_metrics import EdgeMetrics
+from edgespec.serving.metrics import start_metrics_server
+from edgespec.serving.verifier_metrics import VerifierMetrics
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -22,7 +22,8 @@ import pytest
 import torch
 from conftest import VerifierServerThread, chi_square_p
 
-from edgespec.cloud.verifier import Outcome, VerifierConfig, VerifierEngine
+from edgespec.cloud.verifier import VerifierEngine
+from edgespec.cloud.verifier_types import Outcome, VerifierConfig
 from edgespec.core.controller import (
     CLOUD_ONLY,
     SPECULATIVE,

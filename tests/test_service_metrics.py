@@ -13,7 +13,8 @@ from edgespec.cloud.service import serve as serve_verifier
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.service import serve as serve_edge
-from edgespec.serving.metrics import EdgeMetrics, VerifierMetrics
+from edgespec.serving.edge_metrics import EdgeMetrics
+from edgespec.serving.verifier_metrics import VerifierMetrics
 
 TIMEOUT_S = 60.0
 

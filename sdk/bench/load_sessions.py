@@ -91,7 +91,7 @@ class _LoadSampler:
 
 
 async def _one_session(edge: str, prompt: str | list[int], params, policy: str, k: int, timeout_s):
-    from edgespec.client import AsyncClient
+    from edgespec.async_client import AsyncClient
 
     async with AsyncClient(edge, timeout=timeout_s) as client:
         return await client.generate(prompt, params, policy=policy, draft_tokens=k)

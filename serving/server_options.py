@@ -1,6 +1,6 @@
-"""Command-line options both servers (`python -m edgespec.cloud.server`, `python -m edgespec.edge.server`) share:
-torch threads and the Prometheus metrics port. Edge and cloud import each other never, so what
-they share lives here."""
+"""Command-line options and the run loop both servers share (`python -m edgespec.cloud.server`,
+`python -m edgespec.edge.server`): torch threads, the Prometheus metrics port, and serving until
+SIGTERM/SIGINT. Edge and cloud never import each other, so what they share lives here."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from edgespec.core.validation import check_int
+from edgespec.serving.metrics import serve_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -35,24 +40,22 @@ def apply_threads(args: argparse.Namespace) -> None:
     """
     if args.threads is None:
         return
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    import torch
+    threads = check_int("--threads", args.threads, 1)
+    import torch  # lazily: torch takes seconds to import, and --help should not wait for it
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
 
 
 async def run_until_signal(
     args: argparse.Namespace,
-    metrics_cls: type,
+    metrics_cls: Callable[[CollectorRegistry], Any],
     start: Callable[[Any], Awaitable[Any]],
     grace_s: float,
 ) -> None:
     """Serve until SIGTERM/SIGINT: start the ``--metrics-port`` endpoint (if asked), the server
     (``start(metrics)``, returning an object with ``.port`` and ``async stop(grace)``), print the
-    one ``LISTENING host:port`` line that launchers and tests read, then stop both on a signal."""
-    from edgespec.serving.metrics import serve_metrics
-
+    one ``LISTENING host:port`` line that launchers and tests read, then stop both on a signal.
+    `metrics_cls` is EdgeMetrics or VerifierMetrics (built on a fresh registry)."""
     metrics = metrics_server = None
     if args.metrics_port is not None:
         metrics, metrics_server = serve_metrics(metrics_cls, args.metrics_port, host=args.host)

@@ -1,0 +1,115 @@
+"""The verifier engine's contract, without the engine: its limits (`VerifierConfig`), the
+error it raises (`ServiceError` with a grpc-agnostic status code name), and what it answers
+(`OpenResult`, `VerifyResult` with its `Outcome`, `EngineStats`).
+
+Kept apart from `edgespec.cloud.verifier` (the engine) so that the session table and the
+service read these types without the model code.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from edgespec.core.session import Verdict
+from edgespec.core.validation import check_int, check_positive
+
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+NOT_FOUND = "NOT_FOUND"
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+FAILED_PRECONDITION = "FAILED_PRECONDITION"
+INTERNAL = "INTERNAL"
+_CODES = frozenset((INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, INTERNAL))
+
+
+class ServiceError(Exception):
+    """A request the engine refuses. `code` is a gRPC status code name (transport-agnostic here):
+    INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION or INTERNAL. `field` is
+    the request field at fault (e.g. ``tokens[1]``), or None. The message names the field, the
+    bad value and the allowed range."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        if code not in _CODES:
+            raise ValueError(f"code must be one of {sorted(_CODES)}, got {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.field = field
+        self.message = message
+
+
+def invalid(field_name: str, message: str) -> ServiceError:
+    """An INVALID_ARGUMENT `ServiceError` naming `field_name`."""
+    return ServiceError(INVALID_ARGUMENT, message, field_name)
+
+
+class Outcome(enum.Enum):
+    """What happened to a block (the wire's Verdict.Outcome)."""
+
+    APPLIED = "APPLIED"  # verified and committed
+    REPLAYED = "REPLAYED"  # the block of the last verdict was resent: same verdict, applied once
+    STALE = "STALE"  # drafted on another prefix (or older than the last block): nothing applied
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """Limits of one verifier replica. Validated on construction (ValueError naming the field)."""
+
+    model_id: str = ""  # name the edge may ask for in OpenSession; "" = no name check
+    max_sessions: int = 64  # open sessions at most (each holds a KV cache)
+    max_block_tokens: int = 32  # largest k accepted per block
+    # Longest committed prefix OpenSession accepts; None = the model's max positions - 1.
+    # Whatever it is, prompt + max_new_tokens must also fit the model's positions.
+    max_prefix_tokens: int | None = None
+    session_idle_ttl_s: float = 300.0  # a session idle this long is closed by reap_idle
+    device: str | None = None  # where the model runs; None = leave the model where it is
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str):
+            raise ValueError(f"model_id must be a str, got {self.model_id!r}")
+        check_int("max_sessions", self.max_sessions, 1)
+        check_int("max_block_tokens", self.max_block_tokens, 1)
+        if self.max_prefix_tokens is not None:
+            check_int("max_prefix_tokens", self.max_prefix_tokens, 1)
+        check_positive("session_idle_ttl_s", self.session_idle_ttl_s)
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"device must be None or a str such as 'cpu', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class OpenResult:
+    """A session opened by `VerifierEngine.open_session`."""
+
+    session_id: str
+    committed_len: int  # = len(prefix_ids)
+    max_block_tokens: int  # largest k this verifier accepts
+    vocab_size: int  # width of the target's logits
+    model_id: str
+    prefill_ms: float  # target prefill of the prefix
+    compute_profile: str = "real"  # the engine's compute profile (emulated ones pad forwards)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The answer to one block. `verdict` is None for STALE (nothing applied)."""
+
+    outcome: Outcome
+    seq: int  # seq of the block answered
+    committed_len: int  # the session's committed length after this block
+    verdict: Verdict | None
+    more: bool = False  # a decode block with tokens still to stream: call decode_next
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started."""
+
+    sessions: int = 0  # open now
+    opened: int = 0
+    closed: int = 0  # by close_session
+    reaped: int = 0  # by reap_idle
+    applied: int = 0  # blocks verified and committed
+    replayed: int = 0
+    stale: int = 0
+    drafted: int = 0  # draft tokens in applied blocks
+    accepted: int = 0  # of which accepted
+    forwards: int = 0  # target forward passes (prefills + blocks)
