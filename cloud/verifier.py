@@ -63,7 +63,7 @@ from edgespec.core.session import (
     Verifier,
     derive_seed,
 )
-from edgespec.core.validation import is_int
+from edgespec.core.validation import check_int, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +175,10 @@ class VerifierEngine:
                 f"generated must be an int in [0, {most}] (at least 1 prompt token, fewer than "
                 f"params.max_new_tokens={params.max_new_tokens}), got {generated!r}",
             )
-        if not is_int(next_seq) or next_seq < 0:
-            raise invalid("next_seq", f"next_seq must be an int >= 0, got {next_seq!r}")
+        try:
+            check_int("next_seq", next_seq, 0)
+        except ValueError as err:
+            raise invalid("next_seq", str(err)) from None
         prompt_len = len(prefix) - generated
         if self.max_length is not None and prompt_len + params.max_new_tokens > self.max_length:
             raise invalid(

@@ -115,7 +115,8 @@ class Client:
         timeout: default deadline of each call in seconds (the whole stream), > 0.
         token: bearer token sent as ``authorization: Bearer <token>`` metadata, if the server
             requires one.
-        tls: TLS settings; None = plaintext.
+        tls: TLS settings (`edgespec.TlsConfig`: ``ca_cert`` to trust, ``server_name`` to
+            check, ``cert`` + ``key`` for mutual TLS); None = plaintext.
 
     The channel connects lazily and is closed by `close` or on leaving the ``with`` block. A
     `Client` is safe to share between threads.

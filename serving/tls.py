@@ -9,7 +9,8 @@
   and presents ``cert`` + ``key`` for mutual TLS.
 
 PEM material is given as a file path or as the PEM bytes themselves; files are read when the
-credentials are built, so a missing file fails there.
+credentials are built, so a missing file fails there. The SDK exports this class as
+``edgespec.TlsConfig``.
 
 Example::
 
@@ -17,19 +18,18 @@ Example::
     port = bind(grpc.aio.server(), "0.0.0.0:50051", server_tls)
 
     client_tls = TlsConfig(ca_cert="certs/ca.pem", server_name="edge.local")
-    channel = grpc.secure_channel(
-        "10.0.0.5:50051", client_tls.channel_credentials(), options=client_tls.channel_options()
-    )
+    client = edgespec.Client("10.0.0.5:50051", tls=client_tls, token="s3cret")
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import grpc
 
-Pem = bytes | str | Path  # PEM bytes, or the path of a PEM file
+Pem: TypeAlias = bytes | str | Path  # PEM bytes, or the path of a PEM file
 
 
 def read_pem(source: Pem | None) -> bytes | None:
