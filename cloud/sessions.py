@@ -79,7 +79,7 @@ class SessionTable:
             self._stats.sessions -= 1
 
     def add(self, session: Session, forwards: int) -> None:
-        """Enter a session opened on a reserved slot; `forwards`: target forwards its prefill ran."""
+        """Enter a session opened on a reserved slot (`forwards`: the forwards its prefill ran)."""
         with self._lock:
             self._sessions[session.id] = session
             self._stats.opened += 1

@@ -4,8 +4,9 @@
 errors and results are in `edgespec.cloud.verifier_types`, its session table in
 `edgespec.cloud.sessions`. It loads the target once; each session gets its own `ModelRunner`
 over that same model object (its own KV cache) and a `edgespec.core.session.Verifier` that owns
-the session's committed length and last verdict. Bad input raises `ServiceError` carrying a grpc-agnostic status code name and the field
-at fault; a stale or resent block is not an error but a `VerifyResult` outcome.
+the session's committed length and last verdict. Bad input raises `ServiceError` carrying a
+grpc-agnostic status code name and the field at fault; a stale or resent block is not an error
+but a `VerifyResult` outcome.
 
 One block is verified in three steps, `prepare` (validate, detect stale/resent blocks; no model
 work) -> `run_forward` (the target forward) -> `complete` (acceptance, commit), so that a later

@@ -137,8 +137,8 @@ class AsyncClient:
         pipelined: bool | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerationStream:
-        """Start a generation; ``async for`` the returned stream (see `edgespec.client.Client.generate` for
-        the arguments). The call starts now, so its deadline counts from here.
+        """Start a generation; ``async for`` the returned stream (arguments as for
+        `edgespec.client.Client.generate`). The call starts now, so its deadline counts from here.
 
         Example::
 
@@ -164,7 +164,8 @@ class AsyncClient:
         pipelined: bool | None = None,
         timeout: float | None = None,
     ) -> Result:
-        """Generate a continuation and return the finished `Result` (see `edgespec.client.Client.generate`).
+        """Generate a continuation and return the finished `Result` (arguments as for
+        `edgespec.client.Client.generate`).
 
         Example::
 

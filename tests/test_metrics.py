@@ -1,4 +1,5 @@
-"""Tests for the Prometheus metrics (`edgespec.serving.edge_metrics`, `.verifier_metrics`, the `/metrics` endpoint of `.metrics`): observe rounds/blocks, scrape the text format, check values."""
+"""Tests for the Prometheus metrics (`edgespec.serving.edge_metrics`, `.verifier_metrics` and the
+`/metrics` endpoint of `.metrics`): observe rounds/blocks, scrape the text format, check values."""
 
 from __future__ import annotations
 
