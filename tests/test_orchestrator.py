@@ -242,13 +242,13 @@ def _node(resources: dict, alive: bool = True) -> dict:
     ],
 )
 def test_gpus_per_actor_only_where_every_node_of_the_role_has_one(nodes, replicas, expected):
-    from edgespec.orchestrator.cluster import gpus_per_actor
+    from edgespec.orchestrator.deploy import gpus_per_actor
 
     assert gpus_per_actor(nodes, "cloud", replicas) == expected
 
 
 def test_capacity_check_names_the_field_and_the_limit():
-    from edgespec.orchestrator.cluster import check_capacity
+    from edgespec.orchestrator.deploy import check_capacity
 
     nodes = [_node({"cloud": 1, "CPU": 2}), _node({"cloud": 1, "CPU": 2}), _node({"edge": 1})]
     check_capacity(nodes, "cloud", 4, 1.0, "verifiers")  # 2 per node fits
