@@ -1,8 +1,9 @@
 """The orchestrator's bookkeeping: endpoints, their health and load, and session assignment.
 
 A plain class with no Ray and no gRPC, so that every rule below is unit-testable; the
-`OrchestratorActor` (``orchestrator/actors.py``) wraps one `Registry` and feeds it registrations,
-health-check results and the edges' assignment requests.
+`OrchestratorActor` (``orchestrator/orchestrator_actor.py``) wraps one `Registry` and feeds it
+registrations, health-check results (``orchestrator/health.py``) and the edges' assignment
+requests.
 
 Vocabulary:
 
@@ -34,9 +35,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from edgespec.core.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -163,15 +166,9 @@ class Registry:
     injectable for tests.
     """
 
-    def __init__(self, clock=time.time, edge_expiry_checks: int = 3) -> None:
-        if (
-            isinstance(edge_expiry_checks, bool)
-            or not isinstance(edge_expiry_checks, int)
-            or (edge_expiry_checks < 1)
-        ):
-            raise ValueError(f"edge_expiry_checks must be an int >= 1, got {edge_expiry_checks!r}")
+    def __init__(self, clock: Callable[[], float] = time.time, edge_expiry_checks: int = 3) -> None:
         self._clock = clock
-        self.edge_expiry_checks = edge_expiry_checks
+        self.edge_expiry_checks = check_int("edge_expiry_checks", edge_expiry_checks, 1)
         self._endpoints: dict[str, Endpoint] = {}
         self._sessions: dict[str, SessionRecord] = {}
         self.moves: list[Move] = []  # every reassignment, oldest first (bounded)

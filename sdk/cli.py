@@ -3,7 +3,7 @@
 ``edgespec demo`` runs the main job on the embedded defaults: a local Ray cluster (edge and cloud
 nodes), the shipped demo pair, an emulated link, one generation compared with the target serving
 alone. ``edgespec up / status / generate / down`` run the same cluster step by step (see
-``orchestrator/commands.py``). ``edgespec bench ...`` runs the
+``sdk/commands.py``). ``edgespec bench ...`` runs the
 benchmarks, each printing its figures and writing them to a JSON file.
 """
 
@@ -42,7 +42,7 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The distributed demo (orchestrator.commands.cmd_demo), or with --colocated the core alone."""
+    """The distributed demo (edgespec.commands.cmd_demo), or with --colocated the core alone."""
     if args.colocated:
         return cmd_demo_colocated(args)
     from edgespec.commands import cmd_demo as cmd_demo_distributed

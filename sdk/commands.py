@@ -1,4 +1,4 @@
-"""The cluster commands of the ``edgespec`` CLI: ``up``, ``status``, ``down``, ``generate``, ``demo``.
+"""The ``edgespec`` CLI's cluster commands: ``up``, ``status``, ``down``, ``generate``, ``demo``.
 
 - ``edgespec up``: a local cluster (a head plus edge and cloud nodes on this machine) or, with
   ``--address``, an existing one; then the orchestrator, the verifiers and the edges.
@@ -9,8 +9,9 @@
   the target serving alone over the same link.
 
 The commands share a state directory (``--state-dir``, env ``EDGESPEC_STATE_DIR``, default
-``~/.edgespec``). Long steps print progress to stderr; results go to stdout. This module imports
-nothing heavy at import time (the CLI's ``--help`` stays fast).
+``~/.edgespec``). Long steps print progress to stderr; results go to stdout. This module
+imports Ray and the modules that import torch only when a command runs, so that the CLI's
+``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -24,9 +25,25 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgespec.core.demo_pair import DEMO_PROMPT
+from edgespec.client import Client, Result
+from edgespec.core.demo_pair import DEMO_PROMPT, resolve_pair
+from edgespec.core.models import check_pair
+from edgespec.core.params import SamplingParams
+from edgespec.linkemu import LinkProfile
+from edgespec.orchestrator.nodes import (
+    STATE_FILE,
+    ClusterState,
+    LocalClusterConfig,
+    resolve_state_dir,
+    start_local_cluster,
+    stop_local_cluster,
+)
+from edgespec.orchestrator.status_text import format_status
+
+if TYPE_CHECKING:
+    from edgespec.orchestrator.deploy import Deployment
 
 logger = logging.getLogger("edgespec")
 
@@ -86,17 +103,13 @@ def _deploy_args(p: argparse.ArgumentParser, verifiers: int, edges: int) -> None
 def _link_profile(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.rtt_ms is None:
         return None
-    from edgespec.linkemu import LinkProfile
-
     return LinkProfile(
         rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, bandwidth_mbps=args.bandwidth_mbps
     ).to_dict()
 
 
-def params_from_args(args: argparse.Namespace):
+def params_from_args(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams named by the CLI's sampling options (ValueError names a bad one)."""
-    from edgespec.core.params import SamplingParams
-
     return SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -109,15 +122,15 @@ def params_from_args(args: argparse.Namespace):
 # ---------------------------------------------------------------- up / down
 
 
-def _bring_up(args: argparse.Namespace, state_dir: Path, progress: _Progress):
+def _bring_up(
+    args: argparse.Namespace, state_dir: Path, progress: _Progress
+) -> tuple[ClusterState, Deployment]:
     """Nodes (local, unless --address) and actors; returns (ClusterState, Deployment)."""
-    from edgespec.core.demo_pair import resolve_pair
-    from edgespec.core.models import check_pair
-    from edgespec.orchestrator import cluster
+    from edgespec.orchestrator import connection, deploy  # ray, torch: only when a command runs
 
     target, draft = resolve_pair(args.target, args.draft)
     check_pair(target, draft)
-    spec = cluster.DeploySpec.simple(
+    spec = deploy.DeploySpec.simple(
         target.resolve(),
         draft.resolve(),
         verifiers=args.verifiers,
@@ -128,16 +141,14 @@ def _bring_up(args: argparse.Namespace, state_dir: Path, progress: _Progress):
         compute_profile=args.compute_profile or "real",
     )
     if args.address:
-        state = cluster.ClusterState(address=args.address, local=False, started_at=time.time())
+        state = ClusterState(address=args.address, local=False, started_at=time.time())
     else:
-        config = cluster.LocalClusterConfig(
-            edge_nodes=args.edge_nodes, cloud_nodes=args.cloud_nodes
-        )
-        state = cluster.start_local_cluster(state_dir, config, progress=progress)
+        config = LocalClusterConfig(edge_nodes=args.edge_nodes, cloud_nodes=args.cloud_nodes)
+        state = start_local_cluster(state_dir, config, progress=progress)
     try:
         progress(f"connecting to the Ray cluster at {state.address}")
-        cluster.connect_state(state)
-        deployment = cluster.deploy(spec, progress=progress)
+        connection.connect_state(state)
+        deployment = deploy.deploy(spec, progress=progress)
     except BaseException:
         progress("bring-up failed; stopping what was started")
         _tear_down(state, state_dir, progress)
@@ -154,48 +165,46 @@ def _bring_up(args: argparse.Namespace, state_dir: Path, progress: _Progress):
     return state, deployment
 
 
-def _tear_down(state, state_dir: Path, progress: _Progress) -> None:
-    from edgespec.orchestrator import cluster
+def _tear_down(state: ClusterState, state_dir: Path, progress: _Progress) -> None:
+    """Remove the actors, stop the local nodes `state` records, delete the state file."""
+    from edgespec.orchestrator import connection, deploy  # ray, torch: only when a command runs
 
     try:
-        cluster.connect_state(state)
-        killed = cluster.teardown(tuple(state.deployed.get("actors", {})))
+        connection.connect_state(state)
+        killed = deploy.teardown(tuple(state.deployed.get("actors", {})))
         progress(f"removed {len(killed)} actors")
     except Exception as err:  # the nodes may be gone already: still stop what is recorded
         progress(f"could not remove the actors ({type(err).__name__}: {err})")
     finally:
-        cluster.disconnect()
+        connection.disconnect()
     if state.local:
         progress(f"stopping {len(state.pids)} local Ray nodes")
-        cluster.stop_local_cluster(state)
-    path = state_dir / cluster.STATE_FILE
+        stop_local_cluster(state)
+    path = state_dir / STATE_FILE
     if path.exists():
         path.unlink()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from edgespec.orchestrator import cluster
+    from edgespec.orchestrator.connection import disconnect  # ray: only when a command runs
 
     progress = _Progress()
-    state_dir = cluster.resolve_state_dir(args.state_dir)
+    state_dir = resolve_state_dir(args.state_dir)
     state, deployment = _bring_up(args, state_dir, progress)
-    cluster.disconnect()
+    disconnect()
     progress("up")
     print(f"cluster: {state.address} ({'local' if state.local else 'joined'})")
     for name, info in sorted(deployment.infos.items()):
         print(f"  {name:<22} {info['address']:<22} {info['device']}")
-    print(f"state: {state_dir / cluster.STATE_FILE}")
+    print(f"state: {state_dir / STATE_FILE}")
     print('next: edgespec generate "def f(x):"   |   edgespec status   |   edgespec down')
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from edgespec.orchestrator import cluster
-
     progress = _Progress()
-    state_dir = cluster.resolve_state_dir(args.state_dir)
-    state = cluster.ClusterState.load(state_dir)
-    _tear_down(state, state_dir, progress)
+    state_dir = resolve_state_dir(args.state_dir)
+    _tear_down(ClusterState.load(state_dir), state_dir, progress)
     progress("down")
     return 0
 
@@ -205,99 +214,22 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def _connect(args: argparse.Namespace) -> None:
     """Connect to --address, else to the cluster recorded in the state dir."""
-    from edgespec.orchestrator import cluster
+    from edgespec.orchestrator import connection  # ray: only when a command runs
 
     if getattr(args, "address", None):
-        cluster.connect(args.address)
+        connection.connect(args.address)
     else:
-        cluster.connect_state(cluster.ClusterState.load(cluster.resolve_state_dir(args.state_dir)))
-
-
-def _format_link(link: dict[str, Any]) -> str:
-    """One learnt link of an edge (`EdgeEngine.link_estimates`) as a status line."""
-
-    def ms(key: str) -> str:
-        return "-" if link.get(key) is None else f"{link[key]:.1f} ms"
-
-    alpha = "-" if link.get("alpha") is None else f"{link['alpha']:.2f}"
-    mode = "cloud-only" if link["mode"] == "cloud_only" else f"speculative k={link['k']}"
-    return (
-        f"link {link['verifier']} ({link['regime']}): rtt {ms('rtt_ms')}, acceptance {alpha}, "
-        f"draft {ms('draft_ms')}/token, verify {ms('verify_ms')}; {mode}"
-    )
-
-
-def format_status(view: dict[str, Any]) -> str:
-    """The human-readable `edgespec status` text for an orchestrator status view."""
-    lines = []
-    nodes = view.get("nodes", [])
-    lines.append(f"nodes ({sum(n['alive'] for n in nodes)} alive of {len(nodes)})")
-    for n in nodes:
-        roles = [r for r in ("edge", "cloud") if n["resources"].get(r)] or (
-            ["head"] if n["is_head"] else ["-"]
-        )
-        res = ", ".join(f"{k}={v:g}" for k, v in sorted(n["resources"].items()))
-        alive = "alive" if n["alive"] else "DEAD"
-        lines.append(
-            f"  {n['node_id'][:12]}  {n['address']:<15} {'/'.join(roles):<6} {alive:<5} {res}"
-        )
-    verifier_sessions = {v["endpoint_id"]: v["load"] for v in view.get("verifiers", [])}
-    total = sum(verifier_sessions.values())
-    for title, kind in (("verifiers", "verifiers"), ("edges", "edges")):
-        eps = view.get(kind, [])
-        lines.append(f"{title} ({len(eps)})")
-        for e in eps:
-            flags = " draining" if e.get("draining") else ""
-            stats = e.get("actor_stats", {})
-            extra = ""
-            if "error" in stats:
-                extra = f"  stats: {stats['error']}"
-            elif kind == "verifiers" and stats:
-                extra = (
-                    f"  open={stats.get('sessions', 0)} blocks={stats.get('applied', 0)} "
-                    f"accepted={stats.get('accepted', 0)}/{stats.get('drafted', 0)}"
-                )
-            elif stats:
-                extra = (
-                    f"  active={stats.get('active_sessions', 0)} "
-                    f"assigned={stats.get('assignments', 0)}"
-                )
-            total = f" total={e.get('total_assigned', 0)}" if kind == "verifiers" else ""
-            lines.append(
-                f"  {e['endpoint_id']:<22} {e['address']:<21} node {e['node_id'][:8]} "
-                f"{e['device']:<5} {e['health']:<11} load={e['load']:<3} "
-                f"restarts={e['restarts']}{total}{flags}{extra}"
-            )
-            for link in stats.get("link_estimates", []) if "error" not in stats else []:
-                lines.append("    " + _format_link(link))
-    sessions = view.get("sessions", [])
-    lines.append(f"sessions ({len(sessions)} active)")
-    if total:
-        share = ", ".join(f"{k}: {v}" for k, v in sorted(verifier_sessions.items()))
-        lines.append(f"  per verifier: {share}")
-    for s in sessions[:20]:
-        lines.append(
-            f"  {s['session_key']:<40} edge {s['edge_id']:<20} verifier {s['verifier_id']} "
-            f"(moved {s['reassignments']}x)"
-        )
-    if len(sessions) > 20:
-        lines.append(f"  ... {len(sessions) - 20} more")
-    moves = view.get("moves", [])
-    if moves:
-        lines.append(f"recent reassignments ({len(moves)})")
-        for m in moves[-5:]:
-            lines.append(f"  {m['session_key']}: {m['from_id']} -> {m['to_id']} ({m['reason']})")
-    return "\n".join(lines)
+        connection.connect_state(ClusterState.load(resolve_state_dir(args.state_dir)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from edgespec.orchestrator import cluster
+    from edgespec.orchestrator import connection, deploy  # ray, torch: only when a command runs
 
     _connect(args)
     try:
-        view = cluster.status()
+        view = deploy.status()
     finally:
-        cluster.disconnect()
+        connection.disconnect()
     if args.json:
         print(json.dumps(view, indent=2))
     else:
@@ -310,18 +242,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def pick_edge(args: argparse.Namespace) -> str:
     """The least-loaded healthy edge's address, asked of the orchestrator."""
-    import ray
-
-    from edgespec.orchestrator import cluster
+    from edgespec.orchestrator import connection, deploy  # ray, torch: only when a command runs
 
     _connect(args)
     try:
-        return ray.get(cluster.get_orchestrator().pick_edge.remote(), timeout=30)
+        return deploy.pick_edge()
     finally:
-        cluster.disconnect()
+        connection.disconnect()
 
 
-def _print_result(prompt: str, result, elapsed_s: float) -> None:
+def _print_result(prompt: str, result: Result, elapsed_s: float) -> None:
     print(prompt + result.text)
     print("-" * 60, file=sys.stderr)
     s = result.stats
@@ -335,8 +265,6 @@ def _print_result(prompt: str, result, elapsed_s: float) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from edgespec.client import Client
-
     edge = args.edge or pick_edge(args)
     params = params_from_args(args)
     with Client(edge, timeout=args.timeout) as client:
@@ -353,10 +281,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _timed_generate(
-    edge: str, prompt: str, params, policy: str, k: int, timeout: float, pipelined: bool = False
-):
-    from edgespec.client import Client
-
+    edge: str,
+    prompt: str,
+    params: SamplingParams,
+    policy: str,
+    k: int,
+    timeout: float,
+    pipelined: bool = False,
+) -> tuple[Result, float]:
+    """One generation through `edge`; returns the result and its wall time in seconds."""
     with Client(edge, timeout=timeout) as client:
         t0 = time.perf_counter()
         result = client.generate(prompt, params, policy=policy, draft_tokens=k, pipelined=pipelined)
@@ -365,7 +298,6 @@ def _timed_generate(
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Local cluster + shipped pair + emulated link: generate, compare with the target alone."""
-
     progress = _Progress()
     state_dir = (
         Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edgespec-demo-"))
@@ -409,7 +341,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec_ks = [k for k in s.draft_lengths if k > 0]  # cloud-only chunks draft nothing
     # The adaptive policy may hand part of the generation to the cloud (cloud-only streaming)
     # when that is faster on this link: say how the tokens were made.
-    from edgespec.core.profiles import get_profile
+    from edgespec.core.profiles import get_profile  # torch: only when the demo runs
 
     profile = get_profile(args.compute_profile)
     if profile.emulated:

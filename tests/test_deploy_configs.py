@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgespec.orchestrator.cluster import CLOUD_RESOURCE, EDGE_RESOURCE, ROLE_SHARE
+from edgespec.orchestrator.deploy import ROLE_SHARE
+from edgespec.orchestrator.names import CLOUD_RESOURCE, EDGE_RESOURCE
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ROLES = (EDGE_RESOURCE, CLOUD_RESOURCE)

@@ -1,12 +1,19 @@
 """Unit tests of the orchestrator's registry: assignment, load, health, draining, reassignment.
 
-Pure logic (no Ray, no gRPC): `orchestrator.registry.Registry` with an injected clock.
+Pure logic (no Ray, no gRPC): `orchestrator.registry.Registry` with an injected clock; and its
+health checks (`orchestrator.health.HealthChecker`, no Ray) against in-process gRPC servers.
 """
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import socket
 
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from edgespec.orchestrator.health import HealthChecker
 from edgespec.orchestrator.registry import (
     EDGE,
     NOT_SERVING,
@@ -242,13 +249,13 @@ def _node(resources: dict, alive: bool = True) -> dict:
     ],
 )
 def test_gpus_per_actor_only_where_every_node_of_the_role_has_one(nodes, replicas, expected):
-    from edgespec.orchestrator.cluster import gpus_per_actor
+    from edgespec.orchestrator.deploy import gpus_per_actor
 
     assert gpus_per_actor(nodes, "cloud", replicas) == expected
 
 
 def test_capacity_check_names_the_field_and_the_limit():
-    from edgespec.orchestrator.cluster import check_capacity
+    from edgespec.orchestrator.deploy import check_capacity
 
     nodes = [_node({"cloud": 1, "CPU": 2}), _node({"cloud": 1, "CPU": 2}), _node({"edge": 1})]
     check_capacity(nodes, "cloud", 4, 1.0, "verifiers")  # 2 per node fits
@@ -257,3 +264,92 @@ def test_capacity_check_names_the_field_and_the_limit():
         check_capacity(nodes, "cloud", 5, 1.0, "verifiers")
     with pytest.raises(RuntimeError, match="no alive node with the custom resource 'gpu-edge'"):
         check_capacity(nodes, "gpu-edge", 1, 1.0, "edges")
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _health_server() -> tuple[grpc.aio.Server, health.aio.HealthServicer, str]:
+    """A gRPC server with only the standard health service, on a free local port."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, servicer, f"127.0.0.1:{port}"
+
+
+def test_health_checks_move_sessions_off_a_verifier_that_stops_serving() -> None:
+    async def scenario() -> None:
+        (s0, h0, a0), (s1, _, a1) = await _health_server(), await _health_server()
+        try:
+            reg = Registry()
+            reg.register("v0", VERIFIER, a0)
+            reg.register("v1", VERIFIER, a1)
+            reg.register("v2", VERIFIER, f"127.0.0.1:{_unused_port()}")  # nothing listens
+            reg.register("e0", EDGE, a1)
+            checker = HealthChecker(reg, interval_s=0.1, timeout_s=1.0)
+            await checker.check_all()
+            health_of = {e.endpoint_id: e.health for e in reg.endpoints()}
+            assert health_of == {"v0": SERVING, "v1": SERVING, "v2": UNREACHABLE, "e0": SERVING}
+            v2_address = reg.endpoint("v2").address
+            assert checker.last_error(v2_address).startswith("UNAVAILABLE")
+            assert checker.last_error(a0) == ""
+            assert reg.assign("s1", "e0").endpoint_id == "v0"
+
+            await h0.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            await checker.check_all()
+            assert reg.endpoint("v0").health == NOT_SERVING
+            assert loads(reg) == {"v0": 0, "v1": 1, "v2": 0}  # the session moved at once
+
+            # a verifier that left: its channel is closed and its probe forgotten
+            reg.unregister("v2")
+            await checker.check_all()
+            assert checker.last_error(v2_address) == ""
+        finally:
+            await s0.stop(None)
+            await s1.stop(None)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"), [({"interval_s": 0}, "interval_s"), ({"timeout_s": -1}, "timeout_s")]
+)
+def test_health_checker_settings_name_the_field(kwargs: dict, field: str) -> None:
+    settings = {"interval_s": 1.0, "timeout_s": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=f"{field} must be a finite number > 0"):
+        HealthChecker(Registry(), **settings)
+
+
+def test_verifier_spec_holds_the_engines_config() -> None:
+    from edgespec.cloud.verifier import VerifierConfig
+    from edgespec.orchestrator.verifier_actor import VerifierSpec
+
+    assert VerifierSpec("/models/target").config == VerifierConfig()  # one default per setting
+    spec = VerifierSpec("/models/target", config=VerifierConfig(max_block_tokens=8))
+    assert spec.config.max_block_tokens == 8
+    with pytest.raises(ValueError, match="config must be a VerifierConfig"):
+        VerifierSpec("/models/target", config={"max_block_tokens": 8})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"metrics_port must be an int in \[0, 65535\]"):
+        VerifierSpec("/models/target", metrics_port=70000)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"verifiers": 0}, r"verifiers must be an int in \[1, 64\], got 0"),
+        ({"edges": True}, r"edges must be an int in \[1, 64\], got True"),
+        ({"max_restarts": -2}, "max_restarts must be an int >= -1, got -2"),
+        ({"actor_num_cpus": -1.0}, "actor_num_cpus must be a finite number >= 0"),
+        ({"edge_num_gpus": "1"}, "edge_num_gpus must be a finite number >= 0"),
+    ],
+)
+def test_deploy_spec_names_the_bad_field(kwargs: dict, match: str) -> None:
+    from edgespec.orchestrator.deploy import DeploySpec
+
+    with pytest.raises(ValueError, match=match):
+        DeploySpec.simple("/models/target", "/models/draft", **kwargs)

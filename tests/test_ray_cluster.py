@@ -41,8 +41,8 @@ def deployment(tiny_pair):
     from ray.cluster_utils import Cluster
 
     from edgespec.linkemu import LinkProfile
-    from edgespec.orchestrator import cluster as oc
-    from edgespec.orchestrator.actors import OrchestratorConfig
+    from edgespec.orchestrator import connection, deploy
+    from edgespec.orchestrator.orchestrator_actor import OrchestratorConfig
 
     rc = Cluster(
         initialize_head=True,
@@ -56,8 +56,8 @@ def deployment(tiny_pair):
         for role in ("edge", "edge", "cloud", "cloud"):
             rc.add_node(num_cpus=2, resources={role: 1}, object_store_memory=OBJECT_STORE_BYTES)
         rc.wait_for_nodes()
-        oc.connect(rc.address)
-        spec = oc.DeploySpec.simple(
+        connection.connect(rc.address)
+        spec = deploy.DeploySpec.simple(
             tiny_pair.target_dir,
             tiny_pair.draft_dir,
             verifiers=2,
@@ -65,14 +65,14 @@ def deployment(tiny_pair):
             link=LinkProfile(rtt_ms=LINK_RTT_MS).to_dict(),
             orchestrator=OrchestratorConfig(health_interval_s=0.5, health_timeout_s=1.0),
         )
-        dep = oc.deploy(spec, timeout_s=600)
+        dep = deploy.deploy(spec, timeout_s=600)
         yield dep
     finally:
         try:
             if ray.is_initialized():
-                oc.teardown()
+                deploy.teardown()
         finally:
-            oc.disconnect()
+            connection.disconnect()
             rc.shutdown()
 
 
@@ -101,7 +101,7 @@ def _status(dep) -> dict:
 
 
 def _actor(name: str):
-    from edgespec.orchestrator.actors import NAMESPACE
+    from edgespec.orchestrator.names import NAMESPACE
 
     return ray.get_actor(name, namespace=NAMESPACE)
 
@@ -245,14 +245,14 @@ def test_restarted_orchestrator_rebuilds_its_registry(deployment):
 
 def test_status_view_names_nodes_endpoints_and_load(deployment):
     from edgespec.client import Client
-    from edgespec.commands import format_status
     from edgespec.core.params import SamplingParams
-    from edgespec.orchestrator import cluster as oc
+    from edgespec.orchestrator import deploy
+    from edgespec.orchestrator.status_text import format_status
 
     with Client(_edge_address(deployment, 0), timeout=120) as client:
         client.generate(PROMPTS[0], SamplingParams(max_new_tokens=8))
     _wait_for(lambda: _all_serving(deployment), "every endpoint SERVING, no sessions")
-    text = format_status(oc.status())
+    text = format_status(deploy.status())
     assert "nodes (5 alive of 5)" in text
     for name in deployment.spec.actor_names():
         assert name in text

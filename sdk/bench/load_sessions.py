@@ -118,14 +118,14 @@ def run_load_sessions(
 ) -> dict[str, Any]:
     """Run `sessions` concurrent greedy generations through the deployment of `orchestrator`.
 
-    Needs a Ray connection (`orchestrator.cluster.connect`). Session i uses prompts[i % len]
+    Needs a Ray connection (`orchestrator.connection.connect`). Session i uses prompts[i % len]
     and edge i % edges. `expected`: session index -> the target-alone tokens; sessions whose
     output differs are counted in ``mismatches``. Returns the JSON-ready result.
     """
     import ray
 
     from edgespec.core.params import SamplingParams
-    from edgespec.orchestrator.actors import NAMESPACE
+    from edgespec.orchestrator.names import NAMESPACE
 
     if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
         raise ValueError(f"sessions must be an int >= 1, got {sessions!r}")
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from edgespec.orchestrator import cluster
+    from edgespec.orchestrator import connection, deploy, nodes
 
     state = None
     if args.up:
@@ -264,22 +264,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         target, draft = resolve_pair(args.target, args.draft)
         state_dir = Path(tempfile.mkdtemp(prefix="edgespec-load-"))
-        state = cluster.start_local_cluster(state_dir, progress=logger.info)
-        cluster.connect_state(state)
+        state = nodes.start_local_cluster(state_dir, progress=logger.info)
+        connection.connect_state(state)
         link = LinkProfile(rtt_ms=args.rtt_ms).to_dict() if args.rtt_ms is not None else None
-        spec = cluster.DeploySpec.simple(target, draft, verifiers=2, edges=2, link=link)
-        cluster.deploy(spec, progress=logger.info)
+        spec = deploy.DeploySpec.simple(target, draft, verifiers=2, edges=2, link=link)
+        deploy.deploy(spec, progress=logger.info)
     else:
-        loaded = cluster.ClusterState.load(cluster.resolve_state_dir(args.state_dir))
+        loaded = nodes.ClusterState.load(nodes.resolve_state_dir(args.state_dir))
         target = Path(loaded.deployed.get("target", "")) if args.check else None
-        cluster.connect_state(loaded)
+        connection.connect_state(loaded)
     try:
         prompts: list[str | list[int]] = list(PROMPTS)
         expected = None
         if args.check:
             prompts, expected = _reference(target, prompts, args.sessions, args.max_new_tokens)
         result = run_load_sessions(
-            cluster.get_orchestrator(),
+            connection.get_orchestrator(),
             sessions=args.sessions,
             prompts=prompts,
             max_new_tokens=args.max_new_tokens,
@@ -290,12 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     finally:
         if state is not None:
-            cluster.teardown()
-            cluster.disconnect()
-            cluster.stop_local_cluster(state)
+            deploy.teardown()
+            connection.disconnect()
+            nodes.stop_local_cluster(state)
             shutil.rmtree(state_dir, ignore_errors=True)
         else:
-            cluster.disconnect()
+            connection.disconnect()
     _print(result)
     if args.json:
         path = Path(args.json)
