@@ -13,9 +13,18 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
-from edgespec.core.demo_pair import BENCH_PROMPTS
+from edgespec.commands import add_cluster_commands, params_from_args
+from edgespec.commands import cmd_demo as cmd_demo_distributed
+from edgespec.core.demo_pair import BENCH_PROMPTS, resolve_pair
+from edgespec.core.models import check_pair, load_tokenizer
+from edgespec.errors import EdgespecError
+
+# The benchmarks and the co-located core (edgespec.bench.*, edgespec.core.generate / runner) are
+# imported inside the commands that run them: they load torch and transformers, which the parser,
+# `--help` and the cluster commands never need.
 
 logger = logging.getLogger("edgespec")
 
@@ -45,19 +54,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The distributed demo (orchestrator.commands.cmd_demo), or with --colocated the core alone."""
     if args.colocated:
         return cmd_demo_colocated(args)
-    from edgespec.commands import cmd_demo as cmd_demo_distributed
-
     return cmd_demo_distributed(args)
 
 
 def cmd_demo_colocated(args: argparse.Namespace) -> int:
     """Co-located speculative decoding on the shipped pair, compared with the target alone."""
-    import time
-
-    from edgespec.commands import params_from_args
-    from edgespec.core.demo_pair import resolve_pair
+    # torch (see the imports at the top)
     from edgespec.core.generate import generate, generate_autoregressive
-    from edgespec.core.models import check_pair, load_tokenizer
     from edgespec.core.runner import ModelRunner
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
@@ -92,9 +95,8 @@ def cmd_demo_colocated(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_core(args: argparse.Namespace) -> int:
-    from edgespec.bench.core import run_core_bench
-    from edgespec.core.demo_pair import resolve_pair
-    from edgespec.core.models import check_pair, load_tokenizer
+    """Co-located core vs target alone vs HF assisted generation (edgespec.bench.core)."""
+    from edgespec.bench.core import run_core_bench  # torch (see the imports at the top)
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     if args.draft_equals_target:
@@ -123,9 +125,7 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     """Tokens/s vs RTT for every method (edgespec.bench.latency); JSON and optional plots."""
-    from edgespec.bench.latency import print_summary, run_from_args
-    from edgespec.core.demo_pair import resolve_pair
-    from edgespec.core.models import check_pair
+    from edgespec.bench.latency.cli import print_summary, run_from_args  # torch (see the top)
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     check_pair(target_path, draft_path)
@@ -135,9 +135,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 def cmd_bench_link(args: argparse.Namespace) -> int:
     """Per-round framework overhead, bytes per token, tokens/s at RTTs (edgespec.bench.link)."""
-    from edgespec.bench.link import print_summary, run_link_bench
-    from edgespec.core.demo_pair import resolve_pair
-    from edgespec.core.models import check_pair
+    from edgespec.bench.link import print_summary, run_link_bench  # torch (see the top)
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     check_pair(target_path, draft_path)
@@ -157,7 +155,7 @@ def cmd_bench_link(args: argparse.Namespace) -> int:
 
 
 def _bench_latency_args(p: argparse.ArgumentParser) -> None:
-    """`edgespec bench latency` options (also `python -m edgespec.bench.latency`)."""
+    """`edgespec bench latency` options."""
     _add_model_args(p)
     p.add_argument("--json", required=True, help="result file")
     p.add_argument("--plots", help="folder for the PNG plots (none if omitted)")
@@ -185,11 +183,10 @@ def _bench_latency_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole `edgespec` command line: cluster commands, demo and benchmarks."""
     ap = argparse.ArgumentParser(prog="edgespec", description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
-
-    from edgespec.commands import add_cluster_commands
 
     # up / status / down / generate / demo: the cluster commands.
     demo = add_cluster_commands(sub, _add_model_args, _sampling_args)
@@ -235,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `edgespec` command `argv` (default: sys.argv); returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -243,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as exc:
-        from edgespec.errors import EdgespecError
-
         # Expected failures (bad input, missing files, a cluster that is down, a failed call)
         # print one line; anything else is a bug and keeps its traceback.
         expected = (ValueError, FileNotFoundError, RuntimeError, TimeoutError, ConnectionError)

@@ -19,8 +19,7 @@ one; both use the real models (compute profile "real"). Three measurements:
    queue) and the delay the emulator reports it added.
 
 Tokens/s is total generated tokens / total wall time of the generations (prefills and TTFT
-included). `edgespec bench link --json FILE` wraps `run_link_bench`; `python -m
-edgespec.bench.link ARGS` is the same command.
+included). `edgespec bench link --json FILE` wraps `run_link_bench`.
 """
 
 from __future__ import annotations
@@ -28,20 +27,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import queue
 import statistics
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from edgespec.bench.processes import torch_threads, verifier_process
 from edgespec.core.params import SamplingParams
 from edgespec.edge.engine import EdgeEngine, EngineConfig
 from edgespec.edge.link import LinkConfig
@@ -59,63 +53,6 @@ DEFAULT_PROMPTS = (
 # Sampling settings for the bytes measurement: truncated (sparse q) and untruncated (dense q).
 SAMPLING_SPARSE = SamplingParams(temperature=1.0, top_k=50)
 SAMPLING_DENSE = SamplingParams(temperature=1.0)
-
-
-@contextmanager
-def _verifier_process(
-    target: Path, threads: int | None, start_timeout_s: float, extra_args: Sequence[str] = ()
-) -> Iterator[str]:
-    """`python -m edgespec.cloud.server` on a free port (plus `extra_args`); yields its address,
-    terminates it on exit."""
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgespec.cloud.server",
-        "--target",
-        str(target),
-        "--log-level",
-        "WARNING",
-    ]
-    cmd += list(extra_args)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        try:
-            line = lines.get(timeout=start_timeout_s)
-        except queue.Empty:
-            line = None
-        if not line or not line.startswith("LISTENING "):
-            raise RuntimeError(f"verifier did not start (first line {line!r}): {' '.join(cmd)}")
-        yield line.split()[1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _p(values: Sequence[float], q: float) -> float:
@@ -310,8 +247,8 @@ def run_link_bench(
         return result
 
     with (
-        _torch_threads(threads),
-        _verifier_process(Path(target_path), threads, start_timeout_s) as addr,
+        torch_threads(threads),
+        verifier_process(Path(target_path), threads, start_timeout_s) as addr,
     ):
         measured = asyncio.run(bench(addr))
     return {
