@@ -37,6 +37,7 @@ import torch
 
 from edgespec.bench.processes import torch_threads, verifier_process
 from edgespec.core.params import SamplingParams
+from edgespec.core.validation import check_int
 from edgespec.edge.engine import EdgeEngine, EngineConfig
 from edgespec.edge.link import LinkConfig
 from edgespec.edge.records import RoundRecord, SummaryEvent
@@ -163,13 +164,11 @@ def run_link_bench(
     both on this host (None = torch's default). `include_cloud_only`: also time the cloud-only
     baseline (k = 0, one verifier forward per token) at each RTT.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 32:
-        raise ValueError(f"k must be an int in [1, 32], got {k!r}")
+    check_int("k", k, 1, 32)
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got none")
     for name, value in (("reps", reps), ("rtt_reps", rtt_reps), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int(name, value, 1)
     greedy = SamplingParams(max_new_tokens=max_new_tokens)
     sparse = replace(SAMPLING_SPARSE, max_new_tokens=max_new_tokens)
     dense = replace(SAMPLING_DENSE, max_new_tokens=max_new_tokens)

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgespec.core.validation import check_int
+
 logger = logging.getLogger(__name__)
 
 BALANCE_LIMIT = 0.25
@@ -127,8 +129,7 @@ def run_load_sessions(
     from edgespec.core.params import SamplingParams
     from edgespec.orchestrator.actors import NAMESPACE
 
-    if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
-        raise ValueError(f"sessions must be an int >= 1, got {sessions!r}")
+    check_int("sessions", sessions, 1)
     edges_info = ray.get(orchestrator.endpoints.remote("edge"), timeout=30)
     verifiers_before = ray.get(orchestrator.endpoints.remote("verifier"), timeout=30)
     serving = [e for e in edges_info if e["health"] == "SERVING"]
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster.deploy(spec, progress=logger.info)
     else:
         loaded = cluster.ClusterState.load(cluster.resolve_state_dir(args.state_dir))
-        target = Path(loaded.deployed.get("target", "")) if args.check else None
+        target = Path(loaded.deployed.get("target", ""))  # read only with --check
         cluster.connect_state(loaded)
     try:
         prompts: list[str | list[int]] = list(PROMPTS)
