@@ -23,8 +23,8 @@ from edgespec.core.models import check_pair, load_tokenizer
 from edgespec.errors import EdgespecError
 
 # The benchmarks and the co-located core (edgespec.bench.*, edgespec.core.generate / runner) are
-# imported inside the commands that run them: they load torch and transformers, which the parser,
-# `--help` and the cluster commands never need.
+# imported inside the commands that run them: they load torch and transformers (the load benchmark
+# also ray), which the parser, `--help` and the cluster commands never need.
 
 logger = logging.getLogger("edgespec")
 
@@ -154,6 +154,31 @@ def cmd_bench_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    """Concurrent SDK sessions across edges and verifiers (edgespec.bench.load_sessions)."""
+    from edgespec.bench.load_sessions import run_from_args  # torch and ray (see the top)
+
+    return run_from_args(args)
+
+
+def _bench_load_args(p: argparse.ArgumentParser) -> None:
+    """`edgespec bench load` options."""
+    p.add_argument("--sessions", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("-k", type=int, default=4)
+    p.add_argument("--policy", default="fixed")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--state-dir", help="state dir of `edgespec up` (default ~/.edgespec)")
+    p.add_argument("--up", action="store_true", help="bring up a local cluster for the run")
+    p.add_argument("--target", help="with --up: target folder (default: shipped demo target)")
+    p.add_argument("--draft", help="with --up: draft folder (default: shipped demo draft)")
+    p.add_argument("--rtt-ms", type=float, default=None, help="with --up: emulated link RTT")
+    p.add_argument(
+        "--check", action="store_true", help="also compare every output with the target alone"
+    )
+
+
 def _bench_latency_args(p: argparse.ArgumentParser) -> None:
     """`edgespec bench latency` options."""
     _add_model_args(p)
@@ -228,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--threads", type=int, default=1, help="torch threads in each process")
     link.add_argument("--cloud-only", action="store_true", help="also time cloud-only decoding")
     link.set_defaults(func=cmd_bench_link)
+    load = bench_sub.add_parser(
+        "load", help="concurrent sessions across edges and verifiers: errors, balance, exactness"
+    )
+    _bench_load_args(load)
+    load.set_defaults(func=cmd_bench_load)
     return ap
 
 
