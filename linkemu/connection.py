@@ -54,6 +54,44 @@ class LinkDirection:
         return self.chunks, self.bytes, array("d", self.delays)
 
 
+class LinkState:
+    """The link as every connection sees it: written by `LinkEmulator`'s control calls and read
+    by the pipes, on the emulator's loop thread (on the caller's while the emulator is stopped)."""
+
+    def __init__(self, profile: LinkProfile, upstream: tuple[str, int]) -> None:
+        self.profile = profile
+        self.rng = random.Random(profile.seed)  # jitter draws
+        self.upstream = upstream  # where new connections are forwarded
+        self.cut = False
+        self.blackholed = False
+        self.uplink = LinkDirection()  # client -> upstream
+        self.downlink = LinkDirection()  # upstream -> client
+        self.connections: set[Connection] = set()
+        self.connections_accepted = 0
+        self.connections_refused = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.passing = asyncio.Event()  # set while not blackholed; replaced by `attach_loop`
+
+    def set_profile(self, profile: LinkProfile) -> None:
+        """Use `profile` for chunks read from now on; re-seeds the jitter draws."""
+        self.profile = profile
+        self.rng = random.Random(profile.seed)
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve on `loop` (called on it, before the first connection)."""
+        self._loop = loop
+        self.passing = asyncio.Event()
+        if not self.blackholed:
+            self.passing.set()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the connections run on; RuntimeError before `attach_loop`."""
+        if self._loop is None:
+            raise RuntimeError("the link has no event loop yet (LinkEmulator not started)")
+        return self._loop
+
+
 class _Marker:
     """A non-data event travelling through a pipe behind the bytes queued before it."""
 
@@ -252,9 +290,11 @@ class Connection:
         self.closing = False
 
     def pipe_from(self, side: int) -> Pipe:
+        """The pipe carrying what `side` sends."""
         return self.up if side == CLIENT else self.down
 
     def pipe_to(self, side: int) -> Pipe:
+        """The pipe delivering to `side`."""
         return self.down if side == CLIENT else self.up
 
     def hold(self) -> None:
@@ -282,6 +322,7 @@ class Connection:
         self.connect_task = state.loop.create_task(self.connect_upstream())
 
     def attach(self, side: int, transport: asyncio.Transport) -> None:
+        """`side`'s socket is up: a client is accepted (or reset), an upstream joins the pipes."""
         self.transports[side] = transport
         self.alive[side] = True
         _set_nodelay(transport)
@@ -296,11 +337,12 @@ class Connection:
         self.up.src, self.up.dst = client, transport
         self.down.src, self.down.dst = transport, client
         self.state.connections_accepted += 1
-        client.resume_reading()  # paused in _on_client until the upstream was up
+        client.resume_reading()  # paused in _accepted until the upstream was up
         self.up.flush()  # anything read before the upstream was up (EOF, say)
         self.down.update_src_reading()
 
     def deliver_marker(self, pipe: Pipe, marker: _Marker) -> None:
+        """A marker reached the head of `pipe`: reset both sides, or half-close its far side."""
         if marker is _RST:
             self.close(reset=True)
             return
@@ -312,6 +354,7 @@ class Connection:
             self.close(reset=False)
 
     def lost(self, side: int, exc: Exception | None) -> None:
+        """`side`'s socket closed: the far side is reset after the bytes already on the way."""
         self.alive[side] = False
         if not self.closing:
             if exc is not None:
@@ -358,41 +401,3 @@ class Connection:
             logger.warning("linkemu: upstream %s:%d unreachable: %r", *state.upstream, exc)
             state.connections_refused += 1
             self.close(reset=True)
-
-
-class LinkState:
-    """The link as every connection sees it: written by `LinkEmulator`'s control calls and read
-    by the pipes, always on the emulator's loop thread."""
-
-    def __init__(self, profile: LinkProfile, upstream: tuple[str, int]) -> None:
-        self.profile = profile
-        self.rng = random.Random(profile.seed)  # jitter draws
-        self.upstream = upstream  # where new connections are forwarded
-        self.cut = False
-        self.blackholed = False
-        self.uplink = LinkDirection()  # client -> upstream
-        self.downlink = LinkDirection()  # upstream -> client
-        self.connections: set[Connection] = set()
-        self.connections_accepted = 0
-        self.connections_refused = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.passing = asyncio.Event()  # set while not blackholed; replaced by `attach_loop`
-
-    def set_profile(self, profile: LinkProfile) -> None:
-        """Use `profile` for chunks read from now on; re-seeds the jitter draws."""
-        self.profile = profile
-        self.rng = random.Random(profile.seed)
-
-    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Serve on `loop` (called on it, before the first connection)."""
-        self._loop = loop
-        self.passing = asyncio.Event()
-        if not self.blackholed:
-            self.passing.set()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The loop the connections run on; RuntimeError before `attach_loop`."""
-        if self._loop is None:
-            raise RuntimeError("the link has no event loop yet (LinkEmulator not started)")
-        return self._loop

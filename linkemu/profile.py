@@ -17,7 +17,7 @@ class LinkProfile:
     """What the emulated link does to every chunk, per direction. Immutable; swap whole profiles.
 
     Each direction adds ``rtt_ms / 2`` plus a per-chunk uniform draw from ``[0, jitter_ms]``, so the
-    mean added round trip is ``rtt_ms + jitter_ms``. Jitter never reorders bytes (see module doc).
+    mean added round trip is ``rtt_ms + jitter_ms``. Jitter never reorders bytes (see `edgespec.linkemu`).
     """
 
     rtt_ms: float = 0.0  # added round-trip delay; each direction gets half

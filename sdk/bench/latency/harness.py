@@ -46,6 +46,8 @@ class Harness:
     # -- link methods ---------------------------------------------------------------------------
 
     def open_link(self, verifier_address: str) -> None:
+        """Start the link emulator in front of `verifier_address` (RTT 0) and the edge engine
+        behind it."""
         host, port = verifier_address.rsplit(":", 1)
         self.emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=0.0))
         self.emu.start()
@@ -58,6 +60,7 @@ class Harness:
         )
 
     async def close_link(self) -> None:
+        """Close the engine and stop the emulator (either may be missing)."""
         if self.engine is not None:
             await self.engine.aclose()
         if self.emu is not None:
@@ -107,6 +110,7 @@ class Harness:
     # -- in-process methods ---------------------------------------------------------------------
 
     def run_edge_only(self, prompt_index: int, max_new_tokens: int) -> RunSample:
+        """One greedy generation of the draft alone, in process (its output is the draft's)."""
         params = SamplingParams(max_new_tokens=max_new_tokens)
         t0 = time.perf_counter()
         result = generate_autoregressive(self.draft, self.prompt_ids[prompt_index], params)
@@ -120,6 +124,7 @@ class Harness:
         )
 
     def run_colocated(self, k: int, prompt_index: int, max_new_tokens: int) -> RunSample:
+        """One greedy co-located speculative generation at fixed `k`, both models in process."""
         params = SamplingParams(max_new_tokens=max_new_tokens)
         t0 = time.perf_counter()
         result = generate(self.target, self.draft, self.prompt_ids[prompt_index], params, k)

@@ -231,6 +231,8 @@ async def _measure_varying(
     progress: Progress,
     greedy: GreedyReference,
 ) -> dict:
+    """The varying-RTT run: one generation per method and rep while `_RttSwitcher` follows the
+    schedule; tokens/s per method, the ratio to the best fixed k and the adaptive time series."""
     schedule = config.varying
     assert schedule is not None and harness.emu is not None
     emu = harness.emu
