@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from edgespec.core.demo_pair import resolve_pair
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.models import check_pair, load_tokenizer
 from edgespec.core.params import SamplingParams
@@ -101,8 +102,6 @@ def measure(target_path: Path, draft_path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgespec.core.demo_pair import resolve_pair
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target")
     ap.add_argument("--draft")

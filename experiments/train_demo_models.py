@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 logger = logging.getLogger("edgespec.train")
 
@@ -142,9 +144,6 @@ def split_corpus(cfg: TrainConfig) -> tuple[list[str], list[str], dict]:
 
 def train_tokenizer(docs: list[str], vocab_size: int):
     """Byte-level BPE (as GPT-2 uses): any byte sequence is encodable, so no unknown tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -171,8 +170,6 @@ def encode_docs(tokenizer, docs: list[str]) -> torch.Tensor:
 
 
 def build_llama(cfg: TrainConfig, tokenizer, hidden: int, layers: int, heads: int, ffn: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

@@ -1,5 +1,5 @@
 """``python -m edgespec.linkemu``: run one link emulator until SIGINT/SIGTERM."""
 
-from edgespec.linkemu import main
+from edgespec.linkemu.cli import main
 
 raise SystemExit(main())

@@ -13,9 +13,18 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
-from edgespec.core.demo_pair import BENCH_PROMPTS
+from edgespec.commands import add_cluster_commands, params_from_args
+from edgespec.commands import cmd_demo as cmd_demo_distributed
+from edgespec.core.demo_pair import BENCH_PROMPTS, resolve_pair
+from edgespec.core.models import check_pair, load_tokenizer
+from edgespec.errors import EdgespecError
+
+# The benchmarks and the co-located core (edgespec.bench.*, edgespec.core.generate / runner) are
+# imported inside the commands that run them: they load torch and transformers (the load benchmark
+# also ray), which the parser, `--help` and the cluster commands never need.
 
 logger = logging.getLogger("edgespec")
 
@@ -45,19 +54,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The distributed demo (edgespec.commands.cmd_demo), or with --colocated the core alone."""
     if args.colocated:
         return cmd_demo_colocated(args)
-    from edgespec.commands import cmd_demo as cmd_demo_distributed
-
     return cmd_demo_distributed(args)
 
 
 def cmd_demo_colocated(args: argparse.Namespace) -> int:
     """Co-located speculative decoding on the shipped pair, compared with the target alone."""
-    import time
-
-    from edgespec.commands import params_from_args
-    from edgespec.core.demo_pair import resolve_pair
+    # torch (see the imports at the top)
     from edgespec.core.generate import generate, generate_autoregressive
-    from edgespec.core.models import check_pair, load_tokenizer
     from edgespec.core.runner import ModelRunner
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
@@ -92,9 +95,8 @@ def cmd_demo_colocated(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_core(args: argparse.Namespace) -> int:
-    from edgespec.bench.core import run_core_bench
-    from edgespec.core.demo_pair import resolve_pair
-    from edgespec.core.models import check_pair, load_tokenizer
+    """Co-located core vs target alone vs HF assisted generation (edgespec.bench.core)."""
+    from edgespec.bench.core import run_core_bench  # torch (see the imports at the top)
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     if args.draft_equals_target:
@@ -123,9 +125,7 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     """Tokens/s vs RTT for every method (edgespec.bench.latency); JSON and optional plots."""
-    from edgespec.bench.latency import print_summary, run_from_args
-    from edgespec.core.demo_pair import resolve_pair
-    from edgespec.core.models import check_pair
+    from edgespec.bench.latency.cli import print_summary, run_from_args  # torch (see the top)
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     check_pair(target_path, draft_path)
@@ -135,9 +135,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 def cmd_bench_link(args: argparse.Namespace) -> int:
     """Per-round framework overhead, bytes per token, tokens/s at RTTs (edgespec.bench.link)."""
-    from edgespec.bench.link import print_summary, run_link_bench
-    from edgespec.core.demo_pair import resolve_pair
-    from edgespec.core.models import check_pair
+    from edgespec.bench.link import print_summary, run_link_bench  # torch (see the top)
 
     target_path, draft_path = resolve_pair(args.target, args.draft)
     check_pair(target_path, draft_path)
@@ -156,8 +154,33 @@ def cmd_bench_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    """Concurrent SDK sessions across edges and verifiers (edgespec.bench.load_sessions)."""
+    from edgespec.bench.load_sessions import run_from_args  # torch and ray (see the top)
+
+    return run_from_args(args)
+
+
+def _bench_load_args(p: argparse.ArgumentParser) -> None:
+    """`edgespec bench load` options."""
+    p.add_argument("--sessions", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("-k", type=int, default=4)
+    p.add_argument("--policy", default="fixed")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--state-dir", help="state dir of `edgespec up` (default ~/.edgespec)")
+    p.add_argument("--up", action="store_true", help="bring up a local cluster for the run")
+    p.add_argument("--target", help="with --up: target folder (default: shipped demo target)")
+    p.add_argument("--draft", help="with --up: draft folder (default: shipped demo draft)")
+    p.add_argument("--rtt-ms", type=float, default=None, help="with --up: emulated link RTT")
+    p.add_argument(
+        "--check", action="store_true", help="also compare every output with the target alone"
+    )
+
+
 def _bench_latency_args(p: argparse.ArgumentParser) -> None:
-    """`edgespec bench latency` options (also `python -m edgespec.bench.latency`)."""
+    """`edgespec bench latency` options."""
     _add_model_args(p)
     p.add_argument("--json", required=True, help="result file")
     p.add_argument("--plots", help="folder for the PNG plots (none if omitted)")
@@ -185,11 +208,10 @@ def _bench_latency_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole `edgespec` command line: cluster commands, demo and benchmarks."""
     ap = argparse.ArgumentParser(prog="edgespec", description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
-
-    from edgespec.commands import add_cluster_commands
 
     # up / status / down / generate / demo: the cluster commands.
     demo = add_cluster_commands(sub, _add_model_args, _sampling_args)
@@ -231,10 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--threads", type=int, default=1, help="torch threads in each process")
     link.add_argument("--cloud-only", action="store_true", help="also time cloud-only decoding")
     link.set_defaults(func=cmd_bench_link)
+    load = bench_sub.add_parser(
+        "load", help="concurrent sessions across edges and verifiers: errors, balance, exactness"
+    )
+    _bench_load_args(load)
+    load.set_defaults(func=cmd_bench_load)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `edgespec` command `argv` (default: sys.argv); returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -243,8 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as exc:
-        from edgespec.errors import EdgespecError
-
         # Expected failures (bad input, missing files, a cluster that is down, a failed call)
         # print one line; anything else is a bug and keeps its traceback.
         expected = (ValueError, FileNotFoundError, RuntimeError, TimeoutError, ConnectionError)

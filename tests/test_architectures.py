@@ -60,19 +60,37 @@ def _configs(vocab: int) -> dict[str, Callable[[], transformers.PretrainedConfig
         ),
         "phi3-sliding": lambda: transformers.Phi3Config(**small, sliding_window=WINDOW),
         "gpt2": lambda: transformers.GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256,
-            bos_token_id=None, eos_token_id=None,
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=256,
+            bos_token_id=None,
+            eos_token_id=None,
         ),  # fmt: skip
         "gpt-neox": lambda: transformers.GPTNeoXConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=256, bos_token_id=None,
-            eos_token_id=None, tie_word_embeddings=False,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=None,
+            eos_token_id=None,
+            tie_word_embeddings=False,
         ),  # fmt: skip
         "olmo2": lambda: transformers.Olmo2Config(**small),
         "opt": lambda: transformers.OPTConfig(
-            vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=256, word_embed_proj_dim=32,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+            vocab_size=vocab,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=256,
+            word_embed_proj_dim=32,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
         ),  # fmt: skip
     }
 

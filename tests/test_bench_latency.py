@@ -7,18 +7,15 @@ import json
 
 import pytest
 
-from edgespec.bench.latency import (
-    LatencyBenchConfig,
-    LinkCondition,
-    RoundSample,
-    RunSample,
-    VaryingSchedule,
+from edgespec.bench.latency.analysis import (
     crossover_rtt,
     evaluate_checks,
     expected_tokens_from_rounds,
     per_position_acceptance,
     summarise,
 )
+from edgespec.bench.latency.config import LatencyBenchConfig, LinkCondition, VaryingSchedule
+from edgespec.bench.latency.samples import RoundSample, RunSample
 from edgespec.core.controller import expected_tokens
 from edgespec.linkemu import LinkProfile
 
@@ -145,7 +142,7 @@ def test_config_and_schedule_validation():
 
 
 def test_cli_parses_the_bench_commands():
-    from edgespec.bench.latency import command_line, config_from_args
+    from edgespec.bench.latency.cli import command_line, config_from_args
     from edgespec.cli import build_parser, cmd_bench_latency, cmd_bench_link
 
     ap = build_parser()

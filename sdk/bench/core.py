@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 from transformers import PreTrainedModel
@@ -23,10 +24,11 @@ from transformers import PreTrainedModel
 from edgespec.core.generate import GenerationResult, generate, generate_autoregressive
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
+from edgespec.core.validation import check_int
 
 logger = logging.getLogger(__name__)
 
-ModelSource = str | Path | PreTrainedModel | ModelRunner
+ModelSource: TypeAlias = str | Path | PreTrainedModel | ModelRunner
 
 
 def _load(source: ModelSource, device, dtype) -> ModelRunner:
@@ -117,14 +119,13 @@ def run_core_bench(
     """
     ks = list(ks)
     hf_ks = list(hf_assisted_ks)
-    prompts = [list(p) for p in prompts]
-    if not prompts or any(not p for p in prompts):
+    prompt_ids = [list(p) for p in prompts]
+    if not prompt_ids or any(not p for p in prompt_ids):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     for name, values in (("ks", ks), ("hf_assisted_ks", hf_ks)):
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in values):
-            raise ValueError(f"{name} must hold ints >= 1, got {values}")
-    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
-        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
+        for i, k in enumerate(values):
+            check_int(f"{name}[{i}]", k, 1)
+    check_int("reps", reps, 1)
     params = SamplingParams(max_new_tokens=max_new_tokens)  # validates max_new_tokens
     target_runner = _load(target, device, dtype)
     draft_runner = _load(draft, target_runner.device, dtype)
@@ -155,13 +156,13 @@ def run_core_bench(
     methods.append(
         ("hf_target_only", None, lambda p: (_hf_generate(target_model, p, max_new_tokens), None))
     )
-    for k in [None, *hf_ks]:
+    for hf_k in [None, *hf_ks]:
 
-        def hf_assisted(p, k=k):
+        def hf_assisted(p, k=hf_k):
             with _assistant_config(draft_model, k):
                 return _hf_generate(target_model, p, max_new_tokens, draft_model), None
 
-        methods.append(("hf_assisted", k, hf_assisted))
+        methods.append(("hf_assisted", hf_k, hf_assisted))
 
     outputs: dict[int, list[list[int]]] = {}
     times: dict[int, list[float]] = {i: [] for i in range(len(methods))}
@@ -171,12 +172,12 @@ def run_core_bench(
     rounds = {i: 0 for i in range(len(methods))}
 
     for _name, _k, run in methods:  # warm-up: kernels, allocator, HF's lazy setup
-        run(prompts[0][:8])
+        run(prompt_ids[0][:8])
     for rep in range(reps):
-        for i, (name, k, run) in enumerate(methods):
+        for i, (name, method_k, run) in enumerate(methods):
             _sync(dev)
             start = time.perf_counter()
-            results = [run(p) for p in prompts]
+            results = [run(p) for p in prompt_ids]
             _sync(dev)
             times[i].append(time.perf_counter() - start)
             counts[i].append(sum(len(tokens) for tokens, _ in results))
@@ -187,17 +188,17 @@ def run_core_bench(
                         accepted[i] += r.stats.accepted
                         drafted[i] += r.stats.drafted
                         rounds[i] += r.stats.rounds
-            logger.info("rep %d %s k=%s: %.3f s", rep, name, k, times[i][-1])
+            logger.info("rep %d %s k=%s: %.3f s", rep, name, method_k, times[i][-1])
 
     reference = outputs[0]  # our target-only output
-    rows = []
-    for i, (name, k, _run) in enumerate(methods):
+    rows: list[dict[str, Any]] = []
+    for i, (name, row_k, _run) in enumerate(methods):
         per_rep = [n / t for n, t in zip(counts[i], times[i], strict=True)]
         is_spec = name == "speculative"
         rows.append(
             {
                 "name": name,
-                "k": k,
+                "k": row_k,
                 "tokens_per_s": statistics.median(per_rep),
                 "tokens_per_s_reps": per_rep,
                 "acceptance_rate": accepted[i] / drafted[i] if is_spec and drafted[i] else None,
@@ -217,8 +218,8 @@ def run_core_bench(
             "reps": reps,
             "ks": ks,
             "hf_assisted_ks": hf_ks,
-            "n_prompts": len(prompts),
-            "prompt_lengths": [len(p) for p in prompts],
+            "n_prompts": len(prompt_ids),
+            "prompt_lengths": [len(p) for p in prompt_ids],
             "device": str(dev),
             "torch_threads": torch.get_num_threads(),
             "decoding": "greedy",

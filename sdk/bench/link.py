@@ -19,8 +19,7 @@ one; both use the real models (compute profile "real"). Three measurements:
    queue) and the delay the emulator reports it added.
 
 Tokens/s is total generated tokens / total wall time of the generations (prefills and TTFT
-included). `edgespec bench link --json FILE` wraps `run_link_bench`; `python -m
-edgespec.bench.link ARGS` is the same command.
+included). `edgespec bench link --json FILE` wraps `run_link_bench`.
 """
 
 from __future__ import annotations
@@ -28,21 +27,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import queue
 import statistics
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from edgespec.bench.processes import torch_threads, verifier_process
 from edgespec.core.params import SamplingParams
+from edgespec.core.validation import check_int
 from edgespec.edge.engine import EdgeEngine, EngineConfig
 from edgespec.edge.link import LinkConfig
 from edgespec.edge.records import RoundRecord, SummaryEvent
@@ -59,63 +54,6 @@ DEFAULT_PROMPTS = (
 # Sampling settings for the bytes measurement: truncated (sparse q) and untruncated (dense q).
 SAMPLING_SPARSE = SamplingParams(temperature=1.0, top_k=50)
 SAMPLING_DENSE = SamplingParams(temperature=1.0)
-
-
-@contextmanager
-def _verifier_process(
-    target: Path, threads: int | None, start_timeout_s: float, extra_args: Sequence[str] = ()
-) -> Iterator[str]:
-    """`python -m edgespec.cloud.server` on a free port (plus `extra_args`); yields its address,
-    terminates it on exit."""
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgespec.cloud.server",
-        "--target",
-        str(target),
-        "--log-level",
-        "WARNING",
-    ]
-    cmd += list(extra_args)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        try:
-            line = lines.get(timeout=start_timeout_s)
-        except queue.Empty:
-            line = None
-        if not line or not line.startswith("LISTENING "):
-            raise RuntimeError(f"verifier did not start (first line {line!r}): {' '.join(cmd)}")
-        yield line.split()[1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _p(values: Sequence[float], q: float) -> float:
@@ -226,13 +164,11 @@ def run_link_bench(
     both on this host (None = torch's default). `include_cloud_only`: also time the cloud-only
     baseline (k = 0, one verifier forward per token) at each RTT.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 32:
-        raise ValueError(f"k must be an int in [1, 32], got {k!r}")
+    check_int("k", k, 1, 32)
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got none")
     for name, value in (("reps", reps), ("rtt_reps", rtt_reps), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int(name, value, 1)
     greedy = SamplingParams(max_new_tokens=max_new_tokens)
     sparse = replace(SAMPLING_SPARSE, max_new_tokens=max_new_tokens)
     dense = replace(SAMPLING_DENSE, max_new_tokens=max_new_tokens)
@@ -310,8 +246,8 @@ def run_link_bench(
         return result
 
     with (
-        _torch_threads(threads),
-        _verifier_process(Path(target_path), threads, start_timeout_s) as addr,
+        torch_threads(threads),
+        verifier_process(Path(target_path), threads, start_timeout_s) as addr,
     ):
         measured = asyncio.run(bench(addr))
     return {

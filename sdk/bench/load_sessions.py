@@ -10,11 +10,11 @@ verifier at once, and the balance:
 
 Against a running deployment (``edgespec up``)::
 
-    python -m edgespec.bench.load_sessions --sessions 16 --json runs/load_sessions.json
+    edgespec bench load --sessions 16 --json runs/load_sessions.json
 
 or self-contained (a local cluster of 2 edge and 2 cloud nodes, torn down at the end)::
 
-    python -m edgespec.bench.load_sessions --up --target T --draft D --json runs/load_sessions.json
+    edgespec bench load --up --target T --draft D --json runs/load_sessions.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import json
 import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +32,19 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import ray
+
+from edgespec.async_client import AsyncClient
+from edgespec.core.demo_pair import resolve_pair
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.models import load_tokenizer
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
+from edgespec.core.validation import check_int
+from edgespec.linkemu import LinkProfile
+from edgespec.orchestrator import connection, deploy, nodes
+from edgespec.orchestrator.names import NAMESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +88,6 @@ class _LoadSampler:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        import ray
-
         while not self._stop.is_set():
             try:
                 eps = ray.get(self.orchestrator.endpoints.remote("verifier"), timeout=5)
@@ -91,8 +101,6 @@ class _LoadSampler:
 
 
 async def _one_session(edge: str, prompt: str | list[int], params, policy: str, k: int, timeout_s):
-    from edgespec.async_client import AsyncClient
-
     async with AsyncClient(edge, timeout=timeout_s) as client:
         return await client.generate(prompt, params, policy=policy, draft_tokens=k)
 
@@ -122,13 +130,7 @@ def run_load_sessions(
     and edge i % edges. `expected`: session index -> the target-alone tokens; sessions whose
     output differs are counted in ``mismatches``. Returns the JSON-ready result.
     """
-    import ray
-
-    from edgespec.core.params import SamplingParams
-    from edgespec.orchestrator.names import NAMESPACE
-
-    if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
-        raise ValueError(f"sessions must be an int >= 1, got {sessions!r}")
+    check_int("sessions", sessions, 1)
     edges_info = ray.get(orchestrator.endpoints.remote("edge"), timeout=30)
     verifiers_before = ray.get(orchestrator.endpoints.remote("verifier"), timeout=30)
     serving = [e for e in edges_info if e["health"] == "SERVING"]
@@ -204,11 +206,6 @@ def run_load_sessions(
 
 def _reference(target: Path, prompts: list, sessions: int, max_new_tokens: int):
     """Token-id prompts and the target-alone greedy output of each session (for --check)."""
-    from edgespec.core.generate import generate_autoregressive
-    from edgespec.core.models import load_tokenizer
-    from edgespec.core.params import SamplingParams
-    from edgespec.core.runner import ModelRunner
-
     tokenizer = load_tokenizer(target)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     runner = ModelRunner.from_pretrained(target, device="cpu")
@@ -217,7 +214,8 @@ def _reference(target: Path, prompts: list, sessions: int, max_new_tokens: int):
     return ids, {i: outputs[i % len(ids)] for i in range(sessions)}
 
 
-def _print(result: dict[str, Any]) -> None:
+def print_summary(result: dict[str, Any]) -> None:
+    """Errors, balance and throughput of a run on stdout."""
     print(
         f"{result['sessions']} sessions over {result['edges']} edges / {result['verifiers']} "
         f"verifiers: {result['errors']} errors, {result['reconnects']} reconnects"
@@ -234,34 +232,12 @@ def _print(result: dict[str, Any]) -> None:
         print(f"  outputs different from the target alone: {result['mismatches']}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edgespec.bench.load_sessions", description=__doc__)
-    ap.add_argument("--sessions", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("-k", type=int, default=4)
-    ap.add_argument("--policy", default="fixed")
-    ap.add_argument("--timeout", type=float, default=300.0)
-    ap.add_argument("--json", help="write the result here")
-    ap.add_argument("--state-dir", help="state dir of `edgespec up` (default ~/.edgespec)")
-    ap.add_argument("--up", action="store_true", help="bring up a local cluster for the run")
-    ap.add_argument("--target", help="with --up: target folder (default: shipped demo target)")
-    ap.add_argument("--draft", help="with --up: draft folder (default: shipped demo draft)")
-    ap.add_argument("--rtt-ms", type=float, default=None, help="with --up: emulated link RTT")
-    ap.add_argument(
-        "--check", action="store_true", help="also compare every output with the target alone"
-    )
-    args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-    from edgespec.orchestrator import connection, deploy, nodes
-
+def run_from_args(args: argparse.Namespace) -> int:
+    """`edgespec bench load`: run with its options (bringing a local cluster up and down with
+    --up), print the summary, write the JSON if asked. Exit status 0 when every session
+    succeeded and the verifiers were balanced, else 1."""
     state = None
     if args.up:
-        from edgespec.core.demo_pair import resolve_pair
-        from edgespec.linkemu import LinkProfile
-
         target, draft = resolve_pair(args.target, args.draft)
         state_dir = Path(tempfile.mkdtemp(prefix="edgespec-load-"))
         state = nodes.start_local_cluster(state_dir, progress=logger.info)
@@ -271,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         deploy.deploy(spec, progress=logger.info)
     else:
         loaded = nodes.ClusterState.load(nodes.resolve_state_dir(args.state_dir))
-        target = Path(loaded.deployed.get("target", "")) if args.check else None
+        target = Path(loaded.deployed.get("target", ""))  # read only with --check
         connection.connect_state(loaded)
     try:
         prompts: list[str | list[int]] = list(PROMPTS)
@@ -296,13 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(state_dir, ignore_errors=True)
         else:
             connection.disconnect()
-    _print(result)
+    print_summary(result)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if result["errors"] == 0 and result["balanced"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
