@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,experiments]' --config-settings editable_mode=strict
+	@# setuptools' build warnings are long and harmless: kept in a log, shown if the install fails.
+	$(BIN)/python -m pip install -q -e '.[test,experiments]' --config-settings editable_mode=strict \
+		> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	find $(PKG_DIRS) -type f -not -name '*.pyc' | sort > $(FILES)
 	touch $(STAMP)
 
@@ -25,7 +27,9 @@ dev: $(STAMP)
 	@if ! cmp -s $(FILES).new $(FILES); then \
 		echo 'package files changed: relinking the editable install'; \
 		$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . \
-			--config-settings editable_mode=strict && mv $(FILES).new $(FILES); \
+			--config-settings editable_mode=strict > $(VENV)/install.log 2>&1 \
+			|| { cat $(VENV)/install.log; exit 1; }; \
+		mv $(FILES).new $(FILES); \
 	else rm -f $(FILES).new; fi
 
 demo: dev
