@@ -44,14 +44,8 @@ from transformers import PreTrainedModel
 from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
 from edgespec.core.runner import ModelRunner
-from edgespec.core.session import (
-    DraftBlock,
-    PendingVerify,
-    StaleBlockError,
-    Verdict,
-    Verifier,
-    derive_seed,
-)
+from edgespec.core.session import DraftBlock, StaleBlockError, Verdict, derive_seed
+from edgespec.core.verifier import PendingVerify, Verifier
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from edgespec.bench.latency import (
     per_position_acceptance,
     summarise,
 )
-from edgespec.core.controller import expected_tokens
+from edgespec.core.cost_model import expected_tokens
 from edgespec.linkemu import LinkProfile
 
 

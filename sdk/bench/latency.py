@@ -96,11 +96,12 @@ from pathlib import Path
 import torch
 
 from edgespec.bench.link import _torch_threads, _verifier_process
-from edgespec.core.controller import expected_tokens
+from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import get_profile, make_runner
-from edgespec.edge.engine import POLICIES, EdgeEngine, EngineConfig
+from edgespec.core.registry import policy_names
+from edgespec.edge.engine import EdgeEngine, EngineConfig
 from edgespec.edge.link import LinkConfig
 from edgespec.edge.records import RoundRecord, SummaryEvent
 from edgespec.linkemu import LinkEmulator, LinkProfile
@@ -896,9 +897,9 @@ async def _measure(harness: _Harness, config: LatencyBenchConfig, t_start: float
     """Warm up, estimate, then measure the grid, the in-process methods and the varying run
     (`t_start`: perf_counter at the start of the whole run, for the logged estimate)."""
     specs = [s for s in link_methods(config.fixed_ks) if config.selected(s.name)]
-    missing = sorted({s.policy for s in specs} - set(POLICIES))
+    missing = sorted({s.policy for s in specs} - set(policy_names()))
     if missing:
-        raise ValueError(f"the edge has no policy {missing}; registered: {sorted(POLICIES)}")
+        raise ValueError(f"the edge has no policy {missing}; registered: {policy_names()}")
     emu = harness.emu
     assert emu is not None
     greedy = _GreedyReference()
