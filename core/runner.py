@@ -9,6 +9,7 @@ they had never been fed. Sampling and acceptance live elsewhere (`sampling.py`, 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +17,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
 
 logger = logging.getLogger(__name__)
 
 TokenIds = Sequence[int] | Tensor
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which `model.forward` takes and returns its KV cache: ``"cache"`` from
+    transformers 5.24 on (where ``past_key_values`` still works but warns that it goes in 5.40),
+    ``"past_key_values"`` before. Read from the forward's signature, so a model whose forward
+    has not been migrated keeps working."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class ModelRunner:
@@ -55,7 +66,8 @@ class ModelRunner:
         # Longest sequence the cache may hold; None when the config states no limit.
         self.max_length: int | None = int(max_pos) if max_pos else None
         self.forwards: int = 0
-        self._cache = None  # transformers Cache, created by the first forward
+        self._cache: Cache | None = None  # created by the first forward
+        self._cache_arg = cache_argument(model)
         self._length = 0
 
     @classmethod
@@ -124,7 +136,7 @@ class ModelRunner:
         if length == 0:
             self.reset()
             return
-        if not getattr(self._cache, "is_croppable", True):
+        if self._cache is None or not getattr(self._cache, "is_croppable", True):
             raise RuntimeError(f"{type(self.model).__name__}'s cache cannot be rolled back")
         # transformers >= 5 crops by a NEGATIVE count of tokens to remove (4.x accepts it too).
         self._cache.crop(length - self._length)
@@ -161,12 +173,12 @@ class ModelRunner:
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
-            past_key_values=self._cache,
             use_cache=True,
             # Only the last row is needed after a prefill: skip the (n, V) head matmul.
             logits_to_keep=1 if last_only else 0,
+            **{self._cache_arg: self._cache},
         )
-        self._cache = out.past_key_values
+        self._cache = getattr(out, self._cache_arg)
         self._length += n
         self.forwards += 1
         return out.logits[0].float()  # (n, V) or (1, V)
