@@ -1,6 +1,6 @@
 """edgespec's transport-free core: sampling, exact rejection sampling, model runners with KV-cache
-rollback, the drafter/verifier session halves, co-located generation, draft-length controllers and
-compute profiles. No Ray, no gRPC."""
+rollback, the drafter/verifier session halves, co-located generation, draft-length policies (built
+by name through `registry`) and compute profiles. No Ray, no gRPC."""
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy, Estimates
 from edgespec.core.cost_model import (

@@ -19,6 +19,8 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from edgespec.core.validation import check_int, is_int
+
 logger = logging.getLogger(__name__)
 
 TokenIds = Sequence[int] | Tensor
@@ -127,10 +129,7 @@ class ModelRunner:
 
     def rollback(self, length: int) -> None:
         """Truncate the cache to its first `length` tokens (0 <= length <= self.length)."""
-        if isinstance(length, bool) or not isinstance(length, int):
-            raise ValueError(f"length must be an int, got {length!r}")
-        if not 0 <= length <= self._length:
-            raise ValueError(f"length must be in [0, {self._length}], got {length}")
+        length = check_int("length", length, 0, self._length)
         if length == self._length:
             return
         if length == 0:
@@ -154,7 +153,7 @@ class ModelRunner:
         if not ids:
             raise ValueError("ids must hold at least 1 token, got 0")
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+            if not is_int(t) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"token ids must be ints in [0, {self.vocab_size}), got {t!r}")
         return torch.tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
 
