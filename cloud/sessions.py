@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from edgespec.cloud.verifier_types import NOT_FOUND, RESOURCE_EXHAUSTED, EngineStats, ServiceError
 from edgespec.core.params import SamplingParams
-from edgespec.core.session import Verifier
+from edgespec.core.verifier import Verifier
 
 logger = logging.getLogger(__name__)
 

@@ -57,14 +57,9 @@ from edgespec.cloud.verifier_types import (
 from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
 from edgespec.core.runner import ModelRunner
-from edgespec.core.session import (
-    DraftBlock,
-    PendingVerify,
-    StaleBlockError,
-    Verifier,
-    derive_seed,
-)
+from edgespec.core.session import DraftBlock, StaleBlockError, derive_seed
 from edgespec.core.validation import check_int, is_int
+from edgespec.core.verifier import PendingVerify, Verifier
 
 logger = logging.getLogger(__name__)
 

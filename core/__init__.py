@@ -1,36 +1,33 @@
 """edgespec's transport-free core: sampling, exact rejection sampling, model runners with KV-cache
-rollback, the drafter/verifier session halves, co-located generation, draft-length controllers and
-compute profiles. No Ray, no gRPC."""
+rollback, the drafter/verifier session halves, co-located generation, draft-length policies (built
+by name through `registry`) and compute profiles. No Ray, no gRPC."""
 
-from edgespec.core.controller import (
-    CLOUD_ONLY,
-    SPECULATIVE,
-    AdaptiveConfig,
-    AdaptivePolicy,
-    CloudOnlyPolicy,
+from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy, Estimates
+from edgespec.core.cost_model import (
     CostModel,
-    Decision,
-    DraftLengthPolicy,
-    Estimates,
-    FixedPolicy,
-    HeuristicPolicy,
-    PolicyMemory,
-    RoundObservation,
-    SimEnv,
-    SimResult,
     best_k,
     expected_tokens,
     expected_tokens_per_position,
-    make_policy,
-    simulate,
 )
+from edgespec.core.drafter import Drafter
 from edgespec.core.generate import (
     GenerationResult,
     SpecStats,
     generate,
     generate_autoregressive,
 )
+from edgespec.core.link_memory import PolicyMemory
 from edgespec.core.params import SamplingParams
+from edgespec.core.policies import (
+    CLOUD_ONLY,
+    SPECULATIVE,
+    CloudOnlyPolicy,
+    Decision,
+    DraftLengthPolicy,
+    FixedPolicy,
+    HeuristicPolicy,
+    RoundObservation,
+)
 from edgespec.core.profiles import (
     ComputeProfile,
     ForwardCost,
@@ -39,16 +36,12 @@ from edgespec.core.profiles import (
     make_runner,
     profile_names,
 )
+from edgespec.core.registry import PolicySpec, make_policy, policy_names, register_policy
 from edgespec.core.rejection import DraftProbs, Verification, verify
 from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs, make_generator, sample
-from edgespec.core.session import (
-    DraftBlock,
-    Drafter,
-    StaleBlockError,
-    Verdict,
-    Verifier,
-)
+from edgespec.core.session import DraftBlock, StaleBlockError, Verdict
+from edgespec.core.verifier import Verifier
 
 __all__ = [
     "CLOUD_ONLY",
@@ -66,17 +59,17 @@ __all__ = [
     "HeuristicPolicy",
     "PaddedRunner",
     "PolicyMemory",
+    "PolicySpec",
     "RoundObservation",
-    "SimEnv",
-    "SimResult",
     "best_k",
     "expected_tokens",
     "expected_tokens_per_position",
     "get_profile",
     "make_policy",
+    "policy_names",
+    "register_policy",
     "make_runner",
     "profile_names",
-    "simulate",
     "DraftBlock",
     "DraftProbs",
     "Drafter",

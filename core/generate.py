@@ -6,17 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from edgespec.core.drafter import Drafter
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs, make_generator, sample
-from edgespec.core.session import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Drafter,
-    Verifier,
-    check_prompt_ids,
-    derive_seed,
-)
+from edgespec.core.session import FINISH_LENGTH, FINISH_STOP, check_prompt_ids, derive_seed
+from edgespec.core.validation import check_int
+from edgespec.core.verifier import Verifier
 
 
 @dataclass
@@ -80,8 +76,7 @@ def generate(
     The output equals what `generate_autoregressive(target, ...)` produces: the same tokens for
     greedy params, the same distribution when sampling. Resets both runners' caches.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    check_int("k", k, 0)
     if not params.is_greedy and draft.vocab_size != target.vocab_size:
         # Dense q rows must be as wide as the target's probabilities.
         raise ValueError(

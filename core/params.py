@@ -6,38 +6,14 @@ construction and converts to and from a plain JSON-able dict for the wire.
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from edgespec.core.validation import check_float, check_int, is_int
+
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 so they fit a signed 64-bit wire field
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass; True as a token count is always a bug, never an intent.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_float(
-    name: str, value: object, in_range: Callable[[float], bool], allowed: str
-) -> float:
-    """Return `value` as a float, or raise naming the field, the value and the allowed range."""
-    if not _is_real(value) or not math.isfinite(value) or not in_range(value):
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: object, lo: int, hi: int | None, allowed: str) -> int:
-    if not _is_int(value) or value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -59,23 +35,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         # frozen: normalised values are written back with object.__setattr__.
         set_ = object.__setattr__
-        temperature = _check_float("temperature", self.temperature, lambda t: t >= 0, ">= 0")
-        set_(self, "temperature", temperature)
-        set_(self, "top_p", _check_float("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]"))
-        set_(self, "top_k", _check_int("top_k", self.top_k, 0, None, ">= 0 (0 disables)"))
-        set_(
-            self,
-            "max_new_tokens",
-            _check_int(
-                "max_new_tokens",
-                self.max_new_tokens,
-                1,
-                MAX_NEW_TOKENS_LIMIT,
-                f"in [1, {MAX_NEW_TOKENS_LIMIT}]",
-            ),
-        )
+        # int bounds: the message reads "in (0, 1]", not "in (0.0, 1.0]"
+        set_(self, "temperature", check_float("temperature", self.temperature, 0))
+        set_(self, "top_p", check_float("top_p", self.top_p, 0, 1, lo_open=True))
+        set_(self, "top_k", check_int("top_k", self.top_k, 0))
+        max_new = check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
+        set_(self, "max_new_tokens", max_new)
         if self.seed is not None:
-            set_(self, "seed", _check_int("seed", self.seed, 0, SEED_LIMIT - 1, "in [0, 2**63)"))
+            set_(self, "seed", check_int("seed", self.seed, 0, SEED_LIMIT - 1))
         set_(self, "stop_token_ids", _check_stop_ids(self.stop_token_ids))
 
     @property
@@ -114,6 +81,6 @@ def _check_stop_ids(value: object) -> tuple[int, ...]:
             f"stop_token_ids must be a list or tuple of ints >= 0, got {type(value).__name__}"
         )
     for token in value:
-        if not _is_int(token) or token < 0:
+        if not is_int(token) or token < 0:
             raise ValueError(f"stop_token_ids must hold only ints >= 0, got {token!r} in {value!r}")
     return tuple(int(token) for token in value)

@@ -41,7 +41,6 @@ Profiles (`get_profile(name)`):
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -50,6 +49,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from edgespec.core.runner import ModelRunner, TokenIds
+from edgespec.core.validation import check_ms
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +63,6 @@ __all__ = [
 ]
 
 
-def _check_ms(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number >= 0 (milliseconds), got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (milliseconds), got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class ForwardCost:
     """Modelled time of one forward pass over n new tokens: base_ms + per_token_ms * n."""
@@ -79,8 +71,8 @@ class ForwardCost:
     per_token_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "base_ms", _check_ms("base_ms", self.base_ms))
-        object.__setattr__(self, "per_token_ms", _check_ms("per_token_ms", self.per_token_ms))
+        object.__setattr__(self, "base_ms", check_ms("base_ms", self.base_ms))
+        object.__setattr__(self, "per_token_ms", check_ms("per_token_ms", self.per_token_ms))
 
     def ms(self, n_tokens: int) -> float:
         """Modelled milliseconds of a forward feeding `n_tokens` (>= 1) tokens."""

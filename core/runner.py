@@ -9,6 +9,7 @@ they had never been fed. Sampling and acceptance live elsewhere (`sampling.py`, 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +17,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from edgespec.core.validation import check_int, is_int
 
 logger = logging.getLogger(__name__)
 
 TokenIds = Sequence[int] | Tensor
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which `model.forward` takes and returns its KV cache: ``"cache"`` from
+    transformers 5.24 on (where ``past_key_values`` still works but warns that it goes in 5.40),
+    ``"past_key_values"`` before. Read from the forward's signature, so a model whose forward
+    has not been migrated keeps working."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class ModelRunner:
@@ -55,7 +68,8 @@ class ModelRunner:
         # Longest sequence the cache may hold; None when the config states no limit.
         self.max_length: int | None = int(max_pos) if max_pos else None
         self.forwards: int = 0
-        self._cache = None  # transformers Cache, created by the first forward
+        self._cache: Cache | None = None  # created by the first forward
+        self._cache_arg = cache_argument(model)
         self._length = 0
 
     @classmethod
@@ -115,16 +129,13 @@ class ModelRunner:
 
     def rollback(self, length: int) -> None:
         """Truncate the cache to its first `length` tokens (0 <= length <= self.length)."""
-        if isinstance(length, bool) or not isinstance(length, int):
-            raise ValueError(f"length must be an int, got {length!r}")
-        if not 0 <= length <= self._length:
-            raise ValueError(f"length must be in [0, {self._length}], got {length}")
+        length = check_int("length", length, 0, self._length)
         if length == self._length:
             return
         if length == 0:
             self.reset()
             return
-        if not getattr(self._cache, "is_croppable", True):
+        if self._cache is None or not getattr(self._cache, "is_croppable", True):
             raise RuntimeError(f"{type(self.model).__name__}'s cache cannot be rolled back")
         # transformers >= 5 crops by a NEGATIVE count of tokens to remove (4.x accepts it too).
         self._cache.crop(length - self._length)
@@ -142,7 +153,7 @@ class ModelRunner:
         if not ids:
             raise ValueError("ids must hold at least 1 token, got 0")
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+            if not is_int(t) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"token ids must be ints in [0, {self.vocab_size}), got {t!r}")
         return torch.tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
 
@@ -161,12 +172,12 @@ class ModelRunner:
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
-            past_key_values=self._cache,
             use_cache=True,
             # Only the last row is needed after a prefill: skip the (n, V) head matmul.
             logits_to_keep=1 if last_only else 0,
+            **{self._cache_arg: self._cache},
         )
-        self._cache = out.past_key_values
+        self._cache = getattr(out, self._cache_arg)
         self._length += n
         self.forwards += 1
         return out.logits[0].float()  # (n, V) or (1, V)

@@ -5,14 +5,7 @@ session); it owns the committed tokens, so a verifier failure never loses or cha
 `edge.service.serve` wraps an engine in the Edge gRPC service; `python -m edgespec.edge.server` runs one.
 """
 
-from edgespec.edge.engine import (
-    POLICIES,
-    EdgeEngine,
-    EdgeError,
-    EngineConfig,
-    PolicySpec,
-    register_policy,
-)
+from edgespec.edge.engine import EdgeEngine, EdgeError, EngineConfig
 from edgespec.edge.link import (
     ChannelPool,
     LinkConfig,
@@ -32,7 +25,6 @@ from edgespec.edge.records import (
 )
 
 __all__ = [
-    "POLICIES",
     "ChannelPool",
     "EdgeEngine",
     "EdgeError",
@@ -40,7 +32,6 @@ __all__ = [
     "EngineConfig",
     "LinkConfig",
     "LinkError",
-    "PolicySpec",
     "Reply",
     "RoundRecord",
     "RoundTiming",
@@ -50,5 +41,4 @@ __all__ = [
     "VerifierLink",
     "make_address_provider",
     "observation_from_record",
-    "register_policy",
 ]

@@ -7,7 +7,7 @@ time tokens are committed, then one `SummaryEvent`. A round is
     -> apply the verdict (commit tokens, roll the draft cache back) -> yield the new tokens
     -> tell the policy what the round cost (`observation_from_record`).
 
-Policies (`edgespec.core.controller`, by name: "fixed", "heuristic", "adaptive" (the default),
+Policies (`edgespec.core.registry`, by name: "fixed", "heuristic", "adaptive" (the default),
 "cloud_only") decide per round between a speculative round of k draft tokens and cloud-only
 decoding, where the verifier decodes alone and streams its tokens (a decode block: one verdict per
 token, committed and yielded as each arrives). Consecutive cloud-only chunks are requested back to
@@ -23,7 +23,7 @@ unchanged (the argument is in `edgespec.core.session`'s docstring).
 Link memory (`EngineConfig.link_memory`, on by default): the engine keeps, per (verifier
 address, sampling regime), what its sessions learnt of the link: per-position acceptance, draft
 and verifier step times, RTT, queueing, the cloud-only token time, and the mode and k the last
-session ended in (`edgespec.core.controller.PolicyMemory`). Every session feeds it (an adaptive
+session ended in (`edgespec.core.link_memory.PolicyMemory`). Every session feeds it (an adaptive
 policy directly, any other policy through a shadow adaptive learner that only observes), and an
 adaptive session starts from it: it decides from its first round instead of spending warm-up
 rounds on priors, which is most of a short generation at long RTTs. The RTT measured by each
@@ -62,23 +62,16 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from edgespec.core.controller import (
-    CLOUD_ONLY,
-    SPECULATIVE,
-    AdaptiveConfig,
-    AdaptivePolicy,
-    CloudOnlyPolicy,
-    Decision,
-    DraftLengthPolicy,
-    FixedPolicy,
-    HeuristicPolicy,
-    PolicyMemory,
-)
+from edgespec.core.adaptive import AdaptivePolicy
+from edgespec.core.drafter import Drafter
+from edgespec.core.link_memory import PolicyMemory
 from edgespec.core.params import SamplingParams
+from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision, DraftLengthPolicy
 from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
+from edgespec.core.registry import PolicySpec, adaptive_policy, make_policy, policy_names
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.runner import ModelRunner
-from edgespec.core.session import DraftBlock, Drafter
+from edgespec.core.session import DraftBlock
 from edgespec.edge.link import (
     AddressProvider,
     ChannelPool,
@@ -114,51 +107,6 @@ class EdgeError(Exception):
         self.code = code
 
 
-# ---------------------------------------------------------------- draft-length policies
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """What a policy factory is given for one session."""
-
-    k: int  # the request's draft_tokens (or the engine's default_k): k for "fixed", else the start
-    max_k: int  # the engine's largest draft length (EngineConfig.max_k)
-    pipelined: bool  # the session drafts ahead while verdicts travel
-    # what earlier sessions on this link learnt (EngineConfig.link_memory), for policies that
-    # can start from it; None for the first session on a link
-    memory: PolicyMemory | None = None
-
-
-PolicyFactory = Callable[[PolicySpec], DraftLengthPolicy]
-
-
-def _k_max(spec: PolicySpec) -> int:
-    # Blocks longer than 16 pay off only with acceptance near 1; never below the requested k.
-    return max(spec.k, min(16, spec.max_k))
-
-
-def _adaptive(spec: PolicySpec) -> AdaptivePolicy:
-    config = AdaptiveConfig(k_init=spec.k, k_max=_k_max(spec), pipelined=spec.pipelined)
-    return AdaptivePolicy(config, spec.memory)
-
-
-# Policies selectable by name (GenerateRequest.policy): factory(spec) -> a fresh policy (one per
-# session; see edgespec.core.controller for what each does).
-POLICIES: dict[str, PolicyFactory] = {
-    "fixed": lambda spec: FixedPolicy(spec.k),
-    "heuristic": lambda spec: HeuristicPolicy(k0=spec.k, k_max=_k_max(spec)),
-    "adaptive": _adaptive,
-    "cloud_only": lambda spec: CloudOnlyPolicy(),
-}
-
-
-def register_policy(name: str, factory: PolicyFactory) -> None:
-    """Make `factory(spec)` selectable as policy `name` (see `PolicySpec`)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
-    POLICIES[name] = factory
-
-
 # ---------------------------------------------------------------- engine
 
 
@@ -186,7 +134,7 @@ class EngineConfig:
     trace_dir: str | None = None
     # Learn each link across sessions: every session's rounds (whatever its policy) update an
     # estimate per (verifier, sampling regime), and an adaptive session starts from it
-    # (`edgespec.core.controller.PolicyMemory`) instead of from priors.
+    # (`edgespec.core.link_memory.PolicyMemory`) instead of from priors.
     link_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -200,9 +148,9 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-        if self.default_policy not in POLICIES:
+        if self.default_policy not in policy_names():
             raise ValueError(
-                f"default_policy must be one of {sorted(POLICIES)}, got {self.default_policy!r}"
+                f"default_policy must be one of {policy_names()}, got {self.default_policy!r}"
             )
         for name in ("pipelined", "link_memory"):
             if not isinstance(getattr(self, name), bool):
@@ -366,7 +314,7 @@ class EdgeEngine:
         memory: PolicyMemory | None = None,
     ) -> DraftLengthPolicy:
         """Resolve a policy name (None/'' = default) and draft length (None/0 = default) into a
-        fresh policy (`edgespec.core.controller.DraftLengthPolicy`), handing it `memory` (see
+        fresh policy (`edgespec.core.policies.DraftLengthPolicy`), handing it `memory` (see
         `PolicySpec`); a policy object is used as is.
 
         Raises `FieldError` naming 'policy' or 'draft_tokens'."""
@@ -380,17 +328,16 @@ class EdgeEngine:
         if policy is None or policy == "":
             policy = self.config.default_policy
         if isinstance(policy, str):
-            factory = POLICIES.get(policy)
-            if factory is None:
+            if policy not in policy_names():
                 raise FieldError(
-                    "policy", f"policy must be one of {sorted(POLICIES)}, got {policy!r}"
+                    "policy", f"policy must be one of {policy_names()}, got {policy!r}"
                 )
             spec = PolicySpec(k=k, max_k=self.config.max_k, pipelined=pipelined, memory=memory)
-            return factory(spec)
+            return make_policy(policy, spec)
         if not isinstance(policy, DraftLengthPolicy):
             raise FieldError(
                 "policy",
-                f"policy must be a name in {sorted(POLICIES)} or a DraftLengthPolicy, got "
+                f"policy must be a name in {policy_names()} or a DraftLengthPolicy, got "
                 f"{type(policy).__name__}",
             )
         return policy
@@ -424,7 +371,7 @@ class EdgeEngine:
     ) -> AsyncIterator[GenerateEvent]:
         """Generate for one prompt: yields `TokensEvent`s, then one `SummaryEvent`.
 
-        `policy`: a name in `POLICIES` (None/'' = EngineConfig.default_policy) or a policy
+        `policy`: a name in `policy_names()` (None/'' = EngineConfig.default_policy) or a policy
         object; `k`: the draft length for "fixed", the starting one otherwise (None/0 = default);
         `pipelined`: draft ahead while verdicts travel (None = EngineConfig.pipelined).
         Raises `FieldError` (a ValueError naming the field) for a bad request before anything is
@@ -541,7 +488,7 @@ class EdgeEngine:
         if not self.config.link_memory:
             return None
         spec = PolicySpec(self.config.default_k, self.config.max_k, pipelined, memory)
-        return _adaptive(spec)
+        return adaptive_policy(spec)
 
     def _remember(self, key: tuple[str, str], memory: PolicyMemory) -> None:
         if memory.empty:

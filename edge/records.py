@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from edgespec.core.controller import CLOUD_ONLY, SPECULATIVE, RoundObservation
+from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, RoundObservation
 from edgespec.edge.link import RoundTiming
 
 
@@ -51,7 +51,7 @@ class RoundRecord:
 
 
 def observation_from_record(record: RoundRecord) -> RoundObservation | None:
-    """The controller's view of a round (`edgespec.core.controller.RoundObservation`), or None for
+    """The controller's view of a round (`edgespec.core.policies.RoundObservation`), or None for
     a round it cannot learn from (a speculative round with no draft token, near the end).
 
     Speculative: k = the draft tokens sent, draft_ms = the time per draft forward times k (a block

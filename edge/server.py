@@ -18,7 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from edgespec.core.profiles import profile_names
-from edgespec.edge.engine import POLICIES, EdgeEngine, EngineConfig
+from edgespec.core.registry import policy_names
+from edgespec.edge.engine import EdgeEngine, EngineConfig
 from edgespec.edge.link import LinkConfig
 from edgespec.edge.service import serve
 from edgespec.serving.edge_metrics import EdgeMetrics
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--policy",
         default=EngineConfig().default_policy,
-        choices=sorted(POLICIES),
+        choices=policy_names(),
         help="draft-length policy of requests that name none",
     )
     ap.add_argument(

@@ -16,7 +16,7 @@ from edgespec.bench.latency.analysis import (
 )
 from edgespec.bench.latency.config import LatencyBenchConfig, LinkCondition, VaryingSchedule
 from edgespec.bench.latency.samples import RoundSample, RunSample
-from edgespec.core.controller import expected_tokens
+from edgespec.core.cost_model import expected_tokens
 from edgespec.linkemu import LinkProfile
 
 

@@ -30,11 +30,13 @@ from edgespec.cloud.verifier_types import (
     ServiceError,
     VerifierConfig,
 )
+from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.runner import ModelRunner
-from edgespec.core.session import DraftBlock, Drafter, Verifier
+from edgespec.core.session import DraftBlock
+from edgespec.core.verifier import Verifier
 from edgespec.protos.convert import block_to_proto, params_to_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc

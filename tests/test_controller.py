@@ -10,27 +10,26 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
+from _policy_sim import SimEnv, SimResult, simulate
 
-from edgespec.core.controller import (
+from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
+from edgespec.core.cost_model import (
+    CostModel,
+    best_k,
+    expected_tokens,
+    expected_tokens_per_position,
+)
+from edgespec.core.link_memory import PolicyMemory
+from edgespec.core.policies import (
     CLOUD_ONLY,
     SPECULATIVE,
-    AdaptiveConfig,
-    AdaptivePolicy,
-    CostModel,
     Decision,
     DraftLengthPolicy,
     FixedPolicy,
     HeuristicPolicy,
-    PolicyMemory,
     RoundObservation,
-    SimEnv,
-    SimResult,
-    best_k,
-    expected_tokens,
-    expected_tokens_per_position,
-    make_policy,
-    simulate,
 )
+from edgespec.core.registry import make_policy
 
 
 def _env(

@@ -24,18 +24,18 @@ from conftest import VerifierServerThread, chi_square_p
 
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import Outcome, VerifierConfig
-from edgespec.core.controller import (
-    CLOUD_ONLY,
-    SPECULATIVE,
-    CloudOnlyPolicy,
-    CostModel,
-    Decision,
-    RoundObservation,
-    best_k,
-)
+from edgespec.core.cost_model import CostModel, best_k
+from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
+from edgespec.core.policies import (
+    CLOUD_ONLY,
+    SPECULATIVE,
+    CloudOnlyPolicy,
+    Decision,
+    RoundObservation,
+)
 from edgespec.core.profiles import (
     ComputeProfile,
     ForwardCost,
@@ -45,7 +45,8 @@ from edgespec.core.profiles import (
 )
 from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs
-from edgespec.core.session import DraftBlock, Drafter, Verifier
+from edgespec.core.session import DraftBlock
+from edgespec.core.verifier import Verifier
 from edgespec.edge.engine import EdgeEngine, EngineConfig
 from edgespec.edge.link import LinkConfig, RoundTiming, VerifierLink
 from edgespec.edge.records import RoundRecord, SummaryEvent, TokensEvent, observation_from_record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from edgespec.core import (
     logits_to_probs,
     verify,
 )
+from edgespec.core.runner import cache_argument
 
 V = 160
 
@@ -37,6 +39,29 @@ def _ids(n: int, seed: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- ModelRunner
+
+
+def test_cache_argument_follows_the_forward_signature():
+    class Renamed:  # transformers >= 5.24: forward(cache=...)
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Original:  # before: forward(past_key_values=...)
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    assert cache_argument(Renamed()) == "cache"
+    assert cache_argument(Original()) == "past_key_values"
+
+
+def test_forwards_warn_nothing(models):
+    # a deprecated argument (e.g. past_key_values on transformers >= 5.24) would warn here
+    runner = ModelRunner(models[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.prefill(_ids(5, 0))
+        runner.extend(_ids(3, 1))
+        runner.rollback(6)
+        runner.extend(_ids(2, 2))
+    assert runner.length == 8
 
 
 def test_extend_matches_full_forward(models):

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from edgespec.bench.latency.config import ADAPTIVE_METHODS, LinkCondition, is_fixed
 from edgespec.bench.latency.samples import RoundSample, RunSample
-from edgespec.core.controller import expected_tokens
+from edgespec.core.cost_model import expected_tokens
 
 # Criteria of the issue.
 ADAPTIVE_VS_BEST_MIN = 0.95

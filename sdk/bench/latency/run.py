@@ -40,7 +40,7 @@ from edgespec.bench.latency.estimate import (
 from edgespec.bench.latency.harness import Harness
 from edgespec.bench.latency.samples import RunSample
 from edgespec.bench.processes import torch_threads, verifier_process
-from edgespec.edge.engine import POLICIES
+from edgespec.core.registry import policy_names
 from edgespec.linkemu import LinkEmulator, LinkProfile
 
 logger = logging.getLogger(__name__)
@@ -76,9 +76,9 @@ async def _measure(harness: Harness, config: LatencyBenchConfig, t_start: float)
     """Warm up, estimate, then measure the grid, the in-process methods and the varying run
     (`t_start`: perf_counter at the start of the whole run, for the logged estimate)."""
     specs = [s for s in link_methods(config.fixed_ks) if config.selected(s.name)]
-    missing = sorted({s.policy for s in specs} - set(POLICIES))
+    missing = sorted({s.policy for s in specs} - set(policy_names()))
     if missing:
-        raise ValueError(f"the edge has no policy {missing}; registered: {sorted(POLICIES)}")
+        raise ValueError(f"the edge has no policy {missing}; registered: {policy_names()}")
     emu = harness.emu
     assert emu is not None
     greedy = GreedyReference()

@@ -1,0 +1,400 @@
+"""The edge half of a speculative-decoding session: the committed tokens and the draft model.
+
+`Drafter` proposes `DraftBlock`s (a round, a cloud-only decode request, or a block drafted ahead
+of the pending one) and applies the `Verdict`s that come back; the protocol and why it is exact
+are in `edgespec.core.session`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from edgespec.core.params import SamplingParams
+from edgespec.core.rejection import DraftProbs
+from edgespec.core.runner import ModelRunner
+from edgespec.core.sampling import logits_to_probs, make_generator, sample
+from edgespec.core.session import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    DraftBlock,
+    Verdict,
+    check_prompt_ids,
+    derive_seed,
+)
+from edgespec.core.validation import check_int
+
+
+def _truncates(params: SamplingParams) -> bool:
+    """True when params restrict sampling to a subset of the vocabulary (sparse q is smaller)."""
+    return params.top_k > 0 or params.top_p < 1.0
+
+
+class Drafter:
+    """Edge half of a session: the committed token history plus the draft model and its cache.
+
+    One round: `block = propose(k)`, send it, then `apply(verdict)`. `apply` enforces the
+    stopping rules so that `generated` equals what the target alone would produce: it stops after
+    a stop token (kept in the output) or after `params.max_new_tokens` tokens, dropping any
+    committed overshoot.
+
+    Cloud-only decoding: `block = propose_decode(n)`, then `apply` each of its (up to n) verdicts;
+    the block stays `pending` until its last token is committed. Pipelined drafting: with a block
+    pending, `propose_ahead(k)` drafts the next one on the guess that the pending one is accepted
+    whole (see `edgespec.core.session`); `apply` of the pending block's verdict then either makes it
+    the pending block (`last_ahead_hit` True) or drops it (`dropped_ahead`). At most one block
+    ahead (pipeline depth 1).
+
+    `draft_params` (default: `params`) is how the draft chooses its tokens. Any choice is exact
+    because the block carries the distribution q each token was drawn from; a truncated one
+    (top_k / top_p) makes q sparse and cheap to send. Stopping rules always come from `params`.
+
+    Seqs are allocated when a block is proposed (0, 1, 2, ...): a dropped block's seq is never
+    reused. The drafter takes over `runner`: its cache is reset and then holds this session's
+    prefix.
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        draft_params: SamplingParams | None = None,
+    ) -> None:
+        self.runner = runner
+        self.params = params
+        self.draft_params = draft_params if draft_params is not None else params
+        self.committed: list[int] = check_prompt_ids(prompt_ids, runner.vocab_size)
+        self.generated: list[int] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self._stop = frozenset(params.stop_token_ids)
+        self._next_seq = 0
+        self._pending: DraftBlock | None = None
+        self._ahead: DraftBlock | None = None
+        self._decoded = 0  # tokens committed so far by the pending decode block
+        # Outcome of the last `apply` for the block drafted ahead: True = it became the pending
+        # block, False = dropped (also in `dropped_ahead`), None = there was none.
+        self.last_ahead_hit: bool | None = None
+        self.dropped_ahead: DraftBlock | None = None
+        self._generator = make_generator(derive_seed(params.seed, "draft"), runner.device)
+        runner.reset()
+        if len(self.committed) > 1:
+            runner.prefill(self.committed[:-1])
+
+    @property
+    def tokens_left(self) -> int:
+        """Tokens still allowed by max_new_tokens."""
+        return self.params.max_new_tokens - len(self.generated)
+
+    @property
+    def pending(self) -> DraftBlock | None:
+        """The block awaiting its verdict (None between rounds)."""
+        return self._pending
+
+    @property
+    def ahead(self) -> DraftBlock | None:
+        """The block drafted ahead of the pending one, if any."""
+        return self._ahead
+
+    @property
+    def next_seq(self) -> int:
+        """Seq the next proposed block gets."""
+        return self._next_seq
+
+    def _new_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _check_can_propose(self) -> None:
+        if self.finished:
+            raise RuntimeError(f"session finished ({self.finish_reason}); nothing to propose")
+        if self._pending is not None:
+            raise RuntimeError(f"block seq={self._pending.seq} awaits its verdict; apply it first")
+
+    def propose(self, k: int) -> DraftBlock:
+        """Draft up to `k` tokens extending `committed` (k >= 0); returns the block to verify.
+
+        Drafts min(k, tokens_left - 1) tokens: the verdict always adds one token of the target's
+        own, so drafting more could never be used. Drafting also ends early after a stop token.
+        Runs one draft forward per draft token; the token ids come to the host once per block
+        (greedy drafting syncs only then; sampling adds whatever logits_to_probs/sample sync).
+        """
+        check_int("k", k, 0)
+        self._check_can_propose()
+        n = min(k, self.tokens_left - 1)
+        tokens: list[int] = []
+        q_rows: Tensor | None = None
+        if n > 0:
+            # Feed what the cache lacks of the committed tokens (1 token, or 2 after a full accept).
+            logits = self.runner.extend(self.committed[self.runner.length :])[-1]  # (V,)
+            tokens, q_rows = self._draft(logits, n)
+        block = DraftBlock(
+            seq=self._new_seq(),
+            base_len=len(self.committed),
+            tokens=tuple(tokens),
+            draft_probs=self._draft_probs(q_rows),
+        )
+        self._pending = block
+        return block
+
+    def propose_decode(self, n: int) -> DraftBlock:
+        """A cloud-only block: the verifier decodes `n` tokens alone (1 <= n <= tokens_left) and
+        answers with one verdict per token. No draft work."""
+        self._check_can_propose()
+        check_int("n", n, 1)
+        if n > self.tokens_left:
+            raise ValueError(f"n must be <= tokens_left={self.tokens_left}, got {n}")
+        block = DraftBlock(
+            seq=self._new_seq(), base_len=len(self.committed), tokens=(), decode_tokens=n
+        )
+        self._pending = block
+        self._decoded = 0
+        return block
+
+    def shadow_matches(self) -> list[bool]:
+        """Greedy drafting only: what the draft would have proposed for the tokens committed
+        since its cache was last fed, without a round trip (cloud-only streaming uses this to keep
+        the acceptance estimate current).
+
+        Feeds the committed tokens the draft cache lacks, all but the last (the cache stays a
+        prefix of `committed`, as `propose` expects), and returns, for each token those forwards
+        predict, whether the draft's argmax equals the committed token. Under greedy decoding
+        that is exactly the accept/reject outcome a draft token at that position would have had
+        (a draft token is accepted iff it equals the target's argmax, i.e. the committed token),
+        so runs of True are the accepted runs of speculative rounds on this text. Returns [] when
+        drafting samples, a block with draft tokens is pending or drafted ahead (the cache then
+        holds drafts), or nothing is new. Outputs are unaffected: the cache only gains tokens
+        `propose` would feed anyway.
+        """
+        if not self.draft_params.is_greedy or self.finished:
+            return []
+        for block in (self._pending, self._ahead):
+            if block is not None and block.tokens:
+                return []
+        start = self.runner.length
+        feed = self.committed[start:-1]
+        if not feed:
+            return []
+        predicted = self.runner.extend(feed).argmax(-1).tolist()  # row i predicts start + i + 1
+        return [p == t for p, t in zip(predicted, self.committed[start + 1 :], strict=True)]
+
+    def ahead_room(self) -> int:
+        """Draft tokens a block drafted ahead of the pending one could hold now; -1 when none can
+        be drafted (no speculative block pending, one already ahead, or the pending block, if
+        accepted whole, ends the session). 0 means a block of the guessed bonus token alone."""
+        block = self._pending
+        if block is None or block.decode_tokens or self._ahead is not None or self.finished:
+            return -1
+        if block.tokens and block.tokens[-1] in self._stop:
+            return -1
+        # If the pending block is accepted whole, it commits k + 1 tokens (the last is the guess).
+        left_after = self.tokens_left - len(block.tokens) - 1
+        return left_after - 1 if left_after >= 1 else -1
+
+    def propose_ahead(self, k: int) -> DraftBlock | None:
+        """Pipelined drafting: guess the pending block's bonus token g (the draft's argmax after
+        the whole block) and draft up to `k` tokens after it; returns that block (seq = the next
+        seq, base_len = pending base_len + k_pending + 1, anchor_token = g), or None when no
+        block can go ahead (see `ahead_room`, or g is a stop token: the session would end).
+
+        Costs one draft forward for g plus one per draft token. g is an argmax even when sampling:
+        it is only a guess (it decides whether the block is used, never what is committed), and
+        the most likely token is the best guess of the bonus token.
+        """
+        check_int("k", k, 0)
+        room = self.ahead_room()
+        if room < 0:
+            return None
+        pending = self._pending
+        assert pending is not None
+        runner = self.runner
+        context = self.committed + list(pending.tokens)  # the prefix if pending is accepted whole
+        # The guess needs the logits after the context's last token: feed at least that one (after
+        # `drop_ahead` the cache may hold the whole context already).
+        fed = min(runner.length, len(context) - 1)
+        if fed < runner.length:
+            runner.rollback(fed)
+        logits = runner.extend(context[fed:])[-1]  # (V,) predicts the bonus token
+        guess = int(logits.argmax())
+        if guess in self._stop:
+            return None
+        n = min(k, room)
+        tokens: list[int] = []
+        q_rows: Tensor | None = None
+        if n > 0:
+            logits = runner.extend([guess])[-1]  # (V,)
+            tokens, q_rows = self._draft(logits, n)
+        block = DraftBlock(
+            seq=self._new_seq(),
+            base_len=len(context) + 1,
+            tokens=tuple(tokens),
+            draft_probs=self._draft_probs(q_rows),
+            anchor_token=guess,
+        )
+        self._ahead = block
+        return block
+
+    def decode_ahead_room(self) -> int:
+        """Tokens a decode block requested ahead of the pending decode block could ask for now
+        (0: none can be; the pending one is not a decode block, or it ends the session)."""
+        block = self._pending
+        if block is None or not block.decode_tokens or self._ahead is not None or self.finished:
+            return 0
+        return max(self.tokens_left - (block.decode_tokens - self._decoded), 0)
+
+    def propose_decode_ahead(self, n: int) -> DraftBlock | None:
+        """Cloud-only streaming without gaps: the decode block that follows the pending decode
+        block (base_len = where the pending one ends), to be sent while the pending one streams,
+        so the verifier goes on decoding without waiting a round trip. Asks for min(n,
+        `decode_ahead_room()`) tokens; None when that is 0. Used (`apply` makes it pending) once
+        the pending block has streamed all its tokens, dropped if the session ends first."""
+        check_int("n", n, 1)
+        room = self.decode_ahead_room()
+        if room < 1:
+            return None
+        pending = self._pending
+        assert pending is not None
+        block = DraftBlock(
+            seq=self._new_seq(),
+            base_len=pending.base_len + pending.decode_tokens,
+            tokens=(),
+            decode_tokens=min(n, room),
+        )
+        self._ahead = block
+        return block
+
+    def drop_ahead(self) -> DraftBlock | None:
+        """Forget the block drafted ahead (e.g. before resending the pending one on a new
+        session); returns it. The draft cache is rolled back to committed + pending drafts."""
+        ahead, self._ahead = self._ahead, None
+        pending = self._pending
+        if ahead is not None and pending is not None:
+            keep = pending.base_len + len(pending.tokens)
+            self.runner.rollback(min(self.runner.length, keep))
+        return ahead
+
+    def abandon_decode(self) -> DraftBlock | None:
+        """Give up on a pending decode block (and a decode block requested ahead of it) after a
+        broken stream; the tokens already applied stay committed. Returns the pending block. A
+        pending speculative block is kept (it is resent)."""
+        block = self._pending
+        if block is None or not block.decode_tokens:
+            return None
+        self._pending = None
+        self._ahead = None
+        return block
+
+    def _draft_probs(self, q_rows: Tensor | None) -> DraftProbs | None:
+        if q_rows is None:
+            return None
+        if _truncates(self.draft_params):
+            return DraftProbs.from_probs_sparse(q_rows)
+        return DraftProbs.dense(q_rows)
+
+    def _draft(self, logits: Tensor, n: int) -> tuple[list[int], Tensor | None]:
+        """Sample n draft tokens, the first from `logits` (V,) (which predict the position after
+        the cache); returns them and q (n', V) (None when drafting greedily). Every drafted token
+        but the last is fed to the cache."""
+        runner, dparams = self.runner, self.draft_params
+        greedy = dparams.is_greedy
+        picked: list[Tensor] = []  # 0-dim long tensors, kept on device until the end
+        q: list[Tensor] = []  # (V,) each
+        for i in range(n):
+            if greedy:
+                tok = logits.argmax(-1)
+            else:
+                probs = logits_to_probs(logits, dparams)  # (V,)
+                tok = sample(probs, self._generator)
+                q.append(probs)
+            picked.append(tok)
+            if i < n - 1:
+                logits = runner.extend(tok.view(1))[0]  # (V,)
+        tokens = torch.stack(picked).tolist()  # the one sync of the block
+        # Nothing after a stop token can be part of the output: cut the block there.
+        for i, t in enumerate(tokens):
+            if t in self._stop:
+                tokens = tokens[: i + 1]
+                break
+        q_rows = torch.stack(q[: len(tokens)]) if q else None  # (n', V)
+        return tokens, q_rows
+
+    def apply(self, verdict: Verdict) -> list[int]:
+        """Commit the verdict of the pending block; returns the newly committed tokens.
+
+        Appends the accepted draft tokens and the verdict's token, stopping after a stop token or
+        at max_new_tokens (overshoot is dropped), then rolls the draft cache back to the longest
+        prefix that is still valid. A decode block's verdicts commit one token each. With a block
+        drafted ahead, a hit makes it the pending block (its drafts stay in the cache); a miss
+        drops it.
+        """
+        block = self._pending
+        if block is None:
+            raise RuntimeError("no block awaits a verdict")
+        if verdict.seq != block.seq:
+            raise ValueError(f"verdict seq must be {block.seq}, got {verdict.seq}")
+        if verdict.accepted > len(block.tokens):
+            raise ValueError(
+                f"verdict accepted must be in [0, {len(block.tokens)}], got {verdict.accepted}"
+            )
+        base = len(self.committed)  # == block.base_len, except within a decode stream
+        expected_len = base + verdict.accepted + 1
+        if verdict.committed_len != expected_len:
+            raise ValueError(
+                f"verdict committed_len must be {expected_len}, got {verdict.committed_len}"
+            )
+        self.last_ahead_hit = None
+        self.dropped_ahead = None
+        out = self._commit([*block.tokens[: verdict.accepted], verdict.token])
+        if block.decode_tokens:
+            # Nothing was drafted: the cache still holds a prefix of the committed tokens.
+            self._decoded += 1
+            if self.finished or self._decoded >= block.decode_tokens:
+                ahead, self._ahead = self._ahead, None
+                hit = ahead is not None and not self.finished
+                if ahead is not None:
+                    self.last_ahead_hit = hit
+                self._pending = ahead if hit else None
+                self.dropped_ahead = None if hit else ahead
+                self._decoded = 0
+            return out
+        ahead, self._ahead = self._ahead, None
+        hit = (
+            ahead is not None
+            and not self.finished
+            and verdict.accepted == len(block.tokens)
+            and verdict.token == ahead.anchor_token
+        )
+        if ahead is not None:
+            self.last_ahead_hit = hit
+        if hit:
+            # The cache holds committed + the ahead block's drafts: still a valid prefix.
+            self._pending = ahead
+            return out
+        self._pending = None
+        self.dropped_ahead = ahead
+        # Draft cache holds committed + draft tokens fed so far; keep only the accepted part.
+        self.runner.rollback(min(self.runner.length, base + verdict.accepted))
+        return out
+
+    def _commit(self, new: list[int]) -> list[int]:
+        out: list[int] = []
+        for t in new:
+            out.append(t)
+            if t in self._stop:
+                self._finish(FINISH_STOP)
+                break
+            if len(self.generated) + len(out) >= self.params.max_new_tokens:
+                self._finish(FINISH_LENGTH)
+                break
+        self.committed.extend(out)
+        self.generated.extend(out)
+        return out
+
+    def _finish(self, reason: str) -> None:
+        self.finished = True
+        self.finish_reason = reason

@@ -1,0 +1,394 @@
+"""The online estimators behind `AdaptivePolicy` (`edgespec.core.adaptive`), each updated from
+every round's observation:
+
+- acceptance (`AcceptanceEstimator`): forgotten per-position counts with a Beta prior pulling each
+  position towards a pooled rate, and a change-point test (likelihood ratio of the last rounds
+  against the older counts) that rebuilds the counts from the rounds after a shift. Positions
+  seen rarely or never are shrunk towards a pooled rate, so k beyond the longest block observed
+  is extrapolated sensibly rather than with noise; with i.i.d. acceptance the per-position and
+  pooled forms agree;
+- t_d (per draft token), RTT (`RobustLevel`): robust levels (Huber-style EWMA) that shrug off
+  single spikes but jump to the new level after `shift_rounds` consecutive samples far off on
+  the same side;
+- t_v(n) = a + b*n (`AffineFit`): least squares with forgetting, a small ridge prior on b, the
+  same shift rule.
+
+Each has `settled()`: a copy with no shift pending, what a new session on the same link starts
+from (`edgespec.core.link_memory`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+from collections import deque
+
+logger = logging.getLogger(__name__)
+
+
+class _RunDetector:
+    """Flags a level shift: `rounds` consecutive surprises on the same side."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self.side = 0
+        self.count = 0
+
+    def push(self, side: int) -> bool:
+        """`side` is +1 (surprisingly high), -1 (low) or 0; True when a shift is confirmed."""
+        if side == 0:
+            self.side, self.count = 0, 0
+            return False
+        if side == self.side:
+            self.count += 1
+        else:
+            self.side, self.count = side, 1
+        if self.count >= self.rounds:
+            self.side, self.count = 0, 0
+            return True
+        return False
+
+    @property
+    def pending(self) -> bool:
+        """A run of surprises has started and not yet been confirmed or broken."""
+        return self.count > 0
+
+    def clear(self) -> None:
+        self.side, self.count = 0, 0
+
+
+class RobustLevel:
+    """Robust online level of a noisy timing, quick to follow a persistent shift.
+
+    Huber-style EWMA: a sample within `threshold` deviations moves the level by `gain` times its
+    residual; a farther one moves it as if it were exactly `threshold` deviations away, so one
+    spike barely registers. The deviation is an EWMA of clipped absolute residuals (like TCP's
+    RTTVAR), floored at `rel_floor` of the level so a perfectly steady signal does not make every
+    wobble an outlier. `shift_rounds` consecutive outliers on the same side are a level shift: the
+    level jumps to their median.
+    """
+
+    def __init__(
+        self, gain: float, threshold: float, shift_rounds: int, rel_floor: float = 0.03
+    ) -> None:
+        self.gain = gain
+        self.threshold = threshold
+        self.rel_floor = rel_floor
+        self.value: float | None = None
+        self.dev = 0.0
+        self.shifts = 0  # level shifts detected so far
+        self._detector = _RunDetector(shift_rounds)
+        self._run: list[float] = []
+
+    def _scale(self) -> float:
+        assert self.value is not None
+        return max(self.dev, self.rel_floor * abs(self.value), 1e-3)
+
+    @property
+    def pending(self) -> bool:
+        return self._detector.pending
+
+    def update(self, x: float) -> bool:
+        """Add one sample; True when it completed a level shift."""
+        if self.value is None:
+            self.value = x
+            self.dev = 0.1 * abs(x)  # a guess, corrected by the next samples
+            return False
+        residual = x - self.value
+        limit = self.threshold * self._scale()
+        side = 0 if abs(residual) <= limit else (1 if residual > 0 else -1)
+        if side != self._detector.side:
+            self._run = []
+        if side:
+            self._run.append(x)
+        if self._detector.push(side):
+            new = statistics.median(self._run)
+            spread = statistics.fmean(abs(v - new) for v in self._run)
+            self.value, self.dev = new, max(self.dev, spread)
+            self._run = []
+            self.shifts += 1
+            return True
+        clipped = max(-limit, min(limit, residual))
+        self.value += self.gain * clipped
+        self.dev += self.gain * (abs(clipped) - self.dev)
+        return False
+
+    def settled(self) -> RobustLevel:
+        """A copy with no shift pending (what a new session starts from)."""
+        out = copy.deepcopy(self)
+        out._detector.clear()
+        out._run = []
+        return out
+
+
+class AffineFit:
+    """y = a + b*x by exponentially forgotten least squares, with a small ridge prior pulling b
+    towards `b_prior` so the slope stays defined while x barely varies (k held steady), and a and
+    b clamped at >= 0. Residual outliers are clipped (Huber) and a run of them on one side is a
+    shift: most of the old data is forgotten so the fit re-converges in a few rounds."""
+
+    def __init__(
+        self,
+        decay: float,
+        gain: float,
+        threshold: float,
+        shift_rounds: int,
+        ridge: float = 1.0,
+        b_prior: float = 0.0,
+    ) -> None:
+        self.decay = decay
+        self.gain = gain
+        self.threshold = threshold
+        self.ridge = ridge
+        self.b_prior = b_prior
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.a = self.b = 0.0
+        self.dev = 0.0
+        self.shifts = 0
+        self._detector = _RunDetector(shift_rounds)
+
+    @property
+    def has_data(self) -> bool:
+        return self.w > 0.0
+
+    @property
+    def pending(self) -> bool:
+        return self._detector.pending
+
+    def predict(self, x: float) -> float:
+        return self.a + self.b * x
+
+    def update(self, x: float, y: float) -> None:
+        if self.has_data:
+            residual = y - self.predict(x)
+            limit = self.threshold * max(self.dev, 0.03 * abs(self.predict(x)), 1e-3)
+            side = 0 if abs(residual) <= limit else (1 if residual > 0 else -1)
+            if self._detector.push(side):
+                self._scale_stats(0.05)
+                self.shifts += 1
+            elif side:
+                y = self.predict(x) + side * limit
+                residual = side * limit
+            self.dev += self.gain * (min(abs(residual), limit) - self.dev)
+        else:
+            self.dev = 0.1 * abs(y)
+        self._scale_stats(self.decay)
+        self.w += 1.0
+        self.sx += x
+        self.sy += y
+        self.sxx += x * x
+        self.sxy += x * y
+        self._solve()
+
+    def settled(self) -> AffineFit:
+        """A copy with no shift pending (what a new session starts from)."""
+        out = copy.deepcopy(self)
+        out._detector.clear()
+        return out
+
+    def _scale_stats(self, factor: float) -> None:
+        self.w *= factor
+        self.sx *= factor
+        self.sy *= factor
+        self.sxx *= factor
+        self.sxy *= factor
+
+    def _solve(self) -> None:
+        # normal equations of sum w (y - a - b x)^2 + ridge (b - b_prior)^2
+        sxx = self.sxx + self.ridge
+        sxy = self.sxy + self.ridge * self.b_prior
+        det = self.w * sxx - self.sx * self.sx
+        a = (self.sy * sxx - self.sx * sxy) / det
+        b = (self.w * sxy - self.sx * self.sy) / det
+        if b < 0.0:
+            a, b = self.sy / self.w, 0.0
+        if a < 0.0:
+            a, b = 0.0, max(0.0, sxy / sxx)
+        self.a, self.b = a, b
+
+
+class _Counts:
+    """Exponentially forgotten per-position counts: reached[i], accepted[i] for position i+1."""
+
+    def __init__(self) -> None:
+        self.reached: list[float] = []
+        self.accepted: list[float] = []
+
+    def copy(self) -> _Counts:
+        out = _Counts()
+        out.reached, out.accepted = list(self.reached), list(self.accepted)
+        return out
+
+    def add(self, k: int, accepted: int, decay: float = 1.0) -> None:
+        """A round drafting k and accepting m reached positions 1..min(m+1, k), accepted 1..m;
+        older counts are first multiplied by `decay`."""
+        if decay != 1.0:
+            self.scale(decay)
+        reached = min(accepted + 1, k)
+        grow = reached - len(self.reached)
+        if grow > 0:
+            self.reached.extend([0.0] * grow)
+            self.accepted.extend([0.0] * grow)
+        for i in range(reached):
+            self.reached[i] += 1.0
+        for i in range(accepted):
+            self.accepted[i] += 1.0
+
+    def totals(self) -> tuple[float, float]:
+        return sum(self.reached), sum(self.accepted)
+
+    def scale(self, factor: float) -> None:
+        self.reached = [v * factor for v in self.reached]
+        self.accepted = [v * factor for v in self.accepted]
+
+
+def _bernoulli_g(n: float, s: float, p: float) -> float:
+    """Likelihood-ratio statistic (G, ~chi-square with 1 dof) of s successes in n trials against
+    rate p; 0 when there are no trials."""
+    if n <= 0.0:
+        return 0.0
+    p = min(max(p, 1e-6), 1.0 - 1e-6)
+    g = 0.0
+    if s > 0.0:
+        g += s * math.log(s / (n * p))
+    if n - s > 0.0:
+        g += (n - s) * math.log((n - s) / (n * (1.0 - p)))
+    return 2.0 * g
+
+
+class AcceptanceEstimator:
+    """P(accept position i | reached i), i = 1.., from exponentially forgotten counts.
+
+    Position i's estimate is (accepted_i + w * prior_i) / (reached_i + w): a Beta prior of weight
+    w = `position_weight`. For position 1 it is centred on the pooled rate over all positions,
+    (accepted + w0 * alpha_prior) / (reached + w0); for positions >= 2 on the pooled rate of
+    positions >= 2 (the *continuation* rate). Rarely reached positions, and those never reached,
+    thus fall back to the continuation rate: position 1 is the one that differs most (it is the
+    only one not conditioned on an acceptance just before it), and mixing it into the prior of the
+    deep positions would drag their extrapolation towards it.
+
+    Shifts (acceptance collapsing on a new kind of text, or coming back) are found by a
+    generalised likelihood-ratio test. The last `SHIFT_WINDOW` rounds are held apart from the
+    older counts (the estimate uses both): for every m, the successes of the last m rounds are
+    tested against what the older counts expect of the positions those rounds reached (G
+    statistic, chi-square with 1 dof, scaled by n_older / (n_older + n) for the older estimate's
+    own uncertainty; lumping the positions into one binomial is conservative). If the largest G
+    exceeds `shift_g`, the counts are rebuilt from those m rounds alone, the best guess of what
+    came after the change. Testing against the older counts only matters: tested against an
+    estimate that absorbs each new round, a shift chases itself and is never called.
+    """
+
+    SHIFT_WINDOW = 16  # recent rounds kept apart and searched for a change point
+    # a shift needs this many positions reached after it: G is anti-conservative on a handful of
+    # trials at extreme rates (4 rejections in a row at p = 0.9 would already count)
+    SHIFT_MIN_TRIALS = 8
+
+    def __init__(
+        self,
+        alpha_prior: float,
+        alpha_weight: float,
+        position_weight: float,
+        decay: float,
+        shift_g: float,
+    ) -> None:
+        self.alpha_prior = alpha_prior
+        self.alpha_weight = alpha_weight
+        self.position_weight = position_weight
+        self.decay = decay
+        self.shift_g = shift_g
+        self.older = _Counts()  # rounds that have left the window, forgotten by `decay`
+        self.recent: deque[tuple[int, int]] = deque()  # (k, accepted), oldest first
+        self.g = 0.0  # largest G of the last update
+        self.shifts = 0
+
+    def _counts(self) -> _Counts:
+        counts = self.older.copy()
+        for k, accepted in self.recent:
+            counts.add(k, accepted)
+        return counts
+
+    @property
+    def trials(self) -> float:
+        """Forgotten count of positions reached: the weight of evidence behind the estimate."""
+        return self._counts().totals()[0]
+
+    def pooled(self) -> float:
+        """Acceptance rate over all positions (the alpha of the i.i.d. model)."""
+        return self._pooled(self._counts())
+
+    def probs(self, k: int) -> list[float]:
+        """Estimated acceptance probabilities of positions 1..k."""
+        return self._probs(self._counts(), k)
+
+    def _pooled(self, counts: _Counts) -> float:
+        n, s = counts.totals()
+        return (s + self.alpha_weight * self.alpha_prior) / (n + self.alpha_weight)
+
+    def _probs(self, counts: _Counts, k: int) -> list[float]:
+        pooled = self._pooled(counts)
+        # continuation rate: positions >= 2, shrunk towards the pooled rate
+        later_n, later_s = sum(counts.reached[1:]), sum(counts.accepted[1:])
+        later = (later_s + self.alpha_weight * pooled) / (later_n + self.alpha_weight)
+        w = self.position_weight
+        out = []
+        for i in range(k):
+            prior = pooled if i == 0 else later
+            if i < len(counts.reached):
+                out.append((counts.accepted[i] + w * prior) / (counts.reached[i] + w))
+            else:
+                out.append(prior)
+        return out
+
+    def upper(self, k: int) -> list[float]:
+        """`probs(k)` raised by one standard error of the pooled rate: an optimistic estimate."""
+        counts = self._counts()
+        n = counts.totals()[0] + self.alpha_weight
+        pooled = self._pooled(counts)
+        up = math.sqrt(pooled * (1.0 - pooled) / n)
+        return [min(p + up, 1.0) for p in self._probs(counts, k)]
+
+    @property
+    def pending(self) -> bool:
+        """The recent rounds disagree with the estimate, though not yet enough to call a shift."""
+        return self.g > self.shift_g / 4.0
+
+    def settled(self, max_trials: float) -> AcceptanceEstimator:
+        """A copy for a new session: every round in the older counts, scaled down to at most
+        `max_trials` positions reached (so the new session's own rounds can overrule what earlier
+        sessions saw, on a text of another kind), no shift pending."""
+        out = copy.deepcopy(self)
+        counts = out._counts()
+        n = counts.totals()[0]
+        if n > max_trials:
+            counts.scale(max_trials / n)
+        out.older, out.recent, out.g = counts, deque(), 0.0
+        return out
+
+    def update(self, k: int, accepted: int) -> None:
+        if len(self.recent) == self.SHIFT_WINDOW:
+            self.older.add(*self.recent.popleft(), decay=self.decay)
+        self.recent.append((k, accepted))
+        expect = self._probs(self.older, max(km for km, _ in self.recent))
+        n_older = self.older.totals()[0] + self.alpha_weight
+        n = s = expected = 0.0
+        self.g, since = 0.0, 0
+        for m, (km, am) in enumerate(reversed(self.recent), 1):
+            reached = min(am + 1, km)
+            n += reached
+            s += am
+            expected += sum(expect[:reached])
+            # the older estimate is uncertain too: the variance of a difference of two rates
+            # scales the statistic by n_older / (n_older + n)
+            g = _bernoulli_g(n, s, expected / n) * n_older / (n_older + n)
+            if g > self.g and n >= self.SHIFT_MIN_TRIALS:
+                self.g, since = g, m
+        if self.g > self.shift_g:
+            self.older, kept = _Counts(), list(self.recent)[-since:]
+            for km, am in kept:
+                self.older.add(km, am)
+            self.recent.clear()
+            self.g = 0.0
+            self.shifts += 1
+            logger.info("acceptance shifted to %.2f (last %d rounds)", self.pooled(), since)

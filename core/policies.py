@@ -1,0 +1,174 @@
+"""What crosses the policy boundary, and the baseline policies.
+
+Per session the edge asks its `DraftLengthPolicy` for a `Decision` before each round (a
+speculative round of k draft tokens, or a chunk of cloud-only decoding, where the verifier decodes
+alone and streams its tokens) and tells it what the round cost (`RoundObservation`) once the
+verdict is in. `FixedPolicy`, `HeuristicPolicy` (k += 2 when a block is accepted whole, k -= 1
+otherwise) and `CloudOnlyPolicy` (the verifier decodes alone) are the baselines the adaptive
+policy (`edgespec.core.adaptive`) is compared against; `edgespec.core.registry` builds any of
+them by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from edgespec.core.cost_model import K_LIMIT
+from edgespec.core.validation import check_int, check_ms
+
+Mode = Literal["speculative", "cloud_only"]
+SPECULATIVE: Mode = "speculative"
+CLOUD_ONLY: Mode = "cloud_only"
+
+
+@dataclass(frozen=True)
+class RoundObservation:
+    """What the edge measured for one round (or one cloud-only step), fed to `observe`.
+
+    Speculative round: `k` >= 1 draft tokens, `accepted` of them accepted; it commits
+    accepted + 1 tokens. `network_ms` is the round's wall time from sending the block to receiving
+    the verdict, less `verify_ms` and `queue_ms` (both reported by the verifier), i.e. the RTT plus
+    serialisation.
+
+    Cloud-only step: `cloud_only=True`, k = accepted = 0, `tokens` >= 1 streamed tokens;
+    `verify_ms` is the verifier's compute for all of them, `queue_ms` their total wait, and
+    `network_ms` whatever wall time the compute does not explain (about one RTT for the first step
+    of a stream, about 0 after).
+    """
+
+    k: int  # draft tokens in the block (0 for a cloud-only step)
+    accepted: int  # draft tokens accepted, 0..k
+    draft_ms: float  # edge time spent drafting the whole block
+    verify_ms: float  # verifier compute for the round
+    network_ms: float  # round wall - verify - queue
+    queue_ms: float = 0.0  # time the block waited at the verifier before its forward
+    cloud_only: bool = False  # this was a cloud-only decode step, not a speculative round
+    tokens: int | None = None  # tokens committed; None => accepted + 1 (speculative) or 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cloud_only, bool):
+            raise ValueError(f"cloud_only must be a bool, got {self.cloud_only!r}")
+        for name in ("draft_ms", "verify_ms", "network_ms", "queue_ms"):
+            object.__setattr__(self, name, check_ms(name, getattr(self, name)))
+        if self.cloud_only:
+            check_int("k", self.k, 0, 0)
+            check_int("accepted", self.accepted, 0, 0)
+            tokens = 1 if self.tokens is None else check_int("tokens", self.tokens, 1)
+        else:
+            k = check_int("k", self.k, 1, K_LIMIT)
+            accepted = check_int("accepted", self.accepted, 0, k)
+            tokens = accepted + 1
+            if self.tokens is not None and self.tokens != tokens:
+                raise ValueError(
+                    f"tokens must equal accepted + 1 = {tokens} for a speculative round, "
+                    f"got {self.tokens!r}"
+                )
+        object.__setattr__(self, "tokens", tokens)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the edge does next.
+
+    `speculative`: draft `k` >= 1 tokens and send them for verification. `cloud_only`: ask the
+    verifier to decode `stream_tokens` tokens on its own and stream them (k = 0), then ask again.
+    `probe` marks an exploration round (a k or a mode other than the one the policy currently
+    judges best, chosen to keep its estimates fresh); it is reported, never required to be acted
+    on differently.
+    """
+
+    mode: Mode
+    k: int
+    stream_tokens: int = 0  # cloud_only: tokens to stream before asking again; else 0
+    probe: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode == SPECULATIVE:
+            check_int("k", self.k, 1, K_LIMIT)
+            check_int("stream_tokens", self.stream_tokens, 0, 0)
+        elif self.mode == CLOUD_ONLY:
+            check_int("k", self.k, 0, 0)
+            check_int("stream_tokens", self.stream_tokens, 1)
+        else:
+            raise ValueError(f"mode must be 'speculative' or 'cloud_only', got {self.mode!r}")
+        if not isinstance(self.probe, bool):
+            raise ValueError(f"probe must be a bool, got {self.probe!r}")
+
+
+@runtime_checkable
+class DraftLengthPolicy(Protocol):
+    """Per session: `choose` before each round, `observe` once its verdict is in.
+
+    `observe` takes any round, including one the policy did not choose (e.g. a block drafted
+    ahead); policies never assume the two calls alternate.
+    """
+
+    def choose(self) -> Decision: ...
+
+    def observe(self, obs: RoundObservation) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# baseline policies
+
+
+class FixedPolicy:
+    """Always drafts `k` tokens; ignores what it observes."""
+
+    def __init__(self, k: int = 4) -> None:
+        self.k = check_int("k", k, 1, K_LIMIT)
+
+    def choose(self) -> Decision:
+        return Decision(SPECULATIVE, self.k)
+
+    def observe(self, obs: RoundObservation) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"FixedPolicy(k={self.k})"
+
+
+class HeuristicPolicy:
+    """The acceptance heuristic: k += 2 after a block accepted whole, k -= 1 after any rejection,
+    within [k_min, k_max]. It reacts to acceptance only and never sees the link."""
+
+    def __init__(self, k0: int = 4, k_min: int = 1, k_max: int = 16) -> None:
+        self.k_min = check_int("k_min", k_min, 1, K_LIMIT)
+        self.k_max = check_int("k_max", k_max, self.k_min, K_LIMIT)
+        self.k = check_int("k0", k0, self.k_min, self.k_max)
+
+    def choose(self) -> Decision:
+        return Decision(SPECULATIVE, self.k)
+
+    def observe(self, obs: RoundObservation) -> None:
+        if obs.cloud_only:
+            return
+        if obs.accepted == obs.k:
+            self.k = min(self.k + 2, self.k_max)
+        else:
+            self.k = max(self.k - 1, self.k_min)
+
+    def __repr__(self) -> str:
+        return f"HeuristicPolicy(k={self.k}, k_min={self.k_min}, k_max={self.k_max})"
+
+
+STREAM_ALL = 1 << 20  # CloudOnlyPolicy's default chunk: more than any generation, i.e. one stream
+
+
+class CloudOnlyPolicy:
+    """The cloud-only baseline: the verifier decodes alone and streams, `stream_tokens` tokens per
+    request (the edge clips a chunk to the tokens left, so the default is one stream for the
+    whole generation, paying one RTT). Drafts nothing; ignores what it observes."""
+
+    def __init__(self, stream_tokens: int = STREAM_ALL) -> None:
+        self.stream_tokens = check_int("stream_tokens", stream_tokens, 1)
+
+    def choose(self) -> Decision:
+        return Decision(CLOUD_ONLY, 0, stream_tokens=self.stream_tokens)
+
+    def observe(self, obs: RoundObservation) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"CloudOnlyPolicy(stream_tokens={self.stream_tokens})"
