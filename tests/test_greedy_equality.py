@@ -11,7 +11,9 @@ import pytest
 import torch
 from _tiny_models import FAMILIES, hf_greedy, perturbed, tiny_model
 
-from edgespec.core import ModelRunner, SamplingParams, generate, generate_autoregressive
+from edgespec.core.generate import generate, generate_autoregressive
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
 
 N_NEW = 21  # not a multiple of k+1 for most k: the limit falls inside a round's natural block
 PROMPT_LENS = (1, 7, 30)

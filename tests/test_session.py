@@ -10,20 +10,14 @@ import pytest
 import torch
 from _tiny_models import FAMILIES, perturbed, tiny_model
 
-from edgespec.core import (
-    DraftBlock,
-    Drafter,
-    DraftProbs,
-    ModelRunner,
-    SamplingParams,
-    StaleBlockError,
-    Verdict,
-    Verifier,
-    generate_autoregressive,
-    logits_to_probs,
-    verify,
-)
-from edgespec.core.runner import cache_argument
+from edgespec.core.drafter import Drafter
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.params import SamplingParams
+from edgespec.core.rejection import DraftProbs, verify
+from edgespec.core.runner import ModelRunner, cache_argument
+from edgespec.core.sampling import logits_to_probs
+from edgespec.core.session import DraftBlock, StaleBlockError, Verdict
+from edgespec.core.verifier import Verifier
 
 V = 160
 

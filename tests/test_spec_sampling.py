@@ -14,13 +14,10 @@ import torch
 from _tiny_models import tiny_model
 from scipy.stats import chisquare
 
-from edgespec.core import (
-    ModelRunner,
-    SamplingParams,
-    generate,
-    generate_autoregressive,
-    logits_to_probs,
-)
+from edgespec.core.generate import generate, generate_autoregressive
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
+from edgespec.core.sampling import logits_to_probs
 
 V = 24
 N_SAMPLES = 500
