@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from edgespec.core.profiles import profile_names
-from edgespec.edge.engine import POLICIES, EdgeEngine, EngineConfig
-from edgespec.edge.link import LinkConfig
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.engine import POLICIES, EdgeEngine
 from edgespec.edge.service import TlsFiles, serve
 from edgespec.serving.metrics import EdgeMetrics
 from edgespec.serving.server_cli import add_runtime_args, apply_threads, run_until_signal

@@ -23,9 +23,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgespec.core.params import SamplingParams
-from edgespec.edge.engine import EdgeEngine, EdgeError
-from edgespec.edge.link import MAX_MESSAGE_BYTES
+from edgespec.edge.channels import MAX_MESSAGE_BYTES
+from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import EdgeStats, SummaryEvent, TokensEvent
+from edgespec.edge.recovery import EdgeError
 from edgespec.protos.convert import FieldError, params_from_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc

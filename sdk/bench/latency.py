@@ -100,8 +100,8 @@ from edgespec.core.controller import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import get_profile, make_runner
-from edgespec.edge.engine import POLICIES, EdgeEngine, EngineConfig
-from edgespec.edge.link import LinkConfig
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.engine import POLICIES, EdgeEngine
 from edgespec.edge.records import RoundRecord, SummaryEvent
 from edgespec.linkemu import LinkEmulator, LinkProfile
 

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 from edgespec.core.params import SamplingParams
-from edgespec.edge.engine import EdgeEngine, EngineConfig
-from edgespec.edge.link import LinkConfig
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import RoundRecord, SummaryEvent
 from edgespec.linkemu import LinkEmulator, LinkProfile
 
