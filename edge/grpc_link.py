@@ -35,6 +35,7 @@ from edgespec.edge.addresses import (
 )
 from edgespec.edge.channels import ChannelPool, LoopPool
 from edgespec.edge.config import LinkConfig
+from edgespec.edge.grpc_codes import CONNECTION_CODES, RETRYABLE_CODES
 from edgespec.edge.verifier_link import LinkError, LinkFactory, Reply, SessionInfo, VerifierLink
 from edgespec.protos.convert import block_to_proto, params_to_proto, verdict_from_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
@@ -44,32 +45,6 @@ logger = logging.getLogger(__name__)
 
 VERIFY_STREAM_METHOD = "/edgespec.v1.Verifier/VerifyStream"
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc's type stubs
-
-# Status codes after which reopening the session (same or another verifier) may succeed: the
-# connection or the verifier failed, the session was reaped, or this verifier is full / has
-# another model. Everything else (INVALID_ARGUMENT, UNAUTHENTICATED, ...) would fail again.
-RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-# Codes that say the connection itself is suspect: the channel is replaced by a fresh one.
-_CONNECTION_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-    }
-)
 
 
 class _ByteCounter:
@@ -397,7 +372,7 @@ class GrpcVerifierLink(VerifierLink):
     ) -> LinkError:
         address = self.address
         retryable = code is None or code in RETRYABLE_CODES
-        self._abandon(discard_channel=code in _CONNECTION_CODES)
+        self._abandon(discard_channel=code in CONNECTION_CODES)
         logger.info("verifier %s: %s", address, message)
         return LinkError(
             f"verifier {address}: {message}",
@@ -417,10 +392,10 @@ class GrpcVerifierLink(VerifierLink):
         code = err.code()
         details = err.details() or ""
         if rpc == "OpenSession":
-            if channel is not None and code in _CONNECTION_CODES:
+            if channel is not None and code in CONNECTION_CODES:
                 self._pool.discard(address, channel)
         else:
-            self._abandon(discard_channel=code in _CONNECTION_CODES)
+            self._abandon(discard_channel=code in CONNECTION_CODES)
         logger.info("verifier %s: %s failed: %s %s", address, rpc, code.name, details)
         return LinkError(
             f"verifier {address}: {rpc} failed: {code.name}: {details}",

@@ -23,12 +23,16 @@ from typing import Protocol
 
 from edgespec.core.params import SamplingParams
 from edgespec.core.session import DraftBlock, Verdict
-from edgespec.edge.verifier_link import LinkError, LinkFactory, Reply, SessionInfo, VerifierLink
+from edgespec.edge.verifier_link import (
+    RETRYABLE_STATUSES,
+    LinkError,
+    LinkFactory,
+    Reply,
+    SessionInfo,
+    VerifierLink,
+)
 
 logger = logging.getLogger(__name__)
-
-# Status names after which reopening a session may succeed (as the gRPC link's RETRYABLE_CODES).
-_RETRYABLE = frozenset({"NOT_FOUND", "RESOURCE_EXHAUSTED", "INTERNAL"})
 
 
 class OpenedSession(Protocol):
@@ -214,7 +218,7 @@ class InProcessVerifierLink(VerifierLink):
             f"verifier {self.name}: {call} failed: {code}: {err}",
             address=self.name,
             code=code,
-            retryable=code in _RETRYABLE,
+            retryable=code in RETRYABLE_STATUSES,
             details=str(err),
         )
 

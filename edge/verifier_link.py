@@ -22,6 +22,22 @@ from edgespec.core.params import SamplingParams
 from edgespec.core.session import DraftBlock, Verdict
 from edgespec.edge.round_timing import RoundTiming, round_timing
 
+# Status names after which reopening the session (same or another verifier) may succeed: the
+# connection or the verifier failed, the session was reaped, or this verifier is full / has
+# another model. Everything else (INVALID_ARGUMENT, UNAUTHENTICATED, ...) would fail again.
+RETRYABLE_STATUSES = frozenset(
+    {
+        "UNAVAILABLE",
+        "DEADLINE_EXCEEDED",
+        "CANCELLED",
+        "UNKNOWN",
+        "INTERNAL",
+        "ABORTED",
+        "NOT_FOUND",
+        "RESOURCE_EXHAUSTED",
+    }
+)
+
 
 class LinkError(Exception):
     """A verifier call failed.
