@@ -150,3 +150,10 @@ def test_one_round_by_hand(draft, target, verifier):
     assert verdict.committed_len == len(PROMPT) + len(new) == len(drafter.committed)
     assert timing.bytes_sent == 0 and timing.wall_ms >= timing.verify_ms >= 0.0
     assert verifier.stats().sessions == 0
+
+
+def test_an_unknown_default_policy_is_refused_when_the_engine_is_built(draft, verifier):
+    with pytest.raises(ValueError, match="default_policy must be one of"):
+        EdgeEngine(
+            draft[0], draft[1], InProcessLinks(verifier), config=EngineConfig(default_policy="nope")
+        )
