@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, RoundObservation
-from edgespec.edge.link import RoundTiming
+from edgespec.edge.round_timing import RoundTiming
 
 
 @dataclass(frozen=True)

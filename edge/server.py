@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from edgespec.core.profiles import profile_names
 from edgespec.core.registry import policy_names
-from edgespec.edge.engine import EdgeEngine, EngineConfig
-from edgespec.edge.link import LinkConfig
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.service import serve
 from edgespec.serving.edge_metrics import EdgeMetrics
 from edgespec.serving.server_options import add_runtime_args, apply_threads, run_until_signal
@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verifier-token", help="bearer token sent to the verifiers")
     ap.add_argument("--verifier-tls-ca", help="PEM root certificate to trust for the verifiers")
     ap.add_argument("--model-id", default="", help="model the verifiers must serve ('' = any)")
-    ap.add_argument("-k", "--draft-tokens", type=int, default=4, help="default draft length")
+    ap.add_argument(
+        "-k",
+        "--draft-tokens",
+        type=int,
+        default=EngineConfig().default_k,
+        help="default draft length",
+    )
     ap.add_argument(
         "--policy",
         default=EngineConfig().default_policy,
@@ -68,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=profile_names(),
         help="pad draft forwards to this profile's modelled times (default: real = no padding)",
     )
-    ap.add_argument("--max-sessions", type=int, default=64)
+    ap.add_argument("--max-sessions", type=int, default=EngineConfig().max_sessions)
     ap.add_argument(
         "--trace-dir", default=None, help="write a msgpack per-round trace of each generation here"
     )
-    ap.add_argument("--round-timeout-s", type=float, default=10.0)
+    ap.add_argument("--round-timeout-s", type=float, default=LinkConfig().round_timeout_s)
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     ap.add_argument("-v", "--verbose", action="store_true")
     add_runtime_args(ap)
@@ -83,7 +89,7 @@ async def _main(args: argparse.Namespace) -> int:
     apply_threads(args)
     link_config = LinkConfig(
         token=args.verifier_token,
-        tls_root_cert=args.verifier_tls_ca,
+        tls=TlsConfig(ca_cert=args.verifier_tls_ca) if args.verifier_tls_ca else None,
         model_id=args.model_id,
         round_timeout_s=args.round_timeout_s,
     )

@@ -17,13 +17,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import _async as health_aio  # health.aio at runtime; the stubs lack it
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgespec.core.params import SamplingParams
-from edgespec.edge.engine import EdgeEngine, EdgeError
-from edgespec.edge.link import MAX_MESSAGE_BYTES
+from edgespec.edge.channels import MAX_MESSAGE_BYTES
+from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import EdgeStats, SummaryEvent, TokensEvent
+from edgespec.edge.recovery import EdgeError
 from edgespec.protos.convert import FieldError, params_from_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
@@ -154,7 +156,7 @@ class RunningEdgeServer:
     server: grpc.aio.Server
     port: int
     engine: EdgeEngine
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, let running sessions finish for `grace` s, close the engine."""
@@ -186,7 +188,7 @@ async def serve(
         ],
     )
     pb_grpc.add_EdgeServicer_to_server(EdgeServicer(engine, metrics), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -14,14 +14,20 @@ Written by the edge engine after each generation when `EngineConfig.trace_dir` i
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from edgespec.edge.link import RoundTiming
-from edgespec.edge.records import RoundRecord
+from edgespec.core.params import SamplingParams
+from edgespec.edge.records import EdgeStats, RoundRecord
+from edgespec.edge.round_timing import RoundTiming
+
+logger = logging.getLogger(__name__)
 
 TRACE_FORMAT = "edgespec-round-trace"
 TRACE_VERSION = 1
@@ -68,3 +74,30 @@ def read_trace(path: str | Path) -> tuple[dict[str, Any], list[RoundRecord]]:
             f"{path}: header says {header['rounds']} rounds, file holds {len(records)}"
         )
     return header, records
+
+
+def write_generation_trace(
+    folder: str | Path,
+    stats: EdgeStats,
+    params: SamplingParams,
+    finish_reason: str,
+    n_tokens: int,
+) -> Path | None:
+    """One trace file per generation in `folder` (created if needed), named by time and a
+    random suffix; returns its path. A failure to write is logged and answers None, never
+    raised: the generation itself succeeded."""
+    folder = Path(folder)
+    path = folder / f"trace-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.msgpack"
+    meta = {
+        "params": params.to_dict(),
+        "finish_reason": finish_reason,
+        "tokens": n_tokens,
+        "policy": stats.policy,
+        "verifier": stats.verifier,
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return write_trace(path, stats.round_records, meta)
+    except (OSError, TypeError, ValueError) as err:
+        logger.warning("could not write the round trace %s: %s", path, err)
+        return None

@@ -4,7 +4,7 @@
 - `orchestrator.registry`: endpoints, health, load, least-loaded session assignment, draining
   (plain Python, no Ray); `orchestrator.health`: the gRPC health checks that feed it.
 - Actors, thin async shims around plain classes: `orchestrator.verifier_actor` (`VerifierActor`
-  on ``cloud`` nodes, around ``cloud/``'s engine), `orchestrator.actors` (`EdgeActor` on ``edge``
+  on ``cloud`` nodes, around ``cloud/``'s engine), `orchestrator.edge_actor` (`EdgeActor` on ``edge``
   nodes, around ``edge/``'s engine), `orchestrator.orchestrator_actor` (the named
   `OrchestratorActor`, around the registry and the health checks); `orchestrator.endpoint_actor`
   is what the two model actors share (start, serve, register with the orchestrator).

@@ -22,8 +22,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from edgespec.core.validation import check_float, check_int
-from edgespec.orchestrator.actors import EdgeActor, EdgeSpec
+from edgespec.edge.config import EngineConfig
 from edgespec.orchestrator.connection import get_orchestrator
+from edgespec.orchestrator.edge_actor import EdgeActor, EdgeSpec
 from edgespec.orchestrator.names import (
     CLOUD_RESOURCE,
     EDGE_RESOURCE,
@@ -84,20 +85,26 @@ class DeploySpec:
         verifiers: int = 2,
         edges: int = 2,
         link: dict[str, Any] | None = None,
-        default_k: int = 4,
-        default_policy: str = "fixed",
+        default_k: int | None = None,
+        default_policy: str | None = None,
         compute_profile: str = "real",
         **kwargs: Any,
     ) -> DeploySpec:
         """A spec from the two checkpoint folders and the usual knobs (`compute_profile`: the
-        `edgespec.core.profiles` name both roles run under)."""
+        `edgespec.core.profiles` name both roles run under; `default_k` / `default_policy`
+        None: the edge engine's defaults)."""
+        engine = EngineConfig()
+        engine = replace(
+            engine,
+            default_k=default_k if default_k is not None else engine.default_k,
+            default_policy=default_policy if default_policy is not None else engine.default_policy,
+        )
         return cls(
             verifier=VerifierSpec(target_path=str(target_path), compute_profile=compute_profile),
             edge=EdgeSpec(
                 draft_path=str(draft_path),
                 link=link,
-                default_k=default_k,
-                default_policy=default_policy,
+                engine=engine,
                 compute_profile=compute_profile,
             ),
             verifiers=verifiers,

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 import ray
 
@@ -112,7 +112,7 @@ class EndpointActor:
         metrics, server = serve_metrics(metrics_cls, port, host=BIND_HOST)
         self.metrics_url = f"http://{ray.util.get_node_ip_address()}:{server.port}/metrics"
         logger.info("%s: metrics on %s", self.name, self.metrics_url)
-        return cast(MetricsT, metrics)  # serve_metrics builds an instance of metrics_cls
+        return metrics
 
     async def ready(self) -> dict[str, Any]:
         """Wait until the endpoint serves (raises what the start raised); returns `info()`."""

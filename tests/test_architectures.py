@@ -17,12 +17,13 @@ import torch
 import transformers
 from conftest import VerifierServerThread, build_tiny_tokenizer, make_draft
 
-from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
+from edgespec.cloud.verifier import VerifierEngine
+from edgespec.cloud.verifier_types import VerifierConfig
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from edgespec.edge.engine import EdgeEngine, EngineConfig
-from edgespec.edge.link import LinkConfig
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import SummaryEvent, TokensEvent
 
 WINDOW = 8  # sliding window of the windowed architectures: far shorter than prompt + output

@@ -30,9 +30,13 @@ from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs
-from edgespec.edge.engine import EdgeEngine, EdgeError, EngineConfig, _TextStream
-from edgespec.edge.link import LinkConfig, LinkError, make_address_provider
+from edgespec.edge.addresses import make_address_provider
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.detokenize import TextStream
+from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import SummaryEvent, TokensEvent
+from edgespec.edge.recovery import EdgeError
+from edgespec.edge.verifier_link import LinkError
 from edgespec.linkemu import LinkEmulator, LinkProfile
 from edgespec.protos.convert import params_to_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
@@ -394,8 +398,7 @@ def test_tls_and_the_verifiers_block_limit(draft, target, tmp_path):
             engine = make_engine(
                 draft,
                 [f"127.0.0.1:{running.port}"],
-                tls_root_cert=cert,
-                tls_server_name="localhost",
+                tls=TlsConfig(ca_cert=cert, server_name="localhost"),
             )
             return await run_collecting(engine, prompt, params, k=6)
         finally:
@@ -530,7 +533,7 @@ def test_text_stream_holds_back_split_characters(draft):
     tokenizer = draft[1]
     text = "naïve café ✓ done"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    stream = _TextStream(tokenizer)
+    stream = TextStream(tokenizer)
     pieces = [stream.push([t]) for t in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)

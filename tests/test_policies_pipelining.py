@@ -47,9 +47,11 @@ from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs
 from edgespec.core.session import DraftBlock
 from edgespec.core.verifier import Verifier
-from edgespec.edge.engine import EdgeEngine, EngineConfig
-from edgespec.edge.link import LinkConfig, RoundTiming, VerifierLink
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.engine import EdgeEngine
+from edgespec.edge.grpc_link import GrpcVerifierLink
 from edgespec.edge.records import RoundRecord, SummaryEvent, TokensEvent, observation_from_record
+from edgespec.edge.round_timing import RoundTiming
 from edgespec.linkemu import LinkEmulator, LinkProfile
 from edgespec.protos.convert import block_to_proto, params_to_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
@@ -258,7 +260,7 @@ def test_open_session_measures_the_rtt_on_a_connected_channel(emulator):
     channel (whose connection setup costs extra round trips)."""
 
     async def body() -> tuple:
-        link = VerifierLink([emulator.address], LinkConfig(round_timeout_s=DEADLINE_S))
+        link = GrpcVerifierLink([emulator.address], LinkConfig(round_timeout_s=DEADLINE_S))
         try:
             fresh = await link.open(PROMPTS[0], SamplingParams(max_new_tokens=4))
             again = await link.open(PROMPTS[0], SamplingParams(max_new_tokens=4))
@@ -285,7 +287,7 @@ def test_cloud_only_streams_keep_the_link_estimates_current(draft, emulator):
             summary = await engine.collect(PROMPTS[0], params, policy=chunks)
             assert summary.stats.drafted == 0 and summary.stats.cloud_only_tokens == 40
             memory = engine._link_memory[(summary.stats.verifier, "greedy")]
-            link = VerifierLink([emulator.address], LinkConfig(round_timeout_s=DEADLINE_S))
+            link = GrpcVerifierLink([emulator.address], LinkConfig(round_timeout_s=DEADLINE_S))
             try:
                 assert await link.ping() is None  # no session, no connection to time
                 await link.open(PROMPTS[0], params)

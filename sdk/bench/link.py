@@ -38,8 +38,8 @@ import torch
 from edgespec.bench.processes import torch_threads, verifier_process
 from edgespec.core.params import SamplingParams
 from edgespec.core.validation import check_int
-from edgespec.edge.engine import EdgeEngine, EngineConfig
-from edgespec.edge.link import LinkConfig
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import RoundRecord, SummaryEvent
 from edgespec.linkemu import LinkEmulator, LinkProfile
 

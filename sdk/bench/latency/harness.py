@@ -13,8 +13,8 @@ from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import get_profile, make_runner
 from edgespec.core.runner import ModelRunner
-from edgespec.edge.engine import EdgeEngine, EngineConfig
-from edgespec.edge.link import LinkConfig
+from edgespec.edge.config import EngineConfig, LinkConfig
+from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import SummaryEvent
 from edgespec.linkemu import LinkEmulator, LinkProfile
 

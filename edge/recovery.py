@@ -1,0 +1,104 @@
+"""What the edge does when a link fails: reopen the session after a backoff, or give up.
+
+The edge owns the committed tokens (`edgespec.core.session.Drafter`); the verifier's KV cache is
+only a cache. When the link fails (verifier down, connection reset, stream broken, round deadline
+passed, session reaped), the session opens a new one on the same or the next verifier with the
+committed prefix and resends the pending block: nothing is lost and the output is unchanged.
+Greedy output is token-for-token what the target alone produces. With sampling, the new session's
+generator starts afresh (seeded from the session seed and the number of tokens generated), so a
+reconnect changes which sample is drawn but not its distribution: exactness in distribution holds
+because every round's randomness is independent of the outcome of earlier ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from edgespec.core.params import SamplingParams
+from edgespec.edge.config import EngineConfig
+from edgespec.edge.records import EdgeStats
+from edgespec.edge.verifier_link import LinkError, SessionInfo, VerifierLink
+
+logger = logging.getLogger(__name__)
+
+
+class EdgeError(Exception):
+    """Generation could not complete. `code` is a gRPC status name for the service to answer
+    ('UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'INVALID_ARGUMENT', 'FAILED_PRECONDITION', ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def edge_code(verifier_code: str) -> str:
+    """Status the edge answers for a verifier's non-retryable refusal."""
+    if verifier_code in ("INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"):
+        return verifier_code
+    # UNAUTHENTICATED / PERMISSION_DENIED etc.: the edge's own setup is wrong, not the caller's.
+    return "UNAVAILABLE"
+
+
+class Recovery:
+    """Bounded retries with exponential backoff (`EngineConfig.max_retries`, `backoff_*_s`), and
+    the check that an opened session fits the draft (`vocab_size`)."""
+
+    def __init__(self, config: EngineConfig, vocab_size: int) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+
+    async def after_failure(
+        self, err: LinkError, attempts: int, stats: EdgeStats, what: str
+    ) -> None:
+        """Raise `EdgeError` when `err` is final or retries are spent; else back off."""
+        if not err.retryable:
+            raise EdgeError(edge_code(err.code or "INTERNAL"), str(err)) from err
+        if attempts > self.config.max_retries:
+            raise EdgeError(
+                "UNAVAILABLE",
+                f"{what}: no verifier answered after {attempts} attempts; last error: {err}",
+            ) from err
+        stats.reconnects += 1
+        delay = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** (attempts - 1))
+        logger.warning(
+            "%s failed (%s); reopening the session in %.2f s (attempt %d of %d)",
+            what,
+            err,
+            delay,
+            attempts + 1,
+            self.config.max_retries + 1,
+        )
+        await asyncio.sleep(delay)
+
+    def check_session(self, session: SessionInfo, params: SamplingParams) -> None:
+        """Raise a final `LinkError` when sampling would need one vocabulary and has two."""
+        if not params.is_greedy and session.vocab_size != self.vocab_size:
+            raise LinkError(
+                f"verifier {session.address} has vocab_size {session.vocab_size}, the draft "
+                f"{self.vocab_size}: sampling needs one vocabulary",
+                address=session.address,
+                code=None,
+                retryable=False,
+            )
+
+    async def open(
+        self,
+        link: VerifierLink,
+        committed: list[int],
+        params: SamplingParams,
+        *,
+        generated: int,
+        next_seq: int,
+        stats: EdgeStats,
+    ) -> None:
+        """Open the session on the link (retrying on the next verifiers like a round does)."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                session = await link.open(committed, params, generated=generated, next_seq=next_seq)
+                self.check_session(session, params)
+                return
+            except LinkError as err:
+                await self.after_failure(err, attempts, stats, "opening the session")
