@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from edgespec.core.validation import check_int, is_int
 
@@ -35,8 +35,29 @@ def cache_argument(model: PreTrainedModel) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+# Attention kinds whose keys/values a plain (full) `DynamicCache` layer holds exactly: the kind
+# only changes the attention mask, which the model builds from its config, not from the cache.
+_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+ROLLBACK_MODES = ("auto", "crop", "recompute")
+
+
+def _full_cache_fits(model: PreTrainedModel) -> bool:
+    """Whether every layer of `model` is attention that a full `DynamicCache` can hold (no
+    recurrent or linear-attention state, which has no per-token entries to crop)."""
+    layer_types = getattr(model.config.get_text_config(), "layer_types", None)
+    return layer_types is None or set(layer_types) <= _ATTENTION_LAYER_TYPES
+
+
 class ModelRunner:
-    """Runs one HF `AutoModelForCausalLM` for ONE sequence with its KV cache (a `DynamicCache`).
+    """Runs one HF `AutoModelForCausalLM` for ONE sequence with its KV cache.
+
+    The cache is a `DynamicCache` of full layers for every attention model, sliding-window and
+    hybrid ones included: a sliding-window layer that drops old positions cannot be rolled back
+    once the window has filled (transformers refuses to crop it), while a full layer can, and the
+    window still applies through the attention mask. The price is memory: a sliding layer keeps
+    the whole sequence instead of its window. A model with other state (recurrent, linear
+    attention) builds its own cache; a rollback then re-runs the kept tokens from scratch
+    (`rollback_mode`): exact, at the cost of one forward over the prefix.
 
     Invariants:
       - `length` is the number of tokens whose keys/values are in the cache; the next token fed is
@@ -48,8 +69,22 @@ class ModelRunner:
     Not thread-safe: one runner serves one sequence at a time.
     """
 
-    def __init__(self, model: PreTrainedModel, device: str | torch.device | None = None) -> None:
-        """Wrap `model` (put in eval mode). `device=None` keeps the model where it is."""
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        device: str | torch.device | None = None,
+        rollback_mode: str = "auto",
+    ) -> None:
+        """Wrap `model` (put in eval mode). `device=None` keeps the model where it is.
+
+        `rollback_mode`: "crop" drops rejected tokens from a full `DynamicCache` (any attention
+        model), "recompute" re-runs the kept tokens (any model: exact but one extra forward per
+        rollback), "auto" crops where the model is attention only and recomputes otherwise.
+        """
+        if rollback_mode not in ROLLBACK_MODES:
+            raise ValueError(
+                f"rollback_mode must be one of {ROLLBACK_MODES}, got {rollback_mode!r}"
+            )
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -71,6 +106,11 @@ class ModelRunner:
         self._cache: Cache | None = None  # created by the first forward
         self._cache_arg = cache_argument(model)
         self._length = 0
+        if rollback_mode == "auto":
+            rollback_mode = "crop" if _full_cache_fits(model) else "recompute"
+        self.rollback_mode = rollback_mode
+        # The tokens in the cache (1-D long, on `device`): what a recomputing rollback re-runs.
+        self._ids = torch.empty(0, dtype=torch.long, device=self.device)
 
     @classmethod
     def from_pretrained(
@@ -109,6 +149,7 @@ class ModelRunner:
         """Drop the whole cache (length becomes 0)."""
         self._cache = None
         self._length = 0
+        self._ids = self._ids[:0]
 
     def prefill(self, ids: TokenIds) -> Tensor:
         """Reset the cache and run `ids` (n >= 1 tokens) through the model in one forward.
@@ -135,11 +176,19 @@ class ModelRunner:
         if length == 0:
             self.reset()
             return
-        if self._cache is None or not getattr(self._cache, "is_croppable", True):
-            raise RuntimeError(f"{type(self.model).__name__}'s cache cannot be rolled back")
+        if self.rollback_mode == "recompute":
+            kept = self._ids[:length]
+            self.reset()
+            self._forward(kept, last_only=True)
+            return
+        if not isinstance(self._cache, DynamicCache) or not all(
+            type(layer) is DynamicLayer for layer in self._cache.layers
+        ):
+            raise RuntimeError(f"{type(self.model).__name__}'s cache cannot be cropped")
         # transformers >= 5 crops by a NEGATIVE count of tokens to remove (4.x accepts it too).
         self._cache.crop(length - self._length)
         self._length = length
+        self._ids = self._ids[:length]
 
     def _as_input(self, ids: TokenIds) -> Tensor:
         """Token ids -> (1, n) long tensor on the device, validated when given on the host."""
@@ -169,6 +218,9 @@ class ModelRunner:
         position_ids = torch.arange(
             self._length, self._length + n, device=self.device, dtype=torch.long
         ).view(1, -1)  # (1, n)
+        if self._cache is None and self.rollback_mode == "crop":
+            # No config: every layer a full one (see the class docstring).
+            self._cache = DynamicCache()
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -178,6 +230,7 @@ class ModelRunner:
             **{self._cache_arg: self._cache},
         )
         self._cache = getattr(out, self._cache_arg)
+        self._ids = torch.cat((self._ids, input_ids[0]))
         self._length += n
         self.forwards += 1
         return out.logits[0].float()  # (n, V) or (1, V)
