@@ -16,13 +16,13 @@ from typing import Any
 
 import ray
 
-from edgespec.core.validation import check_port
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.linkemu import LinkProfile
 from edgespec.orchestrator.edge_host import EmulatedLinks, OrchestratorAssigner
 from edgespec.orchestrator.endpoint_actor import (
     BIND_HOST,
     EndpointActor,
+    EndpointSpec,
     actor_device,
     register_endpoint,
 )
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EdgeSpec:
+class EdgeSpec(EndpointSpec):
     """What one edge serves and how it reaches the verifiers.
 
     Engine and link settings are the edge's own config classes (their defaults are the
@@ -45,21 +45,12 @@ class EdgeSpec:
     engine: EngineConfig = field(default_factory=EngineConfig)
     # how it reaches the verifiers: bearer token, deadlines (`LinkConfig`)
     link_config: LinkConfig = field(default_factory=LinkConfig)
-    token: str | None = None  # bearer token clients must send to the edge
     # Emulated WAN link between this edge and every verifier: an `edgespec.linkemu.LinkProfile`
     # as a dict (`LinkProfile.to_dict()`); None = direct connections.
     link: dict[str, Any] | None = None
-    port: int = 0
-    metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
-    # edgespec.core.profiles name: "real", or an emulated device that pads each draft forward
-    compute_profile: str = "real"
 
     def __post_init__(self) -> None:
-        from edgespec.core.profiles import get_profile  # torch: not at import time
-
-        get_profile(self.compute_profile)  # ValueError naming the known profiles
-        if self.metrics_port is not None:
-            check_port("metrics_port", self.metrics_port)
+        super().__post_init__()
         if not isinstance(self.draft_path, str) or not self.draft_path:
             raise ValueError(f"draft_path must be a non-empty str, got {self.draft_path!r}")
         if not isinstance(self.engine, EngineConfig):
@@ -68,7 +59,6 @@ class EdgeSpec:
             raise ValueError(
                 f"link_config must be a LinkConfig, got {type(self.link_config).__name__}"
             )
-        check_port("port", self.port)
         self.link_profile()  # validates
 
     def link_profile(self) -> LinkProfile | None:

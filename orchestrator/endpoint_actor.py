@@ -20,10 +20,13 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import ray
 
+from edgespec.core.profiles import get_profile
+from edgespec.core.validation import check_port
 from edgespec.orchestrator.names import NAMESPACE, ORCHESTRATOR_NAME
 from edgespec.serving.edge_metrics import EdgeMetrics
 from edgespec.serving.metrics import serve_metrics
@@ -32,6 +35,27 @@ from edgespec.serving.verifier_metrics import VerifierMetrics
 logger = logging.getLogger(__name__)
 
 BIND_HOST = "0.0.0.0"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointSpec:
+    """What every model actor's spec holds: how clients reach it and what it emulates.
+
+    Keyword-only, so that each role's spec keeps its own required fields first.
+    """
+
+    token: str | None = None  # bearer token its clients must send; None = no auth
+    port: int = 0  # gRPC port on the node; 0 = a free one
+    metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
+    # edgespec.core.profiles name: "real", or an emulated device that pads each forward
+    compute_profile: str = "real"
+
+    def __post_init__(self) -> None:
+        get_profile(self.compute_profile)  # ValueError naming the known profiles
+        check_port("port", self.port)
+        if self.metrics_port is not None:
+            check_port("metrics_port", self.metrics_port)
+
 
 # How long an actor keeps trying to reach the orchestrator when it (re)starts: the orchestrator
 # may itself be restarting.

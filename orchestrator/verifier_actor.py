@@ -17,11 +17,10 @@ import ray
 
 from edgespec.cloud.service import serve
 from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
-from edgespec.core.profiles import get_profile
-from edgespec.core.validation import check_port
 from edgespec.orchestrator.endpoint_actor import (
     BIND_HOST,
     EndpointActor,
+    EndpointSpec,
     actor_device,
     register_endpoint,
 )
@@ -32,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class VerifierSpec:
+class VerifierSpec(EndpointSpec):
     """What one verifier replica serves and how.
 
     The replica's limits are `config` (`VerifierConfig`: sessions, largest block, ...); its
@@ -41,21 +40,13 @@ class VerifierSpec:
 
     target_path: str  # target checkpoint folder, readable on the cloud nodes
     config: VerifierConfig = field(default_factory=VerifierConfig)
-    token: str | None = None  # bearer token the edges must send; None = no auth
-    port: int = 0  # gRPC port on the node; 0 = a free one
-    metrics_port: int | None = 0  # Prometheus /metrics port on the node; 0 = free, None = off
-    # edgespec.core.profiles name: "real", or an emulated device that pads each target forward
-    compute_profile: str = "real"
 
     def __post_init__(self) -> None:
-        get_profile(self.compute_profile)  # ValueError naming the known profiles
-        if self.metrics_port is not None:
-            check_port("metrics_port", self.metrics_port)
+        super().__post_init__()
         if not isinstance(self.target_path, str) or not self.target_path:
             raise ValueError(f"target_path must be a non-empty str, got {self.target_path!r}")
         if not isinstance(self.config, VerifierConfig):
             raise ValueError(f"config must be a VerifierConfig, got {self.config!r}")
-        check_port("port", self.port)
 
 
 class VerifierActor(EndpointActor):
