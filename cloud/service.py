@@ -3,9 +3,18 @@
 Each RPC converts protobuf -> domain objects (`edgespec.protos.convert`), calls the engine, converts the
 answer back. All engine calls, model work or not, run on ONE executor thread: one forward at a
 time, the event loop stays free for I/O, and the engine's sessions are only touched from there.
-Errors: `ServiceError` / `FieldError` -> `context.abort(code, message)`, where the message names
-the field and the allowed range; anything unexpected -> INTERNAL, logged. The service keeps
+Errors follow the convention written in edgespec.proto: `ServiceError` / `FieldError` ->
+`context.abort(code, message)`, the message starting with the field at fault (named once) and
+stating the allowed range, the field also in the trailing metadata ``edgespec-field``; a request
+that cannot be decoded -> INVALID_ARGUMENT (`edgespec.cloud.decoding`); anything unexpected ->
+INTERNAL, logged, and on a VerifyStream the stream's session is closed. The service keeps
 serving either way. STALE and REPLAYED blocks are verdict outcomes, not errors.
+
+Nothing is left behind by a client that leaves: an OpenSession cancelled (or past its deadline)
+while its prefill runs closes the session the worker opens; one still queued never runs. A
+stream that merely ends or is cancelled keeps its session (the edge may reconnect and resend);
+the edge closes it, or the idle reaper does. The ``active_sessions`` gauge is set from the
+engine's own count after every change and every failure.
 
 VerifyStream reads blocks as they arrive (a reader task stamps each arrival), so a pipelined edge
 may send the next block while the previous one is verified: its ``queue_ms`` then counts the wait
@@ -25,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # health.aio at runtime; the stubs lack it
@@ -87,7 +96,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     async def _fail(
         self, context: grpc.aio.ServicerContext, err: BaseException, note: str = ""
-    ) -> None:
+    ) -> NoReturn:
         """Count the failure (metrics), resync the session gauge (a failure may have closed a
         session) and abort the RPC with the status that fits `err` (`note` ends the message)."""
         if self.metrics is not None:
@@ -247,7 +256,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     async def _fail_stream(
         self, context: grpc.aio.ServicerContext, err: Exception, session_id: str | None
-    ) -> None:
+    ) -> NoReturn:
         """`_fail` for a block of the stream; an INTERNAL failure drops the stream's session
         first (the engine already closed it when its own work failed)."""
         note = ""
@@ -322,7 +331,7 @@ def _status_of(err: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: BaseException, note: str = "") -> None:
+async def _abort(context: grpc.aio.ServicerContext, err: BaseException, note: str = "") -> NoReturn:
     """End the RPC with the status `err` maps to (raises; never returns).
 
     The details are the error's message (which starts with the field at fault, named once) plus

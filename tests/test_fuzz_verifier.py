@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import VerifierServerThread
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -270,6 +271,14 @@ class _Session:
         self.next_seq = max(self.next_seq, verdict.seq + 1)
 
 
+def _undecodable(payload: bytes) -> bool:
+    try:
+        pb.DraftBlock.FromString(payload)
+    except DecodeError:
+        return True
+    return False
+
+
 def _run(channel, actions) -> None:
     stub = pb_grpc.VerifierStub(channel)
     raw_stream = channel.stream_stream(
@@ -300,6 +309,8 @@ def _run(channel, actions) -> None:
                     payloads = [target.payload(item) for item in action[2]]
                     for verdict in raw_stream(iter(payloads), timeout=DEADLINE_S):
                         target.saw(verdict)
+                    # a stream holding bytes that are no DraftBlock must not end OK
+                    assert not any(map(_undecodable, payloads)), "corrupt stream ended OK"
             except grpc.RpcError as rpc_err:
                 err = rpc_err
             _check(action[0], err)
