@@ -1,4 +1,5 @@
-"""Request decoding for the Verifier service that never raises, and the handler table using it.
+"""Request intake of the Verifier service: decoding that never raises, the handler table using
+it, and the reader that moves a VerifyStream's blocks to the handler as they arrive.
 
 grpc answers a request it cannot decode with UNKNOWN ("Unexpected <class 'DecodeError'>"), and
 a stream's next undecodable message breaks its reader. Here each request is decoded by
@@ -9,7 +10,9 @@ edgespec.proto says.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -73,3 +76,31 @@ def add_verifier_servicer(servicer: pb_grpc.VerifierServicer, server: Any) -> No
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+# What the stream reader hands the handler: a block with its arrival time (perf_counter), the
+# error that broke the stream, or None for its clean end.
+Arrival = tuple[pb.DraftBlock, float] | BaseException | None
+
+
+async def read_blocks(
+    request_iterator: AsyncIterator[pb.DraftBlock | Undecodable], arrivals: asyncio.Queue[Arrival]
+) -> None:
+    """Move blocks from the stream to `arrivals` as they come, stamped with their arrival time.
+
+    None marks the clean end of the stream; a stream that breaks puts its error instead (a
+    block that cannot be decoded: a ServiceError INVALID_ARGUMENT naming it), which the handler
+    turns into the stream's status. Nothing is read after either.
+    """
+    n = 0
+    try:
+        async for msg in request_iterator:
+            if isinstance(msg, Undecodable):
+                arrivals.put_nowait(msg.error(f" #{n} of this stream (from 0)"))
+                return
+            arrivals.put_nowait((msg, time.perf_counter()))
+            n += 1
+    except Exception as err:  # noqa: BLE001 - a broken stream ends the handler, not the server
+        arrivals.put_nowait(err)
+    else:
+        arrivals.put_nowait(None)

@@ -41,7 +41,13 @@ from grpc_health.v1 import _async as health_aio  # health.aio at runtime; the st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgespec.cloud.decoding import SERVICE_NAME, Undecodable, add_verifier_servicer
+from edgespec.cloud.decoding import (
+    SERVICE_NAME,
+    Arrival,
+    Undecodable,
+    add_verifier_servicer,
+    read_blocks,
+)
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import OpenResult, ServiceError, VerifyResult
 from edgespec.protos.convert import (
@@ -144,10 +150,14 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             return fn(*args)
 
         future = self._executor.submit(job)
+        waited = asyncio.wrap_future(future)
         try:
             # shield: a cancelled RPC must not detach us from a job that is already running.
-            result = await asyncio.shield(asyncio.wrap_future(future))
+            result = await asyncio.shield(waited)
         except asyncio.CancelledError:
+            # Nobody awaits `waited` now: retrieve its outcome so that asyncio logs no
+            # "exception was never retrieved" for a job that failed after the cancel.
+            waited.add_done_callback(lambda f: f.cancelled() or f.exception())
             if not future.cancel() and orphaned is not None:
                 future.add_done_callback(functools.partial(_hand_over, orphaned))
             raise
@@ -225,8 +235,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         and an edge that retries opens a new one.
         """
         session_id: str | None = None
-        arrivals: asyncio.Queue[_Arrival] = asyncio.Queue()
-        reader = asyncio.ensure_future(_read_blocks(request_iterator, arrivals))
+        arrivals: asyncio.Queue[Arrival] = asyncio.Queue()
+        reader = asyncio.ensure_future(read_blocks(request_iterator, arrivals))
         try:
             while True:
                 item = await arrivals.get()
@@ -269,9 +279,6 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         await self._fail(context, err, note)
 
 
-_Arrival = tuple[pb.DraftBlock, float] | BaseException | None
-
-
 def _hand_over(orphaned: Callable[[T], None], future: Future[T]) -> None:
     """Give a finished job's result to `orphaned` (a done callback; failures only logged)."""
     if future.cancelled() or future.exception() is not None:
@@ -296,29 +303,6 @@ def _stream_session(session_id: str | None, msg: pb.DraftBlock) -> str:
             f"empty, got {msg.session_id!r}",
         )
     return session_id
-
-
-async def _read_blocks(
-    request_iterator: AsyncIterator[pb.DraftBlock | Undecodable], arrivals: asyncio.Queue[_Arrival]
-) -> None:
-    """Move blocks from the stream to `arrivals` as they come, stamped with their arrival time.
-
-    None marks the clean end of the stream; a stream that breaks puts its error instead (a
-    block that cannot be decoded: a ServiceError INVALID_ARGUMENT naming it), which the handler
-    turns into the stream's status. Nothing is read after either.
-    """
-    n = 0
-    try:
-        async for msg in request_iterator:
-            if isinstance(msg, Undecodable):  # see edgespec.cloud.decoding
-                arrivals.put_nowait(msg.error(f" #{n} of this stream (from 0)"))
-                return
-            arrivals.put_nowait((msg, time.perf_counter()))
-            n += 1
-    except Exception as err:  # noqa: BLE001 - a broken stream ends the handler, not the server
-        arrivals.put_nowait(err)
-    else:
-        arrivals.put_nowait(None)
 
 
 def _status_of(err: BaseException) -> grpc.StatusCode:
