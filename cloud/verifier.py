@@ -34,6 +34,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -143,8 +144,8 @@ class VerifierEngine:
         and prefill the target's cache with it. `next_seq`: seq of the first block to come (a
         reopen continues the edge's numbering). `model_id` "" matches any model.
 
-        Raises ServiceError: NOT_FOUND (model_id), INVALID_ARGUMENT (prefix_ids, params,
-        generated, next_seq), RESOURCE_EXHAUSTED (max_sessions open, even after reaping).
+        Raises ServiceError: NOT_FOUND (model_id), INVALID_ARGUMENT (prefix_ids, params (incl.
+        stop_token_ids outside the vocabulary), generated, next_seq), RESOURCE_EXHAUSTED (max_sessions open, even after reaping).
         """
         if model_id and self.model_id and model_id != self.model_id:
             raise ServiceError(
@@ -157,6 +158,7 @@ class VerifierEngine:
             raise invalid("params", f"params must be a SamplingParams, got {type(params)}")
         prefix = list(prefix_ids)
         self._check_ids("prefix_ids", prefix)
+        self._check_ids("params.stop_token_ids", params.stop_token_ids)
         if not prefix:
             raise invalid("prefix_ids", "prefix_ids must hold at least 1 token, got 0")
         if len(prefix) > self.max_prefix_tokens:
@@ -242,13 +244,14 @@ class VerifierEngine:
         """Verify one block of the session: `prepare` -> `run_forward` -> `complete`.
 
         Raises ServiceError: NOT_FOUND (session_id), INVALID_ARGUMENT (tokens, probs, seq),
-        FAILED_PRECONDITION (max_new_tokens already generated), INTERNAL (the forward failed;
-        the session is closed, as its cache is then undefined).
+        FAILED_PRECONDITION (max_new_tokens already generated), INTERNAL (the forward or any
+        other step failed unexpectedly; the session is closed, as its state is then undefined).
         """
-        prepared = self.prepare(session_id, block)
-        if isinstance(prepared, VerifyResult):
-            return prepared
-        return self.complete(prepared, self.run_forward(prepared))
+        with self._closed_on_failure(session_id):
+            prepared = self.prepare(session_id, block)
+            if isinstance(prepared, VerifyResult):
+                return prepared
+            return self.complete(prepared, self.run_forward(prepared))
 
     def prepare(self, session_id: str, block: DraftBlock) -> PreparedBlock | VerifyResult:
         """Validate `block` against its session; no model work.
@@ -272,7 +275,7 @@ class VerifierEngine:
             try:
                 q.validate(k, self.vocab_size)
             except ValueError as err:
-                raise invalid("probs", f"probs: {err}") from err
+                raise _probs_error(err) from err
         elif k and not session.params.is_greedy:
             raise invalid(
                 "probs",
@@ -289,7 +292,9 @@ class VerifierEngine:
         except StaleBlockError:
             return self._stale(session, block)
         except ValueError as err:  # the one check left to it: a seq reused by another block
-            raise invalid("seq", f"seq: {err}") from err
+            raise invalid(
+                "seq", f"{err}: seq must be new, or the last block's to resend it"
+            ) from err
         if pending is None:
             self._sessions.count(replayed=1)
             assert last is not None  # prepare only reports a resend after a verdict
@@ -320,8 +325,13 @@ class VerifierEngine:
         one target forward; the result has ``more`` while tokens remain.
 
         Raises ServiceError: NOT_FOUND (session_id), FAILED_PRECONDITION (block `seq` is not a
-        decode block with tokens left), INTERNAL (the forward failed; the session is closed).
+        decode block with tokens left), INTERNAL (a step failed unexpectedly; the session is
+        closed).
         """
+        with self._closed_on_failure(session_id):
+            return self._decode_next(session_id, seq)
+
+    def _decode_next(self, session_id: str, seq: int) -> VerifyResult:
         session = self._session(session_id)
         last = session.verifier.last_verdict
         if session.decode_left <= 0 or last is None or last.seq != seq:
@@ -389,6 +399,22 @@ class VerifierEngine:
     def _session(self, session_id: str) -> Session:
         return self._sessions.get(session_id)
 
+    @contextmanager
+    def _closed_on_failure(self, session_id: str) -> Iterator[None]:
+        """Pass ServiceErrors through; on any other exception close the session (its state is
+        undefined after a half-done step) and raise ServiceError INTERNAL saying so."""
+        try:
+            yield
+        except ServiceError:
+            raise
+        except Exception as err:
+            logger.exception("verification failed in session %s", session_id)
+            self.close_session(session_id)
+            raise ServiceError(
+                INTERNAL,
+                f"verification failed ({type(err).__name__}: {err}); session closed",
+            ) from err
+
     def _stale(self, session: Session, block: DraftBlock) -> VerifyResult:
         self._sessions.count(stale=1)
         return VerifyResult(Outcome.STALE, block.seq, session.verifier.committed_len, None)
@@ -401,3 +427,14 @@ class VerifierEngine:
                 raise invalid(
                     f"{name}[{i}]", f"{name}[{i}] must be a token id in [0, {vocab}), got {t!r}"
                 )
+
+
+def _probs_error(err: ValueError) -> ServiceError:
+    """`DraftProbs.validate`'s error in wire terms: ``draft_probs.probs`` is the field ``probs``
+    (dense or sparse), ``draft_probs.ids`` is ``probs.sparse.ids``."""
+    text = (
+        str(err)
+        .replace("draft_probs.probs", "probs")
+        .replace("draft_probs.ids", "probs.sparse.ids")
+    )
+    return invalid("probs.sparse.ids" if text.startswith("probs.sparse.ids") else "probs", text)

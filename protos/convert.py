@@ -26,6 +26,7 @@ from edgespec.core.validation import check_int
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
 __all__ = [
+    "FIELD_METADATA_KEY",
     "FieldError",
     "block_from_proto",
     "block_to_proto",
@@ -34,6 +35,10 @@ __all__ = [
     "verdict_from_proto",
     "verdict_to_proto",
 ]
+
+# Trailing-metadata key naming the request field at fault in an error status (see the error
+# convention in edgespec.proto).
+FIELD_METADATA_KEY = "edgespec-field"
 
 _PARAM_FIELDS = frozenset(
     ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop_token_ids")

@@ -37,7 +37,7 @@ from edgespec.core.rejection import DraftProbs
 from edgespec.core.runner import ModelRunner
 from edgespec.core.session import DraftBlock
 from edgespec.core.verifier import Verifier
-from edgespec.protos.convert import block_to_proto, params_to_proto
+from edgespec.protos.convert import FIELD_METADATA_KEY, block_to_proto, params_to_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 from edgespec.serving.tls import TlsConfig
@@ -395,6 +395,10 @@ def test_bad_input_names_the_field_and_service_keeps_serving(server, stub, case)
         request(stub)
     assert info.value.code() == grpc.StatusCode[code]
     assert field in info.value.details()
+    # the field at fault also travels as a trailer, and the details start with it (once)
+    trailer = dict(info.value.trailing_metadata() or ()).get(FIELD_METADATA_KEY)
+    assert trailer is not None and trailer.startswith(field), trailer
+    assert info.value.details().startswith(trailer), info.value.details()
     # the next valid request is served
     _assert_serves(stub)
 
