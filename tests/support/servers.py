@@ -100,6 +100,7 @@ class ServerProcess:
         self.log.close()
 
 
+# The stats of every scripted generation's summary (the client tests check their conversion).
 STATS = pb.GenerateStats(
     rounds=3,
     drafted=8,
