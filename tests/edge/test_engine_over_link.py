@@ -1,5 +1,5 @@
 """The edge engine over a real link: EdgeEngine / VerifierLink against `python -m
-edgespec.cloud.server` subprocesses (the `servers` fixture), through the TCP link emulator.
+edgespec.cloud.server` subprocesses (the `servers` fixture), through the TCP link real_link.
 
 Checked: greedy output equals the target alone (RTT 0 and 50 ms, k in {1, 4, 8}, several
 prompts, stop tokens); sampled first tokens follow the target's distribution (chi-square, sparse
@@ -43,7 +43,9 @@ PROMPTS = (
 
 
 @pytest.fixture(scope="module")
-def emulator(servers) -> Iterator[LinkEmulator]:
+def real_link(servers) -> Iterator[LinkEmulator]:
+    """The TCP link emulator in front of the 'main' verifier subprocess (RTT 0; tests set their own
+    profile)."""
     host, port = servers["main"].address.rsplit(":", 1)
     emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=0)).start()
     yield emu
@@ -95,13 +97,13 @@ async def run_collecting(engine: EdgeEngine, prompt, params, k, on_first_tokens=
 
 
 @pytest.mark.parametrize("rtt_ms", [0, 50])
-def test_greedy_output_equals_target_alone(rtt_ms, draft, target, emulator):
-    emulator.set_profile(LinkProfile(rtt_ms=rtt_ms))
+def test_greedy_output_equals_target_alone(rtt_ms, draft, target, real_link):
+    real_link.set_profile(LinkProfile(rtt_ms=rtt_ms))
     tokenizer = draft[1]
     params = SamplingParams(max_new_tokens=16)
 
     async def body() -> None:
-        engine = make_engine(draft, [emulator.address])
+        engine = make_engine(draft, [real_link.address])
         try:
             for prompt in PROMPTS:
                 expected = reference(target, tokenizer, prompt, params)
@@ -124,7 +126,7 @@ def test_greedy_output_equals_target_alone(rtt_ms, draft, target, emulator):
                     assert stats.rounds == len(stats.draft_lengths) >= 16 / (k + 1)
                     assert stats.accepted + stats.rounds >= 16  # every output token verified
                     assert stats.bytes_sent > 0 and stats.bytes_received > 0
-                    assert stats.verifier == emulator.address
+                    assert stats.verifier == real_link.address
                     # The emulator holds each direction rtt/2: a lower bound, never wall-clock.
                     assert stats.rtt_ms_mean >= 0.95 * rtt_ms
         finally:
@@ -133,8 +135,8 @@ def test_greedy_output_equals_target_alone(rtt_ms, draft, target, emulator):
     asyncio.run(body())
 
 
-def test_stop_token_ends_output_like_target_alone(draft, target, emulator):
-    emulator.set_profile(LinkProfile(rtt_ms=0))
+def test_stop_token_ends_output_like_target_alone(draft, target, real_link):
+    real_link.set_profile(LinkProfile(rtt_ms=0))
     tokenizer = draft[1]
     prompt = PROMPTS[0]
     full = reference(target, tokenizer, prompt, SamplingParams(max_new_tokens=24))
@@ -142,7 +144,7 @@ def test_stop_token_ends_output_like_target_alone(draft, target, emulator):
     params = SamplingParams(max_new_tokens=24, stop_token_ids=(stop,))
     expected = full[: full.index(stop) + 1]
     streamed, summary = asyncio.run(
-        run_collecting(make_engine(draft, [emulator.address]), prompt, params, k=4)
+        run_collecting(make_engine(draft, [real_link.address]), prompt, params, k=4)
     )
     assert summary.finish_reason == "stop"
     assert summary.tokens == streamed == expected
@@ -172,14 +174,14 @@ def _sample_first_tokens(draft, address, prompt_ids, params, runs, k, n_tokens):
     return asyncio.run(body())
 
 
-def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, emulator):
+def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, real_link):
     """top_k=8: the draft sends sparse q. Token 1 and token 2 marginals against the exact ones."""
-    emulator.set_profile(LinkProfile(rtt_ms=0))
+    real_link.set_profile(LinkProfile(rtt_ms=0))
     prompt = [1, 2, 3]
     params = {"temperature": 1.0, "top_k": 8, "max_new_tokens": 2}
     sp = SamplingParams(**params)
     runs = 600
-    samples = _sample_first_tokens(draft, emulator.address, prompt, params, runs, k=3, n_tokens=2)
+    samples = _sample_first_tokens(draft, real_link.address, prompt, params, runs, k=3, n_tokens=2)
     p1 = logits_to_probs(target.prefill(prompt), sp)  # (V,)
     p2 = torch.zeros_like(p1)  # marginal of token 2: sum over token 1
     for x1 in torch.nonzero(p1).flatten().tolist():
@@ -192,13 +194,13 @@ def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, emula
         assert chi_square_p(counts, probs, runs) > 1e-3, f"token {i + 1}"
 
 
-def test_sampled_first_token_follows_target_distribution_dense_q(draft, target, emulator):
+def test_sampled_first_token_follows_target_distribution_dense_q(draft, target, real_link):
     """No truncation: the draft sends dense q (k, V) rows."""
-    emulator.set_profile(LinkProfile(rtt_ms=0))
+    real_link.set_profile(LinkProfile(rtt_ms=0))
     prompt = [1, 2, 3]
     params = {"temperature": 1.5, "max_new_tokens": 3}
     runs = 400
-    samples = _sample_first_tokens(draft, emulator.address, prompt, params, runs, k=2, n_tokens=1)
+    samples = _sample_first_tokens(draft, real_link.address, prompt, params, runs, k=2, n_tokens=1)
     probs = logits_to_probs(target.prefill(prompt), SamplingParams(**params))  # (V,)
     counts: dict[int, int] = {}
     for (t,) in samples:
@@ -224,22 +226,22 @@ def test_verifier_killed_mid_generation_fails_over_to_next(draft, target, server
     assert summary.stats.verifier == backup.address
 
 
-def test_cut_link_reconnects_after_restore(draft, target, emulator):
-    emulator.set_profile(LinkProfile(rtt_ms=0))
+def test_cut_link_reconnects_after_restore(draft, target, real_link):
+    real_link.set_profile(LinkProfile(rtt_ms=0))
     params = SamplingParams(max_new_tokens=32)
     prompt = PROMPTS[0]
     expected = reference(target, draft[1], prompt, params)
 
     def cut() -> None:
-        emulator.cut()
-        asyncio.get_running_loop().call_later(0.3, emulator.restore)
+        real_link.cut()
+        asyncio.get_running_loop().call_later(0.3, real_link.restore)
 
     try:
         streamed, summary = asyncio.run(
-            run_collecting(make_engine(draft, [emulator.address]), prompt, params, 4, cut)
+            run_collecting(make_engine(draft, [real_link.address]), prompt, params, 4, cut)
         )
     finally:
-        emulator.restore()
+        real_link.restore()
     assert summary.tokens == streamed == expected
     assert summary.stats.reconnects >= 1
 

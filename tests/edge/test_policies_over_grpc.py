@@ -42,7 +42,8 @@ PROMPTS = ([7, 200, 13, 42, 99, 150, 3], [1, 2, 3], [250, 17, 5, 88])
 
 
 @pytest.fixture(scope="module")
-def emulator(grpc_verifier) -> Iterator[LinkEmulator]:
+def link_20ms(grpc_verifier) -> Iterator[LinkEmulator]:
+    """The TCP link emulator at RTT_MS in front of the in-process verifier."""
     host, port = grpc_verifier.address.rsplit(":", 1)
     emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=RTT_MS)).start()
     yield emu
@@ -121,11 +122,11 @@ class ScriptedPolicy:
         ("fixed", True),
     ],
 )
-def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, target, emulator):
+def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, target, link_20ms):
     params = SamplingParams(max_new_tokens=24)
 
     async def body() -> None:
-        engine = make_engine(draft, emulator.address)
+        engine = make_engine(draft, link_20ms.address)
         hits = 0
         try:
             for i, prompt in enumerate(PROMPTS):
@@ -169,7 +170,7 @@ def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, 
     asyncio.run(body())
 
 
-def test_link_memory_across_sessions(draft, target, emulator):
+def test_link_memory_across_sessions(draft, target, link_20ms):
     """Every session teaches the engine its link (a fixed-k one through a shadow learner); an
     adaptive session on the same verifier and sampling regime starts from it, another regime or
     a forgotten link starts cold, and the output stays the target's either way."""
@@ -177,7 +178,7 @@ def test_link_memory_across_sessions(draft, target, emulator):
     sampled = SamplingParams(temperature=1.0, top_k=8, max_new_tokens=16, seed=5)
 
     async def body() -> None:
-        engine = make_engine(draft, emulator.address)
+        engine = make_engine(draft, link_20ms.address)
         try:
             first = (await engine.collect(PROMPTS[0], greedy, k=3, policy="fixed")).stats
             assert not first.warm_start  # fixed never reads the memory; it still fills it
@@ -213,12 +214,12 @@ def test_link_memory_across_sessions(draft, target, emulator):
     asyncio.run(body())
 
 
-def test_open_session_measures_the_rtt_on_a_connected_channel(emulator):
+def test_open_session_measures_the_rtt_on_a_connected_channel(link_20ms):
     """OpenSession's wall time less the verifier's prefill is an RTT sample, except on a fresh
     channel (whose connection setup costs extra round trips)."""
 
     async def body() -> tuple:
-        link = GrpcVerifierLink([emulator.address], LinkConfig(round_timeout_s=DEADLINE_S))
+        link = GrpcVerifierLink([link_20ms.address], LinkConfig(round_timeout_s=DEADLINE_S))
         try:
             fresh = await link.open(PROMPTS[0], SamplingParams(max_new_tokens=4))
             again = await link.open(PROMPTS[0], SamplingParams(max_new_tokens=4))
@@ -233,19 +234,19 @@ def test_open_session_measures_the_rtt_on_a_connected_channel(emulator):
     assert again.open_rtt_ms is not None and RTT_MS * 0.9 <= again.open_rtt_ms < RTT_MS + 1000
 
 
-def test_cloud_only_streams_keep_the_link_estimates_current(draft, emulator):
+def test_cloud_only_streams_keep_the_link_estimates_current(draft, link_20ms):
     """While the cloud decodes alone the edge still learns: greedy streams give shadow acceptance
     (what the draft would have proposed), a ping per chunk gives RTT samples."""
     params = SamplingParams(max_new_tokens=40)
 
     async def body():
-        engine = make_engine(draft, emulator.address)
+        engine = make_engine(draft, link_20ms.address)
         try:
             chunks = CloudOnlyPolicy(stream_tokens=8)  # as adaptive streams: chunk by chunk
             summary = await engine.collect(PROMPTS[0], params, policy=chunks)
             assert summary.stats.drafted == 0 and summary.stats.cloud_only_tokens == 40
             memory = engine._link_memory[(summary.stats.verifier, "greedy")]
-            link = GrpcVerifierLink([emulator.address], LinkConfig(round_timeout_s=DEADLINE_S))
+            link = GrpcVerifierLink([link_20ms.address], LinkConfig(round_timeout_s=DEADLINE_S))
             try:
                 assert await link.ping() is None  # no session, no connection to time
                 await link.open(PROMPTS[0], params)
@@ -263,7 +264,7 @@ def test_cloud_only_streams_keep_the_link_estimates_current(draft, emulator):
     assert rtt is not None and 0.9 * RTT_MS <= rtt < RTT_MS + 1000
 
 
-def test_mixed_speculative_and_cloud_only_rounds_with_pipelining(draft, target, emulator):
+def test_mixed_speculative_and_cloud_only_rounds_with_pipelining(draft, target, link_20ms):
     """A policy switching modes every round: decode chunks requested back to back, pipelined
     blocks after them, stop tokens; the output stays the target's."""
     prompt = PROMPTS[1]
@@ -281,7 +282,7 @@ def test_mixed_speculative_and_cloud_only_rounds_with_pipelining(draft, target, 
     ]
 
     async def body():
-        engine = make_engine(draft, emulator.address)
+        engine = make_engine(draft, link_20ms.address)
         try:
             policy = ScriptedPolicy(script)
             result = await run_one(engine, prompt, params, policy=policy, pipelined=True)
@@ -349,7 +350,7 @@ def test_sampling_with_adaptive_and_pipelining_follows_target_distribution(
         assert chi_square_p(counts, probs, runs) > 1e-3, f"token {i + 1}"
 
 
-def test_cut_link_during_pipelined_and_cloud_only_rounds_reconnects(draft, target, emulator):
+def test_cut_link_during_pipelined_and_cloud_only_rounds_reconnects(draft, target, link_20ms):
     """A link cut while blocks are in flight ahead (and while a cloud-only chunk streams): the
     session reopens with the committed prefix, drops what was drafted ahead, output unchanged."""
     params = SamplingParams(max_new_tokens=40)
@@ -358,7 +359,7 @@ def test_cut_link_during_pipelined_and_cloud_only_rounds_reconnects(draft, targe
     script = [Decision(SPECULATIVE, 3), Decision(SPECULATIVE, 2), Decision(CLOUD_ONLY, 0, 4)]
 
     async def body():
-        engine = make_engine(draft, emulator.address, max_retries=6)  # outlasts the 0.3 s cut
+        engine = make_engine(draft, link_20ms.address, max_retries=6)  # outlasts the 0.3 s cut
         streamed: list[int] = []
         summary = None
         try:
@@ -366,13 +367,13 @@ def test_cut_link_during_pipelined_and_cloud_only_rounds_reconnects(draft, targe
             async for event in gen:
                 if isinstance(event, TokensEvent):
                     if not streamed:
-                        emulator.cut()
-                        asyncio.get_running_loop().call_later(0.3, emulator.restore)
+                        link_20ms.cut()
+                        asyncio.get_running_loop().call_later(0.3, link_20ms.restore)
                     streamed.extend(event.tokens)
                 else:
                     summary = event
         finally:
-            emulator.restore()
+            link_20ms.restore()
             await engine.aclose()
         return streamed, summary
 
@@ -385,13 +386,13 @@ def test_cut_link_during_pipelined_and_cloud_only_rounds_reconnects(draft, targe
 # ---------------------------------------------------------------- msgpack round traces
 
 
-def test_round_trace_written_per_generation_reads_back(draft, emulator, tmp_path):
+def test_round_trace_written_per_generation_reads_back(draft, link_20ms, tmp_path):
     from edgespec.edge.trace import read_trace, write_trace
 
     params = SamplingParams(max_new_tokens=24)
 
     async def body():
-        engine = make_engine(draft, emulator.address, trace_dir=str(tmp_path))
+        engine = make_engine(draft, link_20ms.address, trace_dir=str(tmp_path))
         try:
             return await run_one(engine, PROMPTS[0], params, k=3, policy="adaptive", pipelined=True)
         finally:
