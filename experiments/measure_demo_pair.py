@@ -29,13 +29,8 @@ from edgespec.core.generate import generate_autoregressive
 from edgespec.core.models import check_pair, load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from experiments.train_demo_models import (
-    TrainConfig,
-    acceptance,
-    bits_per_byte,
-    encode_docs,
-    split_corpus,
-)
+from experiments.demo_data import TrainConfig, encode_docs, split_corpus
+from experiments.train_demo_models import acceptance, bits_per_byte
 
 logger = logging.getLogger(__name__)
 

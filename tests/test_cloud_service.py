@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 import torch
-from conftest import VerifierServerThread, self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.certs import self_signed_cert
+from support.servers import VerifierServerThread
 
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import (

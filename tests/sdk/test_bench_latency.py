@@ -160,6 +160,7 @@ def test_cli_parses_the_bench_commands():
     assert link.func is cmd_bench_link and link.rtt == [10.0, 50.0]
 
 
+@pytest.mark.slow
 def test_quick_run_through_the_cli(tiny_pair, tmp_path):
     """`edgespec bench latency --quick` on the tiny pair: every method, both RTTs, the varying
     run, the checks, the plots. Asserts structure and exactness, never speed."""

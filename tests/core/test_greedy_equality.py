@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import FAMILIES, hf_greedy, perturbed, tiny_model
+from support.tiny_models import FAMILIES, PEAKED_INIT, hf_greedy, noisy_draft, tiny_model
 
 from edgespec.core.generate import generate, generate_autoregressive
 from edgespec.core.params import SamplingParams
@@ -24,10 +24,11 @@ NOISE = {"gpt2": 0.03, "llama": 0.07}  # relative weight noise giving a mixed ac
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     name = request.param
-    target = tiny_model(name, seed=0)
+    init = PEAKED_INIT.get(name)
+    target = tiny_model(name, 160, seed=0, max_positions=128, init_range=init)
     drafts = {
-        "random": ModelRunner(tiny_model(name, seed=1)),
-        "noisy": ModelRunner(perturbed(target, NOISE[name], seed=2)),
+        "random": ModelRunner(tiny_model(name, 160, seed=1, max_positions=128, init_range=init)),
+        "noisy": ModelRunner(noisy_draft(target, NOISE[name], seed=2, noise_on_constants=False)),
         "same": ModelRunner(target),
     }
     gen = torch.Generator().manual_seed(3)
@@ -53,7 +54,10 @@ def test_autoregressive_matches_hf(family):
         assert result.stats.target_forwards == N_NEW  # prefill + one forward per later token
 
 
-@pytest.mark.parametrize("draft_kind", ["random", "noisy", "same"])
+# The unrelated random draft rejects nearly every round: ~5x the time of the others.
+@pytest.mark.parametrize(
+    "draft_kind", [pytest.param("random", marks=pytest.mark.slow), "noisy", "same"]
+)
 @pytest.mark.parametrize("prompt_len", PROMPT_LENS)
 def test_speculative_matches_hf(family, draft_kind, prompt_len):
     target, draft = family["target"], family["drafts"][draft_kind]

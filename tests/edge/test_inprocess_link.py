@@ -11,7 +11,6 @@ import pytest
 from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
 from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
-from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
 from edgespec.edge.config import EngineConfig
@@ -22,18 +21,6 @@ from edgespec.edge.verifier_link import LinkError
 
 PROMPT = [250, 17, 5, 88]  # the target continues it without repeating one token
 MAX_NEW = 32
-
-
-@pytest.fixture(scope="module")
-def draft(tiny_pair):
-    """(draft model, tokenizer)."""
-    model = ModelRunner.from_pretrained(tiny_pair.draft_dir, device="cpu").model
-    return model, load_tokenizer(tiny_pair.draft_dir)
-
-
-@pytest.fixture(scope="module")
-def target(tiny_pair) -> ModelRunner:
-    return ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu")
 
 
 @pytest.fixture()

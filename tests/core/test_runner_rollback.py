@@ -9,43 +9,29 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from support.tiny_models import tiny_model
 
 from edgespec.core.runner import ModelRunner
 
 WINDOW = 4
-
-CONFIGS = {
-    "mistral": lambda: transformers.MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        sliding_window=WINDOW,
-    ),  # fmt: skip
-    "gemma2": lambda: transformers.Gemma2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=WINDOW,
-    ),  # fmt: skip
+VOCAB = 64
+# Fixture id -> (architecture, overrides): Gemma 2 as its config defaults it (tied embeddings,
+# padding row 0), both with a 4-token sliding window.
+MODELS = {
+    "gemma2": ("gemma2", {"tie_word_embeddings": True, "pad_token_id": 0}),
+    "mistral": ("mistral-sliding", {}),
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=sorted(MODELS))
 def model(request: pytest.FixtureRequest) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(CONFIGS[request.param]()).eval()
+    arch, overrides = MODELS[request.param]
+    return tiny_model(arch, VOCAB, seed=0, sliding_window=WINDOW, **overrides)
 
 
 @pytest.mark.parametrize("mode", ["auto", "crop", "recompute"])
 def test_rollback_past_the_window_is_exact(model, mode: str) -> None:
-    ids = torch.randint(0, 64, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         reference = model(torch.tensor([ids])).logits[0].float()  # (24, V), one plain forward
     runner = ModelRunner(model, rollback_mode=mode)

@@ -23,7 +23,7 @@ import pytest
 
 from edgespec.linkemu import LinkEmulator, LinkProfile, LinkStats, parse_hostport
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECV_TIMEOUT_S = 10.0
 # The emulator's own delay record never falls below the profile; above it, it is a few ms on a quiet
 # machine but on a saturated one the loop thread's wake-ups are honestly late by up to ~10 ms.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from _policy_sim import SimEnv, simulate
+from support.policy_sim import SimEnv, simulate
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.cost_model import CostModel

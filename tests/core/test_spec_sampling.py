@@ -11,8 +11,8 @@ import dataclasses
 
 import pytest
 import torch
-from _tiny_models import tiny_model
 from scipy.stats import chisquare
+from support.tiny_models import tiny_model
 
 from edgespec.core.generate import generate, generate_autoregressive
 from edgespec.core.params import SamplingParams
@@ -27,11 +27,12 @@ PROMPT = [3, 14, 15, 9, 2, 6]
 @pytest.fixture(scope="module")
 def runners():
     # Wide init: peaked, clearly different target and draft distributions (the test has power).
-    target = ModelRunner(tiny_model("llama", seed=0, vocab_size=V, init_range=0.3))
-    draft = ModelRunner(tiny_model("llama", seed=1, vocab_size=V, init_range=0.3))
+    target = ModelRunner(tiny_model("llama", V, seed=0, max_positions=128, init_range=0.3))
+    draft = ModelRunner(tiny_model("llama", V, seed=1, max_positions=128, init_range=0.3))
     return target, draft
 
 
+@pytest.mark.slow
 def test_seeded_generation_is_reproducible(runners):
     target, draft = runners
     params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=1234)
@@ -62,6 +63,7 @@ def _pooled_chisquare(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(obs, exp).pvalue)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "params",
     [

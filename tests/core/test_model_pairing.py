@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TinyPair, build_tiny_llama, build_tiny_tokenizer
+from support.tiny_models import TinyPair, tiny_llama, tiny_tokenizer
 
 from edgespec.core.models import IncompatiblePairError, check_pair, model_info
 
@@ -27,9 +27,7 @@ def test_different_tokenizer_is_refused_naming_the_difference(
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (draft / name).unlink(missing_ok=True)
     # Same size, different merges and ids: trained on other text.
-    build_tiny_tokenizer(("zebra quartz jukebox " * 20, "xylophone wizard " * 20)).save_pretrained(
-        draft
-    )
+    tiny_tokenizer(("zebra quartz jukebox " * 20, "xylophone wizard " * 20)).save_pretrained(draft)
     with pytest.raises(IncompatiblePairError, match="tokenizer vocabularies differ"):
         check_pair(tiny_pair.target_dir, draft)
 
@@ -37,7 +35,7 @@ def test_different_tokenizer_is_refused_naming_the_difference(
 def test_different_logit_width_is_refused(tiny_pair: TinyPair, tmp_path: Path) -> None:
     draft = tmp_path / "draft"
     shutil.copytree(tiny_pair.draft_dir, draft)
-    wide = build_tiny_llama(vocab_size=model_info(tiny_pair.target_dir).vocab_size + 64)
+    wide = tiny_llama(vocab_size=model_info(tiny_pair.target_dir).vocab_size + 64)
     wide.save_pretrained(draft)
     with pytest.raises(IncompatiblePairError, match=r"vocab_size differs: target \d+, draft \d+"):
         check_pair(tiny_pair.target_dir, draft)

@@ -11,9 +11,9 @@ import asyncio
 
 import grpc
 import pytest
-from conftest import self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.certs import self_signed_cert
 
 from edgespec.edge.records import TokensEvent
 from edgespec.edge.service import serve

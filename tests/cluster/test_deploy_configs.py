@@ -19,7 +19,7 @@ import yaml
 from edgespec.orchestrator.deploy import ROLE_SHARE
 from edgespec.orchestrator.names import CLOUD_RESOURCE, EDGE_RESOURCE
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ROLES = (EDGE_RESOURCE, CLOUD_RESOURCE)
 
 

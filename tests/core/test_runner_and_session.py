@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from _tiny_models import FAMILIES, perturbed, tiny_model
+from support.tiny_models import FAMILIES, PEAKED_INIT, noisy_draft, tiny_model
 
 from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
@@ -24,8 +24,9 @@ V = 160
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def models(request):
-    target = tiny_model(request.param, seed=0)
-    return target, perturbed(target, 0.05, seed=2)
+    init = PEAKED_INIT.get(request.param)
+    target = tiny_model(request.param, V, seed=0, max_positions=128, init_range=init)
+    return target, noisy_draft(target, 0.05, seed=2, noise_on_constants=False)
 
 
 def _ids(n: int, seed: int) -> list[int]:

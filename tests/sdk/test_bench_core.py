@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from _tiny_models import perturbed, tiny_model
+from support.tiny_models import noisy_draft, tiny_model
 
 from edgespec.bench.core import run_core_bench
 
 
 def test_core_bench_report():
-    target = tiny_model("llama", seed=0)
-    draft = perturbed(target, 0.07, seed=2)
+    target = tiny_model("llama", 160, seed=0, max_positions=128)
+    draft = noisy_draft(target, 0.07, seed=2, noise_on_constants=False)
     prompts = [[5, 6, 7, 8], list(range(20, 32))]
     report = run_core_bench(
         target, draft, prompts, max_new_tokens=10, ks=(1, 3), reps=2, hf_assisted_ks=(2,)
@@ -39,7 +39,7 @@ def test_core_bench_report():
 
 
 def test_core_bench_validates_arguments():
-    target = tiny_model("llama", seed=0)
+    target = tiny_model("llama", 160, seed=0, max_positions=128)
     with pytest.raises(ValueError, match="ks"):
         run_core_bench(target, target, [[1, 2]], max_new_tokens=4, ks=(0,), reps=1)
     with pytest.raises(ValueError, match="prompts"):

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _edgespec(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

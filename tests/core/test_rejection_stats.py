@@ -196,6 +196,7 @@ def test_greedy_drafting_emits_target_distribution(temperature):
     assert min(pvalues) > ALPHA, pvalues
 
 
+@pytest.mark.slow
 def test_verify_itself_emits_target_distribution():
     """The same check, a round at a time through `verify` with a sparse q (fewer rounds)."""
     rounds = 6_000

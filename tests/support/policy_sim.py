@@ -170,3 +170,28 @@ def simulate(
         tokens += obs.tokens
         time_ms += wall
     return SimResult(rounds=tuple(trace), tokens=tokens, time_ms=time_ms)
+
+
+def noisy_env(
+    alpha: float | tuple[float, ...] = 0.8,
+    draft_ms: float = 2.0,
+    rtt_ms: float = 20.0,
+    verify_base_ms: float = 20.0,
+    verify_per_token_ms: float = 1.0,
+    **noise: float,
+) -> SimEnv:
+    """A session with realistic noise: RTT jitter of 10% + 1 ms, 3% timing noise."""
+    noise.setdefault("rtt_jitter_ms", 0.1 * rtt_ms + 1.0)
+    noise.setdefault("timing_noise", 0.03)
+    cost = CostModel(draft_ms, rtt_ms, verify_base_ms, verify_per_token_ms)
+    return SimEnv(alpha, cost, **noise)
+
+
+def exploited_ks(result: SimResult, start: int = 0, stop: int | None = None) -> list[int]:
+    """k of the non-probe rounds in [start, stop): what the policy judged best (0: cloud-only)."""
+    return [r.decision.k for r in result.rounds[start:stop] if not r.decision.probe]
+
+
+def k_changes(ks: list[int]) -> int:
+    """How many times k changed from one round to the next."""
+    return sum(1 for a, b in zip(ks, ks[1:], strict=False) if a != b)

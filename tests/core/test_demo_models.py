@@ -56,6 +56,7 @@ def test_shipped_pair_config_matches_the_card() -> None:
     assert size < 40e6
 
 
+@pytest.mark.slow
 def test_greedy_acceptance_above_floor_and_output_exact(pair) -> None:
     """k=1 greedy rounds: accepted/drafted estimates alpha directly (one Bernoulli per round)."""
     _, target, draft, prompts = pair
@@ -70,6 +71,7 @@ def test_greedy_acceptance_above_floor_and_output_exact(pair) -> None:
     assert accepted / drafted >= ALPHA_GREEDY_FLOOR, accepted / drafted
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_sampling_acceptance_above_floor(pair) -> None:
     """alpha at temperature 1 = mean over positions of sum_x min(p(x), q(x)), on continuations

@@ -1,53 +1,40 @@
-"""The edge over a real link: EdgeEngine / VerifierLink against `python -m edgespec.cloud.server`
-subprocesses, through the TCP link emulator, and the Edge service via `python -m edgespec.edge.server`.
+"""The edge engine over a real link: EdgeEngine / VerifierLink against `python -m
+edgespec.cloud.server` subprocesses (the `servers` fixture), through the TCP link real_link.
 
 Checked: greedy output equals the target alone (RTT 0 and 50 ms, k in {1, 4, 8}, several
 prompts, stop tokens); sampled first tokens follow the target's distribution (chi-square, sparse
 and dense draft probabilities); a verifier SIGKILLed mid-generation, a cut link and a blackholed
-link (round deadline) all end in a reconnect and an unchanged output; the Edge service answers
-INVALID_ARGUMENT naming the field and keeps serving. Every gRPC call carries a deadline.
+link (round deadline) all end in a reconnect and an unchanged output; TLS and the verifier's
+block limit; refused credentials and unreachable verifiers end in clear errors. Every gRPC call
+carries a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import queue
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 
-import grpc
 import pytest
 import torch
-from conftest import chi_square_p, self_signed_cert
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.certs import self_signed_cert
+from support.servers import VERIFIER_TOKEN
+from support.stats import chi_square_p
 
 from edgespec.core.generate import generate_autoregressive
-from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs
-from edgespec.edge.addresses import make_address_provider
 from edgespec.edge.config import EngineConfig, LinkConfig
-from edgespec.edge.detokenize import TextStream
 from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import SummaryEvent, TokensEvent
 from edgespec.edge.recovery import EdgeError
 from edgespec.edge.verifier_link import LinkError
 from edgespec.linkemu import LinkEmulator, LinkProfile
-from edgespec.protos.convert import params_to_proto
-from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
-from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
+# Server subprocesses (the `servers` fixture) take tens of seconds to start on a loaded machine.
+pytestmark = pytest.mark.slow
+
 DEADLINE_S = 30.0  # every client call in these tests carries this deadline
-START_TIMEOUT_S = 180.0  # a server subprocess must print LISTENING within this (loaded CI box)
-VERIFIER_TOKEN = "verifier-secret"
-EDGE_TOKEN = "edge-secret"
-EDGE_AUTH = (("authorization", f"Bearer {EDGE_TOKEN}"),)
 PROMPTS = (
     "The edge drafts a few tokens",
     "def verify(block):\n",
@@ -55,114 +42,14 @@ PROMPTS = (
 )
 
 
-# ---------------------------------------------------------------- subprocesses
-
-
-class Server:
-    """A server subprocess started with its LISTENING line parsed (address = 'host:port')."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            # One intra-op thread per process: several processes share this host's few cores,
-            # and a parallel region waiting on a descheduled thread costs a scheduler tick.
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.address: str | None = None
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_listening(self) -> str:
-        try:
-            line = self._lines.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            line = None
-        if line is None or not line.startswith("LISTENING "):
-            self.stop()
-            raise RuntimeError(f"server did not start: {line!r}; see {self.log.name}")
-        self.address = line.split()[1]
-        return self.address
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=DEADLINE_S)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
-
-
-def verifier_args(target_dir: Path) -> list[str]:
-    return ["edgespec.cloud.server", "--target", str(target_dir), "--token", VERIFIER_TOKEN]
-
-
 @pytest.fixture(scope="module")
-def servers(tiny_pair, tmp_path_factory) -> Iterator[dict[str, Server]]:
-    """'main': the shared verifier; 'victim': a verifier the failover test kills; 'edge': an
-    Edge server (bearer token EDGE_TOKEN) over 'main'. Started in parallel."""
-    logs = tmp_path_factory.mktemp("server_logs")
-    started = {
-        "main": Server(verifier_args(tiny_pair.target_dir), logs / "main.log"),
-        "victim": Server(verifier_args(tiny_pair.target_dir), logs / "victim.log"),
-    }
-    try:
-        main_address = started["main"].wait_listening()
-        started["edge"] = Server(
-            [
-                "edgespec.edge.server",
-                "--draft",
-                str(tiny_pair.draft_dir),
-                "--verifier",
-                main_address,
-                "--token",
-                EDGE_TOKEN,
-                "--verifier-token",
-                VERIFIER_TOKEN,
-            ],
-            logs / "edge.log",
-        )
-        started["victim"].wait_listening()
-        started["edge"].wait_listening()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
-
-
-@pytest.fixture(scope="module")
-def emulator(servers) -> Iterator[LinkEmulator]:
+def real_link(servers) -> Iterator[LinkEmulator]:
+    """The TCP link emulator in front of the 'main' verifier subprocess (RTT 0; tests set their own
+    profile)."""
     host, port = servers["main"].address.rsplit(":", 1)
     emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=0)).start()
     yield emu
     emu.stop()
-
-
-@pytest.fixture(scope="module")
-def draft(tiny_pair):
-    """(draft model, tokenizer), loaded once; each test builds its own EdgeEngine over them."""
-    model = ModelRunner.from_pretrained(tiny_pair.draft_dir, device="cpu").model
-    return model, load_tokenizer(tiny_pair.draft_dir)
-
-
-@pytest.fixture(scope="module")
-def target(tiny_pair) -> ModelRunner:
-    return ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu")
 
 
 def make_engine(draft, verifiers, **link_kwargs) -> EdgeEngine:
@@ -210,13 +97,13 @@ async def run_collecting(engine: EdgeEngine, prompt, params, k, on_first_tokens=
 
 
 @pytest.mark.parametrize("rtt_ms", [0, 50])
-def test_greedy_output_equals_target_alone(rtt_ms, draft, target, emulator):
-    emulator.set_profile(LinkProfile(rtt_ms=rtt_ms))
+def test_greedy_output_equals_target_alone(rtt_ms, draft, target, real_link):
+    real_link.set_profile(LinkProfile(rtt_ms=rtt_ms))
     tokenizer = draft[1]
     params = SamplingParams(max_new_tokens=16)
 
     async def body() -> None:
-        engine = make_engine(draft, [emulator.address])
+        engine = make_engine(draft, [real_link.address])
         try:
             for prompt in PROMPTS:
                 expected = reference(target, tokenizer, prompt, params)
@@ -239,7 +126,7 @@ def test_greedy_output_equals_target_alone(rtt_ms, draft, target, emulator):
                     assert stats.rounds == len(stats.draft_lengths) >= 16 / (k + 1)
                     assert stats.accepted + stats.rounds >= 16  # every output token verified
                     assert stats.bytes_sent > 0 and stats.bytes_received > 0
-                    assert stats.verifier == emulator.address
+                    assert stats.verifier == real_link.address
                     # The emulator holds each direction rtt/2: a lower bound, never wall-clock.
                     assert stats.rtt_ms_mean >= 0.95 * rtt_ms
         finally:
@@ -248,8 +135,8 @@ def test_greedy_output_equals_target_alone(rtt_ms, draft, target, emulator):
     asyncio.run(body())
 
 
-def test_stop_token_ends_output_like_target_alone(draft, target, emulator):
-    emulator.set_profile(LinkProfile(rtt_ms=0))
+def test_stop_token_ends_output_like_target_alone(draft, target, real_link):
+    real_link.set_profile(LinkProfile(rtt_ms=0))
     tokenizer = draft[1]
     prompt = PROMPTS[0]
     full = reference(target, tokenizer, prompt, SamplingParams(max_new_tokens=24))
@@ -257,7 +144,7 @@ def test_stop_token_ends_output_like_target_alone(draft, target, emulator):
     params = SamplingParams(max_new_tokens=24, stop_token_ids=(stop,))
     expected = full[: full.index(stop) + 1]
     streamed, summary = asyncio.run(
-        run_collecting(make_engine(draft, [emulator.address]), prompt, params, k=4)
+        run_collecting(make_engine(draft, [real_link.address]), prompt, params, k=4)
     )
     assert summary.finish_reason == "stop"
     assert summary.tokens == streamed == expected
@@ -287,14 +174,14 @@ def _sample_first_tokens(draft, address, prompt_ids, params, runs, k, n_tokens):
     return asyncio.run(body())
 
 
-def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, emulator):
+def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, real_link):
     """top_k=8: the draft sends sparse q. Token 1 and token 2 marginals against the exact ones."""
-    emulator.set_profile(LinkProfile(rtt_ms=0))
+    real_link.set_profile(LinkProfile(rtt_ms=0))
     prompt = [1, 2, 3]
     params = {"temperature": 1.0, "top_k": 8, "max_new_tokens": 2}
     sp = SamplingParams(**params)
     runs = 600
-    samples = _sample_first_tokens(draft, emulator.address, prompt, params, runs, k=3, n_tokens=2)
+    samples = _sample_first_tokens(draft, real_link.address, prompt, params, runs, k=3, n_tokens=2)
     p1 = logits_to_probs(target.prefill(prompt), sp)  # (V,)
     p2 = torch.zeros_like(p1)  # marginal of token 2: sum over token 1
     for x1 in torch.nonzero(p1).flatten().tolist():
@@ -307,13 +194,13 @@ def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, emula
         assert chi_square_p(counts, probs, runs) > 1e-3, f"token {i + 1}"
 
 
-def test_sampled_first_token_follows_target_distribution_dense_q(draft, target, emulator):
+def test_sampled_first_token_follows_target_distribution_dense_q(draft, target, real_link):
     """No truncation: the draft sends dense q (k, V) rows."""
-    emulator.set_profile(LinkProfile(rtt_ms=0))
+    real_link.set_profile(LinkProfile(rtt_ms=0))
     prompt = [1, 2, 3]
     params = {"temperature": 1.5, "max_new_tokens": 3}
     runs = 400
-    samples = _sample_first_tokens(draft, emulator.address, prompt, params, runs, k=2, n_tokens=1)
+    samples = _sample_first_tokens(draft, real_link.address, prompt, params, runs, k=2, n_tokens=1)
     probs = logits_to_probs(target.prefill(prompt), SamplingParams(**params))  # (V,)
     counts: dict[int, int] = {}
     for (t,) in samples:
@@ -339,22 +226,22 @@ def test_verifier_killed_mid_generation_fails_over_to_next(draft, target, server
     assert summary.stats.verifier == backup.address
 
 
-def test_cut_link_reconnects_after_restore(draft, target, emulator):
-    emulator.set_profile(LinkProfile(rtt_ms=0))
+def test_cut_link_reconnects_after_restore(draft, target, real_link):
+    real_link.set_profile(LinkProfile(rtt_ms=0))
     params = SamplingParams(max_new_tokens=32)
     prompt = PROMPTS[0]
     expected = reference(target, draft[1], prompt, params)
 
     def cut() -> None:
-        emulator.cut()
-        asyncio.get_running_loop().call_later(0.3, emulator.restore)
+        real_link.cut()
+        asyncio.get_running_loop().call_later(0.3, real_link.restore)
 
     try:
         streamed, summary = asyncio.run(
-            run_collecting(make_engine(draft, [emulator.address]), prompt, params, 4, cut)
+            run_collecting(make_engine(draft, [real_link.address]), prompt, params, 4, cut)
         )
     finally:
-        emulator.restore()
+        real_link.restore()
     assert summary.tokens == streamed == expected
     assert summary.stats.reconnects >= 1
 
@@ -428,112 +315,3 @@ def test_unreachable_verifiers_end_in_a_clear_error(draft):
         asyncio.run(run_collecting(engine, [1, 2, 3], SamplingParams(max_new_tokens=4), 2))
     assert info.value.code == "UNAVAILABLE"
     assert isinstance(info.value.__cause__, LinkError)
-
-
-# ---------------------------------------------------------------- the Edge service
-
-
-@pytest.fixture(scope="module")
-def edge_stub(servers) -> Iterator[pb_grpc.EdgeStub]:
-    with grpc.insecure_channel(servers["edge"].address) as channel:
-        yield pb_grpc.EdgeStub(channel)
-
-
-def generate_rpc(
-    stub, request: pb.GenerateRequest, metadata=EDGE_AUTH
-) -> list[pb.GenerateResponse]:
-    return list(stub.Generate(request, timeout=DEADLINE_S, metadata=metadata))
-
-
-def test_edge_service_streams_target_alone_output(edge_stub, draft, target):
-    params = SamplingParams(max_new_tokens=20)
-    prompt = PROMPTS[0]
-    expected = reference(target, draft[1], prompt, params)
-    request = pb.GenerateRequest(
-        prompt=prompt, params=params_to_proto(params), policy="fixed", draft_tokens=3
-    )
-    responses = generate_rpc(edge_stub, request)
-    *token_msgs, last = responses
-    assert last.WhichOneof("event") == "summary"
-    streamed = [t for m in token_msgs for t in m.tokens.ids]
-    assert streamed == list(last.summary.token_ids) == expected
-    assert "".join(m.text for m in token_msgs) == last.summary.text == draft[1].decode(expected)
-    stats = last.summary.stats
-    assert stats.rounds == len(stats.draft_lengths) > 0 and max(stats.draft_lengths) <= 3
-    assert stats.bytes_sent > 0 and stats.reconnects == 0
-    assert last.summary.finish_reason == "length"
-
-
-BAD_REQUESTS = [
-    ("empty prompt", pb.GenerateRequest(prompt=""), "prompt"),
-    ("no prompt", pb.GenerateRequest(), "prompt"),
-    ("empty ids", pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[])), "prompt_ids"),
-    ("id range", pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[5, 300])), "prompt_ids[1]"),
-    ("negative id", pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[-1])), "prompt_ids[0]"),
-    (
-        "temperature",
-        pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(temperature=-1, max_new_tokens=4)),
-        "params.temperature",
-    ),
-    (
-        "max_new_tokens",
-        pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=0)),
-        "params.max_new_tokens",
-    ),
-    (
-        "too long",
-        pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=100_000)),
-        "params.max_new_tokens",
-    ),
-    ("policy", pb.GenerateRequest(prompt="hi", policy="telepathy"), "policy"),
-    ("draft_tokens", pb.GenerateRequest(prompt="hi", draft_tokens=1000), "draft_tokens"),
-    ("negative k", pb.GenerateRequest(prompt="hi", draft_tokens=-2), "draft_tokens"),
-]
-
-
-@pytest.mark.parametrize(
-    ("name", "request_msg", "field"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
-)
-def test_edge_service_bad_input_names_field_and_keeps_serving(edge_stub, name, request_msg, field):
-    with pytest.raises(grpc.RpcError) as info:
-        generate_rpc(edge_stub, request_msg)
-    err = info.value
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, name
-    assert err.details().startswith(f"{field}: "), err.details()
-    assert ("edgespec-field", field) in tuple(err.trailing_metadata())
-    ok = pb.GenerateRequest(
-        prompt_ids=pb.TokenIds(ids=[1, 2, 3]), params=pb.SamplingParams(max_new_tokens=2)
-    )
-    assert generate_rpc(edge_stub, ok)[-1].summary.finish_reason == "length"
-
-
-def test_edge_service_auth_and_health(servers, edge_stub):
-    with pytest.raises(grpc.RpcError) as info:
-        generate_rpc(edge_stub, pb.GenerateRequest(prompt="hi"), metadata=())
-    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    with grpc.insecure_channel(servers["edge"].address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "edgespec.v1.Edge"):
-            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE_S)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-# ---------------------------------------------------------------- pure helpers
-
-
-def test_address_provider_cycles_and_validates():
-    nxt = make_address_provider(["a:1", "b:2"])
-    assert [nxt() for _ in range(3)] == ["a:1", "b:2", "a:1"]
-    for bad in ([], "a:1", ["nohostport"]):
-        with pytest.raises(ValueError, match="addresses"):
-            make_address_provider(bad)
-
-
-def test_text_stream_holds_back_split_characters(draft):
-    tokenizer = draft[1]
-    text = "naïve café ✓ done"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    stream = TextStream(tokenizer)
-    pieces = [stream.push([t]) for t in ids]
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
