@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from conftest import VerifierServerThread
 from prometheus_client import CollectorRegistry
+from support.servers import VerifierServerThread
 
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import VerifierConfig

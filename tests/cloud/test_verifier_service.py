@@ -1,12 +1,9 @@
-"""The Verifier service over real gRPC on 127.0.0.1, with a tiny random Llama target.
-
-Servers run in-process (a background event loop per server); clients are synchronous gRPC stubs
-and every call carries a deadline. One test starts `python -m edgespec.cloud.server` as a subprocess.
-"""
+"""The Verifier service over real gRPC on 127.0.0.1 with a tiny random Llama target: verdicts,
+health and reflection, resends and stale blocks, auth, session limits and expiry, TLS, and the
+`python -m edgespec.cloud.server` CLI (a subprocess)."""
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import signal
@@ -14,124 +11,36 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.certs import self_signed_cert
-from support.servers import VerifierServerThread
+from support.verifier_client import (
+    AUTH,
+    DEADLINE_S,
+    GREEDY,
+    PROMPT,
+    TOKEN,
+    VOCAB,
+    VerifyStream,
+    block,
+    open_session,
+    send_one,
+    target_continuation,
+)
 
-from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import (
-    INVALID_ARGUMENT,
-    NOT_FOUND,
-    Outcome,
-    ServiceError,
     VerifierConfig,
 )
 from edgespec.core.drafter import Drafter
-from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
-from edgespec.core.rejection import DraftProbs
 from edgespec.core.runner import ModelRunner
-from edgespec.core.session import DraftBlock
 from edgespec.core.verifier import Verifier
-from edgespec.protos.convert import FIELD_METADATA_KEY, block_to_proto, params_to_proto
+from edgespec.protos.convert import block_to_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 from edgespec.serving.tls import TlsConfig
-
-DEADLINE_S = 20.0  # every client call carries this deadline
-TOKEN = "s3cret-token"
-AUTH = (("authorization", f"Bearer {TOKEN}"),)
-PROMPT = [5, 17, 42, 99, 3, 250]
-VOCAB = 300  # tests/conftest.py TINY_VOCAB_SIZE
-GREEDY = SamplingParams(temperature=0.0, max_new_tokens=32)
-
-
-# ---------------------------------------------------------------- servers and clients
-
-
-class VerifyStream:
-    """One VerifyStream call driven block by block: `send` waits for that block's verdict."""
-
-    def __init__(self, stub: pb_grpc.VerifierStub, metadata=AUTH) -> None:
-        self._requests: queue.Queue[pb.DraftBlock | None] = queue.Queue()
-
-        def requests() -> Iterator[pb.DraftBlock]:
-            while (msg := self._requests.get()) is not None:
-                yield msg
-
-        self._call = stub.VerifyStream(requests(), timeout=DEADLINE_S, metadata=metadata)
-
-    def send(self, msg: pb.DraftBlock) -> pb.Verdict:
-        self._requests.put(msg)
-        return next(self._call)
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._call.cancel()
-
-    def __enter__(self) -> VerifyStream:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def send_one(stub, msg: pb.DraftBlock, metadata=AUTH) -> pb.Verdict:
-    """Send one block on a fresh stream; returns its verdict."""
-    with VerifyStream(stub, metadata=metadata) as stream:
-        return stream.send(msg)
-
-
-def open_session(stub, prefix=PROMPT, params=GREEDY, metadata=AUTH, **fields):
-    request = pb.OpenSessionRequest(prefix_ids=prefix, params=params_to_proto(params), **fields)
-    return stub.OpenSession(request, timeout=DEADLINE_S, metadata=metadata)
-
-
-def block(session_id: str, seq: int, base_len: int, tokens, draft_probs=None) -> pb.DraftBlock:
-    return block_to_proto(DraftBlock(seq, base_len, tuple(tokens), draft_probs), session_id)
-
-
-@pytest.fixture(scope="module")
-def target_model(tiny_pair):
-    return ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
-
-
-@pytest.fixture(scope="module")
-def start_server(target_model) -> Iterator[Callable[..., VerifierServerThread]]:
-    """Factory: start_server(config=None, **serve_kwargs); every server stops at module end."""
-    started: list[VerifierServerThread] = []
-
-    def start(config: VerifierConfig | None = None, **serve_kwargs) -> VerifierServerThread:
-        config = config or VerifierConfig(model_id="tiny-target", max_block_tokens=8)
-        server = VerifierServerThread(VerifierEngine(target_model, config), **serve_kwargs)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def server(start_server) -> VerifierServerThread:
-    """The shared server: bearer token required, max_block_tokens 8."""
-    return start_server(token=TOKEN)
-
-
-@pytest.fixture
-def stub(server) -> Iterator[pb_grpc.VerifierStub]:
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.VerifierStub(channel)
-
-
-def target_continuation(model, prompt, params) -> list[int]:
-    return generate_autoregressive(ModelRunner(model), prompt, params).tokens
-
 
 # ---------------------------------------------------------------- happy paths
 
@@ -221,204 +130,6 @@ class _MetadataInterceptor(grpc.StreamStreamClientInterceptor):
     def intercept_stream_stream(self, continuation, details, request_iterator):
         details = details._replace(metadata=self._metadata, timeout=DEADLINE_S)
         return continuation(details, request_iterator)
-
-
-# ---------------------------------------------------------------- bad input, keep serving
-
-
-def _open(**fields) -> Callable[[pb_grpc.VerifierStub], object]:
-    base = {"prefix_ids": PROMPT, "params": params_to_proto(GREEDY)}
-    base.update(fields)
-    return lambda stub: stub.OpenSession(
-        pb.OpenSessionRequest(**base), timeout=DEADLINE_S, metadata=AUTH
-    )
-
-
-def _params(**fields) -> pb.SamplingParams:
-    msg = params_to_proto(GREEDY)
-    for name, value in fields.items():
-        setattr(msg, name, value)
-    return msg
-
-
-def _verify(
-    make_block: Callable[[str], pb.DraftBlock], params: SamplingParams = GREEDY, **open_fields
-) -> Callable[[pb_grpc.VerifierStub], object]:
-    """Open a fresh session, then send the one block make_block(session_id) builds."""
-
-    def run(stub):
-        opened = open_session(stub, params=params, **open_fields)
-        return send_one(stub, make_block(opened.session_id))
-
-    return run
-
-
-SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=32, seed=3)
-UNIFORM_Q = DraftProbs.dense(torch.full((2, VOCAB), 1.0 / VOCAB))
-
-
-def _dense(sid: str, values: list[float]) -> pb.DraftBlock:
-    msg = pb.DraftBlock(session_id=sid, seq=0, base_len=len(PROMPT), tokens=[1, 2])
-    msg.probs.dense.probs.extend(values)
-    return msg
-
-
-def _sparse(sid: str, row_lengths, ids, probs) -> pb.DraftBlock:
-    msg = pb.DraftBlock(session_id=sid, seq=0, base_len=len(PROMPT), tokens=[1, 2])
-    msg.probs.sparse.row_lengths.extend(row_lengths)
-    msg.probs.sparse.ids.extend(ids)
-    msg.probs.sparse.probs.extend(probs)
-    return msg
-
-
-BAD_INPUTS = {
-    # OpenSession
-    "empty prefix": (_open(prefix_ids=[]), INVALID_ARGUMENT, "prefix_ids"),
-    "prefix id >= vocab": (_open(prefix_ids=[1, 2, 3, 300]), INVALID_ARGUMENT, "prefix_ids[3]"),
-    "negative prefix id": (_open(prefix_ids=[1, -4]), INVALID_ARGUMENT, "prefix_ids[1]"),
-    "prefix too long": (_open(prefix_ids=[1] * 600), INVALID_ARGUMENT, "prefix_ids"),
-    "params unset": (_open(params=None), INVALID_ARGUMENT, "params"),
-    "temperature nan": (
-        _open(params=_params(temperature=math.nan)),
-        INVALID_ARGUMENT,
-        "params.temperature",
-    ),
-    "top_p > 1": (_open(params=_params(top_p=1.5)), INVALID_ARGUMENT, "params.top_p"),
-    "top_k < 0": (_open(params=_params(top_k=-1)), INVALID_ARGUMENT, "params.top_k"),
-    "max_new_tokens 0": (
-        _open(params=_params(max_new_tokens=0)),
-        INVALID_ARGUMENT,
-        "params.max_new_tokens",
-    ),
-    "max_new_tokens past positions": (
-        _open(params=_params(max_new_tokens=600)),
-        INVALID_ARGUMENT,
-        "params.max_new_tokens",
-    ),
-    "seed >= 2**63": (_open(params=_params(seed=2**63)), INVALID_ARGUMENT, "params.seed"),
-    "generated >= prefix": (_open(generated=len(PROMPT)), INVALID_ARGUMENT, "generated"),
-    "unknown model": (_open(model_id="llama-70b"), "NOT_FOUND", "model_id"),
-    # VerifyStream
-    "unknown session": (
-        lambda stub: send_one(stub, pb.DraftBlock(session_id="nope", seq=0, base_len=6)),
-        "NOT_FOUND",
-        "session_id",
-    ),
-    "first block without session": (
-        lambda stub: send_one(stub, pb.DraftBlock(seq=0, base_len=6)),
-        INVALID_ARGUMENT,
-        "session_id",
-    ),
-    "k > max_block_tokens": (
-        _verify(lambda s: block(s, 0, 6, [1] * 9)),
-        INVALID_ARGUMENT,
-        "tokens",
-    ),
-    "draft token >= vocab": (
-        _verify(lambda s: block(s, 0, 6, [1, 300])),
-        INVALID_ARGUMENT,
-        "tokens[1]",
-    ),
-    "negative draft token": (
-        _verify(lambda s: pb.DraftBlock(session_id=s, seq=0, base_len=6, tokens=[-1])),
-        INVALID_ARGUMENT,
-        "tokens[0]",
-    ),
-    "base_len 0": (
-        _verify(lambda s: pb.DraftBlock(session_id=s, seq=0, base_len=0, tokens=[1])),
-        INVALID_ARGUMENT,
-        "base_len",
-    ),
-    "more tokens than max_new_tokens allows": (
-        _verify(lambda s: block(s, 0, 6, [1, 2, 3]), params=SamplingParams(max_new_tokens=3)),
-        INVALID_ARGUMENT,
-        "tokens",
-    ),
-    "sampling block without probs": (
-        _verify(lambda s: block(s, 0, 6, [1, 2]), params=SAMPLING),
-        INVALID_ARGUMENT,
-        "probs",
-    ),
-    "dense probs of the wrong size": (
-        _verify(lambda s: _dense(s, [0.5] * 3), params=SAMPLING),
-        INVALID_ARGUMENT,
-        "probs.dense.probs",
-    ),
-    "dense probs of the wrong vocab": (
-        _verify(lambda s: _dense(s, [0.5] * 4), params=SAMPLING),
-        INVALID_ARGUMENT,
-        "probs",
-    ),
-    "negative probs": (
-        _verify(lambda s: _dense(s, [-0.5, 1.5] + [0.0] * (2 * VOCAB - 2)), params=SAMPLING),
-        INVALID_ARGUMENT,
-        "probs",
-    ),
-    "probs not summing to 1": (
-        _verify(lambda s: _dense(s, [0.9 / VOCAB] * (2 * VOCAB)), params=SAMPLING),
-        INVALID_ARGUMENT,
-        "probs",
-    ),
-    "probs for an empty block": (
-        _verify(
-            lambda s: pb.DraftBlock(
-                session_id=s,
-                seq=0,
-                base_len=6,
-                probs=pb.DraftProbs(dense=pb.DenseProbs(probs=[1.0])),
-            )
-        ),
-        INVALID_ARGUMENT,
-        "probs",
-    ),
-    "sparse row_lengths of the wrong count": (
-        _verify(lambda s: _sparse(s, [1], [1], [1.0]), params=SAMPLING),
-        INVALID_ARGUMENT,
-        "probs.sparse.row_lengths",
-    ),
-    "sparse lengths not matching ids": (
-        _verify(lambda s: _sparse(s, [1, 2], [1, 2], [1.0, 1.0]), params=SAMPLING),
-        INVALID_ARGUMENT,
-        "probs.sparse",
-    ),
-    "sparse id >= vocab": (
-        _verify(lambda s: _sparse(s, [1, 1], [1, 300], [1.0, 1.0]), params=SAMPLING),
-        INVALID_ARGUMENT,
-        "probs",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_names_the_field_and_service_keeps_serving(server, stub, case) -> None:
-    request, code, field = BAD_INPUTS[case]
-    with pytest.raises(grpc.RpcError) as info:
-        request(stub)
-    assert info.value.code() == grpc.StatusCode[code]
-    assert field in info.value.details()
-    # the field at fault also travels as a trailer, and the details start with it (once)
-    trailer = dict(info.value.trailing_metadata() or ()).get(FIELD_METADATA_KEY)
-    assert trailer is not None and trailer.startswith(field), trailer
-    assert info.value.details().startswith(trailer), info.value.details()
-    # the next valid request is served
-    _assert_serves(stub)
-
-
-def _assert_serves(stub) -> None:
-    opened = open_session(stub, params=SAMPLING)
-    with VerifyStream(stub) as stream:
-        verdict = stream.send(block(opened.session_id, 0, len(PROMPT), [1, 2], UNIFORM_Q))
-    assert verdict.outcome == pb.Verdict.APPLIED
-    assert verdict.committed_len == len(PROMPT) + verdict.accepted + 1
-
-
-def test_error_details_state_the_allowed_range(stub) -> None:
-    with pytest.raises(grpc.RpcError) as info:
-        _open(prefix_ids=[1, 2, 3, 300])(stub)
-    assert "prefix_ids[3] must be a token id in [0, 300), got 300" in info.value.details()
-    with pytest.raises(grpc.RpcError) as info:
-        _verify(lambda s: block(s, 0, 6, [1] * 9))(stub)
-    assert "max_block_tokens=8" in info.value.details() and "got 9" in info.value.details()
 
 
 # ---------------------------------------------------------------- resends and stale blocks
@@ -580,6 +291,7 @@ def test_tls_with_token(start_server, tmp_path) -> None:
         assert verdict.outcome == pb.Verdict.APPLIED
 
 
+@pytest.mark.slow  # a server subprocess: ~15 s on 2 cores
 def test_cli_prints_listening_serves_and_stops_on_sigterm(tiny_pair) -> None:
     env = dict(os.environ)
     proc = subprocess.Popen(
@@ -628,55 +340,3 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
         return lines.get(timeout=timeout).strip()
     except queue.Empty:
         raise AssertionError(f"no LISTENING line within {timeout} s") from None
-
-
-# ---------------------------------------------------------------- the engine, directly
-
-
-def test_engine_errors_carry_code_and_field(target_model) -> None:
-    engine = VerifierEngine(target_model, VerifierConfig(max_block_tokens=4))
-    with pytest.raises(ServiceError) as info:
-        engine.open_session([1, 2, 999], GREEDY)
-    assert (info.value.code, info.value.field) == (INVALID_ARGUMENT, "prefix_ids[2]")
-    with pytest.raises(ServiceError) as info:
-        engine.verify("missing", DraftBlock(0, 1, (1,)))
-    assert (info.value.code, info.value.field) == (NOT_FOUND, "session_id")
-    opened = engine.open_session(PROMPT, GREEDY)
-    result = engine.verify(opened.session_id, DraftBlock(0, len(PROMPT), (1, 2)))
-    assert result.outcome is Outcome.APPLIED and result.verdict is not None
-    stale = engine.verify(opened.session_id, DraftBlock(1, len(PROMPT), (1, 2)))
-    assert stale.outcome is Outcome.STALE and stale.verdict is None
-    stats = engine.stats()
-    assert (stats.sessions, stats.applied, stats.stale, stats.drafted) == (1, 1, 1, 2)
-
-
-def test_greedy_block_with_probs_is_validated_then_ignored(target_model) -> None:
-    engine = VerifierEngine(target_model)
-    cont = target_continuation(target_model, PROMPT, GREEDY)
-    sid = engine.open_session(PROMPT, GREEDY).session_id
-    q = DraftProbs.dense(torch.full((3, VOCAB), 1.0 / VOCAB))
-    result = engine.verify(sid, DraftBlock(0, len(PROMPT), tuple(cont[:3]), q))
-    assert result.verdict is not None and result.verdict.accepted == 3
-    bad = DraftProbs.dense(torch.full((2, VOCAB), 2.0 / VOCAB))
-    with pytest.raises(ServiceError) as info:
-        engine.verify(sid, DraftBlock(1, len(PROMPT) + 4, tuple(cont[4:6]), bad))
-    assert info.value.field == "probs"
-
-
-@pytest.mark.parametrize(
-    ("fields", "needle"),
-    [
-        ({"max_sessions": 0}, "max_sessions"),
-        ({"max_block_tokens": True}, "max_block_tokens"),
-        ({"session_idle_ttl_s": math.nan}, "session_idle_ttl_s"),
-        ({"max_prefix_tokens": 0}, "max_prefix_tokens"),
-    ],
-)
-def test_config_validation(fields, needle) -> None:
-    with pytest.raises(ValueError, match=needle):
-        VerifierConfig(**fields)
-
-
-def test_max_prefix_tokens_must_fit_the_model(target_model) -> None:
-    with pytest.raises(ValueError, match="max_prefix_tokens must be <= 511"):
-        VerifierEngine(target_model, VerifierConfig(max_prefix_tokens=512))

@@ -26,11 +26,11 @@ import sys
 import grpc
 import numpy as np
 import pytest
-from conftest import VerifierServerThread
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from support.servers import VerifierServerThread
 
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import VerifierConfig
@@ -56,7 +56,7 @@ FUZZ = settings(
     database=None,
 )
 DEADLINE_S = 20.0
-VOCAB = 300  # conftest TINY_VOCAB_SIZE
+VOCAB = 300  # support.tiny_models TINY_VOCAB_SIZE
 ALLOWED = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
