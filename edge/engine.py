@@ -49,7 +49,7 @@ from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.detokenize import TextStream
 from edgespec.edge.grpc_link import GrpcLinks
 from edgespec.edge.link_memory import LinkMemory, sampling_regime
-from edgespec.edge.prompts import check_length, encode_prompt
+from edgespec.edge.prompts import check_length, check_stop_ids, encode_prompt
 from edgespec.edge.records import EdgeStats, GenerateEvent, SummaryEvent, TokensEvent
 from edgespec.edge.recovery import EdgeError, Recovery
 from edgespec.edge.session_loop import SessionLoop
@@ -211,6 +211,7 @@ class EdgeEngine:
             return self.make_policy(policy, k, pipelined, memory)
 
         check_length(prompt_ids, params, self.max_length)
+        check_stop_ids(params, self.vocab_size)
         if self.active_sessions >= self.config.max_sessions:
             raise EdgeError(
                 "RESOURCE_EXHAUSTED",

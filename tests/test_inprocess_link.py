@@ -9,11 +9,11 @@ import asyncio
 import pytest
 
 from edgespec.cloud.verifier import VerifierConfig, VerifierEngine
+from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from edgespec.core.session import Drafter
 from edgespec.edge.config import EngineConfig
 from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.inprocess_link import InProcessLinks, InProcessVerifierLink
