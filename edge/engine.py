@@ -216,6 +216,7 @@ class EdgeEngine:
             raise EdgeError(
                 "RESOURCE_EXHAUSTED",
                 f"edge is serving max_sessions={self.config.max_sessions} sessions; retry later",
+                retry_after_ms=self.recovery.retry_after_ms,
             )
         self.active_sessions += 1
         session_key = uuid.uuid4().hex[:12]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -114,22 +115,37 @@ class Stack:
 
 
 def inject_forward_fault(
-    model: torch.nn.Module, fault: str = "raise", min_len: int = 9
+    model: torch.nn.Module,
+    fault: str = "raise",
+    min_len: int = 9,
+    *,
+    prefill: bool = False,
+    delay_s: float = 0.5,
 ) -> torch.nn.Module:
-    """A copy of a real causal LM whose forward fails deterministically on every call over
-    fewer than `min_len` new tokens (the blocks; a prompt's prefill is longer and succeeds):
-    `fault` "raise" raises RuntimeError, "nan" returns NaN logits."""
+    """A copy of a real causal LM whose forward misbehaves deterministically on every call over
+    fewer than `min_len` new tokens (the blocks; a prompt's prefill is longer), or, with
+    `prefill`, on every call over `min_len` tokens or more: `fault` "raise" raises RuntimeError,
+    "nan" returns NaN logits, "slow" sleeps `delay_s` first. The copy's `started` event is set
+    whenever such a call starts."""
     faulty = copy.deepcopy(model)
     real_forward = faulty.forward
+    started = threading.Event()
 
+    @functools.wraps(real_forward)  # keeps the signature the runner inspects
     def forward(*args: Any, **kwargs: Any) -> Any:
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
-        out = real_forward(*args, **kwargs)
-        if input_ids.shape[-1] < min_len:
-            if fault == "raise":
+        hit = (input_ids.shape[-1] >= min_len) if prefill else (input_ids.shape[-1] < min_len)
+        if hit:
+            started.set()
+            if fault == "slow":
+                time.sleep(delay_s)
+            elif fault == "raise":
                 raise RuntimeError("injected target fault")
+        out = real_forward(*args, **kwargs)
+        if hit and fault == "nan":
             out.logits = torch.full_like(out.logits, float("nan"))
         return out
 
     faulty.forward = forward  # instance attribute: nn.Module.__call__ calls it
+    faulty.started = started
     return faulty
