@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,7 @@ class EdgeEngine:
         k: int | None = None,
         policy: str | DraftLengthPolicy | None = None,
         pipelined: bool | None = None,
-    ) -> AsyncIterator[GenerateEvent]:
+    ) -> AsyncGenerator[GenerateEvent, None]:
         """Generate for one prompt: yields `TokensEvent`s, then one `SummaryEvent`.
 
         `policy`: a name in `policy_names()` (None/'' = EngineConfig.default_policy) or a policy
