@@ -27,7 +27,7 @@ from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 EXAMPLES = int(os.environ.get("EDGESPEC_FUZZ_EXAMPLES", "150"))
-CALL_DEADLINE_S = 20.0
+CALL_DEADLINE_S = 60.0  # generous: a loaded CI box runs a 64-token generation slowly
 VOCAB = 300
 INT32 = (-(2**31), 2**31 - 1)
 # Statuses a request may get besides OK; INVALID_ARGUMENT must name the field.
@@ -102,7 +102,7 @@ def requests(draw) -> pb.GenerateRequest:
     elif which == "long_ids":
         n = draw(st.sampled_from([200, 511, 512, 600, 5000]))
         msg.prompt_ids.ids.extend([7] * n)
-    if draw(st.booleans()):
+    if draw(st.integers(0, 7)) != 7:  # unset params (64 new tokens) now and then
         p = msg.params
         p.temperature = draw(_mostly(st.floats(0.0, 2.0), _floats()))
         p.top_k = draw(_mostly(st.integers(0, 400), _ints(*INT32)))
