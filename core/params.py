@@ -13,7 +13,10 @@ from typing import Any
 from edgespec.core.validation import check_float, check_int, is_int
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 so they fit a signed 64-bit wire field
+SEED_LIMIT = 2**64  # seeds are 0 <= seed < 2**64: the wire's uint64 range
+# float32's smallest positive value (a subnormal). Logits are float32, so a temperature below it
+# would divide by 0 there: such a temperature is greedy (the limit of sampling as t -> 0).
+FLOAT32_TINY = 2.0**-149
 
 
 @dataclass(frozen=True)
@@ -25,18 +28,23 @@ class SamplingParams:
     `1.0`, a list of stop ids becomes a tuple) so equal params compare equal.
     """
 
-    temperature: float = 0.0  # 0 => greedy (argmax); else logits are divided by it
+    # 0 => greedy (argmax); else logits are divided by it. A value below FLOAT32_TINY is read
+    # as 0 (greedy).
+    temperature: float = 0.0
     top_k: int = 0  # keep the k most likely tokens; 0 => disabled
-    top_p: float = 1.0  # keep the smallest set with mass >= top_p, in (0, 1]; 1 => disabled
+    # keep the smallest set with mass >= top_p, in (0, 1]; 1 => disabled; the top token is
+    # always kept (a top_p too small for float32 keeps only it)
+    top_p: float = 1.0
     max_new_tokens: int = 64  # generated tokens at most, 1..1_000_000
-    seed: int | None = None  # None => nondeterministic; else 0 <= seed < 2**63
+    seed: int | None = None  # None => nondeterministic; else 0 <= seed < 2**64
     stop_token_ids: tuple[int, ...] = ()  # generation stops after emitting any of these
 
     def __post_init__(self) -> None:
         # frozen: normalised values are written back with object.__setattr__.
         set_ = object.__setattr__
         # int bounds: the message reads "in (0, 1]", not "in (0.0, 1.0]"
-        set_(self, "temperature", check_float("temperature", self.temperature, 0))
+        temperature = check_float("temperature", self.temperature, 0)
+        set_(self, "temperature", 0.0 if temperature < FLOAT32_TINY else temperature)
         set_(self, "top_p", check_float("top_p", self.top_p, 0, 1, lo_open=True))
         set_(self, "top_k", check_int("top_k", self.top_k, 0))
         max_new = check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)

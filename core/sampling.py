@@ -62,19 +62,21 @@ def _top_p_mask(scaled: Tensor, candidates: Tensor, top_p: float) -> Tensor:
     mass_before = torch.cumsum(candidate_probs, dim=-1) - candidate_probs  # of better tokens
     # A token is in the nucleus while the tokens before it hold less than top_p; the first
     # token has mass_before == 0 < top_p, so at least one token is always kept.
-    n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True)  # (..., 1), >= 1
+    # clamp: a top_p below float32's smallest value compares as 0, which keeps nothing.
+    n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)  # (..., 1)
     threshold = candidates.gather(-1, n_keep - 1)  # (..., 1): the smallest logit kept
     return scaled.masked_fill(scaled < threshold, float("-inf"))
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator on `device`, seeded with `seed`, or from OS entropy when seed is None."""
+    """A torch.Generator on `device`, seeded with `seed` (an int in [0, 2**64), which
+    `torch.Generator.manual_seed` takes as is), or from OS entropy when seed is None."""
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
         return generator
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+        raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
     generator.manual_seed(seed)
     return generator
 

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.detokenize import TextStream
 from edgespec.edge.grpc_link import GrpcLinks
 from edgespec.edge.link_memory import LinkMemory, sampling_regime
-from edgespec.edge.prompts import check_length, encode_prompt
+from edgespec.edge.prompts import check_length, check_stop_ids, encode_prompt
 from edgespec.edge.records import EdgeStats, GenerateEvent, SummaryEvent, TokensEvent
 from edgespec.edge.recovery import EdgeError, Recovery
 from edgespec.edge.session_loop import SessionLoop
@@ -187,7 +187,7 @@ class EdgeEngine:
         k: int | None = None,
         policy: str | DraftLengthPolicy | None = None,
         pipelined: bool | None = None,
-    ) -> AsyncIterator[GenerateEvent]:
+    ) -> AsyncGenerator[GenerateEvent, None]:
         """Generate for one prompt: yields `TokensEvent`s, then one `SummaryEvent`.
 
         `policy`: a name in `policy_names()` (None/'' = EngineConfig.default_policy) or a policy
@@ -211,10 +211,12 @@ class EdgeEngine:
             return self.make_policy(policy, k, pipelined, memory)
 
         check_length(prompt_ids, params, self.max_length)
+        check_stop_ids(params, self.vocab_size)
         if self.active_sessions >= self.config.max_sessions:
             raise EdgeError(
                 "RESOURCE_EXHAUSTED",
                 f"edge is serving max_sessions={self.config.max_sessions} sessions; retry later",
+                retry_after_ms=self.recovery.retry_after_ms,
             )
         self.active_sessions += 1
         session_key = uuid.uuid4().hex[:12]

@@ -19,8 +19,8 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -156,10 +156,16 @@ class GrpcVerifierLink(VerifierLink):
         )
         stub = pb_grpc.VerifierStub(channel)
         t0 = time.perf_counter()
+        opening = asyncio.ensure_future(
+            stub.OpenSession(request, timeout=self.config.open_timeout_s, metadata=self._metadata)
+        )
         try:
-            response = await stub.OpenSession(
-                request, timeout=self.config.open_timeout_s, metadata=self._metadata
-            )
+            # shield: when our caller is cancelled (the client went away) the call goes on, and
+            # the session it opens is closed, not left to the verifier's idle TTL.
+            response = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            self._in_background(self._close_when_opened(opening, address, channel))
+            raise
         except grpc.aio.AioRpcError as err:
             raise self._rpc_failure("OpenSession", address, channel, err) from err
         open_ms = (time.perf_counter() - t0) * 1e3
@@ -213,16 +219,24 @@ class GrpcVerifierLink(VerifierLink):
         # The verifier learns the session from the stream's first block; later blocks omit it.
         request = block_to_proto(block, "" if self._stream_named else session.session_id)
         self._stream_named = True
+        # A status the verifier sent while this block was drafted (the loop may have been busy)
+        # lands first: a write on an ended call would fail locally and hide that status.
+        await asyncio.sleep(0)
+        if call.done():
+            code, details = await self._final_status(call)
+            raise self._stream_failure(
+                f"VerifyStream failed: {code.name}: {details}", code, details
+            )
         t_sent = time.perf_counter()
         try:
             await call.write(request)
-        except grpc.aio.AioRpcError as err:
-            raise self._rpc_failure("VerifyStream", session.address, self._channel, err) from err
-        except asyncio.InvalidStateError:
-            # Writing to a call that already ended: its status says why.
-            code = await call.code()
-            details = await call.details()
-            raise self._stream_failure(f"stream ended: {details}", code, details) from None
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The call ended under the write: the verifier answered a status (its last reply
+            # failed, and grpc replaces that status with a local INTERNAL "Internal error from
+            # Core") or the connection broke. Which one is unknown: retryable, like a broken
+            # stream; the caller retries without writing ahead, so a deterministic failure then
+            # shows its own status.
+            raise self._stream_failure("the stream ended while a block was written", None) from None
         return t_sent, self._counter.last_sent
 
     async def receive(self) -> Reply:
@@ -331,6 +345,10 @@ class GrpcVerifierLink(VerifierLink):
 
     # ---- internals ----------------------------------------------------------------------------
 
+    async def _final_status(self, call: grpc.aio.StreamStreamCall) -> tuple[grpc.StatusCode, str]:
+        """The status of a call that has ended."""
+        return await call.code(), (await call.details()) or ""
+
     def _expire(self, call: grpc.aio.StreamStreamCall) -> None:
         self._expired = True
         call.cancel()
@@ -351,8 +369,30 @@ class GrpcVerifierLink(VerifierLink):
                 err.code().name,
             )
 
+    async def _close_when_opened(
+        self, opening: asyncio.Future, address: str, channel: grpc.aio.Channel
+    ) -> None:
+        """Close the session of an OpenSession whose caller was cancelled, once it answers."""
+        try:
+            response = await opening
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            return  # nothing opened (or the loop is closing)
+        session = SessionInfo(
+            address=address,
+            session_id=response.session_id,
+            committed_len=response.committed_len,
+            max_block_tokens=response.max_block_tokens,
+            vocab_size=response.vocab_size,
+            model_id=response.model_id,
+            prefill_ms=response.prefill_ms,
+        )
+        await self._close_session(channel, session)
+
     def _abandon(self, *, discard_channel: bool) -> None:
-        """Drop the current stream; close its session in the background (the verifier may live)."""
+        """Drop the current stream and close its session in the background, whatever the
+        failure: the verifier may live and would otherwise hold the session until its idle TTL.
+        With `discard_channel` (the connection is suspect) the CloseSession goes over a fresh
+        channel to the same address; either way it is bounded by `close_timeout_s`."""
         call, session, channel = self._call, self.session, self._channel
         self._call = None
         self._channel = None
@@ -361,11 +401,14 @@ class GrpcVerifierLink(VerifierLink):
         if channel is not None and session is not None:
             if discard_channel:
                 self._pool.discard(session.address, channel)
-                # The session (if its verifier lives) is reaped by its idle TTL.
-            else:
-                task = asyncio.get_running_loop().create_task(self._close_session(channel, session))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                channel = self._pool.get(session.address)
+            self._in_background(self._close_session(channel, session))
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run clean-up `coro` as a task that `aclose` waits for."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _stream_failure(
         self, message: str, code: grpc.StatusCode | None, details: str = ""

@@ -1,5 +1,5 @@
-"""Checks of a generation request's prompt against the draft model (tokenizer, vocabulary,
-positions); each failure is a `FieldError` naming the request field."""
+"""Checks of a generation request's prompt and params against the draft model (tokenizer,
+vocabulary, positions); each failure is a `FieldError` naming the request field."""
 
 from __future__ import annotations
 
@@ -55,3 +55,15 @@ def check_length(prompt_ids: list[int], params: SamplingParams, max_length: int 
             f"params.max_new_tokens must be <= {room} for this {len(prompt_ids)}-token "
             f"prompt (draft max positions {max_length}), got {params.max_new_tokens}",
         )
+
+
+def check_stop_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Every stop token id is a token of the draft's vocabulary. Raises `FieldError`
+    ('params.stop_token_ids')."""
+    for t in params.stop_token_ids:
+        if not 0 <= t < vocab_size:
+            raise FieldError(
+                "params.stop_token_ids",
+                f"params.stop_token_ids must hold token ids in [0, {vocab_size}), got {t} in "
+                f"{list(params.stop_token_ids)}",
+            )

@@ -25,17 +25,27 @@ logger = logging.getLogger(__name__)
 
 class EdgeError(Exception):
     """Generation could not complete. `code` is a gRPC status name for the service to answer
-    ('UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'INVALID_ARGUMENT', 'FAILED_PRECONDITION', ...)."""
+    ('UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'INVALID_ARGUMENT', 'FAILED_PRECONDITION', 'INTERNAL',
+    ...); `retry_after_ms`, for RESOURCE_EXHAUSTED, how long a client should back off."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms
+
+
+# The verifier's refusals of the request itself, passed on to the client as they are.
+_PASSED_ON = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"})
+# The verifier failed by itself (its message says how): the client sees INTERNAL, not an outage.
+_VERIFIER_FAILED = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
 
 
 def edge_code(verifier_code: str) -> str:
     """Status the edge answers for a verifier's non-retryable refusal."""
-    if verifier_code in ("INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"):
+    if verifier_code in _PASSED_ON or verifier_code == "RESOURCE_EXHAUSTED":
         return verifier_code
+    if verifier_code in _VERIFIER_FAILED:
+        return "INTERNAL"
     # UNAUTHENTICATED / PERMISSION_DENIED etc.: the edge's own setup is wrong, not the caller's.
     return "UNAVAILABLE"
 
@@ -51,10 +61,21 @@ class Recovery:
     async def after_failure(
         self, err: LinkError, attempts: int, stats: EdgeStats, what: str
     ) -> None:
-        """Raise `EdgeError` when `err` is final or retries are spent; else back off."""
+        """Raise `EdgeError` when `err` is final or retries are spent; else back off.
+
+        The error says what happened: a verifier's own failure is INTERNAL with its message, a
+        full verifier (every attempt refused with RESOURCE_EXHAUSTED) is RESOURCE_EXHAUSTED with
+        a retry hint, verifiers that cannot be reached are UNAVAILABLE."""
         if not err.retryable:
-            raise EdgeError(edge_code(err.code or "INTERNAL"), str(err)) from err
+            raise EdgeError(edge_code(err.code or "INTERNAL"), f"{what}: {err}") from err
         if attempts > self.config.max_retries:
+            if err.code == "RESOURCE_EXHAUSTED":
+                raise EdgeError(
+                    "RESOURCE_EXHAUSTED",
+                    f"{what}: every verifier tried is full ({attempts} attempts); retry later; "
+                    f"last error: {err}",
+                    retry_after_ms=self.retry_after_ms,
+                ) from err
             raise EdgeError(
                 "UNAVAILABLE",
                 f"{what}: no verifier answered after {attempts} attempts; last error: {err}",
@@ -70,6 +91,11 @@ class Recovery:
             self.config.max_retries + 1,
         )
         await asyncio.sleep(delay)
+
+    @property
+    def retry_after_ms(self) -> int:
+        """The back-off hint sent with RESOURCE_EXHAUSTED: the longest retry backoff, >= 1 ms."""
+        return max(1, round(self.config.backoff_max_s * 1e3))
 
     def check_session(self, session: SessionInfo, params: SamplingParams) -> None:
         """Raise a final `LinkError` when sampling would need one vocabulary and has two."""

@@ -3,8 +3,11 @@
 `Generate` streams one `GenerateResponse` per batch of committed tokens, then the `Summary`.
 Bad input answers INVALID_ARGUMENT with details ``"<field>: <what is wrong>"`` and the field in
 the trailing metadata ``edgespec-field`` (empty prompt, bad params, unknown policy, draft_tokens
-out of range, prompt ids outside the vocabulary); a full edge answers RESOURCE_EXHAUSTED;
-verifiers that cannot complete the session answer UNAVAILABLE. The server also runs the standard
+out of range, prompt ids outside the vocabulary, stop ids outside it); a full edge, or verifiers
+that are all full, answer RESOURCE_EXHAUSTED with a back-off hint in the trailing metadata
+``edgespec-retry-after-ms``; verifiers that cannot be reached answer UNAVAILABLE; a verifier's
+own failure, and any unexpected failure of the edge itself, answer INTERNAL with the cause in the
+details (never UNKNOWN). The server also runs the standard
 health service (grpc.health.v1) and server reflection, and, given a token, refuses every other
 call without ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED).
 """
@@ -26,7 +29,7 @@ from edgespec.edge.channels import MAX_MESSAGE_BYTES
 from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import EdgeStats, SummaryEvent, TokensEvent
 from edgespec.edge.recovery import EdgeError
-from edgespec.protos.convert import FieldError, params_from_proto
+from edgespec.protos.convert import FIELD_METADATA_KEY, FieldError, params_from_proto
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 from edgespec.serving.auth import EDGE_EXEMPT, auth_interceptors
@@ -36,7 +39,7 @@ from edgespec.serving.tls import TlsConfig, bind
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Edge"].full_name  # "edgespec.v1.Edge"
-FIELD_METADATA_KEY = "edgespec-field"  # names the offending request field (see edgespec.errors)
+RETRY_AFTER_METADATA_KEY = "edgespec-retry-after-ms"  # with RESOURCE_EXHAUSTED: back off this long
 
 
 def stats_to_proto(stats: EdgeStats) -> pb.GenerateStats:
@@ -117,36 +120,54 @@ class EdgeServicer(pb_grpc.EdgeServicer):
                 else SamplingParams()
             )
             pipelined = request.pipelined if request.HasField("pipelined") else None
-            async for event in self.engine.generate(
+            events = self.engine.generate(
                 prompt, params, k=request.draft_tokens, policy=request.policy, pipelined=pipelined
-            ):
-                if isinstance(event, TokensEvent):
-                    yield pb.GenerateResponse(tokens=pb.TokenIds(ids=event.tokens), text=event.text)
-                elif isinstance(event, SummaryEvent):
-                    if self.metrics is not None:
-                        observe_summary(self.metrics, event)
-                        self.metrics.observe_links(self.engine.link_estimates())
-                    yield pb.GenerateResponse(
-                        summary=pb.Summary(
-                            finish_reason=event.finish_reason,
-                            token_ids=event.tokens,
-                            text=event.text,
-                            stats=stats_to_proto(event.stats),
-                        )
-                    )
+            )
+            # aclosing: a client that goes away closes the generation (and its verifier session)
+            # now, not when the abandoned generator is collected.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield self._response(event)
         except FieldError as err:
             if self.metrics is not None:
                 self.metrics.observe_error("INVALID_ARGUMENT")
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{err.field}: {err}",
+                # The .proto's convention: details start with the field path, named once.
+                str(err) if str(err).startswith(err.field) else f"{err.field}: {err}",
                 trailing_metadata=((FIELD_METADATA_KEY, err.field),),
             )
         except EdgeError as err:
             logger.warning("Generate failed: %s %s", err.code, err)
             if self.metrics is not None:
                 self.metrics.observe_error(err.code)
-            await context.abort(grpc.StatusCode[err.code], str(err))
+            trailers: tuple[tuple[str, str], ...] = ()
+            if err.retry_after_ms is not None:
+                trailers = ((RETRY_AFTER_METADATA_KEY, str(err.retry_after_ms)),)
+            await context.abort(grpc.StatusCode[err.code], str(err), trailing_metadata=trailers)
+        except Exception as err:  # noqa: BLE001 - a bug of the edge's own: say so, never UNKNOWN
+            logger.exception("Generate failed unexpectedly")
+            if self.metrics is not None:
+                self.metrics.observe_error("INTERNAL")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"edge internal error: {type(err).__name__}: {err}"
+            )
+
+    def _response(self, event: TokensEvent | SummaryEvent) -> pb.GenerateResponse:
+        """One generation event as a GenerateResponse (a summary is recorded in the metrics)."""
+        if isinstance(event, TokensEvent):
+            return pb.GenerateResponse(tokens=pb.TokenIds(ids=event.tokens), text=event.text)
+        if self.metrics is not None:
+            observe_summary(self.metrics, event)
+            self.metrics.observe_links(self.engine.link_estimates())
+        return pb.GenerateResponse(
+            summary=pb.Summary(
+                finish_reason=event.finish_reason,
+                token_ids=event.tokens,
+                text=event.text,
+                stats=stats_to_proto(event.stats),
+            )
+        )
 
 
 @dataclass

@@ -176,7 +176,9 @@ class SessionLoop:
         while True:
             try:
                 await self._ensure_sent(pending)
-                if self.pipelined:
+                # A retried round does not write ahead: a write racing a verifier's error status
+                # loses that status (see GrpcVerifierLink.send).
+                if self.pipelined and not self._round_failures:
                     await self._send_ahead()
                 reply = await self._receive_for(pending.seq)
                 if reply.more:
@@ -248,7 +250,8 @@ class SessionLoop:
         while d.pending is pending and not d.finished:
             try:
                 await self._ensure_sent(pending)
-                await self._send_decode_ahead()
+                if not self._round_failures:
+                    await self._send_decode_ahead()
                 reply = await self._receive_for(pending.seq)
             except LinkError as err:
                 await self._stream_broken(err, pending)

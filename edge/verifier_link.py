@@ -23,15 +23,15 @@ from edgespec.core.session import DraftBlock, Verdict
 from edgespec.edge.round_timing import RoundTiming, round_timing
 
 # Status names after which reopening the session (same or another verifier) may succeed: the
-# connection or the verifier failed, the session was reaped, or this verifier is full / has
-# another model. Everything else (INVALID_ARGUMENT, UNAUTHENTICATED, ...) would fail again.
+# connection or the verifier went away, a round's deadline passed, the session was reaped, or this
+# verifier is full / has another model. Everything else would fail again: a bad request
+# (INVALID_ARGUMENT, ...), bad credentials, and a verifier's own failure (INTERNAL, UNKNOWN), which
+# is deterministic as far as the edge can tell (the same prefix fails the same forward again).
 RETRYABLE_STATUSES = frozenset(
     {
         "UNAVAILABLE",
         "DEADLINE_EXCEEDED",
         "CANCELLED",
-        "UNKNOWN",
-        "INTERNAL",
         "ABORTED",
         "NOT_FOUND",
         "RESOURCE_EXHAUSTED",

@@ -39,9 +39,8 @@ import re
 
 import grpc
 
+from edgespec.protos.convert import FIELD_METADATA_KEY
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
-
-FIELD_METADATA_KEY = "edgespec-field"
 
 # "params.temperature", "prompt_ids[3]", "probs.sparse.row_lengths[0]", then ":", a space or the end.
 _FIELD_PREFIX = re.compile(

@@ -219,6 +219,6 @@ def test_make_generator():
     a, b = make_generator(7), make_generator(7)
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
     assert isinstance(make_generator(None), torch.Generator)
-    for bad in (-1, 2**63, 1.5, True):
+    for bad in (-1, 2**64, 1.5, True):
         with pytest.raises(ValueError, match="seed"):
             make_generator(bad)

@@ -36,7 +36,7 @@ INVALID = [
     ("max_new_tokens", False),
     ("max_new_tokens", math.nan),
     ("seed", -1),
-    ("seed", 2**63),
+    ("seed", 2**64),
     ("seed", 1.0),
     ("seed", True),
     ("seed", "7"),
@@ -71,6 +71,7 @@ VALID = [
     SamplingParams(temperature=0.7, top_k=50, top_p=0.9, max_new_tokens=1, seed=0),
     SamplingParams(temperature=2.0, top_p=1.0, max_new_tokens=1_000_000, seed=2**63 - 1),
     SamplingParams(temperature=1.0, stop_token_ids=(0, 2, 50256)),
+    SamplingParams(temperature=0.5, seed=2**64 - 1),
 ]
 
 

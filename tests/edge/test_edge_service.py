@@ -111,7 +111,9 @@ def test_edge_service_bad_input_names_field_and_keeps_serving(edge_stub, name, r
         generate_rpc(edge_stub, request_msg)
     err = info.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, name
-    assert err.details().startswith(f"{field}: "), err.details()
+    # The .proto's convention: the details start with the field path, named once.
+    assert err.details().startswith(field), err.details()
+    assert not err.details().startswith(f"{field}: {field}"), err.details()
     assert ("edgespec-field", field) in tuple(err.trailing_metadata())
     ok = pb.GenerateRequest(
         prompt_ids=pb.TokenIds(ids=[1, 2, 3]), params=pb.SamplingParams(max_new_tokens=2)

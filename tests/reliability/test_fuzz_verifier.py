@@ -410,11 +410,6 @@ def test_verdict_from_proto_returns_a_verdict_or_a_field_error(
 # ---------------------------------------------------------------- issue 11 item 4 (core)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 item 4: temperature/top_p in (0, float32 tiny) crash core sampling "
-    "(INTERNAL); remove this mark once core defines or refuses them",
-)
 @pytest.mark.parametrize("field", ["temperature", "top_p"])
 def test_tiny_sampling_parameters_are_not_internal(fuzz_server, channel, field) -> None:
     params = pb.SamplingParams(temperature=1.0, max_new_tokens=4, seed=1)
