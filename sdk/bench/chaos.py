@@ -202,6 +202,7 @@ async def _run(dep: LocalDeployment, config: ChaosConfig, refs: tuple) -> dict[s
         "replayed_blocks": chaos.replayed_before_kills + replayed_end,
         "restarts": {e["endpoint_id"]: e["restarts"] for e in endpoints},
         "all_serving_at_end": serving,
+        # every client session had ended then: what the verifiers still held had no owner
         "sessions_when_load_ended": at_end,
         "sessions_left": left,
         "sessions_settle_s": round(settle_s, 1),
@@ -256,6 +257,9 @@ def print_summary(result: dict[str, Any]) -> None:
         f"  identical to the target alone: {result['identical_outputs']}/{result['succeeded']}"
         f" (mismatches {result['mismatches']}); replayed blocks {result['replayed_blocks']}; "
         f"reconnects {result['reconnects']}"
+    )
+    print(
+        f"  sessions held when the load ended (no client left): {result['sessions_when_load_ended']}"
     )
     print(
         f"  sessions left: {result['sessions_left']} (after {result['sessions_settle_s']} s); "

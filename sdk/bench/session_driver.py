@@ -62,15 +62,23 @@ class Tally:
     failed: Counter[str] = field(default_factory=Counter)  # status code name -> count
     failed_without_status: Counter[str] = field(default_factory=Counter)  # exception type
     samples: dict[str, list[str]] = field(default_factory=dict)  # code -> first messages
+    # "CODE: first 80 characters of the details" -> count: which failures, not only how many
+    messages: Counter[str] = field(default_factory=Counter)
     mismatch_samples: list[dict[str, Any]] = field(default_factory=list)
     reconnects: int = 0
     tokens: int = 0
     in_flight: int = 0
 
-    def _sample(self, key: str, message: str) -> None:
+    def record_failure(self, key: str, edge: str, text: str) -> None:
+        """Count a failure under `key` (a status code name, or "no status: <type>")."""
+        if key.startswith("no status"):
+            self.failed_without_status[key.partition(": ")[2]] += 1
+        else:
+            self.failed[key] += 1
+        self.messages[f"{key}: {text.removeprefix(key + ': ')[:80]}"] += 1
         kept = self.samples.setdefault(key, [])
         if len(kept) < MAX_SAMPLES:
-            kept.append(message[:300])
+            kept.append(f"{edge}: {text}"[:300])
 
     def accounting_ok(self) -> bool:
         """submitted = succeeded + failed with a status, and nothing failed without one."""
@@ -92,6 +100,7 @@ class Tally:
             "mismatches": self.mismatches,
             "mismatch_samples": self.mismatch_samples[:5],
             "error_samples": self.samples,
+            "errors_by_message": dict(self.messages.most_common()),
             "reconnects": self.reconnects,
             "tokens": self.tokens,
         }
@@ -148,12 +157,9 @@ async def run_sessions(
                     config.timeout_s + 30.0,
                 )
         except EdgespecError as err:
-            tally.failed[err.code.name] += 1
-            tally._sample(err.code.name, f"{edge}: {err}")
+            tally.record_failure(err.code.name, edge, str(err))
         except Exception as err:  # no status: the accounting breaks, and the run says so
-            key = type(err).__name__
-            tally.failed_without_status[key] += 1
-            tally._sample(f"no status: {key}", f"{edge}: {err!r}")
+            tally.record_failure(f"no status: {type(err).__name__}", edge, repr(err))
         else:
             tally.succeeded += 1
             tally.reconnects += result.stats.reconnects
