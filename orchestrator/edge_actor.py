@@ -128,3 +128,11 @@ class EdgeActor(EndpointActor):
         """Achieved link figures per verifier address (`LinkStats.to_dict()`)."""
         await self._ready
         return self.assigner.links.stats()
+
+    async def link_fault(self, action: str, profile: dict[str, Any] | None = None) -> int:
+        """Fault every emulated link of this edge (`EmulatedLinks.fault`; `profile` as a
+        `LinkProfile` dict, for ``profile``): chaos tests. Returns the links touched."""
+        await self._ready
+        new = LinkProfile.from_dict(profile) if profile is not None else None
+        # The emulator's controls block until its own loop applied them: off this loop.
+        return await asyncio.to_thread(self.assigner.links.fault, action, new)

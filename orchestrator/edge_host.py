@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 # Deadline of the edge's call to the orchestrator for a session's verifier.
 ASSIGN_TIMEOUT_S = 2.0
 REFRESH_INTERVAL_S = 5.0
+# What `EmulatedLinks.fault` can do to the links.
+FAULT_ACTIONS = ("cut", "blackhole", "restore", "profile")
 
 
 class EmulatedLinks:
@@ -51,6 +53,29 @@ class EmulatedLinks:
         sessions have reconnected already)."""
         for address in [a for a in self._emulators if a not in addresses]:
             await asyncio.to_thread(self._emulators.pop(address).stop)
+
+    def fault(self, action: str, profile: LinkProfile | None = None) -> int:
+        """Apply a link fault to every emulator (chaos tests); returns how many it touched.
+
+        `action`: ``cut`` (reset every connection until ``restore``), ``blackhole`` (hold every
+        byte until ``restore``), ``restore``, or ``profile`` (switch to `profile`; None = back to
+        the deployment's). Raises ValueError for another action, or ``cut``/``blackhole`` without
+        emulated links.
+        """
+        if action not in FAULT_ACTIONS:
+            raise ValueError(f"action must be one of {FAULT_ACTIONS}, got {action!r}")
+        for emu in list(self._emulators.values()):
+            if action == "cut":
+                emu.cut()
+            elif action == "blackhole":
+                emu.blackhole()
+            elif action == "restore":
+                emu.restore()
+            else:
+                new = profile if profile is not None else self.profile
+                assert new is not None  # there are emulators only with a profile
+                emu.set_profile(new)
+        return len(self._emulators)
 
     def describe(self) -> dict[str, dict[str, str]]:
         """Verifier address -> the emulator's address and profile name."""

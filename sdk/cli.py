@@ -179,6 +179,31 @@ def _bench_load_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_bench_chaos(args: argparse.Namespace) -> int:
+    """Sessions under actor kills and link faults (edgespec.bench.chaos)."""
+    from edgespec.bench.chaos import run_from_args  # torch and ray (see the top)
+
+    return run_from_args(args)
+
+
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    """Many sessions for a long time: errors, RSS, sessions at the end (edgespec.bench.soak)."""
+    from edgespec.bench.soak import run_from_args  # torch and ray (see the top)
+
+    return run_from_args(args)
+
+
+def _bench_reliability_args(p: argparse.ArgumentParser, sessions: int, duration_s: float) -> None:
+    """Options `edgespec bench chaos` and `soak` share (each on a local deployment)."""
+    p.add_argument("--sessions", type=int, default=sessions, help="concurrent sessions")
+    p.add_argument("--duration-s", type=float, default=duration_s, help="how long they run")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--timeout", type=float, default=60.0, help="each generation's deadline, s")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--target", help="target folder (default: shipped demo target)")
+    p.add_argument("--draft", help="draft folder (default: shipped demo draft)")
+
+
 def _bench_latency_args(p: argparse.ArgumentParser) -> None:
     """`edgespec bench latency` options."""
     _add_model_args(p)
@@ -258,6 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _bench_load_args(load)
     load.set_defaults(func=cmd_bench_load)
+    chaos = bench_sub.add_parser(
+        "chaos", help="sessions while verifiers and edges are killed and links fail"
+    )
+    _bench_reliability_args(chaos, sessions=8, duration_s=60.0)
+    chaos.add_argument("--kill-every-s", type=float, default=20.0, help="mean time between kills")
+    chaos.add_argument(
+        "--fault-every-s", type=float, default=15.0, help="mean time between link faults; 0 = none"
+    )
+    chaos.add_argument("--seed", type=int, default=0, help="seeds the kill and fault schedule")
+    chaos.add_argument(
+        "--settle-s", type=float, default=90.0, help="bound on waiting for sessions to end"
+    )
+    chaos.set_defaults(func=cmd_bench_chaos)
+    soak = bench_sub.add_parser("soak", help="many sessions for long: errors, RSS over time")
+    _bench_reliability_args(soak, sessions=64, duration_s=600.0)
+    soak.add_argument("--sample-every-s", type=float, default=10.0, help="RSS sampling period")
+    soak.set_defaults(func=cmd_bench_soak)
     return ap
 
 
