@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from edgespec.cloud.verifier_types import VerifierConfig
 from edgespec.core.validation import check_float, check_int
 from edgespec.edge.config import EngineConfig
 from edgespec.orchestrator.connection import get_orchestrator
@@ -88,11 +89,12 @@ class DeploySpec:
         default_k: int | None = None,
         default_policy: str | None = None,
         compute_profile: str = "real",
+        verifier_config: VerifierConfig | None = None,
         **kwargs: Any,
     ) -> DeploySpec:
         """A spec from the two checkpoint folders and the usual knobs (`compute_profile`: the
         `edgespec.core.profiles` name both roles run under; `default_k` / `default_policy`
-        None: the edge engine's defaults)."""
+        None: the edge engine's defaults; `verifier_config` None: the verifier's defaults)."""
         engine = EngineConfig()
         engine = replace(
             engine,
@@ -100,7 +102,11 @@ class DeploySpec:
             default_policy=default_policy if default_policy is not None else engine.default_policy,
         )
         return cls(
-            verifier=VerifierSpec(target_path=str(target_path), compute_profile=compute_profile),
+            verifier=VerifierSpec(
+                target_path=str(target_path),
+                config=verifier_config if verifier_config is not None else VerifierConfig(),
+                compute_profile=compute_profile,
+            ),
             edge=EdgeSpec(
                 draft_path=str(draft_path),
                 link=link,

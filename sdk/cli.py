@@ -295,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument(
         "--settle-s", type=float, default=90.0, help="bound on waiting for sessions to end"
     )
+    chaos.add_argument(
+        "--idle-ttl-s",
+        type=float,
+        default=30.0,
+        help="verifiers' session idle TTL: frees the sessions of killed edges",
+    )
     chaos.set_defaults(func=cmd_bench_chaos)
     soak = bench_sub.add_parser("soak", help="many sessions for long: errors, RSS over time")
     _bench_reliability_args(soak, sessions=64, duration_s=600.0)

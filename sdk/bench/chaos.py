@@ -38,6 +38,7 @@ import ray
 
 from edgespec.bench.local_deployment import LocalDeployment, LocalDeploymentConfig
 from edgespec.bench.session_driver import DriverConfig, Tally, reference_outputs, run_sessions
+from edgespec.cloud.verifier_types import VerifierConfig
 from edgespec.core.demo_pair import resolve_pair
 from edgespec.core.validation import check_float, check_int
 from edgespec.linkemu import LinkProfile
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 COLLAPSED_MBPS = 0.05  # the bandwidth of a collapsed link (50 kbit/s)
 RESTART_WAIT_S = 120.0  # bound on waiting for every endpoint to serve again
 SETTLE_S = 90.0  # bound on waiting for the sessions to drain at the end
+# The verifiers' session idle TTL in a chaos run. A killed edge cannot close its sessions: the
+# TTL is what frees them (the deployment default, 300 s, would outlast a short run).
+IDLE_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,10 @@ class ChaosConfig:
     k: int = 4
     timeout_s: float = 60.0
     rtt_ms: float = 10.0
-    # bound on waiting for every session to end at the end; above the verifier's idle TTL
-    # (300 s) it tells a session leaked until the TTL from one leaked for good
+    # the verifiers' session idle TTL (s): frees the sessions of killed edges
+    idle_ttl_s: float = IDLE_TTL_S
+    # bound on waiting for every session to end at the end; above `idle_ttl_s`, it tells a
+    # session freed by the TTL from one leaked for good
     settle_s: float = SETTLE_S
 
     def __post_init__(self) -> None:
@@ -74,6 +80,7 @@ class ChaosConfig:
         check_int("seed", self.seed, 0)
         check_int("max_new_tokens", self.max_new_tokens, 1, 512)
         check_float("timeout_s", self.timeout_s, 1.0)
+        check_float("idle_ttl_s", self.idle_ttl_s, 1.0)
         check_float("settle_s", self.settle_s, 0.0, 3600.0)
 
 
@@ -227,7 +234,12 @@ def run_chaos(
     target_path, draft_path = resolve_pair(target, draft)
     progress("computing the target-alone references")
     refs = reference_outputs(target_path, config.max_new_tokens)
-    dep_config = LocalDeploymentConfig(target_path, draft_path, rtt_ms=config.rtt_ms)
+    dep_config = LocalDeploymentConfig(
+        target_path,
+        draft_path,
+        rtt_ms=config.rtt_ms,
+        extra={"verifier_config": VerifierConfig(session_idle_ttl_s=config.idle_ttl_s)},
+    )
     with LocalDeployment(dep_config, progress) as dep:
         progress(f"chaos: {config.sessions} sessions for {config.duration_s:g} s")
         result = asyncio.run(_run(dep, config, refs))
@@ -279,6 +291,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         timeout_s=args.timeout,
         settle_s=args.settle_s,
+        idle_ttl_s=args.idle_ttl_s,
     )
     result = run_chaos(config, args.target, args.draft, progress=logger.info)
     print_summary(result)
