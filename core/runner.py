@@ -109,7 +109,8 @@ class ModelRunner:
         if rollback_mode == "auto":
             rollback_mode = "crop" if _full_cache_fits(model) else "recompute"
         self.rollback_mode = rollback_mode
-        # The tokens in the cache (1-D long, on `device`): what a recomputing rollback re-runs.
+        # The tokens in the cache (1-D long, on `device`), kept in "recompute" mode only: what its
+        # rollback re-runs (a crop needs no copy of them on every forward).
         self._ids = torch.empty(0, dtype=torch.long, device=self.device)
 
     @classmethod
@@ -188,7 +189,6 @@ class ModelRunner:
         # transformers >= 5 crops by a NEGATIVE count of tokens to remove (4.x accepts it too).
         self._cache.crop(length - self._length)
         self._length = length
-        self._ids = self._ids[:length]
 
     def _as_input(self, ids: TokenIds) -> Tensor:
         """Token ids -> (1, n) long tensor on the device, validated when given on the host."""
@@ -230,7 +230,8 @@ class ModelRunner:
             **{self._cache_arg: self._cache},
         )
         self._cache = getattr(out, self._cache_arg)
-        self._ids = torch.cat((self._ids, input_ids[0]))
+        if self.rollback_mode == "recompute":  # only a recomputing rollback reads them
+            self._ids = torch.cat((self._ids, input_ids[0]))
         self._length += n
         self.forwards += 1
         return out.logits[0].float()  # (n, V) or (1, V)
