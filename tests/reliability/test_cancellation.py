@@ -14,6 +14,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from support.reliability_stack import DEADLINE_S, Stack, inject_forward_fault, wait_until
+from support.verifier_client import block, open_session
 
 from edgespec import Client
 from edgespec.core.models import load_tokenizer
@@ -125,6 +126,29 @@ def test_cancel_between_blocks(models):
         call.cancel()
         with pytest.raises(grpc.RpcError):
             list(call)
+        _assert_clean(stack)
+    finally:
+        stack.stop()
+
+
+def test_close_session_while_the_model_thread_is_busy(models):
+    """CloseSession must not wait behind model work: with 64 busy sessions (the soak) the close
+    queued behind forwards, missed its deadline and the session stayed until the idle TTL. Here
+    one session's block forward takes 2 s; closing another answers within 0.5 s."""
+    target = inject_forward_fault(models[0], "slow", delay_s=2.0)
+    stack = _stack(models, target=target)
+    try:
+        stub = pb_grpc.VerifierStub(grpc.insecure_channel(stack.verifier.address))
+        busy = open_session(stub, prefix=PROMPT, metadata=())
+        idle = open_session(stub, prefix=PROMPT, metadata=())
+        verdicts = stub.VerifyStream(
+            iter([block(busy.session_id, 0, len(PROMPT), [1, 2])]), timeout=DEADLINE_S
+        )
+        assert target.started.wait(DEADLINE_S)  # the block's forward is running
+        reply = stub.CloseSession(pb.CloseSessionRequest(session_id=idle.session_id), timeout=0.5)
+        assert reply.existed and stack.sessions == 1
+        assert len(list(verdicts)) == 1  # the busy session is served as before
+        stub.CloseSession(pb.CloseSessionRequest(session_id=busy.session_id), timeout=DEADLINE_S)
         _assert_clean(stack)
     finally:
         stack.stop()
