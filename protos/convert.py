@@ -27,6 +27,7 @@ from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
 __all__ = [
     "FIELD_METADATA_KEY",
+    "RETRY_AFTER_METADATA_KEY",
     "FieldError",
     "block_from_proto",
     "block_to_proto",
@@ -39,6 +40,8 @@ __all__ = [
 # Trailing-metadata key naming the request field at fault in an error status (see the error
 # convention in edgespec.proto).
 FIELD_METADATA_KEY = "edgespec-field"
+# Trailer with RESOURCE_EXHAUSTED: how long to back off before retrying, in ms (an integer).
+RETRY_AFTER_METADATA_KEY = "edgespec-retry-after-ms"
 
 _PARAM_FIELDS = frozenset(
     ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop_token_ids")

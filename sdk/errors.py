@@ -39,7 +39,7 @@ import re
 
 import grpc
 
-from edgespec.protos.convert import FIELD_METADATA_KEY
+from edgespec.protos.convert import FIELD_METADATA_KEY, RETRY_AFTER_METADATA_KEY
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
 # "params.temperature", "prompt_ids[3]", "probs.sparse.row_lengths[0]", then ":", a space or the end.
@@ -97,6 +97,8 @@ class EdgespecError(Exception):
         code: the gRPC status code (`grpc.StatusCode`).
         details: the server's (or the SDK's) explanation.
         field: the request field at fault, when the server named one; else None.
+        retry_after_s: with RESOURCE_EXHAUSTED, how long the server asks the client to back off
+            (its ``edgespec-retry-after-ms`` trailer), in seconds; else None.
 
     Example::
 
@@ -113,11 +115,13 @@ class EdgespecError(Exception):
         details: str,
         code: grpc.StatusCode | None = None,
         field: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(details)
         self.details = details
         self.code = code if code is not None else self.default_code
         self.field = field
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
@@ -184,7 +188,7 @@ def error_class(code: grpc.StatusCode) -> type[EdgespecError]:
     return _BY_CODE.get(code, EdgespecError)
 
 
-def _metadata_field(err: grpc.RpcError) -> str | None:
+def _trailer(err: grpc.RpcError, name: str) -> str | None:
     trailing = getattr(err, "trailing_metadata", None)
     if trailing is None:
         return None
@@ -193,9 +197,16 @@ def _metadata_field(err: grpc.RpcError) -> str | None:
     except Exception:  # a call that never started has no metadata; the details still help
         return None
     for key, value in metadata:
-        if key == FIELD_METADATA_KEY:
+        if key == name:
             return value.decode() if isinstance(value, bytes) else str(value)
     return None
+
+
+def _retry_after_s(err: grpc.RpcError) -> float | None:
+    value = _trailer(err, RETRY_AFTER_METADATA_KEY)
+    if value is None or not value.isdigit():
+        return None  # absent, or not the integer the contract promises: no hint
+    return int(value) / 1e3
 
 
 def from_rpc_error(err: grpc.RpcError) -> EdgespecError:
@@ -217,5 +228,5 @@ def from_rpc_error(err: grpc.RpcError) -> EdgespecError:
         code = grpc.StatusCode.UNKNOWN
     details_fn = getattr(err, "details", None)
     details = (details_fn() if callable(details_fn) else None) or str(err) or code.name
-    field = _metadata_field(err) or parse_field(details)
-    return error_class(code)(details, code=code, field=field)
+    field = _trailer(err, FIELD_METADATA_KEY) or parse_field(details)
+    return error_class(code)(details, code=code, field=field, retry_after_s=_retry_after_s(err))

@@ -97,6 +97,7 @@ def test_full_verifier_is_resource_exhausted_with_a_retry_hint(models):
             assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_sessions" in info.value.details  # the verifier's own message
             assert "retry" in info.value.details
+            assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
             # the hint in the trailing metadata, read on a raw call
             stub = pb_grpc.EdgeStub(grpc.insecure_channel(stack.edge.address))
             request = pb.GenerateRequest(
