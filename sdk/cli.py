@@ -39,7 +39,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seed", type=int, default=None, help="0 <= seed < 2**64 (sampling; default: drawn)"
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["coupled", "rejection"],
+        default="coupled",
+        help="how sampled tokens are verified: coupled (reproducible from the seed, token ids "
+        "only on the link) or rejection (the draft distribution on the link)",
+    )
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -92,6 +101,23 @@ def cmd_demo_colocated(args: argparse.Namespace) -> int:
         f"{spec.stats.mean_tokens_per_round:.2f} tokens per target forward"
     )
     return 0 if params.temperature > 0 or spec.tokens == alone.tokens else 1
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    """The target alone on this machine (edgespec.reference): what a distributed generation with
+    the same prompt, params and seed must equal under greedy or coupled sampling."""
+    from edgespec.reference import generate_reference  # torch (see the imports at the top)
+
+    params = params_from_args(args)
+    result = generate_reference(args.prompt, params, args.target, device=args.device)
+    print(args.prompt + result.text)
+    seed = f"; seed {result.seed}" if result.seed is not None else ""
+    print(
+        f"{len(result.token_ids)} tokens ({result.finish_reason}) from the target alone{seed}; "
+        f"token ids {result.token_ids}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def cmd_bench_core(args: argparse.Namespace) -> int:
@@ -246,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="no cluster: both models in this process (the speculative core alone)",
     )
     demo.set_defaults(func=cmd_demo)
+
+    ref = sub.add_parser(
+        "reference",
+        help="the target alone on this machine: reproduce a (seeded) distributed output",
+    )
+    ref.add_argument("prompt", help="prompt text")
+    ref.add_argument("--target", help="target checkpoint folder (default: the shipped demo target)")
+    ref.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _sampling_args(ref)
+    ref.set_defaults(func=cmd_reference)
 
     bench = sub.add_parser("bench", help="benchmarks (print figures, write JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
