@@ -149,6 +149,29 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sampling(args: argparse.Namespace) -> int:
+    """Coupled vs rejection sampling over an emulated link (edgespec.bench.sampling)."""
+    from edgespec.bench.sampling import LINKS, PROMPTS, print_summary, run_sampling_bench
+
+    target_path, draft_path = resolve_pair(args.target, args.draft)
+    check_pair(target_path, draft_path)
+    result = run_sampling_bench(
+        target_path,
+        draft_path,
+        compute_profile=args.compute_profile,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        reps=args.reps,
+        threads=args.threads,
+        prompts=PROMPTS[:1] if args.quick else PROMPTS,
+        links=LINKS[:1] if args.quick else LINKS,
+        policies=("fixed",) if args.quick else ("fixed", "adaptive"),
+    )
+    print_summary(result)
+    write_json(args.json, result)
+    return 0
+
+
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     """Tokens/s vs RTT for every method (edgespec.bench.latency); JSON and optional plots."""
     from edgespec.bench.latency.cli import print_summary, run_from_args  # torch (see the top)
@@ -314,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--threads", type=int, default=1, help="torch threads in each process")
     link.add_argument("--cloud-only", action="store_true", help="also time cloud-only decoding")
     link.set_defaults(func=cmd_bench_link)
+    sampling = bench_sub.add_parser(
+        "sampling", help="coupled vs rejection sampling: acceptance, bytes, tokens/s per link"
+    )
+    _add_model_args(sampling)
+    sampling.add_argument("--json", required=True, help="result file")
+    sampling.add_argument("-k", type=int, default=4, help="draft length of the fixed policy")
+    sampling.add_argument("--max-new-tokens", type=int, default=48)
+    sampling.add_argument("--reps", type=int, default=1, help="passes over the prompts")
+    sampling.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+    sampling.add_argument(
+        "--compute-profile", default="h100-70b", help="h100-70b (emulated, default) or real"
+    )
+    sampling.add_argument(
+        "--quick", action="store_true", help="smoke size: 1 prompt, 1 link, fixed k only"
+    )
+    sampling.set_defaults(func=cmd_bench_sampling)
     load = bench_sub.add_parser(
         "load", help="concurrent sessions across edges and verifiers: errors, balance, exactness"
     )
