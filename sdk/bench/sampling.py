@@ -90,16 +90,19 @@ class _Totals:
         }
 
 
-async def _run_link(
+async def _run_all(
     engine: EdgeEngine,
+    emu: LinkEmulator,
+    links: Sequence[LinkProfile],
     prompts: Sequence[str],
     max_new_tokens: int,
     k: int,
     policies: Sequence[str],
     reps: int,
 ) -> list[dict]:
-    """Rows for one link: every (setting, policy, sampler), plus greedy per policy."""
-    totals: dict[tuple[str, str, str], _Totals] = {}
+    """Rows: every (link, policy, setting, sampler), greedy included. Links, settings and
+    samplers are interleaved per prompt, so drift of this shared host hits every variant alike."""
+    totals: dict[tuple[str, str, str, str], _Totals] = {}
     greedy = SamplingParams(max_new_tokens=max_new_tokens)
     for policy in policies:
         for rep in range(reps):
@@ -112,15 +115,18 @@ async def _run_link(
                             base, max_new_tokens=max_new_tokens, seed=seed, sampler=sampler
                         )
                         cases.append((name, sampler, params))
-                for name, sampler, params in cases:
-                    t0 = time.perf_counter()
-                    summary = await engine.collect(prompt, params, k=k, policy=policy)
-                    key = (name, policy, sampler)
-                    totals.setdefault(key, _Totals()).add(summary, time.perf_counter() - t0)
-    rows = []
-    for (name, policy, sampler), total in totals.items():
-        rows.append({"setting": name, "policy": policy, "sampler": sampler, **total.row()})
-    return rows
+                for link in links:
+                    emu.set_profile(link)
+                    for name, sampler, params in cases:
+                        t0 = time.perf_counter()
+                        summary = await engine.collect(prompt, params, k=k, policy=policy)
+                        key = (link.name, name, policy, sampler)
+                        totals.setdefault(key, _Totals()).add(summary, time.perf_counter() - t0)
+                logger.info("%s rep %d prompt %d done", policy, rep, i)
+    return [
+        {"link": link, "setting": name, "policy": policy, "sampler": sampler, **total.row()}
+        for (link, name, policy, sampler), total in totals.items()
+    ]
 
 
 def block_bytes_at_vocab(vocab_size: int = BIG_VOCAB, k: int = 4, seed: int = 0) -> dict:
@@ -180,7 +186,6 @@ def run_sampling_bench(
 
     async def bench(address: str) -> list[dict]:
         host, port = address.rsplit(":", 1)
-        rows: list[dict] = []
         with LinkEmulator(host, int(port), LinkProfile(rtt_ms=0)) as emu:
             engine = EdgeEngine.from_pretrained(
                 draft_path,
@@ -191,11 +196,9 @@ def run_sampling_bench(
             )
             try:
                 await engine.collect(prompts[0], SamplingParams(max_new_tokens=8), k=k)  # warm
-                for link in links:
-                    emu.set_profile(link)
-                    logger.info("link %s", link.name)
-                    for row in await _run_link(engine, prompts, max_new_tokens, k, policies, reps):
-                        rows.append({"link": link.name, **row})
+                rows = await _run_all(
+                    engine, emu, links, prompts, max_new_tokens, k, policies, reps
+                )
             finally:
                 await engine.aclose()
         return rows
