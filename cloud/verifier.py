@@ -77,9 +77,9 @@ class VerifierEngine:
     """One target model shared by all sessions; per session its own KV cache and verifier state.
 
     Greedy sessions (temperature 0) may send draft probs: they are validated, then ignored, since
-    a greedy target's verdict does not depend on q. Sampling sessions must send them with every
-    non-empty block (q one-hot is only right for a deterministic draft, and a missing q is far
-    more often a client bug than a greedy drafter).
+    a greedy target's verdict does not depend on q. Rejection sampling sessions must send them
+    with every non-empty block (q one-hot is only right for a deterministic draft, and a missing
+    q is far more often a client bug than a greedy drafter); coupled sampling sessions must not.
     """
 
     def __init__(
@@ -185,9 +185,10 @@ class VerifierEngine:
                 f"of {prompt_len} tokens (the target holds {self.max_length} positions), "
                 f"got {params.max_new_tokens}",
             )
-        if generated and params.seed is not None:
+        if generated and params.seed is not None and not params.is_coupled:
             # A reopen must not replay the random stream of the session's start: derive a fresh,
-            # still deterministic, seed from the position the session resumes at.
+            # still deterministic, seed from the position the session resumes at. (Coupled noise
+            # is a function of the absolute position already: a reopen keeps the seed.)
             params = replace(params, seed=derive_seed(params.seed, f"resume@{generated}"))
         self._sessions.reserve()
         try:
@@ -271,15 +272,21 @@ class VerifierEngine:
             )
         self._check_ids("tokens", tokens)
         q = block.draft_probs
+        if q is not None and session.params.is_coupled:
+            raise invalid(
+                "probs",
+                "probs must be absent in a coupled sampling session (params.sampler coupled): "
+                "the verdict depends on the draft tokens alone",
+            )
         if q is not None:
             try:
                 q.validate(k, self.vocab_size)
             except ValueError as err:
                 raise _probs_error(err) from err
-        elif k and not session.params.is_greedy:
+        elif k and not session.params.is_greedy and not session.params.is_coupled:
             raise invalid(
                 "probs",
-                "probs must be set for a sampling session (temperature "
+                "probs must be set for a rejection sampling session (temperature "
                 f"{session.params.temperature} > 0): the distribution each draft token was "
                 "drawn from, dense (k, V) or sparse",
             )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from edgespec.core.coupling import coupled_tokens
 from edgespec.core.params import SamplingParams
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.runner import ModelRunner
@@ -47,9 +48,14 @@ class Drafter:
     the pending block (`last_ahead_hit` True) or drops it (`dropped_ahead`). At most one block
     ahead (pipeline depth 1).
 
-    `draft_params` (default: `params`) is how the draft chooses its tokens. Any choice is exact
-    because the block carries the distribution q each token was drawn from; a truncated one
-    (top_k / top_p) makes q sparse and cheap to send. Stopping rules always come from `params`.
+    `draft_params` (default: `params`) is how the draft chooses its tokens; stopping rules always
+    come from `params`. Coupled sampling (`params.is_coupled`): each draft token is the draft's
+    coupled token at its position (`edgespec.core.coupling`, same seed as the verifier), blocks
+    carry no q, and the output does not depend on the draft at all. Rejection sampling: any
+    choice is exact because the block carries the distribution q each token was drawn from; a
+    truncated one (top_k / top_p) makes q sparse and cheap to send. A coupled session without a
+    seed draws one (`SamplingParams.with_seed`): exact, but only a verifier with the same seed
+    accepts its drafts often.
 
     Seqs are allocated when a block is proposed (0, 1, 2, ...): a dropped block's seq is never
     reused. The drafter takes over `runner`: its cache is reset and then holds this session's
@@ -65,8 +71,10 @@ class Drafter:
         draft_params: SamplingParams | None = None,
     ) -> None:
         self.runner = runner
+        params = params.with_seed() if params.is_coupled else params
         self.params = params
         self.draft_params = draft_params if draft_params is not None else params
+        self._coupled_seed = params.seed if params.is_coupled else None
         self.committed: list[int] = check_prompt_ids(prompt_ids, runner.vocab_size)
         self.generated: list[int] = []
         self.finished = False
@@ -132,7 +140,7 @@ class Drafter:
         if n > 0:
             # Feed what the cache lacks of the committed tokens (1 token, or 2 after a full accept).
             logits = self.runner.extend(self.committed[self.runner.length :])[-1]  # (V,)
-            tokens, q_rows = self._draft(logits, n)
+            tokens, q_rows = self._draft(logits, n, len(self.committed))
         block = DraftBlock(
             seq=self._new_seq(),
             base_len=len(self.committed),
@@ -157,7 +165,7 @@ class Drafter:
         return block
 
     def shadow_matches(self) -> list[bool]:
-        """Greedy drafting only: what the draft would have proposed for the tokens committed
+        """Greedy drafting or coupled sampling only: what the draft would have proposed for the tokens committed
         since its cache was last fed, without a round trip (cloud-only streaming uses this to keep
         the acceptance estimate current).
 
@@ -166,12 +174,13 @@ class Drafter:
         predict, whether the draft's argmax equals the committed token. Under greedy decoding
         that is exactly the accept/reject outcome a draft token at that position would have had
         (a draft token is accepted iff it equals the target's argmax, i.e. the committed token),
-        so runs of True are the accepted runs of speculative rounds on this text. Returns [] when
-        drafting samples, a block with draft tokens is pending or drafted ahead (the cache then
+        so runs of True are the accepted runs of speculative rounds on this text; under coupled
+        sampling likewise with the coupled tokens. Returns [] when drafting samples for rejection
+        sampling, a block with draft tokens is pending or drafted ahead (the cache then
         holds drafts), or nothing is new. Outputs are unaffected: the cache only gains tokens
         `propose` would feed anyway.
         """
-        if not self.draft_params.is_greedy or self.finished:
+        if self.finished or not (self.draft_params.is_greedy or self._coupled_seed is not None):
             return []
         for block in (self._pending, self._ahead):
             if block is not None and block.tokens:
@@ -180,7 +189,8 @@ class Drafter:
         feed = self.committed[start:-1]
         if not feed:
             return []
-        predicted = self.runner.extend(feed).argmax(-1).tolist()  # row i predicts start + i + 1
+        # row i predicts position start + i + 1
+        predicted = self._pick(self.runner.extend(feed), start + 1).tolist()
         return [p == t for p, t in zip(predicted, self.committed[start + 1 :], strict=True)]
 
     def ahead_room(self) -> int:
@@ -202,9 +212,10 @@ class Drafter:
         seq, base_len = pending base_len + k_pending + 1, anchor_token = g), or None when no
         block can go ahead (see `ahead_room`, or g is a stop token: the session would end).
 
-        Costs one draft forward for g plus one per draft token. g is an argmax even when sampling:
-        it is only a guess (it decides whether the block is used, never what is committed), and
-        the most likely token is the best guess of the bonus token.
+        Costs one draft forward for g plus one per draft token. g is only a guess (it decides
+        whether the block is used, never what is committed): under coupled sampling the draft's
+        own coupled token (the best guess of the target's coupled token), else the argmax (the
+        most likely token, the best guess of a sampled bonus token).
         """
         check_int("k", k, 0)
         room = self.ahead_room()
@@ -220,7 +231,10 @@ class Drafter:
         if fed < runner.length:
             runner.rollback(fed)
         logits = runner.extend(context[fed:])[-1]  # (V,) predicts the bonus token
-        guess = int(logits.argmax())
+        if self._coupled_seed is not None:
+            guess = int(self._pick(logits[None], len(context))[0])
+        else:
+            guess = int(logits.argmax())
         if guess in self._stop:
             return None
         n = min(k, room)
@@ -228,7 +242,7 @@ class Drafter:
         q_rows: Tensor | None = None
         if n > 0:
             logits = runner.extend([guess])[-1]  # (V,)
-            tokens, q_rows = self._draft(logits, n)
+            tokens, q_rows = self._draft(logits, n, len(context) + 1)
         block = DraftBlock(
             seq=self._new_seq(),
             base_len=len(context) + 1,
@@ -296,17 +310,25 @@ class Drafter:
             return DraftProbs.from_probs_sparse(q_rows)
         return DraftProbs.dense(q_rows)
 
-    def _draft(self, logits: Tensor, n: int) -> tuple[list[int], Tensor | None]:
-        """Sample n draft tokens, the first from `logits` (V,) (which predict the position after
-        the cache); returns them and q (n', V) (None when drafting greedily). Every drafted token
-        but the last is fed to the cache."""
+    def _pick(self, logits: Tensor, position: int) -> Tensor:
+        """The draft's deterministic choice for rows `logits` (m, V) scoring positions
+        position.. : coupled tokens under coupled sampling, else the argmax. long (m,)."""
+        if self._coupled_seed is None:
+            return logits.argmax(-1)
+        positions = range(position, position + logits.shape[0])
+        return coupled_tokens(logits, self.draft_params, self._coupled_seed, positions)
+
+    def _draft(self, logits: Tensor, n: int, position: int) -> tuple[list[int], Tensor | None]:
+        """Draft n tokens, the first from `logits` (V,) (which predict sequence position
+        `position`, the one after the cache); returns them and q (n', V) (None when drafting
+        greedily or coupled). Every drafted token but the last is fed to the cache."""
         runner, dparams = self.runner, self.draft_params
-        greedy = dparams.is_greedy
+        deterministic = dparams.is_greedy or self._coupled_seed is not None
         picked: list[Tensor] = []  # 0-dim long tensors, kept on device until the end
         q: list[Tensor] = []  # (V,) each
         for i in range(n):
-            if greedy:
-                tok = logits.argmax(-1)
+            if deterministic:
+                tok = self._pick(logits[None], position + i)[0]
             else:
                 probs = logits_to_probs(logits, dparams)  # (V,)
                 tok = sample(probs, self._generator)

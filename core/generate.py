@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from edgespec.core.coupling import coupled_tokens
 from edgespec.core.drafter import Drafter
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
@@ -62,6 +63,9 @@ class GenerationResult:
     tokens: list[int]  # generated tokens (prompt excluded); a final stop token is included
     finish_reason: str  # "stop" or "length"
     stats: SpecStats
+    # The seed the output was sampled with (drawn when the params had none and sampling is
+    # coupled, so the output can be reproduced); None for greedy or unseeded rejection sampling.
+    seed: int | None = None
 
 
 def generate(
@@ -77,13 +81,18 @@ def generate(
     greedy params, the same distribution when sampling. Resets both runners' caches.
     """
     check_int("k", k, 0)
-    if not params.is_greedy and draft.vocab_size != target.vocab_size:
+    if (
+        params.sampler == "rejection"
+        and not params.is_greedy
+        and draft.vocab_size != target.vocab_size
+    ):
         # Dense q rows must be as wide as the target's probabilities.
         raise ValueError(
             f"draft vocab_size must equal target vocab_size={target.vocab_size} when sampling, "
             f"got {draft.vocab_size}"
         )
     t0, d0 = target.forwards, draft.forwards
+    params = params.with_seed() if params.is_coupled else params  # one seed for both sides
     drafter = Drafter(draft, prompt_ids, params)
     verifier = Verifier(target, prompt_ids, params)
     stats = SpecStats()
@@ -96,7 +105,10 @@ def generate(
     stats.draft_forwards = draft.forwards - d0
     assert drafter.finish_reason is not None
     return GenerationResult(
-        tokens=list(drafter.generated), finish_reason=drafter.finish_reason, stats=stats
+        tokens=list(drafter.generated),
+        finish_reason=drafter.finish_reason,
+        stats=stats,
+        seed=drafter.params.seed,
     )
 
 
@@ -104,8 +116,15 @@ def generate_autoregressive(
     runner: ModelRunner, prompt_ids: Sequence[int], params: SamplingParams
 ) -> GenerationResult:
     """The target alone: one forward per generated token (the baseline speculative decoding
-    must reproduce). Stops after a stop token (kept) or max_new_tokens. Resets the cache."""
+    must reproduce). Stops after a stop token (kept) or max_new_tokens. Resets the cache.
+
+    Coupled sampling: the token at each position is the coupled token
+    (`edgespec.core.coupling.coupled_tokens`, the function the verifier uses), so with the same
+    seed this is token for token the output of any distributed generation of these params (a
+    seed is drawn when None). Rejection sampling draws from a generator seeded by `params.seed`.
+    """
     prompt = check_prompt_ids(prompt_ids, runner.vocab_size)
+    params = params.with_seed() if params.is_coupled else params
     stop = frozenset(params.stop_token_ids)
     generator = make_generator(derive_seed(params.seed, "target"), runner.device)
     f0 = runner.forwards
@@ -115,6 +134,10 @@ def generate_autoregressive(
     while True:
         if params.is_greedy:
             tok = int(logits.argmax(-1))
+        elif params.is_coupled:
+            assert params.seed is not None  # with_seed() above
+            position = len(prompt) + len(tokens)
+            tok = int(coupled_tokens(logits[None], params, params.seed, [position])[0])
         else:
             tok = int(sample(logits_to_probs(logits, params), generator))
         tokens.append(tok)
@@ -127,4 +150,4 @@ def generate_autoregressive(
             break
         logits = runner.extend([tok])[0]  # (V,)
     stats.target_forwards = runner.forwards - f0
-    return GenerationResult(tokens=tokens, finish_reason=reason, stats=stats)
+    return GenerationResult(tokens=tokens, finish_reason=reason, stats=stats, seed=params.seed)

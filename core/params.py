@@ -6,8 +6,9 @@ construction and converts to and from a plain JSON-able dict for the wire.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from edgespec.core.validation import check_float, check_int, is_int
@@ -17,6 +18,12 @@ SEED_LIMIT = 2**64  # seeds are 0 <= seed < 2**64: the wire's uint64 range
 # float32's smallest positive value (a subnormal). Logits are float32, so a temperature below it
 # would divide by 0 there: such a temperature is greedy (the limit of sampling as t -> 0).
 FLOAT32_TINY = 2.0**-149
+# How a sampled (temperature > 0) token is verified: "coupled" (both sides derive the same noise
+# from the seed; only token ids cross the link; the output is the target alone's with that seed)
+# or "rejection" (the edge sends the draft distribution q; exact in distribution only).
+SAMPLER_COUPLED = "coupled"
+SAMPLER_REJECTION = "rejection"
+SAMPLERS = (SAMPLER_COUPLED, SAMPLER_REJECTION)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,8 @@ class SamplingParams:
     max_new_tokens: int = 64  # generated tokens at most, 1..1_000_000
     seed: int | None = None  # None => nondeterministic; else 0 <= seed < 2**64
     stop_token_ids: tuple[int, ...] = ()  # generation stops after emitting any of these
+    # How sampled tokens are verified (see SAMPLERS); ignored when greedy.
+    sampler: str = SAMPLER_COUPLED
 
     def __post_init__(self) -> None:
         # frozen: normalised values are written back with object.__setattr__.
@@ -52,11 +61,26 @@ class SamplingParams:
         if self.seed is not None:
             set_(self, "seed", check_int("seed", self.seed, 0, SEED_LIMIT - 1))
         set_(self, "stop_token_ids", _check_stop_ids(self.stop_token_ids))
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
 
     @property
     def is_greedy(self) -> bool:
         """True when decoding takes the argmax (temperature 0): no randomness at all."""
         return self.temperature == 0.0
+
+    @property
+    def is_coupled(self) -> bool:
+        """True when sampled tokens are verified by coupling (the draft sends no q)."""
+        return not self.is_greedy and self.sampler == SAMPLER_COUPLED
+
+    def with_seed(self) -> SamplingParams:
+        """These params, with a seed drawn from OS entropy when sampling without one, so every
+        sampled output can be reproduced (the seed is reported with it); greedy params and
+        seeded ones are returned unchanged."""
+        if self.is_greedy or self.seed is not None:
+            return self
+        return replace(self, seed=secrets.randbits(64))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (floats, ints, None, a list) with every field."""
@@ -67,6 +91,7 @@ class SamplingParams:
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
             "stop_token_ids": list(self.stop_token_ids),
+            "sampler": self.sampler,
         }
 
     @classmethod

@@ -17,25 +17,33 @@ def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     """Turn logits `(..., V)` into float32 probabilities `(..., V)` that sum to 1 per row.
 
     Greedy (`temperature == 0`): one-hot at the argmax, ties going to the lowest token id.
-    Otherwise, in this order: divide by the temperature, keep the `top_k` largest logits,
-    keep the smallest set of most likely tokens whose mass is >= `top_p` (always at least the
-    top token), renormalise. Tokens tied with the last one kept by top-k or top-p are kept too,
-    so the result never depends on how a sort orders equal values.
+    Otherwise the softmax of `processed_logits`.
 
     Raises ValueError when a row has a NaN or +inf logit or is all -inf.
     """
-    logits = logits.to(torch.float32)
-    row_max = logits.amax(dim=-1, keepdim=True)  # (..., 1); NaN and +inf propagate into it
-    if not bool(torch.isfinite(row_max).all()):
-        raise ValueError(
-            "logits must be finite or -inf with at least one finite value per row; "
-            "got a row with NaN, +inf or only -inf"
-        )
     if params.is_greedy:
+        logits = _checked(logits)
         # argmax returns the first maximal index: ties go to the lowest id.
         top = logits.argmax(dim=-1, keepdim=True)
         return torch.zeros_like(logits).scatter_(-1, top, 1.0)
+    return torch.softmax(processed_logits(logits, params), dim=-1)
 
+
+def processed_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Sampling params applied to logits `(..., V)`: float32 `(..., V)` whose softmax is the
+    distribution to sample (non-greedy params only; greedy has no such distribution).
+
+    In this order: divide by the temperature, keep the `top_k` largest logits, keep the smallest
+    set of most likely tokens whose mass is >= `top_p` (always at least the top token); dropped
+    tokens get -inf. Tokens tied with the last one kept by top-k or top-p are kept too, so the
+    result never depends on how a sort orders equal values. Each row's maximum is 0.
+
+    Raises ValueError when a row has a NaN or +inf logit or is all -inf, or params are greedy.
+    """
+    if params.is_greedy:
+        raise ValueError("processed_logits needs sampling params (temperature > 0)")
+    logits = _checked(logits)
+    row_max = logits.amax(dim=-1, keepdim=True)
     # Subtracting the max first keeps a tiny temperature from overflowing to inf - inf = NaN.
     scaled = (logits - row_max) / params.temperature  # (..., V), max 0
     vocab_size = scaled.shape[-1]
@@ -50,7 +58,19 @@ def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
         if candidates is None:
             candidates = torch.sort(scaled, dim=-1, descending=True).values  # (..., V)
         scaled = _top_p_mask(scaled, candidates, params.top_p)
-    return torch.softmax(scaled, dim=-1)
+    return scaled
+
+
+def _checked(logits: Tensor) -> Tensor:
+    """float32 `logits`; ValueError unless every row is finite or -inf with a finite value."""
+    logits = logits.to(torch.float32)
+    row_max = logits.amax(dim=-1, keepdim=True)  # (..., 1); NaN and +inf propagate into it
+    if not bool(torch.isfinite(row_max).all()):
+        raise ValueError(
+            "logits must be finite or -inf with at least one finite value per row; "
+            "got a row with NaN, +inf or only -inf"
+        )
+    return logits
 
 
 def _top_p_mask(scaled: Tensor, candidates: Tensor, top_p: float) -> Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from edgespec.core.coupling import coupled_tokens
 from edgespec.core.params import SamplingParams
 from edgespec.core.rejection import Verification, verify
 from edgespec.core.runner import ModelRunner
@@ -42,8 +43,11 @@ class Verifier:
 
     `verify(block)` = `prepare(block)` -> `runner.extend(pending.feed)` -> `complete(pending,
     logits)`; the steps are separate so a batcher can run one forward for many sessions.
-    The verifier's random draws use their own generator, seeded from `params.seed`. It takes
-    over `runner` (cache reset). Stopping rules are the drafter's business: the verifier commits
+    Coupled sampling (`params.is_coupled`): the target's token at each position is its coupled
+    token (`edgespec.core.coupling`, with `params.seed`; one is drawn when None) and a draft
+    token is accepted iff it equals it, so the output is the target alone's with that seed;
+    blocks must carry no q. Rejection sampling: the random draws use their own generator,
+    seeded from `params.seed`. It takes over `runner` (cache reset). Stopping rules are the drafter's business: the verifier commits
     whatever it verifies, so its history may run past the drafter's truncated output.
     """
 
@@ -51,6 +55,7 @@ class Verifier:
         self, runner: ModelRunner, prompt_ids: Sequence[int], params: SamplingParams
     ) -> None:
         self.runner = runner
+        params = params.with_seed() if params.is_coupled else params
         self.params = params
         self._tokens: list[int] = check_prompt_ids(prompt_ids, runner.vocab_size)
         self._generator = make_generator(derive_seed(params.seed, "target"), runner.device)
@@ -106,6 +111,11 @@ class Verifier:
             if t >= vocab:
                 raise ValueError(f"tokens must be ints in [0, {vocab}), got {t}")
         if block.draft_probs is not None:
+            if self.params.is_coupled:
+                raise ValueError(
+                    "draft_probs must be absent under coupled sampling (params.sampler "
+                    "'coupled'): the verifier needs only the draft tokens"
+                )
             block.draft_probs.validate(k, vocab)
         start = self.runner.length
         feed = self._tokens[start:] + list(block.tokens)
@@ -154,11 +164,18 @@ class Verifier:
 
     def _accept(self, block: DraftBlock, rows: Tensor) -> Verification:
         k = len(block.tokens)
-        if self.params.is_greedy:
+        if self.params.is_greedy or self.params.is_coupled:
             # Greedy target: p is one-hot at the argmax, so a draft token is accepted iff it is the
             # argmax and the recovered/bonus token is the argmax, whatever q was. Same result as
             # rejection.verify on one-hot rows, without building (k+1, V) probabilities.
-            target = rows.argmax(-1).tolist()  # (k+1,)
+            # Coupled: the target's token at each position is fixed by its logits and the seed's
+            # noise alone, so accepting while the draft agrees commits exactly those tokens.
+            if self.params.is_greedy:
+                target = rows.argmax(-1).tolist()  # (k+1,)
+            else:
+                assert self.params.seed is not None  # with_seed() above
+                positions = range(len(self._tokens), len(self._tokens) + k + 1)
+                target = coupled_tokens(rows, self.params, self.params.seed, positions).tolist()
             accepted = 0
             while accepted < k and block.tokens[accepted] == target[accepted]:
                 accepted += 1

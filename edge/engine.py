@@ -200,6 +200,9 @@ class EdgeEngine:
         t_start = time.perf_counter()
         if not isinstance(params, SamplingParams):
             raise FieldError("params", f"params must be SamplingParams, got {type(params)}")
+        # Every sampled output can be reproduced: a seed is drawn when the request has none
+        # and reported in the summary.
+        params = params.with_seed()
         if pipelined is None:
             pipelined = self.config.pipelined
         if not isinstance(pipelined, bool):
@@ -310,7 +313,11 @@ class EdgeEngine:
                 self.config.trace_dir, stats, params, drafter.finish_reason, len(tokens)
             )
         yield SummaryEvent(
-            finish_reason=drafter.finish_reason, tokens=tokens, text=full_text, stats=stats
+            finish_reason=drafter.finish_reason,
+            tokens=tokens,
+            text=full_text,
+            stats=stats,
+            seed=params.seed,
         )
 
     def _learner(

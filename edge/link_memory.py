@@ -32,7 +32,7 @@ def sampling_regime(params: SamplingParams) -> str:
     verifier) share a link memory."""
     if params.is_greedy:
         return "greedy"
-    return f"t={params.temperature!r},top_k={params.top_k},top_p={params.top_p!r}"
+    return f"{params.sampler}:t={params.temperature!r},top_k={params.top_k},top_p={params.top_p!r}"
 
 
 class LinkMemory:

@@ -177,6 +177,8 @@ class SummaryEvent:
     tokens: list[int]  # every generated token (prompt excluded)
     text: str
     stats: EdgeStats
+    # the seed the output was sampled with (the request's or one the edge drew); None if greedy
+    seed: int | None = None
 
 
 GenerateEvent = TokensEvent | SummaryEvent

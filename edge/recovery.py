@@ -4,10 +4,12 @@ The edge owns the committed tokens (`edgespec.core.session.Drafter`); the verifi
 only a cache. When the link fails (verifier down, connection reset, stream broken, round deadline
 passed, session reaped), the session opens a new one on the same or the next verifier with the
 committed prefix and resends the pending block: nothing is lost and the output is unchanged.
-Greedy output is token-for-token what the target alone produces. With sampling, the new session's
-generator starts afresh (seeded from the session seed and the number of tokens generated), so a
-reconnect changes which sample is drawn but not its distribution: exactness in distribution holds
-because every round's randomness is independent of the outcome of earlier ones.
+Greedy output and coupled sampling's are token-for-token what the target alone produces (coupled
+noise is keyed by the seed and the absolute position, which a reopen keeps). With rejection
+sampling, the new session's generator starts afresh (seeded from the session seed and the number
+of tokens generated), so a reconnect changes which sample is drawn but not its distribution:
+exactness in distribution holds because every round's randomness is independent of the outcome of
+earlier ones.
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ class Recovery:
         return max(1, round(self.config.backoff_max_s * 1e3))
 
     def check_session(self, session: SessionInfo, params: SamplingParams) -> None:
-        """Raise a final `LinkError` when sampling would need one vocabulary and has two."""
-        if not params.is_greedy and session.vocab_size != self.vocab_size:
+        """Raise a final `LinkError` when rejection sampling (whose q rows must be as wide as p)
+        would need one vocabulary and has two."""
+        if not params.is_greedy and not params.is_coupled and session.vocab_size != self.vocab_size:
             raise LinkError(
                 f"verifier {session.address} has vocab_size {session.vocab_size}, the draft "
                 f"{self.vocab_size}: sampling needs one vocabulary",

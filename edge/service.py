@@ -170,6 +170,7 @@ class EdgeServicer(pb_grpc.EdgeServicer):
                 token_ids=event.tokens,
                 text=event.text,
                 stats=stats_to_proto(event.stats),
+                seed=event.seed,
             )
         )
 

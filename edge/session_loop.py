@@ -310,7 +310,7 @@ class SessionLoop:
             last,
         )
         if self.learner is not None and not d.finished:
-            # what the draft would have proposed for the streamed tokens (greedy only): the
+            # what the draft would have proposed for the streamed tokens (greedy or coupled): the
             # acceptance estimate stays current without speculative probes
             matches = await self.compute(d.shadow_matches)
             if matches:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from edgespec.core.params import SamplingParams
+from edgespec.core.params import SAMPLER_COUPLED, SAMPLER_REJECTION, SamplingParams
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.session import DraftBlock, Verdict
 from edgespec.core.validation import check_int
@@ -44,7 +44,7 @@ FIELD_METADATA_KEY = "edgespec-field"
 RETRY_AFTER_METADATA_KEY = "edgespec-retry-after-ms"
 
 _PARAM_FIELDS = frozenset(
-    ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop_token_ids")
+    ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop_token_ids", "sampler")
 )
 
 
@@ -62,6 +62,13 @@ class FieldError(ValueError):
 
 # ---------------------------------------------------------------- sampling params
 
+_SAMPLER_TO_PROTO = {SAMPLER_COUPLED: pb.SAMPLER_COUPLED, SAMPLER_REJECTION: pb.SAMPLER_REJECTION}
+_SAMPLER_FROM_PROTO = {
+    pb.SAMPLER_UNSPECIFIED: SAMPLER_COUPLED,
+    pb.SAMPLER_COUPLED: SAMPLER_COUPLED,
+    pb.SAMPLER_REJECTION: SAMPLER_REJECTION,
+}
+
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     """`SamplingParams` -> wire message (top_p and seed are always written explicitly)."""
@@ -71,6 +78,7 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         top_p=params.top_p,
         max_new_tokens=params.max_new_tokens,
         stop_token_ids=params.stop_token_ids,
+        sampler=_SAMPLER_TO_PROTO[params.sampler],
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -80,9 +88,17 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
 def params_from_proto(msg: pb.SamplingParams, field: str = "params") -> SamplingParams:
     """Wire message -> validated `SamplingParams`.
 
-    ``top_p`` 0 reads as 1.0 (unset); an unset ``seed`` is None. Raises `FieldError` naming
-    ``<field>.<name>`` (e.g. ``params.temperature``) when `SamplingParams` rejects a value.
+    ``top_p`` 0 reads as 1.0 (unset); an unset ``seed`` is None; ``SAMPLER_UNSPECIFIED`` is
+    coupled. Raises `FieldError` naming ``<field>.<name>`` (e.g. ``params.temperature``) when
+    `SamplingParams` rejects a value or the sampler is not a known enum value.
     """
+    sampler = _SAMPLER_FROM_PROTO.get(msg.sampler)
+    if sampler is None:
+        raise FieldError(
+            f"{field}.sampler",
+            f"{field}.sampler must be one of SAMPLER_UNSPECIFIED (0), SAMPLER_COUPLED (1), "
+            f"SAMPLER_REJECTION (2), got {msg.sampler}",
+        )
     try:
         return SamplingParams(
             temperature=msg.temperature,
@@ -91,6 +107,7 @@ def params_from_proto(msg: pb.SamplingParams, field: str = "params") -> Sampling
             max_new_tokens=msg.max_new_tokens,
             seed=msg.seed if msg.HasField("seed") else None,
             stop_token_ids=tuple(msg.stop_token_ids),
+            sampler=sampler,
         )
     except ValueError as err:
         # SamplingParams' messages start with the field name: "temperature must be ...".

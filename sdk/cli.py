@@ -39,7 +39,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seed", type=int, default=None, help="0 <= seed < 2**64 (sampling; default: drawn)"
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["coupled", "rejection"],
+        default="coupled",
+        help="how sampled tokens are verified: coupled (reproducible from the seed, token ids "
+        "only on the link) or rejection (the draft distribution on the link)",
+    )
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -94,6 +103,23 @@ def cmd_demo_colocated(args: argparse.Namespace) -> int:
     return 0 if params.temperature > 0 or spec.tokens == alone.tokens else 1
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    """The target alone on this machine (edgespec.reference): what a distributed generation with
+    the same prompt, params and seed must equal under greedy or coupled sampling."""
+    from edgespec.reference import generate_reference  # torch (see the imports at the top)
+
+    params = params_from_args(args)
+    result = generate_reference(args.prompt, params, args.target, device=args.device)
+    print(args.prompt + result.text)
+    seed = f"; seed {result.seed}" if result.seed is not None else ""
+    print(
+        f"{len(result.token_ids)} tokens ({result.finish_reason}) from the target alone{seed}; "
+        f"token ids {result.token_ids}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_bench_core(args: argparse.Namespace) -> int:
     """Co-located core vs target alone vs HF assisted generation (edgespec.bench.core)."""
     from edgespec.bench.core import run_core_bench  # torch (see the imports at the top)
@@ -119,6 +145,29 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
         acc_s = "" if acc is None else f"  acceptance {acc:.3f}"
         print(f"{row['name']:>24}{k:<5} {row['tokens_per_s']:8.1f} tokens/s{acc_s}")
     print(f"best ours / HF assisted generation: {result['best_vs_hf_assisted']:.3f}")
+    write_json(args.json, result)
+    return 0
+
+
+def cmd_bench_sampling(args: argparse.Namespace) -> int:
+    """Coupled vs rejection sampling over an emulated link (edgespec.bench.sampling)."""
+    from edgespec.bench.sampling import LINKS, PROMPTS, print_summary, run_sampling_bench
+
+    target_path, draft_path = resolve_pair(args.target, args.draft)
+    check_pair(target_path, draft_path)
+    result = run_sampling_bench(
+        target_path,
+        draft_path,
+        compute_profile=args.compute_profile,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        reps=args.reps,
+        threads=args.threads,
+        prompts=PROMPTS[:1] if args.quick else PROMPTS,
+        links=LINKS[:1] if args.quick else LINKS,
+        policies=("fixed",) if args.quick else ("fixed", "adaptive"),
+    )
+    print_summary(result)
     write_json(args.json, result)
     return 0
 
@@ -247,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
+    ref = sub.add_parser(
+        "reference",
+        help="the target alone on this machine: reproduce a (seeded) distributed output",
+    )
+    ref.add_argument("prompt", help="prompt text")
+    ref.add_argument("--target", help="target checkpoint folder (default: the shipped demo target)")
+    ref.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _sampling_args(ref)
+    ref.set_defaults(func=cmd_reference)
+
     bench = sub.add_parser("bench", help="benchmarks (print figures, write JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     core = bench_sub.add_parser("core", help="co-located core vs target alone vs HF assisted")
@@ -278,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--threads", type=int, default=1, help="torch threads in each process")
     link.add_argument("--cloud-only", action="store_true", help="also time cloud-only decoding")
     link.set_defaults(func=cmd_bench_link)
+    sampling = bench_sub.add_parser(
+        "sampling", help="coupled vs rejection sampling: acceptance, bytes, tokens/s per link"
+    )
+    _add_model_args(sampling)
+    sampling.add_argument("--json", required=True, help="result file")
+    sampling.add_argument("-k", type=int, default=4, help="draft length of the fixed policy")
+    sampling.add_argument("--max-new-tokens", type=int, default=48)
+    sampling.add_argument("--reps", type=int, default=1, help="passes over the prompts")
+    sampling.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+    sampling.add_argument(
+        "--compute-profile", default="h100-70b", help="h100-70b (emulated, default) or real"
+    )
+    sampling.add_argument(
+        "--quick", action="store_true", help="smoke size: 1 prompt, 1 link, fixed k only"
+    )
+    sampling.set_defaults(func=cmd_bench_sampling)
     load = bench_sub.add_parser(
         "load", help="concurrent sessions across edges and verifiers: errors, balance, exactness"
     )

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,7 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        sampler=args.sampler,
     )
 
 
@@ -262,6 +264,8 @@ def _print_result(prompt: str, result: Result, elapsed_s: float) -> None:
         f"verifier {s.verifier}",
         file=sys.stderr,
     )
+    if result.seed is not None:
+        print(f"seed {result.seed} (pass --seed {result.seed} to reproduce)", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -321,6 +325,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             args.pipelined,
         )
         progress("generating with the target serving alone over the same link (cloud_only)")
+        # The same seed (the edge drew one if none was given): coupled sampling then gives the
+        # target alone's very tokens.
+        params = replace(params, seed=spec.seed) if spec.seed is not None else params
         alone, alone_s = _timed_generate(edge, args.prompt, params, "cloud_only", 0, args.timeout)
     finally:
         if args.keep:
@@ -334,9 +341,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("-" * 60)
     n_spec, n_alone = len(spec.token_ids), len(alone.token_ids)
     same = spec.token_ids == alone.token_ids
-    if params.temperature == 0:
+    exact = params.is_greedy or params.is_coupled  # token identity is the contract
+    if exact:
         verdict = "identical to" if same else "DIFFERENT from"
-        print(f"{n_spec} tokens, {verdict} the target serving alone")
+        seeded = f" with seed {spec.seed}" if spec.seed is not None else ""
+        print(f"{n_spec} tokens, {verdict} the target serving alone{seeded}")
     s = spec.stats
     spec_ks = [k for k in s.draft_lengths if k > 0]  # cloud-only chunks draft nothing
     # The adaptive policy may hand part of the generation to the cloud (cloud-only streaming)
@@ -361,7 +370,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"speed-up {alone_s / n_alone * n_spec / spec_s:.2f}x over {link} "
         f"(measured network RTT {spec.stats.rtt_ms:.1f} ms)"
     )
-    return 0 if params.temperature > 0 or same else 1
+    return 0 if same or not exact else 1
 
 
 # ---------------------------------------------------------------- parser wiring

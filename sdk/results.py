@@ -90,13 +90,17 @@ class Result:
     """A finished generation: the generated tokens (prompt excluded), their text, and stats.
 
     ``finish_reason`` is ``"stop"`` (a stop token was generated; it is included in
-    ``token_ids``) or ``"length"`` (``max_new_tokens`` reached).
+    ``token_ids``) or ``"length"`` (``max_new_tokens`` reached). ``seed`` is the seed a sampled
+    output was drawn with (the request's, or one the edge drew): the same request with that seed
+    reproduces it, and so does `edgespec.reference.generate_reference` on one machine under
+    coupled sampling. None when greedy.
     """
 
     text: str
     token_ids: list[int]
     finish_reason: str
     stats: GenerationStats
+    seed: int | None = None
 
 
 class StreamAssembler:
@@ -134,6 +138,7 @@ class StreamAssembler:
             token_ids=list(summary.token_ids),
             finish_reason=summary.finish_reason,
             stats=GenerationStats.from_proto(summary.stats),
+            seed=summary.seed if summary.HasField("seed") else None,
         )
 
 

@@ -60,7 +60,7 @@ def _verify(
     return run
 
 
-SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=32, seed=3)
+SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=32, seed=3, sampler="rejection")
 UNIFORM_Q = DraftProbs.dense(torch.full((2, VOCAB), 1.0 / VOCAB))
 
 

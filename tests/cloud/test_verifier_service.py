@@ -81,7 +81,9 @@ def test_sampling_verdicts_over_grpc_equal_in_process_ones(
 ) -> None:
     """Same seed, same blocks: the service answers exactly what an in-process Verifier does,
     so the q conversion (dense and sparse) loses nothing on the wire."""
-    params = SamplingParams(temperature=0.9, top_k=top_k, max_new_tokens=20, seed=7)
+    params = SamplingParams(
+        temperature=0.9, top_k=top_k, max_new_tokens=20, seed=7, sampler="rejection"
+    )
     draft = ModelRunner.from_pretrained(tiny_pair.draft_dir, device="cpu")
     drafter = Drafter(draft, PROMPT, params)
     local = Verifier(ModelRunner(target_model), PROMPT, params)

@@ -240,12 +240,12 @@ def test_greedy_fast_path_equals_rejection_verify(models):
 @pytest.mark.parametrize(
     ("params", "sparse"),
     [
-        (SamplingParams(temperature=1.0, seed=1), False),
-        (SamplingParams(temperature=0.8, top_k=5, seed=1), True),
-        (SamplingParams(temperature=1.0, top_p=0.5, seed=1), True),
+        (SamplingParams(temperature=1.0, seed=1, sampler="rejection"), False),
+        (SamplingParams(temperature=0.8, top_k=5, seed=1, sampler="rejection"), True),
+        (SamplingParams(temperature=1.0, top_p=0.5, seed=1, sampler="rejection"), True),
     ],
 )
-def test_sampled_blocks_carry_q(models, params, sparse):
+def test_rejection_sampled_blocks_carry_q(models, params, sparse):
     drafter = Drafter(ModelRunner(models[1]), _ids(7, 11), params)
     block = drafter.propose(4)
     q = block.draft_probs
@@ -282,7 +282,9 @@ def test_greedy_drafting_for_a_sampling_target(models):
 
 def test_verifier_validates_blocks(models):
     prompt = _ids(7, 13)
-    verifier = Verifier(ModelRunner(models[0]), prompt, SamplingParams(temperature=1.0))
+    verifier = Verifier(
+        ModelRunner(models[0]), prompt, SamplingParams(temperature=1.0, sampler="rejection")
+    )
     with pytest.raises(ValueError, match="tokens"):
         verifier.verify(DraftBlock(seq=0, base_len=7, tokens=(V,)))
     bad_q = DraftProbs.dense(torch.full((2, V), 0.5 / V))  # rows sum to 0.5
@@ -382,10 +384,13 @@ def test_shadow_matches_are_the_greedy_acceptance_outcomes(models):
 
 
 def test_shadow_matches_only_for_greedy_drafting_with_no_drafts_in_the_cache(models):
-    sampled, prompt = SamplingParams(temperature=1.0, max_new_tokens=20, seed=1), _ids(5, 12)
+    sampled, prompt = (
+        SamplingParams(temperature=1.0, max_new_tokens=20, seed=1, sampler="rejection"),
+        _ids(5, 12),
+    )
     drafter, verifier = _pair(models, sampled, prompt)
     _decode(drafter, verifier, 4)
-    assert drafter.shadow_matches() == []  # q-sampled drafts are not decided by an argmax
+    assert drafter.shadow_matches() == []  # q-sampled drafts are not decided by the noise
     drafter, verifier = _pair(models, SamplingParams(max_new_tokens=20), prompt)
     _decode(drafter, verifier, 4)
     block = drafter.propose(3)  # its drafts are in the cache now

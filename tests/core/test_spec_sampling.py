@@ -67,8 +67,8 @@ def _pooled_chisquare(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     "params",
     [
-        SamplingParams(temperature=1.0, max_new_tokens=2),  # dense q
-        SamplingParams(temperature=0.8, top_k=6, max_new_tokens=2),  # sparse q
+        SamplingParams(temperature=1.0, max_new_tokens=2, sampler="rejection"),  # dense q
+        SamplingParams(temperature=0.8, top_k=6, max_new_tokens=2, sampler="rejection"),  # sparse q
     ],
     ids=["dense", "top_k"],
 )

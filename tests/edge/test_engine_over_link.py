@@ -178,7 +178,7 @@ def test_sampled_tokens_follow_target_distribution_sparse_q(draft, target, real_
     """top_k=8: the draft sends sparse q. Token 1 and token 2 marginals against the exact ones."""
     real_link.set_profile(LinkProfile(rtt_ms=0))
     prompt = [1, 2, 3]
-    params = {"temperature": 1.0, "top_k": 8, "max_new_tokens": 2}
+    params = {"temperature": 1.0, "top_k": 8, "max_new_tokens": 2, "sampler": "rejection"}
     sp = SamplingParams(**params)
     runs = 600
     samples = _sample_first_tokens(draft, real_link.address, prompt, params, runs, k=3, n_tokens=2)
@@ -198,7 +198,7 @@ def test_sampled_first_token_follows_target_distribution_dense_q(draft, target, 
     """No truncation: the draft sends dense q (k, V) rows."""
     real_link.set_profile(LinkProfile(rtt_ms=0))
     prompt = [1, 2, 3]
-    params = {"temperature": 1.5, "max_new_tokens": 3}
+    params = {"temperature": 1.5, "max_new_tokens": 3, "sampler": "rejection"}
     runs = 400
     samples = _sample_first_tokens(draft, real_link.address, prompt, params, runs, k=2, n_tokens=1)
     probs = logits_to_probs(target.prefill(prompt), SamplingParams(**params))  # (V,)

@@ -202,7 +202,7 @@ def test_link_memory_across_sessions(draft, target, link_20ms):
             assert not other.stats.warm_start  # acceptance under sampling is another matter
             assert {key[1] for key in engine._link_memory} == {
                 "greedy",
-                "t=1.0,top_k=8,top_p=1.0",
+                "coupled:t=1.0,top_k=8,top_p=1.0",
             }
 
             engine.forget_links()
@@ -305,8 +305,9 @@ def test_mixed_speculative_and_cloud_only_rounds_with_pipelining(draft, target, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["rejection", "coupled"])
 def test_sampling_with_adaptive_and_pipelining_follows_target_distribution(
-    draft, target, grpc_verifier
+    draft, target, grpc_verifier, sampler
 ):
     """Tokens 1, 2 and 3 of 360 seeded runs (k = 1 to start: block 0 yields tokens 1-2, and the
     block drafted ahead yields token 3 whenever its guess of token 2 held) against the exact
@@ -322,7 +323,9 @@ def test_sampling_with_adaptive_and_pipelining_follows_target_distribution(
 
         async def one(seed: int):
             async with gate:
-                p = SamplingParams(temperature=1.0, top_k=8, max_new_tokens=4, seed=seed)
+                p = SamplingParams(
+                    temperature=1.0, top_k=8, max_new_tokens=4, seed=seed, sampler=sampler
+                )
                 summary = await engine.collect(prompt, p, k=1, policy="adaptive", pipelined=True)
                 return summary.tokens[:3], summary.stats.pipeline_hits
 

@@ -108,6 +108,7 @@ def requests(draw) -> pb.GenerateRequest:
         p.top_k = draw(_mostly(st.integers(0, 400), _ints(*INT32)))
         p.top_p = draw(_mostly(st.floats(0.0, 1.0), _floats()))
         p.max_new_tokens = draw(_mostly(st.integers(1, 6), _ints(*INT32)))
+        p.sampler = draw(_mostly(st.sampled_from([0, 1, 2]), _ints(*INT32)))
         if draw(st.booleans()):
             p.seed = draw(st.integers(0, 2**64 - 1))
         stop = _mostly(st.integers(0, VOCAB - 1), _ints(*INT32))

@@ -95,6 +95,7 @@ def valid_params(draw) -> pb.SamplingParams:
         top_p=draw(st.sampled_from([0.0, 0.5, 1.0, 1e-9])),
         max_new_tokens=draw(st.integers(1, 40)),
         stop_token_ids=draw(st.lists(st.integers(0, VOCAB - 1), max_size=3)),
+        sampler=draw(st.sampled_from([0, 1, 2])),
     )
     seed = draw(st.one_of(st.none(), st.integers(0, 2**63 - 1)))
     if seed is not None:
@@ -110,6 +111,7 @@ def wild_params(draw) -> pb.SamplingParams:
         top_p=draw(st.one_of(st.sampled_from([0.0, 0.9, 1.0]), DOUBLES)),
         max_new_tokens=draw(st.one_of(st.integers(1, 40), INT32)),
         stop_token_ids=draw(st.lists(TOKEN, max_size=4)),
+        sampler=draw(st.one_of(st.sampled_from([0, 1, 2]), st.integers(-(2**31), 2**31 - 1))),
     )
     seed = draw(st.one_of(st.none(), st.integers(0, 10), UINT64))
     if seed is not None:

@@ -7,21 +7,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Sampler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAMPLER_UNSPECIFIED: _ClassVar[Sampler]
+    SAMPLER_COUPLED: _ClassVar[Sampler]
+    SAMPLER_REJECTION: _ClassVar[Sampler]
+SAMPLER_UNSPECIFIED: Sampler
+SAMPLER_COUPLED: Sampler
+SAMPLER_REJECTION: Sampler
+
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop_token_ids")
+    __slots__ = ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop_token_ids", "sampler")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
     max_new_tokens: int
     seed: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    sampler: Sampler
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., sampler: _Optional[_Union[Sampler, str]] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("prefix_ids", "params", "model_id", "generated", "next_seq")
@@ -210,13 +221,15 @@ class GenerateResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("finish_reason", "token_ids", "text", "stats")
+    __slots__ = ("finish_reason", "token_ids", "text", "stats", "seed")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     stats: GenerateStats
-    def __init__(self, finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ...) -> None: ...
+    seed: int
+    def __init__(self, finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
