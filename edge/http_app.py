@@ -65,12 +65,18 @@ def api_error(err: Exception, chat: bool) -> ApiError:
     if isinstance(err, ApiError):
         return err
     if isinstance(err, FieldError):
+        # The engine names gRPC fields ("params.max_new_tokens", "prompt_ids[3]"): the client
+        # is told the HTTP parameter ("max_tokens", "prompt[3]").
         name = err.field.split(".", 1)[-1].split("[", 1)[0]
         if err.field.startswith("prompt"):
             param = "messages" if chat else "prompt"
+            label = param + err.field.partition("[")[1] + err.field.partition("[")[2]
         else:
-            param = PARAM_NAMES.get(name, err.field)
-        return ApiError(400, str(err), param=param, code="invalid_value")
+            param = label = PARAM_NAMES.get(name, err.field)
+        message = str(err)
+        if message.startswith(err.field):
+            message = label + message[len(err.field) :]
+        return ApiError(400, message, param=param, code="invalid_value")
     if isinstance(err, EdgeError):
         status = _HTTP_STATUS.get(err.code, 500)
         retry = math.ceil(err.retry_after_ms / 1e3) if err.retry_after_ms is not None else None
