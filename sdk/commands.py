@@ -195,7 +195,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     progress("up")
     print(f"cluster: {state.address} ({'local' if state.local else 'joined'})")
     for name, info in sorted(deployment.infos.items()):
-        print(f"  {name:<22} {info['address']:<22} {info['device']}")
+        http = f"  http {info['http_url']}/v1" if info.get("http_url") else ""
+        print(f"  {name:<22} {info['address']:<22} {info['device']}{http}")
     print(f"state: {state_dir / STATE_FILE}")
     print('next: edgespec generate "def f(x):"   |   edgespec status   |   edgespec down')
     return 0
