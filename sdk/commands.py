@@ -326,6 +326,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         if args.keep:
             progress(f"--keep: cluster left running; `edgespec down --state-dir {state_dir}`")
+            for name, info in sorted(deployment.infos.items()):
+                if info.get("http_url"):
+                    progress(f"{name}: OpenAI-compatible API at {info['http_url']}/v1")
         else:
             progress("shutting down")
             _tear_down(state, state_dir, progress)

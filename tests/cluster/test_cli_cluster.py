@@ -102,7 +102,8 @@ def test_up_generate_status_down(tiny_pair, tmp_path):
         assert f"http={base_url}" in status.stdout
 
         as_json = json.loads(_edgespec("status", "--json", *common).stdout)
-        assert as_json["verifiers"][0]["total_assigned"] == 1
+        # one session per generation: `edgespec generate` and the two over HTTP
+        assert as_json["verifiers"][0]["total_assigned"] == 3
     finally:
         down = _edgespec("down", *common)
     assert down.returncode == 0, down.stderr[-3000:]
