@@ -32,17 +32,14 @@ from starlette.types import Receive, Scope, Send
 from edgespec.edge.chat_template import chat_prompt
 from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.http_generation import HttpGeneration
+from edgespec.edge.openai_responses import chunk, new_id, response_body, usage
 from edgespec.edge.openai_schema import (
     PARAM_NAMES,
     ApiError,
     ApiRequest,
-    chunk,
     default_max_tokens,
-    new_id,
     parse_request,
-    response_body,
     sampling_params,
-    usage,
 )
 from edgespec.edge.recovery import EdgeError
 from edgespec.protos.convert import FieldError

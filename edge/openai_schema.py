@@ -3,7 +3,7 @@
 `parse_request` reads a ``/v1/completions`` or ``/v1/chat/completions`` JSON body into an
 `ApiRequest`, refusing (`ApiError`, HTTP 400 naming the parameter) every parameter it does not
 implement rather than ignoring it; `sampling_params` is the one place request fields become
-`SamplingParams`. The builders return the response bodies and stream chunks.
+`SamplingParams`. The response bodies are `edgespec.edge.openai_responses`'.
 
 edgespec's own knobs travel in an ``edgespec`` object of the request (``policy``,
 ``draft_tokens``, ``pipelined``, ``timeout_s``); its figures come back in an ``edgespec`` object of
@@ -14,15 +14,12 @@ the response (and of the last stream chunk). vLLM's ``top_k``, ``stop_token_ids`
 from __future__ import annotations
 
 import math
-import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgespec.core.params import MAX_NEW_TOKENS_LIMIT, SamplingParams
 from edgespec.core.validation import is_int
-from edgespec.edge.records import EdgeStats
 
 # error "type" per HTTP status, as OpenAI's API names them
 _ERROR_TYPES = {
@@ -311,99 +308,3 @@ def default_max_tokens(req: ApiRequest, prompt_len: int, max_length: int | None)
         return COMPLETIONS_DEFAULT_MAX_TOKENS
     room = (max_length - prompt_len) if max_length is not None else MAX_NEW_TOKENS_LIMIT
     return max(1, min(room, MAX_NEW_TOKENS_LIMIT))
-
-
-# ---------------------------------------------------------------- responses
-
-
-def new_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def edgespec_figures(stats: EdgeStats) -> dict[str, Any]:
-    """What the response's ``edgespec`` object reports of the generation."""
-    return {
-        "rounds": stats.rounds,
-        "drafted": stats.drafted,
-        "accepted": stats.accepted,
-        "acceptance_rate": stats.acceptance_rate,
-        "draft_lengths": list(stats.draft_lengths),
-        "rtt_ms_mean": stats.rtt_ms_mean,
-        "cloud_only_tokens": stats.cloud_only_tokens,
-        "bytes_sent": stats.bytes_sent,
-        "bytes_received": stats.bytes_received,
-        "reconnects": stats.reconnects,
-        "pipeline_hits": stats.pipeline_hits,
-        "pipeline_misses": stats.pipeline_misses,
-        "time_to_first_token_ms": stats.time_to_first_token_ms,
-        "verifier": stats.verifier,
-        "policy": stats.policy,
-    }
-
-
-def _choice(chat: bool, text: str, finish: str | None, delta: bool) -> dict[str, Any]:
-    if not chat:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    if delta:
-        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-    message = {"role": "assistant", "content": text}
-    return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-
-
-def response_body(
-    req: ApiRequest,
-    rid: str,
-    text: str,
-    finish: str,
-    use: dict[str, int],
-    stats: EdgeStats | None,
-) -> dict[str, Any]:
-    """The whole (non-streamed) completion or chat completion (``edgespec`` null when a stop
-    string ended the generation before its summary)."""
-    return {
-        "id": rid,
-        "object": "chat.completion" if req.chat else "text_completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "choices": [_choice(req.chat, text, finish, delta=False)],
-        "usage": use,
-        "edgespec": edgespec_figures(stats) if stats is not None else None,
-    }
-
-
-def chunk(
-    req: ApiRequest,
-    rid: str,
-    text: str = "",
-    finish: str | None = None,
-    *,
-    first: bool = False,
-    stats: EdgeStats | None = None,
-    use: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """One stream chunk: text (the chat's first carries the role), the finish (with the
-    ``edgespec`` figures), or, with `use`, the usage chunk (no choices)."""
-    body: dict[str, Any] = {
-        "id": rid,
-        "object": "chat.completion.chunk" if req.chat else "text_completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "choices": [] if use is not None else [_choice(req.chat, text, finish, delta=True)],
-    }
-    if req.chat and first and use is None:
-        body["choices"][0]["delta"] = {"role": "assistant", "content": text}
-    if use is not None:
-        body["usage"] = use
-    elif req.include_usage:
-        body["usage"] = None
-    if stats is not None:
-        body["edgespec"] = edgespec_figures(stats)
-    return body
