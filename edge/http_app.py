@@ -65,8 +65,10 @@ def api_error(err: Exception, chat: bool) -> ApiError:
         # The engine names gRPC fields ("params.max_new_tokens", "prompt_ids[3]"): the client
         # is told the HTTP parameter ("max_tokens", "prompt[3]").
         name = err.field.split(".", 1)[-1].split("[", 1)[0]
-        if err.field.startswith("prompt"):
-            param = "messages" if chat else "prompt"
+        if err.field.startswith("prompt") and chat:  # the rendered messages' tokens
+            param = label = "messages"
+        elif err.field.startswith("prompt"):
+            param = "prompt"
             label = param + err.field.partition("[")[1] + err.field.partition("[")[2]
         else:
             param = label = PARAM_NAMES.get(name, err.field)
