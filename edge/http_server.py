@@ -39,10 +39,11 @@ class RunningHttpServer:
     task: asyncio.Task
     host: str
     port: int
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     async def stop(self) -> None:
         """Stop accepting, let running requests end (streams are cut at uvicorn's shutdown)."""
@@ -56,12 +57,14 @@ async def serve_http(
     host: str = "127.0.0.1",
     port: int = 0,
     token: str | None = None,
+    tls_files: tuple[str, str] | None = None,
 ) -> RunningHttpServer:
     """Start the HTTP API for `engine` on host:port (0 = a free port) and return it running.
 
     `model`: the name /v1/models reports and requests must give; `token`: required as
-    ``Authorization: Bearer <token>`` on /v1/* (None = open). OSError if host:port cannot be
-    bound."""
+    ``Authorization: Bearer <token>`` on /v1/* (None = open); `tls_files`: (certificate chain,
+    private key) PEM files to serve HTTPS with (None = plain HTTP). OSError if host:port
+    cannot be bound."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -73,6 +76,8 @@ async def serve_http(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=1,
+        ssl_certfile=tls_files[0] if tls_files else None,
+        ssl_keyfile=tls_files[1] if tls_files else None,
     )
     server = _EmbeddedServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
@@ -86,5 +91,8 @@ async def serve_http(
             task.cancel()
             raise OSError(f"HTTP server on {host}:{bound} did not start in {START_TIMEOUT_S} s")
         await asyncio.sleep(0.01)
-    logger.info("OpenAI-compatible HTTP API on http://%s:%d/v1", host, bound)
-    return RunningHttpServer(server=server, task=task, host=host, port=bound)
+    logger.info(
+        "OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if tls_files else "http", host, bound
+    )
+    scheme = "https" if tls_files else "http"
+    return RunningHttpServer(server=server, task=task, host=host, port=bound, scheme=scheme)

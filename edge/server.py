@@ -7,8 +7,9 @@ and prints exactly one line ``LISTENING <host>:<port>`` (flushed) to stdout once
 time (an emulated edge GPU, e.g. ``h100-70b``'s 1B-class draft); ``--policy`` and ``--pipelined``
 set what a request that names no policy / does not say gets.
 The OpenAI-compatible HTTP API (`edgespec.edge.http_app`) is served too, on ``--http-port``
-(default 0: a free port; ``--no-http``: none) of the same host, in the same event loop; its
-base URL follows on a second line ``HTTP http://<host>:<port>``. Requests name the model
+(default 0: a free port; ``--no-http``: none) of the same host, in the same event loop, HTTPS
+with the gRPC server's certificate when it has one; its base URL follows on a second line
+``HTTP http(s)://<host>:<port>``. Requests name the model
 ``--served-model-name`` (default ``edgespec``).
 SIGTERM or SIGINT stops it gracefully.
 """
@@ -71,8 +72,15 @@ async def start_edge(
     http = None
     if not args.no_http:
         try:
+            # With --tls-cert/--tls-key the HTTP API is HTTPS with the same certificate.
+            files = (args.tls_cert, args.tls_key) if tls is not None else None
             http = await serve_http(
-                engine, args.served_model_name, args.host, args.http_port, token=args.token
+                engine,
+                args.served_model_name,
+                args.host,
+                args.http_port,
+                token=args.token,
+                tls_files=files,
             )
         except BaseException:
             await running.stop(0)

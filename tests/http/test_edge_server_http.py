@@ -3,7 +3,11 @@ LISTENING, the same bearer token, 127.0.0.1 by default; ``--no-http`` serves non
 
 from __future__ import annotations
 
+import ssl
+
 import httpx
+import pytest
+from support.certs import self_signed_cert
 from support.servers import ServerProcess
 
 TOKEN = "cli-s3cret"
@@ -38,5 +42,24 @@ def test_no_http(tiny_pair, verifier, tmp_path) -> None:
         server.wait_listening()
         server.proc.terminate()  # stdout ends: nothing followed LISTENING
         assert server.next_line() is None
+    finally:
+        server.stop()
+
+
+def test_with_tls_the_http_api_is_https(tiny_pair, verifier, tmp_path) -> None:
+    pytest.importorskip("cryptography", reason="building a test certificate needs cryptography")
+    cert, key = self_signed_cert(tmp_path)
+    server = _edge(tiny_pair, verifier, tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        server.wait_listening()
+        line = server.next_line()
+        assert line is not None and line.startswith("HTTP https://127.0.0.1:")
+        url = line.split()[1]
+        models = httpx.get(
+            url + "/v1/models",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            verify=ssl.create_default_context(cafile=str(cert)),
+        )
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "edgespec"
     finally:
         server.stop()
