@@ -234,8 +234,9 @@ class EdgeServicer:
     def Generate(self, request, context):
         """Generate for one prompt: zero or more `tokens` messages (newly committed tokens and their
         decoded text), then exactly one `summary`, then OK. Greedy output (temperature 0) is
-        token-for-token what the target alone produces; with a seed, the same request gives the same
-        output on the same deployment. Statuses:
+        token-for-token what the target alone produces; sampled output has the target's
+        distribution, and a seed reproduces it when the rounds repeat too (policy "fixed" with
+        pipelined false: the other policies adapt to measured timings). Statuses:
         INVALID_ARGUMENT    `edgespec-field` names the field: "prompt" (neither prompt nor
         prompt_ids, empty text, text without a tokenizer, or too long for the
         draft), "prompt_ids" (empty), "prompt_ids[i]" (outside the vocabulary),
