@@ -5,12 +5,11 @@ and a client that disconnects mid-stream freeing its edge and verifier sessions.
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
 import httpx
 import pytest
-from support.edge_stack import MODEL, EdgeStack
+from support.edge_stack import MODEL, EdgeStack, wait_sessions_freed
 from support.servers import VerifierServerThread
 
 from edgespec.cloud.verifier import VerifierEngine
@@ -169,7 +168,7 @@ def test_504_past_the_deadline(edge, verifier) -> None:
     body = {**COMPLETION, "max_tokens": 200, "edgespec": {"timeout_s": 0.001}}
     error = assert_error(post(edge.url, body), 504, None, "timeout_error")
     assert "timeout_s" in error["message"]
-    _wait_freed(edge, verifier)
+    wait_sessions_freed(edge, verifier)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_sessions(edge, verifier) -> None:
@@ -181,16 +180,4 @@ def test_a_client_that_disconnects_mid_stream_frees_its_sessions(edge, verifier)
         assert first.startswith(b"data: ")
         assert edge.engine.active_sessions == 1
     # The connection is closed: the generation (400 one-token rounds) ends early.
-    _wait_freed(edge, verifier, within_s=2.0)
-
-
-def _wait_freed(edge, verifier, within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if edge.engine.active_sessions == 0 and verifier.engine.stats().sessions == 0:
-            return
-        time.sleep(0.02)
-    raise AssertionError(
-        f"sessions left: edge {edge.engine.active_sessions}, verifier "
-        f"{verifier.engine.stats().sessions}"
-    )
+    wait_sessions_freed(edge, verifier, within_s=2.0)

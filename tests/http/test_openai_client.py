@@ -5,12 +5,10 @@ sampling), stop strings cut and end the generation."""
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import openai
 import pytest
-from support.edge_stack import MODEL
+from support.edge_stack import MODEL, wait_sessions_freed
 
 from edgespec.edge.chat_template import render_fallback
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
@@ -50,18 +48,6 @@ def expected_text(edge, summary: pb.Summary) -> str:
     if ids and ids[-1] == edge.engine.tokenizer.eos_token_id:
         ids = ids[:-1]
     return edge.engine.tokenizer.decode(ids)
-
-
-def wait_sessions_closed(edge, verifier, within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if edge.engine.active_sessions == 0 and verifier.engine.stats().sessions == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(
-        f"sessions left: edge {edge.engine.active_sessions}, "
-        f"verifier {verifier.engine.stats().sessions}"
-    )
 
 
 @pytest.mark.parametrize(
@@ -156,7 +142,7 @@ def test_a_stop_string_cuts_the_text_and_ends_the_generation(edge, verifier, cli
         assert reply.usage.completion_tokens < 40  # the generation ended at the stop string
     assert text == free[:at]
     assert finish == "stop"
-    wait_sessions_closed(edge, verifier)
+    wait_sessions_freed(edge, verifier)
 
 
 def test_models_and_health(edge, client) -> None:

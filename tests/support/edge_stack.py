@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 from edgespec.edge.config import EngineConfig
@@ -55,3 +56,17 @@ class EdgeStack:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(START_S)
         self.loop.close()
+
+
+def wait_sessions_freed(edge: EdgeStack, verifier: Any, within_s: float = 10.0) -> None:
+    """Wait until neither the edge nor the verifier (a `VerifierServerThread`) holds a session;
+    AssertionError naming what is left after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if edge.engine.active_sessions == 0 and verifier.engine.stats().sessions == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(
+        f"sessions left: edge {edge.engine.active_sessions}, "
+        f"verifier {verifier.engine.stats().sessions}"
+    )
