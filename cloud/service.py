@@ -39,7 +39,6 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from grpc_health.v1 import _async as health_aio  # health.aio at runtime; the stubs lack it
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from edgespec.cloud.decoding import (
     SERVICE_NAME,
@@ -60,6 +59,7 @@ from edgespec.protos.convert import (
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 from edgespec.serving.auth import VERIFIER_EXEMPT, auth_interceptors
+from edgespec.serving.reflection import enable_reflection
 from edgespec.serving.tls import TlsConfig, bind
 from edgespec.serving.verifier_metrics import VerifierMetrics
 
@@ -395,13 +395,8 @@ async def serve(
     add_verifier_servicer(VerifierServicer(engine, executor, metrics), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    enable_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
     )
     bound = bind(server, f"{host}:{port}", tls)
     await server.start()

@@ -3,7 +3,8 @@
 `EdgeEngine` drafts locally and verifies through a `VerifierLink`: over gRPC (`GrpcLinks`: one
 persistent VerifyStream per session) or in process (`InProcessLinks`, a verifier engine object);
 it owns the committed tokens, so a verifier failure never loses or changes output.
-`edge.service.serve` wraps an engine in the Edge gRPC service; `python -m edgespec.edge.server` runs one.
+`edge.service.serve` wraps an engine in the Edge gRPC service, `edge.http_server.serve_http` in
+the OpenAI-compatible HTTP API (`edge.http_app`); `python -m edgespec.edge.server` runs both.
 """
 
 from edgespec.edge.addresses import VerifierAssigner, make_address_provider

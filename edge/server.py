@@ -6,6 +6,11 @@ and prints exactly one line ``LISTENING <host>:<port>`` (flushed) to stdout once
 ``--compute-profile NAME`` (default ``real``) pads every draft forward to the profile's modelled
 time (an emulated edge GPU, e.g. ``h100-70b``'s 1B-class draft); ``--policy`` and ``--pipelined``
 set what a request that names no policy / does not say gets.
+The OpenAI-compatible HTTP API (`edgespec.edge.http_app`) is served too, on ``--http-port``
+(default 0: a free port; ``--no-http``: none) of the same host, in the same event loop, HTTPS
+with the gRPC server's certificate when it has one; its base URL follows on a second line
+``HTTP http(s)://<host>:<port>``. Requests name the model
+``--served-model-name`` (default ``edgespec``).
 SIGTERM or SIGINT stops it gracefully.
 """
 
@@ -16,17 +21,71 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from edgespec.core.profiles import profile_names
 from edgespec.core.registry import policy_names
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.engine import EdgeEngine
-from edgespec.edge.service import serve
+from edgespec.edge.http_server import RunningHttpServer, serve_http
+from edgespec.edge.service import RunningEdgeServer, serve
 from edgespec.serving.edge_metrics import EdgeMetrics
 from edgespec.serving.server_options import add_runtime_args, apply_threads, run_until_signal
 from edgespec.serving.tls import TlsConfig
 
 logger = logging.getLogger("edgespec.edge.server")
+
+DEFAULT_MODEL_NAME = "edgespec"
+
+
+@dataclass
+class RunningEdge:
+    """The edge's gRPC server and, unless turned off, its HTTP API (`http_url`)."""
+
+    grpc: RunningEdgeServer
+    http: RunningHttpServer | None
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def http_url(self) -> str | None:
+        return self.http.url if self.http is not None else None
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        if self.http is not None:
+            await self.http.stop()
+        await self.grpc.stop(grace)
+
+
+async def start_edge(
+    engine: EdgeEngine,
+    args: argparse.Namespace,
+    tls: TlsConfig | None,
+    metrics: EdgeMetrics | None,
+) -> RunningEdge:
+    """Start the gRPC server, then the HTTP API (unless ``--no-http``), on ``--host``."""
+    running = await serve(
+        engine, host=args.host, port=args.port, token=args.token, tls=tls, metrics=metrics
+    )
+    http = None
+    if not args.no_http:
+        try:
+            # With --tls-cert/--tls-key the HTTP API is HTTPS with the same certificate.
+            files = (args.tls_cert, args.tls_key) if tls is not None else None
+            http = await serve_http(
+                engine,
+                args.served_model_name,
+                args.host,
+                args.http_port,
+                token=args.token,
+                tls_files=files,
+            )
+        except BaseException:
+            await running.stop(0)
+            raise
+    return RunningEdge(running, http)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 = a free port")
+    ap.add_argument(
+        "--http-port", type=int, default=0, help="OpenAI-compatible HTTP API port (0 = a free port)"
+    )
+    ap.add_argument("--no-http", action="store_true", help="serve no HTTP API")
+    ap.add_argument(
+        "--served-model-name",
+        default=DEFAULT_MODEL_NAME,
+        help="model name of the HTTP API (/v1/models, the requests' `model`)",
+    )
     ap.add_argument("--token", help="bearer token clients must send")
     ap.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key")
     ap.add_argument("--tls-key", help="server private key (PEM)")
@@ -115,9 +183,7 @@ async def _main(args: argparse.Namespace) -> int:
     await run_until_signal(
         args,
         EdgeMetrics,
-        lambda metrics: serve(
-            engine, host=args.host, port=args.port, token=args.token, tls=tls, metrics=metrics
-        ),
+        lambda metrics: start_edge(engine, args, tls, metrics),
         grace_s=5.0,
     )
     return 0

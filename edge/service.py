@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import _async as health_aio  # health.aio at runtime; the stubs lack it
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from edgespec.core.params import SamplingParams
 from edgespec.edge.channels import MAX_MESSAGE_BYTES
@@ -39,6 +38,7 @@ from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 from edgespec.serving.auth import EDGE_EXEMPT, auth_interceptors
 from edgespec.serving.edge_metrics import EdgeMetrics
+from edgespec.serving.reflection import enable_reflection
 from edgespec.serving.tls import TlsConfig, bind
 
 logger = logging.getLogger(__name__)
@@ -216,9 +216,7 @@ async def serve(
     pb_grpc.add_EdgeServicer_to_server(EdgeServicer(engine, metrics), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     bound = bind(server, f"{host}:{port}", tls)
     await server.start()
     for name in ("", SERVICE_NAME):

@@ -1,7 +1,8 @@
 """The Ray edge: `EdgeSpec` (what one edge serves and how) and `EdgeActor`, a thin shim.
 
 `EdgeActor` (resource ``edge``) loads the draft into an `edgespec.edge.engine.EdgeEngine`, serves
-the Edge gRPC service and registers with the orchestrator. Its engine gets each session's
+the Edge gRPC service and the OpenAI-compatible HTTP API (``http_port``; its URL in `info` and
+`stats`, hence in ``edgespec up`` / ``edgespec status``) and registers with the orchestrator. Its engine gets each session's
 verifier from an `edgespec.orchestrator.edge_host.OrchestratorAssigner` (through emulated links
 when the deployment has them); the actor only starts these and answers `stats` / `link_stats`.
 Lifecycle (start on the actor's loop, registration, restarts) is `EndpointActor`'s.
@@ -16,6 +17,7 @@ from typing import Any
 
 import ray
 
+from edgespec.core.validation import check_port
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.linkemu import LinkProfile
 from edgespec.orchestrator.edge_host import EmulatedLinks, OrchestratorAssigner
@@ -48,9 +50,19 @@ class EdgeSpec(EndpointSpec):
     # Emulated WAN link between this edge and every verifier: an `edgespec.linkemu.LinkProfile`
     # as a dict (`LinkProfile.to_dict()`); None = direct connections.
     link: dict[str, Any] | None = None
+    # OpenAI-compatible HTTP API on the node: 0 = a free port, None = off; requests name
+    # `served_model_name` as their model
+    http_port: int | None = 0
+    served_model_name: str = "edgespec"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.http_port is not None:
+            check_port("http_port", self.http_port)
+        if not isinstance(self.served_model_name, str) or not self.served_model_name:
+            raise ValueError(
+                f"served_model_name must be a non-empty str, got {self.served_model_name!r}"
+            )
         if not isinstance(self.draft_path, str) or not self.draft_path:
             raise ValueError(f"draft_path must be a non-empty str, got {self.draft_path!r}")
         if not isinstance(self.engine, EngineConfig):
@@ -74,7 +86,7 @@ class EdgeActor(EndpointActor):
     """An edge: the draft model behind the Edge gRPC service; verifiers come from the orchestrator."""
 
     kind = EDGE
-    _server: Any  # the running Edge server (`RunningEdgeServer`) once started
+    _server: Any  # the running Edge servers (`edgespec.edge.server.RunningEdge`) once started
 
     def __init__(self, name: str, spec: EdgeSpec) -> None:
         self.spec = spec
@@ -87,6 +99,8 @@ class EdgeActor(EndpointActor):
 
     async def _start(self) -> None:
         from edgespec.edge.engine import EdgeEngine  # torch: loaded on the actor only
+        from edgespec.edge.http_server import serve_http
+        from edgespec.edge.server import RunningEdge
         from edgespec.edge.service import serve
         from edgespec.serving.edge_metrics import EdgeMetrics
 
@@ -103,10 +117,17 @@ class EdgeActor(EndpointActor):
             compute_profile=spec.compute_profile,
         )
         metrics = self._serve_metrics(EdgeMetrics, spec.metrics_port)
-        self._server = await serve(
+        grpc_server = await serve(
             self.engine, host=BIND_HOST, port=spec.port, token=spec.token, metrics=metrics
         )
-        self.address = f"{ray.util.get_node_ip_address()}:{self._server.port}"
+        http = None
+        if spec.http_port is not None:
+            http = await serve_http(
+                self.engine, spec.served_model_name, BIND_HOST, spec.http_port, token=spec.token
+            )
+            self.http_url = f"http://{ray.util.get_node_ip_address()}:{http.port}"
+        self._server = RunningEdge(grpc_server, http)
+        self.address = f"{ray.util.get_node_ip_address()}:{grpc_server.port}"
         logger.info("edge %s serving on %s (%s)", self.name, self.address, self.device)
         await register_endpoint(self.name, self.kind, self.address, self.device)
         self._refresher = asyncio.get_running_loop().create_task(self.assigner.refresh_forever())
@@ -116,6 +137,7 @@ class EdgeActor(EndpointActor):
         await self._ready
         await self.assigner.refresh()
         return {
+            "http_url": self.http_url,
             "active_sessions": self.engine.active_sessions,
             "assignments": self.assigner.assignments,
             "fallbacks": self.assigner.fallbacks,

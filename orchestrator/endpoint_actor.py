@@ -124,6 +124,7 @@ class EndpointActor:
         self.started_at = time.time()
         self._server: RunningServer | None = None
         self.metrics_url = ""  # this endpoint's Prometheus /metrics, when served
+        self.http_url = ""  # an edge's OpenAI-compatible HTTP API (base URL + /v1), when served
         self._ready = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
@@ -144,13 +145,14 @@ class EndpointActor:
         return self.info()
 
     def info(self) -> dict[str, Any]:
-        """Name, kind, address, device, metrics URL, start time, node and process."""
+        """Name, kind, address, device, metrics and HTTP URLs, start time, node and process."""
         return {
             "name": self.name,
             "kind": self.kind,
             "address": self.address,
             "device": self.device,
             "metrics_url": self.metrics_url,
+            "http_url": self.http_url,
             "started_at": self.started_at,
             **node_info(),
         }

@@ -59,6 +59,8 @@ def format_status(view: dict[str, Any]) -> str:
                     f"  active={stats.get('active_sessions', 0)} "
                     f"assigned={stats.get('assignments', 0)}"
                 )
+                if stats.get("http_url"):
+                    extra += f" http={stats['http_url']}/v1"
             total = f" total={e.get('total_assigned', 0)}" if kind == "verifiers" else ""
             lines.append(
                 f"  {e['endpoint_id']:<22} {e['address']:<21} node {e['node_id'][:8]} "

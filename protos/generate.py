@@ -20,9 +20,11 @@ logger = logging.getLogger(__name__)
 
 # The checkout's protos/ folder (resolved: in an editable install this file is a link to it).
 PROTOS_DIR = Path(__file__).resolve().parent
-# protoc names each generated module after its .proto's path under the include folder, and the
-# stubs are imported as `edgespec.protos...`: each .proto is staged under this prefix first.
-PACKAGE_PREFIX = Path("edgespec") / "protos"
+# Each .proto is compiled under its package-relative name (edgespec/v1/edgespec.proto): the name
+# reflection and other languages see. protoc then names the generated Python modules after that
+# path (`edgespec.v1.edgespec_pb2`), while they are imported from this package: the module paths
+# in the generated code are rewritten to start with this prefix.
+MODULE_PREFIX = "edgespec.protos"
 
 
 def _protos() -> list[Path]:
@@ -40,21 +42,31 @@ def generate(out_root: Path) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         include, out = Path(tmp) / "in", Path(tmp) / "out"
         for rel in _protos():
-            staged = include / PACKAGE_PREFIX / rel
+            staged = include / rel
             staged.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(PROTOS_DIR / rel, staged)
         out.mkdir()
         for rel in _protos():
             args = ["protoc", f"-I{well_known}", f"-I{include}", f"--python_out={out}"]
-            args += [f"--pyi_out={out}", f"--grpc_python_out={out}", str(PACKAGE_PREFIX / rel)]
+            args += [f"--pyi_out={out}", f"--grpc_python_out={out}", str(rel)]
             if protoc.main(args) != 0:
                 raise RuntimeError(f"protoc failed on {rel}")
+            module = ".".join(rel.parent.parts)  # e.g. edgespec.v1
             for name in (f"{rel.stem}_pb2.py", f"{rel.stem}_pb2.pyi", f"{rel.stem}_pb2_grpc.py"):
                 dest = out_root / rel.parent / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(out / PACKAGE_PREFIX / rel.parent / name, dest)
+                code = (out / rel.parent / name).read_text()
+                dest.write_text(_prefix_modules(code, module, rel.stem))
                 written.append(dest)
     return written
+
+
+def _prefix_modules(code: str, module: str, stem: str) -> str:
+    """Generated code with the stubs of package `module` imported from, and named as,
+    ``MODULE_PREFIX.module``: the ``from X import`` lines and the quoted module name of
+    ``<stem>_pb2`` (not the quoted service names, which stay proto names)."""
+    code = code.replace(f"from {module} import", f"from {MODULE_PREFIX}.{module} import")
+    return code.replace(f"'{module}.{stem}_pb2'", f"'{MODULE_PREFIX}.{module}.{stem}_pb2'")
 
 
 def check() -> list[str]:

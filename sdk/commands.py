@@ -197,7 +197,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     progress("up")
     print(f"cluster: {state.address} ({'local' if state.local else 'joined'})")
     for name, info in sorted(deployment.infos.items()):
-        print(f"  {name:<22} {info['address']:<22} {info['device']}")
+        http = f"  http {info['http_url']}/v1" if info.get("http_url") else ""
+        print(f"  {name:<22} {info['address']:<22} {info['device']}{http}")
     print(f"state: {state_dir / STATE_FILE}")
     print('next: edgespec generate "def f(x):"   |   edgespec status   |   edgespec down')
     return 0
@@ -332,6 +333,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         if args.keep:
             progress(f"--keep: cluster left running; `edgespec down --state-dir {state_dir}`")
+            for name, info in sorted(deployment.infos.items()):
+                if info.get("http_url"):
+                    progress(f"{name}: OpenAI-compatible API at {info['http_url']}/v1")
         else:
             progress("shutting down")
             _tear_down(state, state_dir, progress)

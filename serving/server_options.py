@@ -54,7 +54,8 @@ async def run_until_signal(
 ) -> None:
     """Serve until SIGTERM/SIGINT: start the ``--metrics-port`` endpoint (if asked), the server
     (``start(metrics)``, returning an object with ``.port`` and ``async stop(grace)``), print the
-    one ``LISTENING host:port`` line that launchers and tests read, then stop both on a signal.
+    ``LISTENING host:port`` line that launchers and tests read (then ``HTTP <url>`` when the
+    object has an ``http_url``), then stop both on a signal.
     `metrics_cls` is EdgeMetrics or VerifierMetrics (built on a fresh registry)."""
     metrics = metrics_server = None
     if args.metrics_port is not None:
@@ -65,6 +66,9 @@ async def run_until_signal(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"LISTENING {args.host}:{running.port}", flush=True)
+    http_url = getattr(running, "http_url", None)
+    if http_url:
+        print(f"HTTP {http_url}", flush=True)
     await stop.wait()
     logger.info("stopping")
     await running.stop(grace=grace_s)

@@ -1,4 +1,5 @@
-"""`edgespec up && edgespec generate "..." && edgespec status && edgespec down`, as a user runs it.
+"""`edgespec up && edgespec generate "..." && edgespec status && edgespec down`, as a user runs it,
+and the `openai` client on the HTTP URL that `up` prints.
 
 Each command is a separate process (the cluster must outlive the one that started it), with its
 own state directory; the smallest local cluster (a head, one edge node, one cloud node) and the
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -68,14 +71,39 @@ def test_up_generate_status_down(tiny_pair, tmp_path):
         assert gen.stdout.startswith("def verify(block):")
         assert "12 tokens (length)" in gen.stderr
 
+        # The edge's OpenAI-compatible API, at the URL `up` printed: the same greedy text as
+        # the gRPC path (`edgespec generate`), streamed.
+        (base_url,) = re.findall(r"http (http://\S+/v1)", up.stdout)
+        client = openai.OpenAI(base_url=base_url, api_key="none", timeout=120, max_retries=0)
+        stream = client.completions.create(
+            model="edgespec",
+            prompt="def verify(block):",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},  # as `edgespec generate`, which has no stop id
+        )
+        text = "".join(chunk.choices[0].text for chunk in stream)
+        assert gen.stdout == "def verify(block):" + text + "\n"
+        chat = client.chat.completions.create(
+            model="edgespec",
+            messages=[{"role": "user", "content": "def f(x):"}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+        assert [c.choices[0].finish_reason for c in chat][-1] in ("stop", "length")
+
         status = _edgespec("status", *common)
         assert status.returncode == 0, status.stderr[-3000:]
         assert "nodes (3 alive of 3)" in status.stdout
         assert "edgespec-verifier-0" in status.stdout and "SERVING" in status.stdout
         assert "sessions (0 active)" in status.stdout
+        assert f"http={base_url}" in status.stdout
 
         as_json = json.loads(_edgespec("status", "--json", *common).stdout)
-        assert as_json["verifiers"][0]["total_assigned"] == 1
+        # one session per generation: `edgespec generate` and the two over HTTP
+        assert as_json["verifiers"][0]["total_assigned"] == 3
     finally:
         down = _edgespec("down", *common)
     assert down.returncode == 0, down.stderr[-3000:]

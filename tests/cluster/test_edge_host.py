@@ -123,3 +123,8 @@ def test_edge_spec_defaults_are_the_engines() -> None:
         EdgeSpec(draft_path="/models/draft", engine={"default_k": 4})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="port"):
         EdgeSpec(draft_path="/models/draft", port=70000)
+    assert spec.http_port == 0 and spec.served_model_name == "edgespec"  # HTTP on a free port
+    with pytest.raises(ValueError, match="http_port"):
+        EdgeSpec(draft_path="/models/draft", http_port=-1)
+    with pytest.raises(ValueError, match="served_model_name"):
+        EdgeSpec(draft_path="/models/draft", served_model_name="")

@@ -86,6 +86,10 @@ class ServerProcess:
         self.address = line.split()[1]
         return self.address
 
+    def next_line(self, timeout: float = START_TIMEOUT_S) -> str | None:
+        """The next stdout line after LISTENING (None at the end of the output)."""
+        return self._lines.get(timeout=timeout)
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=SERVER_DEADLINE_S)

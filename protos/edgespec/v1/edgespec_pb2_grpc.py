@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from edgespec.protos.edgespec.v1 import edgespec_pb2 as edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as edgespec_dot_v1_dot_edgespec__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in edgespec/protos/edgespec/v1/edgespec_pb2_grpc.py depends on'
+        + ' but the generated code in edgespec/v1/edgespec_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class VerifierStub:
-    """Missing associated documentation comment in .proto file."""
+    """The protocol between an edge and a verifier (applications call Edge, not this).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -36,38 +37,60 @@ class VerifierStub:
         """
         self.OpenSession = channel.unary_unary(
                 '/edgespec.v1.Verifier/OpenSession',
-                request_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.SerializeToString,
-                response_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.FromString,
+                request_serializer=edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/edgespec.v1.Verifier/CloseSession',
-                request_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.SerializeToString,
-                response_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.FromString,
+                request_serializer=edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
         self.VerifyStream = channel.stream_stream(
                 '/edgespec.v1.Verifier/VerifyStream',
-                request_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.SerializeToString,
-                response_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.FromString,
+                request_serializer=edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.SerializeToString,
+                response_deserializer=edgespec_dot_v1_dot_edgespec__pb2.Verdict.FromString,
                 _registered_method=True)
 
 
 class VerifierServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The protocol between an edge and a verifier (applications call Edge, not this).
+    """
 
     def OpenSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Open a session: prefill `prefix_ids` into a fresh KV cache.
+        INVALID_ARGUMENT    `edgespec-field` names the field: params unset or out of range
+        ("params.<name>"), prefix_ids empty, too long or outside the vocabulary
+        ("prefix_ids[i]"), generated / next_seq out of range; also a request
+        that cannot be decoded (no trailer).
+        NOT_FOUND           model_id names a model this verifier does not serve ("model_id").
+        RESOURCE_EXHAUSTED  the verifier already holds max_sessions sessions (after reaping idle
+        ones): retry later or elsewhere.
+        A call cancelled while its prefill runs closes the session it opened.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Close a session; `existed` says whether it was open. Never NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def VerifyStream(self, request_iterator, context):
-        """One stream per session; blocks and verdicts in order.
+        """One stream per session, named by the first block's session_id; verdicts in block order (one
+        per block, one per token for a decode block). Ends the stream with:
+        INVALID_ARGUMENT    a block that cannot be decoded, or a bad field: "session_id" (missing on
+        the first block, changed later), "tokens" (more than max_block_tokens
+        or than max_new_tokens leaves), "tokens[i]", "probs", "seq" (neither new
+        nor the last block's), "base_len", "decode_tokens", "anchor_token".
+        NOT_FOUND           the session is not open here (closed, reaped after its idle TTL, or on
+        another verifier): "session_id"; reopen with OpenSession.
+        FAILED_PRECONDITION the session cannot take the block: max_new_tokens already generated, or
+        "seq" continues no running decode block.
+        INTERNAL            the target's forward or the verification failed: the session is closed.
+        A stream that ends or is cancelled keeps its session (the edge may reconnect and resend).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,18 +101,18 @@ def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
-                    request_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.FromString,
-                    response_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.SerializeToString,
+                    request_deserializer=edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.FromString,
+                    response_serializer=edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
-                    request_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.FromString,
-                    response_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.SerializeToString,
+                    request_deserializer=edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.FromString,
+                    response_serializer=edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.SerializeToString,
             ),
             'VerifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.VerifyStream,
-                    request_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.FromString,
-                    response_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.SerializeToString,
+                    request_deserializer=edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.FromString,
+                    response_serializer=edgespec_dot_v1_dot_edgespec__pb2.Verdict.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,7 +123,8 @@ def add_VerifierServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Verifier:
-    """Missing associated documentation comment in .proto file."""
+    """The protocol between an edge and a verifier (applications call Edge, not this).
+    """
 
     @staticmethod
     def OpenSession(request,
@@ -117,8 +141,8 @@ class Verifier:
             request,
             target,
             '/edgespec.v1.Verifier/OpenSession',
-            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.SerializeToString,
-            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.FromString,
+            edgespec_dot_v1_dot_edgespec__pb2.OpenSessionRequest.SerializeToString,
+            edgespec_dot_v1_dot_edgespec__pb2.OpenSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -144,8 +168,8 @@ class Verifier:
             request,
             target,
             '/edgespec.v1.Verifier/CloseSession',
-            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.SerializeToString,
-            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.FromString,
+            edgespec_dot_v1_dot_edgespec__pb2.CloseSessionRequest.SerializeToString,
+            edgespec_dot_v1_dot_edgespec__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +195,8 @@ class Verifier:
             request_iterator,
             target,
             '/edgespec.v1.Verifier/VerifyStream',
-            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.SerializeToString,
-            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.Verdict.FromString,
+            edgespec_dot_v1_dot_edgespec__pb2.DraftBlock.SerializeToString,
+            edgespec_dot_v1_dot_edgespec__pb2.Verdict.FromString,
             options,
             channel_credentials,
             insecure,
@@ -185,7 +209,9 @@ class Verifier:
 
 
 class EdgeStub:
-    """Missing associated documentation comment in .proto file."""
+    """What applications call (an OpenAI-compatible HTTP API over the same engine is described in
+    the README).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -195,16 +221,41 @@ class EdgeStub:
         """
         self.Generate = channel.unary_stream(
                 '/edgespec.v1.Edge/Generate',
-                request_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.FromString,
+                request_serializer=edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.FromString,
                 _registered_method=True)
 
 
 class EdgeServicer:
-    """Missing associated documentation comment in .proto file."""
+    """What applications call (an OpenAI-compatible HTTP API over the same engine is described in
+    the README).
+    """
 
     def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Generate for one prompt: zero or more `tokens` messages (newly committed tokens and their
+        decoded text), then exactly one `summary`, then OK. Greedy output (temperature 0) is
+        token-for-token what the target alone produces; sampled output has the target's
+        distribution. Under coupled sampling (the default) a seed fixes it token for token: the
+        target alone's output with that seed, under every policy (summary.seed reports the seed,
+        drawn by the edge when the request has none); under rejection sampling a seed reproduces it
+        only when the rounds repeat too (policy "fixed", pipelined false). Statuses:
+        INVALID_ARGUMENT    `edgespec-field` names the field: "prompt" (neither prompt nor
+        prompt_ids, empty text, text without a tokenizer, or too long for the
+        draft), "prompt_ids" (empty), "prompt_ids[i]" (outside the vocabulary),
+        "params.<name>" (out of range; an unset `params` means the defaults:
+        greedy, 64 tokens, but a set one must say max_new_tokens >= 1),
+        "params.stop_token_ids" (outside the vocabulary), "policy" (unknown),
+        "draft_tokens" (outside [0, max]). Sent before any tokens.
+        RESOURCE_EXHAUSTED  the edge serves its max_sessions, or every verifier tried is full; the
+        trailing metadata `edgespec-retry-after-ms` says how long to back off.
+        UNAVAILABLE         no verifier could be reached after bounded retries (may come after
+        some tokens were streamed; a retry starts over).
+        INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION from a verifier that refused the
+        request itself are passed on with its details (no `edgespec-field`).
+        INTERNAL            a verifier's own failure or a fault of the edge (details say which).
+        A client that cancels (or whose deadline passes) ends the generation and its verifier
+        session at once.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -214,8 +265,8 @@ def add_EdgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.FromString,
-                    response_serializer=edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.FromString,
+                    response_serializer=edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,7 +277,9 @@ def add_EdgeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Edge:
-    """Missing associated documentation comment in .proto file."""
+    """What applications call (an OpenAI-compatible HTTP API over the same engine is described in
+    the README).
+    """
 
     @staticmethod
     def Generate(request,
@@ -243,8 +296,8 @@ class Edge:
             request,
             target,
             '/edgespec.v1.Edge/Generate',
-            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.SerializeToString,
-            edgespec_dot_protos_dot_edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.FromString,
+            edgespec_dot_v1_dot_edgespec__pb2.GenerateRequest.SerializeToString,
+            edgespec_dot_v1_dot_edgespec__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
