@@ -9,8 +9,8 @@ grpc-agnostic status code name and the field at fault; a stale or resent block i
 but a `VerifyResult` outcome.
 
 One block is verified in three steps, `prepare` (validate, detect stale/resent blocks; no model
-work) -> `run_forward` (the target forward) -> `complete` (acceptance, commit), so that a later
-batcher can gather prepared blocks of many sessions into a single forward pass.
+work) -> `run_forward` (the target forward) -> `complete` (acceptance, commit); the batching
+verifier (`edgespec.cloud.batch_step`) runs many sessions' prepared blocks in one forward.
 
 Cloud-only streaming: a block with no draft tokens and ``decode_tokens = n`` is verified like a
 k = 0 block (its first token), and its result has ``more`` set while tokens remain; each further
@@ -22,10 +22,8 @@ Pipelined blocks carry an ``anchor_token``: one whose anchor is not the session'
 token is STALE (no forward), exactly like one drafted on another committed length.
 
 A `ComputeProfile` (edgespec.core.profiles) other than "real" pads every target forward to its
-modelled time (emulated deployments); outputs are unchanged.
-
-Threading: the session table is guarded by its lock; model work is meant to run on ONE thread
-(the service uses a single-thread executor), as a session's runner is not thread-safe.
+modelled time (emulated deployments); outputs are unchanged. Threading: the session table is
+guarded by its lock; model work runs on ONE thread (a session's runner is not thread-safe).
 """
 
 from __future__ import annotations
@@ -112,7 +110,11 @@ class VerifierEngine:
         self.model_id = self.config.model_id
         self._clock = clock
         self._sessions = SessionTable(
-            self.config.max_sessions, self.config.session_idle_ttl_s, clock
+            self.config.max_sessions,
+            self.config.session_idle_ttl_s,
+            clock,
+            self.config.kv_budget_tokens,
+            self.config.retry_after_ms,
         )
 
     @classmethod
@@ -145,7 +147,8 @@ class VerifierEngine:
         reopen continues the edge's numbering). `model_id` "" matches any model.
 
         Raises ServiceError: NOT_FOUND (model_id), INVALID_ARGUMENT (prefix_ids, params (incl.
-        stop_token_ids outside the vocabulary), generated, next_seq), RESOURCE_EXHAUSTED (max_sessions open, even after reaping).
+        stop_token_ids outside the vocabulary), generated, next_seq), RESOURCE_EXHAUSTED
+        (max_sessions open, or kv_budget_tokens short, even after reaping; with a retry hint).
         """
         if model_id and self.model_id and model_id != self.model_id:
             raise ServiceError(
@@ -189,14 +192,15 @@ class VerifierEngine:
             # A reopen must not replay the random stream of the session's start: derive a fresh,
             # still deterministic, seed from the position the session resumes at.
             params = replace(params, seed=derive_seed(params.seed, f"resume@{generated}"))
-        self._sessions.reserve()
+        kv_tokens = prompt_len + params.max_new_tokens + self.config.max_block_tokens
+        self._sessions.reserve(kv_tokens)
         try:
             started = time.perf_counter()
             runner = make_runner(self.model, self.compute_profile, "target")
             verifier = Verifier(runner, prefix, params)
             prefill_ms = (time.perf_counter() - started) * 1e3
         except BaseException:
-            self._sessions.unreserve()
+            self._sessions.unreserve(kv_tokens)
             raise
         session = Session(
             id=secrets.token_hex(8),
@@ -206,6 +210,7 @@ class VerifierEngine:
             generated_at_open=generated,
             next_seq=next_seq,
             last_used=self._clock(),
+            kv_reserved=kv_tokens,
         )
         self._sessions.add(session, forwards=1 if len(prefix) > 1 else 0)
         logger.debug("opened session %s: %d prefix tokens", session.id, len(prefix))
@@ -224,11 +229,13 @@ class VerifierEngine:
         return self._sessions.close(session_id)
 
     def reap_idle(self, now: float | None = None) -> list[str]:
-        """Close every session idle for longer than session_idle_ttl_s; returns their ids.
-
-        `now` is a time on the engine clock (default: the clock now).
-        """
+        """Close sessions idle longer than session_idle_ttl_s at `now` (engine clock; default
+        now); returns their ids."""
         return self._sessions.reap_idle(now)
+
+    def kv_tokens(self) -> int:
+        """KV tokens held in all sessions' caches now (sessions reserve against kv_budget_tokens)."""
+        return self._sessions.kv_tokens()
 
     def stats(self) -> EngineStats:
         """A snapshot of the counters."""
@@ -247,7 +254,7 @@ class VerifierEngine:
         FAILED_PRECONDITION (max_new_tokens already generated), INTERNAL (the forward or any
         other step failed unexpectedly; the session is closed, as its state is then undefined).
         """
-        with self._closed_on_failure(session_id):
+        with self.closed_on_failure(session_id):
             prepared = self.prepare(session_id, block)
             if isinstance(prepared, VerifyResult):
                 return prepared
@@ -328,10 +335,13 @@ class VerifierEngine:
         decode block with tokens left), INTERNAL (a step failed unexpectedly; the session is
         closed).
         """
-        with self._closed_on_failure(session_id):
-            return self._decode_next(session_id, seq)
+        with self.closed_on_failure(session_id):
+            prepared = self.prepare_decode(session_id, seq)
+            return self.complete(prepared, self.run_forward(prepared))
 
-    def _decode_next(self, session_id: str, seq: int) -> VerifyResult:
+    def prepare_decode(self, session_id: str, seq: int) -> PreparedBlock:
+        """The next one-position step of the session's decode block `seq`; no model work.
+        Raises ServiceError as `decode_next` does."""
         session = self._session(session_id)
         last = session.verifier.last_verdict
         if session.decode_left <= 0 or last is None or last.seq != seq:
@@ -340,8 +350,7 @@ class VerifierEngine:
                 f"seq {seq} is not a decode block with tokens left in session {session.id}",
                 "seq",
             )
-        prepared = PreparedBlock(session=session, pending=session.verifier.continue_decode())
-        return self.complete(prepared, self.run_forward(prepared))
+        return PreparedBlock(session=session, pending=session.verifier.continue_decode())
 
     def verify_stream(self, session_id: str, block: DraftBlock) -> Iterator[VerifyResult]:
         """`verify`, then `decode_next` while the result has ``more``: every result of a block
@@ -400,7 +409,7 @@ class VerifierEngine:
         return self._sessions.get(session_id)
 
     @contextmanager
-    def _closed_on_failure(self, session_id: str) -> Iterator[None]:
+    def closed_on_failure(self, session_id: str) -> Iterator[None]:
         """Pass ServiceErrors through; on any other exception close the session (its state is
         undefined after a half-done step) and raise ServiceError INTERNAL saying so."""
         try:

@@ -29,7 +29,12 @@ from edgespec.edge.channels import MAX_MESSAGE_BYTES
 from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.records import EdgeStats, SummaryEvent, TokensEvent
 from edgespec.edge.recovery import EdgeError
-from edgespec.protos.convert import FIELD_METADATA_KEY, FieldError, params_from_proto
+from edgespec.protos.convert import (
+    FIELD_METADATA_KEY,
+    RETRY_AFTER_METADATA_KEY,
+    FieldError,
+    params_from_proto,
+)
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 from edgespec.serving.auth import EDGE_EXEMPT, auth_interceptors
@@ -39,7 +44,6 @@ from edgespec.serving.tls import TlsConfig, bind
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Edge"].full_name  # "edgespec.v1.Edge"
-RETRY_AFTER_METADATA_KEY = "edgespec-retry-after-ms"  # with RESOURCE_EXHAUSTED: back off this long
 
 
 def stats_to_proto(stats: EdgeStats) -> pb.GenerateStats:

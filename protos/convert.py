@@ -39,6 +39,8 @@ __all__ = [
 # Trailing-metadata key naming the request field at fault in an error status (see the error
 # convention in edgespec.proto).
 FIELD_METADATA_KEY = "edgespec-field"
+# With RESOURCE_EXHAUSTED (edge or verifier): how long the caller should back off, in ms.
+RETRY_AFTER_METADATA_KEY = "edgespec-retry-after-ms"
 
 _PARAM_FIELDS = frozenset(
     ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop_token_ids")

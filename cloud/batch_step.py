@@ -1,0 +1,152 @@
+"""One step of the batching verifier: the ready work of many sessions, ONE target forward.
+
+`run_step(engine, work)` takes a list of `Work` items (a draft block to verify, or the next
+token of a cloud-only decode block), at most one per session, and
+
+1. prepares each (`VerifierEngine.prepare` / `prepare_decode`): validation, STALE and REPLAYED
+   answers, no model work; an item that fails here gets its own error, the others go on;
+2. runs the prepared ones in ONE target forward (`edgespec.core.batch_forward.extend_batch`),
+   each session with its own cache, positions and ragged feed; a session whose runner cannot
+   be batched (a model with recurrent state) runs alone after it;
+3. completes each session's verdict with that session's own acceptance rule
+   (`VerifierEngine.complete` over its own logits rows: greedy, rejection, or whatever the
+   session's `Verifier` applies).
+
+Under an emulated compute profile the step is padded to the profile's batched-forward time
+(`ComputeProfile.target_step_ms`: weights once, each session's KV, compute per fed token).
+
+Failures: a forward that raises closes every session in it (their caches are undefined) and
+answers each with ServiceError INTERNAL, as a one-session forward does. The step never raises.
+Model work: call from ONE thread (the engine's sessions are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from edgespec.cloud.verifier import PreparedBlock, VerifierEngine
+from edgespec.cloud.verifier_types import INTERNAL, ServiceError, VerifyResult
+from edgespec.core.batch_forward import extend_batch
+from edgespec.core.profiles import pad_until
+from edgespec.core.session import DraftBlock
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyWork:
+    """Verify a draft block (or start a decode block) of a session."""
+
+    session_id: str
+    block: DraftBlock
+
+    @property
+    def drafted(self) -> int:
+        return len(self.block.tokens)
+
+
+@dataclass(frozen=True)
+class DecodeWork:
+    """The next token of the session's decode block `seq` (its last result had ``more``)."""
+
+    session_id: str
+    seq: int
+
+    drafted = 0
+
+
+Work = VerifyWork | DecodeWork
+Outcome = VerifyResult | ServiceError
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did (for metrics): sessions and tokens in its forward, its time."""
+
+    items: int  # work items answered
+    sessions: int  # sessions in the forward (0: every item answered without one)
+    fed_tokens: int  # tokens fed by the forward, all sessions together
+    kv_tokens: int  # tokens cached before the forward, all sessions together
+    forward_ms: float  # the forward (padding included)
+
+
+def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome], StepStats]:
+    """Answer every item of `work` (at most one per session) with one batched forward.
+
+    Returns the outcomes in `work`'s order (a `VerifyResult`, or the `ServiceError` that item
+    raised) and the step's stats.
+    """
+    if len({item.session_id for item in work}) != len(work):
+        raise ValueError("work must hold at most one item per session")
+    outcomes: list[Outcome | None] = [None] * len(work)
+    ready: list[tuple[int, PreparedBlock]] = []
+    for index, item in enumerate(work):
+        try:
+            with engine.closed_on_failure(item.session_id):
+                if isinstance(item, VerifyWork):
+                    prepared = engine.prepare(item.session_id, item.block)
+                else:
+                    prepared = engine.prepare_decode(item.session_id, item.seq)
+        except ServiceError as err:
+            outcomes[index] = err
+            continue
+        if isinstance(prepared, VerifyResult):
+            outcomes[index] = prepared
+        else:
+            ready.append((index, prepared))
+    batched = [(i, p) for i, p in ready if p.session.verifier.runner.batchable]
+    rows = [(p.session.verifier.runner.length, len(p.pending.feed)) for _, p in batched]
+    started = time.perf_counter()
+    logits = _forward(engine, [p for _, p in batched])
+    if logits is not None:
+        pad_until(started, engine.compute_profile.target_step_ms(rows), engine.model.device)
+    forward_ms = (time.perf_counter() - started) * 1e3
+    for b, (index, prepared) in enumerate(batched):
+        outcomes[index] = _complete(engine, prepared, logits[b] if logits is not None else None)
+    for index, prepared in ready:
+        if outcomes[index] is None:  # not batchable: its own forward (recompute-mode runner)
+            outcomes[index] = _complete(engine, prepared, None)
+    stats = StepStats(
+        items=len(work),
+        sessions=len(batched),
+        fed_tokens=sum(n for _, n in rows),
+        kv_tokens=sum(p for p, _ in rows),
+        forward_ms=forward_ms if batched else 0.0,
+    )
+    return [o for o in outcomes if o is not None], stats
+
+
+def _forward(engine: VerifierEngine, prepared: list[PreparedBlock]) -> list[Tensor] | None:
+    """One forward over every prepared block; None if there is none or it failed (then every
+    session in it is closed)."""
+    if not prepared:
+        return None
+    runners = [p.session.verifier.runner for p in prepared]
+    try:
+        return extend_batch(runners, [p.pending.feed for p in prepared])
+    except Exception:
+        ids = [p.session.id for p in prepared]
+        logger.exception("batched target forward failed; closing sessions %s", ids)
+        for sid in ids:
+            engine.close_session(sid)
+        return None
+
+
+def _complete(engine: VerifierEngine, prepared: PreparedBlock, logits: Tensor | None) -> Outcome:
+    """The session's verdict over its own logits rows (None: its forward failed, or it runs
+    alone here)."""
+    session_id = prepared.session.id
+    if logits is None and prepared.session.verifier.runner.batchable:
+        return ServiceError(INTERNAL, "batched target forward failed; session closed")
+    try:
+        with engine.closed_on_failure(session_id):
+            if logits is None:
+                logits = engine.run_forward(prepared)
+            return engine.complete(prepared, logits)
+    except ServiceError as err:
+        return err
