@@ -14,6 +14,12 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
   1 steps at most, plus one per earlier item of its own session.
 - An item whose caller has gone (RPC cancelled) before its step is dropped without running;
   once in a step it runs to the end and its outcome is discarded.
+- Cloud-only decode streams run back to back: when a step's result says a decode block has
+  ``more`` tokens, the next token's `DecodeWork` is queued at once (one ahead, at the back of
+  the queue), and the stream's own `submit` of it takes that item over instead of queueing
+  another. So a streaming session is in every step, not every other one (its RPC writes the
+  verdict meanwhile). At most one item runs ahead per stream; one whose stream has gone runs
+  once, unclaimed, and the stream's decoding stops there.
 
 Threading: `submit` and `run` on one event loop; model work on `executor` (ONE thread).
 """
@@ -28,7 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from edgespec.cloud.batch_step import StepStats, Work, run_step
+from edgespec.cloud.batch_step import DecodeWork, StepStats, Work, run_step
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import ServiceError, VerifyResult
 
@@ -42,6 +48,7 @@ class _Queued:
     arrived: float  # perf_counter
     future: asyncio.Future = field(repr=False)
     started: float = 0.0  # perf_counter when its step began
+    claimed: bool = True  # a caller awaits it (False: a decode token queued ahead)
 
 
 class StepScheduler:
@@ -64,6 +71,8 @@ class StepScheduler:
         self.max_tokens = config.batch_max_tokens
         self.window_s = config.batch_window_ms / 1e3
         self.steps = 0
+        self._ahead: dict[tuple[str, int], _Queued] = {}  # decode tokens queued ahead
+        self.ready_on_claim = 0  # decode tokens computed ahead before their stream asked
 
     @property
     def queue_depth(self) -> int:
@@ -74,15 +83,38 @@ class StepScheduler:
         """Queue `work` and wait for its outcome: the result and its queue wait in ms (from
         `since`, a perf_counter time such as the block's arrival, else from now). Raises the
         item's ServiceError."""
-        arrived = time.perf_counter() if since is None else since
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        queued = _Queued(work, work.drafted + 1, arrived, future)
-        self._queue.append(queued)
-        self._wake.set()
-        outcome = await future
+        queued = None
+        if isinstance(work, DecodeWork):
+            queued = self._ahead.pop((work.session_id, work.seq), None)
+        else:  # a new block: whatever ran ahead of the session's last one is not wanted
+            for key in [key for key in self._ahead if key[0] == work.session_id]:
+                del self._ahead[key]
+        if queued is None:
+            arrived = time.perf_counter() if since is None else since
+            future: asyncio.Future = asyncio.get_running_loop().create_future()
+            queued = _Queued(work, work.drafted + 1, arrived, future)
+            self._queue.append(queued)
+            self._wake.set()
+        else:
+            queued.claimed = True
+            if queued.future.done():  # it ran before its caller came: keep one ahead
+                self.ready_on_claim += 1
+                self._queue_ahead(work.session_id, queued.future.result())
+        outcome = await queued.future
         if isinstance(outcome, ServiceError):
             raise outcome
-        return outcome, (queued.started - arrived) * 1e3
+        return outcome, max(0.0, queued.started - queued.arrived) * 1e3
+
+    def _queue_ahead(self, session_id: str, outcome: VerifyResult | ServiceError) -> None:
+        """Queue the next token of `outcome`'s decode block if it has more (one ahead)."""
+        if not isinstance(outcome, VerifyResult) or not outcome.more:
+            return
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        work = DecodeWork(session_id, outcome.seq)
+        queued = _Queued(work, 1, time.perf_counter(), future, claimed=False)
+        self._ahead[(session_id, outcome.seq)] = queued
+        self._queue.append(queued)
+        self._wake.set()
 
     async def run(self) -> None:
         """The step loop (until cancelled)."""
@@ -117,6 +149,8 @@ class StepScheduler:
             for item, outcome in zip(step, outcomes, strict=True):
                 if not item.future.done():
                     item.future.set_result(outcome)
+                    if item.claimed:
+                        self._queue_ahead(item.work.session_id, outcome)
             if self._on_step is not None:
                 self._on_step(stats, len(self._queue))
 

@@ -179,3 +179,43 @@ def test_engine_refuses_past_the_budget_and_counts_it(target_model) -> None:
     assert engine.open_session(PROMPT, params).session_id
     with pytest.raises(ValueError, match="kv_budget_tokens"):
         VerifierConfig(kv_budget_tokens=0)
+
+
+def test_decode_streams_join_every_step(tiny_pair) -> None:
+    """Four cloud-only streams whose callers take a while to come back for each token (an RPC
+    writing its verdict): the next token is queued ahead, so each stream is in every step."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model)
+    steps: list[StepStats] = []
+    n = 10
+
+    async def stream(scheduler: StepScheduler, prompt: list[int]) -> list[int]:
+        sid = engine.open_session(prompt, SamplingParams(max_new_tokens=n)).session_id
+        block0 = DraftBlock(0, len(prompt), (), decode_tokens=n)
+        result, _ = await scheduler.submit(VerifyWork(sid, block0))
+        tokens = [result.verdict.token]
+        while result.more:
+            await asyncio.sleep(0.01)  # the caller is busy elsewhere
+            result, _ = await scheduler.submit(DecodeWork(sid, 0))
+            tokens.append(result.verdict.token)
+        return tokens
+
+    prompts = [[7, 8, 9, i] for i in range(4)]
+
+    async def main() -> tuple[list[list[int]], int]:
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = StepScheduler(engine, executor, lambda stats, depth: steps.append(stats))
+            task = asyncio.create_task(scheduler.run())
+            try:
+                outputs = await asyncio.gather(*(stream(scheduler, p) for p in prompts))
+            finally:
+                task.cancel()
+            return list(outputs), scheduler.ready_on_claim
+
+    outputs, ready = asyncio.run(main())
+    params = SamplingParams(max_new_tokens=n)
+    expected = [generate_autoregressive(ModelRunner(model), p, params).tokens for p in prompts]
+    assert outputs == expected
+    assert sum(s.sessions for s in steps) == 4 * n  # every token once, none extra
+    # A tiny step takes a few ms, the caller 10: most tokens were there when asked for.
+    assert ready >= 4 * (n - 1) // 2
