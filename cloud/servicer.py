@@ -33,11 +33,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from edgespec.cloud.batch_step import DecodeWork, VerifyWork, Work
+from edgespec.cloud.batch_step import DecodeWork, PrefillWork, VerifyWork
 from edgespec.cloud.decoding import Arrival, Undecodable, read_blocks
 from edgespec.cloud.step_scheduler import StepScheduler
 from edgespec.cloud.verifier import VerifierEngine
@@ -156,7 +157,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             raise
         return result, (started - submitted) * 1e3
 
-    async def _run(self, work: Work, since: float | None = None) -> tuple[VerifyResult, float]:
+    async def _run(
+        self, work: VerifyWork | DecodeWork, since: float | None = None
+    ) -> tuple[VerifyResult, float]:
         """One block (or decode step): through the batching scheduler when there is one, else
         alone on the executor (the one-session-at-a-time reference)."""
         if self.scheduler is not None:
@@ -166,7 +169,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         return await self._call(self.engine.decode_next, work.session_id, work.seq, since=since)
 
     def _close_orphan(self, opened: OpenResult) -> None:
-        """Close a session whose OpenSession was cancelled while it opened (any thread)."""
+        """Close a session whose OpenSession was cancelled (or failed) while it opened or
+        prefilled (any thread)."""
         existed = self.engine.close_session(opened.session_id)
         logger.info("OpenSession cancelled while opening; closed session %s", opened.session_id)
         if self.metrics is not None:
@@ -192,9 +196,12 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     generated=request.generated,
                     next_seq=request.next_seq,
                     model_id=request.model_id,
+                    prefill=self.scheduler is None,
                 ),
                 orphaned=self._close_orphan,
             )
+            if self.scheduler is not None and opened.committed_len > 1:
+                opened = await self._prefill(self.scheduler, opened)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status
             await self._fail(context, err)
         if self.metrics is not None:
@@ -209,6 +216,21 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             prefill_ms=opened.prefill_ms,
             compute_profile=opened.compute_profile,
         )
+
+    async def _prefill(self, scheduler: StepScheduler, opened: OpenResult) -> OpenResult:
+        """Fill the cache of a session opened without prefill, in chunks batched with other
+        sessions' work; a failure or a cancel closes the session (nothing left behind)."""
+        started = time.perf_counter()
+        chunk = self.engine.config.prefill_chunk_tokens
+        try:
+            left = 1
+            while left:
+                done, _ = await scheduler.submit(PrefillWork(opened.session_id, chunk))
+                left = done.left
+        except BaseException:
+            self._close_orphan(opened)
+            raise
+        return replace(opened, prefill_ms=(time.perf_counter() - started) * 1e3)
 
     async def CloseSession(
         self, request: pb.CloseSessionRequest | Undecodable, context: grpc.aio.ServicerContext

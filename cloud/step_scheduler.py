@@ -33,8 +33,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
-from edgespec.cloud.batch_step import DecodeWork, StepStats, Work, run_step
+from edgespec.cloud.batch_step import DecodeWork, Outcome, StepStats, Work, run_step
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import ServiceError, VerifyResult
 
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Queued:
     work: Work
-    feed_estimate: int  # tokens the item will feed, for the step budget (drafted + 1)
+    feed_estimate: int  # tokens the item will feed, for the step budget
     arrived: float  # perf_counter
     future: asyncio.Future = field(repr=False)
     started: float = 0.0  # perf_counter when its step began
@@ -79,10 +80,10 @@ class StepScheduler:
         """Items waiting for a step."""
         return len(self._queue)
 
-    async def submit(self, work: Work, since: float | None = None) -> tuple[VerifyResult, float]:
-        """Queue `work` and wait for its outcome: the result and its queue wait in ms (from
-        `since`, a perf_counter time such as the block's arrival, else from now). Raises the
-        item's ServiceError."""
+    async def submit(self, work: Work, since: float | None = None) -> tuple[Any, float]:
+        """Queue `work` and wait for its outcome: the result (a `VerifyResult`, or for a
+        `PrefillWork` a `PrefillResult`) and its queue wait in ms (from `since`, a perf_counter
+        time such as the block's arrival, else from now). Raises the item's ServiceError."""
         queued = None
         if isinstance(work, DecodeWork):
             queued = self._ahead.pop((work.session_id, work.seq), None)
@@ -92,7 +93,7 @@ class StepScheduler:
         if queued is None:
             arrived = time.perf_counter() if since is None else since
             future: asyncio.Future = asyncio.get_running_loop().create_future()
-            queued = _Queued(work, work.drafted + 1, arrived, future)
+            queued = _Queued(work, work.feed_estimate, arrived, future)
             self._queue.append(queued)
             self._wake.set()
         else:
@@ -105,7 +106,7 @@ class StepScheduler:
             raise outcome
         return outcome, max(0.0, queued.started - queued.arrived) * 1e3
 
-    def _queue_ahead(self, session_id: str, outcome: VerifyResult | ServiceError) -> None:
+    def _queue_ahead(self, session_id: str, outcome: Outcome) -> None:
         """Queue the next token of `outcome`'s decode block if it has more (one ahead)."""
         if not isinstance(outcome, VerifyResult) or not outcome.more:
             return

@@ -52,6 +52,7 @@ from edgespec.cloud.verifier_types import (
     VerifierConfig,
     VerifyResult,
     invalid,
+    probs_error,
 )
 from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
@@ -141,9 +142,11 @@ class VerifierEngine:
         generated: int = 0,
         next_seq: int = 0,
         model_id: str = "",
+        prefill: bool = True,
     ) -> OpenResult:
         """Open a session on the committed prefix (prompt + `generated` tokens already generated)
-        and prefill the target's cache with it. `next_seq`: seq of the first block to come (a
+        and prefill the target's cache with it (`prefill=False`: leave that to the batching
+        verifier's `PrefillWork` steps, in chunks). `next_seq`: seq of the first block to come (a
         reopen continues the edge's numbering). `model_id` "" matches any model.
 
         Raises ServiceError: NOT_FOUND (model_id), INVALID_ARGUMENT (prefix_ids, params (incl.
@@ -197,7 +200,7 @@ class VerifierEngine:
         try:
             started = time.perf_counter()
             runner = make_runner(self.model, self.compute_profile, "target")
-            verifier = Verifier(runner, prefix, params)
+            verifier = Verifier(runner, prefix, params, prefill=prefill)
             prefill_ms = (time.perf_counter() - started) * 1e3
         except BaseException:
             self._sessions.unreserve(kv_tokens)
@@ -212,7 +215,7 @@ class VerifierEngine:
             last_used=self._clock(),
             kv_reserved=kv_tokens,
         )
-        self._sessions.add(session, forwards=1 if len(prefix) > 1 else 0)
+        self._sessions.add(session, forwards=1 if prefill and len(prefix) > 1 else 0)
         logger.debug("opened session %s: %d prefix tokens", session.id, len(prefix))
         return OpenResult(
             session_id=session.id,
@@ -243,7 +246,7 @@ class VerifierEngine:
 
     def committed(self, session_id: str) -> list[int]:
         """A copy of the session's committed tokens (raises ServiceError NOT_FOUND)."""
-        return self._session(session_id).verifier.committed
+        return self.session(session_id).verifier.committed
 
     # ------------------------------------------------------------------ verification
 
@@ -266,7 +269,7 @@ class VerifierEngine:
         Returns a `VerifyResult` right away for a STALE or REPLAYED block, else the
         `PreparedBlock` to run. Raises ServiceError as `verify` does.
         """
-        session = self._session(session_id)
+        session = self.session(session_id)
         if not isinstance(block, DraftBlock):
             raise invalid("block", f"block must be a DraftBlock, got {type(block)}")
         tokens = block.tokens
@@ -282,7 +285,7 @@ class VerifierEngine:
             try:
                 q.validate(k, self.vocab_size)
             except ValueError as err:
-                raise _probs_error(err) from err
+                raise probs_error(err) from err
         elif k and not session.params.is_greedy:
             raise invalid(
                 "probs",
@@ -342,7 +345,7 @@ class VerifierEngine:
     def prepare_decode(self, session_id: str, seq: int) -> PreparedBlock:
         """The next one-position step of the session's decode block `seq`; no model work.
         Raises ServiceError as `decode_next` does."""
-        session = self._session(session_id)
+        session = self.session(session_id)
         last = session.verifier.last_verdict
         if session.decode_left <= 0 or last is None or last.seq != seq:
             raise ServiceError(
@@ -405,7 +408,8 @@ class VerifierEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _session(self, session_id: str) -> Session:
+    def session(self, session_id: str) -> Session:
+        """The open session (marked used now); ServiceError NOT_FOUND if none."""
         return self._sessions.get(session_id)
 
     @contextmanager
@@ -436,14 +440,3 @@ class VerifierEngine:
                 raise invalid(
                     f"{name}[{i}]", f"{name}[{i}] must be a token id in [0, {vocab}), got {t!r}"
                 )
-
-
-def _probs_error(err: ValueError) -> ServiceError:
-    """`DraftProbs.validate`'s error in wire terms: ``draft_probs.probs`` is the field ``probs``
-    (dense or sparse), ``draft_probs.ids`` is ``probs.sparse.ids``."""
-    text = (
-        str(err)
-        .replace("draft_probs.probs", "probs")
-        .replace("draft_probs.ids", "probs.sparse.ids")
-    )
-    return invalid("probs.sparse.ids" if text.startswith("probs.sparse.ids") else "probs", text)

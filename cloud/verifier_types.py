@@ -77,6 +77,9 @@ class VerifierConfig:
     batch_max_tokens: int = 2048  # tokens fed by one step at most (its first item always runs)
     # How long an idle scheduler waits after the first ready item for others to join its step.
     batch_window_ms: float = 1.0
+    # A new session's prefix enters its cache in steps of at most this many tokens, batched
+    # with other sessions' work, so that a long prompt does not stall them.
+    prefill_chunk_tokens: int = 256
     # KV tokens all sessions may hold together; OpenSession reserves a session's most (prompt
     # + max_new_tokens + max_block_tokens) and answers RESOURCE_EXHAUSTED past it. None: no
     # budget (max_sessions alone bounds memory).
@@ -96,6 +99,7 @@ class VerifierConfig:
         check_int("batch_max_sessions", self.batch_max_sessions, 1)
         check_int("batch_max_tokens", self.batch_max_tokens, 1)
         check_ms("batch_window_ms", self.batch_window_ms)
+        check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1)
         if self.kv_budget_tokens is not None:
             check_int("kv_budget_tokens", self.kv_budget_tokens, 1)
         check_int("retry_after_ms", self.retry_after_ms, 1)
@@ -142,3 +146,14 @@ class EngineStats:
     accepted: int = 0  # of which accepted
     forwards: int = 0  # target forward passes (prefills + blocks)
     refused: int = 0  # OpenSessions refused (max_sessions or KV budget)
+
+
+def probs_error(err: ValueError) -> ServiceError:
+    """`DraftProbs.validate`'s error in wire terms: ``draft_probs.probs`` is the field ``probs``
+    (dense or sparse), ``draft_probs.ids`` is ``probs.sparse.ids``."""
+    text = (
+        str(err)
+        .replace("draft_probs.probs", "probs")
+        .replace("draft_probs.ids", "probs.sparse.ids")
+    )
+    return invalid("probs.sparse.ids" if text.startswith("probs.sparse.ids") else "probs", text)

@@ -12,7 +12,7 @@ import torch
 from support.stats import chi_square_p
 from support.tiny_models import ARCHS, tiny_model
 
-from edgespec.cloud.batch_step import DecodeWork, VerifyWork, run_step
+from edgespec.cloud.batch_step import DecodeWork, PrefillResult, PrefillWork, VerifyWork, run_step
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import INVALID_ARGUMENT, Outcome, ServiceError, VerifierConfig
 from edgespec.core.generate import generate_autoregressive
@@ -156,3 +156,38 @@ def test_rejection_sampling_exact_with_sessions_batched() -> None:
             first = item.block.tokens[0] if verdict.accepted else verdict.token
             observed[first] = observed.get(first, 0) + 1
     assert chi_square_p(observed, p0, runs) > 1e-4
+
+
+def test_prefill_in_chunks_batched_with_other_work(tiny_pair) -> None:
+    """A session opened without prefill fills its cache 16 tokens a step, in the same forwards
+    as another session's blocks; both then generate exactly the target's tokens."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model)
+    params = SamplingParams(max_new_tokens=6)
+    gen = torch.Generator().manual_seed(4)
+    long_prompt = torch.randint(0, 300, (40,), generator=gen).tolist()
+    short_prompt = [9, 8, 7]
+    busy = engine.open_session(short_prompt, params).session_id
+    fresh = engine.open_session(long_prompt, params, prefill=False).session_id
+    assert engine.session(fresh).verifier.runner.length == 0
+    lefts, seq = [], 0
+    while True:
+        base = len(engine.committed(busy))
+        work = [PrefillWork(fresh, 16), VerifyWork(busy, DraftBlock(seq, base, ()))]
+        outcomes, stats = run_step(engine, work)
+        assert isinstance(outcomes[0], PrefillResult)
+        lefts.append(outcomes[0].left)
+        seq += 1
+        if outcomes[0].left == 0:
+            break
+        assert stats.sessions == 2 and stats.fed_tokens == 16 + 1
+    assert lefts == [23, 7, 0]  # 39 prefix tokens (the last one is fed by the first block)
+    assert run_step(engine, [PrefillWork(fresh, 16)])[0] == [PrefillResult(0)]  # nothing left
+    for sid, prompt in ((fresh, long_prompt), (busy, short_prompt)):
+        while len(engine.committed(sid)) - len(prompt) < 6:
+            committed = engine.committed(sid)
+            seq_now = engine.session(sid).verifier.last_verdict
+            nxt = 0 if seq_now is None else seq_now.seq + 1
+            run_step(engine, [VerifyWork(sid, DraftBlock(nxt, len(committed), ()))])
+        want = generate_autoregressive(ModelRunner(model), prompt, params).tokens
+        assert engine.committed(sid)[len(prompt) :] == want
