@@ -149,6 +149,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         compute_profile=args.compute_profile,
         edge_processes=args.edge_processes,
+        threads=args.threads,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -181,6 +182,7 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--compute-profile", default="h100-70b", help="h100-70b (emulated) or real")
     p.add_argument("--edge-processes", type=int, default=4, help="worker processes of edges")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
 
 
 def cmd_bench_link(args: argparse.Namespace) -> int:

@@ -4,28 +4,30 @@ For every RTT, method and session count N, N greedy sessions start together, eac
 emulated edge device: its own `EdgeEngine` (its own draft thread, so draft forwards of different
 sessions never queue behind each other) behind its own link emulator (a TCP proxy with the
 RTT). The edges live in `edge_processes` worker processes (spawned once for the whole run), so
-the edge side is not one Python thread either. One verifier subprocess serves them all: the
+the edge side is not one Python thread either (the padding sleeps of different sessions overlap;
+their real compute still shares the host's cores). One verifier subprocess serves them all: the
 batching verifier, or with ``--no-batching`` the one-session-at-a-time verifier (the reference
 row). Under an emulated compute profile (default ``h100-70b``) every forward is padded to its
 modelled time: the draft's per forward, the batching verifier's per step by the batch roofline
 (`edgespec.core.profiles.BatchRoofline`); tokens are real.
 
 Methods: ``cloud_only`` (the verifier decodes alone, batched with the others: the baseline a
-user would otherwise run), ``fixed_k{k}`` (edgespec, fixed k; the best of ``--k`` is reported as
-``best_fixed``), ``adaptive`` (the adaptive policy, pipelined), and ``fixed_k{k}_serial`` (fixed
-k against the one-at-a-time verifier). Not measured: cloud-side speculative decoding (the draft
+user would otherwise run), ``fixed_k{k}`` (edgespec, one row per ``--k``), ``adaptive`` (the
+adaptive policy, pipelined), and ``fixed_k{k}_serial`` (fixed k against the one-at-a-time
+verifier). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
+with the target alone's (``altered_outputs``). Not measured: cloud-side speculative decoding (the draft
 on the verifier), which the verifier does not run yet.
 
 Per row: replica tokens/s (all tokens / the wall time from the common start to the last end),
 per-session tokens/s (median, p10), TTFT median, the verifier queue time per block (median over
 blocks), mean sessions and tokens per target forward (from the verifier's Prometheus metrics),
-and the row's analytic bound (`capacity_bound`).
+and the row's analytic estimate (`capacity_bound`: the roofline and the measured acceptance,
+assumed independent per token, so an estimate rather than a strict bound).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import statistics
@@ -43,13 +45,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgespec.bench.processes import verifier_process
 from edgespec.core.cost_model import expected_tokens
+from edgespec.core.demo_pair import BENCH_PROMPTS
+from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import get_profile
 from edgespec.core.validation import check_int
 
 logger = logging.getLogger(__name__)
 
-PROMPT_LEN = 24  # token-id prompts, one per session (distinct)
+PROMPT_LEN = 24  # KV tokens per session assumed by the analytic estimate (prompts are ~10-30)
 START_DELAY_S = 1.0  # workers get the common start time this far ahead
 _STEP_METRICS = ("edgespec_verifier_batch_size_", "edgespec_verifier_forward_tokens_")
 
@@ -67,6 +71,10 @@ class CapacityConfig:
     edge_processes: int = 4
     timeout_s: float = 300.0
     batch_max_sessions: int = 64
+    # torch intra-op threads of the verifier and of each edge worker: 1, since on a shared
+    # host a parallel region waits for its slowest (descheduled) thread (a 5-token forward of
+    # the demo target measured 750 ms with 2 threads on a loaded 2-core host, 19 ms with 1).
+    threads: int = 1
 
     def __post_init__(self) -> None:
         for n in self.sessions:
@@ -78,6 +86,7 @@ class CapacityConfig:
             raise ValueError(f"methods must be a non-empty subset of {sorted(known)}")
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("edge_processes", self.edge_processes, 1)
+        check_int("threads", self.threads, 1)
         get_profile(self.compute_profile)
 
 
@@ -96,6 +105,7 @@ class _Job:
     max_new_tokens: int
     start_at: float  # time.time() at which every session starts
     timeout_s: float
+    threads: int = 1  # torch intra-op threads in the worker
 
 
 @dataclass
@@ -121,6 +131,9 @@ def _draft_model(path: str):  # one load per worker process
 
 def _run_job(job: _Job) -> list[dict]:
     """Worker process entry: run the job's sessions concurrently, each its own edge."""
+    import torch
+
+    torch.set_num_threads(job.threads)
     return [asdict(r) for r in asyncio.run(_sessions(job))]
 
 
@@ -316,14 +329,8 @@ def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> l
 
 def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dict[str, Any]:
     """Measure every (RTT, method, N) of `config`; returns the JSON-ready result (``rows``)."""
-    import torch
 
-    gen = torch.Generator().manual_seed(0)
-    vocab = _vocab(target)
-    prompts = [
-        torch.randint(0, vocab, (PROMPT_LEN,), generator=gen).tolist()
-        for _ in range(max(config.sessions))
-    ]
+    prompts = _prompts(target, max(config.sessions))
     expected = _reference(target, prompts, config.max_new_tokens)
     rows: list[dict[str, Any]] = []
     started = time.time()
@@ -336,7 +343,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
             args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
             args += ["--batch-max-sessions", str(config.batch_max_sessions)]
             args += [] if batched else ["--no-batching"]
-            address = stack.enter_context(verifier_process(target, None, 180.0, args))
+            address = stack.enter_context(verifier_process(target, config.threads, 180.0, args))
             verifiers[batched] = (address, port)
         # Warm-up (not recorded): every worker loads the draft, the verifiers run a first step.
         for address, _ in verifiers.values():
@@ -352,6 +359,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 4,
                 time.time(),
                 config.timeout_s,
+                config.threads,
             )
             list(pool.map(_run_job, [warm] * config.edge_processes))
         for rtt in config.rtts_ms:
@@ -371,6 +379,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                         config.max_new_tokens,
                         0.0,
                         config.timeout_s,
+                        config.threads,
                     )
                     records = _measure(pool, template, prompts[:n], config.edge_processes)
                     after = _scrape(port)
@@ -405,10 +414,12 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
     }
 
 
-def _vocab(target: Path) -> int:
-    config = json.loads((target / "config.json").read_text())
-    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    return int(vocab)
+def _prompts(target: Path, n: int) -> list[list[int]]:
+    """`n` prompts: the benchmark prompts (`BENCH_PROMPTS`, text the demo pair was trained on,
+    so acceptance is what a user would see) in the target's tokenizer, in turn."""
+    tokenizer = load_tokenizer(target)
+    ids = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in BENCH_PROMPTS]
+    return [ids[i % len(ids)] for i in range(n)]
 
 
 def print_summary(result: dict[str, Any]) -> None:
