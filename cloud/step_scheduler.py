@@ -6,7 +6,8 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
 
 - Continuous: a step starts as soon as the previous one ends if work is queued; an item that
   arrives during a step joins the next one. Only an idle scheduler waits, `batch_window_ms`
-  after the first item, for others to join (a bounded gather window, never for a full batch).
+  after the first item, for others to join (a bounded gather window, never for a full batch),
+  and only while some open session has nothing queued: a lone session never waits.
 - FIFO with a budget: items are taken in arrival order up to `batch_max_sessions` sessions and
   `batch_max_tokens` fed tokens (the first item always runs). An item whose session already has
   one in the step waits for the next step, keeping its place, so a session's work stays in
@@ -126,7 +127,7 @@ class StepScheduler:
                 busy = False
                 self._wake.clear()
                 await self._wake.wait()
-            if not busy and self.window_s > 0:
+            if not busy and self.window_s > 0 and self._others_may_come():
                 await asyncio.sleep(self.window_s)  # idle: let others join the first item
             step = self._take()
             if not step:
@@ -154,6 +155,11 @@ class StepScheduler:
                         self._queue_ahead(item.work.session_id, outcome)
             if self._on_step is not None:
                 self._on_step(stats, len(self._queue))
+
+    def _others_may_come(self) -> bool:
+        """Whether an open session has no item queued yet (else the window would only delay:
+        a lone session pays no gather window)."""
+        return self.engine.stats().sessions > len({q.work.session_id for q in self._queue})
 
     def _take(self) -> list[_Queued]:
         """The next step's items: FIFO within the budget, one per session (see the rules)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -221,3 +222,29 @@ def test_decode_streams_join_every_step(tiny_pair) -> None:
     assert sum(s.sessions for s in steps) == 4 * n  # every token once, none extra
     # A tiny step takes a few ms, the caller 50: most tokens were there when asked for.
     assert ready >= 4 * (n - 1) // 2
+
+
+def test_gather_window_only_while_others_may_come(tiny_pair) -> None:
+    """A 300 ms window: a lone session's block does not wait for it; with a second session
+    open (and idle), the first block waits for the window."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model, VerifierConfig(batch_window_ms=300.0))
+    params = SamplingParams(max_new_tokens=8)
+
+    async def timed(scheduler: StepScheduler, sid: str) -> float:
+        t0 = time.perf_counter()
+        await scheduler.submit(VerifyWork(sid, DraftBlock(0, len(PROMPT), ())))
+        return time.perf_counter() - t0
+
+    async def main() -> tuple[float, float]:
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = StepScheduler(engine, executor)
+            task = asyncio.create_task(scheduler.run())
+            alone = await timed(scheduler, engine.open_session(PROMPT, params).session_id)
+            engine.open_session(PROMPT, params)  # open, but sends nothing
+            waited = await timed(scheduler, engine.open_session(PROMPT, params).session_id)
+            task.cancel()
+            return alone, waited
+
+    alone, waited = asyncio.run(main())
+    assert alone < 0.25 <= 0.3 <= waited
