@@ -2,7 +2,9 @@
 
 ``--compute-profile NAME`` (default ``real``) pads every target forward to the profile's modelled
 time (e.g. ``h100-70b``: a 70B-class target on one H100, emulated); ``--threads N`` sets torch's
-intra-op threads.
+intra-op threads. ``--no-batching`` verifies one block per forward, one session at a time (the
+reference the capacity benchmark compares the batching verifier with); ``--kv-budget-tokens N``
+admits sessions against a KV budget.
 
 Loads the target checkpoint (default: the shipped demo target), serves it, and prints exactly one
 line to stdout, ``LISTENING <host>:<port>`` (flushed), once it accepts connections; scripts and
@@ -47,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-block-tokens", type=int, default=defaults.max_block_tokens)
     ap.add_argument("--max-prefix-tokens", type=int, default=None)
     ap.add_argument("--idle-ttl", type=float, default=defaults.session_idle_ttl_s, help="seconds")
+    ap.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="one block per target forward, one session at a time (the reference verifier)",
+    )
+    ap.add_argument("--batch-max-sessions", type=int, default=defaults.batch_max_sessions)
+    ap.add_argument(
+        "--kv-budget-tokens", type=int, default=None, help="KV tokens all sessions may reserve"
+    )
     ap.add_argument("--model-id", default="", help="name served (default: the folder name)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     ap.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
@@ -73,6 +84,9 @@ async def _run(args: argparse.Namespace) -> None:
         max_prefix_tokens=args.max_prefix_tokens,
         session_idle_ttl_s=args.idle_ttl,
         device=args.device,
+        batching=not args.no_batching,
+        batch_max_sessions=args.batch_max_sessions,
+        kv_budget_tokens=args.kv_budget_tokens,
     )
     engine = VerifierEngine.from_pretrained(
         args.target or DEFAULT_TARGET, config, compute_profile=args.compute_profile

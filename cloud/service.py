@@ -1,340 +1,33 @@
-"""The Verifier gRPC service (grpc.aio): a thin shim over `cloud.verifier.VerifierEngine`.
-
-Each RPC converts protobuf -> domain objects (`edgespec.protos.convert`), calls the engine, converts the
-answer back. All engine calls, model work or not, run on ONE executor thread: one forward at a
-time, the event loop stays free for I/O, and the engine's sessions are only touched from there.
-Errors follow the convention written in edgespec.proto: `ServiceError` / `FieldError` ->
-`context.abort(code, message)`, the message starting with the field at fault (named once) and
-stating the allowed range, the field also in the trailing metadata ``edgespec-field``; a request
-that cannot be decoded -> INVALID_ARGUMENT (`edgespec.cloud.decoding`); anything unexpected ->
-INTERNAL, logged, and on a VerifyStream the stream's session is closed. The service keeps
-serving either way. STALE and REPLAYED blocks are verdict outcomes, not errors.
-
-Nothing is left behind by a client that leaves: an OpenSession cancelled (or past its deadline)
-while its prefill runs closes the session the worker opens; one still queued never runs. A
-stream that merely ends or is cancelled keeps its session (the edge may reconnect and resend);
-the edge closes it, or the idle reaper does. The ``active_sessions`` gauge is set from the
-engine's own count after every change and every failure.
-
-VerifyStream reads blocks as they arrive (a reader task stamps each arrival), so a pipelined edge
-may send the next block while the previous one is verified: its ``queue_ms`` then counts the wait
-since its arrival, including the previous block's forward. A decode block (cloud-only streaming)
-is answered with one Verdict per token, each written as soon as its forward is done.
-
-`serve()` wires the server: Verifier + standard health (grpc.health.v1, SERVING) + reflection,
-an optional bearer-token interceptor (health exempt), optional TLS and the idle-session reaper.
+"""The Verifier gRPC server: `serve()` wires the servicer (`edgespec.cloud.servicer`) for one
+`VerifierEngine`: Verifier + standard health (grpc.health.v1, SERVING) + reflection, an optional
+bearer-token interceptor (health exempt), optional TLS, the idle-session reaper, and (with
+``VerifierConfig.batching``, the default) the batching verifier's step scheduler. Model work runs
+on ONE executor thread either way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # health.aio at runtime; the stubs lack it
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgespec.cloud.decoding import (
-    SERVICE_NAME,
-    Arrival,
-    Undecodable,
-    add_verifier_servicer,
-    read_blocks,
-)
+from edgespec.cloud.batch_step import StepStats
+from edgespec.cloud.decoding import SERVICE_NAME, add_verifier_servicer
+from edgespec.cloud.servicer import MAX_MESSAGE_BYTES, VerifierServicer
+from edgespec.cloud.step_scheduler import StepScheduler
 from edgespec.cloud.verifier import VerifierEngine
-from edgespec.cloud.verifier_types import OpenResult, ServiceError, VerifyResult
-from edgespec.protos.convert import (
-    FIELD_METADATA_KEY,
-    FieldError,
-    block_from_proto,
-    params_from_proto,
-    verdict_to_proto,
-)
-from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
-from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 from edgespec.serving.auth import VERIFIER_EXEMPT, auth_interceptors
 from edgespec.serving.reflection import enable_reflection
 from edgespec.serving.tls import TlsConfig, bind
 from edgespec.serving.verifier_metrics import VerifierMetrics
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-# Dense q of a 32-token block over a 128k vocabulary is 16 MiB; leave room above that.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-_OUTCOME_TO_PROTO = {"APPLIED": pb.Verdict.APPLIED, "REPLAYED": pb.Verdict.REPLAYED}
-
-
-def result_to_proto(result: VerifyResult, queue_ms: float) -> pb.Verdict:
-    """Engine `VerifyResult` -> wire Verdict (a STALE one carries only seq and committed_len)."""
-    if result.verdict is None:
-        return pb.Verdict(
-            seq=result.seq,
-            outcome=pb.Verdict.STALE,
-            committed_len=result.committed_len,
-            queue_ms=queue_ms,
-        )
-    msg = verdict_to_proto(result.verdict, _OUTCOME_TO_PROTO[result.outcome.value], queue_ms)
-    msg.more = result.more
-    return msg
-
-
-class VerifierServicer(pb_grpc.VerifierServicer):
-    """proto -> engine -> proto; model work on `executor` (which must have ONE thread)."""
-
-    def __init__(
-        self,
-        engine: VerifierEngine,
-        executor: ThreadPoolExecutor,
-        metrics: VerifierMetrics | None = None,
-    ) -> None:
-        self.engine = engine
-        self._executor = executor
-        self.metrics = metrics
-
-    async def _fail(
-        self, context: grpc.aio.ServicerContext, err: BaseException, note: str = ""
-    ) -> NoReturn:
-        """Count the failure (metrics), resync the session gauge (a failure may have closed a
-        session) and abort the RPC with the status that fits `err` (`note` ends the message)."""
-        if self.metrics is not None:
-            self.metrics.observe_error(_status_of(err).name)
-            self._sessions_changed()
-        await _abort(context, err, note)
-
-    def _observe(self, result: VerifyResult, drafted: int, queue_ms: float) -> None:
-        if self.metrics is None:
-            return
-        verdict = result.verdict
-        self.metrics.observe_block(
-            outcome=result.outcome.name.lower(),
-            drafted=drafted,
-            accepted=verdict.accepted if verdict is not None else 0,
-            verify_ms=verdict.verify_ms if verdict is not None else 0.0,
-            queue_ms=queue_ms,
-        )
-
-    def _sessions_changed(self) -> None:
-        """Set the gauge from the engine's own count (so it never drifts from it)."""
-        if self.metrics is not None:
-            self.metrics.set_active_sessions(self.engine.stats().sessions)
-
-    async def _call(
-        self,
-        fn: Callable[..., T],
-        *args: Any,
-        since: float | None = None,
-        orphaned: Callable[[T], None] | None = None,
-    ) -> tuple[T, float]:
-        """Run fn(*args) on the executor; returns its result and the queue wait in ms (from
-        `since`, a perf_counter time such as the request's arrival, else from now).
-
-        When the RPC is cancelled (client gone, deadline expired) while the job waits, the job
-        does not run; while it runs, it finishes and `orphaned` (if given) receives its result,
-        which nobody else will: e.g. a session opened for a client that has left.
-        """
-        submitted = time.perf_counter() if since is None else since
-        started = submitted
-
-        def job() -> T:
-            nonlocal started
-            started = time.perf_counter()
-            return fn(*args)
-
-        future = self._executor.submit(job)
-        waited = asyncio.wrap_future(future)
-        try:
-            # shield: a cancelled RPC must not detach us from a job that is already running.
-            result = await asyncio.shield(waited)
-        except asyncio.CancelledError:
-            # Nobody awaits `waited` now: retrieve its outcome so that asyncio logs no
-            # "exception was never retrieved" for a job that failed after the cancel.
-            waited.add_done_callback(lambda f: f.cancelled() or f.exception())
-            if not future.cancel() and orphaned is not None:
-                future.add_done_callback(functools.partial(_hand_over, orphaned))
-            raise
-        return result, (started - submitted) * 1e3
-
-    def _close_orphan(self, opened: OpenResult) -> None:
-        """Close a session whose OpenSession was cancelled while it opened (any thread)."""
-        existed = self.engine.close_session(opened.session_id)
-        logger.info("OpenSession cancelled while opening; closed session %s", opened.session_id)
-        if self.metrics is not None:
-            self.metrics.observe_session_opened(opened.prefill_ms)
-            if existed:
-                self.metrics.observe_session_closed("error")
-            self._sessions_changed()
-
-    async def OpenSession(
-        self, request: pb.OpenSessionRequest | Undecodable, context: grpc.aio.ServicerContext
-    ) -> pb.OpenSessionResponse:
-        try:
-            if isinstance(request, Undecodable):
-                raise request.error()
-            if not request.HasField("params"):
-                raise FieldError("params", "params must be set (max_new_tokens >= 1 at least)")
-            params = params_from_proto(request.params)
-            opened, _ = await self._call(
-                functools.partial(
-                    self.engine.open_session,
-                    list(request.prefix_ids),
-                    params,
-                    generated=request.generated,
-                    next_seq=request.next_seq,
-                    model_id=request.model_id,
-                ),
-                orphaned=self._close_orphan,
-            )
-        except Exception as err:  # noqa: BLE001 - every failure becomes a status
-            await self._fail(context, err)
-        if self.metrics is not None:
-            self.metrics.observe_session_opened(opened.prefill_ms)
-            self._sessions_changed()
-        return pb.OpenSessionResponse(
-            session_id=opened.session_id,
-            committed_len=opened.committed_len,
-            max_block_tokens=opened.max_block_tokens,
-            vocab_size=opened.vocab_size,
-            model_id=opened.model_id,
-            prefill_ms=opened.prefill_ms,
-            compute_profile=opened.compute_profile,
-        )
-
-    async def CloseSession(
-        self, request: pb.CloseSessionRequest | Undecodable, context: grpc.aio.ServicerContext
-    ) -> pb.CloseSessionResponse:
-        try:
-            if isinstance(request, Undecodable):
-                raise request.error()
-            # On the event loop, not queued behind model work: the session table has its own
-            # lock, and a forward already running for the session finishes on objects nobody
-            # reaches any more. (Queued, a close under load missed its deadline and the session
-            # stayed until the idle TTL.)
-            existed = self.engine.close_session(request.session_id)
-        except Exception as err:  # noqa: BLE001
-            await self._fail(context, err)
-        if existed and self.metrics is not None:
-            self.metrics.observe_session_closed("closed")
-            self._sessions_changed()
-        return pb.CloseSessionResponse(existed=existed)
-
-    async def VerifyStream(
-        self,
-        request_iterator: AsyncIterator[pb.DraftBlock | Undecodable],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.Verdict]:
-        """One session per stream, named by the first block; verdicts in block order: one per
-        block, or one per token for a decode block.
-
-        A block that cannot be decoded ends the stream with INVALID_ARGUMENT. A verification
-        that fails unexpectedly (INTERNAL) closes the stream's session: its state is undefined,
-        and an edge that retries opens a new one.
-        """
-        session_id: str | None = None
-        arrivals: asyncio.Queue[Arrival] = asyncio.Queue()
-        reader = asyncio.ensure_future(read_blocks(request_iterator, arrivals))
-        try:
-            while True:
-                item = await arrivals.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    await self._fail(context, item)
-                msg, arrived = item
-                try:
-                    session_id = _stream_session(session_id, msg)
-                    block = block_from_proto(msg)
-                    result, queue_ms = await self._call(
-                        self.engine.verify, session_id, block, since=arrived
-                    )
-                    self._observe(result, len(block.tokens), queue_ms)
-                    yield result_to_proto(result, queue_ms)
-                    while result.more:
-                        result, queue_ms = await self._call(
-                            self.engine.decode_next, session_id, block.seq
-                        )
-                        self._observe(result, 0, queue_ms)  # one token the verifier decoded alone
-                        yield result_to_proto(result, queue_ms)
-                except Exception as err:  # noqa: BLE001
-                    await self._fail_stream(context, err, session_id)
-        finally:
-            reader.cancel()
-
-    async def _fail_stream(
-        self, context: grpc.aio.ServicerContext, err: Exception, session_id: str | None
-    ) -> NoReturn:
-        """`_fail` for a block of the stream; an INTERNAL failure drops the stream's session
-        first (the engine already closed it when its own work failed)."""
-        note = ""
-        if session_id and _status_of(err) == grpc.StatusCode.INTERNAL:
-            closed_here, _ = await self._call(self.engine.close_session, session_id)
-            if closed_here:
-                note = f"; session {session_id} closed"
-            if (closed_here or isinstance(err, ServiceError)) and self.metrics is not None:
-                self.metrics.observe_session_closed("error")
-        await self._fail(context, err, note)
-
-
-def _hand_over(orphaned: Callable[[T], None], future: Future[T]) -> None:
-    """Give a finished job's result to `orphaned` (a done callback; failures only logged)."""
-    if future.cancelled() or future.exception() is not None:
-        return
-    try:
-        orphaned(future.result())
-    except Exception:  # noqa: BLE001 - a callback must not kill the worker thread
-        logger.exception("cleanup after a cancelled RPC failed")
-
-
-def _stream_session(session_id: str | None, msg: pb.DraftBlock) -> str:
-    """The stream's session id after block `msg`: named by the first block; a later block's
-    id must be empty or the same (FieldError naming session_id otherwise)."""
-    if session_id is None:
-        if not msg.session_id:
-            raise FieldError("session_id", "session_id must be set on the first block of a stream")
-        return msg.session_id
-    if msg.session_id and msg.session_id != session_id:
-        raise FieldError(
-            "session_id",
-            f"session_id must be {session_id!r} (this stream's session) or "
-            f"empty, got {msg.session_id!r}",
-        )
-    return session_id
-
-
-def _status_of(err: BaseException) -> grpc.StatusCode:
-    """The status a failure maps to: the engine's own code, INVALID_ARGUMENT for a malformed
-    message, INTERNAL for anything unexpected."""
-    if isinstance(err, ServiceError):
-        return grpc.StatusCode[err.code]
-    if isinstance(err, FieldError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
-
-
-async def _abort(context: grpc.aio.ServicerContext, err: BaseException, note: str = "") -> NoReturn:
-    """End the RPC with the status `err` maps to (raises; never returns).
-
-    The details are the error's message (which starts with the field at fault, named once) plus
-    `note`; the field, when there is one, also travels as trailing metadata FIELD_METADATA_KEY
-    (the convention written in edgespec.proto).
-    """
-    code = _status_of(err)
-    field = getattr(err, "field", None) if isinstance(err, (ServiceError, FieldError)) else None
-    trailer = ((FIELD_METADATA_KEY, field),) if field else ()
-    if isinstance(err, ServiceError):
-        await context.abort(code, err.message + note, trailing_metadata=trailer)
-    if isinstance(err, FieldError):
-        await context.abort(code, str(err) + note, trailing_metadata=trailer)
-    logger.error("unexpected error in a Verifier RPC", exc_info=err)
-    await context.abort(code, f"internal error: {type(err).__name__}: {err}{note}")
 
 
 @dataclass
@@ -347,19 +40,20 @@ class RunningServer:
     engine: VerifierEngine
     health: health_aio.HealthServicer
     _executor: ThreadPoolExecutor
-    _reaper: asyncio.Task | None
+    _tasks: list[asyncio.Task]  # the idle-session reaper, the step scheduler
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """Report NOT_SERVING, finish in-flight RPCs within `grace` seconds, stop the reaper."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
+        """Report NOT_SERVING, finish in-flight RPCs within `grace` seconds, stop the reaper
+        and the step scheduler."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def wait_for_termination(self) -> None:
@@ -392,7 +86,10 @@ async def serve(
     )
     # One thread: the target runs one forward at a time, and sessions are touched from one thread.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
-    add_verifier_servicer(VerifierServicer(engine, executor, metrics), server)
+    scheduler = None
+    if engine.config.batching:
+        scheduler = StepScheduler(engine, executor, _step_observer(engine, metrics))
+    add_verifier_servicer(VerifierServicer(engine, executor, metrics, scheduler), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(
@@ -404,9 +101,30 @@ async def serve(
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     ttl = engine.config.session_idle_ttl_s
     interval = reap_interval_s if reap_interval_s is not None else min(ttl / 4, 30.0)
-    reaper = asyncio.create_task(_reap_forever(engine, executor, interval, metrics))
+    tasks = [asyncio.create_task(_reap_forever(engine, executor, interval, metrics))]
+    if scheduler is not None:
+        tasks.append(asyncio.create_task(scheduler.run()))
     logger.info("Verifier serving on %s (model %r)", f"{host}:{bound}", engine.model_id)
-    return RunningServer(server, host, bound, engine, health_servicer, executor, reaper)
+    return RunningServer(server, host, bound, engine, health_servicer, executor, tasks)
+
+
+def _step_observer(
+    engine: VerifierEngine, metrics: VerifierMetrics | None
+) -> Callable[[StepStats, int], None] | None:
+    """The scheduler's per-step callback that feeds `metrics` (None without metrics)."""
+    if metrics is None:
+        return None
+    metrics.kv_budget_tokens.set(engine.config.kv_budget_tokens or 0)
+
+    def observe(stats: StepStats, queue_depth: int) -> None:
+        metrics.observe_step(
+            sessions=stats.sessions,
+            fed_tokens=stats.fed_tokens,
+            queue_depth=queue_depth,
+            kv_tokens=engine.kv_tokens(),
+        )
+
+    return observe
 
 
 async def _reap_forever(

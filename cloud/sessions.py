@@ -31,6 +31,7 @@ class Session:
     next_seq: int  # blocks with a lower seq are stale until the first verdict
     last_used: float  # engine clock
     decode_left: int = 0  # tokens the last (decode) block still streams
+    kv_reserved: int = 0  # KV tokens reserved against the table's budget (its most ever)
 
     @property
     def tokens_left(self) -> int:
@@ -47,36 +48,76 @@ class SessionTable:
     then `add` the session, or `unreserve` if building it failed.
     """
 
-    def __init__(self, max_sessions: int, idle_ttl_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        idle_ttl_s: float,
+        clock: Callable[[], float],
+        kv_budget_tokens: int | None = None,
+        retry_after_ms: int = 1000,
+    ) -> None:
+        """`kv_budget_tokens`: KV tokens all sessions may reserve together (None: no budget);
+        `retry_after_ms`: the hint a refused open carries."""
         self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
         self.clock = clock
+        self.kv_budget_tokens = kv_budget_tokens
+        self.retry_after_ms = retry_after_ms
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._stats = EngineStats()
+        self._kv_reserved = 0
 
-    def reserve(self) -> None:
-        """Count a session about to open against max_sessions (reaping idle ones if full).
+    def reserve(self, kv_tokens: int = 0) -> None:
+        """Count a session about to open against max_sessions and the KV budget (`kv_tokens`:
+        the most its cache will ever hold), reaping idle sessions first if either is full.
 
-        Raises ServiceError RESOURCE_EXHAUSTED when the table is still full.
+        Admission reserves a session's worst case, so a running session never has to be
+        evicted to make room for another's growth. Raises ServiceError RESOURCE_EXHAUSTED (with
+        a retry hint) when a slot or the budget is still short.
         """
         for attempt in range(2):
             with self._lock:
-                if self._stats.sessions < self.max_sessions:
+                slot = self._stats.sessions < self.max_sessions
+                budget = self.kv_budget_tokens
+                fits = budget is None or self._kv_reserved + kv_tokens <= budget
+                if slot and fits:
                     self._stats.sessions += 1
+                    self._kv_reserved += kv_tokens
                     return
             if attempt == 0:
                 self.reap_idle()
+        if not slot:
+            message = f"this verifier already holds max_sessions={self.max_sessions} sessions"
+        else:
+            message = (
+                f"this verifier's KV budget of kv_budget_tokens={budget} tokens has "
+                f"{budget - self._kv_reserved if budget is not None else 0} left; the session "
+                f"needs {kv_tokens} (prompt + max_new_tokens + max_block_tokens)"
+            )
+        self._stats.refused += 1
         raise ServiceError(
             RESOURCE_EXHAUSTED,
-            f"this verifier already holds max_sessions={self.max_sessions} sessions; "
-            "retry later or use another verifier",
+            message + "; retry later or use another verifier",
+            retry_after_ms=self.retry_after_ms,
         )
 
-    def unreserve(self) -> None:
-        """Give back a slot `reserve` took for a session that did not open."""
+    def unreserve(self, kv_tokens: int = 0) -> None:
+        """Give back what `reserve` took for a session that did not open."""
         with self._lock:
             self._stats.sessions -= 1
+            self._kv_reserved -= kv_tokens
+
+    @property
+    def kv_reserved(self) -> int:
+        """KV tokens reserved by open sessions."""
+        return self._kv_reserved
+
+    def kv_tokens(self) -> int:
+        """KV tokens held in the open sessions' caches now."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return sum(s.verifier.runner.length for s in sessions)
 
     def add(self, session: Session, forwards: int) -> None:
         """Enter a session opened on a reserved slot (`forwards`: the forwards its prefill ran)."""
@@ -103,8 +144,10 @@ class SessionTable:
     def close(self, session_id: str) -> bool:
         """Drop a session and its cache; returns whether it existed."""
         with self._lock:
-            existed = self._sessions.pop(session_id, None) is not None
-            if existed:
+            session = self._sessions.pop(session_id, None)
+            existed = session is not None
+            if session is not None:
+                self._kv_reserved -= session.kv_reserved
                 self._stats.sessions -= 1
                 self._stats.closed += 1
         return existed
@@ -119,7 +162,7 @@ class SessionTable:
         with self._lock:
             expired = [sid for sid, s in self._sessions.items() if s.last_used < deadline]
             for sid in expired:
-                del self._sessions[sid]
+                self._kv_reserved -= self._sessions.pop(sid).kv_reserved
             self._stats.sessions -= len(expired)
             self._stats.reaped += len(expired)
         if expired:

@@ -9,8 +9,8 @@ grpc-agnostic status code name and the field at fault; a stale or resent block i
 but a `VerifyResult` outcome.
 
 One block is verified in three steps, `prepare` (validate, detect stale/resent blocks; no model
-work) -> `run_forward` (the target forward) -> `complete` (acceptance, commit), so that a later
-batcher can gather prepared blocks of many sessions into a single forward pass.
+work) -> `run_forward` (the target forward) -> `complete` (acceptance, commit); the batching
+verifier (`edgespec.cloud.batch_step`) runs many sessions' prepared blocks in one forward.
 
 Cloud-only streaming: a block with no draft tokens and ``decode_tokens = n`` is verified like a
 k = 0 block (its first token), and its result has ``more`` set while tokens remain; each further
@@ -22,10 +22,8 @@ Pipelined blocks carry an ``anchor_token``: one whose anchor is not the session'
 token is STALE (no forward), exactly like one drafted on another committed length.
 
 A `ComputeProfile` (edgespec.core.profiles) other than "real" pads every target forward to its
-modelled time (emulated deployments); outputs are unchanged.
-
-Threading: the session table is guarded by its lock; model work is meant to run on ONE thread
-(the service uses a single-thread executor), as a session's runner is not thread-safe.
+modelled time (emulated deployments); outputs are unchanged. Threading: the session table is
+guarded by its lock; model work runs on ONE thread (a session's runner is not thread-safe).
 """
 
 from __future__ import annotations
@@ -54,6 +52,7 @@ from edgespec.cloud.verifier_types import (
     VerifierConfig,
     VerifyResult,
     invalid,
+    probs_error,
 )
 from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
@@ -112,7 +111,11 @@ class VerifierEngine:
         self.model_id = self.config.model_id
         self._clock = clock
         self._sessions = SessionTable(
-            self.config.max_sessions, self.config.session_idle_ttl_s, clock
+            self.config.max_sessions,
+            self.config.session_idle_ttl_s,
+            clock,
+            self.config.kv_budget_tokens,
+            self.config.retry_after_ms,
         )
 
     @classmethod
@@ -139,13 +142,16 @@ class VerifierEngine:
         generated: int = 0,
         next_seq: int = 0,
         model_id: str = "",
+        prefill: bool = True,
     ) -> OpenResult:
         """Open a session on the committed prefix (prompt + `generated` tokens already generated)
-        and prefill the target's cache with it. `next_seq`: seq of the first block to come (a
+        and prefill the target's cache with it (`prefill=False`: leave that to the batching
+        verifier's `PrefillWork` steps, in chunks). `next_seq`: seq of the first block to come (a
         reopen continues the edge's numbering). `model_id` "" matches any model.
 
         Raises ServiceError: NOT_FOUND (model_id), INVALID_ARGUMENT (prefix_ids, params (incl.
-        stop_token_ids outside the vocabulary), generated, next_seq), RESOURCE_EXHAUSTED (max_sessions open, even after reaping).
+        stop_token_ids outside the vocabulary), generated, next_seq), RESOURCE_EXHAUSTED
+        (max_sessions open, or kv_budget_tokens short, even after reaping; with a retry hint).
         """
         if model_id and self.model_id and model_id != self.model_id:
             raise ServiceError(
@@ -190,14 +196,15 @@ class VerifierEngine:
             # still deterministic, seed from the position the session resumes at. (Coupled noise
             # is a function of the absolute position already: a reopen keeps the seed.)
             params = replace(params, seed=derive_seed(params.seed, f"resume@{generated}"))
-        self._sessions.reserve()
+        kv_tokens = prompt_len + params.max_new_tokens + self.config.max_block_tokens
+        self._sessions.reserve(kv_tokens)
         try:
             started = time.perf_counter()
             runner = make_runner(self.model, self.compute_profile, "target")
-            verifier = Verifier(runner, prefix, params)
+            verifier = Verifier(runner, prefix, params, prefill=prefill)
             prefill_ms = (time.perf_counter() - started) * 1e3
         except BaseException:
-            self._sessions.unreserve()
+            self._sessions.unreserve(kv_tokens)
             raise
         session = Session(
             id=secrets.token_hex(8),
@@ -207,8 +214,9 @@ class VerifierEngine:
             generated_at_open=generated,
             next_seq=next_seq,
             last_used=self._clock(),
+            kv_reserved=kv_tokens,
         )
-        self._sessions.add(session, forwards=1 if len(prefix) > 1 else 0)
+        self._sessions.add(session, forwards=1 if prefill and len(prefix) > 1 else 0)
         logger.debug("opened session %s: %d prefix tokens", session.id, len(prefix))
         return OpenResult(
             session_id=session.id,
@@ -225,11 +233,13 @@ class VerifierEngine:
         return self._sessions.close(session_id)
 
     def reap_idle(self, now: float | None = None) -> list[str]:
-        """Close every session idle for longer than session_idle_ttl_s; returns their ids.
-
-        `now` is a time on the engine clock (default: the clock now).
-        """
+        """Close sessions idle longer than session_idle_ttl_s at `now` (engine clock; default
+        now); returns their ids."""
         return self._sessions.reap_idle(now)
+
+    def kv_tokens(self) -> int:
+        """KV tokens held in all sessions' caches now (sessions reserve against kv_budget_tokens)."""
+        return self._sessions.kv_tokens()
 
     def stats(self) -> EngineStats:
         """A snapshot of the counters."""
@@ -237,7 +247,7 @@ class VerifierEngine:
 
     def committed(self, session_id: str) -> list[int]:
         """A copy of the session's committed tokens (raises ServiceError NOT_FOUND)."""
-        return self._session(session_id).verifier.committed
+        return self.session(session_id).verifier.committed
 
     # ------------------------------------------------------------------ verification
 
@@ -248,7 +258,7 @@ class VerifierEngine:
         FAILED_PRECONDITION (max_new_tokens already generated), INTERNAL (the forward or any
         other step failed unexpectedly; the session is closed, as its state is then undefined).
         """
-        with self._closed_on_failure(session_id):
+        with self.closed_on_failure(session_id):
             prepared = self.prepare(session_id, block)
             if isinstance(prepared, VerifyResult):
                 return prepared
@@ -260,7 +270,7 @@ class VerifierEngine:
         Returns a `VerifyResult` right away for a STALE or REPLAYED block, else the
         `PreparedBlock` to run. Raises ServiceError as `verify` does.
         """
-        session = self._session(session_id)
+        session = self.session(session_id)
         if not isinstance(block, DraftBlock):
             raise invalid("block", f"block must be a DraftBlock, got {type(block)}")
         tokens = block.tokens
@@ -282,7 +292,7 @@ class VerifierEngine:
             try:
                 q.validate(k, self.vocab_size)
             except ValueError as err:
-                raise _probs_error(err) from err
+                raise probs_error(err) from err
         elif k and not session.params.is_greedy and not session.params.is_coupled:
             raise invalid(
                 "probs",
@@ -335,11 +345,14 @@ class VerifierEngine:
         decode block with tokens left), INTERNAL (a step failed unexpectedly; the session is
         closed).
         """
-        with self._closed_on_failure(session_id):
-            return self._decode_next(session_id, seq)
+        with self.closed_on_failure(session_id):
+            prepared = self.prepare_decode(session_id, seq)
+            return self.complete(prepared, self.run_forward(prepared))
 
-    def _decode_next(self, session_id: str, seq: int) -> VerifyResult:
-        session = self._session(session_id)
+    def prepare_decode(self, session_id: str, seq: int) -> PreparedBlock:
+        """The next one-position step of the session's decode block `seq`; no model work.
+        Raises ServiceError as `decode_next` does."""
+        session = self.session(session_id)
         last = session.verifier.last_verdict
         if session.decode_left <= 0 or last is None or last.seq != seq:
             raise ServiceError(
@@ -347,8 +360,7 @@ class VerifierEngine:
                 f"seq {seq} is not a decode block with tokens left in session {session.id}",
                 "seq",
             )
-        prepared = PreparedBlock(session=session, pending=session.verifier.continue_decode())
-        return self.complete(prepared, self.run_forward(prepared))
+        return PreparedBlock(session=session, pending=session.verifier.continue_decode())
 
     def verify_stream(self, session_id: str, block: DraftBlock) -> Iterator[VerifyResult]:
         """`verify`, then `decode_next` while the result has ``more``: every result of a block
@@ -403,11 +415,12 @@ class VerifierEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _session(self, session_id: str) -> Session:
+    def session(self, session_id: str) -> Session:
+        """The open session (marked used now); ServiceError NOT_FOUND if none."""
         return self._sessions.get(session_id)
 
     @contextmanager
-    def _closed_on_failure(self, session_id: str) -> Iterator[None]:
+    def closed_on_failure(self, session_id: str) -> Iterator[None]:
         """Pass ServiceErrors through; on any other exception close the session (its state is
         undefined after a half-done step) and raise ServiceError INTERNAL saying so."""
         try:
@@ -434,14 +447,3 @@ class VerifierEngine:
                 raise invalid(
                     f"{name}[{i}]", f"{name}[{i}] must be a token id in [0, {vocab}), got {t!r}"
                 )
-
-
-def _probs_error(err: ValueError) -> ServiceError:
-    """`DraftProbs.validate`'s error in wire terms: ``draft_probs.probs`` is the field ``probs``
-    (dense or sparse), ``draft_probs.ids`` is ``probs.sparse.ids``."""
-    text = (
-        str(err)
-        .replace("draft_probs.probs", "probs")
-        .replace("draft_probs.ids", "probs.sparse.ids")
-    )
-    return invalid("probs.sparse.ids" if text.startswith("probs.sparse.ids") else "probs", text)

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from edgespec.core.session import Verdict
-from edgespec.core.validation import check_int, check_positive
+from edgespec.core.validation import check_int, check_ms, check_positive
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 NOT_FOUND = "NOT_FOUND"
@@ -28,13 +28,20 @@ class ServiceError(Exception):
     the request field at fault (e.g. ``tokens[1]``), or None. The message names the field, the
     bad value and the allowed range."""
 
-    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        field: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
         if code not in _CODES:
             raise ValueError(f"code must be one of {sorted(_CODES)}, got {code!r}")
         super().__init__(message)
         self.code = code
         self.field = field
         self.message = message
+        self.retry_after_ms = retry_after_ms  # RESOURCE_EXHAUSTED: back off this long, if set
 
 
 def invalid(field_name: str, message: str) -> ServiceError:
@@ -62,6 +69,22 @@ class VerifierConfig:
     max_prefix_tokens: int | None = None
     session_idle_ttl_s: float = 300.0  # a session idle this long is closed by reap_idle
     device: str | None = None  # where the model runs; None = leave the model where it is
+    # The batching verifier (cloud.step_scheduler): one target forward per step for the ready
+    # work of many sessions. False: one block per forward, one session at a time (the
+    # reference the benchmarks compare against).
+    batching: bool = True
+    batch_max_sessions: int = 64  # sessions in one step's forward at most
+    batch_max_tokens: int = 2048  # tokens fed by one step at most (its first item always runs)
+    # How long an idle scheduler waits after the first ready item for others to join its step.
+    batch_window_ms: float = 1.0
+    # A new session's prefix enters its cache in steps of at most this many tokens, batched
+    # with other sessions' work, so that a long prompt does not stall them.
+    prefill_chunk_tokens: int = 256
+    # KV tokens all sessions may hold together; OpenSession reserves a session's most (prompt
+    # + max_new_tokens + max_block_tokens) and answers RESOURCE_EXHAUSTED past it. None: no
+    # budget (max_sessions alone bounds memory).
+    kv_budget_tokens: int | None = None
+    retry_after_ms: int = 1000  # the back-off hint a refused OpenSession carries
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str):
@@ -71,6 +94,15 @@ class VerifierConfig:
         if self.max_prefix_tokens is not None:
             check_int("max_prefix_tokens", self.max_prefix_tokens, 1)
         check_positive("session_idle_ttl_s", self.session_idle_ttl_s)
+        if not isinstance(self.batching, bool):
+            raise ValueError(f"batching must be a bool, got {self.batching!r}")
+        check_int("batch_max_sessions", self.batch_max_sessions, 1)
+        check_int("batch_max_tokens", self.batch_max_tokens, 1)
+        check_ms("batch_window_ms", self.batch_window_ms)
+        check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1)
+        if self.kv_budget_tokens is not None:
+            check_int("kv_budget_tokens", self.kv_budget_tokens, 1)
+        check_int("retry_after_ms", self.retry_after_ms, 1)
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"device must be None or a str such as 'cpu', got {self.device!r}")
 
@@ -113,3 +145,15 @@ class EngineStats:
     drafted: int = 0  # draft tokens in applied blocks
     accepted: int = 0  # of which accepted
     forwards: int = 0  # target forward passes (prefills + blocks)
+    refused: int = 0  # OpenSessions refused (max_sessions or KV budget)
+
+
+def probs_error(err: ValueError) -> ServiceError:
+    """`DraftProbs.validate`'s error in wire terms: ``draft_probs.probs`` is the field ``probs``
+    (dense or sparse), ``draft_probs.ids`` is ``probs.sparse.ids``."""
+    text = (
+        str(err)
+        .replace("draft_probs.probs", "probs")
+        .replace("draft_probs.ids", "probs.sparse.ids")
+    )
+    return invalid("probs.sparse.ids" if text.startswith("probs.sparse.ids") else "probs", text)

@@ -31,9 +31,23 @@ Profiles (`get_profile(name)`):
     feeds 1-2 tokens).
   * draft prefill: 6 ms + 0.05 ms per prompt token (2.4 GFLOP per token at ~50 TFLOP/s).
 
+  * a BATCHED target forward (`BatchRoofline`, used by the batching verifier): one step over B
+    sessions, session b with P_b tokens cached and n_b fed, is memory- or compute-bound,
+    whichever is slower (a roofline), plus a fixed overhead:
+    ``overhead_ms + max(weights_ms + kv_ms_per_token * sum_b (P_b + n_b),
+    compute_ms_per_token * sum_b n_b)``. Weights are read once per forward: 70 GB at an
+    effective 2.68 TB/s (80 % of 3.35 TB/s) = 26.1 ms; overhead 3.9 ms (launches, sampling:
+    a one-session step of a few tokens costs the 30 ms above). Each session's KV is read once:
+    Llama-3-70B has 80 layers x 8 KV heads x 128 dims x 2 (K and V) = 163,840 values per token,
+    1 byte each in FP8 = 160 KiB, 6.1e-5 ms per cached token at 2.68 TB/s (32 sessions of 1000
+    tokens: 2 ms). Compute: 0.2 ms per fed token as above; attention's own FLOPs (2.6 MFLOP
+    per query-key pair, ~2 % of a token's 140 GFLOP at 1000 cached tokens) are left out. The
+    bound crosses from memory to compute at ~130 fed tokens per step.
+
   Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM: 3.35 TB/s HBM3, 1979 TFLOPS dense FP8);
   NVIDIA GeForce RTX 3060 / 4060 Ti and Jetson AGX Orin specifications (memory bandwidth);
-  Meta Llama 3.2 1B model card (1.24B parameters); the memory-bound decode argument of Pope et
+  Meta Llama 3.2 1B model card (1.24B parameters); the Llama-3-70B config (80 layers,
+  8 KV heads, head dim 128); the roofline model of Williams et al. 2009; the memory-bound decode argument of Pope et
   al. 2022, "Efficiently Scaling Transformer Inference", and Leviathan et al. 2023. These are
   modelled times, not measurements.
 """
@@ -42,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,11 +69,13 @@ from edgespec.core.validation import check_ms
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BatchRoofline",
     "ComputeProfile",
     "ForwardCost",
     "PaddedRunner",
     "get_profile",
     "make_runner",
+    "pad_until",
     "profile_names",
 ]
 
@@ -84,6 +101,30 @@ class ForwardCost:
 
 
 @dataclass(frozen=True)
+class BatchRoofline:
+    """Modelled time of ONE target forward over a batch of sessions (a roofline): weights read
+    once, each session's KV read once, compute per fed token; the slower of memory and compute,
+    plus a fixed overhead. See the module docstring for the h100-70b numbers."""
+
+    overhead_ms: float = 0.0  # launches, sampling: paid once per forward
+    weights_ms: float = 0.0  # reading every weight once
+    kv_ms_per_token: float = 0.0  # reading one cached (or written) token's keys/values
+    compute_ms_per_token: float = 0.0  # matmul FLOPs of one fed token
+
+    def __post_init__(self) -> None:
+        for name in ("overhead_ms", "weights_ms", "kv_ms_per_token", "compute_ms_per_token"):
+            object.__setattr__(self, name, check_ms(name, getattr(self, name)))
+
+    def ms(self, rows: Sequence[tuple[int, int]]) -> float:
+        """Modelled milliseconds of a forward over `rows`: per session (tokens cached before the
+        forward, tokens fed), each fed count >= 1."""
+        kv_tokens = sum(cached + fed for cached, fed in rows)
+        fed_tokens = sum(fed for _, fed in rows)
+        memory = self.weights_ms + self.kv_ms_per_token * kv_tokens
+        return self.overhead_ms + max(memory, self.compute_ms_per_token * fed_tokens)
+
+
+@dataclass(frozen=True)
 class ComputeProfile:
     """Forward-time models of the target and the draft (verification/decoding and prefill).
 
@@ -98,6 +139,8 @@ class ComputeProfile:
     target_prefill: ForwardCost = ForwardCost()
     draft: ForwardCost = ForwardCost()  # one draft forward (1-2 tokens fed)
     draft_prefill: ForwardCost = ForwardCost()
+    # A batched target forward (the batching verifier's step); None: not emulated (no padding).
+    target_batch: BatchRoofline | None = None
     description: str = ""
     sources: str = ""
 
@@ -109,6 +152,10 @@ class ComputeProfile:
         for role in ("target", "target_prefill", "draft", "draft_prefill"):
             if not isinstance(getattr(self, role), ForwardCost):
                 raise ValueError(f"{role} must be a ForwardCost, got {getattr(self, role)!r}")
+        if self.target_batch is not None and not isinstance(self.target_batch, BatchRoofline):
+            raise ValueError(
+                f"target_batch must be a BatchRoofline or None, got {self.target_batch!r}"
+            )
 
     def costs(self, role: str) -> tuple[ForwardCost, ForwardCost]:
         """(forward cost, prefill cost) of `role`, "target" or "draft"."""
@@ -117,6 +164,11 @@ class ComputeProfile:
         if role == "draft":
             return self.draft, self.draft_prefill
         raise ValueError(f"role must be 'target' or 'draft', got {role!r}")
+
+    def target_step_ms(self, rows: Sequence[tuple[int, int]]) -> float:
+        """Modelled milliseconds of one batched target forward over `rows` (per session: tokens
+        cached, tokens fed); 0 when the profile models no batched forward."""
+        return self.target_batch.ms(rows) if self.target_batch is not None else 0.0
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (for result files)."""
@@ -148,6 +200,12 @@ _PROFILES: dict[str, ComputeProfile] = {
         target_prefill=ForwardCost(base_ms=30.0, per_token_ms=0.2),
         draft=ForwardCost(base_ms=6.0, per_token_ms=0.1),
         draft_prefill=ForwardCost(base_ms=6.0, per_token_ms=0.05),
+        target_batch=BatchRoofline(
+            overhead_ms=3.9,
+            weights_ms=70e9 / 2.68e12 * 1e3,  # 26.1 ms
+            kv_ms_per_token=163_840 / 2.68e12 * 1e3,  # 6.1e-5 ms
+            compute_ms_per_token=0.2,
+        ),
         description="EMULATED: 70B-class target on one H100 SXM (FP8), 1B-class draft on an "
         "edge GPU (FP16)",
         sources=_H100_70B_SOURCES,
@@ -211,17 +269,26 @@ class PaddedRunner(ModelRunner):
         return int(ids.numel()) if isinstance(ids, Tensor) else len(ids)
 
     def _pad(self, t0: float, target_ms: float) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        spent_ms = (time.perf_counter() - t0) * 1e3
-        left_ms = target_ms - spent_ms
+        left_ms = pad_until(t0, target_ms, self.device)
         if left_ms > 0:
-            time.sleep(left_ms / 1e3)
             self.padded_ms += left_ms
         elif target_ms > 0:
             self.overruns += 1
             self.overrun_ms -= left_ms
-            logger.debug("forward overran its modelled %.2f ms by %.2f ms", target_ms, -left_ms)
+
+
+def pad_until(t0: float, target_ms: float, device: torch.device) -> float:
+    """Sleep until `target_ms` after perf_counter time `t0` (a CUDA device is synchronised
+    first, so its work is counted). Returns the ms slept, or minus the ms by which the work
+    already overran `target_ms` (nothing slept)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    left_ms = target_ms - (time.perf_counter() - t0) * 1e3
+    if left_ms > 0:
+        time.sleep(left_ms / 1e3)
+    elif target_ms > 0:
+        logger.debug("forward overran its modelled %.2f ms by %.2f ms", target_ms, -left_ms)
+    return left_ms
 
 
 def make_runner(

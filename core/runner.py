@@ -190,6 +190,35 @@ class ModelRunner:
         self._cache.crop(length - self._length)
         self._length = length
 
+    @property
+    def batchable(self) -> bool:
+        """Whether `edgespec.core.batch_forward` may run this runner's forwards batched with
+        others': its cache is (or will be) a `DynamicCache` of full layers ("crop" mode)."""
+        return self.rollback_mode == "crop"
+
+    def kv_layers(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer (keys, values), each (1, H, length, D); [] while the cache is empty."""
+        if self._cache is None or self._length == 0:
+            return []
+        return [(layer.keys, layer.values) for layer in self._cache.layers]
+
+    def append_kv(self, layers: Sequence[tuple[Tensor, Tensor]], n: int) -> None:
+        """Append keys/values of `n` tokens a batched forward computed for this sequence: per
+        layer (keys, values), each (1, H, n, D). Counts as one forward (`forwards`)."""
+        if not self.batchable:
+            raise RuntimeError(f"a {self.rollback_mode!r} runner's cache cannot take batched KV")
+        if self.max_length is not None and self._length + n > self.max_length:
+            raise ValueError(
+                f"sequence length must be <= max_position_embeddings={self.max_length}, "
+                f"got {self._length + n}"
+            )
+        if self._cache is None:
+            self._cache = DynamicCache()
+        for index, (keys, values) in enumerate(layers):
+            self._cache.update(keys, values, index)
+        self._length += n
+        self.forwards += 1
+
     def _as_input(self, ids: TokenIds) -> Tensor:
         """Token ids -> (1, n) long tensor on the device, validated when given on the host."""
         if isinstance(ids, Tensor):

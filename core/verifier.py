@@ -52,8 +52,14 @@ class Verifier:
     """
 
     def __init__(
-        self, runner: ModelRunner, prompt_ids: Sequence[int], params: SamplingParams
+        self,
+        runner: ModelRunner,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        prefill: bool = True,
     ) -> None:
+        """`prefill=False` leaves the cache empty: the first block's feed then holds every
+        committed token the cache lacks, or a batcher fills the cache first, in chunks."""
         self.runner = runner
         params = params.with_seed() if params.is_coupled else params
         self.params = params
@@ -62,7 +68,7 @@ class Verifier:
         self._last_block: DraftBlock | None = None
         self.last_verdict: Verdict | None = None
         runner.reset()
-        if len(self._tokens) > 1:
+        if prefill and len(self._tokens) > 1:
             runner.prefill(self._tokens[:-1])
 
     @property

@@ -40,7 +40,7 @@ __all__ = [
 # Trailing-metadata key naming the request field at fault in an error status (see the error
 # convention in edgespec.proto).
 FIELD_METADATA_KEY = "edgespec-field"
-# Trailer with RESOURCE_EXHAUSTED: how long to back off before retrying, in ms (an integer).
+# With RESOURCE_EXHAUSTED (edge or verifier): how long the caller should back off, in ms.
 RETRY_AFTER_METADATA_KEY = "edgespec-retry-after-ms"
 
 _PARAM_FIELDS = frozenset(

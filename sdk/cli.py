@@ -182,6 +182,58 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_capacity(args: argparse.Namespace) -> int:
+    """One verifier, N edges: replica and per-session tokens/s (edgespec.bench.capacity)."""
+    from edgespec.bench import capacity  # torch (see the imports at the top)
+    from edgespec.bench.capacity_plots import plot_capacity
+
+    target_path, draft_path = resolve_pair(args.target, args.draft)
+    check_pair(target_path, draft_path)
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    config = capacity.CapacityConfig(
+        sessions=args.sessions or capacity.CapacityConfig.sessions,
+        rtts_ms=args.rtt_ms or capacity.CapacityConfig.rtts_ms,
+        ks=args.k or capacity.CapacityConfig.ks,
+        methods=methods or capacity.CapacityConfig.methods,
+        max_new_tokens=args.max_new_tokens,
+        compute_profile=args.compute_profile,
+        edge_processes=args.edge_processes,
+        threads=args.threads,
+    )
+    result = capacity.run_capacity_bench(config, target_path, draft_path)
+    capacity.print_summary(result)
+    write_json(args.json, result)
+    if args.plots:
+        plot_capacity(result, args.plots)
+    clean = all(r["errors"] == 0 and r["altered_outputs"] == 0 for r in result["rows"])
+    return 0 if clean else 1
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4) (an argparse type)."""
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """'20,50' -> (20.0, 50.0) (an argparse type)."""
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
+    """`edgespec bench capacity` options."""
+    _add_model_args(p)
+    p.add_argument("--json", required=True, help="result file")
+    p.add_argument("--plots", help="folder for the PNG plots (none if omitted)")
+    p.add_argument("--sessions", type=_ints, help="e.g. 1,2,4 (default 1..64, doubling)")
+    p.add_argument("--rtt-ms", type=_floats, help="e.g. 20,50 (default 20,50)")
+    p.add_argument("-k", type=_ints, help="fixed draft lengths, e.g. 2,4 (default 4)")
+    p.add_argument("--methods", help="subset of cloud_only,fixed,adaptive,serial (default all)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--compute-profile", default="h100-70b", help="h100-70b (emulated) or real")
+    p.add_argument("--edge-processes", type=int, default=4, help="worker processes of edges")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+
+
 def cmd_bench_link(args: argparse.Namespace) -> int:
     """Per-round framework overhead, bytes per token, tokens/s at RTTs (edgespec.bench.link)."""
     from edgespec.bench.link import print_summary, run_link_bench  # torch (see the top)
@@ -325,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _bench_latency_args(latency)
     latency.set_defaults(func=cmd_bench_latency)
+    capacity = bench_sub.add_parser(
+        "capacity", help="one verifier, N edges: replica and per-session tokens/s per method"
+    )
+    _bench_capacity_args(capacity)
+    capacity.set_defaults(func=cmd_bench_capacity)
     link = bench_sub.add_parser(
         "link", help="per-round overhead, bytes per token and tokens/s through the link emulator"
     )

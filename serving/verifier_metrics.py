@@ -20,6 +20,7 @@ from edgespec.serving.metrics import (
     BATCH_SIZE_BUCKETS,
     COMPUTE_BUCKETS_S,
     DRAFT_LENGTH_BUCKETS,
+    TOKEN_COUNT_BUCKETS,
     check_counts,
     metric_factories,
     ms_to_seconds,
@@ -43,6 +44,10 @@ class VerifierMetrics:
     - ``verify_seconds``: compute per applied block (forward + sampling).
     - ``queue_seconds``: time an applied block waited before its forward began.
     - ``batch_size``: blocks verified by one target forward (1 without a batcher).
+    - ``forward_tokens``: tokens fed to one batched target forward, all sessions together.
+    - ``queue_depth``: work items waiting for the batching verifier's next step.
+    - ``kv_tokens``: tokens held in the KV caches of all sessions; ``kv_budget_tokens``: the
+      budget they are admitted against (0: none).
     - ``prefill_seconds``: OpenSession prefill time.
     - ``sessions_opened_total``; ``sessions_closed_total{reason}``: reason "closed" (by the
       edge), "idle" (reaped after the idle TTL), "stream_end", "error".
@@ -85,6 +90,24 @@ class VerifierMetrics:
         self.sessions_opened = counter("sessions_opened", "Sessions opened (incl. reopens).")
         self.sessions_closed = counter("sessions_closed", "Sessions ended, by reason.", ("reason",))
         self.errors = counter("errors", "Failed RPCs, by gRPC status code.", ("code",))
+        self.forward_tokens = histogram(
+            "forward_tokens", "Tokens fed to one batched target forward.", TOKEN_COUNT_BUCKETS
+        )
+        self.queue_depth = Gauge(
+            "edgespec_verifier_queue_depth",
+            "Work items waiting for the next batched step.",
+            registry=registry,
+        )
+        self.kv_tokens = Gauge(
+            "edgespec_verifier_kv_tokens",
+            "Tokens held in all sessions' KV caches.",
+            registry=registry,
+        )
+        self.kv_budget_tokens = Gauge(
+            "edgespec_verifier_kv_budget_tokens",
+            "KV budget sessions are admitted against, in tokens (0: none).",
+            registry=registry,
+        )
         self.active_sessions = Gauge(
             "edgespec_verifier_active_sessions",
             "Sessions holding a KV cache.",
@@ -117,6 +140,17 @@ class VerifierMetrics:
     def observe_batch(self, size: int) -> None:
         """Record one target forward that verified `size` blocks (>= 1)."""
         self.batch_size.observe(check_int("batch size", size, 1))
+
+    def observe_step(
+        self, *, sessions: int, fed_tokens: int, queue_depth: int, kv_tokens: int
+    ) -> None:
+        """Record one step of the batching verifier: `sessions` in its forward (0: none ran),
+        `fed_tokens` fed by it, the `queue_depth` left after it and the `kv_tokens` held now."""
+        if sessions:
+            self.observe_batch(sessions)
+            self.forward_tokens.observe(check_int("fed_tokens", fed_tokens, 1))
+        self.queue_depth.set(check_int("queue_depth", queue_depth, 0))
+        self.kv_tokens.set(check_int("kv_tokens", kv_tokens, 0))
 
     def observe_session_opened(self, prefill_ms: float) -> None:
         """Record an OpenSession that succeeded, with its prefill time."""

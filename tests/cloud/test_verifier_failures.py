@@ -152,17 +152,19 @@ def test_stream_failing_internally_drops_its_session(start, monkeypatch) -> None
         assert metric(server, "edgespec_verifier_sessions_closed_total", reason="error") == 1
 
 
-def test_failing_target_forward_keeps_the_gauge_true(start, monkeypatch) -> None:
-    server = start()
+@pytest.mark.parametrize("batching", [True, False])
+def test_failing_target_forward_keeps_the_gauge_true(start, monkeypatch, batching) -> None:
+    server = start(VerifierConfig(batching=batching))
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.VerifierStub(channel)
         sid = stub.OpenSession(open_request(), timeout=DEADLINE_S).session_id
         assert_metrics_match_engine(server)
 
-        def broken(self, ids):
+        def broken(*args, **kwargs):
             raise RuntimeError("CUDA error: an illegal memory access")
 
-        monkeypatch.setattr(ModelRunner, "extend", broken)
+        # The model's own forward: what the batched step and a one-session forward both call.
+        monkeypatch.setattr(server.engine.model, "forward", broken)
         with pytest.raises(grpc.RpcError) as info:
             blocks_stream(stub, [pb.DraftBlock(session_id=sid, seq=0, base_len=6, tokens=[1])])
         assert info.value.code() == grpc.StatusCode.INTERNAL
@@ -171,21 +173,23 @@ def test_failing_target_forward_keeps_the_gauge_true(start, monkeypatch) -> None
         assert metric(server, "edgespec_verifier_sessions_closed_total", reason="error") == 1
 
 
-def test_decode_stream_failing_midway_drops_its_session(start, monkeypatch) -> None:
-    server = start()
+@pytest.mark.parametrize("batching", [True, False])
+def test_decode_stream_failing_midway_drops_its_session(start, monkeypatch, batching) -> None:
+    server = start(VerifierConfig(batching=batching))
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.VerifierStub(channel)
         sid = stub.OpenSession(open_request(), timeout=DEADLINE_S).session_id
-        real_decode_next = server.engine.decode_next
+        real_prepare_decode = server.engine.prepare_decode
         calls = []
 
         def flaky(session_id, seq):
             calls.append(seq)
             if len(calls) == 2:
                 raise RuntimeError("decode blew up")
-            return real_decode_next(session_id, seq)
+            return real_prepare_decode(session_id, seq)
 
-        monkeypatch.setattr(server.engine, "decode_next", flaky)
+        # Each streamed token after the first is prepared here, batched or not.
+        monkeypatch.setattr(server.engine, "prepare_decode", flaky)
         call = stub.VerifyStream(
             iter([pb.DraftBlock(session_id=sid, seq=0, base_len=6, decode_tokens=5)]),
             timeout=DEADLINE_S,

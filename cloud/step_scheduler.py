@@ -1,0 +1,185 @@
+"""The batching verifier's step loop: gathers ready work of many sessions into engine steps.
+
+`StepScheduler.submit(work)` (from any RPC coroutine) queues one `Work` item and waits for its
+outcome; the scheduler's loop (`run`, one task on the server's event loop) takes the queue's
+items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model thread. Rules:
+
+- Continuous: a step starts as soon as the previous one ends if work is queued; an item that
+  arrives during a step joins the next one. Only an idle scheduler waits, `batch_window_ms`
+  after the first item, for others to join (a bounded gather window, never for a full batch),
+  and only while some open session has nothing queued: a lone session never waits.
+- FIFO with a budget: items are taken in arrival order up to `batch_max_sessions` sessions and
+  `batch_max_tokens` fed tokens (the first item always runs). An item whose session already has
+  one in the step waits for the next step, keeping its place, so a session's work stays in
+  order. Fairness bound: an item with q items before it runs within q // batch_max_sessions +
+  1 steps at most, plus one per earlier item of its own session.
+- An item whose caller has gone (RPC cancelled) before its step is dropped without running;
+  once in a step it runs to the end and its outcome is discarded.
+- Cloud-only decode streams run back to back: when a step's result says a decode block has
+  ``more`` tokens, the next token's `DecodeWork` is queued at once (one ahead, at the back of
+  the queue), and the stream's own `submit` of it takes that item over instead of queueing
+  another. So a streaming session is in every step, not every other one (its RPC writes the
+  verdict meanwhile). At most one item runs ahead per stream; one whose stream has gone runs
+  once, unclaimed, and the stream's decoding stops there.
+
+Threading: `submit` and `run` on one event loop; model work on `executor` (ONE thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgespec.cloud.batch_step import DecodeWork, Outcome, StepStats, Work, run_step
+from edgespec.cloud.verifier import VerifierEngine
+from edgespec.cloud.verifier_types import ServiceError, VerifyResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Queued:
+    work: Work
+    feed_estimate: int  # tokens the item will feed, for the step budget
+    arrived: float  # perf_counter
+    future: asyncio.Future = field(repr=False)
+    started: float = 0.0  # perf_counter when its step began
+    claimed: bool = True  # a caller awaits it (False: a decode token queued ahead)
+
+
+class StepScheduler:
+    """Queue + step loop in front of a `VerifierEngine` (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: VerifierEngine,
+        executor: Executor,
+        on_step: Callable[[StepStats, int], None] | None = None,
+    ) -> None:
+        """`on_step(stats, queue_depth_left)` is called on the loop after every step (metrics)."""
+        self.engine = engine
+        self._executor = executor
+        self._on_step = on_step
+        self._queue: deque[_Queued] = deque()
+        self._wake = asyncio.Event()
+        config = engine.config
+        self.max_sessions = config.batch_max_sessions
+        self.max_tokens = config.batch_max_tokens
+        self.window_s = config.batch_window_ms / 1e3
+        self.steps = 0
+        self._ahead: dict[tuple[str, int], _Queued] = {}  # decode tokens queued ahead
+        self.ready_on_claim = 0  # decode tokens computed ahead before their stream asked
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a step."""
+        return len(self._queue)
+
+    async def submit(self, work: Work, since: float | None = None) -> tuple[Any, float]:
+        """Queue `work` and wait for its outcome: the result (a `VerifyResult`, or for a
+        `PrefillWork` a `PrefillResult`) and its queue wait in ms (from `since`, a perf_counter
+        time such as the block's arrival, else from now). Raises the item's ServiceError."""
+        queued = None
+        if isinstance(work, DecodeWork):
+            queued = self._ahead.pop((work.session_id, work.seq), None)
+        else:  # a new block: whatever ran ahead of the session's last one is not wanted
+            for key in [key for key in self._ahead if key[0] == work.session_id]:
+                del self._ahead[key]
+        if queued is None:
+            arrived = time.perf_counter() if since is None else since
+            future: asyncio.Future = asyncio.get_running_loop().create_future()
+            queued = _Queued(work, work.feed_estimate, arrived, future)
+            self._queue.append(queued)
+            self._wake.set()
+        else:
+            queued.claimed = True
+            if queued.future.done():  # it ran before its caller came: keep one ahead
+                self.ready_on_claim += 1
+                self._queue_ahead(work.session_id, queued.future.result())
+        outcome = await queued.future
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome, max(0.0, queued.started - queued.arrived) * 1e3
+
+    def _queue_ahead(self, session_id: str, outcome: Outcome) -> None:
+        """Queue the next token of `outcome`'s decode block if it has more (one ahead)."""
+        if not isinstance(outcome, VerifyResult) or not outcome.more:
+            return
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        work = DecodeWork(session_id, outcome.seq)
+        queued = _Queued(work, 1, time.perf_counter(), future, claimed=False)
+        self._ahead[(session_id, outcome.seq)] = queued
+        self._queue.append(queued)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The step loop (until cancelled)."""
+        loop = asyncio.get_running_loop()
+        busy = False
+        while True:
+            if not self._queue:
+                busy = False
+                self._wake.clear()
+                await self._wake.wait()
+            if not busy and self.window_s > 0 and self._others_may_come():
+                await asyncio.sleep(self.window_s)  # idle: let others join the first item
+            step = self._take()
+            if not step:
+                continue
+            busy = True
+            now = time.perf_counter()
+            for item in step:
+                item.started = now
+            work = [item.work for item in step]
+            try:
+                outcomes, stats = await loop.run_in_executor(
+                    self._executor, run_step, self.engine, work
+                )
+            except Exception as err:  # noqa: BLE001 - run_step does not raise; be safe anyway
+                logger.exception("verifier step failed")
+                for item in step:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                continue
+            self.steps += 1
+            for item, outcome in zip(step, outcomes, strict=True):
+                if not item.future.done():
+                    item.future.set_result(outcome)
+                    if item.claimed:
+                        self._queue_ahead(item.work.session_id, outcome)
+            if self._on_step is not None:
+                self._on_step(stats, len(self._queue))
+
+    def _others_may_come(self) -> bool:
+        """Whether an open session has no item queued yet (else the window would only delay:
+        a lone session pays no gather window)."""
+        return self.engine.stats().sessions > len({q.work.session_id for q in self._queue})
+
+    def _take(self) -> list[_Queued]:
+        """The next step's items: FIFO within the budget, one per session (see the rules)."""
+        step: list[_Queued] = []
+        sessions: set[str] = set()
+        tokens = 0
+        kept: deque[_Queued] = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():  # its caller has gone
+                continue
+            sid = item.work.session_id
+            full = len(step) >= self.max_sessions or (
+                step and tokens + item.feed_estimate > self.max_tokens
+            )
+            if full or sid in sessions:
+                kept.append(item)
+                continue
+            step.append(item)
+            sessions.add(sid)
+            tokens += item.feed_estimate
+        self._queue = kept
+        return step

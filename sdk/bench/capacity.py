@@ -1,0 +1,436 @@
+"""Capacity of ONE verifier replica against N edges: `edgespec bench capacity`.
+
+For every RTT, method and session count N, N greedy sessions start together, each from its own
+emulated edge device: its own `EdgeEngine` (its own draft thread, so draft forwards of different
+sessions never queue behind each other) behind its own link emulator (a TCP proxy with the
+RTT). The edges live in `edge_processes` worker processes (spawned once for the whole run), so
+the edge side is not one Python thread either (the padding sleeps of different sessions overlap;
+their real compute still shares the host's cores). One verifier subprocess serves them all: the
+batching verifier, or with ``--no-batching`` the one-session-at-a-time verifier (the reference
+row). Under an emulated compute profile (default ``h100-70b``) every forward is padded to its
+modelled time: the draft's per forward, the batching verifier's per step by the batch roofline
+(`edgespec.core.profiles.BatchRoofline`); tokens are real.
+
+Methods: ``cloud_only`` (the verifier decodes alone, batched with the others: the baseline a
+user would otherwise run), ``fixed_k{k}`` (edgespec, one row per ``--k``), ``adaptive`` (the
+adaptive policy, pipelined), and ``fixed_k{k}_serial`` (fixed k against the one-at-a-time
+verifier). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
+with the target alone's (``altered_outputs``). Not measured: cloud-side speculative decoding (the draft
+on the verifier), which the verifier does not run yet.
+
+Per row: replica tokens/s (all tokens / the wall time from the common start to the last end),
+per-session tokens/s (median, p10), TTFT median, the verifier queue time per block (median over
+blocks), mean sessions and tokens per target forward (from the verifier's Prometheus metrics),
+and the row's analytic estimate (`capacity_bound`: the roofline and the measured acceptance,
+assumed independent per token, so an estimate rather than a strict bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import statistics
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgespec.bench.processes import verifier_process
+from edgespec.core.cost_model import expected_tokens
+from edgespec.core.demo_pair import BENCH_PROMPTS
+from edgespec.core.models import load_tokenizer
+from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import get_profile
+from edgespec.core.validation import check_int
+
+logger = logging.getLogger(__name__)
+
+PROMPT_LEN = 24  # KV tokens per session assumed by the analytic estimate (prompts are ~10-30)
+START_DELAY_S = 1.0  # workers get the common start time this far ahead
+_STEP_METRICS = ("edgespec_verifier_batch_size_", "edgespec_verifier_forward_tokens_")
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """One capacity run (validated on construction, ValueError naming the field)."""
+
+    sessions: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    rtts_ms: tuple[float, ...] = (20.0, 50.0)
+    ks: tuple[int, ...] = (4,)  # fixed draft lengths measured (best reported)
+    methods: tuple[str, ...] = ("cloud_only", "fixed", "adaptive", "serial")
+    max_new_tokens: int = 48
+    compute_profile: str = "h100-70b"
+    edge_processes: int = 4
+    timeout_s: float = 300.0
+    batch_max_sessions: int = 64
+    # torch intra-op threads of the verifier and of each edge worker: 1, since on a shared
+    # host a parallel region waits for its slowest (descheduled) thread (a 5-token forward of
+    # the demo target measured 750 ms with 2 threads on a loaded 2-core host, 19 ms with 1).
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for n in self.sessions:
+            check_int("sessions", n, 1)
+        for k in self.ks:
+            check_int("k", k, 1)
+        known = {"cloud_only", "fixed", "adaptive", "serial"}
+        if not set(self.methods) <= known or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {sorted(known)}")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("edge_processes", self.edge_processes, 1)
+        check_int("threads", self.threads, 1)
+        get_profile(self.compute_profile)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one worker process runs: its share of one measurement's sessions."""
+
+    draft: str
+    verifier: str
+    rtt_ms: float
+    compute_profile: str
+    policy: str
+    k: int
+    pipelined: bool
+    prompts: list[tuple[int, list[int]]]  # (index, token ids) of each session's prompt
+    max_new_tokens: int
+    start_at: float  # time.time() at which every session starts
+    timeout_s: float
+    threads: int = 1  # torch intra-op threads in the worker
+
+
+@dataclass
+class _SessionRecord:
+    tokens: list[int]
+    start: float
+    first: float
+    end: float
+    drafted: int
+    accepted: int
+    rounds: int
+    queue_ms: list[float] = field(default_factory=list)
+    error: str = ""
+    prompt_index: int = 0
+
+
+@lru_cache(maxsize=2)
+def _draft_model(path: str):  # one load per worker process
+    from edgespec.core.runner import ModelRunner
+
+    return ModelRunner.from_pretrained(path, device="cpu").model
+
+
+def _run_job(job: _Job) -> list[dict]:
+    """Worker process entry: run the job's sessions concurrently, each its own edge."""
+    import torch
+
+    torch.set_num_threads(job.threads)
+    return [asdict(r) for r in asyncio.run(_sessions(job))]
+
+
+async def _sessions(job: _Job) -> list[_SessionRecord]:
+    from edgespec.edge.config import EngineConfig, LinkConfig
+    from edgespec.edge.engine import EdgeEngine
+    from edgespec.edge.records import SummaryEvent, TokensEvent
+    from edgespec.linkemu import LinkEmulator, LinkProfile
+
+    model = _draft_model(job.draft)
+    host, port = job.verifier.rsplit(":", 1)
+    with ExitStack() as stack:
+        engines = []
+        for _ in job.prompts:  # one device per session: its own link, draft thread, engine
+            emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=job.rtt_ms)).start()
+            stack.callback(emu.stop)
+            engine = EdgeEngine(
+                model,
+                None,
+                [emu.address],
+                link_config=LinkConfig(round_timeout_s=job.timeout_s),
+                config=EngineConfig(max_k=16, link_memory=False),
+                compute_profile=job.compute_profile,
+            )
+            engines.append(engine)
+        params = SamplingParams(max_new_tokens=job.max_new_tokens)
+
+        async def one(engine: EdgeEngine, index: int, prompt: list[int]) -> _SessionRecord:
+            rec = await run(engine, prompt)
+            rec.prompt_index = index
+            return rec
+
+        async def run(engine: EdgeEngine, prompt: list[int]) -> _SessionRecord:
+            start = time.time()
+            first = 0.0
+            tokens: list[int] = []
+            try:
+                async for event in engine.generate(
+                    prompt, params, k=job.k, policy=job.policy, pipelined=job.pipelined
+                ):
+                    if isinstance(event, TokensEvent):
+                        first = first or time.time()
+                        tokens.extend(event.tokens)
+                    elif isinstance(event, SummaryEvent):
+                        st = event.stats
+                        rec = _SessionRecord(
+                            tokens, start, first, time.time(), st.drafted, st.accepted, st.rounds
+                        )
+                        rec.queue_ms = [r.timing.queue_ms for r in st.round_records]
+                        return rec
+            except Exception as err:  # noqa: BLE001 - a failed session is a result of the run
+                return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error=repr(err))
+            return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error="no summary")
+
+        await asyncio.sleep(max(0.0, job.start_at - time.time()))
+        try:
+            return list(
+                await asyncio.gather(
+                    *(one(e, i, p) for e, (i, p) in zip(engines, job.prompts, strict=True))
+                )
+            )
+        finally:
+            for engine in engines:
+                await engine.aclose()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The verifier's step counters: batch_size and forward_tokens sums and counts."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(
+                ("edgespec_verifier_batch_size_", "edgespec_verifier_forward_tokens_")
+            ) and sample.name.endswith(("_sum", "_count")):
+                out[sample.name] = sample.value
+    return out
+
+
+def _per_forward(before: dict, after: dict, name: str) -> float | None:
+    count = after.get(f"{name}_count", 0) - before.get(f"{name}_count", 0)
+    total = after.get(f"{name}_sum", 0) - before.get(f"{name}_sum", 0)
+    return total / count if count else None
+
+
+def capacity_bound(
+    method: str, sessions: int, rtt_ms: float, k: float, acceptance: float, profile_name: str
+) -> float:
+    """Analytic replica tokens/s of `method` under the profile: each session runs rounds of
+    k draft forwards + RTT + one verifier step, committing E(k) tokens (`expected_tokens` at the
+    measured acceptance); the verifier runs one step per round for all N sessions together
+    (batched: the roofline over N rows of k+1 tokens) or one forward per block (serial).
+    Cloud-only: N sessions' decode tokens in one step each, no RTT per token. KV reads are
+    counted at the prompt length (a lower bound on them)."""
+    profile = get_profile(profile_name)
+    ctx = PROMPT_LEN
+    if method == "cloud_only":
+        step = profile.target_step_ms([(ctx, 1)] * sessions) or profile.target.ms(1)
+        return sessions * 1e3 / step if step else float("inf")
+    e = expected_tokens(acceptance, round(k)) if k >= 1 else 1.0
+    draft_ms = k * profile.draft.ms(1)
+    if method.endswith("_serial"):
+        verify = profile.target.ms(round(k) + 1)
+        per_session = draft_ms + rtt_ms + verify
+        return min(sessions * e * 1e3 / per_session, e * 1e3 / verify) if verify else 0.0
+    step = profile.target_step_ms([(ctx, round(k) + 1)] * sessions)
+    return sessions * e * 1e3 / (draft_ms + rtt_ms + step)
+
+
+def _row(
+    method, sessions, rtt_ms, k, records, before, after, profile_name, expected
+) -> dict[str, Any]:
+    ok = [r for r in records if not r.error]
+    altered = sum(1 for r in ok if r.tokens != expected[r.prompt_index])
+    t0 = min(r.start for r in records)
+    wall = max(r.end for r in records) - t0
+    tokens = sum(len(r.tokens) for r in ok)
+    rates = sorted(len(r.tokens) / (r.end - r.start) for r in ok if r.end > r.start)
+    queue = [q for r in ok for q in r.queue_ms]
+    drafted = sum(r.drafted for r in ok)
+    rounds = sum(r.rounds for r in ok)
+    acceptance = sum(r.accepted for r in ok) / drafted if drafted else 0.0
+    mean_k = drafted / rounds if rounds else 0.0
+    replica = tokens / wall if wall > 0 else 0.0
+    bound = capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
+    return {
+        "method": method,
+        "sessions": sessions,
+        "rtt_ms": rtt_ms,
+        "k": k,
+        "replica_tokens_per_s": replica,
+        "session_tokens_per_s_median": statistics.median(rates) if rates else 0.0,
+        "session_tokens_per_s_p10": rates[int(0.1 * (len(rates) - 1))] if rates else 0.0,
+        "ttft_ms_median": statistics.median((r.first - r.start) * 1e3 for r in ok) if ok else 0.0,
+        "queue_ms_median": statistics.median(queue) if queue else 0.0,
+        "mean_batch_sessions": _per_forward(before, after, "edgespec_verifier_batch_size"),
+        "mean_tokens_per_forward": _per_forward(before, after, "edgespec_verifier_forward_tokens"),
+        "acceptance_rate": acceptance,
+        "mean_k": mean_k,
+        "analytic_bound_tokens_per_s": bound,
+        "vs_bound": replica / bound if bound else None,
+        "errors": len(records) - len(ok),
+        "altered_outputs": altered,  # outputs different from the target alone (greedy)
+        "tokens": tokens,
+        "wall_s": wall,
+    }
+
+
+def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
+    """(name, policy, k, pipelined, batched verifier) of every method measured."""
+    out = []
+    if "cloud_only" in config.methods:
+        out.append(("cloud_only", "cloud_only", 0, False, True))
+    for k in config.ks:
+        if "fixed" in config.methods:
+            out.append((f"fixed_k{k}", "fixed", k, False, True))
+        if "serial" in config.methods:
+            out.append((f"fixed_k{k}_serial", "fixed", k, False, False))
+    if "adaptive" in config.methods:
+        out.append(("adaptive", "adaptive", 0, True, True))
+    return out
+
+
+def _measure(
+    pool: ProcessPoolExecutor, template: _Job, prompts: list[list[int]], workers: int
+) -> list[_SessionRecord]:
+    """Run one session per prompt, all starting together, spread over the workers."""
+    start_at = time.time() + START_DELAY_S + 0.2 * len(prompts) / workers
+    indexed = list(enumerate(prompts))
+    jobs = [
+        replace(template, prompts=indexed[w::workers], start_at=start_at)
+        for w in range(workers)
+        if indexed[w::workers]
+    ]
+    return [_SessionRecord(**r) for part in pool.map(_run_job, jobs) for r in part]
+
+
+def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The target alone's greedy output of every prompt (what every session must produce)."""
+    from edgespec.core.generate import generate_autoregressive
+    from edgespec.core.runner import ModelRunner
+
+    runner = ModelRunner.from_pretrained(target, device="cpu")
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    return [generate_autoregressive(runner, p, params).tokens for p in prompts]
+
+
+def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dict[str, Any]:
+    """Measure every (RTT, method, N) of `config`; returns the JSON-ready result (``rows``)."""
+
+    prompts = _prompts(target, max(config.sessions))
+    expected = _reference(target, prompts, config.max_new_tokens)
+    rows: list[dict[str, Any]] = []
+    started = time.time()
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(config.edge_processes, mp_context=ctx) as pool, ExitStack() as stack:
+        verifiers = {}
+        for batched in sorted({m[4] for m in _methods(config)}):
+            port = _free_port()
+            args = ["--compute-profile", config.compute_profile, "--metrics-port", str(port)]
+            args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
+            args += ["--batch-max-sessions", str(config.batch_max_sessions)]
+            args += [] if batched else ["--no-batching"]
+            address = stack.enter_context(verifier_process(target, config.threads, 180.0, args))
+            verifiers[batched] = (address, port)
+        # Warm-up (not recorded): every worker loads the draft, the verifiers run a first step.
+        for address, _ in verifiers.values():
+            warm = _Job(
+                str(draft),
+                address,
+                0.0,
+                config.compute_profile,
+                "fixed",
+                2,
+                False,
+                [(0, prompts[0])],
+                4,
+                time.time(),
+                config.timeout_s,
+                config.threads,
+            )
+            list(pool.map(_run_job, [warm] * config.edge_processes))
+        for rtt in config.rtts_ms:
+            for name, policy, k, pipelined, batched in _methods(config):
+                address, port = verifiers[batched]
+                for n in config.sessions:
+                    before = _scrape(port)
+                    template = _Job(
+                        str(draft),
+                        address,
+                        rtt,
+                        config.compute_profile,
+                        policy,
+                        k,
+                        pipelined,
+                        [],
+                        config.max_new_tokens,
+                        0.0,
+                        config.timeout_s,
+                        config.threads,
+                    )
+                    records = _measure(pool, template, prompts[:n], config.edge_processes)
+                    after = _scrape(port)
+                    rows.append(
+                        _row(
+                            name,
+                            n,
+                            rtt,
+                            k,
+                            records,
+                            before,
+                            after,
+                            config.compute_profile,
+                            expected,
+                        )
+                    )
+                    logger.info(
+                        "%s N=%d rtt=%g: %.1f tokens/s",
+                        name,
+                        n,
+                        rtt,
+                        rows[-1]["replica_tokens_per_s"],
+                    )
+    profile = get_profile(config.compute_profile)
+    return {
+        "config": asdict(config),
+        "profiles": {"compute": profile.to_dict(), "compute_emulated": profile.emulated},
+        "target": str(target),
+        "draft": str(draft),
+        "rows": rows,
+        "wall_s": time.time() - started,
+    }
+
+
+def _prompts(target: Path, n: int) -> list[list[int]]:
+    """`n` prompts: the benchmark prompts (`BENCH_PROMPTS`, text the demo pair was trained on,
+    so acceptance is what a user would see) in the target's tokenizer, in turn."""
+    tokenizer = load_tokenizer(target)
+    ids = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in BENCH_PROMPTS]
+    return [ids[i % len(ids)] for i in range(n)]
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """One line per row on stdout."""
+    for r in result["rows"]:
+        batch = r["mean_batch_sessions"]
+        print(
+            f"{r['method']:>18} N={r['sessions']:<3} rtt={r['rtt_ms']:>4g} ms "
+            f"replica {r['replica_tokens_per_s']:7.1f} tok/s  session p50 "
+            f"{r['session_tokens_per_s_median']:6.1f}  ttft {r['ttft_ms_median']:6.1f} ms  "
+            f"batch {batch if batch is None else round(batch, 1)}  bound "
+            f"{r['analytic_bound_tokens_per_s']:7.1f}  errors {r['errors']}  altered "
+            f"{r['altered_outputs']}"
+        )

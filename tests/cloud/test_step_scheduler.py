@@ -1,0 +1,250 @@
+"""The batching verifier's step loop (`cloud.step_scheduler.StepScheduler`) and its admission:
+concurrent sessions share forwards and still get the target's own tokens; FIFO, one item per
+session per step, the session and token budgets; a KV budget answered RESOURCE_EXHAUSTED with
+a retry hint over gRPC; the step metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from support.servers import VerifierServerThread
+from support.verifier_client import DEADLINE_S, PROMPT, VerifyStream, block, open_session
+
+from edgespec.cloud.batch_step import DecodeWork, StepStats, VerifyWork
+from edgespec.cloud.step_scheduler import StepScheduler
+from edgespec.cloud.verifier import VerifierEngine
+from edgespec.cloud.verifier_types import RESOURCE_EXHAUSTED, Outcome, ServiceError, VerifierConfig
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
+from edgespec.core.session import DraftBlock
+from edgespec.protos.convert import RETRY_AFTER_METADATA_KEY
+from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
+from edgespec.serving.verifier_metrics import VerifierMetrics
+
+NEW = 20
+AUTH = ()
+
+
+async def _drive(scheduler: StepScheduler, engine, prompt, expected, rng) -> list[int]:
+    """One session driven through the scheduler like an edge: blocks of random k, drafts the
+    target's own tokens, some corrupted; returns the generated tokens."""
+    params = SamplingParams(max_new_tokens=NEW)
+    sid = engine.open_session(prompt, params).session_id
+    seq = 0
+    while (have := len(engine.committed(sid)) - len(prompt)) < NEW:
+        k = min(rng.randint(0, 5), NEW - have - 1)
+        draft = list(expected[have : have + k])
+        if draft and rng.random() < 0.4:
+            draft[-1] = (draft[-1] + 1) % engine.vocab_size
+        result, queue_ms = await scheduler.submit(
+            VerifyWork(sid, DraftBlock(seq, len(prompt) + have, tuple(draft)))
+        )
+        assert result.outcome is Outcome.APPLIED and queue_ms >= 0
+        seq += 1
+    return engine.committed(sid)[len(prompt) :]
+
+
+def test_concurrent_sessions_share_forwards_and_equal_the_target(tiny_pair) -> None:
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model, VerifierConfig(batch_window_ms=2.0))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (4 + 3 * i,), generator=gen).tolist() for i in range(16)]
+    params = SamplingParams(max_new_tokens=NEW)
+    expected = [generate_autoregressive(ModelRunner(model), p, params).tokens for p in prompts]
+    steps: list[StepStats] = []
+
+    async def main() -> list[list[int]]:
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = StepScheduler(engine, executor, lambda stats, depth: steps.append(stats))
+            loop_task = asyncio.create_task(scheduler.run())
+            try:
+                return await asyncio.gather(
+                    *(
+                        _drive(scheduler, engine, p, e, random.Random(i))
+                        for i, (p, e) in enumerate(zip(prompts, expected, strict=True))
+                    )
+                )
+            finally:
+                loop_task.cancel()
+
+    outputs = asyncio.run(main())
+    assert outputs == expected
+    blocks = sum(s.items for s in steps)
+    assert max(s.sessions for s in steps) == len(prompts)  # every session in one forward
+    assert len(steps) < blocks / 4  # forwards shared, not one per block
+
+
+def test_take_is_fifo_one_per_session_within_budgets(tiny_pair) -> None:
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model, VerifierConfig(batch_max_sessions=3, batch_max_tokens=8))
+
+    async def main() -> list[list[tuple[str, int]]]:
+        scheduler = StepScheduler(engine, ThreadPoolExecutor(1))
+        # (session, k): "a" twice (its second must wait), "b" cancelled, tokens k + 1 each
+        for sid, k in (("a", 1), ("a", 0), ("b", 0), ("c", 2), ("d", 0), ("e", 6), ("f", 0)):
+            task = asyncio.ensure_future(
+                scheduler.submit(VerifyWork(sid, DraftBlock(0, 1, (1,) * k)))
+            )
+            await asyncio.sleep(0)
+            if sid == "b":
+                task.cancel()
+                await asyncio.sleep(0)
+        taken = []
+        while scheduler.queue_depth:
+            step = scheduler._take()
+            taken.append([(q.work.session_id, q.feed_estimate - 1) for q in step])
+            for q in step:
+                q.future.cancel()
+        return taken
+
+    steps = asyncio.run(main())
+    # 3 sessions at most, 8 tokens at most (the first item always), order kept, "b" dropped.
+    assert steps == [[("a", 1), ("c", 2), ("d", 0)], [("a", 0), ("e", 6)], [("f", 0)]]
+
+
+def test_decode_work_is_one_token_per_step(tiny_pair) -> None:
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model)
+
+    async def main() -> list[int]:
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = StepScheduler(engine, executor)
+            task = asyncio.create_task(scheduler.run())
+            sid = engine.open_session(PROMPT, SamplingParams(max_new_tokens=8)).session_id
+            got = []
+            result, _ = await scheduler.submit(
+                VerifyWork(sid, DraftBlock(0, len(PROMPT), (), decode_tokens=3))
+            )
+            got.append(result.verdict.token)
+            while result.more:
+                result, _ = await scheduler.submit(DecodeWork(sid, 0))
+                got.append(result.verdict.token)
+            with pytest.raises(ServiceError):  # no decode block left
+                await scheduler.submit(DecodeWork(sid, 0))
+            task.cancel()
+            return got
+
+    tokens = asyncio.run(main())
+    expected = generate_autoregressive(ModelRunner(model), PROMPT, SamplingParams(max_new_tokens=3))
+    assert tokens == expected.tokens
+
+
+def test_kv_budget_refuses_with_a_retry_hint_and_frees_on_close(target_model) -> None:
+    # Each session reserves prompt 6 + max_new_tokens 32 + max_block_tokens 8 = 46 tokens.
+    config = VerifierConfig(max_block_tokens=8, kv_budget_tokens=100, retry_after_ms=250)
+    registry = CollectorRegistry()
+    server = VerifierServerThread(
+        VerifierEngine(target_model, config), metrics=VerifierMetrics(registry)
+    )
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.VerifierStub(channel)
+            held = [open_session(stub, metadata=AUTH).session_id for _ in range(2)]
+            with pytest.raises(grpc.RpcError) as info:
+                open_session(stub, metadata=AUTH)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "kv_budget_tokens=100" in info.value.details()
+            trailers = dict(info.value.trailing_metadata() or ())
+            assert trailers[RETRY_AFTER_METADATA_KEY] == "250"
+            # The running sessions are not starved: they still verify.
+            with VerifyStream(stub, metadata=AUTH) as stream:
+                verdict = stream.send(block(held[0], 0, len(PROMPT), [1, 2]))
+            assert verdict.committed_len > len(PROMPT)
+            assert server.engine.stats().refused == 1
+            assert registry.get_sample_value("edgespec_verifier_kv_budget_tokens") == 100
+            assert registry.get_sample_value("edgespec_verifier_kv_tokens") > len(PROMPT)
+            # Two prefills (one chunk each: the sessions opened one after the other), one block.
+            assert registry.get_sample_value("edgespec_verifier_forward_tokens_count") == 3
+            assert registry.get_sample_value("edgespec_verifier_forward_tokens_sum") == 2 * 5 + 3
+            stub.CloseSession(pb.CloseSessionRequest(session_id=held[1]), timeout=DEADLINE_S)
+            assert open_session(stub, metadata=AUTH).session_id  # room again
+    finally:
+        server.stop()
+
+
+def test_engine_refuses_past_the_budget_and_counts_it(target_model) -> None:
+    engine = VerifierEngine(target_model, VerifierConfig(max_block_tokens=4, kv_budget_tokens=50))
+    params = SamplingParams(max_new_tokens=30)
+    sid = engine.open_session(PROMPT, params).session_id  # 6 + 30 + 4 = 40
+    with pytest.raises(ServiceError) as info:
+        engine.open_session(PROMPT, params)
+    assert info.value.code == RESOURCE_EXHAUSTED and info.value.retry_after_ms == 1000
+    engine.close_session(sid)
+    assert engine.open_session(PROMPT, params).session_id
+    with pytest.raises(ValueError, match="kv_budget_tokens"):
+        VerifierConfig(kv_budget_tokens=0)
+
+
+def test_decode_streams_join_every_step(tiny_pair) -> None:
+    """Four cloud-only streams whose callers take a while to come back for each token (an RPC
+    writing its verdict): the next token is queued ahead, so each stream is in every step."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model)
+    steps: list[StepStats] = []
+    n = 10
+
+    async def stream(scheduler: StepScheduler, prompt: list[int]) -> list[int]:
+        sid = engine.open_session(prompt, SamplingParams(max_new_tokens=n)).session_id
+        block0 = DraftBlock(0, len(prompt), (), decode_tokens=n)
+        result, _ = await scheduler.submit(VerifyWork(sid, block0))
+        tokens = [result.verdict.token]
+        while result.more:
+            await asyncio.sleep(0.05)  # the caller is busy elsewhere
+            result, _ = await scheduler.submit(DecodeWork(sid, 0))
+            tokens.append(result.verdict.token)
+        return tokens
+
+    prompts = [[7, 8, 9, i] for i in range(4)]
+
+    async def main() -> tuple[list[list[int]], int]:
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = StepScheduler(engine, executor, lambda stats, depth: steps.append(stats))
+            task = asyncio.create_task(scheduler.run())
+            try:
+                outputs = await asyncio.gather(*(stream(scheduler, p) for p in prompts))
+            finally:
+                task.cancel()
+            return list(outputs), scheduler.ready_on_claim
+
+    outputs, ready = asyncio.run(main())
+    params = SamplingParams(max_new_tokens=n)
+    expected = [generate_autoregressive(ModelRunner(model), p, params).tokens for p in prompts]
+    assert outputs == expected
+    assert sum(s.sessions for s in steps) == 4 * n  # every token once, none extra
+    # A tiny step takes a few ms, the caller 50: most tokens were there when asked for.
+    assert ready >= 4 * (n - 1) // 2
+
+
+def test_gather_window_only_while_others_may_come(tiny_pair) -> None:
+    """A 300 ms window: a lone session's block does not wait for it; with a second session
+    open (and idle), the first block waits for the window."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model, VerifierConfig(batch_window_ms=300.0))
+    params = SamplingParams(max_new_tokens=8)
+
+    async def timed(scheduler: StepScheduler, sid: str) -> float:
+        t0 = time.perf_counter()
+        await scheduler.submit(VerifyWork(sid, DraftBlock(0, len(PROMPT), ())))
+        return time.perf_counter() - t0
+
+    async def main() -> tuple[float, float]:
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = StepScheduler(engine, executor)
+            task = asyncio.create_task(scheduler.run())
+            alone = await timed(scheduler, engine.open_session(PROMPT, params).session_id)
+            engine.open_session(PROMPT, params)  # open, but sends nothing
+            waited = await timed(scheduler, engine.open_session(PROMPT, params).session_id)
+            task.cancel()
+            return alone, waited
+
+    alone, waited = asyncio.run(main())
+    assert alone < 0.25 <= 0.3 <= waited

@@ -1,0 +1,64 @@
+"""`edgespec bench capacity` at smoke size: the whole path (verifier subprocesses, edge worker
+processes, link emulators, metrics scrape, rows, plots) on the tiny pair, and its analytic
+bound."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgespec.bench.capacity import CapacityConfig, capacity_bound
+from edgespec.cli import main
+
+ROW_KEYS = {
+    "method",
+    "sessions",
+    "rtt_ms",
+    "replica_tokens_per_s",
+    "session_tokens_per_s_median",
+    "session_tokens_per_s_p10",
+    "ttft_ms_median",
+    "queue_ms_median",
+    "mean_batch_sessions",
+}
+
+
+@pytest.mark.slow
+def test_capacity_smoke(tiny_pair, tmp_path) -> None:
+    out = tmp_path / "capacity.json"
+    status = main(
+        [
+            "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
+            str(tiny_pair.draft_dir), "--json", str(out), "--plots", str(tmp_path / "plots"),
+            "--sessions", "1,3", "--rtt-ms", "5", "-k", "3", "--max-new-tokens", "8",
+            "--edge-processes", "2",
+        ]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert status == 0
+    methods = {r["method"] for r in result["rows"]}
+    assert methods == {"cloud_only", "fixed_k3", "fixed_k3_serial", "adaptive"}
+    assert len(result["rows"]) == 8
+    for row in result["rows"]:
+        assert set(row) >= ROW_KEYS
+        assert row["errors"] == 0 and row["altered_outputs"] == 0
+        assert row["tokens"] == 8 * row["sessions"] and row["replica_tokens_per_s"] > 0
+        serial = row["method"].endswith("_serial")
+        assert (row["mean_batch_sessions"] is None) == serial  # no batched steps when serial
+    assert (tmp_path / "plots" / "capacity_vs_sessions.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "capacity_frontier.png").stat().st_size > 0
+
+
+def test_bound_grows_with_sessions_when_batched_not_when_serial() -> None:
+    args = dict(rtt_ms=20.0, k=4, acceptance=0.8, profile_name="h100-70b")
+    batched = [capacity_bound("fixed_k4", n, **args) for n in (1, 8, 32)]
+    serial = [capacity_bound("fixed_k4_serial", n, **args) for n in (1, 8, 32)]
+    assert batched[0] < batched[1] < batched[2]
+    assert serial[1] == serial[2]  # the one-at-a-time verifier is saturated
+    assert batched[2] > 10 * serial[2]
+    assert capacity_bound("cloud_only", 32, 20.0, 0, 0.0, "h100-70b") > 20 * capacity_bound(
+        "cloud_only", 1, 20.0, 0, 0.0, "h100-70b"
+    )
+    with pytest.raises(ValueError, match="methods"):
+        CapacityConfig(methods=("nope",))
