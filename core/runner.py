@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from edgespec.core.tree import DraftTree, tree_attention_mask
 from edgespec.core.validation import check_int, is_int
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,69 @@ class ModelRunner:
         """
         return self._forward(ids, last_only=False)
 
+    def extend_tree(
+        self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
+    ) -> Tensor:
+        """Append tree nodes `ids` (n >= 1) in ONE forward, each attending to the cache before
+        `tree_start` (default: the current length) and to its own ancestors, at position
+        tree_start + depth.
+
+        The tree's nodes are the cache entries from `tree_start` on (fed by earlier calls) then
+        `ids`: `parents` has one entry per node of that whole tree, as in
+        `edgespec.core.tree.DraftTree` (-1: a child of the token before `tree_start`).
+        Returns logits (n, V) float32; row i predicts the token after ids[i]. `keep_nodes`
+        compacts the cache to one path afterwards. Crop mode only (a recomputed cache has no
+        per-node entries to select).
+        """
+        if self.rollback_mode != "crop":
+            raise RuntimeError("extend_tree needs a croppable cache (rollback_mode 'crop')")
+        start = self._length if tree_start is None else tree_start
+        input_ids = self._as_input(ids)
+        n = input_ids.shape[1]
+        if not 0 <= start <= self._length or len(parents) != self._length - start + n:
+            raise ValueError(
+                f"parents must have one entry per tree node ({self._length - start + n}), "
+                f"got {len(parents)}"
+            )
+        depths = DraftTree(tuple(0 for _ in parents), tuple(parents)).depths[-n:]
+        positions = torch.tensor(depths, device=self.device).view(1, -1) + start
+        return self._forward(
+            input_ids[0],
+            last_only=False,
+            position_ids=positions,
+            mask=self._tree_mask(parents, start, n),
+        )
+
+    def _tree_mask(self, parents: Sequence[int], start: int, n: int) -> Tensor | dict[str, Tensor]:
+        """The additive 4D tree mask of the last `n` nodes; a dict per attention kind for models
+        that mix full and sliding layers (each kind gets its own window)."""
+        config = self.model.config.get_text_config()
+        window = getattr(config, "sliding_window", None)
+
+        def additive(w: int | None) -> Tensor:
+            allowed = tree_attention_mask(parents, start, w)[-n:].to(self.device)
+            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
+            return mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+        kinds = set(getattr(config, "layer_types", None) or ())
+        if len(kinds) > 1:
+            return {k: additive(window if k == "sliding_attention" else None) for k in kinds}
+        return additive(window if kinds != {"full_attention"} else None)
+
+    def keep_nodes(self, start: int, nodes: Sequence[int]) -> None:
+        """Keep cache entries [0, start) plus entries start + i for i in `nodes` (ascending),
+        dropping the rest: after `extend_tree` at length `start`, `nodes` is the accepted path."""
+        if not all(type(layer) is DynamicLayer for layer in getattr(self._cache, "layers", [])):
+            raise RuntimeError(f"{type(self.model).__name__}'s cache cannot be compacted")
+        keep = list(range(start)) + [start + i for i in nodes]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        assert self._cache is not None
+        for layer in self._cache.layers:
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(-2, index)
+                layer.values = layer.values.index_select(-2, index)
+        self._length = len(keep)
+
     def rollback(self, length: int) -> None:
         """Truncate the cache to its first `length` tokens (0 <= length <= self.length)."""
         length = check_int("length", length, 0, self._length)
@@ -236,7 +300,13 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
 
     @torch.inference_mode()
-    def _forward(self, ids: TokenIds, last_only: bool) -> Tensor:
+    def _forward(
+        self,
+        ids: TokenIds,
+        last_only: bool,
+        position_ids: Tensor | None = None,
+        mask: Tensor | dict[str, Tensor] | None = None,
+    ) -> Tensor:
         input_ids = self._as_input(ids)  # (1, n)
         n = input_ids.shape[1]
         if self.max_length is not None and self._length + n > self.max_length:
@@ -244,9 +314,11 @@ class ModelRunner:
                 f"sequence length must be <= max_position_embeddings={self.max_length}, "
                 f"got {self._length + n}"
             )
-        position_ids = torch.arange(
-            self._length, self._length + n, device=self.device, dtype=torch.long
-        ).view(1, -1)  # (1, n)
+        if position_ids is None:
+            position_ids = torch.arange(
+                self._length, self._length + n, device=self.device, dtype=torch.long
+            ).view(1, -1)  # (1, n)
+        extra = {} if mask is None else {"attention_mask": mask}  # a 4D mask: tree attention
         if self._cache is None and self.rollback_mode == "crop":
             # No config: every layer a full one (see the class docstring).
             self._cache = DynamicCache()
@@ -257,6 +329,7 @@ class ModelRunner:
             # Only the last row is needed after a prefill: skip the (n, V) head matmul.
             logits_to_keep=1 if last_only else 0,
             **{self._cache_arg: self._cache},
+            **extra,
         )
         self._cache = getattr(out, self._cache_arg)
         if self.rollback_mode == "recompute":  # only a recomputing rollback reads them

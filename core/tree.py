@@ -1,0 +1,144 @@
+"""Draft token trees: their shape, their attention mask, and the exact walk that verifies them.
+
+A tree block holds n draft nodes; node i has a token and a parent: -1 for a child of the root
+(the last committed token), else the index of an earlier node (parents precede children). A node
+at depth d (a root child has depth 0) stands for the token at sequence position base + d, where
+base is the committed length. One forward scores every node: each attends to the committed
+prefix and to its own ancestors only (`tree_attention_mask`), at position base + depth.
+
+Acceptance (`walk_tree`) is the chain rule applied along one path: from the root, the target's
+token at the next position (its argmax when greedy, its coupled token under coupled sampling,
+`edgespec.core.coupling`) is looked up among the current node's children; a child carrying it
+is accepted and the walk continues from it; otherwise the target's token ends the round. Every
+emitted token is therefore the target's own: the output is the target alone's, whatever the
+tree (as for chains, the tree only decides how many tokens one forward commits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from edgespec.core.coupling import coupled_tokens
+from edgespec.core.params import SamplingParams
+
+ROOT = -1  # the parent of a root child: the last committed token
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """n draft nodes: `tokens[i]` with parent `parents[i]` (ROOT or an index < i)."""
+
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents):
+            raise ValueError(
+                f"parents must have one entry per token ({len(self.tokens)}), "
+                f"got {len(self.parents)}"
+            )
+        for i, parent in enumerate(self.parents):
+            if not ROOT <= parent < i:
+                raise ValueError(f"parents[{i}] must be in [-1, {i}), got {parent}")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def depths(self) -> list[int]:
+        """Depth of each node (root children 0)."""
+        out: list[int] = []
+        for parent in self.parents:
+            out.append(0 if parent == ROOT else out[parent] + 1)
+        return out
+
+    def children(self, node: int) -> list[int]:
+        """Indices of `node`'s children (ROOT: the root's), in index order."""
+        return [i for i, parent in enumerate(self.parents) if parent == node]
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from a root child down to `node`."""
+        path = []
+        while node != ROOT:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+
+def chain(tokens: Sequence[int]) -> DraftTree:
+    """A chain (width 1) as a tree: each token the child of the one before."""
+    return DraftTree(tuple(tokens), tuple(range(-1, len(tokens) - 1)))
+
+
+def tree_attention_mask(
+    parents: Sequence[int], prefix_len: int, sliding_window: int | None = None
+) -> Tensor:
+    """Boolean (n, prefix_len + n): row i may attend to every cached prefix position and to
+    node i's ancestors and itself (`parents` as in `DraftTree`, ROOT meaning the prefix).
+
+    With `sliding_window` w, a key is also dropped when it lies w or more positions before the
+    query (positions: prefix j at j, node i at prefix_len + depth_i), as a sliding layer would.
+    """
+    n = len(parents)
+    allowed = torch.zeros(n, prefix_len + n, dtype=torch.bool)
+    allowed[:, :prefix_len] = True
+    depths: list[int] = []
+    for i, parent in enumerate(parents):
+        depths.append(0 if parent == ROOT else depths[parent] + 1)
+        node = i
+        while node != ROOT:
+            allowed[i, prefix_len + node] = True
+            node = parents[node]
+    if sliding_window is not None:
+        query = torch.tensor(depths)[:, None] + prefix_len  # (n, 1)
+        key = torch.cat([torch.arange(prefix_len), torch.tensor(depths) + prefix_len])[None]
+        allowed &= (query - key) < sliding_window
+    return allowed
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    """A tree round's outcome: the accepted nodes (a root-to-node path) and the target's token
+    that ends the round (after the last accepted node); `len(path) + 1` tokens are emitted."""
+
+    path: tuple[int, ...]
+    token: int
+
+
+def walk_tree(tree: DraftTree, pick: Callable[[int, int], int]) -> TreeVerdict:
+    """Accept the longest root path whose tokens are the target's own.
+
+    `pick(row, depth)` returns the target's token at depth `depth` (position base + depth) from
+    logits row `row`: row 0 scores the root (the logits after the last committed token), row
+    i + 1 the position after node i. Calls `pick` once per step of the walk.
+    """
+    node, depth = ROOT, 0
+    path: list[int] = []
+    while True:
+        token = pick(node + 1, depth)
+        match = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
+        if match is None:
+            return TreeVerdict(path=tuple(path), token=token)
+        path.append(match)
+        node, depth = match, depth + 1
+
+
+def target_pick(rows: Tensor, params: SamplingParams, base: int) -> Callable[[int, int], int]:
+    """`walk_tree`'s pick over target logits `rows` (n + 1, V): the argmax when greedy, else the
+    coupled token at position base + depth (coupled sampling only: rejection sampling over trees
+    is not built)."""
+    if params.is_greedy:
+        argmax = rows.argmax(-1).tolist()
+        return lambda row, depth: argmax[row]
+    if not params.is_coupled or params.seed is None:
+        raise ValueError("tree verification needs greedy or seeded coupled sampling params")
+    seed = params.seed
+
+    def pick(row: int, depth: int) -> int:
+        return int(coupled_tokens(rows[row][None], params, seed, [base + depth])[0])
+
+    return pick
