@@ -130,6 +130,14 @@ def coupled_tokens(
         )
     if params.is_greedy:
         return logits.argmax(dim=-1)
-    scores = processed_logits(logits, params).to(torch.float64)  # (n, V), -inf outside p~'s support
-    noise = gumbel_noise(seed, positions, logits.shape[-1], logits.device)
-    return (scores + noise).argmax(dim=-1)
+    return coupled_scores(logits, params, seed, positions).argmax(dim=-1)
+
+
+def coupled_scores(
+    logits: Tensor, params: SamplingParams, seed: int, positions: Sequence[int]
+) -> Tensor:
+    """float64 (n, V): processed logits plus the Gumbel noise of (seed, position) for each row of
+    `logits` (n, V) (sampling params only); -inf outside p~'s support. Their argmax is the
+    coupled token, their order ranks a model's coupled proposals (draft trees)."""
+    scores = processed_logits(logits, params).to(torch.float64)
+    return scores + gumbel_noise(seed, positions, logits.shape[-1], logits.device)

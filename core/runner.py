@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from edgespec.core.tree import DraftTree, tree_attention_mask
+from edgespec.core.tree import node_depths, tree_attention_mask
 from edgespec.core.validation import check_int, is_int
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class ModelRunner:
                 f"parents must have one entry per tree node ({self._length - start + n}), "
                 f"got {len(parents)}"
             )
-        depths = DraftTree(tuple(0 for _ in parents), tuple(parents)).depths[-n:]
+        depths = node_depths(parents)[-n:]
         positions = torch.tensor(depths, device=self.device).view(1, -1) + start
         return self._forward(
             input_ids[0],

@@ -51,10 +51,7 @@ class DraftTree:
     @property
     def depths(self) -> list[int]:
         """Depth of each node (root children 0)."""
-        out: list[int] = []
-        for parent in self.parents:
-            out.append(0 if parent == ROOT else out[parent] + 1)
-        return out
+        return node_depths(self.parents)
 
     def children(self, node: int) -> list[int]:
         """Indices of `node`'s children (ROOT: the root's), in index order."""
@@ -67,6 +64,14 @@ class DraftTree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+
+def node_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of each node of a tree given by `parents` (as in `DraftTree`; root children 0)."""
+    out: list[int] = []
+    for parent in parents:
+        out.append(0 if parent == ROOT else out[parent] + 1)
+    return out
 
 
 def chain(tokens: Sequence[int]) -> DraftTree:
@@ -86,9 +91,8 @@ def tree_attention_mask(
     n = len(parents)
     allowed = torch.zeros(n, prefix_len + n, dtype=torch.bool)
     allowed[:, :prefix_len] = True
-    depths: list[int] = []
-    for i, parent in enumerate(parents):
-        depths.append(0 if parent == ROOT else depths[parent] + 1)
+    depths = node_depths(parents)
+    for i in range(n):
         node = i
         while node != ROOT:
             allowed[i, prefix_len + node] = True

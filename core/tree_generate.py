@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from edgespec.core.coupling import gumbel_noise
+from edgespec.core.coupling import coupled_scores
 from edgespec.core.generate import GenerationResult, SpecStats
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from edgespec.core.sampling import processed_logits
 from edgespec.core.session import FINISH_LENGTH, FINISH_STOP, check_prompt_ids
 from edgespec.core.tree import ROOT, DraftTree, target_pick, walk_tree
 from edgespec.core.validation import check_int
@@ -57,9 +56,8 @@ def _candidates(
         best = torch.topk(logq, width)
         return best.indices.tolist(), best.values.tolist()
     assert params.seed is not None
-    scores = processed_logits(logits[None], params)[0].double()
-    keyed = scores + gumbel_noise(params.seed, [position], logits.shape[-1], logits.device)[0]
-    finite = int(torch.isfinite(scores).sum())
+    keyed = coupled_scores(logits[None], params, params.seed, [position])[0]
+    finite = int(torch.isfinite(keyed).sum())
     top: list[int] = torch.topk(keyed, min(width, finite)).indices.tolist()
     # Under coupling the draft's q says little about which candidate the target's noisy argmax
     # lands on; the rank of the candidate's keyed score does: a fixed prior per rank (to be

@@ -84,11 +84,12 @@ def _round_summary(records: list[RoundRecord]) -> dict:
     }
 
 
-class _Runs:
-    """Totals over a set of generations."""
+class RunTotals:
+    """Totals over a set of generations (shared by the link and sampling benchmarks)."""
 
     def __init__(self) -> None:
         self.tokens = 0
+        self.rounds = 0
         self.wall_s = 0.0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -99,6 +100,7 @@ class _Runs:
     def add(self, summary: SummaryEvent, wall_s: float) -> None:
         st = summary.stats
         self.tokens += len(summary.tokens)
+        self.rounds += st.rounds
         self.wall_s += wall_s
         self.bytes_sent += st.bytes_sent
         self.bytes_received += st.bytes_received
@@ -109,6 +111,10 @@ class _Runs:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -130,10 +136,10 @@ async def _generate_all(
     k: int,
     reps: int,
     policy: str = "fixed",
-    runs: _Runs | None = None,
-) -> _Runs:
+    runs: RunTotals | None = None,
+) -> RunTotals:
     """`reps` passes over `prompts` (sampling seeds differ per run), added to `runs`."""
-    runs = runs if runs is not None else _Runs()
+    runs = runs if runs is not None else RunTotals()
     for rep in range(reps):
         for i, prompt in enumerate(prompts):
             p = params if params.is_greedy else replace(params, seed=1000 * rep + i)
@@ -190,7 +196,7 @@ def run_link_bench(
             # Warm-up: kernels for every shape the prompts need, channels connected.
             await _generate_all(engine, prompts, greedy, k, 1)
             await _generate_all(threaded, prompts[:1], greedy, k, 1)
-            runs, runs_thread = _Runs(), _Runs()
+            runs, runs_thread = RunTotals(), RunTotals()
             for _ in range(reps):  # interleaved, so drift of the host hits both alike
                 await _generate_all(engine, prompts, greedy, k, 1, runs=runs)
                 await _generate_all(threaded, prompts, greedy, k, 1, runs=runs_thread)

@@ -25,12 +25,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
 
+from edgespec.bench.link import RunTotals
 from edgespec.bench.processes import torch_threads, verifier_process
 from edgespec.core.drafter import Drafter
 from edgespec.core.params import SAMPLERS, SamplingParams
@@ -38,7 +39,6 @@ from edgespec.core.runner import ModelRunner
 from edgespec.core.validation import check_int
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.engine import EdgeEngine
-from edgespec.edge.records import SummaryEvent
 from edgespec.linkemu import LinkEmulator, LinkProfile
 from edgespec.protos.convert import block_to_proto
 
@@ -62,32 +62,15 @@ LINKS = (
 BIG_VOCAB = 128_000
 
 
-@dataclass
-class _Totals:
-    tokens: int = 0
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    bytes: int = 0
-    wall_s: float = 0.0
-
-    def add(self, summary: SummaryEvent, wall_s: float) -> None:
-        st = summary.stats
-        self.tokens += len(summary.tokens)
-        self.rounds += st.rounds
-        self.drafted += st.drafted
-        self.accepted += st.accepted
-        self.bytes += st.bytes_sent + st.bytes_received
-        self.wall_s += wall_s
-
-    def row(self) -> dict:
-        return {
-            "tokens": self.tokens,
-            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
-            "tokens_per_round": self.tokens / self.rounds if self.rounds else 0.0,
-            "bytes_per_token": self.bytes / self.tokens if self.tokens else 0.0,
-            "tokens_per_s": self.tokens / self.wall_s if self.wall_s else 0.0,
-        }
+def _row(totals: RunTotals) -> dict:
+    """The figures of one (link, setting, policy, sampler) cell."""
+    return {
+        "tokens": totals.tokens,
+        "acceptance_rate": totals.acceptance_rate,
+        "tokens_per_round": totals.tokens_per_round,
+        "bytes_per_token": totals.bytes_per_token()["total"],
+        "tokens_per_s": totals.tokens_per_s,
+    }
 
 
 async def _run_all(
@@ -102,7 +85,7 @@ async def _run_all(
 ) -> list[dict]:
     """Rows: every (link, policy, setting, sampler), greedy included. Links, settings and
     samplers are interleaved per prompt, so drift of this shared host hits every variant alike."""
-    totals: dict[tuple[str, str, str, str], _Totals] = {}
+    totals: dict[tuple[str, str, str, str], RunTotals] = {}
     greedy = SamplingParams(max_new_tokens=max_new_tokens)
     for policy in policies:
         for rep in range(reps):
@@ -121,10 +104,10 @@ async def _run_all(
                         t0 = time.perf_counter()
                         summary = await engine.collect(prompt, params, k=k, policy=policy)
                         key = (link.name, name, policy, sampler)
-                        totals.setdefault(key, _Totals()).add(summary, time.perf_counter() - t0)
+                        totals.setdefault(key, RunTotals()).add(summary, time.perf_counter() - t0)
                 logger.info("%s rep %d prompt %d done", policy, rep, i)
     return [
-        {"link": link, "setting": name, "policy": policy, "sampler": sampler, **total.row()}
+        {"link": link, "setting": name, "policy": policy, "sampler": sampler, **_row(total)}
         for (link, name, policy, sampler), total in totals.items()
     ]
 
