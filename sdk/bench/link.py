@@ -52,8 +52,10 @@ DEFAULT_PROMPTS = (
     "for i in range(10):\n",
 )
 # Sampling settings for the bytes measurement: truncated (sparse q) and untruncated (dense q).
-SAMPLING_SPARSE = SamplingParams(temperature=1.0, top_k=50)
-SAMPLING_DENSE = SamplingParams(temperature=1.0)
+# Rejection sampling: the edge sends q (coupled sampling, the default, sends ids only; its bytes
+# are `edgespec bench sampling`'s subject).
+SAMPLING_SPARSE = SamplingParams(temperature=1.0, top_k=50, sampler="rejection")
+SAMPLING_DENSE = SamplingParams(temperature=1.0, sampler="rejection")
 
 
 def _p(values: Sequence[float], q: float) -> float:
