@@ -22,7 +22,9 @@ one; both use the real models (compute profile "real"). Three measurements:
    queue) and the delay the emulator reports it added.
 
 Tokens/s is total generated tokens / total wall time of the generations (prefills and TTFT
-included). `edgespec bench link --json FILE` wraps `run_link_bench`.
+included). The host's load average (1, 5, 15 min) at the start and the end is recorded too: on
+a shared host every figure above moves with it. `edgespec bench link --json FILE` wraps
+`run_link_bench`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -279,6 +282,7 @@ def run_link_bench(
         return result
 
     target = Path(target_path)
+    load_start = os.getloadavg()  # the host is shared: say how busy it was
     with ExitStack() as stack:
         stack.enter_context(torch_threads(threads))
         addr = stack.enter_context(verifier_process(target, threads, start_timeout_s))
@@ -303,6 +307,7 @@ def run_link_bench(
         "overhead_goal_ms": OVERHEAD_GOAL_MS,
         "sampling_params": {"sampling": sparse.to_dict(), "sampling_dense": dense.to_dict()},
         "link_emulator": "user-space TCP proxy on 127.0.0.1 (edgespec.linkemu)",
+        "load_avg_1_5_15_min": {"start": list(load_start), "end": list(os.getloadavg())},
         **measured,
     }
 
@@ -310,6 +315,10 @@ def run_link_bench(
 def print_summary(result: dict) -> None:
     """The link benchmark's headline figures on stdout."""
     r0 = result["rtt0"]
+    load = result["load_avg_1_5_15_min"]
+    print(
+        f"host load average (1 min): {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end"
+    )
     print(
         f"RTT 0: overhead p50 {r0['overhead_ms_p50']:.3f} ms/round (goal < {OVERHEAD_GOAL_MS} ms), "
         f"draft {r0['draft_ms_p50']:.2f} ms, verify {r0['verify_ms_p50']:.2f} ms, "
