@@ -7,7 +7,8 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
 - Continuous: a step starts as soon as the previous one ends if work is queued; an item that
   arrives during a step joins the next one. Only an idle scheduler waits, `batch_window_ms`
   after the first item, for others to join (a bounded gather window, never for a full batch),
-  and only while some open session has nothing queued: a lone session never waits.
+  and only while some open session has nothing queued: a lone session never waits, and the
+  window ends as soon as every open session has an item queued.
 - FIFO with a budget: items are taken in arrival order up to `batch_max_sessions` sessions and
   `batch_max_tokens` fed tokens (the first item always runs). An item whose session already has
   one in the step waits for the next step, keeping its place, so a session's work stays in
@@ -22,7 +23,9 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
   verdict meanwhile). At most one item runs ahead per stream; one whose stream has gone runs
   once, unclaimed, and the stream's decoding stops there.
 
-Threading: `submit` and `run` on one event loop; model work on `executor` (ONE thread).
+Threading: `submit` and `run` on one event loop; model work on `executor` (ONE thread), which
+answers the step's callers itself (one hand-off back to the loop per step, no second one
+through the step loop's task).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class StepScheduler:
         self.max_tokens = config.batch_max_tokens
         self.window_s = config.batch_window_ms / 1e3
         self.steps = 0
+        self._busy = False  # a step just ended with work queued: the next one starts at once
         self._ahead: dict[tuple[str, int], _Queued] = {}  # decode tokens queued ahead
         self.ready_on_claim = 0  # decode tokens computed ahead before their stream asked
 
@@ -121,32 +125,69 @@ class StepScheduler:
     async def run(self) -> None:
         """The step loop (until cancelled)."""
         loop = asyncio.get_running_loop()
-        busy = False
         while True:
             if not self._queue:
-                busy = False
+                self._busy = False
                 self._wake.clear()
                 await self._wake.wait()
-            if not busy and self.window_s > 0 and self._others_may_come():
-                await asyncio.sleep(self.window_s)  # idle: let others join the first item
+            if not self._busy and self.window_s > 0:
+                await self._gather_window(loop)  # idle: let others join the first item
             step = self._take()
             if not step:
                 continue
-            busy = True
+            self._busy = True
             now = time.perf_counter()
             for item in step:
                 item.started = now
-            work = [item.work for item in step]
+            done: asyncio.Future = loop.create_future()
             try:
-                outcomes, stats = await loop.run_in_executor(
-                    self._executor, run_step, self.engine, work
-                )
-            except Exception as err:  # noqa: BLE001 - run_step does not raise; be safe anyway
-                logger.exception("verifier step failed")
+                self._executor.submit(self._step_on_worker, loop, step, done)
+            except RuntimeError as err:  # the executor has shut down (the server is stopping)
+                self._finish(step, err, done)
+            await done
+
+    async def _gather_window(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait up to `window_s` while some open session has nothing queued (it may join)."""
+        deadline = loop.time() + self.window_s
+        while self._others_may_come():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
+                return
+
+    def _step_on_worker(
+        self, loop: asyncio.AbstractEventLoop, step: list[_Queued], done: asyncio.Future
+    ) -> None:
+        """Run one step (on the executor's thread) and hand its outcomes to the loop."""
+        result: tuple[list[Outcome], StepStats] | Exception
+        try:
+            result = run_step(self.engine, [item.work for item in step])
+        except Exception as err:  # noqa: BLE001 - run_step does not raise; be safe anyway
+            logger.exception("verifier step failed")
+            result = err
+        try:
+            loop.call_soon_threadsafe(self._finish, step, result, done)
+        except RuntimeError:  # the loop has closed: nobody awaits these outcomes any more
+            logger.debug("verifier step finished after its event loop closed")
+
+    def _finish(
+        self,
+        step: list[_Queued],
+        result: tuple[list[Outcome], StepStats] | Exception,
+        done: asyncio.Future,
+    ) -> None:
+        """On the loop: answer the step's callers (those still waiting), then wake `run`."""
+        try:
+            if isinstance(result, Exception):
                 for item in step:
                     if not item.future.done():
-                        item.future.set_exception(err)
-                continue
+                        item.future.set_exception(result)
+                return
+            outcomes, stats = result
             self.steps += 1
             for item, outcome in zip(step, outcomes, strict=True):
                 if not item.future.done():
@@ -155,6 +196,12 @@ class StepScheduler:
                         self._queue_ahead(item.work.session_id, outcome)
             if self._on_step is not None:
                 self._on_step(stats, len(self._queue))
+        finally:
+            # Idle unless work came meanwhile: decided before the callers resume, so a block
+            # sent right after this step's verdict finds the scheduler idle, as `run` would.
+            self._busy = bool(self._queue)
+            if not done.done():
+                done.set_result(None)
 
     def _others_may_come(self) -> bool:
         """Whether an open session has no item queued yet (else the window would only delay:

@@ -47,7 +47,8 @@ def extend_batch(runners: Sequence[ModelRunner], feeds: Sequence[Sequence[int]])
     All runners must wrap the same model and be `batchable`, and be distinct. Returns, per
     runner, logits (n_b, V) float32 (row i predicts the token after feeds[b][i]), as
     `runner.extend(feeds[b])` would (but without a `PaddedRunner`'s padding: whoever batches
-    pads the whole step). One runner runs the same stacked path, a batch of one.
+    pads the whole step). One runner runs its own forward (`ModelRunner.extend`, the
+    one-at-a-time verifier's): a batch of one needs no stacked copy of its cache.
     """
     if len(runners) != len(feeds) or not runners:
         raise ValueError(
@@ -64,7 +65,11 @@ def extend_batch(runners: Sequence[ModelRunner], feeds: Sequence[Sequence[int]])
     for f in fed:
         if not f:
             raise ValueError("every feed must hold at least 1 token, got 0")
-        first._as_input(f)  # validates the ids (range, ints)
+        if len(fed) > 1:
+            first._as_input(f)  # validates the ids (range, ints); extend does it for one
+    if len(runners) == 1:
+        # A lone session (the common case at low load) pays no copy of its whole cache per step.
+        return [ModelRunner.extend(first, fed[0])]
     device = first.device
     lengths = [r.length for r in runners]  # P_b
     sizes = [len(f) for f in fed]  # n_b

@@ -33,7 +33,13 @@ from typing import Any
 from edgespec.core.adaptive import AdaptivePolicy
 from edgespec.core.drafter import Drafter
 from edgespec.core.params import SamplingParams
-from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision, DraftLengthPolicy
+from edgespec.core.policies import (
+    CLOUD_ONLY,
+    SPECULATIVE,
+    Decision,
+    DraftLengthPolicy,
+    RoundObservation,
+)
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.session import DraftBlock
 from edgespec.edge.records import EdgeStats, RoundRecord, observation_from_record
@@ -109,6 +115,8 @@ class SessionLoop:
         self.recovery = recovery
         self.max_k = max_k
         self.learner = learner  # observes every round too, unless it is the policy itself
+        # Rounds the shadow learner has not seen yet: it learns while the next block travels.
+        self._unobserved: list[RoundObservation] = []
         self._ping: asyncio.Future | None = None  # the RTT ping in flight (cloud-only streams)
         self.link = link
         self.drafter = drafter
@@ -132,6 +140,7 @@ class SessionLoop:
             async for new in self._rounds():
                 yield new
         finally:
+            self._teach_learner()
             if self._ping is not None:
                 self._ping.cancel()
 
@@ -314,6 +323,7 @@ class SessionLoop:
             # acceptance estimate stays current without speculative probes
             matches = await self.compute(d.shadow_matches)
             if matches:
+                self._teach_learner()
                 self.learner.observe_shadow(matches)
 
     def _start_ping(self) -> None:
@@ -329,6 +339,7 @@ class SessionLoop:
         if task.cancelled() or task.exception() is not None or task.result() is None:
             return
         assert self.learner is not None
+        self._teach_learner()
         self.learner.observe_rtt(task.result())
 
     async def _stream_broken(self, err: LinkError, pending: DraftBlock) -> None:
@@ -395,6 +406,7 @@ class SessionLoop:
 
     async def _receive_for(self, seq: int) -> Reply:
         """The next reply for block `seq`, skipping STALE replies of dropped blocks."""
+        self._teach_learner()  # the block is on its way: off the round's critical path
         while True:
             reply = await self.link.receive()
             if reply.seq == seq and reply.verdict is not None:
@@ -438,4 +450,13 @@ class SessionLoop:
         if obs is not None:
             self.policy.observe(obs)
             if self.learner is not None and self.learner is not self.policy:
+                self._unobserved.append(obs)  # a shadow: its decisions wait for nothing
+
+    def _teach_learner(self) -> None:
+        """Hand the shadow learner the rounds recorded since it last learned, in order (before
+        anything else it is told, so it sees the same sequence as if taught at once)."""
+        if self._unobserved:
+            assert self.learner is not None
+            for obs in self._unobserved:
                 self.learner.observe(obs)
+            self._unobserved.clear()

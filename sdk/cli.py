@@ -249,6 +249,7 @@ def cmd_bench_link(args: argparse.Namespace) -> int:
         rtts_ms=tuple(args.rtt) if args.rtt else (10.0, 50.0, 100.0),
         threads=args.threads,
         include_cloud_only=args.cloud_only,
+        compare_serial=not args.batched_only,
     )
     write_json(args.json, result)
     print_summary(result)
@@ -393,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--rtt", type=float, action="append", help="emulated RTT, ms (repeatable)")
     link.add_argument("--threads", type=int, default=1, help="torch threads in each process")
     link.add_argument("--cloud-only", action="store_true", help="also time cloud-only decoding")
+    link.add_argument(
+        "--batched-only",
+        action="store_true",
+        help="skip the RTT-0 comparison with a --no-batching verifier",
+    )
     link.set_defaults(func=cmd_bench_link)
     sampling = bench_sub.add_parser(
         "sampling", help="coupled vs rejection sampling: acceptance, bytes, tokens/s per link"

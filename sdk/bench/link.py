@@ -11,6 +11,9 @@ one; both use the real models (compute profile "real"). Three measurements:
    (its `queue_ms`) and committing the verdict. Reported as the median over all rounds
    (`overhead_ms_p50`; goal < 1 ms), with its parts, once with the default engine (one session:
    drafting on the event loop) and once drafting on the worker thread (as with many sessions).
+   Both against the batching verifier (the default); with `compare_serial`, the default engine
+   also against a second verifier process run with ``--no-batching`` (one block per forward,
+   one session at a time), interleaved with the others, and the ratio of the two overheads.
 2. Bytes on the wire per accepted token (serialized messages both ways, OpenSession included;
    every output token is one the verifier accepted): greedy (no draft probabilities), sampling
    with top-k truncation (sparse q) and sampling without truncation (dense q, k x V floats).
@@ -19,7 +22,9 @@ one; both use the real models (compute profile "real"). Three measurements:
    queue) and the delay the emulator reports it added.
 
 Tokens/s is total generated tokens / total wall time of the generations (prefills and TTFT
-included). `edgespec bench link --json FILE` wraps `run_link_bench`.
+included). The host's load average (1, 5, 15 min) at the start and the end is recorded too: on
+a shared host every figure above moves with it. `edgespec bench link --json FILE` wraps
+`run_link_bench`.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,13 +171,15 @@ def run_link_bench(
     threads: int | None = 1,
     include_cloud_only: bool = False,
     start_timeout_s: float = 180.0,
+    compare_serial: bool = True,
 ) -> dict:
     """Run the link benchmark (see the module docstring) and return its JSON-able result.
 
     `reps`: passes over `prompts` at RTT 0 (and for the bytes); `rtt_reps`: passes per emulated
     RTT. `threads`: torch intra-op threads for the edge (this process) and the verifier process,
     both on this host (None = torch's default). `include_cloud_only`: also time the cloud-only
-    baseline (k = 0, one verifier forward per token) at each RTT.
+    baseline (k = 0, one verifier forward per token) at each RTT. `compare_serial`: also measure
+    the RTT-0 overhead against a ``--no-batching`` verifier (`rtt0_no_batching`).
     """
     check_int("k", k, 1, 32)
     if not prompts:
@@ -181,7 +190,7 @@ def run_link_bench(
     sparse = replace(SAMPLING_SPARSE, max_new_tokens=max_new_tokens)
     dense = replace(SAMPLING_DENSE, max_new_tokens=max_new_tokens)
 
-    async def bench(address: str) -> dict:
+    async def bench(address: str, serial_address: str | None) -> dict:
         host, port = address.rsplit(":", 1)
         result: dict = {}
         engine = EdgeEngine.from_pretrained(
@@ -194,19 +203,36 @@ def run_link_bench(
             link_config=engine.link_config,
             config=EngineConfig(draft_in_thread=True),
         )
+        # The same edge against the one-at-a-time verifier (None: not compared).
+        serial = None
+        if serial_address is not None:
+            serial = EdgeEngine(
+                engine.model, engine.tokenizer, [serial_address], link_config=engine.link_config
+            )
         try:
             # Warm-up: kernels for every shape the prompts need, channels connected.
             await _generate_all(engine, prompts, greedy, k, 1)
             await _generate_all(threaded, prompts[:1], greedy, k, 1)
-            runs, runs_thread = RunTotals(), RunTotals()
-            for _ in range(reps):  # interleaved, so drift of the host hits both alike
+            if serial is not None:
+                await _generate_all(serial, prompts, greedy, k, 1)
+            runs, runs_thread, runs_serial = RunTotals(), RunTotals(), RunTotals()
+            for _ in range(reps):  # interleaved, so drift of the host hits all alike
                 await _generate_all(engine, prompts, greedy, k, 1, runs=runs)
                 await _generate_all(threaded, prompts, greedy, k, 1, runs=runs_thread)
+                if serial is not None:
+                    await _generate_all(serial, prompts, greedy, k, 1, runs=runs_serial)
             rtt0 = _round_summary(runs.records)
             rtt0.update(tokens_per_s=runs.tokens_per_s, acceptance_rate=runs.acceptance_rate)
             result["rtt0"] = rtt0
             result["rtt0_draft_on_worker_thread"] = _round_summary(runs_thread.records)
             result["overhead_ms_p50"] = rtt0["overhead_ms_p50"]
+            if serial is not None:
+                rtt0_serial = _round_summary(runs_serial.records)
+                rtt0_serial["tokens_per_s"] = runs_serial.tokens_per_s
+                result["rtt0_no_batching"] = rtt0_serial
+                result["overhead_p50_batched_over_no_batching"] = (
+                    rtt0["overhead_ms_p50"] / rtt0_serial["overhead_ms_p50"]
+                )
 
             per_token = {"greedy": runs.bytes_per_token()}
             for name, params in (("sampling", sparse), ("sampling_dense", dense)):
@@ -249,15 +275,23 @@ def run_link_bench(
                     await via.aclose()
             result["rtt"] = rows
         finally:
+            if serial is not None:
+                await serial.aclose()
             await threaded.aclose()
             await engine.aclose()
         return result
 
-    with (
-        torch_threads(threads),
-        verifier_process(Path(target_path), threads, start_timeout_s) as addr,
-    ):
-        measured = asyncio.run(bench(addr))
+    target = Path(target_path)
+    load_start = os.getloadavg()  # the host is shared: say how busy it was
+    with ExitStack() as stack:
+        stack.enter_context(torch_threads(threads))
+        addr = stack.enter_context(verifier_process(target, threads, start_timeout_s))
+        serial_addr = None
+        if compare_serial:
+            serial_addr = stack.enter_context(
+                verifier_process(target, threads, start_timeout_s, ["--no-batching"])
+            )
+        measured = asyncio.run(bench(addr, serial_addr))
     return {
         "bench": "link",
         "compute_profile": "real",
@@ -273,6 +307,7 @@ def run_link_bench(
         "overhead_goal_ms": OVERHEAD_GOAL_MS,
         "sampling_params": {"sampling": sparse.to_dict(), "sampling_dense": dense.to_dict()},
         "link_emulator": "user-space TCP proxy on 127.0.0.1 (edgespec.linkemu)",
+        "load_avg_1_5_15_min": {"start": list(load_start), "end": list(os.getloadavg())},
         **measured,
     }
 
@@ -280,6 +315,10 @@ def run_link_bench(
 def print_summary(result: dict) -> None:
     """The link benchmark's headline figures on stdout."""
     r0 = result["rtt0"]
+    load = result["load_avg_1_5_15_min"]
+    print(
+        f"host load average (1 min): {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end"
+    )
     print(
         f"RTT 0: overhead p50 {r0['overhead_ms_p50']:.3f} ms/round (goal < {OVERHEAD_GOAL_MS} ms), "
         f"draft {r0['draft_ms_p50']:.2f} ms, verify {r0['verify_ms_p50']:.2f} ms, "
@@ -287,8 +326,15 @@ def print_summary(result: dict) -> None:
     )
     print(
         f"  overhead split: edge {r0['edge_overhead_ms_p50']:.3f} ms, link (gRPC + verifier "
-        f"service) {r0['link_overhead_ms_p50']:.3f} ms"
+        f"service) {r0['link_overhead_ms_p50']:.3f} ms, p90 {r0['overhead_ms_p90']:.3f} ms"
     )
+    serial = result.get("rtt0_no_batching")
+    if serial is not None:
+        print(
+            f"  --no-batching verifier (same run): overhead p50 {serial['overhead_ms_p50']:.3f} "
+            f"ms, p90 {serial['overhead_ms_p90']:.3f} ms; batched / no-batching p50 "
+            f"{result['overhead_p50_batched_over_no_batching']:.2f}"
+        )
     print("bytes per accepted token:", json.dumps(result["bytes_per_accepted_token"]))
     for row in result["rtt"]:
         print(
