@@ -24,8 +24,23 @@ from torch import Tensor
 
 from edgespec.core.coupling import coupled_tokens
 from edgespec.core.params import SamplingParams
+from edgespec.core.validation import check_int
 
 ROOT = -1  # the parent of a root child: the last committed token
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A tree budget: at most `nodes` nodes, `depth` levels, `width` children per node."""
+
+    nodes: int = 16
+    depth: int = 6
+    width: int = 3
+
+    def __post_init__(self) -> None:
+        check_int("nodes", self.nodes, 1, 4096)
+        check_int("depth", self.depth, 1, 256)
+        check_int("width", self.width, 1, 64)
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,31 @@ def walk_tree(tree: DraftTree, pick: Callable[[int, int], int]) -> TreeVerdict:
             return TreeVerdict(path=tuple(path), token=token)
         path.append(match)
         node, depth = match, depth + 1
+
+
+def walk_steps(
+    tree: DraftTree, path: Sequence[int]
+) -> tuple[tuple[tuple[int, int], ...], int, int]:
+    """What a walk along accepted `path` showed: per step from the root, (children of the node
+    stood on, rank among them of the child taken or -1 at the step that ended the walk), leaves
+    skipped; and the depth of the rank-0 spine (first children) with how much of it the walk
+    accepted. Children rank in index order (`grow_tree` lists a node's children best first)."""
+    steps: list[tuple[int, int]] = []
+    node = ROOT
+    for nxt in [*path, None]:
+        kids = tree.children(node)
+        if kids:
+            steps.append((len(kids), kids.index(nxt) if nxt is not None else -1))
+        if nxt is None:
+            break
+        node = nxt
+    spine, node = 0, ROOT
+    while kids := tree.children(node):
+        spine, node = spine + 1, kids[0]
+    taken = 0
+    while taken < len(steps) and steps[taken][1] == 0:
+        taken += 1
+    return tuple(steps), spine, min(taken, spine)
 
 
 def target_pick(rows: Tensor, params: SamplingParams, base: int) -> Callable[[int, int], int]:

@@ -33,9 +33,16 @@ from typing import Any
 from edgespec.core.adaptive import AdaptivePolicy
 from edgespec.core.drafter import Drafter
 from edgespec.core.params import SamplingParams
-from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision, DraftLengthPolicy
+from edgespec.core.policies import (
+    CLOUD_ONLY,
+    SPECULATIVE,
+    Decision,
+    DraftLengthPolicy,
+    TreeOutcome,
+)
 from edgespec.core.rejection import DraftProbs
-from edgespec.core.session import DraftBlock
+from edgespec.core.session import DraftBlock, Verdict
+from edgespec.core.tree import DraftTree, walk_steps
 from edgespec.edge.records import EdgeStats, RoundRecord, observation_from_record
 from edgespec.edge.recovery import Recovery
 from edgespec.edge.round_timing import RoundTiming, round_timing
@@ -46,7 +53,8 @@ Compute = Callable[..., Awaitable[Any]]
 
 
 def truncate_block(block: DraftBlock, k: int) -> DraftBlock:
-    """The first k draft tokens of `block` (still a valid block: a prefix of a draft is one)."""
+    """The first k draft tokens of `block` (still a valid block: a prefix of a draft is one,
+    and so are a tree's first k nodes, parents coming before their children)."""
     q = block.draft_probs
     if q is not None:
         q = (
@@ -54,7 +62,8 @@ def truncate_block(block: DraftBlock, k: int) -> DraftBlock:
             if q.ids is None
             else DraftProbs.sparse(q.ids[:k], q.probs[:k])
         )
-    return replace(block, tokens=block.tokens[:k], draft_probs=q)
+    parents = block.parents[:k] if block.parents is not None else None
+    return replace(block, tokens=block.tokens[:k], draft_probs=q, parents=parents)
 
 
 def _timed(fn: Callable, drafter: Drafter, n: int) -> tuple[DraftBlock | None, float, int]:
@@ -145,6 +154,10 @@ class SessionLoop:
                 if decision.mode == CLOUD_ONLY:
                     block = d.propose_decode(min(decision.stream_tokens, d.tokens_left))
                     self.blocks[block.seq] = _Sent(block, 0, probe=decision.probe)
+                elif decision.tree is not None and self._trees_ok():
+                    shape = replace(decision.tree, nodes=self._clip_k(decision.tree.nodes))
+                    block, ms, forwards = await self.compute(_timed, d.propose_tree, d, shape)
+                    self.blocks[block.seq] = _Sent(block, shape.depth, ms, forwards, decision.probe)
                 else:
                     k = self._clip_k(decision.k)
                     block, ms, forwards = await self.compute(_timed, d.propose, d, k)
@@ -156,6 +169,18 @@ class SessionLoop:
                     yield new
             else:
                 yield await self._speculative_round(pending)
+
+    def _trees_ok(self) -> bool:
+        """Token trees can be sent: the verifier takes them (known once a session is open), the
+        session decodes greedily or with coupled sampling, and the draft's cache can be
+        compacted to a path. Otherwise a tree decision runs as a chain of its depth."""
+        session = self.link.session
+        return (
+            session is not None
+            and session.tree_blocks
+            and (self.params.is_greedy or self.params.is_coupled)
+            and self.drafter.runner.batchable
+        )
 
     def _clip_k(self, k: int) -> int:
         hi = self.max_k
@@ -201,6 +226,7 @@ class SessionLoop:
                 k=sent.k,
                 drafted=len(pending.tokens),
                 accepted=reply.verdict.accepted,
+                tree=self._tree_outcome(pending, reply.verdict, sent.draft_forwards),
                 draft_ms=sent.draft_ms,
                 round_ms=(reply.received - self.last_end) * 1e3,
                 apply_ms=apply_ms,
@@ -215,6 +241,21 @@ class SessionLoop:
             reply,
         )
         return new
+
+    @staticmethod
+    def _tree_outcome(block: DraftBlock, verdict: Verdict, forwards: int) -> TreeOutcome | None:
+        """What a tree round's walk showed the policy; None for a chain or an empty tree."""
+        if block.parents is None or not block.tokens:
+            return None
+        tree = DraftTree(block.tokens, block.parents)
+        steps, spine, spine_accepted = walk_steps(tree, verdict.path or ())
+        return TreeOutcome(
+            levels=max(forwards, 1),
+            depth=block.depth,
+            steps=steps,
+            spine=spine,
+            spine_accepted=spine_accepted,
+        )
 
     async def _send_ahead(self) -> None:
         """Pipelining: draft the block after the pending one and send it (depth 1)."""
