@@ -24,6 +24,7 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -392,3 +393,34 @@ class AcceptanceEstimator:
             self.g = 0.0
             self.shifts += 1
             logger.info("acceptance shifted to %.2f (last %d rounds)", self.pooled(), since)
+
+
+# A priori P(the target's token is the draft's rank-r proposal | its parent was accepted), r >= 1.
+RANK_PRIOR = (0.15, 0.07, 0.04, 0.02)
+
+
+class RankAcceptance:
+    """Decayed counts of P(the target's token is the rank-r child | the walk stands on a node
+    with more than r children), for r = 1..max_rank, each starting from `RANK_PRIOR`."""
+
+    def __init__(self, max_rank: int, prior_weight: float, decay: float) -> None:
+        self._decay = decay
+        self._hits = [
+            prior_weight * RANK_PRIOR[min(r, len(RANK_PRIOR)) - 1] for r in range(1, max_rank + 1)
+        ]
+        self._trials = [prior_weight] * max_rank
+
+    def update(self, steps: Sequence[tuple[int, int]]) -> None:
+        """One tree round's walk: (children, rank taken or -1) per step."""
+        self._hits = [h * self._decay for h in self._hits]
+        self._trials = [t * self._decay for t in self._trials]
+        for children, rank in steps:
+            for r in range(1, min(children, len(self._trials) + 1)):
+                self._trials[r - 1] += 1.0
+                self._hits[r - 1] += rank == r
+
+    def prob(self, rank: int) -> float:
+        """Estimated P(target = the rank-`rank` child), rank >= 1 (0 beyond max_rank)."""
+        if rank > len(self._trials):
+            return 0.0
+        return self._hits[rank - 1] / self._trials[rank - 1]

@@ -25,6 +25,8 @@ products with at most `width` children per node and `depth` levels: one best-fir
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import heapq
 import logging
 from collections.abc import Callable, Sequence
@@ -32,15 +34,13 @@ from dataclasses import dataclass
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.cost_model import CostModel
+from edgespec.core.estimators import RankAcceptance
 from edgespec.core.link_memory import PolicyMemory
 from edgespec.core.policies import SPECULATIVE, Decision, RoundObservation
 from edgespec.core.tree import TreeShape
 from edgespec.core.validation import check_float, check_int
 
 logger = logging.getLogger(__name__)
-
-# A priori P(the target's token is the draft's rank-r proposal | its parent was accepted), r >= 1.
-RANK_PRIOR = (0.15, 0.07, 0.04, 0.02)
 
 
 @dataclass(frozen=True)
@@ -62,33 +62,6 @@ class TreeConfig:
         check_float("rank_decay", self.rank_decay, 0, 1, lo_open=True)
         if not isinstance(self.initial, TreeShape):
             raise ValueError(f"initial must be a TreeShape, got {self.initial!r}")
-
-
-class RankAcceptance:
-    """Decayed counts of P(the target's token is the rank-r child | the walk stands on a node
-    with more than r children), for r = 1..max_rank, each starting from `RANK_PRIOR`."""
-
-    def __init__(self, max_rank: int, prior_weight: float, decay: float) -> None:
-        self._decay = decay
-        self._hits = [
-            prior_weight * RANK_PRIOR[min(r, len(RANK_PRIOR)) - 1] for r in range(1, max_rank + 1)
-        ]
-        self._trials = [prior_weight] * max_rank
-
-    def update(self, steps: Sequence[tuple[int, int]]) -> None:
-        """One tree round's walk: (children, rank taken or -1) per step."""
-        self._hits = [h * self._decay for h in self._hits]
-        self._trials = [t * self._decay for t in self._trials]
-        for children, rank in steps:
-            for r in range(1, min(children, len(self._trials) + 1)):
-                self._trials[r - 1] += 1.0
-                self._hits[r - 1] += rank == r
-
-    def prob(self, rank: int) -> float:
-        """Estimated P(target = the rank-`rank` child), rank >= 1 (0 beyond max_rank)."""
-        if rank > len(self._trials):
-            return 0.0
-        return self._hits[rank - 1] / self._trials[rank - 1]
 
 
 def best_first_gains(
@@ -121,8 +94,8 @@ def best_first_gains(
 class TreePolicy(AdaptivePolicy):
     """`AdaptivePolicy` whose speculative rounds may be token trees of the shape it estimates
     best (see the module docstring); chains (and their pipelining) and cloud-only decoding stay
-    as the base policy runs them. Its exploration probes are chains (they keep the chain's
-    per-position acceptance, hence rank 0, identified)."""
+    as the base policy runs them. While it runs trees, its probes are tree rounds too (a tree's
+    rank-0 spine teaches the chain's per-position acceptance as a chain probe would)."""
 
     def __init__(
         self,
@@ -134,12 +107,17 @@ class TreePolicy(AdaptivePolicy):
         self.tree_config = tree if tree is not None else TreeConfig()
         t = self.tree_config
         self._ranks = RankAcceptance(t.max_width - 1, t.rank_prior_weight, t.rank_decay)
+        if memory is not None and memory.ranks is not None:
+            self._ranks = copy.deepcopy(memory.ranks)  # what trees showed on this link before
         self._shape: TreeShape | None = t.initial
 
     @property
     def shape(self) -> TreeShape | None:
         """The tree shape the policy currently runs (None: chains)."""
         return self._shape
+
+    def memory(self) -> PolicyMemory:
+        return dataclasses.replace(super().memory(), ranks=copy.deepcopy(self._ranks))
 
     def observe(self, obs: RoundObservation) -> None:
         super().observe(obs)
@@ -178,6 +156,14 @@ class TreePolicy(AdaptivePolicy):
             logger.debug("trees -> chains (%.1f tok/s)", chain)
             self._shape = None
         return chain if self._shape is None else max(rates[self._shape], chain)
+
+    def choose(self) -> Decision:
+        decision = super().choose()
+        if decision.probe and decision.mode == SPECULATIVE and self._shape is not None:
+            # A chain probe would refresh the chain's acceptance and the t_v slope; tree rounds
+            # already do both (their rank-0 spines, their varying sizes), without a round's loss.
+            return dataclasses.replace(self._speculative(decision.k), probe=True)
+        return decision
 
     def _speculative(self, k: int) -> Decision:
         if self._shape is None:

@@ -155,7 +155,10 @@ class SessionLoop:
                     block = d.propose_decode(min(decision.stream_tokens, d.tokens_left))
                     self.blocks[block.seq] = _Sent(block, 0, probe=decision.probe)
                 elif decision.tree is not None and self._trees_ok():
-                    shape = replace(decision.tree, nodes=self._clip_k(decision.tree.nodes))
+                    # a tree's size is the verifier's business (max_block_tokens), not max_k's
+                    assert self.link.session is not None  # _trees_ok
+                    nodes = min(decision.tree.nodes, self.link.session.max_block_tokens)
+                    shape = replace(decision.tree, nodes=nodes)
                     block, ms, forwards = await self.compute(_timed, d.propose_tree, d, shape)
                     self.blocks[block.seq] = _Sent(block, shape.depth, ms, forwards, decision.probe)
                 else:
