@@ -443,14 +443,8 @@ class VerifierEngine:
             ) from err
 
     def _check_tree(self, session: Session, block: DraftBlock) -> None:
-        """A tree block needs greedy decoding or coupled sampling and a target whose cache keeps
-        per-node entries (`tree_blocks`); INVALID_ARGUMENT / FAILED_PRECONDITION "parents"."""
-        if not (session.params.is_greedy or session.params.is_coupled):
-            raise invalid(
-                "parents",
-                "parents must be empty in a rejection sampling session (params.sampler "
-                "rejection): token trees are verified under greedy decoding or coupled sampling",
-            )
+        """A tree block needs a target whose cache keeps per-node entries (`tree_blocks`):
+        FAILED_PRECONDITION "parents" otherwise."""
         if not self.tree_blocks:
             raise ServiceError(
                 FAILED_PRECONDITION,

@@ -161,26 +161,36 @@ class Drafter:
         `edgespec.core.tree_draft.grow_tree`: best-first, one draft forward per level, tree
         attention); returns the block (tokens plus `parents`) to verify.
 
-        Greedy drafting or coupled sampling only (the verifier walks the tree against its own
-        deterministic token); the depth is cut to tokens_left - 1 as `propose` cuts k, and a
-        session with nothing to draft sends an empty tree. The draft cache keeps the tree's
-        fed nodes until `apply` compacts it to the accepted path. Needs a croppable draft cache.
+        Greedy drafting and coupled sampling send token ids only; rejection sampling draws each
+        node's siblings independently from the draft's q and sends q per node (the verifier
+        runs `edgespec.core.tree.rejection_walk`). The depth is cut to tokens_left - 1 as
+        `propose` cuts k; a session with nothing to draft sends an empty tree. The draft cache
+        keeps the tree's fed nodes until `apply` compacts it to the accepted path. Needs a
+        croppable draft cache.
         """
         self._check_can_propose()
-        if not (self.draft_params.is_greedy or self._coupled_seed is not None):
-            raise ValueError("token trees need greedy drafting or coupled sampling")
         depth = min(shape.depth, self.tokens_left - 1)
         tokens: tuple[int, ...] = ()
         parents: tuple[int, ...] = ()
+        q: Tensor | None = None
         self._fed_of = []
         if depth > 0:
             params = self.params if self._coupled_seed is not None else self.draft_params
-            tree, self._fed_of = grow_tree(
-                self.runner, self.committed, params, replace(shape, depth=depth)
+            grown = grow_tree(
+                self.runner, self.committed, params, replace(shape, depth=depth), self._generator
             )
-            tokens, parents = tree.tokens, tree.parents
+            tokens, parents, q, self._fed_of = (
+                grown.tree.tokens,
+                grown.tree.parents,
+                grown.q,
+                grown.fed_of,
+            )
         block = DraftBlock(
-            seq=self._new_seq(), base_len=len(self.committed), tokens=tokens, parents=parents
+            seq=self._new_seq(),
+            base_len=len(self.committed),
+            tokens=tokens,
+            draft_probs=self._draft_probs(q),
+            parents=parents,
         )
         self._pending = block
         return block

@@ -26,7 +26,7 @@ from edgespec.core.session import (
     check_prompt_ids,
     derive_seed,
 )
-from edgespec.core.tree import ROOT, DraftTree, target_pick, walk_tree
+from edgespec.core.tree import ROOT, DraftTree, rejection_walk, target_pick, walk_tree
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,6 @@ class Verifier:
         missing = self._tokens[start:]
         parents = None
         if block.parents is not None:
-            if not (self.params.is_greedy or self.params.is_coupled):
-                raise ValueError(
-                    "parents: token trees are verified under greedy decoding or coupled "
-                    "sampling only (params.sampler 'coupled'), not rejection sampling"
-                )
             if self.runner.rollback_mode != "crop":
                 raise ValueError("parents: this target's cache cannot verify token trees")
             m = len(missing)
@@ -204,7 +199,18 @@ class Verifier:
         block = pending.block
         assert block.parents is not None
         tree = DraftTree(block.tokens, block.parents)
-        walk = walk_tree(tree, target_pick(rows, self.params, len(self._tokens)))
+        if self.params.is_greedy or self.params.is_coupled:
+            walk = walk_tree(tree, target_pick(rows, self.params, len(self._tokens)))
+        else:  # rejection sampling: the nodes' q came with the block
+            vocab = rows.shape[-1]
+            q = (
+                block.draft_probs.to_dense(vocab).to(rows.device)
+                if block.draft_probs is not None
+                else torch.nn.functional.one_hot(
+                    torch.tensor(block.tokens, device=rows.device, dtype=torch.long), vocab
+                ).float()
+            )
+            walk = rejection_walk(tree, logits_to_probs(rows, self.params), q, self._generator)
         m = len(pending.feed) - len(tree)  # committed tokens fed before the tree
         self.runner.keep_nodes(pending.start_len, list(range(m)) + [m + i for i in walk.path])
         self._tokens.extend(tree.tokens[i] for i in walk.path)

@@ -174,16 +174,11 @@ class SessionLoop:
                 yield await self._speculative_round(pending)
 
     def _trees_ok(self) -> bool:
-        """Token trees can be sent: the verifier takes them (known once a session is open), the
-        session decodes greedily or with coupled sampling, and the draft's cache can be
-        compacted to a path. Otherwise a tree decision runs as a chain of its depth."""
+        """Token trees can be sent: the verifier takes them (known once a session is open) and
+        the draft's cache can be compacted to a path. Otherwise a tree decision runs as a chain
+        of its depth."""
         session = self.link.session
-        return (
-            session is not None
-            and session.tree_blocks
-            and (self.params.is_greedy or self.params.is_coupled)
-            and self.drafter.runner.batchable
-        )
+        return session is not None and session.tree_blocks and self.drafter.runner.batchable
 
     def _clip_k(self, k: int) -> int:
         hi = self.max_k

@@ -6,8 +6,8 @@ and full layers mixed) and GPT-2 (a
 learned position table), random weights, the draft a noisy copy of the target. Policies "tree"
 (fixed shape), "adaptive_tree" (the tree controller) and a scripted mix of trees, chains and
 cloud-only chunks; greedy and coupled sampling (the same seed as the reference). Also: tree and
-chain sessions batched together in the verifier's steps; a rejection-sampling session asked for
-trees runs chains; the verdict's path is what the edge commits.
+chain sessions batched together in the verifier's steps; rejection-sampling trees carry q per
+node (coupled ones ids only); a verifier whose target cannot verify trees gets chains.
 """
 
 from __future__ import annotations
@@ -155,16 +155,41 @@ def test_trees_and_chains_batched_together(pair):
     assert stats.sessions == 0 or stats.sessions <= len(runs)
 
 
-def test_rejection_sampling_asked_for_trees_runs_chains(pair):
-    params = SamplingParams(temperature=1.0, max_new_tokens=NEW, seed=3, sampler="rejection")
+def test_rejection_sampling_trees_carry_q(pair):
+    """Rejection-sampling trees: every node's q travels (the walk's exactness is tested in
+    tests/core/test_tree_rejection.py); a coupled tree of the same shape sends ids only."""
+    rejection = SamplingParams(temperature=1.0, max_new_tokens=NEW, seed=3, sampler="rejection")
 
-    async def body() -> SummaryEvent:
+    async def body() -> tuple[SummaryEvent, SummaryEvent]:
         engine = pair.engine()
         try:
-            return await _generate(engine, PROMPTS[0], params, policy="tree")
+            a = await _generate(engine, PROMPTS[0], rejection, policy="tree")
+            b = await _generate(engine, PROMPTS[0], COUPLED, policy="tree")
+            return a, b
         finally:
             await engine.aclose()
 
-    summary = asyncio.run(body())
-    assert len(summary.tokens) == NEW
+    a, b = asyncio.run(body())
+    assert len(a.tokens) == NEW and _tree_rounds(a) > 0 and _tree_rounds(b) > 0
+    vocab = len(pair.tokenizer)
+    assert a.stats.bytes_sent / a.stats.drafted > 4 * vocab / 2  # a q row per node
+    assert b.stats.bytes_sent / b.stats.drafted < 16  # token ids and parents only
+
+
+def test_a_verifier_without_trees_gets_chains(pair):
+    engine_of_server = pair.server.engine
+    engine_of_server.tree_blocks = False
+    try:
+
+        async def body() -> SummaryEvent:
+            engine = pair.engine()
+            try:
+                return await _generate(engine, PROMPTS[0], GREEDY, policy="adaptive_tree")
+            finally:
+                await engine.aclose()
+
+        summary = asyncio.run(body())
+    finally:
+        engine_of_server.tree_blocks = True
+    assert summary.tokens == pair.reference(PROMPTS[0], GREEDY)
     assert _tree_rounds(summary) == 0 and summary.stats.drafted > 0
