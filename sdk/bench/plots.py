@@ -5,7 +5,7 @@
 - ``tokens_per_s_vs_rtt.png``: median tokens/s per method against RTT (symlog x: 0 is on the
   axis), [min, max] over reps as error bars; the jitter and bandwidth cases as separate markers at
   their nominal RTT; in-process methods (co-located, edge-only draft) as horizontal lines; the
-  crossover RTT as a vertical line.
+  crossover RTTs (cloud-only against chains, and against token trees) as vertical lines.
 - ``k_vs_rtt.png``: mean draft length chosen against RTT per adaptive method, and the share of
   tokens they took from cloud-only decoding.
 - ``varying_rtt.png``: the time-varying run: scheduled and measured RTT over time, the adaptive
@@ -134,7 +134,20 @@ def plot_tokens_per_s(result: dict, path: str | Path) -> Path:
     crossover = result.get("crossover_rtt_ms")
     if crossover is not None:
         ax.axvline(
-            crossover, color="gray", lw=0.8, ls="-.", label=f"cloud-only wins from {crossover:g} ms"
+            crossover,
+            color="gray",
+            lw=0.8,
+            ls="-.",
+            label=f"cloud-only beats chains from {crossover:g} ms",
+        )
+    tree_crossover = result.get("checks", {}).get("trees", {}).get("crossover_rtt_ms_trees")
+    if tree_crossover is not None:
+        ax.axvline(
+            tree_crossover,
+            color="black",
+            lw=0.8,
+            ls=":",
+            label=f"cloud-only beats trees from {tree_crossover:g} ms",
         )
     _rtt_axis(ax, rows)
     if top is not None:
