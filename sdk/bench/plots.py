@@ -131,24 +131,14 @@ def plot_tokens_per_s(result: dict, path: str | Path) -> Path:
     for case, marker in _MARKERS.items():
         if any(r["case"] == case for r in rows):
             ax.scatter([], [], marker=marker, color="gray", label=f"{case} case")
-    crossover = result.get("crossover_rtt_ms")
-    if crossover is not None:
-        ax.axvline(
-            crossover,
-            color="gray",
-            lw=0.8,
-            ls="-.",
-            label=f"cloud-only beats chains from {crossover:g} ms",
-        )
-    tree_crossover = result.get("checks", {}).get("trees", {}).get("crossover_rtt_ms_trees")
-    if tree_crossover is not None:
-        ax.axvline(
-            tree_crossover,
-            color="black",
-            lw=0.8,
-            ls=":",
-            label=f"cloud-only beats trees from {tree_crossover:g} ms",
-        )
+    crossovers = (
+        ("chains", result.get("crossover_rtt_ms"), "-."),
+        ("trees", result.get("checks", {}).get("trees", {}).get("crossover_rtt_ms_trees"), ":"),
+    )
+    for what, rtt, style in crossovers:
+        if rtt is not None:
+            label = f"cloud-only beats {what} from {rtt:g} ms"
+            ax.axvline(rtt, color="gray", lw=0.8, ls=style, label=label)
     _rtt_axis(ax, rows)
     if top is not None:
         ax.set_ylim(0, top)

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+from support.edge_runs import ScriptedPolicy, collect
 from support.servers import VerifierServerThread
 from support.tiny_models import noisy_draft, tiny_model, tiny_tokenizer
 
@@ -23,12 +24,12 @@ from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import VerifierConfig
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
-from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision, RoundObservation
+from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision
 from edgespec.core.runner import ModelRunner
 from edgespec.core.tree import TreeShape
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.engine import EdgeEngine
-from edgespec.edge.records import SummaryEvent, TokensEvent
+from edgespec.edge.records import SummaryEvent
 
 PROMPTS = ([7, 200, 13, 42, 99, 150, 3, 60, 21], [5, 6, 7], [250, 17, 5, 88, 1])
 NEW = 20
@@ -68,35 +69,6 @@ def pair(request) -> Iterator[Pair]:
     made.server.stop()
 
 
-class Scripted:
-    """Cycles through fixed decisions: trees, chains and cloud-only chunks mixed."""
-
-    def __init__(self, decisions: list[Decision]) -> None:
-        self.decisions = decisions
-        self.i = 0
-        self.observed: list[RoundObservation] = []
-
-    def choose(self) -> Decision:
-        self.i += 1
-        return self.decisions[(self.i - 1) % len(self.decisions)]
-
-    def observe(self, obs: RoundObservation) -> None:
-        self.observed.append(obs)
-
-
-async def _generate(engine: EdgeEngine, prompt, params, **kwargs) -> SummaryEvent:
-    streamed: list[int] = []
-    summary = None
-    async for event in engine.generate(prompt, params, **kwargs):
-        if isinstance(event, TokensEvent):
-            streamed.extend(event.tokens)
-        else:
-            assert isinstance(event, SummaryEvent)
-            summary = event
-    assert summary is not None and summary.tokens == streamed
-    return summary
-
-
 def _tree_rounds(summary: SummaryEvent) -> int:
     return sum(r.tree is not None for r in summary.stats.round_records)
 
@@ -117,8 +89,8 @@ def test_tree_policies_give_the_target_alone(pair, params):
         try:
             for prompt in PROMPTS:
                 expected = pair.reference(prompt, params)
-                for policy in ("tree", "adaptive_tree", Scripted(scripted)):
-                    summary = await _generate(engine, prompt, params, policy=policy)
+                for policy in ("tree", "adaptive_tree", ScriptedPolicy(scripted)):
+                    summary = await collect(engine, prompt, params, policy=policy)
                     assert summary.tokens == expected, (policy, prompt)
                     trees += _tree_rounds(summary)
                     accepted += summary.stats.accepted
@@ -142,7 +114,7 @@ def test_trees_and_chains_batched_together(pair):
         engine = pair.engine()
         try:
             return await asyncio.gather(
-                *(_generate(engine, p, params, policy=policy, k=3) for p, params, policy in runs)
+                *(collect(engine, p, params, policy=policy, k=3) for p, params, policy in runs)
             )
         finally:
             await engine.aclose()
@@ -163,8 +135,8 @@ def test_rejection_sampling_trees_carry_q(pair):
     async def body() -> tuple[SummaryEvent, SummaryEvent]:
         engine = pair.engine()
         try:
-            a = await _generate(engine, PROMPTS[0], rejection, policy="tree")
-            b = await _generate(engine, PROMPTS[0], COUPLED, policy="tree")
+            a = await collect(engine, PROMPTS[0], rejection, policy="tree")
+            b = await collect(engine, PROMPTS[0], COUPLED, policy="tree")
             return a, b
         finally:
             await engine.aclose()
@@ -184,7 +156,7 @@ def test_a_verifier_without_trees_gets_chains(pair):
         async def body() -> SummaryEvent:
             engine = pair.engine()
             try:
-                return await _generate(engine, PROMPTS[0], GREEDY, policy="adaptive_tree")
+                return await collect(engine, PROMPTS[0], GREEDY, policy="adaptive_tree")
             finally:
                 await engine.aclose()
 
