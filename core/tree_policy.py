@@ -63,9 +63,9 @@ class TreeConfig:
     max_width: int = 4  # ranks the rank model tracks: 0 .. max_width - 1
     rank_prior_weight: float = 4.0  # pseudo-trials behind each (depth, rank) prior, > 0
     rank_decay: float = 0.99  # per-round forgetting of the rank counts, in (0, 1]
-    shape_prior_weight: float = 2.0  # pseudo-rounds behind a shape's rank-model prediction
-    shape_decay: float = 0.98  # per-round forgetting of a shape's measured acceptance
-    explore_bonus: float = 0.5  # tokens of optimism for a shape with no rounds behind it
+    shape_prior_weight: float = 1.0  # pseudo-rounds behind a shape's rank-model prediction
+    shape_decay: float = 0.995  # per-round forgetting of a shape's measured acceptance
+    explore_bonus: float = 0.25  # tokens of optimism for a shape with no rounds behind it
     initial: TreeShape = TreeShape(nodes=16, depth=6, width=2)  # before any estimate
 
     def __post_init__(self) -> None:
