@@ -6,7 +6,8 @@ token of a cloud-only decode block), at most one per session, and
 1. prepares each (`VerifierEngine.prepare` / `prepare_decode`): validation, STALE and REPLAYED
    answers, no model work; an item that fails here gets its own error, the others go on;
 2. runs the prepared ones in ONE target forward (`edgespec.core.batch_forward.extend_batch`),
-   each session with its own cache, positions and ragged feed; a session whose runner cannot
+   each session with its own cache, positions and ragged feed (a token tree with tree
+   attention, chains and prefill chunks causally); a session whose runner cannot
    be batched (a model with recurrent state) runs alone after it;
 3. completes each session's verdict with that session's own acceptance rule
    (`VerifierEngine.complete` over its own logits rows: greedy, rejection, or whatever the
@@ -171,6 +172,11 @@ def _feed(prepared: PreparedBlock | _PrefillChunk) -> list[int]:
     return prepared.feed if isinstance(prepared, _PrefillChunk) else prepared.pending.feed
 
 
+def _parents(prepared: PreparedBlock | _PrefillChunk) -> list[int] | None:
+    """A tree block's parents over its feed (tree attention in the step); None for a chain."""
+    return None if isinstance(prepared, _PrefillChunk) else prepared.pending.parents
+
+
 def _forward(
     engine: VerifierEngine, prepared: list[PreparedBlock | _PrefillChunk]
 ) -> list[Tensor] | None:
@@ -180,7 +186,7 @@ def _forward(
         return None
     runners = [p.session.verifier.runner for p in prepared]
     try:
-        return extend_batch(runners, [_feed(p) for p in prepared])
+        return extend_batch(runners, [_feed(p) for p in prepared], [_parents(p) for p in prepared])
     except Exception:
         ids = [p.session.id for p in prepared]
         logger.exception("batched target forward failed; closing sessions %s", ids)

@@ -215,6 +215,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             model_id=opened.model_id,
             prefill_ms=opened.prefill_ms,
             compute_profile=opened.compute_profile,
+            tree_blocks=opened.tree_blocks,
         )
 
     async def _prefill(self, scheduler: StepScheduler, opened: OpenResult) -> OpenResult:

@@ -98,6 +98,8 @@ class VerifierEngine:
         probe = ModelRunner(self.model)
         self.vocab_size: int = probe.vocab_size
         self.max_length: int | None = probe.max_length  # model positions; None = unbounded
+        # Token trees need a cache compacted to the accepted path (`ModelRunner.keep_nodes`).
+        self.tree_blocks: bool = probe.batchable
         limit = self.max_length - 1 if self.max_length is not None else None
         prefix_limit = self.config.max_prefix_tokens
         if prefix_limit is None:
@@ -226,6 +228,7 @@ class VerifierEngine:
             model_id=self.model_id,
             prefill_ms=prefill_ms,
             compute_profile=self.compute_profile.name,
+            tree_blocks=self.tree_blocks,
         )
 
     def close_session(self, session_id: str) -> bool:
@@ -281,6 +284,8 @@ class VerifierEngine:
                 "tokens", f"tokens must hold at most max_block_tokens={limit} draft tokens, got {k}"
             )
         self._check_ids("tokens", tokens)
+        if block.parents is not None:
+            self._check_tree(session, block)
         q = block.draft_probs
         if q is not None and session.params.is_coupled:
             raise invalid(
@@ -323,11 +328,13 @@ class VerifierEngine:
                 f"session {session.id} has generated params.max_new_tokens="
                 f"{session.params.max_new_tokens} tokens; no block can be verified",
             )
-        if k > left - 1:
+        if block.depth > left - 1:
+            what = "draft tokens" if block.parents is None else "levels of tree nodes"
             raise invalid(
-                "tokens",
-                f"tokens must hold at most {left - 1} draft tokens here: {left} more tokens "
-                f"reach max_new_tokens and the verdict adds 1, got {k}",
+                "tokens" if block.parents is None else "parents",
+                f"{'tokens' if block.parents is None else 'parents'} must hold at most "
+                f"{left - 1} {what} here: {left} more tokens reach max_new_tokens and the "
+                f"verdict adds 1, got {block.depth}",
             )
         if block.decode_tokens > left:
             raise invalid(
@@ -378,7 +385,7 @@ class VerifierEngine:
         is raised.
         """
         try:
-            return prepared.session.verifier.runner.extend(prepared.pending.feed)  # (n, V)
+            return prepared.session.verifier.forward(prepared.pending)  # (n, V)
         except Exception as err:
             logger.exception("target forward failed in session %s", prepared.session.id)
             self.close_session(prepared.session.id)
@@ -434,6 +441,17 @@ class VerifierEngine:
                 INTERNAL,
                 f"verification failed ({type(err).__name__}: {err}); session closed",
             ) from err
+
+    def _check_tree(self, session: Session, block: DraftBlock) -> None:
+        """A tree block needs a target whose cache keeps per-node entries (`tree_blocks`):
+        FAILED_PRECONDITION "parents" otherwise."""
+        if not self.tree_blocks:
+            raise ServiceError(
+                FAILED_PRECONDITION,
+                f"parents must be empty: this verifier's target ({self.model_id or 'model'}) "
+                "cannot verify token trees (its cache cannot be compacted to a path)",
+                "parents",
+            )
 
     def _stale(self, session: Session, block: DraftBlock) -> VerifyResult:
         self._sessions.count(stale=1)

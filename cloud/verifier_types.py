@@ -63,7 +63,7 @@ class VerifierConfig:
 
     model_id: str = ""  # name the edge may ask for in OpenSession; "" = no name check
     max_sessions: int = 64  # open sessions at most (each holds a KV cache)
-    max_block_tokens: int = 32  # largest k accepted per block
+    max_block_tokens: int = 64  # largest block accepted: k draft tokens, or tree nodes
     # Longest committed prefix OpenSession accepts; None = the model's max positions - 1.
     # Whatever it is, prompt + max_new_tokens must also fit the model's positions.
     max_prefix_tokens: int | None = None
@@ -118,6 +118,7 @@ class OpenResult:
     model_id: str
     prefill_ms: float  # target prefill of the prefix
     compute_profile: str = "real"  # the engine's compute profile (emulated ones pad forwards)
+    tree_blocks: bool = False  # the verifier takes token trees (blocks with parents)
 
 
 @dataclass(frozen=True)

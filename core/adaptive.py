@@ -283,8 +283,16 @@ class AdaptivePolicy:
             return
         self._spec_rounds += 1
         self._shadow_tail = []  # a real round in between: the open shadow round is not contiguous
-        self._accept.update(obs.k, obs.accepted)
-        if self._draft.update(obs.draft_ms / obs.k):
+        if obs.tree is None:
+            self._accept.update(obs.k, obs.accepted)
+            forwards = obs.k
+        else:
+            # A tree holds the chain this draft would have sent (its rank-0 spine): the chain's
+            # acceptance is learnt from it, the time per draft forward from the tree's levels.
+            if obs.tree.spine:
+                self._accept.update(obs.tree.spine, obs.tree.spine_accepted)
+            forwards = obs.tree.levels
+        if self._draft.update(obs.draft_ms / forwards):
             logger.info("draft time shifted to %.2f ms/token", self._draft.value)
         self._verify.update(obs.k + 1, obs.verify_ms)
         if self._rtt.update(obs.network_ms):
@@ -329,7 +337,7 @@ class AdaptivePolicy:
         c = self.config
         cost = self._cost()
         if cost is None or (not self._warm and self._spec_rounds < c.warmup_rounds):
-            return Decision(SPECULATIVE, self._k)
+            return self._speculative(self._k)
 
         accept = self._accept.probs(c.k_max + 1)  # p_{k_max+1}: the pipelined hit rate
         ks = range(c.k_min, c.k_max + 1)
@@ -340,7 +348,8 @@ class AdaptivePolicy:
                 "k %d -> %d (%.1f -> %.1f tok/s)", self._k, k_best, rates[self._k], rates[k_best]
             )
             self._k = k_best
-        spec_rate, cloud_rate = rates[self._k], self._cloud_mode_rate(cost, accept)
+        spec_rate = self._speculative_rate(cost, accept, rates[self._k])
+        cloud_rate = self._cloud_mode_rate(cost, accept)
 
         if c.allow_cloud_only and (self._warm or self._spec_rounds >= c.cloud_warmup_rounds):
             # Leaving speculative decoding is judged on an optimistic acceptance (one standard
@@ -384,7 +393,17 @@ class AdaptivePolicy:
             k = self._probe_k()
             if k != self._k:
                 return Decision(SPECULATIVE, k, probe=True)
-        return Decision(SPECULATIVE, self._k)
+        return self._speculative(self._k)
+
+    def _speculative_rate(self, cost: CostModel, accept: Sequence[float], chain: float) -> float:
+        """The speculative rate the mode decision weighs against cloud-only: that of a chain of
+        the current k (`chain`, tokens/s) here; a policy with other round shapes returns its
+        best."""
+        return chain
+
+    def _speculative(self, k: int) -> Decision:
+        """The speculative round to run at the current best: a chain of `k` here."""
+        return Decision(SPECULATIVE, k)
 
     def _hopeful_rate(self, cost: CostModel) -> float:
         """The best speculative rate under an acceptance one standard error higher."""

@@ -8,6 +8,7 @@ are in `edgespec.core.session`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -25,6 +26,8 @@ from edgespec.core.session import (
     check_prompt_ids,
     derive_seed,
 )
+from edgespec.core.tree import TreeShape
+from edgespec.core.tree_draft import grow_tree
 from edgespec.core.validation import check_int
 
 
@@ -84,6 +87,9 @@ class Drafter:
         self._pending: DraftBlock | None = None
         self._ahead: DraftBlock | None = None
         self._decoded = 0  # tokens committed so far by the pending decode block
+        # The pending tree block's nodes that the draft cache holds, by node: their index among
+        # the fed nodes (None: not fed), as `grow_tree` returns it.
+        self._fed_of: list[int | None] = []
         # Outcome of the last `apply` for the block drafted ahead: True = it became the pending
         # block, False = dropped (also in `dropped_ahead`), None = there was none.
         self.last_ahead_hit: bool | None = None
@@ -150,6 +156,45 @@ class Drafter:
         self._pending = block
         return block
 
+    def propose_tree(self, shape: TreeShape) -> DraftBlock:
+        """Draft a token tree extending `committed` under the budget `shape` (see
+        `edgespec.core.tree_draft.grow_tree`: best-first, one draft forward per level, tree
+        attention); returns the block (tokens plus `parents`) to verify.
+
+        Greedy drafting and coupled sampling send token ids only; rejection sampling draws each
+        node's siblings independently from the draft's q and sends q per node (the verifier
+        runs `edgespec.core.tree.rejection_walk`). The depth is cut to tokens_left - 1 as
+        `propose` cuts k; a session with nothing to draft sends an empty tree. The draft cache
+        keeps the tree's fed nodes until `apply` compacts it to the accepted path. Needs a
+        croppable draft cache.
+        """
+        self._check_can_propose()
+        depth = min(shape.depth, self.tokens_left - 1)
+        tokens: tuple[int, ...] = ()
+        parents: tuple[int, ...] = ()
+        q: Tensor | None = None
+        self._fed_of = []
+        if depth > 0:
+            params = self.params if self._coupled_seed is not None else self.draft_params
+            grown = grow_tree(
+                self.runner, self.committed, params, replace(shape, depth=depth), self._generator
+            )
+            tokens, parents, q, self._fed_of = (
+                grown.tree.tokens,
+                grown.tree.parents,
+                grown.q,
+                grown.fed_of,
+            )
+        block = DraftBlock(
+            seq=self._new_seq(),
+            base_len=len(self.committed),
+            tokens=tokens,
+            draft_probs=self._draft_probs(q),
+            parents=parents,
+        )
+        self._pending = block
+        return block
+
     def propose_decode(self, n: int) -> DraftBlock:
         """A cloud-only block: the verifier decodes `n` tokens alone (1 <= n <= tokens_left) and
         answers with one verdict per token. No draft work."""
@@ -200,6 +245,8 @@ class Drafter:
         block = self._pending
         if block is None or block.decode_tokens or self._ahead is not None or self.finished:
             return -1
+        if block.parents is not None:
+            return -1  # no block goes ahead of a tree (which leaf is accepted is not guessed)
         if block.tokens and block.tokens[-1] in self._stop:
             return -1
         # If the pending block is accepted whole, it commits k + 1 tokens (the last is the guess).
@@ -359,9 +406,9 @@ class Drafter:
             raise RuntimeError("no block awaits a verdict")
         if verdict.seq != block.seq:
             raise ValueError(f"verdict seq must be {block.seq}, got {verdict.seq}")
-        if verdict.accepted > len(block.tokens):
+        if verdict.accepted > block.depth:
             raise ValueError(
-                f"verdict accepted must be in [0, {len(block.tokens)}], got {verdict.accepted}"
+                f"verdict accepted must be in [0, {block.depth}], got {verdict.accepted}"
             )
         base = len(self.committed)  # == block.base_len, except within a decode stream
         expected_len = base + verdict.accepted + 1
@@ -371,6 +418,8 @@ class Drafter:
             )
         self.last_ahead_hit = None
         self.dropped_ahead = None
+        if block.parents is not None:
+            return self._apply_tree(block, verdict, base)
         out = self._commit([*block.tokens[: verdict.accepted], verdict.token])
         if block.decode_tokens:
             # Nothing was drafted: the cache still holds a prefix of the committed tokens.
@@ -401,6 +450,23 @@ class Drafter:
         self.dropped_ahead = ahead
         # Draft cache holds committed + draft tokens fed so far; keep only the accepted part.
         self.runner.rollback(min(self.runner.length, base + verdict.accepted))
+        return out
+
+    def _apply_tree(self, block: DraftBlock, verdict: Verdict, base: int) -> list[int]:
+        """Commit a tree block's accepted path and token; the draft cache keeps the committed
+        prefix and the path's fed nodes."""
+        assert block.parents is not None
+        path = verdict.path or ()
+        node = -1
+        for i in path:
+            if not (0 <= i < len(block.tokens) and block.parents[i] == node):
+                raise ValueError(f"verdict path {path} is not a root path of the block's tree")
+            node = i
+        out = self._commit([*(block.tokens[i] for i in path), verdict.token])
+        self._pending = None
+        fed = [self._fed_of[i] for i in path if self._fed_of[i] is not None]
+        if self.runner.length > base:  # the cache holds committed + the fed nodes
+            self.runner.keep_nodes(base, fed)  # type: ignore[arg-type]
         return out
 
     def _commit(self, new: list[int]) -> list[int]:

@@ -24,6 +24,7 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -392,3 +393,78 @@ class AcceptanceEstimator:
             self.g = 0.0
             self.shifts += 1
             logger.info("acceptance shifted to %.2f (last %d rounds)", self.pooled(), since)
+
+
+# A priori P(the target's token is the draft's rank-r proposal | its parent was accepted), r >= 1.
+RANK_PRIOR = (0.15, 0.07, 0.04, 0.02)
+
+
+class RankAcceptance:
+    """What token-tree walks showed: P(the target's token at depth d is the node's rank-r
+    child | the walk stands on a depth-d node with more than r children), as decayed counts per
+    (depth, rank) for depths < max_depth and ranks < max_rank + 1.
+
+    `prob(d, r, prior)` shrinks the (d, r) rate towards a prior with `prior_weight`
+    pseudo-trials: for rank 0 the caller's (the chain's acceptance at that position), for ranks
+    >= 1 the rank's rate pooled over depths, itself starting from `RANK_PRIOR`. So a cold
+    estimator reproduces the chain model plus the rank prior, and tree rounds replace both by
+    what the trees actually achieved at each depth."""
+
+    def __init__(self, max_rank: int, max_depth: int, prior_weight: float, decay: float) -> None:
+        self._decay = decay
+        self._weight = prior_weight
+        ranks = max_rank + 1
+        self._hits = [[0.0] * ranks for _ in range(max_depth)]
+        self._trials = [[0.0] * ranks for _ in range(max_depth)]
+        self._pooled_hits = [
+            prior_weight * RANK_PRIOR[min(r, len(RANK_PRIOR)) - 1] for r in range(1, ranks)
+        ]
+        self._pooled_trials = [prior_weight] * max_rank
+
+    def update(self, steps: Sequence[tuple[int, int]]) -> None:
+        """One tree round's walk: per step from the root (its index is the depth), the
+        children of the node stood on and the rank taken (-1: none)."""
+        for table in (self._hits, self._trials):
+            for row in table:
+                row[:] = [v * self._decay for v in row]
+        self._pooled_hits = [h * self._decay for h in self._pooled_hits]
+        self._pooled_trials = [t * self._decay for t in self._pooled_trials]
+        for depth, (children, rank) in enumerate(steps[: len(self._hits)]):
+            for r in range(min(children, len(self._hits[depth]))):
+                self._trials[depth][r] += 1.0
+                self._hits[depth][r] += rank == r
+                if r:
+                    self._pooled_trials[r - 1] += 1.0
+                    self._pooled_hits[r - 1] += rank == r
+
+    def prob(self, depth: int, rank: int, prior: float) -> float:
+        """Estimated P(target = the rank-`rank` child at `depth`); `prior` is rank 0's (ignored
+        for ranks >= 1). 0 beyond the ranks tracked; the deepest row stands for deeper ones."""
+        if rank >= len(self._hits[0]):
+            return 0.0
+        if rank:
+            prior = self._pooled_hits[rank - 1] / self._pooled_trials[rank - 1]
+        d = min(depth, len(self._hits) - 1)
+        return (self._hits[d][rank] + self._weight * prior) / (self._trials[d][rank] + self._weight)
+
+
+class ShapeAcceptance:
+    """Accepted tokens per round of each token-tree shape run, as decayed sums and counts (all
+    shapes decay every round, so a shape not run lately loses its weight)."""
+
+    def __init__(self, decay: float) -> None:
+        self._decay = decay
+        self._sum: dict[tuple[int, ...], float] = {}
+        self._rounds: dict[tuple[int, ...], float] = {}
+
+    def update(self, shape: tuple[int, ...], accepted: int) -> None:
+        for key in self._sum:
+            self._sum[key] *= self._decay
+            self._rounds[key] *= self._decay
+        self._sum[shape] = self._sum.get(shape, 0.0) + accepted
+        self._rounds[shape] = self._rounds.get(shape, 0.0) + 1.0
+
+    def mean(self, shape: tuple[int, ...], prior: float, weight: float) -> tuple[float, float]:
+        """(the mean shrunk towards `prior` with `weight` pseudo-rounds, the rounds behind it)."""
+        rounds = self._rounds.get(shape, 0.0)
+        return (self._sum.get(shape, 0.0) + weight * prior) / (rounds + weight), rounds

@@ -12,6 +12,7 @@ from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs, make_generator, sample
 from edgespec.core.session import FINISH_LENGTH, FINISH_STOP, check_prompt_ids, derive_seed
+from edgespec.core.tree import TreeShape
 from edgespec.core.validation import check_int
 from edgespec.core.verifier import Verifier
 
@@ -73,9 +74,12 @@ def generate(
     draft: ModelRunner,
     prompt_ids: Sequence[int],
     params: SamplingParams,
-    k: int,
+    k: int = 0,
+    tree: TreeShape | None = None,
 ) -> GenerationResult:
-    """Speculative decoding with both models co-located, `k` draft tokens per round (k >= 0).
+    """Speculative decoding with both models co-located, `k` draft tokens per round (k >= 0),
+    or with `tree` a draft token tree of that shape per round (greedy or coupled sampling; k is
+    then unused, and the stats count a tree round's depth as its drafted positions).
 
     The output equals what `generate_autoregressive(target, ...)` produces: the same tokens for
     greedy params, the same distribution when sampling. Resets both runners' caches.
@@ -97,10 +101,10 @@ def generate(
     verifier = Verifier(target, prompt_ids, params)
     stats = SpecStats()
     while not drafter.finished:
-        block = drafter.propose(k)
+        block = drafter.propose(k) if tree is None else drafter.propose_tree(tree)
         verdict = verifier.verify(block)
         drafter.apply(verdict)
-        stats.observe_round(len(block.tokens), verdict.accepted)
+        stats.observe_round(block.depth, verdict.accepted)
     stats.target_forwards = target.forwards - t0
     stats.draft_forwards = draft.forwards - d0
     assert drafter.finish_reason is not None

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgespec.core.estimators import AcceptanceEstimator, AffineFit, RobustLevel
+from edgespec.core.estimators import (
+    AcceptanceEstimator,
+    AffineFit,
+    RankAcceptance,
+    RobustLevel,
+    ShapeAcceptance,
+)
 from edgespec.core.policies import Mode
 
 
@@ -32,6 +38,8 @@ class PolicyMemory:
     k: int
     speculative_rounds: int  # speculative rounds behind the estimates, over all sessions
     cloud_only_steps: int
+    ranks: RankAcceptance | None = None  # sibling-rank acceptance of token trees (TreePolicy)
+    shapes: ShapeAcceptance | None = None  # accepted tokens per tree shape (TreePolicy)
 
     @property
     def usable(self) -> bool:

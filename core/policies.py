@@ -15,11 +15,43 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from edgespec.core.cost_model import K_LIMIT
+from edgespec.core.tree import TreeShape
 from edgespec.core.validation import check_int, check_ms
 
 Mode = Literal["speculative", "cloud_only"]
+
 SPECULATIVE: Mode = "speculative"
 CLOUD_ONLY: Mode = "cloud_only"
+
+
+@dataclass(frozen=True)
+class TreeOutcome:
+    """What a token-tree round showed, for a policy that learns tree shapes.
+
+    `levels`: draft forwards spent growing the tree; `depth`: the tree's depth in levels (the
+    most tokens one walk can accept). `steps`: one entry per step of
+    the verifier's walk from the root, (children of the node the walk stood on, the sibling rank
+    of the child it took, or -1 when the target's token was none of them); a step at a leaf is
+    not listed (nothing to learn). `spine`: the depth of the rank-0 path (always the first
+    child), the chain a chain round of the same draft would have sent; `spine_accepted`: how
+    many of its tokens the walk accepted (the chain round's accepted count).
+    """
+
+    levels: int
+    depth: int
+    steps: tuple[tuple[int, int], ...]
+    spine: int
+    spine_accepted: int
+
+    def __post_init__(self) -> None:
+        check_int("levels", self.levels, 1, K_LIMIT)
+        check_int("depth", self.depth, 1, K_LIMIT)
+        check_int("spine", self.spine, 0, K_LIMIT)
+        check_int("spine_accepted", self.spine_accepted, 0, self.spine)
+        for children, rank in self.steps:
+            check_int("children", children, 1)
+            check_int("rank", rank, -1, children - 1)
+        object.__setattr__(self, "steps", tuple(self.steps))
 
 
 @dataclass(frozen=True)
@@ -45,6 +77,8 @@ class RoundObservation:
     queue_ms: float = 0.0  # time the block waited at the verifier before its forward
     cloud_only: bool = False  # this was a cloud-only decode step, not a speculative round
     tokens: int | None = None  # tokens committed; None => accepted + 1 (speculative) or 1
+    # A token-tree round: k is its node count, accepted its path length, draft_ms all levels.
+    tree: TreeOutcome | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cloud_only, bool):
@@ -82,6 +116,9 @@ class Decision:
     k: int
     stream_tokens: int = 0  # cloud_only: tokens to stream before asking again; else 0
     probe: bool = False
+    # speculative: draft a token tree of this shape (k = its depth), where the session can (a
+    # verifier with tree_blocks, greedy or coupled sampling); a chain of k otherwise
+    tree: TreeShape | None = None
 
     def __post_init__(self) -> None:
         if self.mode == SPECULATIVE:
@@ -94,6 +131,12 @@ class Decision:
             raise ValueError(f"mode must be 'speculative' or 'cloud_only', got {self.mode!r}")
         if not isinstance(self.probe, bool):
             raise ValueError(f"probe must be a bool, got {self.probe!r}")
+        if self.tree is not None:
+            if self.mode != SPECULATIVE or not isinstance(self.tree, TreeShape):
+                raise ValueError(
+                    f"tree must be a TreeShape of a speculative decision, got {self.tree!r}"
+                )
+            check_int("k", self.k, self.tree.depth, self.tree.depth)
 
 
 @runtime_checkable
@@ -151,6 +194,23 @@ class HeuristicPolicy:
 
     def __repr__(self) -> str:
         return f"HeuristicPolicy(k={self.k}, k_min={self.k_min}, k_max={self.k_max})"
+
+
+class FixedTreePolicy:
+    """Always drafts a token tree of one shape (the tree counterpart of `FixedPolicy`)."""
+
+    def __init__(self, nodes: int = 32, depth: int = 8, width: int = 3) -> None:
+        self.shape = TreeShape(nodes, depth, width)
+
+    def choose(self) -> Decision:
+        return Decision(SPECULATIVE, self.shape.depth, tree=self.shape)
+
+    def observe(self, obs: RoundObservation) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        s = self.shape
+        return f"FixedTreePolicy(nodes={s.nodes}, depth={s.depth}, width={s.width})"
 
 
 STREAM_ALL = 1 << 20  # CloudOnlyPolicy's default chunk: more than any generation, i.e. one stream

@@ -229,7 +229,8 @@ def get_profile(name: str | ComputeProfile) -> ComputeProfile:
 
 
 class PaddedRunner(ModelRunner):
-    """A `ModelRunner` whose every `prefill`/`extend` takes at least its modelled time.
+    """A `ModelRunner` whose every `prefill`/`extend`/`extend_tree` takes at least its modelled
+    time (a tree forward costs what a block of as many tokens does).
 
     It runs the real model (outputs unchanged), then sleeps for what the model's time leaves
     (`cost.ms(n)` for n tokens fed, `prefill_cost` for a prefill). When the real forward alone
@@ -262,6 +263,14 @@ class PaddedRunner(ModelRunner):
         t0 = time.perf_counter()
         out = super().extend(ids)
         self._pad(t0, self.cost.ms(self._count(ids)))
+        return out
+
+    def extend_tree(
+        self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
+    ) -> Tensor:
+        t0 = time.perf_counter()
+        out = super().extend_tree(ids, parents, tree_start)
+        self._pad(t0, self.cost.ms(len(ids)))
         return out
 
     @staticmethod

@@ -10,6 +10,10 @@ names and what their factories make of a spec:
 - ``"adaptive"``: `AdaptivePolicy(AdaptiveConfig(k_init=k, k_max=..., pipelined=...), memory)`;
   options: the fields of `AdaptiveConfig`.
 - ``"cloud_only"``: `CloudOnlyPolicy()`; option ``stream_tokens``.
+- ``"tree"``: `FixedTreePolicy()`, token trees of one shape; options ``nodes``, ``depth``,
+  ``width``.
+- ``"adaptive_tree"``: `TreePolicy`, the adaptive policy that also chooses token-tree shapes;
+  options: the fields of `AdaptiveConfig`.
 
 A spec field left at None leaves the policy's own default; an option overrides what the factory
 derives from the spec.
@@ -23,7 +27,14 @@ from typing import Any
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.link_memory import PolicyMemory
-from edgespec.core.policies import CloudOnlyPolicy, DraftLengthPolicy, FixedPolicy, HeuristicPolicy
+from edgespec.core.policies import (
+    CloudOnlyPolicy,
+    DraftLengthPolicy,
+    FixedPolicy,
+    FixedTreePolicy,
+    HeuristicPolicy,
+)
+from edgespec.core.tree_policy import TreePolicy
 from edgespec.core.validation import check_int
 
 # Blocks longer than this pay off only with acceptance near 1: a spec's `max_k` caps the
@@ -88,13 +99,15 @@ class _Entry:
     options: tuple[str, ...]  # the option names `PolicySpec.options` may hold
 
 
+def adaptive_config(spec: PolicySpec) -> AdaptiveConfig:
+    """The `AdaptiveConfig` a spec asks for."""
+    return AdaptiveConfig(**spec.kwargs(k_init=spec.k, k_max=spec.k_max, pipelined=spec.pipelined))
+
+
 def adaptive_policy(spec: PolicySpec) -> AdaptivePolicy:
     """The "adaptive" factory: also what learns a link beside any other policy (the edge's
     shadow learner), so it is callable directly."""
-    config = AdaptiveConfig(
-        **spec.kwargs(k_init=spec.k, k_max=spec.k_max, pipelined=spec.pipelined)
-    )
-    return AdaptivePolicy(config, spec.memory)
+    return AdaptivePolicy(adaptive_config(spec), spec.memory)
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -105,6 +118,11 @@ _REGISTRY: dict[str, _Entry] = {
     ),
     "adaptive": _Entry(adaptive_policy, tuple(f.name for f in fields(AdaptiveConfig))),
     "cloud_only": _Entry(lambda spec: CloudOnlyPolicy(**spec.kwargs()), ("stream_tokens",)),
+    "tree": _Entry(lambda spec: FixedTreePolicy(**spec.kwargs()), ("nodes", "depth", "width")),
+    "adaptive_tree": _Entry(
+        lambda spec: TreePolicy(adaptive_config(spec), spec.memory),
+        tuple(f.name for f in fields(AdaptiveConfig)),
+    ),
 }
 
 

@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 TokenIds = Sequence[int] | Tensor
 
 
+def additive_mask(allowed: Tensor) -> Tensor:
+    """A boolean attention mask (True: may attend) as the additive float32 mask models take."""
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+
 def cache_argument(model: PreTrainedModel) -> str:
     """The name under which `model.forward` takes and returns its KV cache: ``"cache"`` from
     transformers 5.24 on (where ``past_key_values`` still works but warns that it goes in 5.40),
@@ -203,21 +209,29 @@ class ModelRunner:
             mask=self._tree_mask(parents, start, n),
         )
 
+    def attention_windows(self) -> dict[str, int | None] | int | None:
+        """The sliding window each attention kind applies: an int (or None: full attention)
+        when every layer is of one kind, else a dict per kind ("full_attention",
+        "sliding_attention", ...). A custom (4D) mask must apply these windows itself."""
+        config = self.model.config.get_text_config()
+        window = getattr(config, "sliding_window", None)
+        kinds = set(getattr(config, "layer_types", None) or ())
+        if len(kinds) > 1:
+            return {k: window if k == "sliding_attention" else None for k in kinds}
+        return window if kinds != {"full_attention"} else None
+
     def _tree_mask(self, parents: Sequence[int], start: int, n: int) -> Tensor | dict[str, Tensor]:
         """The additive 4D tree mask of the last `n` nodes; a dict per attention kind for models
         that mix full and sliding layers (each kind gets its own window)."""
-        config = self.model.config.get_text_config()
-        window = getattr(config, "sliding_window", None)
 
         def additive(w: int | None) -> Tensor:
             allowed = tree_attention_mask(parents, start, w)[-n:].to(self.device)
-            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
-            return mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
+            return additive_mask(allowed)[None, None]
 
-        kinds = set(getattr(config, "layer_types", None) or ())
-        if len(kinds) > 1:
-            return {k: additive(window if k == "sliding_attention" else None) for k in kinds}
-        return additive(window if kinds != {"full_attention"} else None)
+        windows = self.attention_windows()
+        if isinstance(windows, dict):
+            return {k: additive(w) for k, w in windows.items()}
+        return additive(windows)
 
     def keep_nodes(self, start: int, nodes: Sequence[int]) -> None:
         """Keep cache entries [0, start) plus entries start + i for i in `nodes` (ascending),

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgespec.core.rejection import DraftProbs
+from edgespec.core.tree import node_depths
 from edgespec.core.validation import check_int, check_ms, is_int
 
 FINISH_STOP = "stop"  # a stop token was generated (it is part of the output)
@@ -83,6 +84,10 @@ class DraftBlock:
     # Pipelined drafting: the token assumed at position base_len - 1 (the guessed bonus token of
     # the block before); the block is stale unless the verifier's last token is this. None = any.
     anchor_token: int | None = None
+    # A token tree (`edgespec.core.tree`): parents[i] is the index of node i's parent (an earlier
+    # node) or -1 (a child of the last committed token). None: a chain (each token the child of
+    # the one before). A tree's verdict names its accepted path (`Verdict.path`).
+    parents: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq, 0)
@@ -100,11 +105,33 @@ class DraftBlock:
             )
         if self.anchor_token is not None:
             check_int("anchor_token", self.anchor_token, 0)
+        if self.parents is not None:
+            parents = tuple(self.parents)
+            if len(parents) != len(tokens):
+                raise ValueError(
+                    f"parents must have one entry per token ({len(tokens)}), got {len(parents)}"
+                )
+            for i, parent in enumerate(parents):
+                if not is_int(parent) or not -1 <= parent < i:
+                    raise ValueError(f"parents[{i}] must be an int in [-1, {i}), got {parent!r}")
+            object.__setattr__(self, "parents", parents)
 
     @property
     def identity(self) -> tuple:
         """What defines the block (a resend must match it); q is excluded (a re-decoded copy)."""
-        return (self.base_len, self.tokens, self.decode_tokens, self.anchor_token)
+        return (self.base_len, self.tokens, self.decode_tokens, self.anchor_token, self.parents)
+
+    @property
+    def is_tree(self) -> bool:
+        """The block is a token tree (it has `parents`), not a chain."""
+        return self.parents is not None
+
+    @property
+    def depth(self) -> int:
+        """Levels of draft tokens: the most draft tokens one verdict can accept (k for a chain)."""
+        if self.parents is None:
+            return len(self.tokens)
+        return max(node_depths(self.parents), default=-1) + 1
 
 
 @dataclass(frozen=True)
@@ -117,10 +144,20 @@ class Verdict:
     is_bonus: bool
     committed_len: int  # verifier's committed length after this verdict: base_len + accepted + 1
     verify_ms: float  # verifier compute time for the block (prepare + forward + rejection)
+    # A tree block's accepted nodes, root child first (`accepted` of them); None for a chain,
+    # whose accepted tokens are its first `accepted`.
+    path: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq, 0)
         check_int("accepted", self.accepted, 0)
+        if self.path is not None:
+            path = tuple(self.path)
+            if len(path) != self.accepted:
+                raise ValueError(f"path must hold accepted={self.accepted} nodes, got {len(path)}")
+            for node in path:
+                check_int("path[i]", node, 0)
+            object.__setattr__(self, "path", path)
         check_int("token", self.token, 0)
         check_int("committed_len", self.committed_len, 1)
         if not isinstance(self.is_bonus, bool):

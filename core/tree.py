@@ -24,8 +24,24 @@ from torch import Tensor
 
 from edgespec.core.coupling import coupled_tokens
 from edgespec.core.params import SamplingParams
+from edgespec.core.sampling import categorical
+from edgespec.core.validation import check_int
 
 ROOT = -1  # the parent of a root child: the last committed token
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A tree budget: at most `nodes` nodes, `depth` levels, `width` children per node."""
+
+    nodes: int = 16
+    depth: int = 6
+    width: int = 3
+
+    def __post_init__(self) -> None:
+        check_int("nodes", self.nodes, 1, 4096)
+        check_int("depth", self.depth, 1, 256)
+        check_int("width", self.width, 1, 64)
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,69 @@ def walk_tree(tree: DraftTree, pick: Callable[[int, int], int]) -> TreeVerdict:
             return TreeVerdict(path=tuple(path), token=token)
         path.append(match)
         node, depth = match, depth + 1
+
+
+def walk_steps(
+    tree: DraftTree, path: Sequence[int]
+) -> tuple[tuple[tuple[int, int], ...], int, int]:
+    """What a walk along accepted `path` showed: per step from the root, (children of the node
+    stood on, rank among them of the child taken or -1 at the step that ended the walk), leaves
+    skipped; and the depth of the rank-0 spine (first children) with how much of it the walk
+    accepted. Children rank in index order (`grow_tree` lists a node's children best first)."""
+    steps: list[tuple[int, int]] = []
+    node = ROOT
+    for nxt in [*path, None]:
+        kids = tree.children(node)
+        if kids:
+            steps.append((len(kids), kids.index(nxt) if nxt is not None else -1))
+        if nxt is None:
+            break
+        node = nxt
+    spine, node = 0, ROOT
+    while kids := tree.children(node):
+        spine, node = spine + 1, kids[0]
+    taken = 0
+    while taken < len(steps) and steps[taken][1] == 0:
+        taken += 1
+    return tuple(steps), spine, min(taken, spine)
+
+
+def rejection_walk(
+    tree: DraftTree, target_probs: Tensor, draft_probs: Tensor, generator: torch.Generator | None
+) -> TreeVerdict:
+    """Rejection sampling over a tree whose siblings were drawn independently from one q (the
+    draft's distribution at their parent), as in SpecInfer's multi-step speculative sampling.
+
+    `target_probs` (n + 1, V): row 0 is p at the root, row i + 1 p after node i. `draft_probs`
+    (n, V): row i is the q node i was drawn from (the same for siblings). At each node of the
+    walk its children are tried in index order: child x is accepted with probability
+    min(1, p(x) / q(x)); a rejection replaces p by the residual norm(max(p - q, 0)) for the next
+    sibling. The first accepted child continues the walk; when all are rejected (or at a leaf) a
+    token drawn from the current p ends it. The emitted tokens follow the target's distribution
+    exactly (each step: the sibling tests are rejection sampling against i.i.d. proposals, and
+    the residual is what is left of p after each). Greedy drafts are the one-hot case."""
+    node = ROOT
+    path: list[int] = []
+    while True:
+        p = target_probs[node + 1].to(torch.float64)
+        taken = None
+        for child in tree.children(node):
+            x = tree.tokens[child]
+            q = draft_probs[child].to(torch.float64)
+            q = q / q.sum()
+            u = float(torch.rand((), generator=generator, device=p.device, dtype=torch.float64))
+            if u * float(q[x]) < float(p[x]):
+                taken = child
+                break
+            residual = (p - q).clamp_(min=0.0)
+            mass = float(residual.sum())
+            # p <= q everywhere (mass 0) leaves nothing to reject into: then p(x) >= q(x) for x
+            # in q's support, and the test above accepts surely; keep p for rounding's sake.
+            p = residual / mass if mass > 0 else p
+        if taken is None:
+            return TreeVerdict(path=tuple(path), token=int(categorical(p, generator)))
+        path.append(taken)
+        node = taken
 
 
 def target_pick(rows: Tensor, params: SamplingParams, base: int) -> Callable[[int, int], int]:

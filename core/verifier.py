@@ -26,6 +26,7 @@ from edgespec.core.session import (
     check_prompt_ids,
     derive_seed,
 )
+from edgespec.core.tree import ROOT, DraftTree, rejection_walk, target_pick, walk_tree
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class PendingVerify:
     feed: list[int]  # tokens to append to the target cache: missing committed + draft tokens
     start_len: int  # target cache length before the forward
     started: float  # perf_counter at prepare, for verify_ms
+    # A tree block: the parent of every fed token (`edgespec.core.tree.DraftTree` convention,
+    # the missing committed tokens a chain before the tree's nodes); None for a chain.
+    parents: list[int] | None = None
 
 
 class Verifier:
@@ -92,8 +96,14 @@ class Verifier:
         if pending is None:
             assert self.last_verdict is not None
             return self.last_verdict
-        logits = self.runner.extend(pending.feed)  # (len(feed), V)
-        return self.complete(pending, logits)
+        return self.complete(pending, self.forward(pending))
+
+    def forward(self, pending: PendingVerify) -> Tensor:
+        """The target forward over `pending.feed` (tree attention for a tree block): logits
+        (len(feed), V)."""
+        if pending.parents is not None:
+            return self.runner.extend_tree(pending.feed, pending.parents)
+        return self.runner.extend(pending.feed)
 
     def prepare(self, block: DraftBlock) -> PendingVerify | None:
         """Check the block against the session state; None means 'resend: reuse last_verdict'."""
@@ -124,8 +134,20 @@ class Verifier:
                 )
             block.draft_probs.validate(k, vocab)
         start = self.runner.length
-        feed = self._tokens[start:] + list(block.tokens)
-        return PendingVerify(block=block, feed=feed, start_len=start, started=time.perf_counter())
+        missing = self._tokens[start:]
+        parents = None
+        if block.parents is not None:
+            if self.runner.rollback_mode != "crop":
+                raise ValueError("parents: this target's cache cannot verify token trees")
+            m = len(missing)
+            parents = list(range(-1, m - 1)) + [p + m if p >= 0 else m - 1 for p in block.parents]
+        return PendingVerify(
+            block=block,
+            feed=missing + list(block.tokens),
+            start_len=start,
+            started=time.perf_counter(),
+            parents=parents,
+        )
 
     def continue_decode(self) -> PendingVerify:
         """The next step of the last block, a cloud-only decode block that `complete` has applied
@@ -149,6 +171,8 @@ class Verifier:
         block = pending.block
         k = len(block.tokens)
         rows = logits[-(k + 1) :]  # (k+1, V)
+        if block.parents is not None:
+            return self._complete_tree(pending, rows)
         result = self._accept(block, rows)
         # Cache now holds committed + all k draft tokens; keep committed + accepted ones, so the
         # new last committed token (result.token) is the one fed first next round. (The committed
@@ -163,6 +187,44 @@ class Verifier:
             is_bonus=result.is_bonus,
             committed_len=len(self._tokens),
             verify_ms=(time.perf_counter() - pending.started) * 1e3,
+        )
+        self._last_block = block
+        self.last_verdict = verdict
+        return verdict
+
+    def _complete_tree(self, pending: PendingVerify, rows: Tensor) -> Verdict:
+        """A tree block's verdict: the exact walk (`walk_tree`) over rows (n + 1, V) (row 0
+        scores the root, row i + 1 the position after node i); the cache keeps the committed
+        tokens and the accepted path only."""
+        block = pending.block
+        assert block.parents is not None
+        tree = DraftTree(block.tokens, block.parents)
+        if self.params.is_greedy or self.params.is_coupled:
+            walk = walk_tree(tree, target_pick(rows, self.params, len(self._tokens)))
+        else:  # rejection sampling: the nodes' q came with the block
+            vocab = rows.shape[-1]
+            q = (
+                block.draft_probs.to_dense(vocab).to(rows.device)
+                if block.draft_probs is not None
+                else torch.nn.functional.one_hot(
+                    torch.tensor(block.tokens, device=rows.device, dtype=torch.long), vocab
+                ).float()
+            )
+            walk = rejection_walk(tree, logits_to_probs(rows, self.params), q, self._generator)
+        m = len(pending.feed) - len(tree)  # committed tokens fed before the tree
+        self.runner.keep_nodes(pending.start_len, list(range(m)) + [m + i for i in walk.path])
+        self._tokens.extend(tree.tokens[i] for i in walk.path)
+        self._tokens.append(walk.token)
+        last = walk.path[-1] if walk.path else ROOT
+        verdict = Verdict(
+            seq=block.seq,
+            accepted=len(walk.path),
+            token=walk.token,
+            # the walk ran off the tree (a leaf accepted): the token is a bonus, not a correction
+            is_bonus=not tree.children(last),
+            committed_len=len(self._tokens),
+            verify_ms=(time.perf_counter() - pending.started) * 1e3,
+            path=walk.path,
         )
         self._last_block = block
         self.last_verdict = verdict

@@ -180,6 +180,7 @@ class GrpcVerifierLink(VerifierLink):
             model_id=response.model_id,
             prefill_ms=response.prefill_ms,
             compute_profile=response.compute_profile or "real",
+            tree_blocks=response.tree_blocks,
             open_rtt_ms=max(open_ms - response.prefill_ms, 0.0) if reused else None,
         )
         self._channel = channel

@@ -52,6 +52,8 @@ class OpenedSession(Protocol):
     def prefill_ms(self) -> float: ...
     @property
     def compute_profile(self) -> str: ...
+    @property
+    def tree_blocks(self) -> bool: ...
 
 
 class VerifyOutcome(Protocol):
@@ -138,6 +140,7 @@ class InProcessVerifierLink(VerifierLink):
             model_id=opened.model_id,
             prefill_ms=opened.prefill_ms,
             compute_profile=opened.compute_profile,
+            tree_blocks=opened.tree_blocks,
             open_rtt_ms=0.0,
         )
         self._open = True

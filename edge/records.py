@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, RoundObservation
+from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, RoundObservation, TreeOutcome
 from edgespec.edge.round_timing import RoundTiming
 
 
@@ -38,6 +38,12 @@ class RoundRecord:
     pipelined: bool = False  # the block was drafted ahead, during the previous round, and used
     probe: bool = False  # the policy marked the decision an exploration probe
     draft_forwards: int = 0  # draft forward passes spent on the block
+    tree: TreeOutcome | None = None  # a token-tree round: what its walk showed (drafted = nodes)
+
+    @property
+    def positions(self) -> int:
+        """Draft positions the round could accept: k for a chain, the depth of a tree."""
+        return self.drafted if self.tree is None else self.tree.depth
 
     @property
     def network_ms(self) -> float:
@@ -79,7 +85,8 @@ def observation_from_record(record: RoundRecord) -> RoundObservation | None:
     return RoundObservation(
         k=record.drafted,
         accepted=record.accepted,
-        draft_ms=max(per_forward * record.drafted, 0.0),
+        draft_ms=max(per_forward * record.drafted if record.tree is None else record.draft_ms, 0.0),
+        tree=record.tree,
         verify_ms=max(t.verify_ms, 0.0),
         network_ms=network,
         queue_ms=max(t.queue_ms, 0.0),
@@ -119,11 +126,11 @@ class EdgeStats:
         self.drafted += record.drafted
         self.accepted += record.accepted
         self.draft_lengths.append(record.drafted)
-        grow = record.drafted - len(self.drafted_per_position)
+        grow = record.positions - len(self.drafted_per_position)
         if grow > 0:
             self.drafted_per_position.extend([0] * grow)
             self.accepted_per_position.extend([0] * grow)
-        for i in range(record.drafted):
+        for i in range(record.positions):
             self.drafted_per_position[i] += 1
         for i in range(record.accepted):
             self.accepted_per_position[i] += 1

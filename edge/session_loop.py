@@ -39,9 +39,11 @@ from edgespec.core.policies import (
     Decision,
     DraftLengthPolicy,
     RoundObservation,
+    TreeOutcome,
 )
 from edgespec.core.rejection import DraftProbs
-from edgespec.core.session import DraftBlock
+from edgespec.core.session import DraftBlock, Verdict
+from edgespec.core.tree import DraftTree, walk_steps
 from edgespec.edge.records import EdgeStats, RoundRecord, observation_from_record
 from edgespec.edge.recovery import Recovery
 from edgespec.edge.round_timing import RoundTiming, round_timing
@@ -52,7 +54,8 @@ Compute = Callable[..., Awaitable[Any]]
 
 
 def truncate_block(block: DraftBlock, k: int) -> DraftBlock:
-    """The first k draft tokens of `block` (still a valid block: a prefix of a draft is one)."""
+    """The first k draft tokens of `block` (still a valid block: a prefix of a draft is one,
+    and so are a tree's first k nodes, parents coming before their children)."""
     q = block.draft_probs
     if q is not None:
         q = (
@@ -60,7 +63,8 @@ def truncate_block(block: DraftBlock, k: int) -> DraftBlock:
             if q.ids is None
             else DraftProbs.sparse(q.ids[:k], q.probs[:k])
         )
-    return replace(block, tokens=block.tokens[:k], draft_probs=q)
+    parents = block.parents[:k] if block.parents is not None else None
+    return replace(block, tokens=block.tokens[:k], draft_probs=q, parents=parents)
 
 
 def _timed(fn: Callable, drafter: Drafter, n: int) -> tuple[DraftBlock | None, float, int]:
@@ -154,6 +158,13 @@ class SessionLoop:
                 if decision.mode == CLOUD_ONLY:
                     block = d.propose_decode(min(decision.stream_tokens, d.tokens_left))
                     self.blocks[block.seq] = _Sent(block, 0, probe=decision.probe)
+                elif decision.tree is not None and self._trees_ok():
+                    # a tree's size is the verifier's business (max_block_tokens), not max_k's
+                    assert self.link.session is not None  # _trees_ok
+                    nodes = min(decision.tree.nodes, self.link.session.max_block_tokens)
+                    shape = replace(decision.tree, nodes=nodes)
+                    block, ms, forwards = await self.compute(_timed, d.propose_tree, d, shape)
+                    self.blocks[block.seq] = _Sent(block, shape.depth, ms, forwards, decision.probe)
                 else:
                     k = self._clip_k(decision.k)
                     block, ms, forwards = await self.compute(_timed, d.propose, d, k)
@@ -165,6 +176,13 @@ class SessionLoop:
                     yield new
             else:
                 yield await self._speculative_round(pending)
+
+    def _trees_ok(self) -> bool:
+        """Token trees can be sent: the verifier takes them (known once a session is open) and
+        the draft's cache can be compacted to a path. Otherwise a tree decision runs as a chain
+        of its depth."""
+        session = self.link.session
+        return session is not None and session.tree_blocks and self.drafter.runner.batchable
 
     def _clip_k(self, k: int) -> int:
         hi = self.max_k
@@ -210,6 +228,7 @@ class SessionLoop:
                 k=sent.k,
                 drafted=len(pending.tokens),
                 accepted=reply.verdict.accepted,
+                tree=self._tree_outcome(pending, reply.verdict, sent.draft_forwards),
                 draft_ms=sent.draft_ms,
                 round_ms=(reply.received - self.last_end) * 1e3,
                 apply_ms=apply_ms,
@@ -224,6 +243,21 @@ class SessionLoop:
             reply,
         )
         return new
+
+    @staticmethod
+    def _tree_outcome(block: DraftBlock, verdict: Verdict, forwards: int) -> TreeOutcome | None:
+        """What a tree round's walk showed the policy; None for a chain or an empty tree."""
+        if block.parents is None or not block.tokens:
+            return None
+        tree = DraftTree(block.tokens, block.parents)
+        steps, spine, spine_accepted = walk_steps(tree, verdict.path or ())
+        return TreeOutcome(
+            levels=max(forwards, 1),
+            depth=block.depth,
+            steps=steps,
+            spine=spine,
+            spine_accepted=spine_accepted,
+        )
 
     async def _send_ahead(self) -> None:
         """Pipelining: draft the block after the pending one and send it (depth 1)."""

@@ -76,6 +76,7 @@ class SessionInfo:
     model_id: str
     prefill_ms: float
     compute_profile: str = "real"  # the verifier's compute profile ("real" or an emulated one)
+    tree_blocks: bool = False  # the verifier takes token trees (DraftBlock.parents)
     # opening's wall time less the verifier's prefill: one RTT sample; None when the call also
     # set up the connection (a fresh channel costs extra round trips)
     open_rtt_ms: float | None = None

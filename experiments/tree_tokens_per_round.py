@@ -4,7 +4,7 @@
 For greedy decoding and coupled sampling (T = 1, seed 7), over the first 4 bench prompts of 64
 tokens each: the mean tokens each target forward commits (accepted + 1) for chains of k = 2, 4,
 6, 8 (`edgespec.core.generate.generate`) and trees of 16, 32 and 64 nodes
-(`edgespec.core.tree_generate.generate_tree`). Every output equals the target alone's (checked).
+(`edgespec.core.generate.generate` with a tree shape). Every output equals the target alone's (checked).
 No link and no timing: this is the acceptance side of issue 14 only.
 """
 
@@ -20,7 +20,7 @@ from edgespec.core.generate import GenerationResult, generate, generate_autoregr
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from edgespec.core.tree_generate import TreeShape, generate_tree
+from edgespec.core.tree import TreeShape
 
 logger = logging.getLogger(__name__)
 SHAPES = (TreeShape(16, 6, 2), TreeShape(32, 8, 3), TreeShape(64, 8, 4))
@@ -65,7 +65,7 @@ def main() -> None:
         for shape in SHAPES:
             method = f"tree_{shape.nodes}n_d{shape.depth}_w{shape.width}"
             value = mean_tokens(
-                lambda p, s=shape, sp=params: generate_tree(target, draft, p, sp, s), method
+                lambda p, s=shape, sp=params: generate(target, draft, p, sp, tree=s), method
             )
             result["rows"].append({"setting": name, "method": method, "tokens_per_forward": value})
         logger.info("%s done", name)

@@ -130,6 +130,8 @@ def block_to_proto(block: DraftBlock, session_id: str = "") -> pb.DraftBlock:
     )
     if block.anchor_token is not None:
         msg.anchor_token = block.anchor_token
+    if block.parents is not None:
+        msg.parents.extend(block.parents)
     q = block.draft_probs
     if q is None:
         return msg
@@ -152,7 +154,8 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     Checks the wire structure only: token ids >= 0, ``base_len`` >= 1, probs whose sizes fit
     the k = len(tokens) draft tokens (dense: k*V values, V >= 1; sparse: k row lengths adding up to
     the number of ids and probs), ``decode_tokens`` >= 0 and 0 unless k = 0, ``anchor_token``
-    (when set) >= 0. Value checks against the vocabulary (ids < V, rows summing to 1) are left
+    (when set) >= 0, ``parents`` (when any) one per token, each -1 or an earlier index. Value
+    checks against the vocabulary (ids < V, rows summing to 1) are left
     to the receiver. Raises `FieldError` naming the field.
     """
     tokens = tuple(msg.tokens)
@@ -170,6 +173,20 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     anchor = msg.anchor_token if msg.HasField("anchor_token") else None
     if anchor is not None:
         _check_field_int("anchor_token", anchor, 0)
+    parents = tuple(msg.parents) if len(msg.parents) else None
+    if parents is not None:
+        if len(parents) != k:
+            raise FieldError(
+                "parents",
+                f"parents must hold one entry per token ({k}) or none, got {len(parents)}",
+            )
+        for i, parent in enumerate(parents):
+            if not -1 <= parent < i:
+                raise FieldError(
+                    f"parents[{i}]",
+                    f"parents[{i}] must be -1 or an earlier node's index, in [-1, {i}), "
+                    f"got {parent}",
+                )
     form = msg.probs.WhichOneof("form") if msg.HasField("probs") else None
     draft_probs = None
     if form is not None and k == 0:
@@ -185,6 +202,7 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
         draft_probs=draft_probs,
         decode_tokens=msg.decode_tokens,
         anchor_token=anchor,
+        parents=parents,
     )
 
 
@@ -254,6 +272,7 @@ def verdict_to_proto(
         committed_len=verdict.committed_len,
         verify_ms=verdict.verify_ms,
         queue_ms=queue_ms,
+        path=verdict.path or (),
     )
 
 
@@ -279,6 +298,7 @@ def verdict_from_proto(msg: pb.Verdict) -> Verdict:
             is_bonus=msg.is_bonus,
             committed_len=msg.committed_len,
             verify_ms=msg.verify_ms,
+            path=tuple(msg.path) if len(msg.path) else None,
         )
     except ValueError as err:
         raise FieldError(str(err).split(" ", 1)[0], str(err)) from err

@@ -5,7 +5,7 @@
 - ``tokens_per_s_vs_rtt.png``: median tokens/s per method against RTT (symlog x: 0 is on the
   axis), [min, max] over reps as error bars; the jitter and bandwidth cases as separate markers at
   their nominal RTT; in-process methods (co-located, edge-only draft) as horizontal lines; the
-  crossover RTT as a vertical line.
+  crossover RTTs (cloud-only against chains, and against token trees) as vertical lines.
 - ``k_vs_rtt.png``: mean draft length chosen against RTT per adaptive method, and the share of
   tokens they took from cloud-only decoding.
 - ``varying_rtt.png``: the time-varying run: scheduled and measured RTT over time, the adaptive
@@ -131,11 +131,14 @@ def plot_tokens_per_s(result: dict, path: str | Path) -> Path:
     for case, marker in _MARKERS.items():
         if any(r["case"] == case for r in rows):
             ax.scatter([], [], marker=marker, color="gray", label=f"{case} case")
-    crossover = result.get("crossover_rtt_ms")
-    if crossover is not None:
-        ax.axvline(
-            crossover, color="gray", lw=0.8, ls="-.", label=f"cloud-only wins from {crossover:g} ms"
-        )
+    crossovers = (
+        ("chains", result.get("crossover_rtt_ms"), "-."),
+        ("trees", result.get("checks", {}).get("trees", {}).get("crossover_rtt_ms_trees"), ":"),
+    )
+    for what, rtt, style in crossovers:
+        if rtt is not None:
+            label = f"cloud-only beats {what} from {rtt:g} ms"
+            ax.axvline(rtt, color="gray", lw=0.8, ls=style, label=label)
     _rtt_axis(ax, rows)
     if top is not None:
         ax.set_ylim(0, top)

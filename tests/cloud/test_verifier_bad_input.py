@@ -187,6 +187,46 @@ BAD_INPUTS = {
         INVALID_ARGUMENT,
         "probs.sparse",
     ),
+    "parents not one per token": (
+        _verify(
+            lambda s: pb.DraftBlock(session_id=s, seq=0, base_len=6, tokens=[1, 2], parents=[-1])
+        ),
+        INVALID_ARGUMENT,
+        "parents",
+    ),
+    "parent not an earlier node": (
+        _verify(
+            lambda s: pb.DraftBlock(session_id=s, seq=0, base_len=6, tokens=[1, 2], parents=[-1, 1])
+        ),
+        INVALID_ARGUMENT,
+        "parents[1]",
+    ),
+    "parent below -1": (
+        _verify(
+            lambda s: pb.DraftBlock(session_id=s, seq=0, base_len=6, tokens=[1, 2], parents=[-2, 0])
+        ),
+        INVALID_ARGUMENT,
+        "parents[0]",
+    ),
+    "tree deeper than max_new_tokens allows": (
+        _verify(
+            lambda s: pb.DraftBlock(
+                session_id=s, seq=0, base_len=6, tokens=[1, 2, 3, 4], parents=[-1, -1, 0, 2]
+            ),
+            params=SamplingParams(max_new_tokens=3),
+        ),
+        INVALID_ARGUMENT,
+        "parents",
+    ),
+    "tree with more nodes than max_block_tokens": (
+        _verify(
+            lambda s: pb.DraftBlock(
+                session_id=s, seq=0, base_len=6, tokens=[1] * 9, parents=[-1] * 9
+            )
+        ),
+        INVALID_ARGUMENT,
+        "tokens",
+    ),
     "sparse id >= vocab": (
         _verify(lambda s: _sparse(s, [1, 1], [1, 300], [1.0, 1.0]), params=SAMPLING),
         INVALID_ARGUMENT,

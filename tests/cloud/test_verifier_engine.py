@@ -74,3 +74,35 @@ def test_config_validation(fields, needle) -> None:
 def test_max_prefix_tokens_must_fit_the_model(target_model) -> None:
     with pytest.raises(ValueError, match="max_prefix_tokens must be <= 511"):
         VerifierEngine(target_model, VerifierConfig(max_prefix_tokens=512))
+
+
+# ---------------------------------------------------------------- token trees
+
+
+def test_tree_block_verdict_names_its_path_and_a_resend_replays_it(target_model) -> None:
+    """A tree whose second root child and that child's child are the target's next tokens: the
+    verdict's path is those nodes, the cache keeps only them (a chain continues exactly), and
+    the same block resent gets the same verdict."""
+    engine = VerifierEngine(target_model)
+    cont = target_continuation(target_model, PROMPT, GREEDY)
+    wrong = (cont[0] + 1) % VOCAB
+    sid = engine.open_session(PROMPT, GREEDY).session_id
+    tree = DraftBlock(0, len(PROMPT), (wrong, cont[0], wrong, cont[1]), parents=(-1, -1, 0, 1))
+    result = engine.verify(sid, tree)
+    assert result.verdict is not None
+    assert (result.verdict.path, result.verdict.token) == ((1, 3), cont[2])
+    assert engine.verify(sid, tree).outcome is Outcome.REPLAYED
+    after = engine.verify(sid, DraftBlock(1, len(PROMPT) + 3, tuple(cont[3:6])))
+    assert after.verdict is not None and after.verdict.accepted == 3
+    assert engine.committed(sid)[len(PROMPT) :] == cont[:7]
+
+
+def test_tree_block_on_a_target_that_cannot_verify_trees(target_model) -> None:
+    engine = VerifierEngine(target_model)
+    engine.tree_blocks = False  # as for a target whose cache cannot be compacted to a path
+    opened = engine.open_session(PROMPT, GREEDY)
+    assert opened.tree_blocks is False
+    with pytest.raises(ServiceError) as info:
+        engine.verify(opened.session_id, DraftBlock(0, len(PROMPT), (1, 2), parents=(-1, -1)))
+    assert (info.value.code, info.value.field) == ("FAILED_PRECONDITION", "parents")
+    assert engine.stats().sessions == 1  # the session is still open and usable

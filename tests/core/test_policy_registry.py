@@ -37,7 +37,14 @@ def restore_registry() -> Iterator[None]:
 
 
 def test_built_in_names() -> None:
-    assert policy_names() == ["adaptive", "cloud_only", "fixed", "heuristic"]
+    assert policy_names() == [
+        "adaptive",
+        "adaptive_tree",
+        "cloud_only",
+        "fixed",
+        "heuristic",
+        "tree",
+    ]
 
 
 def test_bare_names_build_each_policy_with_its_defaults() -> None:
@@ -104,7 +111,9 @@ def test_adaptive_policy_starts_from_the_link_memory() -> None:
 
 
 def test_errors_name_the_policy_or_option() -> None:
-    with pytest.raises(ValueError, match=r"^policy must be one of \['adaptive', 'cloud_only'"):
+    with pytest.raises(
+        ValueError, match=r"^policy must be one of \['adaptive', 'adaptive_tree', 'cloud_only'"
+    ):
         make_policy("greedy")
     with pytest.raises(ValueError, match="^stream_tokens is not an option of the 'fixed' policy"):
         make_policy("fixed", stream_tokens=3)

@@ -9,11 +9,10 @@ import pytest
 import torch
 from support.tiny_models import ARCHS, WINDOW, noisy_draft, tiny_model
 
-from edgespec.core.generate import generate_autoregressive
+from edgespec.core.generate import generate, generate_autoregressive
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from edgespec.core.tree import ROOT, DraftTree, chain, tree_attention_mask, walk_tree
-from edgespec.core.tree_generate import TreeShape, generate_tree
+from edgespec.core.tree import ROOT, DraftTree, TreeShape, chain, tree_attention_mask, walk_tree
 
 V = 64
 PROMPT = list(range(3, 3 + 2 * WINDOW + 4))  # longer than the sliding window
@@ -89,6 +88,6 @@ def test_tree_decoding_is_the_target_alone(arch, params):
     t, d = ModelRunner(target), ModelRunner(draft)
     expected = generate_autoregressive(t, PROMPT, params).tokens
     for shape in (TreeShape(8, 4, 2), TreeShape(24, 6, 3)):
-        result = generate_tree(t, d, PROMPT, params, shape)
+        result = generate(t, d, PROMPT, params, tree=shape)
         assert result.tokens == expected, (arch, shape)
         assert result.stats.accepted > 0

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
+from support.edge_runs import collect
 from support.servers import ServerProcess, VerifierServerThread
 from support.tiny_models import noisy_draft, tiny_model, tiny_tokenizer
 
@@ -26,7 +27,7 @@ from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.engine import EdgeEngine
-from edgespec.edge.records import SummaryEvent, TokensEvent
+from edgespec.edge.records import SummaryEvent
 
 PROMPT = [7, 200, 13, 42, 99, 150, 3, 60, 21]
 NEW = 24
@@ -83,18 +84,7 @@ def pair(request, tmp_path_factory) -> Iterator[Pair]:
 
 
 async def _generate(engine: EdgeEngine, params: SamplingParams, on_first=None, **kwargs):
-    streamed: list[int] = []
-    summary = None
-    async for event in engine.generate(PROMPT, params, **kwargs):
-        if isinstance(event, TokensEvent):
-            if not streamed and on_first is not None:
-                on_first()
-            streamed.extend(event.tokens)
-        else:
-            assert isinstance(event, SummaryEvent)
-            summary = event
-    assert summary is not None and summary.tokens == streamed
-    return summary
+    return await collect(engine, PROMPT, params, on_first, **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))

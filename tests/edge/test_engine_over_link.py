@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from support.certs import self_signed_cert
+from support.edge_runs import collect
 from support.servers import VERIFIER_TOKEN
 from support.stats import chi_square_p
 
@@ -26,7 +27,7 @@ from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.engine import EdgeEngine
-from edgespec.edge.records import SummaryEvent, TokensEvent
+from edgespec.edge.records import TokensEvent
 from edgespec.edge.recovery import EdgeError
 from edgespec.edge.verifier_link import LinkError
 from edgespec.linkemu import LinkEmulator, LinkProfile
@@ -75,22 +76,12 @@ def reference(target: ModelRunner, tokenizer, prompt, params: SamplingParams) ->
 
 
 async def run_collecting(engine: EdgeEngine, prompt, params, k, on_first_tokens=None):
-    """Run one session; returns (tokens from TokensEvents, summary). Closes the engine."""
-    streamed: list[int] = []
-    summary = None
+    """Run one session; returns (tokens streamed, summary). Closes the engine."""
     try:
-        async for event in engine.generate(prompt, params, k=k):
-            if isinstance(event, TokensEvent):
-                if not streamed and on_first_tokens is not None:
-                    on_first_tokens()
-                streamed.extend(event.tokens)
-            else:
-                assert isinstance(event, SummaryEvent)
-                summary = event
+        summary = await collect(engine, prompt, params, on_first_tokens, k=k)
     finally:
         await engine.aclose()
-    assert summary is not None
-    return streamed, summary
+    return summary.tokens, summary
 
 
 # ---------------------------------------------------------------- greedy equality

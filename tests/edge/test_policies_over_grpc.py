@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from support.edge_runs import ScriptedPolicy
 from support.stats import chi_square_p
 
 from edgespec.core.generate import generate_autoregressive
@@ -26,7 +27,6 @@ from edgespec.core.policies import (
     SPECULATIVE,
     CloudOnlyPolicy,
     Decision,
-    RoundObservation,
 )
 from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs
@@ -90,23 +90,6 @@ async def run_one(engine: EdgeEngine, prompt, params, **kwargs):
             summary = event
     assert summary is not None
     return streamed, events, summary
-
-
-class ScriptedPolicy:
-    """Cycles through fixed decisions: mixes speculative rounds and cloud-only chunks."""
-
-    def __init__(self, decisions: list[Decision]) -> None:
-        self.decisions = decisions
-        self.i = 0
-        self.observed: list[RoundObservation] = []
-
-    def choose(self) -> Decision:
-        decision = self.decisions[self.i % len(self.decisions)]
-        self.i += 1
-        return decision
-
-    def observe(self, obs: RoundObservation) -> None:
-        self.observed.append(obs)
 
 
 # ---------------------------------------------------------------- greedy equality over gRPC

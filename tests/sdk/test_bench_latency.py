@@ -189,6 +189,10 @@ def test_quick_run_through_the_cli(tiny_pair, tmp_path):
         "adaptive",
         "adaptive_pipelined",
         "adaptive_pipelined_cold",
+        "tree_n16_d6_w2",
+        "tree_n32_d8_w3",
+        "tree_n64_d10_w4",
+        "adaptive_tree",
     }
     assert grid == {(rtt, m) for rtt in (0.0, 20.0) for m in link_methods}
     assert {r["method"] for r in rows if r["in_process"]} == {"edge_only_draft", "colocated"}
@@ -198,6 +202,11 @@ def test_quick_run_through_the_cli(tiny_pair, tmp_path):
         assert keys <= set(row) and row["tokens_per_s"] > 0
     by = {(r["rtt_ms"], r["method"]): r for r in rows if r["case"] == "rtt"}
     assert by[(20.0, "fixed_k2")]["mean_k"] == 2.0
+    # tree methods send trees (the tiny pair's draft cache is croppable), chains send none
+    assert by[(20.0, "tree_n32_d8_w3")]["tree_round_share"] > 0.5
+    assert by[(20.0, "fixed_k4")]["tree_round_share"] == 0.0
+    assert by[(20.0, "tree_n32_d8_w3")]["bytes_per_accepted_token"] > 0
+    assert set(result["checks"]["trees"]["per_rtt"][0]) >= {"rtt_ms", "best_tree"}
     # the adaptive rows say how their link memory was prepared (warm: one earlier session on
     # another prompt; cold: none), the others that it was left alone
     assert by[(20.0, "adaptive")]["link_memory"] == "warm"

@@ -49,7 +49,7 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, prefix_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., generated: _Optional[int] = ..., next_seq: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "committed_len", "max_block_tokens", "vocab_size", "model_id", "prefill_ms", "compute_profile")
+    __slots__ = ("session_id", "committed_len", "max_block_tokens", "vocab_size", "model_id", "prefill_ms", "compute_profile", "tree_blocks")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class OpenSessionResponse(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    TREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed_len: int
     max_block_tokens: int
@@ -64,7 +65,8 @@ class OpenSessionResponse(_message.Message):
     model_id: str
     prefill_ms: float
     compute_profile: str
-    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., max_block_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_id: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., compute_profile: _Optional[str] = ...) -> None: ...
+    tree_blocks: bool
+    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., max_block_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_id: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., compute_profile: _Optional[str] = ..., tree_blocks: _Optional[bool] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -103,7 +105,7 @@ class SparseProbs(_message.Message):
     def __init__(self, row_lengths: _Optional[_Iterable[int]] = ..., ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
-    __slots__ = ("session_id", "seq", "base_len", "tokens", "probs", "decode_tokens", "anchor_token")
+    __slots__ = ("session_id", "seq", "base_len", "tokens", "probs", "decode_tokens", "anchor_token", "parents")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,7 @@ class DraftBlock(_message.Message):
     PROBS_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     base_len: int
@@ -118,10 +121,11 @@ class DraftBlock(_message.Message):
     probs: DraftProbs
     decode_tokens: int
     anchor_token: int
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[DraftProbs, _Mapping]] = ..., decode_tokens: _Optional[int] = ..., anchor_token: _Optional[int] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[DraftProbs, _Mapping]] = ..., decode_tokens: _Optional[int] = ..., anchor_token: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "outcome", "accepted", "token", "is_bonus", "committed_len", "verify_ms", "queue_ms", "more")
+    __slots__ = ("seq", "outcome", "accepted", "token", "is_bonus", "committed_len", "verify_ms", "queue_ms", "more", "path")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[Verdict.Outcome]
@@ -141,6 +145,7 @@ class Verdict(_message.Message):
     VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     seq: int
     outcome: Verdict.Outcome
     accepted: int
@@ -150,7 +155,8 @@ class Verdict(_message.Message):
     verify_ms: float
     queue_ms: float
     more: bool
-    def __init__(self, seq: _Optional[int] = ..., outcome: _Optional[_Union[Verdict.Outcome, str]] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., verify_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., more: _Optional[bool] = ...) -> None: ...
+    path: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., outcome: _Optional[_Union[Verdict.Outcome, str]] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., verify_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., more: _Optional[bool] = ..., path: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

@@ -84,11 +84,14 @@ class VerifierServicer:
         INVALID_ARGUMENT    a block that cannot be decoded, or a bad field: "session_id" (missing on
         the first block, changed later), "tokens" (more than max_block_tokens
         or than max_new_tokens leaves), "tokens[i]", "probs", "seq" (neither new
-        nor the last block's), "base_len", "decode_tokens", "anchor_token".
+        nor the last block's), "base_len", "decode_tokens", "anchor_token",
+        "parents" (not one per token, a parent not earlier, or a tree
+        deeper than max_new_tokens leaves).
         NOT_FOUND           the session is not open here (closed, reaped after its idle TTL, or on
         another verifier): "session_id"; reopen with OpenSession.
-        FAILED_PRECONDITION the session cannot take the block: max_new_tokens already generated, or
-        "seq" continues no running decode block.
+        FAILED_PRECONDITION the session cannot take the block: max_new_tokens already generated,
+        "seq" continues no running decode block, or "parents" on a verifier
+        whose target cannot verify trees (tree_blocks false).
         INTERNAL            the target's forward or the verification failed: the session is closed.
         A stream that ends or is cancelled keeps its session (the edge may reconnect and resend).
         """

@@ -5,9 +5,9 @@ synthetic ones); the formulas are in `edgespec.bench.latency`'s docstring."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from edgespec.bench.latency.config import ADAPTIVE_METHODS, LinkCondition, is_fixed
+from edgespec.bench.latency.config import ADAPTIVE_METHODS, LinkCondition, is_fixed, is_fixed_tree
 from edgespec.bench.latency.samples import RoundSample, RunSample
 from edgespec.core.cost_model import expected_tokens
 
@@ -35,7 +35,7 @@ def per_position_acceptance(rounds: Sequence[RoundSample]) -> tuple[list[float],
     for r in rounds:
         if not r.speculative:
             continue
-        n = min(r.accepted + 1, r.drafted)
+        n = min(r.accepted + 1, r.depth)
         while len(reached) < n:
             reached.append(0.0)
             accepted.append(0.0)
@@ -50,8 +50,8 @@ def expected_tokens_from_rounds(rounds: Sequence[RoundSample]) -> tuple[float | 
     """(per-position E, i.i.d. E) averaged over the speculative rounds' draft lengths (see the
     package docstring); (None, None) without speculative rounds."""
     spec = [r for r in rounds if r.speculative]
-    if not spec:
-        return None, None
+    if not spec or any(r.tree for r in spec):
+        return None, None  # the chain model does not describe tree rounds
     reached, accepted = per_position_acceptance(spec)
     total_reached, total_accepted = sum(reached), sum(accepted)
     alpha = total_accepted / total_reached if total_reached else 0.0
@@ -92,6 +92,7 @@ def summarise(method: str, condition: LinkCondition | None, samples: Sequence[Ru
     spec_tokens = accepted + n_spec
     cloud_tokens = sum(r.tokens for r in rounds if r.mode == "cloud_only")
     e_pos, e_iid = expected_tokens_from_rounds(spec) if not counts else (None, None)
+    bytes_sent = sum(r.bytes_sent for r in spec)
     reached = sum(per_position_acceptance(spec)[0]) if not counts else 0.0
     row = {
         "case": condition.case if condition else "in_process",
@@ -111,6 +112,11 @@ def summarise(method: str, condition: LinkCondition | None, samples: Sequence[Ru
         "acceptance_rate": accepted / drafted if drafted else None,
         "alpha_conditional": accepted / reached if reached else None,
         "mean_tokens_per_round": spec_tokens / n_spec if n_spec else None,
+        "mean_accepted_per_round": accepted / n_spec if n_spec else None,
+        "tree_round_share": sum(r.tree for r in spec) / len(spec) if spec else None,
+        # what the edge sent for its speculative rounds, per token they committed / accepted
+        "bytes_per_token": bytes_sent / spec_tokens if spec and spec_tokens else None,
+        "bytes_per_accepted_token": bytes_sent / accepted if spec and accepted else None,
         "expected_tokens_per_round": e_pos,
         "expected_tokens_per_round_iid": e_iid,
         # tokens that came from cloud-only decoding (streamed), not from speculative rounds
@@ -122,9 +128,17 @@ def summarise(method: str, condition: LinkCondition | None, samples: Sequence[Ru
 SPECULATIVE_BASELINES = ("heuristic",)  # besides fixed_k*: methods that always speculate
 
 
-def crossover_rtt(rows: Sequence[dict]) -> float | None:
+def is_chain_method(method: str) -> bool:
+    """An always-speculating chain method: fixed k or the heuristic."""
+    return is_fixed(method) or method in SPECULATIVE_BASELINES
+
+
+def crossover_rtt(
+    rows: Sequence[dict], speculating: Callable[[str], bool] = is_chain_method
+) -> float | None:
     """Smallest grid RTT from which on (every larger one too) cloud-only beats the best
-    always-speculating method (fixed k, heuristic); None if there is none."""
+    always-speculating method (`speculating`: chains by default, fixed k and the heuristic;
+    `is_fixed_tree` for trees); None if there is none."""
     by_rtt: dict[float, dict[str, float]] = {}
     for r in rows:
         if r["case"] == "rtt":
@@ -132,7 +146,7 @@ def crossover_rtt(rows: Sequence[dict]) -> float | None:
     crossover = None
     for rtt in sorted(by_rtt, reverse=True):
         m = by_rtt[rtt]
-        spec = [v for k, v in m.items() if is_fixed(k) or k in SPECULATIVE_BASELINES]
+        spec = [v for k, v in m.items() if speculating(k)]
         if "cloud_only" not in m or not spec or m["cloud_only"] <= max(spec):
             break
         crossover = rtt
@@ -146,7 +160,7 @@ def pooled_ek(samples: Mapping[str, Sequence[RunSample]]) -> list[dict]:
     out = []
     for method, group in samples.items():
         spec = [r for s in group for r in s.rounds if r.speculative]
-        if not spec or method == "cloud_only":
+        if not spec or method == "cloud_only" or any(r.tree for r in spec):
             continue
         e_pos, e_iid = expected_tokens_from_rounds(spec)
         assert e_pos is not None and e_iid is not None
@@ -266,8 +280,68 @@ def evaluate_checks(
             else None
         ),
     }
+    checks["trees"] = tree_checks(rows)
     checks["greedy_equality"] = greedy
     return checks
+
+
+def tree_checks(rows: Sequence[dict]) -> dict:
+    """The token-tree criteria per grid RTT: accepted tokens per round of the best tree against
+    the best chain (both the chain with the most tokens/s and the one accepting the most per
+    round), adaptive_tree against cloud-only and against the best of every link method."""
+    per_rtt = []
+    grid = [r for r in rows if r["case"] == "rtt" and not r["in_process"]]
+    for rtt in sorted({r["rtt_ms"] for r in grid}):
+        m = {r["method"]: r for r in grid if r["rtt_ms"] == rtt}
+        chains = {k: r for k, r in m.items() if is_fixed(k) and r.get("mean_accepted_per_round")}
+        trees = {
+            k: r for k, r in m.items() if is_fixed_tree(k) and r.get("mean_accepted_per_round")
+        }
+        entry: dict = {"rtt_ms": rtt}
+        if chains and trees:
+            fastest = max(chains, key=lambda k: chains[k]["tokens_per_s"])
+            most = max(chains, key=lambda k: chains[k]["mean_accepted_per_round"])
+            tree = max(trees, key=lambda k: trees[k]["mean_accepted_per_round"])
+            acc = trees[tree]["mean_accepted_per_round"]
+            entry.update(
+                best_tree=tree,
+                tree_accepted_per_round=acc,
+                fastest_chain=fastest,
+                accepted_ratio_vs_fastest_chain=acc / chains[fastest]["mean_accepted_per_round"],
+                most_accepting_chain=most,
+                accepted_ratio_vs_most_accepting_chain=acc
+                / chains[most]["mean_accepted_per_round"],
+            )
+        adaptive = m.get("adaptive_tree")
+        if adaptive is not None:
+            others = {k: r["tokens_per_s"] for k, r in m.items() if k != "adaptive_tree"}
+            if others:
+                best = max(others, key=others.__getitem__)
+                entry.update(
+                    best_method=best,
+                    adaptive_tree_vs_best=adaptive["tokens_per_s"] / others[best]
+                    if others[best] > 0
+                    else None,
+                )
+            if m.get("cloud_only", {}).get("tokens_per_s"):
+                entry["adaptive_tree_vs_cloud_only"] = (
+                    adaptive["tokens_per_s"] / m["cloud_only"]["tokens_per_s"]
+                )
+        per_rtt.append(entry)
+    return {
+        "criterion": "trees >= 1.3 x the best chain's accepted tokens per round at 50 ms; "
+        "adaptive_tree >= 1.15 x cloud_only at 50 ms and >= 0.95 x the best method at every RTT",
+        "per_rtt": per_rtt,
+        "crossover_rtt_ms_chains": crossover_rtt(rows),
+        "crossover_rtt_ms_trees": crossover_rtt(rows, is_fixed_tree),
+        "passed_adaptive_tree_vs_best": all(
+            e["adaptive_tree_vs_best"] >= ADAPTIVE_VS_BEST_MIN
+            for e in per_rtt
+            if e.get("adaptive_tree_vs_best") is not None
+        )
+        if any(e.get("adaptive_tree_vs_best") is not None for e in per_rtt)
+        else None,
+    }
 
 
 class GreedyReference:

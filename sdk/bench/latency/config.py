@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgespec.core.demo_pair import BENCH_PROMPTS
+from edgespec.core.policies import DraftLengthPolicy
+from edgespec.core.registry import PolicySpec, make_policy
 from edgespec.core.validation import check_float, check_int, check_ms
 from edgespec.linkemu import LinkProfile
 
@@ -19,7 +21,10 @@ DEFAULT_PROMPTS = BENCH_PROMPTS[:1]
 # the generation that warms the link memory before a measured adaptive one: another text
 DEFAULT_WARMUP_PROMPT = BENCH_PROMPTS[-1]
 IN_PROCESS_METHODS = ("edge_only_draft", "colocated")
-ADAPTIVE_METHODS = ("adaptive", "adaptive_pipelined")  # the methods the checks judge
+# the methods the checks judge against the best of fixed k and cloud-only
+ADAPTIVE_METHODS = ("adaptive", "adaptive_pipelined", "adaptive_tree")
+# Fixed tree shapes measured (nodes, depth, width): small, medium and large node budgets.
+DEFAULT_TREE_SHAPES = ((16, 6, 2), (32, 8, 3), (64, 10, 4))
 INITIAL_K = 4  # k0 of the heuristic and k_init of the adaptive policy
 
 
@@ -34,10 +39,28 @@ class MethodSpec:
     # link memory before each measured generation: "warm" (forget, then one warm-up generation
     # of the warm-up prompt), "cold" (forget), None (left as it is: the policy does not read it)
     memory: str | None = None
+    options: tuple[tuple[str, int], ...] = ()  # the policy's named options (a tree's shape)
+
+    def edge_policy(self) -> str | DraftLengthPolicy:
+        """What the edge is handed: the policy name, or the policy built with `options`."""
+        if not self.options:
+            return self.policy
+        return make_policy(self.policy, PolicySpec(k=self.k, options=dict(self.options)))
 
 
-def link_methods(fixed_ks: Sequence[int]) -> tuple[MethodSpec, ...]:
+def link_methods(
+    fixed_ks: Sequence[int], tree_shapes: Sequence[tuple[int, int, int]] = DEFAULT_TREE_SHAPES
+) -> tuple[MethodSpec, ...]:
     """Every method that goes through the edge and the emulated link, in report order."""
+    trees = tuple(
+        MethodSpec(
+            f"tree_n{n}_d{d}_w{w}",
+            "tree",
+            INITIAL_K,
+            options=(("nodes", n), ("depth", d), ("width", w)),
+        )
+        for n, d, w in tree_shapes
+    )
     return (
         MethodSpec("cloud_only", "cloud_only", INITIAL_K),
         *(MethodSpec(f"fixed_k{k}", "fixed", k) for k in fixed_ks),
@@ -45,6 +68,9 @@ def link_methods(fixed_ks: Sequence[int]) -> tuple[MethodSpec, ...]:
         MethodSpec("adaptive", "adaptive", INITIAL_K, memory="warm"),
         MethodSpec("adaptive_pipelined", "adaptive", INITIAL_K, pipelined=True, memory="warm"),
         MethodSpec("adaptive_pipelined_cold", "adaptive", INITIAL_K, pipelined=True, memory="cold"),
+        *trees,
+        # trees where they pay, else pipelined chains or cloud-only (the tree controller)
+        MethodSpec("adaptive_tree", "adaptive_tree", INITIAL_K, pipelined=True, memory="warm"),
     )
 
 
@@ -184,6 +210,11 @@ class LatencyBenchConfig:
 def is_fixed(method: str) -> bool:
     """Whether `method` is one of the fixed-k link methods (``fixed_k<k>``)."""
     return method.startswith("fixed_k")
+
+
+def is_fixed_tree(method: str) -> bool:
+    """Whether `method` is one of the fixed tree-shape link methods (``tree_n<n>_d<d>_w<w>``)."""
+    return method.startswith("tree_n")
 
 
 def varying_methods(config: LatencyBenchConfig, specs: Sequence[MethodSpec]) -> list[str]:

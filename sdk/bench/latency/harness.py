@@ -76,7 +76,7 @@ class Harness:
                 self.warmup_ids,
                 SamplingParams(max_new_tokens=self.config.max_new_tokens),
                 k=spec.k,
-                policy=spec.policy,
+                policy=spec.edge_policy(),
                 pipelined=spec.pipelined,
             )
 
@@ -93,7 +93,7 @@ class Harness:
             self.prompt_ids[prompt_index],
             params,
             k=spec.k,
-            policy=spec.policy,
+            policy=spec.edge_policy(),
             pipelined=spec.pipelined,
         )
         wall = time.perf_counter() - t0

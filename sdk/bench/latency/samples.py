@@ -18,6 +18,16 @@ class RoundSample:
     network_ms: float
     t_s: float | None  # seconds since the generation started (when its verdict arrived)
     tokens: int = 0  # tokens the round yielded (cloud-only: streamed) before any cut at the end
+    positions: int | None = (
+        None  # draft positions it could accept (a tree: its depth); None: drafted
+    )
+    bytes_sent: int = 0  # bytes the edge sent for the round's block
+    tree: bool = False  # the block was a token tree (drafted = its nodes)
+
+    @property
+    def depth(self) -> int:
+        """Draft positions the round could accept: k for a chain, the depth of a tree."""
+        return self.drafted if self.positions is None else self.positions
 
     @property
     def speculative(self) -> bool:
@@ -63,4 +73,7 @@ def round_sample(record: RoundRecord) -> RoundSample:
         network_ms=record.timing.network_ms,
         t_s=record.t_ms / 1e3,
         tokens=record.tokens,
+        positions=record.positions,
+        bytes_sent=record.timing.bytes_sent,
+        tree=record.tree is not None,
     )

@@ -1,0 +1,223 @@
+"""The tree controller: `AdaptivePolicy` extended to choose token-tree shapes.
+
+A chain of k draft tokens commits about 1/(1 - alpha) tokens per round at best, however long the
+round trip; a tree spends the same round trip on several candidates per position. Which shape
+pays depends on the link and the load: every node costs verifier compute (t_v grows with the
+nodes verified, and more so on a loaded, batching verifier), every level a draft forward, and the
+round trip is paid once. This policy estimates, for each shape in its search space, the tokens
+per second
+
+    rate(shape) = (1 + E[accepted | shape]) / (levels * t_d + RTT + queue + t_v(nodes + 1))
+
+with the timing estimates `AdaptivePolicy` keeps (t_v is fitted on the nodes actually verified,
+so a loaded verifier makes big trees dear), and runs the best of: that tree, the chain the base
+policy would run (pipelined if configured), or cloud-only decoding.
+
+E[accepted | shape] comes from a rank model applied to the tree `grow_tree` grows (a beam of
+`width` nodes per level, then the most probable `nodes`: `beam_gains`): the target's token at a
+node is its child of draft rank r (0 = the draft's best proposal) with probability a(d, r),
+independently per level,
+learnt per depth and rank from the walks of tree rounds (`TreeOutcome`,
+`edgespec.core.estimators.RankAcceptance`). Before trees have shown much, rank 0 at depth d
+is the chain's acceptance there (the base policy's per-position estimate) and ranks >= 1 a
+prior pooled over depths.
+A node's probability of being accepted is the product of a over its path, and E[accepted] is the
+sum over the tree's nodes: one pass per (depth, width) gives it for every node budget at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
+from edgespec.core.cost_model import CostModel
+from edgespec.core.estimators import RankAcceptance, ShapeAcceptance
+from edgespec.core.link_memory import PolicyMemory
+from edgespec.core.policies import SPECULATIVE, Decision, RoundObservation
+from edgespec.core.tree import TreeShape
+from edgespec.core.validation import check_float, check_int
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """The shapes `TreePolicy` searches and how it learns sibling ranks (validated)."""
+
+    # the shapes searched: node budgets from small to large, each with the depth and width
+    # that suit it (a wider beam pays only with more nodes to fill it)
+    shapes: tuple[TreeShape, ...] = (
+        TreeShape(8, 4, 2),
+        TreeShape(12, 5, 2),
+        TreeShape(16, 6, 2),
+        TreeShape(24, 6, 3),
+        TreeShape(32, 8, 3),
+        TreeShape(48, 8, 4),
+        TreeShape(64, 10, 4),
+    )
+    max_depth: int = 12  # depths the rank model tracks (deeper ones share the last row)
+    max_width: int = 4  # ranks the rank model tracks: 0 .. max_width - 1
+    rank_prior_weight: float = 4.0  # pseudo-trials behind each (depth, rank) prior, > 0
+    rank_decay: float = 0.99  # per-round forgetting of the rank counts, in (0, 1]
+    shape_prior_weight: float = 1.0  # pseudo-rounds behind a shape's rank-model prediction
+    shape_decay: float = 0.995  # per-round forgetting of a shape's measured acceptance
+    explore_bonus: float = 0.25  # tokens of optimism for a shape with no rounds behind it
+    initial: TreeShape = TreeShape(nodes=16, depth=6, width=2)  # before any estimate
+
+    def __post_init__(self) -> None:
+        if not self.shapes or not all(isinstance(s, TreeShape) for s in self.shapes):
+            raise ValueError(f"shapes must be a non-empty tuple of TreeShape, got {self.shapes!r}")
+        check_int("max_depth", self.max_depth, 1, 256)
+        check_int("max_width", self.max_width, 2, 64)
+        for name in ("rank_prior_weight", "shape_prior_weight"):
+            check_float(name, getattr(self, name), 0, lo_open=True)
+        for name in ("rank_decay", "shape_decay"):
+            check_float(name, getattr(self, name), 0, 1, lo_open=True)
+        check_float("explore_bonus", self.explore_bonus, 0)
+        if not isinstance(self.initial, TreeShape):
+            raise ValueError(f"initial must be a TreeShape, got {self.initial!r}")
+
+
+def _beam(
+    accept: Callable[[int, int], float], depth: int, width: int, scale: Callable[[int], float]
+) -> list[tuple[float, int]]:
+    """Every node `grow_tree` proposes under the rank model, as (value, depth), most valuable
+    first: a node's value is its path probability times scale(its depth)."""
+    proposed: list[tuple[float, int]] = []
+    frontier = [1.0]
+    for d in range(depth):
+        level = [p * accept(d, r) for p in frontier for r in range(width)]
+        level = [p for p in level if p > 0]
+        proposed += [(p * scale(d), d) for p in level]
+        frontier = sorted(level, reverse=True)[:width]
+        if not frontier:
+            break
+    proposed.sort(key=lambda x: -x[0])
+    return proposed
+
+
+def beam_gains(
+    accept: Callable[[int, int], float],
+    depth: int,
+    width: int,
+    nodes: int,
+    scale: Callable[[int], float] = lambda d: 1.0,
+) -> list[tuple[float, int]]:
+    """The tree `grow_tree` grows, under a rank model: per level the `width` most probable
+    nodes of the level before (the root first) each get `width` children, and the tree is the
+    `nodes` most valuable of all. For n = 1..min(nodes, proposed): (E[accepted tokens] of the
+    tree of n nodes, its depth in levels). `accept(d, r)`: P(the target's token at depth d is
+    the rank-r child), r < width; a node's probability is the product over its path, times
+    `scale(d)` (a calibration per depth, `DepthCalibration`)."""
+    out: list[tuple[float, int]] = []
+    total, levels = 0.0, 0
+    for value, d in _beam(accept, depth, width, scale)[:nodes]:
+        total += value
+        levels = max(levels, d + 1)
+        out.append((total, levels))
+    return out
+
+
+class TreePolicy(AdaptivePolicy):
+    """`AdaptivePolicy` whose speculative rounds may be token trees (see the module docstring);
+    chains (and their pipelining) and cloud-only decoding stay as the base policy runs them.
+
+    Shapes: `TreeConfig.shapes`, a ladder of node budgets. Each shape's accepted tokens per
+    round are measured when it runs (`ShapeAcceptance`, decayed) and, until then, predicted by
+    the rank model; the shape run is the one with the best optimistic rate (the estimate plus
+    a bonus that shrinks with the rounds behind it, so a shape not tried lately is tried again,
+    as in UCB). Mode decisions (against chains and cloud-only) use the plain estimates. Its
+    exploration probes stay chains of varied k: besides the chain's acceptance they keep the
+    slope of t_v(n) identified, which trees of one size would not."""
+
+    def __init__(
+        self,
+        config: AdaptiveConfig | None = None,
+        memory: PolicyMemory | None = None,
+        tree: TreeConfig | None = None,
+    ) -> None:
+        super().__init__(config, memory)
+        self.tree_config = tree if tree is not None else TreeConfig()
+        t = self.tree_config
+        self._ranks = RankAcceptance(
+            t.max_width - 1, t.max_depth, t.rank_prior_weight, t.rank_decay
+        )
+        self._shapes = ShapeAcceptance(t.shape_decay)
+        if memory is not None and memory.ranks is not None:
+            self._ranks = copy.deepcopy(memory.ranks)  # what trees showed on this link before
+        if memory is not None and memory.shapes is not None:
+            self._shapes = copy.deepcopy(memory.shapes)
+        self._shape: TreeShape | None = t.initial
+
+    @property
+    def shape(self) -> TreeShape | None:
+        """The tree shape the policy currently runs (None: chains)."""
+        return self._shape
+
+    def memory(self) -> PolicyMemory:
+        return dataclasses.replace(
+            super().memory(), ranks=copy.deepcopy(self._ranks), shapes=copy.deepcopy(self._shapes)
+        )
+
+    def observe(self, obs: RoundObservation) -> None:
+        super().observe(obs)
+        if obs.tree is not None:
+            self._ranks.update(obs.tree.steps)
+            # a tree cut short (the generation's end, the verifier's node cap) is not its shape's
+            for shape in self.tree_config.shapes:
+                if (shape.nodes, shape.depth) == (obs.k, obs.tree.levels):
+                    self._shapes.update((shape.nodes, shape.depth, shape.width), obs.accepted)
+
+    def tree_rates(
+        self, cost: CostModel, accept: Sequence[float], bonus: float = 0.0
+    ) -> dict[TreeShape, float]:
+        """Each shape of `TreeConfig.shapes` and its estimated rate (tokens/s); `bonus` > 0:
+        the optimistic rate, `bonus` / sqrt(rounds + 1) tokens added to the estimate."""
+        prob = self._prob(accept)
+        weight = self.tree_config.shape_prior_weight
+        rates: dict[TreeShape, float] = {}
+        for shape in self.tree_config.shapes:
+            gains = beam_gains(prob, shape.depth, shape.width, shape.nodes)
+            prior = gains[-1][0] if gains else 0.0
+            key = (shape.nodes, shape.depth, shape.width)
+            expected, rounds = self._shapes.mean(key, prior, weight)
+            expected += bonus / (rounds + 1.0) ** 0.5
+            fixed_ms = shape.depth * cost.draft_ms + cost.rtt_ms + cost.queue_ms
+            rates[shape] = 1e3 * (1.0 + expected) / (fixed_ms + cost.verify_ms(shape.nodes + 1))
+        return rates
+
+    def _prob(self, accept: Sequence[float]) -> Callable[[int, int], float]:
+        """a(d, r) of the rank model: rank 0's prior is the chain's acceptance at d."""
+
+        def prob(d: int, r: int) -> float:
+            return self._ranks.prob(d, r, accept[min(d, len(accept) - 1)])
+
+        return prob
+
+    def _speculative_rate(self, cost: CostModel, accept: Sequence[float], chain: float) -> float:
+        rates = self.tree_rates(cost, accept)
+        best_rate = max(rates.values(), default=0.0)
+        hysteresis = 1.0 + self.config.k_hysteresis
+        if best_rate <= chain * hysteresis:
+            if self._shape is not None:
+                logger.debug("trees -> chains (%.1f <= %.1f tok/s)", best_rate, chain)
+            self._shape = None
+            return chain
+        hopeful = self.tree_rates(cost, accept, self.tree_config.explore_bonus)
+        choice = max(hopeful, key=hopeful.__getitem__)
+        if choice != self._shape:
+            logger.debug("tree shape %s -> %s (%.1f tok/s)", self._shape, choice, rates[choice])
+        self._shape = choice
+        return best_rate
+
+    def _speculative(self, k: int) -> Decision:
+        if self._shape is None:
+            return Decision(SPECULATIVE, k)
+        return Decision(SPECULATIVE, self._shape.depth, tree=self._shape)
+
+    def __repr__(self) -> str:
+        return f"TreePolicy(mode={self.mode!r}, k={self.k}, shape={self._shape})"

@@ -1,0 +1,102 @@
+"""The tree controller (`TreePolicy`) against a synthetic session: it runs trees where they pay,
+chains where they do not, and shrinks trees when verifying nodes gets dear (a loaded verifier).
+
+The synthetic session: a tree of width w continues its walk at each level with probability
+sum_{r<w} a_r (the target's token is one of the node's w children), a chain with a_0, up to the
+tree's depth; timings follow the cost model exactly (draft per level, RTT, t_v(n))."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from edgespec.core.adaptive import AdaptiveConfig
+from edgespec.core.cost_model import CostModel
+from edgespec.core.policies import CLOUD_ONLY, RoundObservation, TreeOutcome
+from edgespec.core.tree_policy import TreePolicy, beam_gains
+
+RANKS = (0.7, 0.15, 0.06, 0.03)  # the true P(target = rank-r child)
+
+
+def run(policy: TreePolicy, cost: CostModel, rounds: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    decisions = []
+    for _ in range(rounds):
+        d = policy.choose()
+        decisions.append(d)
+        if d.mode == CLOUD_ONLY:
+            n = d.stream_tokens
+            policy.observe(
+                RoundObservation(
+                    0, 0, 0.0, n * cost.cloud_ms_per_token(), 0.0, cloud_only=True, tokens=n
+                )
+            )
+            continue
+        width = d.tree.width if d.tree is not None else 1
+        depth = d.tree.depth if d.tree is not None else d.k
+        steps, accepted = [], 0
+        while accepted < depth:
+            u, rank, acc = rng.random(), -1, 0.0
+            for r in range(width):
+                acc += RANKS[r]
+                if u < acc:
+                    rank = r
+                    break
+            steps.append((width, rank))
+            if rank < 0:
+                break
+            accepted += 1
+        nodes = d.tree.nodes if d.tree is not None else d.k
+        tree = None
+        if d.tree is not None:
+            spine_accepted = next((i for i, (_, r) in enumerate(steps) if r != 0), len(steps))
+            tree = TreeOutcome(depth, depth, tuple(steps), depth, min(spine_accepted, depth))
+        policy.observe(
+            RoundObservation(
+                k=nodes,
+                accepted=accepted,
+                draft_ms=depth * cost.draft_ms,
+                verify_ms=cost.verify_ms(nodes + 1),
+                network_ms=cost.rtt_ms,
+                tree=tree,
+            )
+        )
+    return decisions
+
+
+def _tree_share(decisions) -> float:
+    return sum(d.tree is not None for d in decisions) / len(decisions)
+
+
+def test_beam_of_width_one_is_the_chain() -> None:
+    gains = beam_gains(lambda d, r: 0.8 if r == 0 else 0.0, 5, 1, 5)
+    assert gains[-1][0] == pytest.approx(sum(0.8**i for i in range(1, 6)))
+    assert gains[-1][1] == 5
+
+
+def test_trees_where_the_round_trip_is_long() -> None:
+    cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    decisions = run(TreePolicy(AdaptiveConfig(allow_cloud_only=False)), cost, 200)
+    assert _tree_share(decisions[50:]) > 0.8  # every 8th round is a chain probe
+
+
+def test_chains_where_levels_cost_more_than_they_bring() -> None:
+    """No round trip and a draft forward as dear as a verification: the levels a tree needs to
+    pay for itself cost more than its extra tokens bring (the best chain has k = 1)."""
+    cost = CostModel(draft_ms=30.0, rtt_ms=0.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    decisions = run(TreePolicy(AdaptiveConfig(allow_cloud_only=False)), cost, 200)
+    assert _tree_share(decisions[50:]) < 0.2
+
+
+def test_trees_shrink_when_the_verifier_is_loaded() -> None:
+    """The same link; verifying a node costs 0.05 ms on an idle verifier and 1.5 ms on a loaded
+    one (a batching verifier past its memory-bound regime): the nodes per tree go down."""
+    idle = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    loaded = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=1.5)
+
+    def mean_nodes(cost: CostModel) -> float:
+        decisions = run(TreePolicy(AdaptiveConfig(allow_cloud_only=False)), cost, 200)[50:]
+        return sum(d.tree.nodes if d.tree else d.k for d in decisions) / len(decisions)
+
+    assert mean_nodes(loaded) < 0.6 * mean_nodes(idle)
