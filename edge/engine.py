@@ -8,8 +8,9 @@ across sessions by `edgespec.edge.link_memory`. Greedy output is token-for-token
 alone produces, whatever the link does.
 
 Policies (`edgespec.core.policies`, built by name through `edgespec.core.registry`: "fixed",
-"heuristic", "adaptive" (the default), "cloud_only") decide per round between a speculative round
-of k draft tokens and cloud-only decoding; `edgespec.core.registry.register_policy` adds one.
+"heuristic", "adaptive" (the default), "cloud_only", "tree", "adaptive_tree") decide per round
+between a speculative round (k draft tokens, or a token tree) and cloud-only decoding;
+`edgespec.core.registry.register_policy` adds one.
 
 The verifier is reached through a `LinkFactory` (`edgespec.edge.verifier_link`): gRPC
 (`edgespec.edge.grpc_link.GrpcLinks`, from addresses or a per-session assigner) or a verifier

@@ -189,8 +189,9 @@ class Client:
         Args:
             prompt: text (tokenized by the edge's tokenizer) or token ids.
             params: sampling parameters; None = `SamplingParams()` (greedy, 64 new tokens).
-            policy: draft-length policy: ``"adaptive"``, ``"fixed"``, ``"heuristic"`` or
-                ``"cloud_only"`` (the server validates the name).
+            policy: draft-length policy: ``"adaptive"``, ``"fixed"``, ``"heuristic"``,
+                ``"cloud_only"``, ``"tree"`` (token trees of one shape) or ``"adaptive_tree"``
+                (the adaptive policy choosing token-tree shapes too); the server validates it.
             draft_tokens: k for ``"fixed"``, the starting k otherwise; 0 = the server's default.
             pipelined: draft the next block while a verdict is in flight (True/False);
                 None = the edge's default.
