@@ -84,11 +84,15 @@ class EdgeEngine:
         config: EngineConfig | None = None,
         device: str | torch.device | None = None,
         compute_profile: ComputeProfile | str | None = None,
+        runner_factory: Callable[[PreTrainedModel], ModelRunner] | None = None,
     ) -> None:
         """`compute_profile` (name or profile; None = "real") pads each draft forward to its
-        modelled time (an emulated edge device); outputs are unchanged."""
+        modelled time (an emulated edge device); outputs are unchanged. `runner_factory` (None:
+        `make_runner` with the profile) builds each session's draft runner from the draft model:
+        benchmarks use it to emulate edge devices (`edgespec.bench.emulated_edge`)."""
         self.model = draft_model.eval() if device is None else draft_model.to(device).eval()
         self.compute_profile = get_profile(compute_profile or "real")
+        self._runner_factory = runner_factory
         self.tokenizer = tokenizer
         self.link_config = link_config if link_config is not None else LinkConfig()
         self.config = config if config is not None else EngineConfig()
@@ -249,7 +253,11 @@ class EdgeEngine:
         )
         try:
             loop = asyncio.get_running_loop()
-            runner = make_runner(self.model, self.compute_profile, "draft")
+            runner = (
+                self._runner_factory(self.model)
+                if self._runner_factory is not None
+                else make_runner(self.model, self.compute_profile, "draft")
+            )
             drafter = await loop.run_in_executor(
                 self._executor, Drafter, runner, prompt_ids, params
             )

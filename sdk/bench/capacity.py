@@ -43,6 +43,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgespec.bench.emulated_edge import DraftMemo, MemoStats, runner_factory
 from edgespec.bench.processes import verifier_process
 from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 PROMPT_LEN = 24  # KV tokens per session assumed by the analytic estimate (prompts are ~10-30)
 START_DELAY_S = 1.0  # workers get the common start time this far ahead
+_MEMO_FIELDS = tuple(MemoStats.__dataclass_fields__)
 _STEP_METRICS = ("edgespec_verifier_batch_size_", "edgespec_verifier_forward_tokens_")
 
 
@@ -71,6 +73,9 @@ class CapacityConfig:
     edge_processes: int = 4
     timeout_s: float = 300.0
     batch_max_sessions: int = 64
+    # Emulated edge devices share each worker's draft forwards (`edgespec.bench.emulated_edge`):
+    # only under an emulated profile; False runs every session's draft forwards for real.
+    memo_drafts: bool = True
     # torch intra-op threads of the verifier and of each edge worker: 1, since on a shared
     # host a parallel region waits for its slowest (descheduled) thread (a 5-token forward of
     # the demo target measured 750 ms with 2 threads on a loaded 2-core host, 19 ms with 1).
@@ -106,6 +111,7 @@ class _Job:
     start_at: float  # time.time() at which every session starts
     timeout_s: float
     threads: int = 1  # torch intra-op threads in the worker
+    memo: bool = True  # emulated edge devices share draft forwards (`emulated_edge`)
 
 
 @dataclass
@@ -129,12 +135,25 @@ def _draft_model(path: str):  # one load per worker process
     return ModelRunner.from_pretrained(path, device="cpu").model
 
 
-def _run_job(job: _Job) -> list[dict]:
-    """Worker process entry: run the job's sessions concurrently, each its own edge."""
+@lru_cache(maxsize=2)
+def _draft_memo(path: str) -> DraftMemo:  # one per worker process and draft model
+    return DraftMemo()
+
+
+def _run_job(job: _Job) -> dict[str, Any]:
+    """Worker process entry: run the job's sessions concurrently, each its own edge; returns
+    their records and what the process's draft memo did during the job."""
     import torch
 
     torch.set_num_threads(job.threads)
-    return [asdict(r) for r in asyncio.run(_sessions(job))]
+    memo = _draft_memo(job.draft)
+    before = memo.stats()
+    records = [asdict(r) for r in asyncio.run(_sessions(job))]
+    after = memo.stats()
+    return {
+        "records": records,
+        "memo": {name: getattr(after, name) - getattr(before, name) for name in _MEMO_FIELDS},
+    }
 
 
 async def _sessions(job: _Job) -> list[_SessionRecord]:
@@ -144,6 +163,7 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
     from edgespec.linkemu import LinkEmulator, LinkProfile
 
     model = _draft_model(job.draft)
+    factory = runner_factory(job.compute_profile, _draft_memo(job.draft)) if job.memo else None
     host, port = job.verifier.rsplit(":", 1)
     with ExitStack() as stack:
         engines = []
@@ -155,8 +175,12 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                 None,
                 [emu.address],
                 link_config=LinkConfig(round_timeout_s=job.timeout_s),
-                config=EngineConfig(max_k=16, link_memory=False),
+                # Draft on the engine's own thread even with one session: inline, the
+                # modelled draft time would be slept on the worker's event loop, and the sessions
+                # of one worker would wait for each other's (emulated) devices.
+                config=EngineConfig(max_k=16, link_memory=False, draft_in_thread=True),
                 compute_profile=job.compute_profile,
+                runner_factory=factory,
             )
             engines.append(engine)
         params = SamplingParams(max_new_tokens=job.max_new_tokens)
@@ -305,8 +329,9 @@ def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
 
 def _measure(
     pool: ProcessPoolExecutor, template: _Job, prompts: list[list[int]], workers: int
-) -> list[_SessionRecord]:
-    """Run one session per prompt, all starting together, spread over the workers."""
+) -> tuple[list[_SessionRecord], dict[str, int]]:
+    """Run one session per prompt, all starting together, spread over the workers; returns
+    their records and the workers' draft memo counts (`MemoStats` fields, summed)."""
     start_at = time.time() + START_DELAY_S + 0.2 * len(prompts) / workers
     indexed = list(enumerate(prompts))
     jobs = [
@@ -314,7 +339,9 @@ def _measure(
         for w in range(workers)
         if indexed[w::workers]
     ]
-    return [_SessionRecord(**r) for part in pool.map(_run_job, jobs) for r in part]
+    parts = list(pool.map(_run_job, jobs))
+    memo = {name: sum(p["memo"][name] for p in parts) for name in _MEMO_FIELDS}
+    return [_SessionRecord(**r) for p in parts for r in p["records"]], memo
 
 
 def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -380,8 +407,9 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                         0.0,
                         config.timeout_s,
                         config.threads,
+                        config.memo_drafts,
                     )
-                    records = _measure(pool, template, prompts[:n], config.edge_processes)
+                    records, memo = _measure(pool, template, prompts[:n], config.edge_processes)
                     after = _scrape(port)
                     rows.append(
                         _row(
@@ -396,6 +424,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                             expected,
                         )
                     )
+                    rows[-1]["draft_forwards"] = memo["forwards"]
+                    rows[-1]["draft_real_forwards"] = memo["real_forwards"]
                     logger.info(
                         "%s N=%d rtt=%g: %.1f tokens/s",
                         name,
@@ -409,9 +439,32 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
         "profiles": {"compute": profile.to_dict(), "compute_emulated": profile.emulated},
         "target": str(target),
         "draft": str(draft),
+        "edge_emulation": _edge_emulation(config),
         "rows": rows,
         "wall_s": time.time() - started,
     }
+
+
+def _edge_emulation(config: CapacityConfig) -> str:
+    """How the run's edge devices are emulated (written to the JSON with the figures)."""
+    profile = get_profile(config.compute_profile)
+    if not profile.emulated:
+        return (
+            "none: every session's draft forwards run for real on this host "
+            f"({config.edge_processes} worker processes sharing its cores)"
+        )
+    shared = (
+        "the real draft forward of each distinct token prefix is computed once per worker "
+        "process and its logits shared by every session with that prefix "
+        "(edgespec.bench.emulated_edge.MemoRunner; tokens unchanged)"
+        if config.memo_drafts
+        else "every session runs its own real draft forwards"
+    )
+    return (
+        f"EMULATED edge devices: each session drafts on its own thread and each draft forward "
+        f"takes at least the {profile.name} profile's modelled draft time (slept, overlapping "
+        f"across sessions); {shared}"
+    )
 
 
 def _prompts(target: Path, n: int) -> list[list[int]]:
