@@ -34,7 +34,7 @@ from edgespec.core.cost_model import (
     expected_tokens_per_position,
     speculative_rates,
 )
-from edgespec.core.estimators import AcceptanceEstimator, AffineFit, RobustLevel
+from edgespec.core.estimators import AcceptanceEstimator, AffineFit, RobustLevel, VerifierLoad
 from edgespec.core.link_memory import PolicyMemory
 from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision, Mode, RoundObservation
 from edgespec.core.validation import check_float, check_int, check_ms
@@ -71,6 +71,12 @@ class AdaptiveConfig:
     cloud_probe_every: int = 8  # cloud-only steps between speculative probes
     cloud_probe_k: int = 4  # probes from cloud-only mode draft at least this many (to learn alpha)
     pipelined: bool = False  # the edge drafts ahead while verdicts travel: use T_pipe(k)
+    # Account for the verifier's load (`VerifierLoad`): when other sessions' work in the same
+    # batched forwards adds more than `load_dead_zone` times the verifier's fixed cost to the
+    # verify time, price each position at what it costs all of them (t_v(n) = floor + (b +
+    # excess / n) * n) instead of at this session's own slope b.
+    load_aware: bool = True
+    load_dead_zone: float = 0.25
     memory_trials: float = 48.0  # a session started from `PolicyMemory` carries at most this
     # many acceptance trials over (> 0): enough to decide from the first round, few enough that
     # its own rounds overrule them within a few dozen positions
@@ -104,6 +110,9 @@ class AdaptiveConfig:
         if not isinstance(self.pipelined, bool):
             raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
         check_float("memory_trials", self.memory_trials, 0, lo_open=True)
+        if not isinstance(self.load_aware, bool):
+            raise ValueError(f"load_aware must be a bool, got {self.load_aware!r}")
+        check_float("load_dead_zone", self.load_dead_zone, 0)
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,7 @@ class AdaptivePolicy:
         self._rtt = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._verify = AffineFit(c.verify_decay, c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._queue: float | None = None  # plain EWMA: the mean wait is what costs throughput
+        self._load = VerifierLoad(c.timing_gain)  # transient: not carried to the next session
         # cloud-only time per token, as an offset over the speculative side's t_v(1) + queue so
         # that it follows the verifier's load seen through the probes
         self._cloud_offset = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
@@ -236,11 +246,16 @@ class AdaptivePolicy:
     def _cost(self) -> CostModel | None:
         if not (self._verify.has_data and self._rtt.value is not None):
             return None
+        base, slope = self._verify.a, self._verify.b
+        shared = self._load.per_position_ms(self.config.load_dead_zone)
+        if self.config.load_aware and shared > 0.0:
+            assert self._load.floor is not None
+            base, slope = max(self._load.floor, 0.0), slope + shared
         spec = CostModel(
             draft_ms=max(self._draft.value or 0.0, 0.0),
             rtt_ms=max(self._rtt.value, 0.0),
-            verify_base_ms=self._verify.a,
-            verify_per_token_ms=self._verify.b,
+            verify_base_ms=base,
+            verify_per_token_ms=slope,
             queue_ms=self._queue or 0.0,
             pipelined=self.config.pipelined,
         )
@@ -287,6 +302,7 @@ class AdaptivePolicy:
         if self._draft.update(obs.draft_ms / obs.k):
             logger.info("draft time shifted to %.2f ms/token", self._draft.value)
         self._verify.update(obs.k + 1, obs.verify_ms)
+        self._load.update(obs.k + 1, obs.verify_ms, self._verify.b)
         if self._rtt.update(obs.network_ms):
             logger.info("RTT shifted to %.1f ms", self._rtt.value)
         g = self.config.timing_gain
@@ -324,6 +340,12 @@ class AdaptivePolicy:
         self._rtt_samples += 1
         if self._rtt.update(check_ms("rtt_ms", rtt_ms)):
             logger.info("RTT shifted to %.1f ms", self._rtt.value)
+
+    def observe_verifier_idle(self, fixed_ms: float) -> None:
+        """The verifier's fixed cost of one forward with no other session in it (e.g. from the
+        compute profile it announces): what its load is measured against (`VerifierLoad`).
+        Sessions that start together never see the verifier idle, so they cannot learn it."""
+        self._load.observe_idle(check_ms("fixed_ms", fixed_ms))
 
     def choose(self) -> Decision:
         c = self.config

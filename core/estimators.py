@@ -13,7 +13,10 @@ every round's observation:
 - t_v(n) = a + b*n (`AffineFit`): least squares with forgetting, a small ridge prior on b, the
   same shift rule.
 
-Each has `settled()`: a copy with no shift pending, what a new session on the same link starts
+- the verifier's load (`VerifierLoad`): how much of a round's verify time is other sessions'
+  work batched into the same forward, per token of the session's own block.
+
+Each timing estimator has `settled()`: a copy with no shift pending, what a new session on the same link starts
 from (`edgespec.core.link_memory`).
 """
 
@@ -207,6 +210,56 @@ class AffineFit:
         if a < 0.0:
             a, b = 0.0, max(0.0, sxy / sxx)
         self.a, self.b = a, b
+
+
+class VerifierLoad:
+    """The verify time other sessions' work adds to this session's rounds on a batching verifier.
+
+    Each round's verify time, less this session's own share b * n (n = positions it fed, b the
+    t_v(n) slope), is the verifier's fixed cost plus whatever the other sessions batched into
+    the same forward cost. `floor` is the lowest such value seen (the verifier's fixed cost when
+    this session had it most to itself); the `excess` over it is the others' work, EWMA-averaged
+    in ms (`excess_ms`) along with the positions fed (`positions`).
+
+    Why it matters: with B sessions alike, each feeding n positions per forward, a compute-bound
+    forward costs about floor + b * B * n, so one more position of this session costs every one
+    of the B sessions b ms: b * B per position, about b + excess / n. A session that saw only
+    its own slope b would find long blocks cheap, every session would lengthen its blocks, and the
+    shared forwards would slow down for all (measured: adaptive at 16-32 sessions drafting twice
+    fixed k's tokens at a lower rate). A memory-bound forward (cost independent of the tokens
+    fed) shows little excess, so long blocks stay cheap there, as they are.
+    """
+
+    def __init__(self, gain: float) -> None:
+        self.gain = gain
+        self.floor: float | None = None
+        self.excess_ms = 0.0
+        self.positions = 0.0
+
+    def update(self, positions: int, verify_ms: float, slope: float) -> None:
+        """One speculative round: `positions` fed, `verify_ms` reported, `slope` = b now."""
+        base = verify_ms - slope * positions
+        self.floor = base if self.floor is None else min(self.floor, base)
+        excess = max(base - self.floor, 0.0)
+        if self.positions == 0.0:
+            self.excess_ms, self.positions = excess, float(positions)
+            return
+        self.excess_ms += self.gain * (excess - self.excess_ms)
+        self.positions += self.gain * (positions - self.positions)
+
+    def observe_idle(self, fixed_ms: float) -> None:
+        """The verifier's fixed cost per forward when it has nothing else to do, learnt
+        elsewhere (sessions that start together never see it idle): lowers the floor."""
+        self.floor = fixed_ms if self.floor is None else min(self.floor, fixed_ms)
+
+    def per_position_ms(self, dead_zone: float) -> float:
+        """The others' cost per own position (excess / positions), or 0 while the excess is
+        within `dead_zone` times the floor (a verifier to itself: noise, not load)."""
+        if self.floor is None or self.positions <= 0.0:
+            return 0.0
+        if self.excess_ms <= dead_zone * max(self.floor, 0.0):
+            return 0.0
+        return self.excess_ms / self.positions
 
 
 class _Counts:

@@ -63,6 +63,16 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- engine
 
 
+def _idle_forward_ms(profile_name: str | None) -> float | None:
+    """The fixed cost of one forward of a verifier with nothing else to do, when the compute
+    profile it announces is an emulated one (a real one does not say: None)."""
+    try:
+        profile = get_profile(profile_name) if profile_name else None
+    except ValueError:  # a profile this edge does not know
+        return None
+    return profile.target.base_ms if profile is not None and profile.emulated else None
+
+
 class EdgeEngine:
     """Runs edge sessions: one shared draft model, one draft KV cache and one verifier session each.
 
@@ -278,6 +288,9 @@ class EdgeEngine:
             and link.session.open_rtt_ms is not None
         ):
             learner.observe_rtt(link.session.open_rtt_ms)
+        idle_ms = _idle_forward_ms(link.session.compute_profile if link.session else None)
+        if learner is not None and idle_ms is not None:
+            learner.observe_verifier_idle(idle_ms)
         text = TextStream(self.tokenizer)
         t_first = t_last = None
         n_first = 0

@@ -86,7 +86,7 @@ class CapacityConfig:
             check_int("sessions", n, 1)
         for k in self.ks:
             check_int("k", k, 1)
-        known = {"cloud_only", "fixed", "adaptive", "serial"}
+        known = {"cloud_only", "fixed", "adaptive", "adaptive_unpipelined", "serial"}
         if not set(self.methods) <= known or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {sorted(known)}")
         check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -124,6 +124,11 @@ class _SessionRecord:
     accepted: int
     rounds: int
     queue_ms: list[float] = field(default_factory=list)
+    # per round: where its time went (edge draft, verifier compute, link), and its wall time
+    draft_ms: list[float] = field(default_factory=list)
+    verify_ms: list[float] = field(default_factory=list)
+    network_ms: list[float] = field(default_factory=list)
+    round_ms: list[float] = field(default_factory=list)
     error: str = ""
     prompt_index: int = 0
 
@@ -206,7 +211,12 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                         rec = _SessionRecord(
                             tokens, start, first, time.time(), st.drafted, st.accepted, st.rounds
                         )
-                        rec.queue_ms = [r.timing.queue_ms for r in st.round_records]
+                        rounds = st.round_records
+                        rec.queue_ms = [r.timing.queue_ms for r in rounds]
+                        rec.draft_ms = [r.draft_ms for r in rounds]
+                        rec.verify_ms = [r.timing.verify_ms for r in rounds]
+                        rec.network_ms = [r.timing.network_ms for r in rounds]
+                        rec.round_ms = [r.round_ms for r in rounds]
                         return rec
             except Exception as err:  # noqa: BLE001 - a failed session is a result of the run
                 return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error=repr(err))
@@ -309,7 +319,16 @@ def _row(
         "altered_outputs": altered,  # outputs different from the target alone (greedy)
         "tokens": tokens,
         "wall_s": wall,
+        # medians over every round of every session: where a round's time went
+        **{
+            f"round_{part}_median": _median([v for r in ok for v in getattr(r, part)])
+            for part in ("draft_ms", "verify_ms", "network_ms", "round_ms")
+        },
     }
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
@@ -324,6 +343,8 @@ def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
             out.append((f"fixed_k{k}_serial", "fixed", k, False, False))
     if "adaptive" in config.methods:
         out.append(("adaptive", "adaptive", 0, True, True))
+    if "adaptive_unpipelined" in config.methods:
+        out.append(("adaptive_unpipelined", "adaptive", 0, False, True))
     return out
 
 
@@ -351,7 +372,11 @@ def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> l
 
     runner = ModelRunner.from_pretrained(target, device="cpu")
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    return [generate_autoregressive(runner, p, params).tokens for p in prompts]
+    outputs: dict[tuple[int, ...], list[int]] = {}  # prompts repeat: each distinct one once
+    for p in prompts:
+        if tuple(p) not in outputs:
+            outputs[tuple(p)] = generate_autoregressive(runner, p, params).tokens
+    return [outputs[tuple(p)] for p in prompts]
 
 
 def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dict[str, Any]:

@@ -69,6 +69,10 @@ class DraftMemo:
         self.max_rows = check_int("max_rows", max_rows, 1)
         self._rows: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        # Held while a real forward runs: sessions in lockstep ask for the same prefix at the
+        # same moment, and the later ones should get the first one's rows, not compute them too
+        # (the wait falls within their modelled draft time, which is slept anyway).
+        self.compute_lock = threading.Lock()
         self.hits = 0
         self.misses = 0
         self.real_forwards = 0
@@ -206,6 +210,11 @@ class MemoRunner(PaddedRunner):
         rows = self.memo.get(self._tokens, start)
         if rows is not None:
             return rows
+        with self.memo.compute_lock:
+            rows = self.memo.get(self._tokens, start)  # computed while this one waited?
+            return rows if rows is not None else self._compute(start)
+
+    def _compute(self, start: int) -> list[Tensor]:
         real = self._length
         logits = self._forward(self._tokens[real:], last_only=False)  # (L - real, V)
         self.memo.put(self._tokens, real, logits)
