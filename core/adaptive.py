@@ -14,6 +14,14 @@ the other mode beats the current one by `mode_hysteresis` (leaving speculative d
 on an optimistic acceptance, one standard error up, so thin evidence does not end it). A policy
 can start from what an earlier session on the same link learnt (`edgespec.core.link_memory`).
 
+On a batching verifier shared with other sessions (`load_aware`), a position is priced at
+what it costs every session in the forward, not at this session's own t_v slope: without that,
+every session finds long blocks cheap (the forward's cost is mostly the others'), all of them
+lengthen their blocks, and the shared forwards slow down for all (`VerifierLoad`). The load is
+measured against the verifier's idle fixed cost, learnt from the rounds or told
+(`observe_verifier_idle`: the edge passes what an emulated verifier's compute profile says).
+Cloud-only is then judged the same way: the rate if every session decoded alone.
+
 While cloud-only, nothing is drafted, but the policy need not go blind: `observe_shadow` takes
 what the draft would have proposed for the streamed tokens (under greedy decoding a draft token
 is accepted iff it equals the committed token, so these are exact acceptance outcomes), and
@@ -246,17 +254,19 @@ class AdaptivePolicy:
     def _cost(self) -> CostModel | None:
         if not (self._verify.has_data and self._rtt.value is not None):
             return None
-        base, slope = self._verify.a, self._verify.b
+        base, slope, queue = self._verify.a, self._verify.b, self._queue or 0.0
         shared = self._load.per_position_ms(self.config.load_dead_zone)
         if self.config.load_aware and shared > 0.0:
             assert self._load.floor is not None
             base, slope = max(self._load.floor, 0.0), slope + shared
+            if not self.config.pipelined:
+                queue = 0.0  # part of the load (`_busy_ms`), priced per position
         spec = CostModel(
             draft_ms=max(self._draft.value or 0.0, 0.0),
             rtt_ms=max(self._rtt.value, 0.0),
             verify_base_ms=base,
             verify_per_token_ms=slope,
-            queue_ms=self._queue or 0.0,
+            queue_ms=queue,
             pipelined=self.config.pipelined,
         )
         cloud = spec.cloud_ms_per_token() + (self._cloud_offset.value or 0.0)
@@ -302,7 +312,7 @@ class AdaptivePolicy:
         if self._draft.update(obs.draft_ms / obs.k):
             logger.info("draft time shifted to %.2f ms/token", self._draft.value)
         self._verify.update(obs.k + 1, obs.verify_ms)
-        self._load.update(obs.k + 1, obs.verify_ms, self._verify.b)
+        self._load.update(obs.k + 1, self._busy_ms(obs), self._verify.b)
         if self._rtt.update(obs.network_ms):
             logger.info("RTT shifted to %.1f ms", self._rtt.value)
         g = self.config.timing_gain
@@ -340,6 +350,12 @@ class AdaptivePolicy:
         self._rtt_samples += 1
         if self._rtt.update(check_ms("rtt_ms", rtt_ms)):
             logger.info("RTT shifted to %.1f ms", self._rtt.value)
+
+    def _busy_ms(self, obs: RoundObservation) -> float:
+        """The round's time at the verifier that other sessions' work can lengthen: the forward,
+        and its wait for the forwards before it. Not the wait of a pipelined session, whose
+        blocks drafted ahead wait behind its own pending block (not load)."""
+        return obs.verify_ms + (0.0 if self.config.pipelined else obs.queue_ms)
 
     def observe_verifier_idle(self, fixed_ms: float) -> None:
         """The verifier's fixed cost of one forward with no other session in it (e.g. from the

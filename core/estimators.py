@@ -215,9 +215,9 @@ class AffineFit:
 class VerifierLoad:
     """The verify time other sessions' work adds to this session's rounds on a batching verifier.
 
-    Each round's verify time, less this session's own share b * n (n = positions it fed, b the
-    t_v(n) slope), is the verifier's fixed cost plus whatever the other sessions batched into
-    the same forward cost. `floor` is the lowest such value seen (the verifier's fixed cost when
+    Each round's time at the verifier (its forward, and the wait for the forwards before it),
+    less this session's own share b * n (n = positions it fed, b the t_v(n) slope), is the
+    verifier's fixed cost plus whatever the other sessions' work in those forwards cost. `floor` is the lowest such value seen (the verifier's fixed cost when
     this session had it most to itself); the `excess` over it is the others' work, EWMA-averaged
     in ms (`excess_ms`) along with the positions fed (`positions`).
 
@@ -236,9 +236,10 @@ class VerifierLoad:
         self.excess_ms = 0.0
         self.positions = 0.0
 
-    def update(self, positions: int, verify_ms: float, slope: float) -> None:
-        """One speculative round: `positions` fed, `verify_ms` reported, `slope` = b now."""
-        base = verify_ms - slope * positions
+    def update(self, positions: int, busy_ms: float, slope: float) -> None:
+        """One speculative round: `positions` fed, `busy_ms` at the verifier (its forward, and
+        the wait for the forwards before it when that is load), `slope` = b now."""
+        base = busy_ms - slope * positions
         self.floor = base if self.floor is None else min(self.floor, base)
         excess = max(base - self.floor, 0.0)
         if self.positions == 0.0:

@@ -129,6 +129,7 @@ class _SessionRecord:
     verify_ms: list[float] = field(default_factory=list)
     network_ms: list[float] = field(default_factory=list)
     round_ms: list[float] = field(default_factory=list)
+    ks: list[int] = field(default_factory=list)  # per round: k drafted, 0 for cloud-only
     error: str = ""
     prompt_index: int = 0
 
@@ -217,6 +218,7 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                         rec.verify_ms = [r.timing.verify_ms for r in rounds]
                         rec.network_ms = [r.timing.network_ms for r in rounds]
                         rec.round_ms = [r.round_ms for r in rounds]
+                        rec.ks = [r.k if r.mode == "speculative" else 0 for r in rounds]
                         return rec
             except Exception as err:  # noqa: BLE001 - a failed session is a result of the run
                 return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error=repr(err))
@@ -319,12 +321,23 @@ def _row(
         "altered_outputs": altered,  # outputs different from the target alone (greedy)
         "tokens": tokens,
         "wall_s": wall,
+        # share of rounds decoded cloud-only (adaptive), and k over the speculative ones
+        "cloud_only_round_share": _share([k == 0 for r in ok for k in r.ks]),
+        "speculative_k_mean": _mean([k for r in ok for k in r.ks if k > 0]),
         # medians over every round of every session: where a round's time went
         **{
             f"round_{part}_median": _median([v for r in ok for v in getattr(r, part)])
             for part in ("draft_ms", "verify_ms", "network_ms", "round_ms")
         },
     }
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def _mean(values: list[int]) -> float | None:
+    return statistics.fmean(values) if values else None
 
 
 def _median(values: list[float]) -> float | None:
