@@ -4,8 +4,10 @@ For every RTT, method and session count N, N greedy sessions start together, eac
 emulated edge device: its own `EdgeEngine` (its own draft thread, so draft forwards of different
 sessions never queue behind each other) behind its own link emulator (a TCP proxy with the
 RTT). The edges live in `edge_processes` worker processes (spawned once for the whole run), so
-the edge side is not one Python thread either (the padding sleeps of different sessions overlap;
-their real compute still shares the host's cores). One verifier subprocess serves them all: the
+the edge side is not one Python thread either (the padding sleeps of different sessions overlap).
+Under an emulated profile the real draft compute is shared too (see below), so that N emulated
+edge devices do not queue on the host's cores; under ``real`` every session's draft runs for
+real on those cores. One verifier subprocess serves them all: the
 batching verifier, or with ``--no-batching`` the one-session-at-a-time verifier (the reference
 row). Under an emulated compute profile (default ``h100-70b``) every forward is padded to its
 modelled time: the draft's per forward, the batching verifier's per step by the batch roofline
@@ -16,7 +18,13 @@ user would otherwise run), ``fixed_k{k}`` (edgespec, one row per ``--k``), ``ada
 adaptive policy, pipelined), and ``fixed_k{k}_serial`` (fixed k against the one-at-a-time
 verifier). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
 with the target alone's (``altered_outputs``). Not measured: cloud-side speculative decoding (the draft
-on the verifier), which the verifier does not run yet.
+on the verifier), which the verifier does not run yet; each speculative row carries its analytic
+estimate at the row's k and acceptance (``cloud_sd_analytic_tokens_per_s``, `cloud_sd_bound`).
+
+Edge devices under an emulated profile: see `edgespec.bench.emulated_edge` (each session drafts
+on its own thread, padded to the modelled draft time; the real draft forward of a token prefix
+runs once per worker process and is shared by its sessions; tokens unchanged). The JSON says so
+(``edge_emulation``). ``--no-draft-memo`` runs every session's draft forwards for real.
 
 Per row: replica tokens/s (all tokens / the wall time from the common start to the last end),
 per-session tokens/s (median, p10), TTFT median, the verifier queue time per block (median over
@@ -285,6 +293,30 @@ def capacity_bound(
     return sessions * e * 1e3 / (draft_ms + rtt_ms + step)
 
 
+# Cloud-side speculative decoding (analytic only: the verifier does not run a draft): the
+# draft's batched forward on the verifier's GPU, by the target's roofline scaled to the draft's
+# size (1.2B of 70B parameters: weights and FLOPs per token scale with it; KV ignored); the
+# per-forward overhead (launches, sampling) is the target's.
+CLOUD_DRAFT_PARAM_RATIO = 1.2 / 70.0
+
+
+def cloud_sd_bound(sessions: int, k: int, acceptance: float, profile_name: str) -> float | None:
+    """Analytic replica tokens/s of cloud-side speculative decoding under the profile: per
+    round, k batched draft forwards over the N sessions (one token each) then one batched
+    target forward over N rows of k+1 tokens, all on the verifier, no RTT per round; E(k) at
+    `acceptance` (independent per token). None when the profile models no batched forward."""
+    profile = get_profile(profile_name)
+    batch = profile.target_batch
+    if batch is None or k < 1:
+        return None
+    r = CLOUD_DRAFT_PARAM_RATIO
+    draft_step = batch.overhead_ms + max(
+        batch.weights_ms * r, batch.compute_ms_per_token * r * sessions
+    )
+    step = profile.target_step_ms([(PROMPT_LEN, k + 1)] * sessions)
+    return sessions * expected_tokens(acceptance, k) * 1e3 / (k * draft_step + step)
+
+
 def _row(
     method, sessions, rtt_ms, k, records, before, after, profile_name, expected
 ) -> dict[str, Any]:
@@ -316,6 +348,13 @@ def _row(
         "acceptance_rate": acceptance,
         "mean_k": mean_k,
         "analytic_bound_tokens_per_s": bound,
+        # what cloud-side speculative decoding would give at this row's k and acceptance
+        # (analytic, `cloud_sd_bound`; not measured: the verifier runs no draft)
+        "cloud_sd_analytic_tokens_per_s": (
+            cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
+            if mean_k >= 1 and not method.endswith("_serial")
+            else None
+        ),
         "vs_bound": replica / bound if bound else None,
         "errors": len(records) - len(ok),
         "altered_outputs": altered,  # outputs different from the target alone (greedy)
