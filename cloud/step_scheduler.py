@@ -42,6 +42,10 @@ from edgespec.cloud.verifier_types import ServiceError, VerifyResult
 
 logger = logging.getLogger(__name__)
 
+# Event-loop turns the step loop yields after a step: enough for a stream woken by its verdict
+# to write it, read its next block (already arrived) and submit it (a few turns, microseconds).
+_RESUME_TURNS = 4
+
 
 @dataclass
 class _Queued:
@@ -155,6 +159,15 @@ class StepScheduler:
                         self._queue_ahead(item.work.session_id, outcome)
             if self._on_step is not None:
                 self._on_step(stats, len(self._queue))
+            # Let the callers just answered run before the next step is taken: a stream whose
+            # next block has already arrived (a block drafted ahead, or a STALE one to skip)
+            # submits it within these few loop turns and joins the very next step, instead of
+            # waiting for that one to end first. (With nothing queued after the step the
+            # scheduler counts as idle, as before: what arrives now may wait for the window.)
+            idle = not self._queue
+            for _ in range(_RESUME_TURNS):
+                await asyncio.sleep(0)
+            busy = busy and not idle
 
     def _others_may_come(self) -> bool:
         """Whether an open session has no item queued yet (else the window would only delay:
