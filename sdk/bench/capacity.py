@@ -65,7 +65,11 @@ logger = logging.getLogger(__name__)
 PROMPT_LEN = 24  # KV tokens per session assumed by the analytic estimate (prompts are ~10-30)
 START_DELAY_S = 1.0  # workers get the common start time this far ahead
 _MEMO_FIELDS = tuple(MemoStats.__dataclass_fields__)
-_STEP_METRICS = ("edgespec_verifier_batch_size_", "edgespec_verifier_forward_tokens_")
+_STEP_METRICS = (
+    "edgespec_verifier_batch_size_",
+    "edgespec_verifier_forward_tokens_",
+    "edgespec_verifier_verify_seconds_",
+)
 
 
 @dataclass(frozen=True)
@@ -251,14 +255,12 @@ def _free_port() -> int:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    """The verifier's step counters: batch_size and forward_tokens sums and counts."""
+    """The verifier's counters: batch_size, forward_tokens and verify_seconds sums and counts."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith(
-                ("edgespec_verifier_batch_size_", "edgespec_verifier_forward_tokens_")
-            ) and sample.name.endswith(("_sum", "_count")):
+            if sample.name.startswith(_STEP_METRICS) and sample.name.endswith(("_sum", "_count")):
                 out[sample.name] = sample.value
     return out
 
@@ -332,7 +334,16 @@ def _row(
     acceptance = sum(r.accepted for r in ok) / drafted if drafted else 0.0
     mean_k = drafted / rounds if rounds else 0.0
     replica = tokens / wall if wall > 0 else 0.0
-    bound = capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
+    batch = _per_forward(before, after, "edgespec_verifier_batch_size")
+    per_forward = _per_forward(before, after, "edgespec_verifier_forward_tokens")
+    verify_s = _per_forward(before, after, "edgespec_verifier_verify_seconds")
+    modelled = _modelled_step_ms(batch, per_forward, profile_name, len(expected[0]))
+    # the estimate needs modelled times: none under a real profile
+    bound = (
+        capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
+        if get_profile(profile_name).emulated
+        else None
+    )
     return {
         "method": method,
         "sessions": sessions,
@@ -343,8 +354,14 @@ def _row(
         "session_tokens_per_s_p10": rates[int(0.1 * (len(rates) - 1))] if rates else 0.0,
         "ttft_ms_median": statistics.median((r.first - r.start) * 1e3 for r in ok) if ok else 0.0,
         "queue_ms_median": statistics.median(queue) if queue else 0.0,
-        "mean_batch_sessions": _per_forward(before, after, "edgespec_verifier_batch_size"),
-        "mean_tokens_per_forward": _per_forward(before, after, "edgespec_verifier_forward_tokens"),
+        "mean_batch_sessions": batch,
+        "mean_tokens_per_forward": per_forward,
+        # the verifier's time per block (or decoded token) against the profile's time of a
+        # forward of the row's mean shape: above 1, the host's real compute was slower than
+        # the modelled GPU (padding only ever adds time)
+        "verify_ms_mean": verify_s * 1e3 if verify_s is not None else None,
+        "modelled_step_ms": modelled,
+        "verify_overrun": verify_s * 1e3 / modelled if verify_s is not None and modelled else None,
         "acceptance_rate": acceptance,
         "mean_k": mean_k,
         "analytic_bound_tokens_per_s": bound,
@@ -369,6 +386,20 @@ def _row(
             for part in ("draft_ms", "verify_ms", "network_ms", "round_ms")
         },
     }
+
+
+def _modelled_step_ms(
+    batch: float | None, per_forward: float | None, profile_name: str, generated: int
+) -> float | None:
+    """The profile's time of one batched forward of `batch` sessions feeding `per_forward`
+    tokens in all, each with a prompt and half the generation cached (None: no batched
+    forward modelled, or no forward ran)."""
+    profile = get_profile(profile_name)
+    if not batch or not per_forward or profile.target_batch is None:
+        return None
+    sessions = max(round(batch), 1)
+    ctx = PROMPT_LEN + generated // 2
+    return profile.target_step_ms([(ctx, max(round(per_forward / sessions), 1))] * sessions)
 
 
 def _share(flags: list[bool]) -> float | None:
@@ -501,8 +532,10 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                             expected,
                         )
                     )
-                    rows[-1]["draft_forwards"] = memo["forwards"]
-                    rows[-1]["draft_real_forwards"] = memo["real_forwards"]
+                    # draft forwards the sessions asked for / ran for real (None: no memo)
+                    shared = memo["forwards"] > 0
+                    rows[-1]["draft_forwards"] = memo["forwards"] if shared else None
+                    rows[-1]["draft_real_forwards"] = memo["real_forwards"] if shared else None
                     logger.info(
                         "%s N=%d rtt=%g: %.1f tokens/s",
                         name,
@@ -555,12 +588,12 @@ def _prompts(target: Path, n: int) -> list[list[int]]:
 def print_summary(result: dict[str, Any]) -> None:
     """One line per row on stdout."""
     for r in result["rows"]:
-        batch = r["mean_batch_sessions"]
+        batch, bound = r["mean_batch_sessions"], r["analytic_bound_tokens_per_s"]
         print(
-            f"{r['method']:>18} N={r['sessions']:<3} rtt={r['rtt_ms']:>4g} ms "
+            f"{r['method']:>20} N={r['sessions']:<3} rtt={r['rtt_ms']:>4g} ms "
             f"replica {r['replica_tokens_per_s']:7.1f} tok/s  session p50 "
             f"{r['session_tokens_per_s_median']:6.1f}  ttft {r['ttft_ms_median']:6.1f} ms  "
             f"batch {batch if batch is None else round(batch, 1)}  bound "
-            f"{r['analytic_bound_tokens_per_s']:7.1f}  errors {r['errors']}  altered "
+            f"{'-' if bound is None else round(bound, 1)}  errors {r['errors']}  altered "
             f"{r['altered_outputs']}"
         )
