@@ -18,8 +18,9 @@ On a batching verifier shared with other sessions (`load_aware`), a position is 
 what it costs every session in the forward, not at this session's own t_v slope: without that,
 every session finds long blocks cheap (the forward's cost is mostly the others'), all of them
 lengthen their blocks, and the shared forwards slow down for all (`VerifierLoad`). The load is
-measured against the verifier's idle fixed cost, learnt from the rounds or told
-(`observe_verifier_idle`: the edge passes what an emulated verifier's compute profile says).
+measured against the verifier's idle fixed cost, which must be told (`observe_verifier_idle`:
+the edge passes what an emulated verifier's compute profile says; a verifier that announces no
+such figure leaves the policy as it was).
 Cloud-only is then judged the same way: the rate if every session decoded alone.
 
 While cloud-only, nothing is drafted, but the policy need not go blind: `observe_shadow` takes
@@ -81,10 +82,11 @@ class AdaptiveConfig:
     pipelined: bool = False  # the edge drafts ahead while verdicts travel: use T_pipe(k)
     # Account for the verifier's load (`VerifierLoad`): when other sessions' work in the same
     # batched forwards adds more than `load_dead_zone` times the verifier's fixed cost to the
-    # verify time, price each position at what it costs all of them (t_v(n) = floor + (b +
-    # excess / n) * n) instead of at this session's own slope b.
+    # verify time, price each position at what it costs all of them (t_v(n) = floor +
+    # n * (time - floor) / n_mean) instead of at this session's own slope b.
     load_aware: bool = True
     load_dead_zone: float = 0.25
+    load_gain: float = 0.3  # EWMA gain of the load estimate, in (0, 1]
     memory_trials: float = 48.0  # a session started from `PolicyMemory` carries at most this
     # many acceptance trials over (> 0): enough to decide from the first round, few enough that
     # its own rounds overrule them within a few dozen positions
@@ -121,6 +123,7 @@ class AdaptiveConfig:
         if not isinstance(self.load_aware, bool):
             raise ValueError(f"load_aware must be a bool, got {self.load_aware!r}")
         check_float("load_dead_zone", self.load_dead_zone, 0)
+        check_float("load_gain", self.load_gain, 0, 1, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,8 @@ class AdaptivePolicy:
         self._rtt = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._verify = AffineFit(c.verify_decay, c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._queue: float | None = None  # plain EWMA: the mean wait is what costs throughput
-        self._load = VerifierLoad(c.timing_gain)  # transient: not carried to the next session
+        # transient: not carried over to the next session
+        self._load = VerifierLoad(c.load_gain)
         # cloud-only time per token, as an offset over the speculative side's t_v(1) + queue so
         # that it follows the verifier's load seen through the probes
         self._cloud_offset = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
@@ -258,9 +262,9 @@ class AdaptivePolicy:
         shared = self._load.per_position_ms(self.config.load_dead_zone)
         if self.config.load_aware and shared > 0.0:
             assert self._load.floor is not None
-            base, slope = max(self._load.floor, 0.0), slope + shared
-            if not self.config.pipelined:
-                queue = 0.0  # part of the load (`_busy_ms`), priced per position
+            # Priced per position, the wait is part of the load (`_busy_ms`; a pipelined
+            # session's own wait behind its pending block is left out of both).
+            base, slope, queue = self._load.floor, max(slope, shared), 0.0
         spec = CostModel(
             draft_ms=max(self._draft.value or 0.0, 0.0),
             rtt_ms=max(self._rtt.value, 0.0),

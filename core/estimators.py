@@ -215,52 +215,62 @@ class AffineFit:
 class VerifierLoad:
     """The verify time other sessions' work adds to this session's rounds on a batching verifier.
 
-    Each round's time at the verifier (its forward, and the wait for the forwards before it),
-    less this session's own share b * n (n = positions it fed, b the t_v(n) slope), is the
-    verifier's fixed cost plus whatever the other sessions' work in those forwards cost. `floor` is the lowest such value seen (the verifier's fixed cost when
-    this session had it most to itself); the `excess` over it is the others' work, EWMA-averaged
-    in ms (`excess_ms`) along with the positions fed (`positions`).
+    Each round's time at the verifier (its forward, and the wait for the forwards before it
+    when that is load) is the verifier's fixed cost (`floor`) plus what every position in those
+    forwards cost. `floor` is the verifier's idle fixed cost, told by `observe_idle` (e.g. from
+    its compute profile); until then nothing is estimated: a floor learnt from the rounds
+    (their time less b * n) rests on the noisy slope b and on having seen the verifier idle,
+    which sessions that start together never do. EWMAs follow the time over the floor
+    (`over_ms`) and the positions fed (`positions`); `gain` is high, as load comes and goes
+    within a session.
 
     Why it matters: with B sessions alike, each feeding n positions per forward, a compute-bound
     forward costs about floor + b * B * n, so one more position of this session costs every one
-    of the B sessions b ms: b * B per position, about b + excess / n. A session that saw only
-    its own slope b would find long blocks cheap, every session would lengthen its blocks, and the
-    shared forwards would slow down for all (measured: adaptive at 16-32 sessions drafting twice
-    fixed k's tokens at a lower rate). A memory-bound forward (cost independent of the tokens
-    fed) shows little excess, so long blocks stay cheap there, as they are.
+    of the B sessions b ms: b * B per position, which is (time - floor) / n. A session that saw
+    only its own slope b would find long blocks cheap, every session would lengthen its blocks,
+    and the shared forwards would slow down for all (measured: adaptive at 16-32 sessions
+    drafting twice fixed k's tokens at a lower rate). A memory-bound forward (its cost
+    independent of the tokens fed) shows little time over the floor: long blocks stay cheap.
     """
 
     def __init__(self, gain: float) -> None:
         self.gain = gain
         self.floor: float | None = None
-        self.excess_ms = 0.0
-        self.positions = 0.0
-
-    def update(self, positions: int, busy_ms: float, slope: float) -> None:
-        """One speculative round: `positions` fed, `busy_ms` at the verifier (its forward, and
-        the wait for the forwards before it when that is load), `slope` = b now."""
-        base = busy_ms - slope * positions
-        self.floor = base if self.floor is None else min(self.floor, base)
-        excess = max(base - self.floor, 0.0)
-        if self.positions == 0.0:
-            self.excess_ms, self.positions = excess, float(positions)
-            return
-        self.excess_ms += self.gain * (excess - self.excess_ms)
-        self.positions += self.gain * (positions - self.positions)
+        self.over_ms = 0.0  # EWMA of (time - floor)
+        self.own_ms = 0.0  # EWMA of b * n: this session's own share of it
+        self.positions = 0.0  # EWMA of n
 
     def observe_idle(self, fixed_ms: float) -> None:
         """The verifier's fixed cost per forward when it has nothing else to do, learnt
-        elsewhere (sessions that start together never see it idle): lowers the floor."""
-        self.floor = fixed_ms if self.floor is None else min(self.floor, fixed_ms)
+        elsewhere (e.g. its compute profile): the floor from now on."""
+        self.floor = fixed_ms
+
+    def update(self, positions: int, busy_ms: float, slope: float) -> None:
+        """One speculative round: `positions` fed, `busy_ms` at the verifier, `slope` = b now
+        (ignored until the floor is told)."""
+        if self.floor is None:
+            return
+        over, own = max(busy_ms - self.floor, 0.0), slope * positions
+        if self.positions == 0.0:
+            self.over_ms, self.own_ms, self.positions = over, own, float(positions)
+            return
+        self.over_ms += self.gain * (over - self.over_ms)
+        self.own_ms += self.gain * (own - self.own_ms)
+        self.positions += self.gain * (positions - self.positions)
+
+    @property
+    def excess_ms(self) -> float:
+        """The others' share of the time over the floor (EWMA)."""
+        return max(self.over_ms - self.own_ms, 0.0)
 
     def per_position_ms(self, dead_zone: float) -> float:
-        """The others' cost per own position (excess / positions), or 0 while the excess is
-        within `dead_zone` times the floor (a verifier to itself: noise, not load)."""
+        """What one position costs all sessions in the forwards, (time - floor) / n; 0 while
+        the others' share is within `dead_zone` times the floor (noise, not load)."""
         if self.floor is None or self.positions <= 0.0:
             return 0.0
-        if self.excess_ms <= dead_zone * max(self.floor, 0.0):
+        if self.excess_ms <= dead_zone * self.floor:
             return 0.0
-        return self.excess_ms / self.positions
+        return self.over_ms / self.positions
 
 
 class _Counts:

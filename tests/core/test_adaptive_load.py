@@ -58,10 +58,15 @@ def test_shared_forwards_shorter_blocks_and_more_tokens() -> None:
 
 def test_verifier_load_estimate() -> None:
     load = VerifierLoad(gain=0.5)
-    assert load.per_position_ms(0.25) == 0.0  # nothing seen
-    load.update(5, 32.5, 0.5)  # alone: floor 30
-    load.update(5, 32.5, 0.5)
-    assert load.floor == 30.0 and load.per_position_ms(0.25) == 0.0
+    load.update(5, 72.5, 0.5)
+    assert load.per_position_ms(0.25) == 0.0  # no idle floor told: nothing estimated
+    load.observe_idle(30.0)
+    load.update(5, 32.5, 0.5)  # alone
+    assert load.per_position_ms(0.25) == 0.0
     for _ in range(20):  # others add 40 ms to every forward
         load.update(5, 72.5, 0.5)
-    assert abs(load.per_position_ms(0.25) - 8.0) < 0.01  # 40 ms over 5 positions
+    assert abs(load.per_position_ms(0.25) - 8.5) < 0.01  # 42.5 ms over the floor, 5 positions
+
+
+def test_without_an_idle_floor_nothing_changes() -> None:
+    assert _lockstep(24, True, told=False)[2] == _lockstep(24, False, told=False)[2]
