@@ -117,6 +117,9 @@ class MemoRunner(PaddedRunner):
     module docstring). `length`, `forwards` and the returned logits are those of the logical
     sequence (what a plain runner would report); the real cache holds a prefix of it
     (`real_length`). Crop-mode (attention-only) models only; no tree forwards, no batched KV.
+    Returned rows are shared with other sessions: callers must not modify them in place (the
+    drafter does not). Sampling is unaffected: only logits are shared, each drafter draws with
+    its own generator, so any sampling mode drafts what the plain drafter would.
     """
 
     def __init__(

@@ -5,6 +5,7 @@ drafter's blocks, token for token, on a real tiny model, and the output stays th
 from __future__ import annotations
 
 import pytest
+import torch
 from support.tiny_models import noisy_draft, tiny_llama
 
 from edgespec.bench.emulated_edge import DraftMemo, MemoRunner, runner_factory
@@ -28,11 +29,16 @@ PROMPTS = ([5, 17, 42, 7, 99], [5, 17, 42, 7, 99], [3, 250, 8], [5, 17, 42, 7, 1
 
 
 def _session(
-    draft: ModelRunner, target: ModelRunner, prompt: list[int], k: int, ahead: bool
+    draft: ModelRunner,
+    target: ModelRunner,
+    prompt: list[int],
+    k: int,
+    ahead: bool,
+    params: SamplingParams | None = None,
 ) -> tuple[list[DraftBlock], list[int]]:
-    """One greedy session, blocks verified in turn (pipelined: a block drafted ahead of each
-    pending one); returns every block proposed and the output."""
-    params = SamplingParams(max_new_tokens=24)
+    """One session (greedy unless `params` say otherwise), blocks verified in turn (pipelined:
+    a block drafted ahead of each pending one); returns every block proposed and the output."""
+    params = params if params is not None else SamplingParams(max_new_tokens=24)
     drafter = Drafter(draft, prompt, params)
     verifier = Verifier(target, prompt, params)
     blocks = []
@@ -67,6 +73,32 @@ def test_memoized_drafting_gives_the_plain_drafters_blocks(related: bool, ahead:
     stats = memo.stats()
     # The second prompt repeats the first: its forwards (and parts of others) are shared.
     assert stats.hits > 0 and stats.real_forwards < stats.forwards
+
+
+@pytest.mark.parametrize("sampler", ["rejection", "coupled"])
+def test_memoized_drafting_samples_the_plain_drafters_blocks(sampler: str) -> None:
+    # The memo holds logits, not proposals: sampling still draws with each drafter's own
+    # generator, so the same seed gives the same tokens and the same q rows.
+    target_model = tiny_llama(VOCAB, seed=0)
+    draft_model = noisy_draft(target_model)
+    target, memo = ModelRunner(target_model), DraftMemo()
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=11, sampler=sampler)
+    for prompt in PROMPTS[:2]:  # the second one reads the first one's rows
+        plain, plain_out = _session(ModelRunner(draft_model), target, prompt, 3, False, params)
+        runner = MemoRunner(draft_model, PROFILE, memo)
+        memoized, memo_out = _session(runner, target, prompt, 3, False, params)
+        assert memo_out == plain_out
+        assert [(b.seq, b.base_len, b.tokens) for b in memoized] == [
+            (b.seq, b.base_len, b.tokens) for b in plain
+        ]
+        for a, b in zip(memoized, plain, strict=True):
+            if b.draft_probs is None:
+                assert a.draft_probs is None
+            else:
+                assert a.draft_probs is not None
+                # equal up to the float rounding of differently chunked forwards
+                assert torch.allclose(a.draft_probs.probs, b.draft_probs.probs, atol=1e-6)
+    assert memo.stats().hits > 0
 
 
 def test_memo_runner_is_a_runner_over_the_logical_sequence() -> None:
