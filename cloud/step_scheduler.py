@@ -45,6 +45,10 @@ from edgespec.cloud.verifier_types import ServiceError, VerifyResult
 
 logger = logging.getLogger(__name__)
 
+# Event-loop turns the step loop yields after a step: enough for a stream woken by its verdict
+# to write it, read its next block (already arrived) and submit it (a few turns, microseconds).
+_RESUME_TURNS = 4
+
 
 @dataclass
 class _Queued:
@@ -145,6 +149,12 @@ class StepScheduler:
             except RuntimeError as err:  # the executor has shut down (the server is stopping)
                 self._finish(step, err, done)
             await done
+            # Let the callers just answered run before the next step is taken: a stream whose
+            # next block has already arrived (a block drafted ahead, or a STALE one to skip)
+            # submits it within these few loop turns and joins the very next step, instead of
+            # waiting for that one to end first.
+            for _ in range(_RESUME_TURNS):
+                await asyncio.sleep(0)
 
     async def _gather_window(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait up to `window_s` while some open session has nothing queued (it may join)."""

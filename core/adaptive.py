@@ -14,6 +14,15 @@ the other mode beats the current one by `mode_hysteresis` (leaving speculative d
 on an optimistic acceptance, one standard error up, so thin evidence does not end it). A policy
 can start from what an earlier session on the same link learnt (`edgespec.core.link_memory`).
 
+On a batching verifier shared with other sessions (`load_aware`), a position is priced at
+what it costs every session in the forward, not at this session's own t_v slope: without that,
+every session finds long blocks cheap (the forward's cost is mostly the others'), all of them
+lengthen their blocks, and the shared forwards slow down for all (`VerifierLoad`). The load is
+measured against the verifier's idle fixed cost, which must be told (`observe_verifier_idle`:
+the edge passes what an emulated verifier's compute profile says; a verifier that announces no
+such figure leaves the policy as it was).
+Cloud-only is then judged the same way: the rate if every session decoded alone.
+
 While cloud-only, nothing is drafted, but the policy need not go blind: `observe_shadow` takes
 what the draft would have proposed for the streamed tokens (under greedy decoding a draft token
 is accepted iff it equals the committed token, so these are exact acceptance outcomes), and
@@ -34,7 +43,7 @@ from edgespec.core.cost_model import (
     expected_tokens_per_position,
     speculative_rates,
 )
-from edgespec.core.estimators import AcceptanceEstimator, AffineFit, RobustLevel
+from edgespec.core.estimators import AcceptanceEstimator, AffineFit, RobustLevel, VerifierLoad
 from edgespec.core.link_memory import PolicyMemory
 from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision, Mode, RoundObservation
 from edgespec.core.validation import check_float, check_int, check_ms
@@ -71,6 +80,13 @@ class AdaptiveConfig:
     cloud_probe_every: int = 8  # cloud-only steps between speculative probes
     cloud_probe_k: int = 4  # probes from cloud-only mode draft at least this many (to learn alpha)
     pipelined: bool = False  # the edge drafts ahead while verdicts travel: use T_pipe(k)
+    # Account for the verifier's load (`VerifierLoad`): when other sessions' work in the same
+    # batched forwards adds more than `load_dead_zone` times the verifier's fixed cost to the
+    # verify time, price each position at what it costs all of them (t_v(n) = floor +
+    # n * (time - floor) / n_mean) instead of at this session's own slope b.
+    load_aware: bool = True
+    load_dead_zone: float = 0.25
+    load_gain: float = 0.3  # EWMA gain of the load estimate, in (0, 1]
     memory_trials: float = 48.0  # a session started from `PolicyMemory` carries at most this
     # many acceptance trials over (> 0): enough to decide from the first round, few enough that
     # its own rounds overrule them within a few dozen positions
@@ -104,6 +120,10 @@ class AdaptiveConfig:
         if not isinstance(self.pipelined, bool):
             raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
         check_float("memory_trials", self.memory_trials, 0, lo_open=True)
+        if not isinstance(self.load_aware, bool):
+            raise ValueError(f"load_aware must be a bool, got {self.load_aware!r}")
+        check_float("load_dead_zone", self.load_dead_zone, 0)
+        check_float("load_gain", self.load_gain, 0, 1, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -170,6 +190,8 @@ class AdaptivePolicy:
         self._rtt = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._verify = AffineFit(c.verify_decay, c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._queue: float | None = None  # plain EWMA: the mean wait is what costs throughput
+        # transient: not carried over to the next session
+        self._load = VerifierLoad(c.load_gain)
         # cloud-only time per token, as an offset over the speculative side's t_v(1) + queue so
         # that it follows the verifier's load seen through the probes
         self._cloud_offset = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
@@ -236,12 +258,19 @@ class AdaptivePolicy:
     def _cost(self) -> CostModel | None:
         if not (self._verify.has_data and self._rtt.value is not None):
             return None
+        base, slope, queue = self._verify.a, self._verify.b, self._queue or 0.0
+        shared = self._load.per_position_ms(self.config.load_dead_zone)
+        if self.config.load_aware and shared > 0.0:
+            assert self._load.floor is not None
+            # Priced per position, the wait is part of the load (`_busy_ms`; a pipelined
+            # session's own wait behind its pending block is left out of both).
+            base, slope, queue = self._load.floor, max(slope, shared), 0.0
         spec = CostModel(
             draft_ms=max(self._draft.value or 0.0, 0.0),
             rtt_ms=max(self._rtt.value, 0.0),
-            verify_base_ms=self._verify.a,
-            verify_per_token_ms=self._verify.b,
-            queue_ms=self._queue or 0.0,
+            verify_base_ms=base,
+            verify_per_token_ms=slope,
+            queue_ms=queue,
             pipelined=self.config.pipelined,
         )
         cloud = spec.cloud_ms_per_token() + (self._cloud_offset.value or 0.0)
@@ -295,6 +324,7 @@ class AdaptivePolicy:
         if self._draft.update(obs.draft_ms / forwards):
             logger.info("draft time shifted to %.2f ms/token", self._draft.value)
         self._verify.update(obs.k + 1, obs.verify_ms)
+        self._load.update(obs.k + 1, self._busy_ms(obs), self._verify.b)
         if self._rtt.update(obs.network_ms):
             logger.info("RTT shifted to %.1f ms", self._rtt.value)
         g = self.config.timing_gain
@@ -332,6 +362,18 @@ class AdaptivePolicy:
         self._rtt_samples += 1
         if self._rtt.update(check_ms("rtt_ms", rtt_ms)):
             logger.info("RTT shifted to %.1f ms", self._rtt.value)
+
+    def _busy_ms(self, obs: RoundObservation) -> float:
+        """The round's time at the verifier that other sessions' work can lengthen: the forward,
+        and its wait for the forwards before it. Not the wait of a pipelined session, whose
+        blocks drafted ahead wait behind its own pending block (not load)."""
+        return obs.verify_ms + (0.0 if self.config.pipelined else obs.queue_ms)
+
+    def observe_verifier_idle(self, fixed_ms: float) -> None:
+        """The verifier's fixed cost of one forward with no other session in it (e.g. from the
+        compute profile it announces): what its load is measured against (`VerifierLoad`).
+        Sessions that start together never see the verifier idle, so they cannot learn it."""
+        self._load.observe_idle(check_ms("fixed_ms", fixed_ms))
 
     def choose(self) -> Decision:
         c = self.config

@@ -13,7 +13,10 @@ every round's observation:
 - t_v(n) = a + b*n (`AffineFit`): least squares with forgetting, a small ridge prior on b, the
   same shift rule.
 
-Each has `settled()`: a copy with no shift pending, what a new session on the same link starts
+- the verifier's load (`VerifierLoad`): how much of a round's verify time is other sessions'
+  work batched into the same forward, per token of the session's own block.
+
+Each timing estimator has `settled()`: a copy with no shift pending, what a new session on the same link starts
 from (`edgespec.core.link_memory`).
 """
 
@@ -208,6 +211,67 @@ class AffineFit:
         if a < 0.0:
             a, b = 0.0, max(0.0, sxy / sxx)
         self.a, self.b = a, b
+
+
+class VerifierLoad:
+    """The verify time other sessions' work adds to this session's rounds on a batching verifier.
+
+    Each round's time at the verifier (its forward, and the wait for the forwards before it
+    when that is load) is the verifier's fixed cost (`floor`) plus what every position in those
+    forwards cost. `floor` is the verifier's idle fixed cost, told by `observe_idle` (e.g. from
+    its compute profile); until then nothing is estimated: a floor learnt from the rounds
+    (their time less b * n) rests on the noisy slope b and on having seen the verifier idle,
+    which sessions that start together never do. EWMAs follow the time over the floor
+    (`over_ms`) and the positions fed (`positions`); `gain` is high, as load comes and goes
+    within a session.
+
+    Why it matters: with B sessions alike, each feeding n positions per forward, a compute-bound
+    forward costs about floor + b * B * n, so one more position of this session costs every one
+    of the B sessions b ms: b * B per position, which is (time - floor) / n. A session that saw
+    only its own slope b would find long blocks cheap, every session would lengthen its blocks,
+    and the shared forwards would slow down for all (measured: adaptive at 16-32 sessions
+    drafting twice fixed k's tokens at a lower rate). A memory-bound forward (its cost
+    independent of the tokens fed) shows little time over the floor: long blocks stay cheap.
+    """
+
+    def __init__(self, gain: float) -> None:
+        self.gain = gain
+        self.floor: float | None = None
+        self.over_ms = 0.0  # EWMA of (time - floor)
+        self.own_ms = 0.0  # EWMA of b * n: this session's own share of it
+        self.positions = 0.0  # EWMA of n
+
+    def observe_idle(self, fixed_ms: float) -> None:
+        """The verifier's fixed cost per forward when it has nothing else to do, learnt
+        elsewhere (e.g. its compute profile): the floor from now on."""
+        self.floor = fixed_ms
+
+    def update(self, positions: int, busy_ms: float, slope: float) -> None:
+        """One speculative round: `positions` fed, `busy_ms` at the verifier, `slope` = b now
+        (ignored until the floor is told)."""
+        if self.floor is None:
+            return
+        over, own = max(busy_ms - self.floor, 0.0), slope * positions
+        if self.positions == 0.0:
+            self.over_ms, self.own_ms, self.positions = over, own, float(positions)
+            return
+        self.over_ms += self.gain * (over - self.over_ms)
+        self.own_ms += self.gain * (own - self.own_ms)
+        self.positions += self.gain * (positions - self.positions)
+
+    @property
+    def excess_ms(self) -> float:
+        """The others' share of the time over the floor (EWMA)."""
+        return max(self.over_ms - self.own_ms, 0.0)
+
+    def per_position_ms(self, dead_zone: float) -> float:
+        """What one position costs all sessions in the forwards, (time - floor) / n; 0 while
+        the others' share is within `dead_zone` times the floor (noise, not load)."""
+        if self.floor is None or self.positions <= 0.0:
+            return 0.0
+        if self.excess_ms <= dead_zone * self.floor:
+            return 0.0
+        return self.over_ms / self.positions
 
 
 class _Counts:

@@ -64,6 +64,16 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- engine
 
 
+def _idle_forward_ms(profile_name: str | None) -> float | None:
+    """The fixed cost of one forward of a verifier with nothing else to do, when the compute
+    profile it announces is an emulated one (a real one does not say: None)."""
+    try:
+        profile = get_profile(profile_name) if profile_name else None
+    except ValueError:  # a profile this edge does not know
+        return None
+    return profile.target.base_ms if profile is not None and profile.emulated else None
+
+
 class EdgeEngine:
     """Runs edge sessions: one shared draft model, one draft KV cache and one verifier session each.
 
@@ -85,11 +95,15 @@ class EdgeEngine:
         config: EngineConfig | None = None,
         device: str | torch.device | None = None,
         compute_profile: ComputeProfile | str | None = None,
+        runner_factory: Callable[[PreTrainedModel], ModelRunner] | None = None,
     ) -> None:
         """`compute_profile` (name or profile; None = "real") pads each draft forward to its
-        modelled time (an emulated edge device); outputs are unchanged."""
+        modelled time (an emulated edge device); outputs are unchanged. `runner_factory` (None:
+        `make_runner` with the profile) builds each session's draft runner from the draft model:
+        benchmarks use it to emulate edge devices (`edgespec.bench.emulated_edge`)."""
         self.model = draft_model.eval() if device is None else draft_model.to(device).eval()
         self.compute_profile = get_profile(compute_profile or "real")
+        self._runner_factory = runner_factory
         self.tokenizer = tokenizer
         self.link_config = link_config if link_config is not None else LinkConfig()
         self.config = config if config is not None else EngineConfig()
@@ -250,7 +264,11 @@ class EdgeEngine:
         )
         try:
             loop = asyncio.get_running_loop()
-            runner = make_runner(self.model, self.compute_profile, "draft")
+            runner = (
+                self._runner_factory(self.model)
+                if self._runner_factory is not None
+                else make_runner(self.model, self.compute_profile, "draft")
+            )
             drafter = await loop.run_in_executor(
                 self._executor, Drafter, runner, prompt_ids, params
             )
@@ -271,6 +289,9 @@ class EdgeEngine:
             and link.session.open_rtt_ms is not None
         ):
             learner.observe_rtt(link.session.open_rtt_ms)
+        idle_ms = _idle_forward_ms(link.session.compute_profile if link.session else None)
+        if learner is not None and idle_ms is not None:
+            learner.observe_verifier_idle(idle_ms)
         text = TextStream(self.tokenizer)
         t_first = t_last = None
         n_first = 0

@@ -199,6 +199,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         compute_profile=args.compute_profile,
         edge_processes=args.edge_processes,
         threads=args.threads,
+        memo_drafts=not args.no_draft_memo,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -232,6 +233,12 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-profile", default="h100-70b", help="h100-70b (emulated) or real")
     p.add_argument("--edge-processes", type=int, default=4, help="worker processes of edges")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+    p.add_argument(
+        "--no-draft-memo",
+        action="store_true",
+        help="emulated profiles: every session runs its own real draft forwards (by default "
+        "each worker computes a token prefix's draft forward once for all its sessions)",
+    )
 
 
 def cmd_bench_link(args: argparse.Namespace) -> int:

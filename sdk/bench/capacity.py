@@ -4,8 +4,10 @@ For every RTT, method and session count N, N greedy sessions start together, eac
 emulated edge device: its own `EdgeEngine` (its own draft thread, so draft forwards of different
 sessions never queue behind each other) behind its own link emulator (a TCP proxy with the
 RTT). The edges live in `edge_processes` worker processes (spawned once for the whole run), so
-the edge side is not one Python thread either (the padding sleeps of different sessions overlap;
-their real compute still shares the host's cores). One verifier subprocess serves them all: the
+the edge side is not one Python thread either (the padding sleeps of different sessions overlap).
+Under an emulated profile the real draft compute is shared too (see below), so that N emulated
+edge devices do not queue on the host's cores; under ``real`` every session's draft runs for
+real on those cores. One verifier subprocess serves them all: the
 batching verifier, or with ``--no-batching`` the one-session-at-a-time verifier (the reference
 row). Under an emulated compute profile (default ``h100-70b``) every forward is padded to its
 modelled time: the draft's per forward, the batching verifier's per step by the batch roofline
@@ -16,7 +18,13 @@ user would otherwise run), ``fixed_k{k}`` (edgespec, one row per ``--k``), ``ada
 adaptive policy, pipelined), and ``fixed_k{k}_serial`` (fixed k against the one-at-a-time
 verifier). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
 with the target alone's (``altered_outputs``). Not measured: cloud-side speculative decoding (the draft
-on the verifier), which the verifier does not run yet.
+on the verifier), which the verifier does not run yet; each speculative row carries its analytic
+estimate at the row's k and acceptance (``cloud_sd_analytic_tokens_per_s``, `cloud_sd_bound`).
+
+Edge devices under an emulated profile: see `edgespec.bench.emulated_edge` (each session drafts
+on its own thread, padded to the modelled draft time; the real draft forward of a token prefix
+runs once per worker process and is shared by its sessions; tokens unchanged). The JSON says so
+(``edge_emulation``). ``--no-draft-memo`` runs every session's draft forwards for real.
 
 Per row: replica tokens/s (all tokens / the wall time from the common start to the last end),
 per-session tokens/s (median, p10), TTFT median, the verifier queue time per block (median over
@@ -43,6 +51,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgespec.bench.emulated_edge import DraftMemo, MemoStats, runner_factory
 from edgespec.bench.processes import verifier_process
 from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
@@ -55,7 +64,12 @@ logger = logging.getLogger(__name__)
 
 PROMPT_LEN = 24  # KV tokens per session assumed by the analytic estimate (prompts are ~10-30)
 START_DELAY_S = 1.0  # workers get the common start time this far ahead
-_STEP_METRICS = ("edgespec_verifier_batch_size_", "edgespec_verifier_forward_tokens_")
+_MEMO_FIELDS = tuple(MemoStats.__dataclass_fields__)
+_STEP_METRICS = (
+    "edgespec_verifier_batch_size_",
+    "edgespec_verifier_forward_tokens_",
+    "edgespec_verifier_verify_seconds_",
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,9 @@ class CapacityConfig:
     edge_processes: int = 4
     timeout_s: float = 300.0
     batch_max_sessions: int = 64
+    # Emulated edge devices share each worker's draft forwards (`edgespec.bench.emulated_edge`):
+    # only under an emulated profile; False runs every session's draft forwards for real.
+    memo_drafts: bool = True
     # torch intra-op threads of the verifier and of each edge worker: 1, since on a shared
     # host a parallel region waits for its slowest (descheduled) thread (a 5-token forward of
     # the demo target measured 750 ms with 2 threads on a loaded 2-core host, 19 ms with 1).
@@ -81,7 +98,7 @@ class CapacityConfig:
             check_int("sessions", n, 1)
         for k in self.ks:
             check_int("k", k, 1)
-        known = {"cloud_only", "fixed", "adaptive", "serial"}
+        known = {"cloud_only", "fixed", "adaptive", "adaptive_unpipelined", "serial"}
         if not set(self.methods) <= known or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {sorted(known)}")
         check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -106,6 +123,7 @@ class _Job:
     start_at: float  # time.time() at which every session starts
     timeout_s: float
     threads: int = 1  # torch intra-op threads in the worker
+    memo: bool = True  # emulated edge devices share draft forwards (`emulated_edge`)
 
 
 @dataclass
@@ -118,6 +136,12 @@ class _SessionRecord:
     accepted: int
     rounds: int
     queue_ms: list[float] = field(default_factory=list)
+    # per round: where its time went (edge draft, verifier compute, link), and its wall time
+    draft_ms: list[float] = field(default_factory=list)
+    verify_ms: list[float] = field(default_factory=list)
+    network_ms: list[float] = field(default_factory=list)
+    round_ms: list[float] = field(default_factory=list)
+    ks: list[int] = field(default_factory=list)  # per round: k drafted, 0 for cloud-only
     error: str = ""
     prompt_index: int = 0
 
@@ -129,12 +153,25 @@ def _draft_model(path: str):  # one load per worker process
     return ModelRunner.from_pretrained(path, device="cpu").model
 
 
-def _run_job(job: _Job) -> list[dict]:
-    """Worker process entry: run the job's sessions concurrently, each its own edge."""
+@lru_cache(maxsize=2)
+def _draft_memo(path: str) -> DraftMemo:  # one per worker process and draft model
+    return DraftMemo()
+
+
+def _run_job(job: _Job) -> dict[str, Any]:
+    """Worker process entry: run the job's sessions concurrently, each its own edge; returns
+    their records and what the process's draft memo did during the job."""
     import torch
 
     torch.set_num_threads(job.threads)
-    return [asdict(r) for r in asyncio.run(_sessions(job))]
+    memo = _draft_memo(job.draft)
+    before = memo.stats()
+    records = [asdict(r) for r in asyncio.run(_sessions(job))]
+    after = memo.stats()
+    return {
+        "records": records,
+        "memo": {name: getattr(after, name) - getattr(before, name) for name in _MEMO_FIELDS},
+    }
 
 
 async def _sessions(job: _Job) -> list[_SessionRecord]:
@@ -144,6 +181,7 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
     from edgespec.linkemu import LinkEmulator, LinkProfile
 
     model = _draft_model(job.draft)
+    factory = runner_factory(job.compute_profile, _draft_memo(job.draft)) if job.memo else None
     host, port = job.verifier.rsplit(":", 1)
     with ExitStack() as stack:
         engines = []
@@ -155,8 +193,12 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                 None,
                 [emu.address],
                 link_config=LinkConfig(round_timeout_s=job.timeout_s),
-                config=EngineConfig(max_k=16, link_memory=False),
+                # Draft on the engine's own thread even with one session: inline, the
+                # modelled draft time would be slept on the worker's event loop, and the sessions
+                # of one worker would wait for each other's (emulated) devices.
+                config=EngineConfig(max_k=16, link_memory=False, draft_in_thread=True),
                 compute_profile=job.compute_profile,
+                runner_factory=factory,
             )
             engines.append(engine)
         params = SamplingParams(max_new_tokens=job.max_new_tokens)
@@ -182,7 +224,13 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                         rec = _SessionRecord(
                             tokens, start, first, time.time(), st.drafted, st.accepted, st.rounds
                         )
-                        rec.queue_ms = [r.timing.queue_ms for r in st.round_records]
+                        rounds = st.round_records
+                        rec.queue_ms = [r.timing.queue_ms for r in rounds]
+                        rec.draft_ms = [r.draft_ms for r in rounds]
+                        rec.verify_ms = [r.timing.verify_ms for r in rounds]
+                        rec.network_ms = [r.timing.network_ms for r in rounds]
+                        rec.round_ms = [r.round_ms for r in rounds]
+                        rec.ks = [r.k if r.mode == "speculative" else 0 for r in rounds]
                         return rec
             except Exception as err:  # noqa: BLE001 - a failed session is a result of the run
                 return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error=repr(err))
@@ -207,14 +255,12 @@ def _free_port() -> int:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    """The verifier's step counters: batch_size and forward_tokens sums and counts."""
+    """The verifier's counters: batch_size, forward_tokens and verify_seconds sums and counts."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith(
-                ("edgespec_verifier_batch_size_", "edgespec_verifier_forward_tokens_")
-            ) and sample.name.endswith(("_sum", "_count")):
+            if sample.name.startswith(_STEP_METRICS) and sample.name.endswith(("_sum", "_count")):
                 out[sample.name] = sample.value
     return out
 
@@ -249,6 +295,30 @@ def capacity_bound(
     return sessions * e * 1e3 / (draft_ms + rtt_ms + step)
 
 
+# Cloud-side speculative decoding (analytic only: the verifier does not run a draft): the
+# draft's batched forward on the verifier's GPU, by the target's roofline scaled to the draft's
+# size (1.2B of 70B parameters: weights and FLOPs per token scale with it; KV ignored); the
+# per-forward overhead (launches, sampling) is the target's.
+CLOUD_DRAFT_PARAM_RATIO = 1.2 / 70.0
+
+
+def cloud_sd_bound(sessions: int, k: int, acceptance: float, profile_name: str) -> float | None:
+    """Analytic replica tokens/s of cloud-side speculative decoding under the profile: per
+    round, k batched draft forwards over the N sessions (one token each) then one batched
+    target forward over N rows of k+1 tokens, all on the verifier, no RTT per round; E(k) at
+    `acceptance` (independent per token). None when the profile models no batched forward."""
+    profile = get_profile(profile_name)
+    batch = profile.target_batch
+    if batch is None or k < 1:
+        return None
+    r = CLOUD_DRAFT_PARAM_RATIO
+    draft_step = batch.overhead_ms + max(
+        batch.weights_ms * r, batch.compute_ms_per_token * r * sessions
+    )
+    step = profile.target_step_ms([(PROMPT_LEN, k + 1)] * sessions)
+    return sessions * expected_tokens(acceptance, k) * 1e3 / (k * draft_step + step)
+
+
 def _row(
     method, sessions, rtt_ms, k, records, before, after, profile_name, expected
 ) -> dict[str, Any]:
@@ -264,7 +334,16 @@ def _row(
     acceptance = sum(r.accepted for r in ok) / drafted if drafted else 0.0
     mean_k = drafted / rounds if rounds else 0.0
     replica = tokens / wall if wall > 0 else 0.0
-    bound = capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
+    batch = _per_forward(before, after, "edgespec_verifier_batch_size")
+    per_forward = _per_forward(before, after, "edgespec_verifier_forward_tokens")
+    verify_s = _per_forward(before, after, "edgespec_verifier_verify_seconds")
+    modelled = _modelled_step_ms(batch, per_forward, profile_name, len(expected[0]))
+    # the estimate needs modelled times: none under a real profile
+    bound = (
+        capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
+        if get_profile(profile_name).emulated
+        else None
+    )
     return {
         "method": method,
         "sessions": sessions,
@@ -275,17 +354,64 @@ def _row(
         "session_tokens_per_s_p10": rates[int(0.1 * (len(rates) - 1))] if rates else 0.0,
         "ttft_ms_median": statistics.median((r.first - r.start) * 1e3 for r in ok) if ok else 0.0,
         "queue_ms_median": statistics.median(queue) if queue else 0.0,
-        "mean_batch_sessions": _per_forward(before, after, "edgespec_verifier_batch_size"),
-        "mean_tokens_per_forward": _per_forward(before, after, "edgespec_verifier_forward_tokens"),
+        "mean_batch_sessions": batch,
+        "mean_tokens_per_forward": per_forward,
+        # the verifier's time per block (or decoded token) against the profile's time of a
+        # forward of the row's mean shape: above 1, the host's real compute was slower than
+        # the modelled GPU (padding only ever adds time)
+        "verify_ms_mean": verify_s * 1e3 if verify_s is not None else None,
+        "modelled_step_ms": modelled,
+        "verify_overrun": verify_s * 1e3 / modelled if verify_s is not None and modelled else None,
         "acceptance_rate": acceptance,
         "mean_k": mean_k,
         "analytic_bound_tokens_per_s": bound,
+        # what cloud-side speculative decoding would give at this row's k and acceptance
+        # (analytic, `cloud_sd_bound`; not measured: the verifier runs no draft)
+        "cloud_sd_analytic_tokens_per_s": (
+            cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
+            if mean_k >= 1 and not method.endswith("_serial")
+            else None
+        ),
         "vs_bound": replica / bound if bound else None,
         "errors": len(records) - len(ok),
         "altered_outputs": altered,  # outputs different from the target alone (greedy)
         "tokens": tokens,
         "wall_s": wall,
+        # share of rounds decoded cloud-only (adaptive), and k over the speculative ones
+        "cloud_only_round_share": _share([k == 0 for r in ok for k in r.ks]),
+        "speculative_k_mean": _mean([k for r in ok for k in r.ks if k > 0]),
+        # medians over every round of every session: where a round's time went
+        **{
+            f"round_{part}_median": _median([v for r in ok for v in getattr(r, part)])
+            for part in ("draft_ms", "verify_ms", "network_ms", "round_ms")
+        },
     }
+
+
+def _modelled_step_ms(
+    batch: float | None, per_forward: float | None, profile_name: str, generated: int
+) -> float | None:
+    """The profile's time of one batched forward of `batch` sessions feeding `per_forward`
+    tokens in all, each with a prompt and half the generation cached (None: no batched
+    forward modelled, or no forward ran)."""
+    profile = get_profile(profile_name)
+    if not batch or not per_forward or profile.target_batch is None:
+        return None
+    sessions = max(round(batch), 1)
+    ctx = PROMPT_LEN + generated // 2
+    return profile.target_step_ms([(ctx, max(round(per_forward / sessions), 1))] * sessions)
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def _mean(values: list[int]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
@@ -300,13 +426,16 @@ def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
             out.append((f"fixed_k{k}_serial", "fixed", k, False, False))
     if "adaptive" in config.methods:
         out.append(("adaptive", "adaptive", 0, True, True))
+    if "adaptive_unpipelined" in config.methods:
+        out.append(("adaptive_unpipelined", "adaptive", 0, False, True))
     return out
 
 
 def _measure(
     pool: ProcessPoolExecutor, template: _Job, prompts: list[list[int]], workers: int
-) -> list[_SessionRecord]:
-    """Run one session per prompt, all starting together, spread over the workers."""
+) -> tuple[list[_SessionRecord], dict[str, int]]:
+    """Run one session per prompt, all starting together, spread over the workers; returns
+    their records and the workers' draft memo counts (`MemoStats` fields, summed)."""
     start_at = time.time() + START_DELAY_S + 0.2 * len(prompts) / workers
     indexed = list(enumerate(prompts))
     jobs = [
@@ -314,7 +443,9 @@ def _measure(
         for w in range(workers)
         if indexed[w::workers]
     ]
-    return [_SessionRecord(**r) for part in pool.map(_run_job, jobs) for r in part]
+    parts = list(pool.map(_run_job, jobs))
+    memo = {name: sum(p["memo"][name] for p in parts) for name in _MEMO_FIELDS}
+    return [_SessionRecord(**r) for p in parts for r in p["records"]], memo
 
 
 def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -324,7 +455,11 @@ def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> l
 
     runner = ModelRunner.from_pretrained(target, device="cpu")
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    return [generate_autoregressive(runner, p, params).tokens for p in prompts]
+    outputs: dict[tuple[int, ...], list[int]] = {}  # prompts repeat: each distinct one once
+    for p in prompts:
+        if tuple(p) not in outputs:
+            outputs[tuple(p)] = generate_autoregressive(runner, p, params).tokens
+    return [outputs[tuple(p)] for p in prompts]
 
 
 def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dict[str, Any]:
@@ -380,8 +515,9 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                         0.0,
                         config.timeout_s,
                         config.threads,
+                        config.memo_drafts,
                     )
-                    records = _measure(pool, template, prompts[:n], config.edge_processes)
+                    records, memo = _measure(pool, template, prompts[:n], config.edge_processes)
                     after = _scrape(port)
                     rows.append(
                         _row(
@@ -396,6 +532,10 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                             expected,
                         )
                     )
+                    # draft forwards the sessions asked for / ran for real (None: no memo)
+                    shared = memo["forwards"] > 0
+                    rows[-1]["draft_forwards"] = memo["forwards"] if shared else None
+                    rows[-1]["draft_real_forwards"] = memo["real_forwards"] if shared else None
                     logger.info(
                         "%s N=%d rtt=%g: %.1f tokens/s",
                         name,
@@ -409,9 +549,32 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
         "profiles": {"compute": profile.to_dict(), "compute_emulated": profile.emulated},
         "target": str(target),
         "draft": str(draft),
+        "edge_emulation": _edge_emulation(config),
         "rows": rows,
         "wall_s": time.time() - started,
     }
+
+
+def _edge_emulation(config: CapacityConfig) -> str:
+    """How the run's edge devices are emulated (written to the JSON with the figures)."""
+    profile = get_profile(config.compute_profile)
+    if not profile.emulated:
+        return (
+            "none: every session's draft forwards run for real on this host "
+            f"({config.edge_processes} worker processes sharing its cores)"
+        )
+    shared = (
+        "the real draft forward of each distinct token prefix is computed once per worker "
+        "process and its logits shared by every session with that prefix "
+        "(edgespec.bench.emulated_edge.MemoRunner; tokens unchanged)"
+        if config.memo_drafts
+        else "every session runs its own real draft forwards"
+    )
+    return (
+        f"EMULATED edge devices: each session drafts on its own thread and each draft forward "
+        f"takes at least the {profile.name} profile's modelled draft time (slept, overlapping "
+        f"across sessions); {shared}"
+    )
 
 
 def _prompts(target: Path, n: int) -> list[list[int]]:
@@ -425,12 +588,12 @@ def _prompts(target: Path, n: int) -> list[list[int]]:
 def print_summary(result: dict[str, Any]) -> None:
     """One line per row on stdout."""
     for r in result["rows"]:
-        batch = r["mean_batch_sessions"]
+        batch, bound = r["mean_batch_sessions"], r["analytic_bound_tokens_per_s"]
         print(
-            f"{r['method']:>18} N={r['sessions']:<3} rtt={r['rtt_ms']:>4g} ms "
+            f"{r['method']:>20} N={r['sessions']:<3} rtt={r['rtt_ms']:>4g} ms "
             f"replica {r['replica_tokens_per_s']:7.1f} tok/s  session p50 "
             f"{r['session_tokens_per_s_median']:6.1f}  ttft {r['ttft_ms_median']:6.1f} ms  "
             f"batch {batch if batch is None else round(batch, 1)}  bound "
-            f"{r['analytic_bound_tokens_per_s']:7.1f}  errors {r['errors']}  altered "
+            f"{'-' if bound is None else round(bound, 1)}  errors {r['errors']}  altered "
             f"{r['altered_outputs']}"
         )

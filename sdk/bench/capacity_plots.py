@@ -59,7 +59,9 @@ def plot_capacity(result: dict, out_dir: str | Path) -> list[Path]:
             ax.set_title(f"RTT {rtt:g} ms")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"One verifier replica, N edges | {profile_label(result)}", fontsize=9)
+        edges = result.get("edge_emulation", "")
+        note = " | edge devices emulated" if edges.startswith("EMULATED") else ""
+        fig.suptitle(f"One verifier replica, N edges | {profile_label(result)}{note}", fontsize=9)
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=120)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from edgespec.bench.capacity import CapacityConfig, capacity_bound
+from edgespec.bench.capacity import CapacityConfig, capacity_bound, cloud_sd_bound
 from edgespec.cli import main
 
 ROW_KEYS = {
@@ -46,6 +46,8 @@ def test_capacity_smoke(tiny_pair, tmp_path) -> None:
         assert row["tokens"] == 8 * row["sessions"] and row["replica_tokens_per_s"] > 0
         serial = row["method"].endswith("_serial")
         assert (row["mean_batch_sessions"] is None) == serial  # no batched steps when serial
+    assert result["edge_emulation"].startswith("EMULATED edge devices")  # default h100-70b
+    assert all(row["draft_real_forwards"] <= row["draft_forwards"] for row in result["rows"])
     assert (tmp_path / "plots" / "capacity_vs_sessions.png").stat().st_size > 0
     assert (tmp_path / "plots" / "capacity_frontier.png").stat().st_size > 0
 
@@ -62,3 +64,11 @@ def test_bound_grows_with_sessions_when_batched_not_when_serial() -> None:
     )
     with pytest.raises(ValueError, match="methods"):
         CapacityConfig(methods=("nope",))
+
+
+def test_cloud_side_speculative_bound() -> None:
+    one, many = cloud_sd_bound(1, 4, 0.8, "h100-70b"), cloud_sd_bound(32, 4, 0.8, "h100-70b")
+    assert one is not None and many is not None and many > 10 * one  # batched on the verifier
+    # no RTT per round, but the draft's forwards cost the verifier's time
+    assert one > capacity_bound("fixed_k4", 1, 20.0, 4, 0.8, "h100-70b")
+    assert cloud_sd_bound(32, 4, 0.8, "real") is None  # no batched forward modelled

@@ -1,0 +1,236 @@
+"""Emulated edge devices for the capacity benchmark: draft forwards computed once per host.
+
+In a real deployment every session's draft model runs on its own edge device, so the draft
+compute of different sessions never competes. The capacity benchmark emulates N such devices on
+a host with two shared cores; running N real draft models there would make the edges, not the
+verifier, the bottleneck (each forward's Python and kernel time serializes on the host), so the
+benchmark would measure the host rather than the method.
+
+`MemoRunner` removes that artefact without changing any token. Under an EMULATED compute
+profile it is the draft's runner of each session: a `PaddedRunner` (every `prefill`/`extend`
+still takes at least the profile's modelled draft time, slept on the session's own thread, so
+the modelled device times of different sessions overlap as they would on separate devices)
+whose logits come from a per-process `DraftMemo`: the logits row of a position depends only on
+the tokens up to it, so it is keyed by that token prefix, computed by the real draft model the
+first time any session of the process needs it, and reused by every later forward over the same
+prefix (sessions with the same prompt share their work). The real KV cache is filled lazily:
+a forward whose rows are all known runs nothing; a miss runs ONE real forward over every token
+the real cache lacks. Drafting, sampling and stopping code are untouched, so each session
+drafts what the plain drafter would: the same rows, up to the float rounding by which any
+forward over a differently chunked prefix differs (the plain drafter's cache is chunked by its
+own rounds too). Tests compare the blocks with the plain drafter's on a real model.
+
+Use only with an emulated profile: with ``real`` nothing is padded and sharing would make the
+edges faster than N real devices (`runner_factory` returns None then: plain runners).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from edgespec.core.profiles import ComputeProfile, PaddedRunner, get_profile
+from edgespec.core.runner import ModelRunner, TokenIds
+from edgespec.core.validation import check_int, is_int
+
+DEFAULT_MEMO_ROWS = 8192  # logits rows kept per process (demo draft: 16 KiB each, 128 MiB)
+
+
+@dataclass(frozen=True)
+class MemoStats:
+    """Rows served from the memo (`hits`) and computed by a real forward (`misses`), the real
+    forwards run (`real_forwards`) and the logical ones the sessions asked for (`forwards`)."""
+
+    hits: int
+    misses: int
+    real_forwards: int
+    forwards: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class DraftMemo:
+    """Logits rows of one draft model keyed by the token prefix they predict after (thread-safe,
+    LRU-bounded to `max_rows`). Shared by the `MemoRunner`s of one process; one model per memo.
+    """
+
+    def __init__(self, max_rows: int = DEFAULT_MEMO_ROWS) -> None:
+        self.max_rows = check_int("max_rows", max_rows, 1)
+        self._rows: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        # Held while a real forward runs: sessions in lockstep ask for the same prefix at the
+        # same moment, and the later ones should get the first one's rows, not compute them too
+        # (the wait falls within their modelled draft time, which is slept anyway).
+        self.compute_lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.real_forwards = 0
+        self.forwards = 0
+
+    def get(self, tokens: Sequence[int], start: int) -> list[Tensor] | None:
+        """The rows predicting after tokens[:p + 1] for p in start..len(tokens) - 1, or None when
+        any is unknown."""
+        keys = [tuple(tokens[: p + 1]) for p in range(start, len(tokens))]
+        with self._lock:
+            rows = [self._rows.get(key) for key in keys]
+            if any(row is None for row in rows):
+                return None
+            for key in keys:
+                self._rows.move_to_end(key)
+            self.hits += len(keys)
+        return rows  # type: ignore[return-value]
+
+    def put(self, tokens: Sequence[int], start: int, logits: Tensor) -> None:
+        """Store `logits` (n, V): row i predicts after tokens[:start + i + 1]."""
+        with self._lock:
+            self.misses += int(logits.shape[0])
+            self.real_forwards += 1
+            for i in range(logits.shape[0]):
+                key = tuple(tokens[: start + i + 1])
+                self._rows[key] = logits[i].clone()
+                self._rows.move_to_end(key)
+            while len(self._rows) > self.max_rows:
+                self._rows.popitem(last=False)
+
+    def count_forward(self) -> None:
+        with self._lock:
+            self.forwards += 1
+
+    def stats(self) -> MemoStats:
+        with self._lock:
+            return MemoStats(self.hits, self.misses, self.real_forwards, self.forwards)
+
+
+class MemoRunner(PaddedRunner):
+    """A `PaddedRunner` for ONE session whose logits come from a shared `DraftMemo` (see the
+    module docstring). `length`, `forwards` and the returned logits are those of the logical
+    sequence (what a plain runner would report); the real cache holds a prefix of it
+    (`real_length`). Crop-mode (attention-only) models only; no tree forwards, no batched KV.
+    Returned rows are shared with other sessions: callers must not modify them in place (the
+    drafter does not). Sampling is unaffected: only logits are shared, each drafter draws with
+    its own generator, so any sampling mode drafts what the plain drafter would.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        profile: ComputeProfile,
+        memo: DraftMemo,
+        device: str | torch.device | None = None,
+    ) -> None:
+        cost, prefill = profile.costs("draft")
+        super().__init__(model, cost, prefill, device=device)
+        if self.rollback_mode != "crop":
+            raise ValueError(f"{type(model).__name__} needs a recomputing rollback: no memo")
+        self.memo = memo
+        self._tokens: list[int] = []  # the logical sequence
+        self._logical_forwards = 0
+
+    @property
+    def length(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def real_length(self) -> int:
+        """Tokens in the real KV cache (a prefix of the logical sequence)."""
+        return self._length
+
+    @property
+    def forwards(self) -> int:
+        return self._logical_forwards
+
+    @forwards.setter
+    def forwards(self, value: int) -> None:
+        # ModelRunner counts its real forwards here; the memo counts those.
+        pass
+
+    def reset(self) -> None:
+        super().reset()
+        self._tokens = []
+
+    def prefill(self, ids: TokenIds) -> Tensor:
+        t0 = time.perf_counter()
+        new = self._host_ids(ids)
+        self._tokens = []
+        super().rollback(0)
+        out = self._rows(new)[-1]
+        self._pad(t0, self.prefill_cost.ms(len(new)))
+        return out
+
+    def extend(self, ids: TokenIds) -> Tensor:
+        t0 = time.perf_counter()
+        out = torch.stack(self._rows(self._host_ids(ids)))
+        self._pad(t0, self.cost.ms(out.shape[0]))
+        return out
+
+    def rollback(self, length: int) -> None:
+        length = check_int("length", length, 0, len(self._tokens))
+        del self._tokens[length:]
+        if self._length > length:
+            super().rollback(length)
+
+    def extend_tree(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("MemoRunner runs chain drafting only")
+
+    def keep_nodes(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("MemoRunner runs chain drafting only")
+
+    def append_kv(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("MemoRunner takes no batched KV")
+
+    def _host_ids(self, ids: TokenIds) -> list[int]:
+        new = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        if not new:
+            raise ValueError("ids must hold at least 1 token, got 0")
+        for t in new:
+            if not is_int(t) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"token ids must be ints in [0, {self.vocab_size}), got {t!r}")
+        if self.max_length is not None and len(self._tokens) + len(new) > self.max_length:
+            raise ValueError(
+                f"sequence length must be <= max_position_embeddings={self.max_length}, "
+                f"got {len(self._tokens) + len(new)}"
+            )
+        return [int(t) for t in new]
+
+    def _rows(self, new: list[int]) -> list[Tensor]:
+        """Append `new` to the logical sequence; its rows, from the memo or one real forward
+        over everything the real cache lacks."""
+        start = len(self._tokens)
+        self._tokens.extend(new)
+        self._logical_forwards += 1
+        self.memo.count_forward()
+        rows = self.memo.get(self._tokens, start)
+        if rows is not None:
+            return rows
+        with self.memo.compute_lock:
+            rows = self.memo.get(self._tokens, start)  # computed while this one waited?
+            return rows if rows is not None else self._compute(start)
+
+    def _compute(self, start: int) -> list[Tensor]:
+        real = self._length
+        logits = self._forward(self._tokens[real:], last_only=False)  # (L - real, V)
+        self.memo.put(self._tokens, real, logits)
+        return list(logits[start - real :])
+
+
+def runner_factory(
+    profile: ComputeProfile | str, memo: DraftMemo
+) -> Callable[[PreTrainedModel], ModelRunner] | None:
+    """The draft runner factory of an emulated edge device sharing `memo`, or None when the
+    profile pads nothing (``real``: each session must then pay its real draft compute)."""
+    profile = get_profile(profile)
+    cost, prefill = profile.costs("draft")
+    if not profile.emulated or (cost.is_zero and prefill.is_zero):
+        return None
+    return lambda model: MemoRunner(model, profile, memo)

@@ -1,0 +1,72 @@
+"""The adaptive policy under a shared, batching verifier (`AdaptiveConfig.load_aware`): sessions
+whose blocks share compute-bound forwards price a position at what it costs all of them, so they
+do not all lengthen their blocks and slow the shared forwards down; a session with the verifier
+to itself decides exactly as before. Seeded lockstep simulation, no wall clock."""
+
+from __future__ import annotations
+
+import random
+
+from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
+from edgespec.core.estimators import VerifierLoad
+from edgespec.core.policies import RoundObservation
+
+RTT_MS, DRAFT_MS = 20.0, 6.0
+FLOOR_MS, PER_POSITION_MS = 30.0, 0.5  # one forward: fixed cost + compute per position fed
+
+
+def _lockstep(
+    sessions: int, load_aware: bool, rounds: int = 80, seed: int = 0, told: bool = True
+) -> tuple[float, float, list[list[int]]]:
+    """`sessions` adaptive sessions whose blocks all go into the same forward each round
+    (compute-bound: its time grows with every position fed); returns the replica's tokens/s,
+    the mean k drafted and every session's k per round."""
+    rng = random.Random(seed)
+    config = AdaptiveConfig(load_aware=load_aware, allow_cloud_only=False, explore_every=0)
+    policies = [AdaptivePolicy(config) for _ in range(sessions)]
+    for policy in policies:
+        if told:  # what the verifier's compute profile says of an idle forward
+            policy.observe_verifier_idle(FLOOR_MS)
+    tokens, time_ms, ks = 0, 0.0, []
+    for _ in range(rounds):
+        chosen = [p.choose().k for p in policies]
+        ks.append(chosen)
+        verify_ms = FLOOR_MS + PER_POSITION_MS * sum(k + 1 for k in chosen)
+        # a continuous batcher: blocks wait for the forward in progress, ~half of one
+        queue_ms = 0.5 * verify_ms if sessions > 1 else 0.0
+        time_ms += max(chosen) * DRAFT_MS + RTT_MS + queue_ms + verify_ms
+        for policy, k in zip(policies, chosen, strict=True):
+            accepted = 0
+            while accepted < k and rng.random() < 0.7:
+                accepted += 1
+            tokens += accepted + 1
+            policy.observe(RoundObservation(k, accepted, k * DRAFT_MS, verify_ms, RTT_MS, queue_ms))
+    mean_k = sum(map(sum, ks)) / (rounds * sessions)
+    return 1e3 * tokens / time_ms, mean_k, ks
+
+
+def test_one_session_decides_as_before() -> None:
+    assert _lockstep(1, load_aware=True)[2] == _lockstep(1, load_aware=False)[2]
+
+
+def test_shared_forwards_shorter_blocks_and_more_tokens() -> None:
+    aware_rate, aware_k, _ = _lockstep(24, load_aware=True)
+    blind_rate, blind_k, _ = _lockstep(24, load_aware=False)
+    assert aware_k < blind_k
+    assert aware_rate > blind_rate
+
+
+def test_verifier_load_estimate() -> None:
+    load = VerifierLoad(gain=0.5)
+    load.update(5, 72.5, 0.5)
+    assert load.per_position_ms(0.25) == 0.0  # no idle floor told: nothing estimated
+    load.observe_idle(30.0)
+    load.update(5, 32.5, 0.5)  # alone
+    assert load.per_position_ms(0.25) == 0.0
+    for _ in range(20):  # others add 40 ms to every forward
+        load.update(5, 72.5, 0.5)
+    assert abs(load.per_position_ms(0.25) - 8.5) < 0.01  # 42.5 ms over the floor, 5 positions
+
+
+def test_without_an_idle_floor_nothing_changes() -> None:
+    assert _lockstep(24, True, told=False)[2] == _lockstep(24, False, told=False)[2]

@@ -1,0 +1,124 @@
+"""Emulated edge devices (`edgespec.bench.emulated_edge`): memoized draft forwards give the plain
+drafter's blocks, token for token, on a real tiny model, and the output stays the target alone's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.tiny_models import noisy_draft, tiny_llama
+
+from edgespec.bench.emulated_edge import DraftMemo, MemoRunner, runner_factory
+from edgespec.core.drafter import Drafter
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import ComputeProfile, ForwardCost
+from edgespec.core.runner import ModelRunner
+from edgespec.core.session import DraftBlock
+from edgespec.core.verifier import Verifier
+
+VOCAB = 300
+# Emulated, but padding almost nothing: the test is about tokens, not time.
+PROFILE = ComputeProfile(
+    name="test-emulated",
+    emulated=True,
+    draft=ForwardCost(0.01, 0.0),
+    draft_prefill=ForwardCost(0.01, 0.0),
+)
+PROMPTS = ([5, 17, 42, 7, 99], [5, 17, 42, 7, 99], [3, 250, 8], [5, 17, 42, 7, 100])
+
+
+def _session(
+    draft: ModelRunner,
+    target: ModelRunner,
+    prompt: list[int],
+    k: int,
+    ahead: bool,
+    params: SamplingParams | None = None,
+) -> tuple[list[DraftBlock], list[int]]:
+    """One session (greedy unless `params` say otherwise), blocks verified in turn (pipelined:
+    a block drafted ahead of each pending one); returns every block proposed and the output."""
+    params = params if params is not None else SamplingParams(max_new_tokens=24)
+    drafter = Drafter(draft, prompt, params)
+    verifier = Verifier(target, prompt, params)
+    blocks = []
+    block = drafter.propose(k)
+    while True:
+        blocks.append(block)
+        if ahead and (extra := drafter.propose_ahead(k)) is not None:
+            blocks.append(extra)
+        drafter.apply(verifier.verify(block))
+        if drafter.finished:
+            return blocks, drafter.generated
+        block = drafter.pending if drafter.pending is not None else drafter.propose(k)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("related", [True, False])
+def test_memoized_drafting_gives_the_plain_drafters_blocks(related: bool, ahead: bool) -> None:
+    target_model = tiny_llama(VOCAB, seed=0)
+    # A noisy copy (long accepted runs) or an unrelated model (rejections and rollbacks).
+    draft_model = noisy_draft(target_model) if related else tiny_llama(VOCAB, seed=1)
+    target = ModelRunner(target_model)
+    memo = DraftMemo()
+    for i, prompt in enumerate(PROMPTS):
+        k = 2 + i  # sessions of one memo with different draft lengths
+        expected = generate_autoregressive(target, prompt, SamplingParams(max_new_tokens=24))
+        plain, plain_out = _session(ModelRunner(draft_model), target, prompt, k, ahead)
+        runner = MemoRunner(draft_model, PROFILE, memo)
+        memoized, memo_out = _session(runner, target, prompt, k, ahead)
+        assert memoized == plain
+        assert memo_out == plain_out == expected.tokens
+        assert runner.length <= len(prompt) + 24 and runner.real_length <= runner.length
+    stats = memo.stats()
+    # The second prompt repeats the first: its forwards (and parts of others) are shared.
+    assert stats.hits > 0 and stats.real_forwards < stats.forwards
+
+
+@pytest.mark.parametrize("sampler", ["rejection", "coupled"])
+def test_memoized_drafting_samples_the_plain_drafters_blocks(sampler: str) -> None:
+    # The memo holds logits, not proposals: sampling still draws with each drafter's own
+    # generator, so the same seed gives the same tokens and the same q rows.
+    target_model = tiny_llama(VOCAB, seed=0)
+    draft_model = noisy_draft(target_model)
+    target, memo = ModelRunner(target_model), DraftMemo()
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=11, sampler=sampler)
+    for prompt in PROMPTS[:2]:  # the second one reads the first one's rows
+        plain, plain_out = _session(ModelRunner(draft_model), target, prompt, 3, False, params)
+        runner = MemoRunner(draft_model, PROFILE, memo)
+        memoized, memo_out = _session(runner, target, prompt, 3, False, params)
+        assert memo_out == plain_out
+        assert [(b.seq, b.base_len, b.tokens) for b in memoized] == [
+            (b.seq, b.base_len, b.tokens) for b in plain
+        ]
+        for a, b in zip(memoized, plain, strict=True):
+            if b.draft_probs is None:
+                assert a.draft_probs is None
+            else:
+                assert a.draft_probs is not None
+                # equal up to the float rounding of differently chunked forwards
+                assert torch.allclose(a.draft_probs.probs, b.draft_probs.probs, atol=1e-6)
+    assert memo.stats().hits > 0
+
+
+def test_memo_runner_is_a_runner_over_the_logical_sequence() -> None:
+    model = tiny_llama(VOCAB, seed=0)
+    plain, memo = ModelRunner(model), MemoRunner(model, PROFILE, DraftMemo(max_rows=4))
+    for runner in (plain, memo):
+        runner.prefill([1, 2, 3])
+        runner.extend([4, 5])
+        runner.rollback(4)
+        runner.extend([6])
+    assert memo.length == plain.length == 5 and memo.forwards == plain.forwards == 3
+    assert memo.extend([7]).argmax().item() == plain.extend([7]).argmax().item()
+    assert len(memo.memo._rows) <= 4  # LRU-bounded
+    with pytest.raises(ValueError, match="token ids"):
+        memo.extend([VOCAB])
+    assert memo.length == 6  # a rejected extend changes nothing
+    with pytest.raises(NotImplementedError):
+        memo.extend_tree([1], [-1])
+
+
+def test_no_memo_without_emulation() -> None:
+    assert runner_factory("real", DraftMemo()) is None  # real edges pay their own compute
+    assert runner_factory("h100-70b", DraftMemo()) is not None
