@@ -347,10 +347,12 @@ def _row(
     per_forward = _per_forward(before, after, "edgespec_verifier_forward_tokens")
     verify_s = _per_forward(before, after, "edgespec_verifier_verify_seconds")
     modelled = _modelled_step_ms(batch, per_forward, profile_name, len(expected[0]))
-    # the estimate needs modelled times: none under a real profile
+    # the estimate needs modelled times (none under a real profile) and rounds of chains (the
+    # chain model does not describe token trees, whose drafted count is their nodes)
+    chains = "tree" not in method
     bound = (
         capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
-        if get_profile(profile_name).emulated
+        if get_profile(profile_name).emulated and chains
         else None
     )
     return {
@@ -378,7 +380,7 @@ def _row(
         # (analytic, `cloud_sd_bound`; not measured: the verifier runs no draft)
         "cloud_sd_analytic_tokens_per_s": (
             cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
-            if mean_k >= 1 and not method.endswith("_serial")
+            if mean_k >= 1 and chains and not method.endswith("_serial")
             else None
         ),
         "vs_bound": replica / bound if bound else None,
