@@ -199,7 +199,8 @@ class HeuristicPolicy:
 class FixedTreePolicy:
     """Always drafts a token tree of one shape (the tree counterpart of `FixedPolicy`)."""
 
-    def __init__(self, nodes: int = 32, depth: int = 8, width: int = 3) -> None:
+    # The default: the shape that measured fastest on the demo pair from 0 to 50 ms RTT.
+    def __init__(self, nodes: int = 16, depth: int = 6, width: int = 2) -> None:
         self.shape = TreeShape(nodes, depth, width)
 
     def choose(self) -> Decision:

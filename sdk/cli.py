@@ -228,7 +228,11 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", type=_ints, help="e.g. 1,2,4 (default 1..64, doubling)")
     p.add_argument("--rtt-ms", type=_floats, help="e.g. 20,50 (default 20,50)")
     p.add_argument("-k", type=_ints, help="fixed draft lengths, e.g. 2,4 (default 4)")
-    p.add_argument("--methods", help="subset of cloud_only,fixed,adaptive,serial (default all)")
+    p.add_argument(
+        "--methods",
+        help="subset of cloud_only,fixed,adaptive,adaptive_unpipelined,serial,tree,adaptive_tree "
+        "(default cloud_only,fixed,adaptive,serial)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--compute-profile", default="h100-70b", help="h100-70b (emulated) or real")
     p.add_argument("--edge-processes", type=int, default=4, help="worker processes of edges")

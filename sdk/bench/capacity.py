@@ -15,8 +15,9 @@ modelled time: the draft's per forward, the batching verifier's per step by the 
 
 Methods: ``cloud_only`` (the verifier decodes alone, batched with the others: the baseline a
 user would otherwise run), ``fixed_k{k}`` (edgespec, one row per ``--k``), ``adaptive`` (the
-adaptive policy, pipelined), and ``fixed_k{k}_serial`` (fixed k against the one-at-a-time
-verifier). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
+adaptive policy, pipelined), ``tree_n16_d6_w2`` and ``adaptive_tree`` (token trees of one
+shape, and the tree controller; opt-in: ``tree``, ``adaptive_tree``), and ``fixed_k{k}_serial``
+(fixed k against the one-at-a-time verifier). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
 with the target alone's (``altered_outputs``). Not measured: cloud-side speculative decoding (the draft
 on the verifier), which the verifier does not run yet; each speculative row carries its analytic
 estimate at the row's k and acceptance (``cloud_sd_analytic_tokens_per_s``, `cloud_sd_bound`).
@@ -98,7 +99,15 @@ class CapacityConfig:
             check_int("sessions", n, 1)
         for k in self.ks:
             check_int("k", k, 1)
-        known = {"cloud_only", "fixed", "adaptive", "adaptive_unpipelined", "serial"}
+        known = {
+            "cloud_only",
+            "fixed",
+            "adaptive",
+            "adaptive_unpipelined",
+            "serial",
+            "tree",
+            "adaptive_tree",
+        }
         if not set(self.methods) <= known or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {sorted(known)}")
         check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -338,10 +347,12 @@ def _row(
     per_forward = _per_forward(before, after, "edgespec_verifier_forward_tokens")
     verify_s = _per_forward(before, after, "edgespec_verifier_verify_seconds")
     modelled = _modelled_step_ms(batch, per_forward, profile_name, len(expected[0]))
-    # the estimate needs modelled times: none under a real profile
+    # the estimate needs modelled times (none under a real profile) and rounds of chains (the
+    # chain model does not describe token trees, whose drafted count is their nodes)
+    chains = "tree" not in method
     bound = (
         capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
-        if get_profile(profile_name).emulated
+        if get_profile(profile_name).emulated and chains
         else None
     )
     return {
@@ -369,7 +380,7 @@ def _row(
         # (analytic, `cloud_sd_bound`; not measured: the verifier runs no draft)
         "cloud_sd_analytic_tokens_per_s": (
             cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
-            if mean_k >= 1 and not method.endswith("_serial")
+            if mean_k >= 1 and chains and not method.endswith("_serial")
             else None
         ),
         "vs_bound": replica / bound if bound else None,
@@ -428,6 +439,10 @@ def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
         out.append(("adaptive", "adaptive", 0, True, True))
     if "adaptive_unpipelined" in config.methods:
         out.append(("adaptive_unpipelined", "adaptive", 0, False, True))
+    if "tree" in config.methods:  # token trees of the "tree" policy's default shape
+        out.append(("tree_n16_d6_w2", "tree", 0, False, True))
+    if "adaptive_tree" in config.methods:
+        out.append(("adaptive_tree", "adaptive_tree", 0, True, True))
     return out
 
 

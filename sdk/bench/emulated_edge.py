@@ -68,6 +68,8 @@ class DraftMemo:
     def __init__(self, max_rows: int = DEFAULT_MEMO_ROWS) -> None:
         self.max_rows = check_int("max_rows", max_rows, 1)
         self._rows: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+        # tree forwards: (committed prefix, fed nodes, their parents) -> rows of the last call
+        self._trees: OrderedDict[tuple, Tensor] = OrderedDict()
         self._lock = threading.Lock()
         # Held while a real forward runs: sessions in lockstep ask for the same prefix at the
         # same moment, and the later ones should get the first one's rows, not compute them too
@@ -103,6 +105,25 @@ class DraftMemo:
             while len(self._rows) > self.max_rows:
                 self._rows.popitem(last=False)
 
+    def get_tree(self, key: tuple) -> Tensor | None:
+        """The rows of a tree forward (`MemoRunner.extend_tree`) stored under `key`, or None."""
+        with self._lock:
+            rows = self._trees.get(key)
+            if rows is not None:
+                self._trees.move_to_end(key)
+                self.hits += int(rows.shape[0])
+            return rows
+
+    def put_tree(self, key: tuple, logits: Tensor) -> None:
+        """Store a tree forward's rows (n, V) under `key` (bounded like the chain rows)."""
+        with self._lock:
+            self.misses += int(logits.shape[0])
+            self.real_forwards += 1
+            self._trees[key] = logits.clone()
+            self._trees.move_to_end(key)
+            while len(self._trees) > max(self.max_rows // 64, 1):
+                self._trees.popitem(last=False)
+
     def count_forward(self) -> None:
         with self._lock:
             self.forwards += 1
@@ -116,7 +137,9 @@ class MemoRunner(PaddedRunner):
     """A `PaddedRunner` for ONE session whose logits come from a shared `DraftMemo` (see the
     module docstring). `length`, `forwards` and the returned logits are those of the logical
     sequence (what a plain runner would report); the real cache holds a prefix of it
-    (`real_length`). Crop-mode (attention-only) models only; no tree forwards, no batched KV.
+    (`real_length`). Crop-mode (attention-only) models only; no batched KV. Tree drafting is
+    memoized by the committed prefix and the tree fed so far; a tree's accepted path is refed
+    as committed tokens (`keep_nodes` is not needed: `length` never counts tree nodes).
     Returned rows are shared with other sessions: callers must not modify them in place (the
     drafter does not). Sampling is unaffected: only logits are shared, each drafter draws with
     its own generator, so any sampling mode drafts what the plain drafter would.
@@ -135,6 +158,11 @@ class MemoRunner(PaddedRunner):
             raise ValueError(f"{type(model).__name__} needs a recomputing rollback: no memo")
         self.memo = memo
         self._tokens: list[int] = []  # the logical sequence
+        # the tree being drafted (`extend_tree`): its fed nodes after the logical sequence's
+        # first `_tree_start` tokens, of which the real cache holds the first `_real_tree`
+        self._tree: list[int] = []
+        self._tree_start = 0
+        self._real_tree = 0
         self._logical_forwards = 0
 
     @property
@@ -158,6 +186,7 @@ class MemoRunner(PaddedRunner):
     def reset(self) -> None:
         super().reset()
         self._tokens = []
+        self._tree, self._real_tree = [], 0
 
     def prefill(self, ids: TokenIds) -> Tensor:
         t0 = time.perf_counter()
@@ -175,16 +204,65 @@ class MemoRunner(PaddedRunner):
         return out
 
     def rollback(self, length: int) -> None:
+        self._close_tree()
         length = check_int("length", length, 0, len(self._tokens))
         del self._tokens[length:]
         if self._length > length:
             super().rollback(length)
 
-    def extend_tree(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("MemoRunner runs chain drafting only")
+    def extend_tree(
+        self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
+    ) -> Tensor:
+        """Tree drafting (`grow_tree`): the rows of `ids` fed as tree nodes after the logical
+        sequence's first `tree_start` tokens, keyed by that prefix and the whole tree fed so
+        far; a miss runs the real tree forward over every node the real cache lacks."""
+        t0 = time.perf_counter()
+        start = len(self._tokens) if tree_start is None else tree_start
+        new = self._host_ids(ids)
+        if len(parents) == len(new):  # the tree's first level: a new tree
+            self._close_tree()
+            self._tree_start = start
+        elif start != self._tree_start or len(parents) != len(self._tree) + len(new):
+            raise ValueError("extend_tree must continue the tree fed so far")
+        key = (tuple(self._tokens[:start]), tuple(self._tree + new), tuple(parents))
+        self._logical_forwards += 1
+        self.memo.count_forward()
+        rows = self.memo.get_tree(key)
+        if rows is None:
+            with self.memo.compute_lock:
+                rows = self.memo.get_tree(key)
+                if rows is None:
+                    rows = self._compute_tree(start, new, parents)
+                    self.memo.put_tree(key, rows)
+        self._tree.extend(new)
+        self._pad(t0, self.cost.ms(len(new)))
+        return rows
 
-    def keep_nodes(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("MemoRunner runs chain drafting only")
+    def _compute_tree(self, start: int, new: list[int], parents: Sequence[int]) -> Tensor:
+        """The real tree forward: the real cache brought to the prefix (plus the nodes of this
+        tree it holds already), then every node it lacks fed in one forward."""
+        if self._length < start + self._real_tree:  # nodes of this tree are missing: refeed
+            ModelRunner.rollback(self, min(self._length, start))
+            self._real_tree = 0
+        if self._length < start:
+            self._forward(self._tokens[self._length : start], last_only=False)
+        feed = self._tree[self._real_tree :] + new
+        logits = ModelRunner.extend_tree(self, feed, parents, tree_start=start)
+        self._real_tree = len(self._tree) + len(new)
+        return logits[-len(new) :]
+
+    def _close_tree(self) -> None:
+        """Forget the tree fed last (its nodes leave the real cache, which holds a prefix of
+        the logical sequence again). The accepted path comes back as committed tokens."""
+        if self._real_tree:
+            ModelRunner.rollback(self, self._tree_start)
+        self._tree, self._real_tree = [], 0
+
+    def keep_nodes(self, start: int, nodes: Sequence[int]) -> None:
+        # The drafter keeps a tree's fed path only when the cache's length shows it; this
+        # runner's logical length never includes tree nodes, so the path is refed as committed
+        # tokens by the next forward instead.
+        raise NotImplementedError("MemoRunner refeeds a tree's path: nothing to keep")
 
     def append_kv(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("MemoRunner takes no batched KV")
@@ -206,6 +284,7 @@ class MemoRunner(PaddedRunner):
     def _rows(self, new: list[int]) -> list[Tensor]:
         """Append `new` to the logical sequence; its rows, from the memo or one real forward
         over everything the real cache lacks."""
+        self._close_tree()
         start = len(self._tokens)
         self._tokens.extend(new)
         self._logical_forwards += 1

@@ -15,6 +15,7 @@ from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import ComputeProfile, ForwardCost
 from edgespec.core.runner import ModelRunner
 from edgespec.core.session import DraftBlock
+from edgespec.core.tree import TreeShape
 from edgespec.core.verifier import Verifier
 
 VOCAB = 300
@@ -116,9 +117,41 @@ def test_memo_runner_is_a_runner_over_the_logical_sequence() -> None:
         memo.extend([VOCAB])
     assert memo.length == 6  # a rejected extend changes nothing
     with pytest.raises(NotImplementedError):
-        memo.extend_tree([1], [-1])
+        memo.keep_nodes(6, [0])  # a tree's path is refed as committed tokens instead
 
 
 def test_no_memo_without_emulation() -> None:
     assert runner_factory("real", DraftMemo()) is None  # real edges pay their own compute
     assert runner_factory("h100-70b", DraftMemo()) is not None
+
+
+def _tree_session(
+    draft: ModelRunner, target: ModelRunner, prompt: list[int], params: SamplingParams
+) -> tuple[list[DraftBlock], list[int]]:
+    """One session of token trees verified in turn; every block proposed and the output."""
+    drafter = Drafter(draft, prompt, params)
+    verifier = Verifier(target, prompt, params)
+    blocks = []
+    while not drafter.finished:
+        block = drafter.propose_tree(TreeShape(12, 4, 3))
+        blocks.append(block)
+        drafter.apply(verifier.verify(block))
+    return blocks, drafter.generated
+
+
+@pytest.mark.parametrize("sampler", [None, "coupled"])
+def test_memoized_tree_drafting_gives_the_plain_drafters_trees(sampler: str | None) -> None:
+    target_model = tiny_llama(VOCAB, seed=0)
+    draft_model = noisy_draft(target_model)
+    target, memo = ModelRunner(target_model), DraftMemo()
+    params = SamplingParams(max_new_tokens=24)
+    if sampler is not None:
+        params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=5, sampler=sampler)
+    for prompt in PROMPTS:  # the second prompt repeats the first: its trees come from the memo
+        plain, plain_out = _tree_session(ModelRunner(draft_model), target, prompt, params)
+        runner = MemoRunner(draft_model, PROFILE, memo)
+        memoized, memo_out = _tree_session(runner, target, prompt, params)
+        assert [(b.tokens, b.parents) for b in memoized] == [(b.tokens, b.parents) for b in plain]
+        assert memo_out == plain_out == generate_autoregressive(target, prompt, params).tokens
+    stats = memo.stats()
+    assert stats.hits > 0 and stats.real_forwards < stats.forwards
