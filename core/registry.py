@@ -13,7 +13,9 @@ names and what their factories make of a spec:
 - ``"tree"``: `FixedTreePolicy()`, token trees of one shape; options ``nodes``, ``depth``,
   ``width``.
 - ``"adaptive_tree"``: `TreePolicy`, the adaptive policy that also chooses token-tree shapes;
-  options: the fields of `AdaptiveConfig`.
+  options: the fields of `AdaptiveConfig` (``explore_every`` defaults to 24 here: its chain
+  probes cost a tree round's extra tokens, and tree rounds of varied shapes already spread the
+  t_v(n) fit).
 
 A spec field left at None leaves the policy's own default; an option overrides what the factory
 derives from the spec.
@@ -120,7 +122,10 @@ _REGISTRY: dict[str, _Entry] = {
     "cloud_only": _Entry(lambda spec: CloudOnlyPolicy(**spec.kwargs()), ("stream_tokens",)),
     "tree": _Entry(lambda spec: FixedTreePolicy(**spec.kwargs()), ("nodes", "depth", "width")),
     "adaptive_tree": _Entry(
-        lambda spec: TreePolicy(adaptive_config(spec), spec.memory),
+        lambda spec: TreePolicy(
+            adaptive_config(replace(spec, options={"explore_every": 24, **spec.options})),
+            spec.memory,
+        ),
         tuple(f.name for f in fields(AdaptiveConfig)),
     ),
 }
