@@ -17,7 +17,8 @@ Methods: ``cloud_only`` (the verifier decodes alone, batched with the others: th
 user would otherwise run), ``fixed_k{k}`` (edgespec, one row per ``--k``), ``adaptive`` (the
 adaptive policy, pipelined), ``tree_n16_d6_w2`` and ``adaptive_tree`` (token trees of one
 shape, and the tree controller; opt-in: ``tree``, ``adaptive_tree``), and ``fixed_k{k}_serial``
-(fixed k against the one-at-a-time verifier). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
+and ``cloud_only_serial`` (fixed k, and cloud-only decoding, against the one-at-a-time verifier;
+with ``serial``). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
 with the target alone's (``altered_outputs``). Not measured: cloud-side speculative decoding (the draft
 on the verifier), which the verifier does not run yet; each speculative row carries its analytic
 estimate at the row's k and acceptance (``cloud_sd_analytic_tokens_per_s``, `cloud_sd_bound`).
@@ -294,6 +295,8 @@ def capacity_bound(
     if method == "cloud_only":
         step = profile.target_step_ms([(ctx, 1)] * sessions) or profile.target.ms(1)
         return sessions * 1e3 / step if step else float("inf")
+    if method == "cloud_only_serial":  # one token per forward, whatever the sessions
+        return 1e3 / profile.target.ms(1)
     e = expected_tokens(acceptance, round(k)) if k >= 1 else 1.0
     draft_ms = k * profile.draft.ms(1)
     if method.endswith("_serial"):
@@ -430,6 +433,8 @@ def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
     out = []
     if "cloud_only" in config.methods:
         out.append(("cloud_only", "cloud_only", 0, False, True))
+        if "serial" in config.methods:  # the one-at-a-time verifier decoding alone
+            out.append(("cloud_only_serial", "cloud_only", 0, False, False))
     for k in config.ks:
         if "fixed" in config.methods:
             out.append((f"fixed_k{k}", "fixed", k, False, True))

@@ -38,8 +38,8 @@ def test_capacity_smoke(tiny_pair, tmp_path) -> None:
     result = json.loads(out.read_text())
     assert status == 0
     methods = {r["method"] for r in result["rows"]}
-    assert methods == {"cloud_only", "fixed_k3", "fixed_k3_serial", "adaptive"}
-    assert len(result["rows"]) == 8
+    assert methods == {"cloud_only", "cloud_only_serial", "fixed_k3", "fixed_k3_serial", "adaptive"}
+    assert len(result["rows"]) == 10  # 5 methods x 2 session counts
     for row in result["rows"]:
         assert set(row) >= ROW_KEYS
         assert row["errors"] == 0 and row["altered_outputs"] == 0
