@@ -329,12 +329,13 @@ class VerifierEngine:
                 f"{session.params.max_new_tokens} tokens; no block can be verified",
             )
         if block.depth > left - 1:
-            what = "draft tokens" if block.parents is None else "levels of tree nodes"
+            field, what = ("tokens", "draft tokens")
+            if block.parents is not None:
+                field, what = ("parents", "levels of tree nodes")
             raise invalid(
-                "tokens" if block.parents is None else "parents",
-                f"{'tokens' if block.parents is None else 'parents'} must hold at most "
-                f"{left - 1} {what} here: {left} more tokens reach max_new_tokens and the "
-                f"verdict adds 1, got {block.depth}",
+                field,
+                f"{field} must hold at most {left - 1} {what} here: {left} more tokens reach "
+                f"max_new_tokens and the verdict adds 1, got {block.depth}",
             )
         if block.decode_tokens > left:
             raise invalid(

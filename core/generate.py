@@ -78,8 +78,8 @@ def generate(
     tree: TreeShape | None = None,
 ) -> GenerationResult:
     """Speculative decoding with both models co-located, `k` draft tokens per round (k >= 0),
-    or with `tree` a draft token tree of that shape per round (greedy or coupled sampling; k is
-    then unused, and the stats count a tree round's depth as its drafted positions).
+    or with `tree` a draft token tree of that shape per round (k is then unused, and the stats
+    count a tree round's depth as its drafted positions).
 
     The output equals what `generate_autoregressive(target, ...)` produces: the same tokens for
     greedy params, the same distribution when sampling. Resets both runners' caches.

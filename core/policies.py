@@ -117,7 +117,7 @@ class Decision:
     stream_tokens: int = 0  # cloud_only: tokens to stream before asking again; else 0
     probe: bool = False
     # speculative: draft a token tree of this shape (k = its depth), where the session can (a
-    # verifier with tree_blocks, greedy or coupled sampling); a chain of k otherwise
+    # verifier with tree_blocks, a croppable draft cache); a chain of k otherwise
     tree: TreeShape | None = None
 
     def __post_init__(self) -> None:

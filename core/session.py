@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgespec.core.rejection import DraftProbs
-from edgespec.core.tree import node_depths
+from edgespec.core.tree import check_parents, node_depths
 from edgespec.core.validation import check_int, check_ms, is_int
 
 FINISH_STOP = "stop"  # a stop token was generated (it is part of the output)
@@ -106,25 +106,12 @@ class DraftBlock:
         if self.anchor_token is not None:
             check_int("anchor_token", self.anchor_token, 0)
         if self.parents is not None:
-            parents = tuple(self.parents)
-            if len(parents) != len(tokens):
-                raise ValueError(
-                    f"parents must have one entry per token ({len(tokens)}), got {len(parents)}"
-                )
-            for i, parent in enumerate(parents):
-                if not is_int(parent) or not -1 <= parent < i:
-                    raise ValueError(f"parents[{i}] must be an int in [-1, {i}), got {parent!r}")
-            object.__setattr__(self, "parents", parents)
+            object.__setattr__(self, "parents", check_parents(self.parents, len(tokens)))
 
     @property
     def identity(self) -> tuple:
         """What defines the block (a resend must match it); q is excluded (a re-decoded copy)."""
         return (self.base_len, self.tokens, self.decode_tokens, self.anchor_token, self.parents)
-
-    @property
-    def is_tree(self) -> bool:
-        """The block is a token tree (it has `parents`), not a chain."""
-        return self.parents is not None
 
     @property
     def depth(self) -> int:

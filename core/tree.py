@@ -11,7 +11,8 @@ token at the next position (its argmax when greedy, its coupled token under coup
 `edgespec.core.coupling`) is looked up among the current node's children; a child carrying it
 is accepted and the walk continues from it; otherwise the target's token ends the round. Every
 emitted token is therefore the target's own: the output is the target alone's, whatever the
-tree (as for chains, the tree only decides how many tokens one forward commits).
+tree (as for chains, the tree only decides how many tokens one forward commits). Rejection
+sampling walks with `rejection_walk` instead (siblings tested against the residual of p).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 from edgespec.core.coupling import coupled_tokens
 from edgespec.core.params import SamplingParams
 from edgespec.core.sampling import categorical
-from edgespec.core.validation import check_int
+from edgespec.core.validation import check_int, is_int
 
 ROOT = -1  # the parent of a root child: the last committed token
 
@@ -52,14 +53,7 @@ class DraftTree:
     parents: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if len(self.tokens) != len(self.parents):
-            raise ValueError(
-                f"parents must have one entry per token ({len(self.tokens)}), "
-                f"got {len(self.parents)}"
-            )
-        for i, parent in enumerate(self.parents):
-            if not ROOT <= parent < i:
-                raise ValueError(f"parents[{i}] must be in [-1, {i}), got {parent}")
+        check_parents(self.parents, len(self.tokens))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -80,6 +74,19 @@ class DraftTree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+
+def check_parents(parents: Sequence[int], n: int) -> tuple[int, ...]:
+    """`parents` as a tuple if it describes a tree of `n` nodes (one entry per node, each ROOT
+    or an earlier node's index), else ValueError starting with the field at fault ("parents"
+    or "parents[i]") and the allowed range."""
+    parents = tuple(parents)
+    if len(parents) != n:
+        raise ValueError(f"parents must have one entry per token ({n}), got {len(parents)}")
+    for i, parent in enumerate(parents):
+        if not is_int(parent) or not ROOT <= parent < i:
+            raise ValueError(f"parents[{i}] must be an int in [-1, {i}), got {parent!r}")
+    return parents
 
 
 def node_depths(parents: Sequence[int]) -> list[int]:
@@ -212,8 +219,7 @@ def rejection_walk(
 
 def target_pick(rows: Tensor, params: SamplingParams, base: int) -> Callable[[int, int], int]:
     """`walk_tree`'s pick over target logits `rows` (n + 1, V): the argmax when greedy, else the
-    coupled token at position base + depth (coupled sampling only: rejection sampling over trees
-    is not built)."""
+    coupled token at position base + depth (rejection sampling walks with `rejection_walk`)."""
     if params.is_greedy:
         argmax = rows.argmax(-1).tolist()
         return lambda row, depth: argmax[row]

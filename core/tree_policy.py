@@ -82,41 +82,28 @@ class TreeConfig:
             raise ValueError(f"initial must be a TreeShape, got {self.initial!r}")
 
 
-def _beam(
-    accept: Callable[[int, int], float], depth: int, width: int, scale: Callable[[int], float]
+def beam_gains(
+    accept: Callable[[int, int], float], depth: int, width: int, nodes: int
 ) -> list[tuple[float, int]]:
-    """Every node `grow_tree` proposes under the rank model, as (value, depth), most valuable
-    first: a node's value is its path probability times scale(its depth)."""
-    proposed: list[tuple[float, int]] = []
+    """The tree `grow_tree` grows, under a rank model: per level the `width` most probable
+    nodes of the level before (the root first) each get `width` children, and the tree is the
+    `nodes` most probable of all. For n = 1..min(nodes, proposed): (E[accepted tokens] of the
+    tree of n nodes, its depth in levels). `accept(d, r)`: P(the target's token at depth d is
+    the rank-r child), r < width; a node's probability is the product over its path."""
+    proposed: list[tuple[float, int]] = []  # (path probability, depth)
     frontier = [1.0]
     for d in range(depth):
         level = [p * accept(d, r) for p in frontier for r in range(width)]
         level = [p for p in level if p > 0]
-        proposed += [(p * scale(d), d) for p in level]
+        proposed += [(p, d) for p in level]
         frontier = sorted(level, reverse=True)[:width]
         if not frontier:
             break
     proposed.sort(key=lambda x: -x[0])
-    return proposed
-
-
-def beam_gains(
-    accept: Callable[[int, int], float],
-    depth: int,
-    width: int,
-    nodes: int,
-    scale: Callable[[int], float] = lambda d: 1.0,
-) -> list[tuple[float, int]]:
-    """The tree `grow_tree` grows, under a rank model: per level the `width` most probable
-    nodes of the level before (the root first) each get `width` children, and the tree is the
-    `nodes` most valuable of all. For n = 1..min(nodes, proposed): (E[accepted tokens] of the
-    tree of n nodes, its depth in levels). `accept(d, r)`: P(the target's token at depth d is
-    the rank-r child), r < width; a node's probability is the product over its path, times
-    `scale(d)` (a calibration per depth, `DepthCalibration`)."""
     out: list[tuple[float, int]] = []
     total, levels = 0.0, 0
-    for value, d in _beam(accept, depth, width, scale)[:nodes]:
-        total += value
+    for p, d in proposed[:nodes]:
+        total += p
         levels = max(levels, d + 1)
         out.append((total, levels))
     return out

@@ -171,14 +171,19 @@ class Verifier:
         block = pending.block
         k = len(block.tokens)
         rows = logits[-(k + 1) :]  # (k+1, V)
+        path: tuple[int, ...] | None = None
         if block.parents is not None:
-            return self._complete_tree(pending, rows)
-        result = self._accept(block, rows)
-        # Cache now holds committed + all k draft tokens; keep committed + accepted ones, so the
-        # new last committed token (result.token) is the one fed first next round. (The committed
-        # length is block.base_len, except within a decode stream, where it grows every step.)
-        self.runner.rollback(len(self._tokens) + result.accepted)
-        self._tokens.extend(block.tokens[: result.accepted])
+            result, path = self._walk_tree(pending, rows)
+            accepted = [block.tokens[i] for i in path]
+        else:
+            result = self._accept(block, rows)
+            # Cache now holds committed + all k draft tokens; keep committed + accepted ones, so
+            # the new last committed token (result.token) is the one fed first next round. (The
+            # committed length is block.base_len, except within a decode stream, where it grows
+            # every step.)
+            self.runner.rollback(len(self._tokens) + result.accepted)
+            accepted = list(block.tokens[: result.accepted])
+        self._tokens.extend(accepted)
         self._tokens.append(result.token)
         verdict = Verdict(
             seq=block.seq,
@@ -187,15 +192,19 @@ class Verifier:
             is_bonus=result.is_bonus,
             committed_len=len(self._tokens),
             verify_ms=(time.perf_counter() - pending.started) * 1e3,
+            path=path,
         )
         self._last_block = block
         self.last_verdict = verdict
         return verdict
 
-    def _complete_tree(self, pending: PendingVerify, rows: Tensor) -> Verdict:
-        """A tree block's verdict: the exact walk (`walk_tree`) over rows (n + 1, V) (row 0
+    def _walk_tree(
+        self, pending: PendingVerify, rows: Tensor
+    ) -> tuple[Verification, tuple[int, ...]]:
+        """A tree block's outcome and accepted path: the exact walk over rows (n + 1, V) (row 0
         scores the root, row i + 1 the position after node i); the cache keeps the committed
-        tokens and the accepted path only."""
+        tokens and the accepted path only. `is_bonus`: the walk ran off the tree (a leaf was
+        accepted), so the token is a bonus, not a correction."""
         block = pending.block
         assert block.parents is not None
         tree = DraftTree(block.tokens, block.parents)
@@ -213,22 +222,11 @@ class Verifier:
             walk = rejection_walk(tree, logits_to_probs(rows, self.params), q, self._generator)
         m = len(pending.feed) - len(tree)  # committed tokens fed before the tree
         self.runner.keep_nodes(pending.start_len, list(range(m)) + [m + i for i in walk.path])
-        self._tokens.extend(tree.tokens[i] for i in walk.path)
-        self._tokens.append(walk.token)
         last = walk.path[-1] if walk.path else ROOT
-        verdict = Verdict(
-            seq=block.seq,
-            accepted=len(walk.path),
-            token=walk.token,
-            # the walk ran off the tree (a leaf accepted): the token is a bonus, not a correction
-            is_bonus=not tree.children(last),
-            committed_len=len(self._tokens),
-            verify_ms=(time.perf_counter() - pending.started) * 1e3,
-            path=walk.path,
+        result = Verification(
+            accepted=len(walk.path), token=walk.token, is_bonus=not tree.children(last)
         )
-        self._last_block = block
-        self.last_verdict = verdict
-        return verdict
+        return result, walk.path
 
     def _accept(self, block: DraftBlock, rows: Tensor) -> Verification:
         k = len(block.tokens)

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from edgespec.core.params import SAMPLER_COUPLED, SAMPLER_REJECTION, SamplingParams
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.session import DraftBlock, Verdict
+from edgespec.core.tree import check_parents
 from edgespec.core.validation import check_int
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
@@ -175,18 +176,10 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
         _check_field_int("anchor_token", anchor, 0)
     parents = tuple(msg.parents) if len(msg.parents) else None
     if parents is not None:
-        if len(parents) != k:
-            raise FieldError(
-                "parents",
-                f"parents must hold one entry per token ({k}) or none, got {len(parents)}",
-            )
-        for i, parent in enumerate(parents):
-            if not -1 <= parent < i:
-                raise FieldError(
-                    f"parents[{i}]",
-                    f"parents[{i}] must be -1 or an earlier node's index, in [-1, {i}), "
-                    f"got {parent}",
-                )
+        try:
+            check_parents(parents, k)
+        except ValueError as err:  # its message starts with the field: parents or parents[i]
+            raise FieldError(str(err).split(" ", 1)[0], str(err)) from None
     form = msg.probs.WhichOneof("form") if msg.HasField("probs") else None
     draft_probs = None
     if form is not None and k == 0:
