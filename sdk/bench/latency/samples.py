@@ -18,9 +18,8 @@ class RoundSample:
     network_ms: float
     t_s: float | None  # seconds since the generation started (when its verdict arrived)
     tokens: int = 0  # tokens the round yielded (cloud-only: streamed) before any cut at the end
-    positions: int | None = (
-        None  # draft positions it could accept (a tree: its depth); None: drafted
-    )
+    # draft positions it could accept (a tree: its depth); None: `drafted`
+    positions: int | None = None
     bytes_sent: int = 0  # bytes the edge sent for the round's block
     tree: bool = False  # the block was a token tree (drafted = its nodes)
 
