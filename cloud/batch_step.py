@@ -128,11 +128,15 @@ def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome
         else:
             ready.append((index, prepared))
     batched = [(i, p) for i, p in ready if p.session.verifier.runner.batchable]
-    rows = [(p.session.verifier.runner.length, len(_feed(p))) for _, p in batched]
-    prefill_tokens = sum(len(p.feed) for _, p in batched if isinstance(p, _PrefillChunk))
+    # Rows computed apart but charged to this step's modelled time (`ModelRunner.step_padded`).
+    apart = [(i, p) for i, p in ready if p.session.verifier.runner.step_padded]
+    in_step = batched + apart
+    rows = [(p.session.verifier.runner.length, len(_feed(p))) for _, p in in_step]
+    prefill_tokens = sum(len(p.feed) for _, p in in_step if isinstance(p, _PrefillChunk))
     started = time.perf_counter()
     logits = _forward(engine, [p for _, p in batched])
-    if logits is not None:
+    apart_logits = [_forward_apart(engine, p) for _, p in apart]
+    if logits is not None or apart:
         profile = engine.compute_profile
         # A step with prefill chunks costs at least the profile's prefill time of their tokens.
         floor = profile.target_prefill.ms(prefill_tokens) if prefill_tokens else 0.0
@@ -140,15 +144,19 @@ def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome
     forward_ms = (time.perf_counter() - started) * 1e3
     for b, (index, prepared) in enumerate(batched):
         outcomes[index] = _complete(engine, prepared, logits[b] if logits is not None else None)
+    for (index, prepared), result in zip(apart, apart_logits, strict=True):
+        outcomes[index] = (
+            result if isinstance(result, ServiceError) else (_complete(engine, prepared, result))
+        )
     for index, prepared in ready:
         if outcomes[index] is None:  # not batchable: its own forward (recompute-mode runner)
             outcomes[index] = _complete(engine, prepared, None)
     stats = StepStats(
         items=len(work),
-        sessions=len(batched),
+        sessions=len(in_step),
         fed_tokens=sum(n for _, n in rows),
         kv_tokens=sum(p for p, _ in rows),
-        forward_ms=forward_ms if batched else 0.0,
+        forward_ms=forward_ms if in_step else 0.0,
     )
     return [o for o in outcomes if o is not None], stats
 
@@ -193,6 +201,23 @@ def _forward(
         for sid in ids:
             engine.close_session(sid)
         return None
+
+
+def _forward_apart(
+    engine: VerifierEngine, prepared: PreparedBlock | _PrefillChunk
+) -> Tensor | ServiceError:
+    """The rows of one step-padded session, computed by its own runner (a prefill chunk's are
+    not needed); a failure closes that session only."""
+    if isinstance(prepared, PreparedBlock):
+        try:
+            return engine.run_forward(prepared)
+        except ServiceError as err:
+            return err
+    try:
+        with engine.closed_on_failure(prepared.session.id):
+            return prepared.session.verifier.runner.extend(prepared.feed)
+    except ServiceError as err:
+        return err
 
 
 def _complete(

@@ -18,11 +18,15 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
+
+from transformers import PreTrainedModel
 
 from edgespec.cloud.service import serve
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import VerifierConfig
 from edgespec.core.profiles import profile_names
+from edgespec.core.runner import ModelRunner
 from edgespec.serving.server_options import add_runtime_args, apply_threads, run_until_signal
 from edgespec.serving.tls import TlsConfig
 from edgespec.serving.verifier_metrics import VerifierMetrics
@@ -73,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-async def _run(args: argparse.Namespace) -> None:
+async def _run(
+    args: argparse.Namespace,
+    runner_factory: Callable[[PreTrainedModel], ModelRunner] | None = None,
+) -> None:
     from edgespec.core.demo_pair import DEFAULT_TARGET
 
     apply_threads(args)
@@ -89,7 +96,10 @@ async def _run(args: argparse.Namespace) -> None:
         kv_budget_tokens=args.kv_budget_tokens,
     )
     engine = VerifierEngine.from_pretrained(
-        args.target or DEFAULT_TARGET, config, compute_profile=args.compute_profile
+        args.target or DEFAULT_TARGET,
+        config,
+        compute_profile=args.compute_profile,
+        runner_factory=runner_factory,
     )
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     await run_until_signal(
@@ -102,7 +112,12 @@ async def _run(args: argparse.Namespace) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    runner_factory: Callable[[PreTrainedModel], ModelRunner] | None = None,
+) -> int:
+    """Serve until a signal; `runner_factory` (for benchmarks) builds each session's target
+    runner (see `VerifierEngine`). Returns the exit status."""
     args = build_parser().parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         build_parser().error("--tls-cert and --tls-key go together")
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(_run(args))
+        asyncio.run(_run(args, runner_factory))
     except (ValueError, OSError) as err:
         logger.error("%s", err)
         return 2

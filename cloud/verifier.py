@@ -87,11 +87,18 @@ class VerifierEngine:
         config: VerifierConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         compute_profile: ComputeProfile | str | None = None,
+        runner_factory: Callable[[PreTrainedModel], ModelRunner] | None = None,
     ) -> None:
         """Wrap a loaded causal LM. `clock` (seconds) drives idle expiry; tests may inject one.
-        `compute_profile` (name or profile; None = "real") pads each target forward."""
+        `compute_profile` (name or profile; None = "real") pads each target forward.
+        `runner_factory` builds each session's runner over the model (default: `make_runner`
+        under the profile); benchmarks use it to emulate the target (see
+        `edgespec.bench.emulated_verifier`)."""
         self.config = config if config is not None else VerifierConfig()
         self.compute_profile = get_profile(compute_profile or "real")
+        self._runner_factory = runner_factory or (
+            lambda model: make_runner(model, self.compute_profile, "target")
+        )
         if self.config.device is not None:
             model = model.to(self.config.device)
         self.model = model.eval()
@@ -127,13 +134,16 @@ class VerifierEngine:
         config: VerifierConfig | None = None,
         dtype: torch.dtype | None = None,
         compute_profile: ComputeProfile | str | None = None,
+        runner_factory: Callable[[PreTrainedModel], ModelRunner] | None = None,
     ) -> VerifierEngine:
         """Load the target from a local checkpoint folder (offline; float32 on CPU)."""
         config = config if config is not None else VerifierConfig()
         runner = ModelRunner.from_pretrained(path, device=config.device, dtype=dtype)
         if not config.model_id:
             config = replace(config, model_id=Path(path).name)
-        return cls(runner.model, config, compute_profile=compute_profile)
+        return cls(
+            runner.model, config, compute_profile=compute_profile, runner_factory=runner_factory
+        )
 
     # ------------------------------------------------------------------ sessions
 
@@ -202,7 +212,7 @@ class VerifierEngine:
         self._sessions.reserve(kv_tokens)
         try:
             started = time.perf_counter()
-            runner = make_runner(self.model, self.compute_profile, "target")
+            runner = self._runner_factory(self.model)
             verifier = Verifier(runner, prefix, params, prefill=prefill)
             prefill_ms = (time.perf_counter() - started) * 1e3
         except BaseException:

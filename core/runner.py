@@ -268,6 +268,11 @@ class ModelRunner:
         self._cache.crop(length - self._length)
         self._length = length
 
+    # True for a runner that computes its rows without a model forward of its own (a
+    # benchmark's memoized target): the batching verifier runs it alone but inside the batched
+    # step, and charges its rows to the step's modelled time rather than padding it apart.
+    step_padded: bool = False
+
     @property
     def batchable(self) -> bool:
         """Whether `edgespec.core.batch_forward` may run this runner's forwards batched with

@@ -348,7 +348,10 @@ class Connection:
             return
         assert pipe.dst is not None
         if pipe.dst.can_write_eof():
-            pipe.dst.write_eof()
+            try:
+                pipe.dst.write_eof()
+            except OSError:  # the far side is gone already (its own close follows): nothing to do
+                logger.debug("half-close of a disconnected socket", exc_info=True)
         pipe.eof_delivered = True
         if self.up.eof_delivered and self.down.eof_delivered:
             self.close(reset=False)

@@ -53,7 +53,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgespec.bench.emulated_edge import DraftMemo, MemoStats, runner_factory
+from edgespec.bench.emulated_edge import LogitsMemo, MemoStats, runner_factory
 from edgespec.bench.processes import verifier_process
 from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
@@ -90,6 +90,10 @@ class CapacityConfig:
     # Emulated edge devices share each worker's draft forwards (`edgespec.bench.emulated_edge`):
     # only under an emulated profile; False runs every session's draft forwards for real.
     memo_drafts: bool = True
+    # The batching verifier's target rows are memoized and each step charged the roofline's
+    # time (`edgespec.bench.emulated_verifier`): only under an emulated profile; False runs
+    # every target forward for real (the step then takes max(modelled, real) time).
+    memo_target: bool = True
     # torch intra-op threads of the verifier and of each edge worker: 1, since on a shared
     # host a parallel region waits for its slowest (descheduled) thread (a 5-token forward of
     # the demo target measured 750 ms with 2 threads on a loaded 2-core host, 19 ms with 1).
@@ -164,8 +168,8 @@ def _draft_model(path: str):  # one load per worker process
 
 
 @lru_cache(maxsize=2)
-def _draft_memo(path: str) -> DraftMemo:  # one per worker process and draft model
-    return DraftMemo()
+def _draft_memo(path: str) -> LogitsMemo:  # one per worker process and draft model
+    return LogitsMemo()
 
 
 def _run_job(job: _Job) -> dict[str, Any]:
@@ -498,7 +502,12 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
             args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
             args += ["--batch-max-sessions", str(config.batch_max_sessions)]
             args += [] if batched else ["--no-batching"]
-            address = stack.enter_context(verifier_process(target, config.threads, 180.0, args))
+            emulated = (
+                batched and config.memo_target and get_profile(config.compute_profile).emulated
+            )
+            address = stack.enter_context(
+                verifier_process(target, config.threads, 180.0, args, emulated_target=emulated)
+            )
             verifiers[batched] = (address, port)
         # Warm-up (not recorded): every worker loads the draft, the verifiers run a first step.
         for address, _ in verifiers.values():
@@ -570,6 +579,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
         "target": str(target),
         "draft": str(draft),
         "edge_emulation": _edge_emulation(config),
+        "verifier_emulation": _verifier_emulation(config),
         "rows": rows,
         "wall_s": time.time() - started,
     }
@@ -594,6 +604,25 @@ def _edge_emulation(config: CapacityConfig) -> str:
         f"EMULATED edge devices: each session drafts on its own thread and each draft forward "
         f"takes at least the {profile.name} profile's modelled draft time (slept, overlapping "
         f"across sessions); {shared}"
+    )
+
+
+def _verifier_emulation(config: CapacityConfig) -> str:
+    """How the run's batching verifier emulates its GPU (written to the JSON with the figures)."""
+    profile = get_profile(config.compute_profile)
+    if not profile.emulated:
+        return "none: every target forward runs for real on this host"
+    if not config.memo_target:
+        return (
+            f"each batched step is padded to the {profile.name} profile's modelled forward; "
+            "the real target forwards run on this host (slower steps overrun the model)"
+        )
+    return (
+        f"EMULATED cloud GPU: each batched step takes the {profile.name} profile's modelled "
+        "forward over all its sessions; the target's logits rows of each distinct token prefix "
+        "are computed once by the real target and shared (edgespec.bench.emulated_verifier; "
+        "tokens unchanged, every output compared with the target alone); the one-at-a-time "
+        "verifier runs its real forwards, padded"
     )
 
 

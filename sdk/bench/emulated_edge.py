@@ -10,7 +10,7 @@ benchmark would measure the host rather than the method.
 profile it is the draft's runner of each session: a `PaddedRunner` (every `prefill`/`extend`
 still takes at least the profile's modelled draft time, slept on the session's own thread, so
 the modelled device times of different sessions overlap as they would on separate devices)
-whose logits come from a per-process `DraftMemo`: the logits row of a position depends only on
+whose logits come from a per-process `LogitsMemo`: the logits row of a position depends only on
 the tokens up to it, so it is keyed by that token prefix, computed by the real draft model the
 first time any session of the process needs it, and reused by every later forward over the same
 prefix (sessions with the same prompt share their work). The real KV cache is filled lazily:
@@ -60,8 +60,8 @@ class MemoStats:
         return self.hits / total if total else 0.0
 
 
-class DraftMemo:
-    """Logits rows of one draft model keyed by the token prefix they predict after (thread-safe,
+class LogitsMemo:
+    """Logits rows of one model keyed by the token prefix they predict after (thread-safe,
     LRU-bounded to `max_rows`). Shared by the `MemoRunner`s of one process; one model per memo.
     """
 
@@ -134,7 +134,7 @@ class DraftMemo:
 
 
 class MemoRunner(PaddedRunner):
-    """A `PaddedRunner` for ONE session whose logits come from a shared `DraftMemo` (see the
+    """A `PaddedRunner` for ONE session whose logits come from a shared `LogitsMemo` (see the
     module docstring). `length`, `forwards` and the returned logits are those of the logical
     sequence (what a plain runner would report); the real cache holds a prefix of it
     (`real_length`). Crop-mode (attention-only) models only; no batched KV. Tree drafting is
@@ -149,7 +149,7 @@ class MemoRunner(PaddedRunner):
         self,
         model: PreTrainedModel,
         profile: ComputeProfile,
-        memo: DraftMemo,
+        memo: LogitsMemo,
         device: str | torch.device | None = None,
     ) -> None:
         cost, prefill = profile.costs("draft")
@@ -304,7 +304,7 @@ class MemoRunner(PaddedRunner):
 
 
 def runner_factory(
-    profile: ComputeProfile | str, memo: DraftMemo
+    profile: ComputeProfile | str, memo: LogitsMemo
 ) -> Callable[[PreTrainedModel], ModelRunner] | None:
     """The draft runner factory of an emulated edge device sharing `memo`, or None when the
     profile pads nothing (``real``: each session must then pay its real draft compute)."""

@@ -18,9 +18,15 @@ import torch
 
 @contextmanager
 def verifier_process(
-    target: Path, threads: int | None, start_timeout_s: float, extra_args: Sequence[str] = ()
+    target: Path,
+    threads: int | None,
+    start_timeout_s: float,
+    extra_args: Sequence[str] = (),
+    emulated_target: bool = False,
 ) -> Iterator[str]:
-    """`python -m edgespec.cloud.server` serving `target` on a free port (plus `extra_args`).
+    """`python -m edgespec.cloud.server` serving `target` on a free port (plus `extra_args`);
+    `emulated_target`: `python -m edgespec.bench.emulated_verifier` instead (the same server,
+    its target rows memoized; needs an emulated ``--compute-profile`` in `extra_args`).
 
     Yields its ``host:port`` once it printed ``LISTENING``; terminates it on exit (killed if it
     does not stop within 10 s). `threads` (not None) sets its OMP_NUM_THREADS. Raises
@@ -32,7 +38,7 @@ def verifier_process(
     cmd = [
         sys.executable,
         "-m",
-        "edgespec.cloud.server",
+        "edgespec.bench.emulated_verifier" if emulated_target else "edgespec.cloud.server",
         "--target",
         str(target),
         "--log-level",

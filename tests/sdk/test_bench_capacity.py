@@ -47,6 +47,7 @@ def test_capacity_smoke(tiny_pair, tmp_path) -> None:
         serial = row["method"].endswith("_serial")
         assert (row["mean_batch_sessions"] is None) == serial  # no batched steps when serial
     assert result["edge_emulation"].startswith("EMULATED edge devices")  # default h100-70b
+    assert result["verifier_emulation"].startswith("EMULATED cloud GPU")
     assert all(row["draft_real_forwards"] <= row["draft_forwards"] for row in result["rows"])
     assert (tmp_path / "plots" / "capacity_vs_sessions.png").stat().st_size > 0
     assert (tmp_path / "plots" / "capacity_frontier.png").stat().st_size > 0

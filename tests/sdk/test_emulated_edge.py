@@ -8,7 +8,7 @@ import pytest
 import torch
 from support.tiny_models import noisy_draft, tiny_llama
 
-from edgespec.bench.emulated_edge import DraftMemo, MemoRunner, runner_factory
+from edgespec.bench.emulated_edge import LogitsMemo, MemoRunner, runner_factory
 from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
@@ -61,7 +61,7 @@ def test_memoized_drafting_gives_the_plain_drafters_blocks(related: bool, ahead:
     # A noisy copy (long accepted runs) or an unrelated model (rejections and rollbacks).
     draft_model = noisy_draft(target_model) if related else tiny_llama(VOCAB, seed=1)
     target = ModelRunner(target_model)
-    memo = DraftMemo()
+    memo = LogitsMemo()
     for i, prompt in enumerate(PROMPTS):
         k = 2 + i  # sessions of one memo with different draft lengths
         expected = generate_autoregressive(target, prompt, SamplingParams(max_new_tokens=24))
@@ -82,7 +82,7 @@ def test_memoized_drafting_samples_the_plain_drafters_blocks(sampler: str) -> No
     # generator, so the same seed gives the same tokens and the same q rows.
     target_model = tiny_llama(VOCAB, seed=0)
     draft_model = noisy_draft(target_model)
-    target, memo = ModelRunner(target_model), DraftMemo()
+    target, memo = ModelRunner(target_model), LogitsMemo()
     params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=11, sampler=sampler)
     for prompt in PROMPTS[:2]:  # the second one reads the first one's rows
         plain, plain_out = _session(ModelRunner(draft_model), target, prompt, 3, False, params)
@@ -104,7 +104,7 @@ def test_memoized_drafting_samples_the_plain_drafters_blocks(sampler: str) -> No
 
 def test_memo_runner_is_a_runner_over_the_logical_sequence() -> None:
     model = tiny_llama(VOCAB, seed=0)
-    plain, memo = ModelRunner(model), MemoRunner(model, PROFILE, DraftMemo(max_rows=4))
+    plain, memo = ModelRunner(model), MemoRunner(model, PROFILE, LogitsMemo(max_rows=4))
     for runner in (plain, memo):
         runner.prefill([1, 2, 3])
         runner.extend([4, 5])
@@ -121,8 +121,8 @@ def test_memo_runner_is_a_runner_over_the_logical_sequence() -> None:
 
 
 def test_no_memo_without_emulation() -> None:
-    assert runner_factory("real", DraftMemo()) is None  # real edges pay their own compute
-    assert runner_factory("h100-70b", DraftMemo()) is not None
+    assert runner_factory("real", LogitsMemo()) is None  # real edges pay their own compute
+    assert runner_factory("h100-70b", LogitsMemo()) is not None
 
 
 def _tree_session(
@@ -143,7 +143,7 @@ def _tree_session(
 def test_memoized_tree_drafting_gives_the_plain_drafters_trees(sampler: str | None) -> None:
     target_model = tiny_llama(VOCAB, seed=0)
     draft_model = noisy_draft(target_model)
-    target, memo = ModelRunner(target_model), DraftMemo()
+    target, memo = ModelRunner(target_model), LogitsMemo()
     params = SamplingParams(max_new_tokens=24)
     if sampler is not None:
         params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=5, sampler=sampler)
