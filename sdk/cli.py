@@ -200,7 +200,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         edge_processes=args.edge_processes,
         threads=args.threads,
         memo_drafts=not args.no_draft_memo,
-        memo_target=not args.no_target_memo,
+        emulate_target=not args.real_target_forwards,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -245,11 +245,11 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
         "each worker computes a token prefix's draft forward once for all its sessions)",
     )
     p.add_argument(
-        "--no-target-memo",
+        "--real-target-forwards",
         action="store_true",
         help="emulated profiles: the batching verifier runs every target forward for real (by "
-        "default a token prefix's target rows are computed once and each step is charged the "
-        "modelled batched forward: edgespec.bench.emulated_verifier)",
+        "default its greedy rows are computed ahead and each step is charged the modelled "
+        "batched forward: edgespec.bench.emulated_verifier)",
     )
 
 

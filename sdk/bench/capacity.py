@@ -38,9 +38,11 @@ assumed independent per token, so an estimate rather than a strict bound).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import statistics
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
@@ -90,10 +92,11 @@ class CapacityConfig:
     # Emulated edge devices share each worker's draft forwards (`edgespec.bench.emulated_edge`):
     # only under an emulated profile; False runs every session's draft forwards for real.
     memo_drafts: bool = True
-    # The batching verifier's target rows are memoized and each step charged the roofline's
-    # time (`edgespec.bench.emulated_verifier`): only under an emulated profile; False runs
-    # every target forward for real (the step then takes max(modelled, real) time).
-    memo_target: bool = True
+    # The batching verifier's target is emulated (`edgespec.bench.emulated_verifier`): rows of
+    # the prompts' greedy paths computed ahead, each step charged the roofline's time; only
+    # under an emulated profile. False runs every target forward for real (a step then takes
+    # max(modelled, real) time).
+    emulate_target: bool = True
     # torch intra-op threads of the verifier and of each edge worker: 1, since on a shared
     # host a parallel region waits for its slowest (descheduled) thread (a 5-token forward of
     # the demo target measured 750 ms with 2 threads on a loaded 2-core host, 19 ms with 1).
@@ -494,7 +497,13 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
     rows: list[dict[str, Any]] = []
     started = time.time()
     ctx = get_context("spawn")
+    emulated_target = config.emulate_target and get_profile(config.compute_profile).emulated
+    workdir = tempfile.TemporaryDirectory(prefix="edgespec-capacity-")
+    oracle_file = Path(workdir.name) / "oracle.json"
+    spec = {"prompts": prompts, "max_new_tokens": config.max_new_tokens}
+    oracle_file.write_text(json.dumps(spec))
     with ProcessPoolExecutor(config.edge_processes, mp_context=ctx) as pool, ExitStack() as stack:
+        stack.enter_context(workdir)
         verifiers = {}
         for batched in sorted({m[4] for m in _methods(config)}):
             port = _free_port()
@@ -502,11 +511,9 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
             args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
             args += ["--batch-max-sessions", str(config.batch_max_sessions)]
             args += [] if batched else ["--no-batching"]
-            emulated = (
-                batched and config.memo_target and get_profile(config.compute_profile).emulated
-            )
+            oracle = oracle_file if batched and emulated_target else None
             address = stack.enter_context(
-                verifier_process(target, config.threads, 180.0, args, emulated_target=emulated)
+                verifier_process(target, config.threads, 180.0, args, oracle_file=oracle)
             )
             verifiers[batched] = (address, port)
         # Warm-up (not recorded): every worker loads the draft, the verifiers run a first step.
@@ -529,23 +536,23 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
         for rtt in config.rtts_ms:
             for name, policy, k, pipelined, batched in _methods(config):
                 address, port = verifiers[batched]
+                template = _Job(
+                    str(draft),
+                    address,
+                    rtt,
+                    config.compute_profile,
+                    policy,
+                    k,
+                    pipelined,
+                    [],
+                    config.max_new_tokens,
+                    0.0,
+                    config.timeout_s,
+                    config.threads,
+                    config.memo_drafts,
+                )
                 for n in config.sessions:
                     before = _scrape(port)
-                    template = _Job(
-                        str(draft),
-                        address,
-                        rtt,
-                        config.compute_profile,
-                        policy,
-                        k,
-                        pipelined,
-                        [],
-                        config.max_new_tokens,
-                        0.0,
-                        config.timeout_s,
-                        config.threads,
-                        config.memo_drafts,
-                    )
                     records, memo = _measure(pool, template, prompts[:n], config.edge_processes)
                     after = _scrape(port)
                     rows.append(
@@ -612,17 +619,18 @@ def _verifier_emulation(config: CapacityConfig) -> str:
     profile = get_profile(config.compute_profile)
     if not profile.emulated:
         return "none: every target forward runs for real on this host"
-    if not config.memo_target:
+    if not config.emulate_target:
         return (
             f"each batched step is padded to the {profile.name} profile's modelled forward; "
             "the real target forwards run on this host (slower steps overrun the model)"
         )
     return (
         f"EMULATED cloud GPU: each batched step takes the {profile.name} profile's modelled "
-        "forward over all its sessions; the target's logits rows of each distinct token prefix "
-        "are computed once by the real target and shared (edgespec.bench.emulated_verifier; "
-        "tokens unchanged, every output compared with the target alone); the one-at-a-time "
-        "verifier runs its real forwards, padded"
+        "forward over all its sessions; the target's rows along each prompt's greedy "
+        "continuation are computed ahead by the real target, as the target alone generates, "
+        "and served to the verifier (edgespec.bench.emulated_verifier: greedy acceptance reads "
+        "no other row; every output compared with the target alone); the one-at-a-time "
+        "verifier runs its real forwards, padded per forward"
     )
 
 

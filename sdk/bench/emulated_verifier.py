@@ -1,65 +1,119 @@
-"""An emulated cloud GPU for the capacity benchmark: target rows computed once per token prefix.
+"""An emulated cloud GPU for the capacity benchmark: the target's greedy rows computed ahead.
 
 Under an emulated compute profile the batching verifier pads each step to the modelled time of
 ONE batched forward on the modelled GPU (`BatchRoofline`). That models the GPU only while the
-real forward on this host is faster than the model; with the demo target on two shared CPU
-cores, a step of 32 sessions takes 1.5-3x the modelled H100 step (``verify_overrun`` in the
-capacity rows), so the benchmark measured the host, not the modelled GPU.
+real forward on this host is faster than the model. With the demo target on two shared CPU
+cores, a step of 32 sessions took 1.5-3x the modelled H100 step (``verify_overrun`` in the
+capacity rows), so the benchmark measured this host, not the modelled GPU.
 
-`TargetMemoRunner` removes that artefact without changing any token, as
-`edgespec.bench.emulated_edge.MemoRunner` does for the edge devices: each session's target runner
-takes its logits rows from a per-process `LogitsMemo`, keyed by the token prefix a row predicts
-after (a tree's rows by the committed prefix and the whole tree), computed by the real target
-the first time any session needs them (sessions with the same prompt share them; so do the
-methods of one run, which verify the same prefixes) and filled into the runner's real cache
-lazily. It is `step_padded`: the batching step runs it alone, yet charges its rows to the
-step's ONE modelled forward, so a step costs the roofline's time of all its sessions, as it
-would on the modelled GPU. Verification, acceptance and commits are the verifier's own code;
-every output is still compared with the target alone by the benchmark.
+The capacity benchmark is greedy, and greedy verification reads only rows ON the greedy path:
+a chain's rows up to its first rejected token (each predicts after accepted tokens only) and
+the row after the last accepted one; a tree walk's rows along the accepted path and the bonus
+row. Every such row predicts the token after a prefix of prompt + the target's greedy output.
+`GreedyOracle` computes those rows once per distinct prompt with the real target, exactly as
+the target alone generates (`generate_autoregressive`: a prefill, then one token per forward),
+keyed by the token prefix they predict after. `GreedyOracleRunner`, each session's target
+runner, serves its rows from it and runs no model at all; a row off the greedy path (after a
+rejected draft token, a sibling in a tree) is never read by greedy acceptance and is served as
+NaN, so reading one would alter the output, which the benchmark checks for every session.
+The runner is `step_padded`: the batching step charges all its sessions' rows to ONE modelled
+forward, so a step costs the roofline's time of the batch, as on the modelled GPU.
 
-Rows may differ from a forward over the session's own chunking by float rounding (as any
-differently chunked forward does); greedy outputs are compared with the reference, and the
-benchmark is greedy. Use only with an emulated profile (`main` refuses ``real``: sharing rows
-would make the verifier faster than its real self).
+Use only with greedy sessions, the prompts given, and an emulated profile (`target_runner_factory`
+refuses ``real``: the rows come for free, which only an emulated time may hide).
 
-Entry point: ``python -m edgespec.bench.emulated_verifier`` takes the arguments of
-``python -m edgespec.cloud.server`` (`edgespec.bench.processes.verifier_process(...,
-emulated_target=True)` starts it).
+Entry point: ``python -m edgespec.bench.emulated_verifier --oracle-prompts FILE ...`` with the
+arguments of ``python -m edgespec.cloud.server``; FILE is JSON ``{"prompts": [[ids...], ...],
+"max_new_tokens": N}`` (`edgespec.bench.processes.verifier_process(..., oracle_file=FILE)`
+starts it).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel
 
-from edgespec.bench.emulated_edge import LogitsMemo, MemoRunner
 from edgespec.cloud import server
-from edgespec.core.profiles import ComputeProfile, ForwardCost, get_profile
-from edgespec.core.runner import ModelRunner
+from edgespec.core.profiles import ComputeProfile, get_profile
+from edgespec.core.runner import ModelRunner, TokenIds
+from edgespec.core.validation import check_int
 
-TARGET_MEMO_ROWS = 32768  # rows kept (demo target: 16 KiB each, 512 MiB)
+logger = logging.getLogger(__name__)
 
 
-class TargetMemoRunner(MemoRunner):
-    """A session's target runner whose rows come from a shared `LogitsMemo` (see the module
-    docstring). Not padded by itself and not batchable: the batching step runs it apart and pads
-    the whole step (`step_padded`). Keeps a verified tree's accepted path (`keep_nodes`) by
-    appending it to the logical sequence; the real cache refeeds it on the next miss."""
+class GreedyOracle:
+    """The target's logits rows along each prompt's greedy continuation, keyed by the token
+    prefix they predict after: every prompt prefix, and `max_new_tokens` + `extra` generated
+    positions (blocks drafted ahead may reach past the last token). Built on first use, by the
+    real target, one forward per token as `generate_autoregressive` runs."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, extra: int) -> None:
+        if not prompts:
+            raise ValueError("prompts must hold at least 1 prompt, got 0")
+        self.prompts = [list(p) for p in prompts]
+        self.positions = check_int("max_new_tokens", max_new_tokens, 1) + check_int(
+            "extra", extra, 0
+        )
+        self._rows: dict[tuple[int, ...], Tensor] = {}
+        self._model: PreTrainedModel | None = None
+        self.served = 0  # rows served from the oracle
+        self.off_path = 0  # rows served as NaN (never read by greedy acceptance)
+
+    def build(self, model: PreTrainedModel) -> None:
+        """Compute the rows with `model` (once; later calls with the same model do nothing)."""
+        if self._model is model:
+            return
+        if self._model is not None:
+            raise ValueError("a GreedyOracle serves one model")
+        runner = ModelRunner(model)
+        for prompt in {tuple(p): p for p in self.prompts}.values():
+            if len(prompt) > 1:
+                runner.reset()  # rows after each proper prompt prefix (prefill chunks)
+                for i, row in enumerate(runner.extend(prompt[:-1])):
+                    self._rows[tuple(prompt[: i + 1])] = row
+            seq = list(prompt)
+            row = runner.prefill(seq)  # (V,): as generate_autoregressive starts
+            for _ in range(self.positions):
+                self._rows[tuple(seq)] = row
+                seq.append(int(row.argmax(-1)))
+                if runner.max_length is not None and len(seq) > runner.max_length:
+                    break
+                row = runner.extend(seq[-1:])[0]
+        self._model = model
+        logger.info("greedy oracle: %d rows of %d prompts", len(self._rows), len(self.prompts))
+
+    def rows(self, keys: Sequence[tuple[int, ...]], nan: Tensor) -> Tensor:
+        """The rows (n, V) of `keys`; `nan` where a key is off the greedy paths."""
+        out = [self._rows.get(key) for key in keys]
+        missing = sum(row is None for row in out)
+        self.served += len(out) - missing
+        self.off_path += missing
+        return torch.stack([nan if row is None else row for row in out])
+
+
+class GreedyOracleRunner(ModelRunner):
+    """A session's target runner serving `GreedyOracle` rows (see the module docstring): the
+    bookkeeping of a plain runner (`length`, rollback, a tree's nodes until `keep_nodes`), no
+    model forward. Not batchable; `step_padded`."""
 
     step_padded = True
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        profile: ComputeProfile,
-        memo: LogitsMemo,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(model, profile, memo, device=device)
-        self.cost = self.prefill_cost = ForwardCost()  # the batched step pads
+    def __init__(self, model: PreTrainedModel, oracle: GreedyOracle) -> None:
+        super().__init__(model)
+        oracle.build(model)
+        self.oracle = oracle
+        self._nan = torch.full((self.vocab_size,), float("nan"), device=self.device)
+        self._tokens: list[int] = []  # the sequence the cache would hold
+        self._tree: list[tuple[int, ...]] = []  # the open tree's nodes: their paths
+        self._tree_ids: list[int] = []
 
     @property
     def batchable(self) -> bool:
@@ -67,26 +121,72 @@ class TargetMemoRunner(MemoRunner):
 
     @property
     def length(self) -> int:
-        # As a plain runner's: a verified tree's nodes count until `keep_nodes` compacts them.
-        return len(self._tokens) + len(self._tree)
+        return len(self._tokens) + len(self._tree_ids)
+
+    def reset(self) -> None:
+        self._tokens, self._tree, self._tree_ids = [], [], []
+
+    def prefill(self, ids: TokenIds) -> Tensor:
+        self.reset()
+        return self.extend(ids)[-1]
+
+    def extend(self, ids: TokenIds) -> Tensor:
+        new = self._host_ids(ids)
+        self._close_tree()
+        start = len(self._tokens)
+        self._tokens.extend(new)
+        keys = [tuple(self._tokens[: p + 1]) for p in range(start, len(self._tokens))]
+        return self.oracle.rows(keys, self._nan)
+
+    def rollback(self, length: int) -> None:
+        self._close_tree()
+        del self._tokens[check_int("length", length, 0, len(self._tokens)) :]
+
+    def extend_tree(
+        self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
+    ) -> Tensor:
+        """Rows of a tree fed after the sequence: node i's row predicts after the prefix and
+        its path (root to node i), `parents[i]` -1 for a root."""
+        new = self._host_ids(ids)
+        if tree_start is not None and tree_start != len(self._tokens):
+            raise ValueError("a verifier's tree is fed after the whole sequence")
+        if len(parents) != len(new):
+            raise ValueError(f"parents must hold one index per node, got {len(parents)}")
+        self._close_tree()
+        prefix = tuple(self._tokens)
+        for token, parent in zip(new, parents, strict=True):
+            if not -1 <= parent < len(self._tree):
+                raise ValueError(f"parents must name earlier nodes, got {parent}")
+            self._tree.append((self._tree[parent] if parent >= 0 else ()) + (token,))
+        self._tree_ids = new
+        return self.oracle.rows([prefix + path for path in self._tree], self._nan)
 
     def keep_nodes(self, start: int, nodes: Sequence[int]) -> None:
-        """Keep the committed prefix (`start` tokens) and the fed `nodes` of the tree verified
-        last (indices into its feed, root to leaf)."""
-        if start != self._tree_start or not self._tree:
-            raise ValueError(
-                f"keep_nodes must follow the tree fed at {self._tree_start}, got start={start}"
-            )
-        kept = [self._tree[n] for n in nodes]
+        """Keep the sequence's first `start` tokens and the open tree's `nodes` (a root path)."""
+        if start != len(self._tokens) or not self._tree:
+            raise ValueError(f"keep_nodes must follow a tree fed at {len(self._tokens)}")
+        kept = [self._tree_ids[n] for n in nodes]
         self._close_tree()
-        del self._tokens[start:]
         self._tokens.extend(kept)
+
+    def _close_tree(self) -> None:
+        self._tree, self._tree_ids = [], []
+
+    def _host_ids(self, ids: TokenIds) -> list[int]:
+        new = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        self._as_input(new)  # validates: non-empty, ints in the vocabulary
+        if self.max_length is not None and len(self._tokens) + len(new) > self.max_length:
+            raise ValueError(
+                f"sequence length must be <= max_position_embeddings={self.max_length}, "
+                f"got {len(self._tokens) + len(new)}"
+            )
+        return [int(t) for t in new]
 
 
 def target_runner_factory(
-    profile: ComputeProfile | str, memo: LogitsMemo
+    profile: ComputeProfile | str, oracle: GreedyOracle
 ) -> Callable[[PreTrainedModel], ModelRunner]:
-    """Each verifier session's runner: a `TargetMemoRunner` sharing `memo`. Raises ValueError
+    """Each verifier session's runner: a `GreedyOracleRunner` of `oracle`. Raises ValueError
     for a profile that emulates no batched forward (``real``)."""
     profile = get_profile(profile)
     if not profile.emulated or profile.target_batch is None:
@@ -94,19 +194,23 @@ def target_runner_factory(
             f"an emulated target needs an emulated profile with a batched forward, got "
             f"{profile.name!r}"
         )
-    return lambda model: TargetMemoRunner(model, profile, memo)
+    return lambda model: GreedyOracleRunner(model, oracle)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m edgespec.cloud.server`` with every session's target emulated (see above)."""
-    args = server.build_parser().parse_args(argv)
-    memo = LogitsMemo(max_rows=TARGET_MEMO_ROWS)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--oracle-prompts", required=True, type=Path)
+    known, rest = own.parse_known_args(argv if argv is not None else sys.argv[1:])
+    args = server.build_parser().parse_args(rest)
     try:
-        factory = target_runner_factory(args.compute_profile, memo)
-    except ValueError as err:
+        spec = json.loads(known.oracle_prompts.read_text())
+        oracle = GreedyOracle(spec["prompts"], spec["max_new_tokens"], args.max_block_tokens + 1)
+        factory = target_runner_factory(args.compute_profile, oracle)
+    except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return server.main(argv, runner_factory=factory)
+    return server.main(rest, runner_factory=factory)
 
 
 if __name__ == "__main__":

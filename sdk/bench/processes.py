@@ -22,11 +22,12 @@ def verifier_process(
     threads: int | None,
     start_timeout_s: float,
     extra_args: Sequence[str] = (),
-    emulated_target: bool = False,
+    oracle_file: Path | None = None,
 ) -> Iterator[str]:
     """`python -m edgespec.cloud.server` serving `target` on a free port (plus `extra_args`);
-    `emulated_target`: `python -m edgespec.bench.emulated_verifier` instead (the same server,
-    its target rows memoized; needs an emulated ``--compute-profile`` in `extra_args`).
+    with `oracle_file`, `python -m edgespec.bench.emulated_verifier --oracle-prompts FILE`
+    instead (the same server, its target emulated for greedy sessions of those prompts; needs an
+    emulated ``--compute-profile`` in `extra_args`).
 
     Yields its ``host:port`` once it printed ``LISTENING``; terminates it on exit (killed if it
     does not stop within 10 s). `threads` (not None) sets its OMP_NUM_THREADS. Raises
@@ -38,12 +39,13 @@ def verifier_process(
     cmd = [
         sys.executable,
         "-m",
-        "edgespec.bench.emulated_verifier" if emulated_target else "edgespec.cloud.server",
+        "edgespec.bench.emulated_verifier" if oracle_file else "edgespec.cloud.server",
         "--target",
         str(target),
         "--log-level",
         "WARNING",
     ]
+    cmd += ["--oracle-prompts", str(oracle_file)] if oracle_file else []
     cmd += list(extra_args)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
     lines: queue.Queue[str | None] = queue.Queue()

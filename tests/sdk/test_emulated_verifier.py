@@ -1,7 +1,7 @@
-"""The emulated cloud GPU of the capacity benchmark (`edgespec.bench.emulated_verifier`): memoized
-target rows equal a plain runner's, and a batching Verifier server whose sessions use them gives
-the target alone's output over gRPC, chains, trees and cloud-only decoding batched together, while
-each step is charged the modelled batched forward.
+"""The emulated cloud GPU of the capacity benchmark (`edgespec.bench.emulated_verifier`): the
+greedy oracle's rows equal a plain runner's along the greedy path, and a batching Verifier server
+whose sessions take them gives the target alone's output over gRPC, chains, trees and cloud-only
+decoding batched together, reading no row off the greedy path.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from support.edge_runs import collect
 from support.servers import VerifierServerThread
 from support.tiny_models import noisy_draft, tiny_model, tiny_tokenizer
 
-from edgespec.bench.emulated_edge import LogitsMemo
-from edgespec.bench.emulated_verifier import TargetMemoRunner, target_runner_factory
+from edgespec.bench.emulated_verifier import GreedyOracle, GreedyOracleRunner, target_runner_factory
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import VerifierConfig
 from edgespec.core.generate import generate_autoregressive
@@ -32,64 +31,69 @@ PROFILE = ComputeProfile(
     target_batch=BatchRoofline(overhead_ms=2.0),
 )
 PROMPTS = ([7, 200, 13, 42, 99, 150, 3, 60, 21], [5, 6, 7], [7, 200, 13, 42, 99, 150, 3, 60, 21])
+NEW = 20
 
 
-def test_memoized_rows_equal_a_plain_runners() -> None:
-    """extend, rollback, a tree and keeping its path, then extend again: the same rows as a
-    plain runner, whether the memo is cold (real forwards) or warm (a second runner)."""
+def test_oracle_rows_are_the_target_alones_along_the_greedy_path() -> None:
+    """A chain, a rollback, a tree and its kept path, on and off the greedy path: on-path rows
+    equal a plain runner's, off-path rows are NaN, and the bookkeeping is a plain runner's."""
     model = tiny_model("llama", 300)
-    memo = LogitsMemo()
-    for _ in range(2):  # cold, then every row from the memo
-        plain, memo_runner = ModelRunner(model), TargetMemoRunner(model, PROFILE, memo)
-        assert memo_runner.step_padded and not memo_runner.batchable
-        for runner in (plain, memo_runner):
-            runner.prefill([5, 17, 42, 7])
-        steps: list[tuple[str, tuple]] = [
-            ("extend", ([99, 3, 8],)),
-            ("rollback", (5,)),
-            ("extend", ([11, 12],)),
-            ("tree", ([12, 40, 41, 50], [-1, 0, 0, 1])),
-            ("keep", (7, [0, 1, 3])),
-            ("extend", ([77],)),
-        ]
-        for op, args in steps:
-            outs = []
-            for runner in (plain, memo_runner):
-                if op == "extend":
-                    outs.append(runner.extend(*args))
-                elif op == "tree":
-                    outs.append(runner.extend_tree(*args))
-                elif op == "keep":
-                    runner.keep_nodes(*args)
-                else:
-                    runner.rollback(*args)
-            assert plain.length == memo_runner.length, op
-            if outs:
-                torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
-    stats = memo.stats()
-    assert stats.hits > 0 and stats.misses > 0
+    prompt = [5, 17, 42, 7]
+    path = generate_autoregressive(ModelRunner(model), prompt, SamplingParams(max_new_tokens=8))
+    g = path.tokens
+    oracle = GreedyOracle([prompt], 8, 2)
+    plain, runner = ModelRunner(model), GreedyOracleRunner(model, oracle)
+    assert runner.step_padded and not runner.batchable
+    for r in (plain, runner):
+        r.prefill(prompt[:-1])
+    wrong = (g[1] + 1) % 300
+    steps: list[tuple[str, tuple, int]] = [  # op, args, rows on the greedy path
+        ("extend", ([prompt[-1], g[0], wrong, 9],), 2),
+        ("rollback", (len(prompt) + 1,), 0),
+        ("extend", ([g[1], g[2]],), 2),
+        ("tree", ([g[3], wrong, g[4], 50], [-1, -1, 0, 2]), 2),
+        ("keep", (len(prompt) + 3, [0, 2]), 0),
+        ("extend", ([g[5]],), 1),
+    ]
+    for op, args, on_path in steps:
+        outs = []
+        for r in (plain, runner):
+            if op == "extend":
+                outs.append(r.extend(*args))
+            elif op == "tree":
+                outs.append(r.extend_tree(*args))
+            elif op == "keep":
+                r.keep_nodes(*args)
+            else:
+                r.rollback(*args)
+        assert plain.length == runner.length, op
+        if outs:
+            known = ~outs[1].isnan().any(-1)
+            assert int(known.sum()) == on_path, op
+            torch.testing.assert_close(outs[0][known], outs[1][known], rtol=1e-4, atol=1e-4)
+    assert oracle.served > 0 and oracle.off_path > 0
 
 
 def test_the_real_profile_is_refused() -> None:
     with pytest.raises(ValueError, match="emulated"):
-        target_runner_factory("real", LogitsMemo())
+        target_runner_factory("real", GreedyOracle([[1, 2]], 4, 0))
 
 
 def test_emulated_verifier_gives_the_target_alone_over_grpc() -> None:
-    """Nine sessions at once (chains, trees, cloud-only; prompts repeated, so rows are shared)
-    against a batching Verifier whose sessions all take memoized rows."""
+    """Nine sessions at once (chains, trees, cloud-only) against a batching Verifier whose
+    sessions all take the oracle's rows: the target alone's output, no row read off the path."""
     tokenizer = tiny_tokenizer()
     target = tiny_model("llama", len(tokenizer), head_scale=3.0)
     draft = noisy_draft(target, 0.3)
-    memo = LogitsMemo()
+    oracle = GreedyOracle(PROMPTS, NEW, 25)
     engine = VerifierEngine(
         target,
         VerifierConfig(max_block_tokens=24),
         compute_profile=PROFILE,
-        runner_factory=target_runner_factory(PROFILE, memo),
+        runner_factory=target_runner_factory(PROFILE, oracle),
     )
     server = VerifierServerThread(engine)
-    params = SamplingParams(max_new_tokens=20)
+    params = SamplingParams(max_new_tokens=NEW)
     runs = [(p, policy) for p in PROMPTS for policy in ("fixed", "tree", "cloud_only")]
 
     async def body() -> list:
@@ -114,8 +118,7 @@ def test_emulated_verifier_gives_the_target_alone_over_grpc() -> None:
             expected = generate_autoregressive(reference, prompt, params).tokens
             assert summary.tokens == expected, policy
         assert any(r.tree is not None for s in summaries for r in s.stats.round_records)
-        stats = memo.stats()
-        assert stats.hits > 0  # the repeated prompt's rows were shared
+        assert oracle.served > 0 and oracle.off_path > 0  # rejected drafts were not read
         assert engine.stats().sessions == 0
     finally:
         server.stop()
