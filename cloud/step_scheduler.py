@@ -14,6 +14,9 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
   one in the step waits for the next step, keeping its place, so a session's work stays in
   order. Fairness bound: an item with q items before it runs within q // batch_max_sessions +
   1 steps at most, plus one per earlier item of its own session.
+- A queued block that a later block of its session follows, and that needs no model work
+  (STALE: mostly a pipelined guess that missed; or REPLAYED), is answered before the step is
+  taken, so the block that replaced it joins this step instead of waiting one more.
 - An item whose caller has gone (RPC cancelled) before its step is dropped without running;
   once in a step it runs to the end and its outcome is discarded.
 - Cloud-only decode streams run back to back: when a step's result says a decode block has
@@ -39,7 +42,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgespec.cloud.batch_step import DecodeWork, Outcome, StepStats, Work, run_step
+from edgespec.cloud.batch_step import DecodeWork, Outcome, StepStats, VerifyWork, Work, run_step
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import ServiceError, VerifyResult
 
@@ -218,8 +221,33 @@ class StepScheduler:
         a lone session pays no gather window)."""
         return self.engine.stats().sessions > len({q.work.session_id for q in self._queue})
 
+    def _answer_superseded(self) -> None:
+        """Answer now, without a step, each queued block that a later block of its session
+        follows and that needs no model work (STALE or REPLAYED: `VerifierEngine.prepare`).
+        Such a block is mostly a pipelined guess that missed; left in the queue it would take
+        its session's place in the next step and push the block that replaced it to the one
+        after. Called between steps (no model work runs), on the loop."""
+        later: set[str] = set()
+        kept: deque[_Queued] = deque()
+        now = time.perf_counter()
+        for item in reversed(self._queue):
+            sid = item.work.session_id
+            if sid in later and isinstance(item.work, VerifyWork) and not item.future.done():
+                try:
+                    outcome = self.engine.prepare(sid, item.work.block)
+                except ServiceError:
+                    outcome = None  # its step raises it again, in order
+                if isinstance(outcome, VerifyResult):
+                    item.started = now
+                    item.future.set_result(outcome)
+                    continue
+            later.add(sid)
+            kept.appendleft(item)
+        self._queue = kept
+
     def _take(self) -> list[_Queued]:
         """The next step's items: FIFO within the budget, one per session (see the rules)."""
+        self._answer_superseded()
         step: list[_Queued] = []
         sessions: set[str] = set()
         tokens = 0

@@ -248,3 +248,35 @@ def test_gather_window_only_while_others_may_come(tiny_pair) -> None:
 
     alone, waited = asyncio.run(main())
     assert alone < 0.25 <= 0.3 <= waited
+
+
+def test_a_superseded_stale_block_takes_no_step(tiny_pair) -> None:
+    """A pipelined block whose guess missed (STALE) and the block that replaced it, queued
+    together: the stale one is answered at once, the new one runs in the very next step rather
+    than the one after (one step, not two)."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model)
+    expected = generate_autoregressive(ModelRunner(model), PROMPT, SamplingParams(max_new_tokens=8))
+    base = len(PROMPT)
+    wrong = (expected.tokens[0] + 1) % engine.vocab_size
+
+    async def main() -> tuple[Outcome, Outcome, int]:
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = StepScheduler(engine, executor)
+            task = asyncio.create_task(scheduler.run())
+            sid = engine.open_session(PROMPT, SamplingParams(max_new_tokens=8)).session_id
+            first, _ = await scheduler.submit(VerifyWork(sid, DraftBlock(0, base, (wrong,))))
+            assert first.verdict.accepted == 0  # so the block drafted ahead on base + 2 missed
+            steps = scheduler.steps
+            ahead = asyncio.ensure_future(
+                scheduler.submit(VerifyWork(sid, DraftBlock(1, base + 2, (5,))))
+            )
+            fresh = asyncio.ensure_future(
+                scheduler.submit(VerifyWork(sid, DraftBlock(2, base + 1, (expected.tokens[1],))))
+            )
+            (stale, _), (applied, _) = await asyncio.gather(ahead, fresh)
+            task.cancel()
+            return stale.outcome, applied.outcome, scheduler.steps - steps
+
+    stale, applied, steps = asyncio.run(main())
+    assert (stale, applied, steps) == (Outcome.STALE, Outcome.APPLIED, 1)
