@@ -17,6 +17,12 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
 - A queued block that a later block of its session follows, and that needs no model work
   (STALE: mostly a pipelined guess that missed; or REPLAYED), is answered before the step is
   taken, so the block that replaced it joins this step instead of waiting one more.
+- Quick returns share a step: after a step, the scheduler waits (at most
+  `batch_return_window_ms`, and no longer than twice their usual gap) for the sessions of that
+  step whose last next item came back within that window after its answer, e.g. edges beside the
+  verifier. Without it each such session would start a step of its own a millisecond after the
+  other, and the batch would split. Sessions that take longer (an RTT, a draft) are not waited
+  for.
 - An item whose caller has gone (RPC cancelled) before its step is dropped without running;
   once in a step it runs to the end and its outcome is discarded.
 - Cloud-only decode streams run back to back: when a step's result says a decode block has
@@ -82,6 +88,11 @@ class StepScheduler:
         self.max_sessions = config.batch_max_sessions
         self.max_tokens = config.batch_max_tokens
         self.window_s = config.batch_window_ms / 1e3
+        self.return_window_s = config.batch_return_window_ms / 1e3
+        # per session: when its last item was answered, and how long its next ones took to
+        # come after theirs (its return gap, smoothed)
+        self._answered: dict[str, float] = {}
+        self._gaps: dict[str, float] = {}
         self.steps = 0
         self._busy = False  # a step just ended with work queued: the next one starts at once
         self._ahead: dict[tuple[str, int], _Queued] = {}  # decode tokens queued ahead
@@ -104,6 +115,10 @@ class StepScheduler:
                 del self._ahead[key]
         if queued is None:
             arrived = time.perf_counter() if since is None else since
+            answered = self._answered.pop(work.session_id, None)
+            if answered is not None:  # its return gap, smoothed (one late return is noise)
+                gap = max(0.0, time.perf_counter() - answered)
+                self._gaps[work.session_id] = 0.5 * (self._gaps.get(work.session_id, gap) + gap)
             future: asyncio.Future = asyncio.get_running_loop().create_future()
             queued = _Queued(work, work.feed_estimate, arrived, future)
             self._queue.append(queued)
@@ -138,7 +153,7 @@ class StepScheduler:
                 self._wake.clear()
                 await self._wake.wait()
             if not self._busy and self.window_s > 0:
-                await self._gather_window(loop)  # idle: let others join the first item
+                await self._gather_window()  # idle: let others join the first item
             step = self._take()
             if not step:
                 continue
@@ -158,12 +173,35 @@ class StepScheduler:
             # waiting for that one to end first.
             for _ in range(_RESUME_TURNS):
                 await asyncio.sleep(0)
+            await self._await_returns(step)
 
-    async def _gather_window(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _await_returns(self, step: list[_Queued]) -> None:
+        """Wait for the sessions of `step` that come back quickly as a rule (see the module
+        docstring: quick returns share a step)."""
+        if self.return_window_s <= 0:
+            return
+        gaps = {
+            q.work.session_id: self._gaps[q.work.session_id]
+            for q in step
+            if self._gaps.get(q.work.session_id, float("inf")) <= self.return_window_s
+        }
+
+        def waiting() -> set[str]:
+            return set(gaps) - {q.work.session_id for q in self._queue}
+
+        late = waiting()
+        if late:
+            wait_s = min(self.return_window_s, 2 * max(gaps[sid] for sid in late))
+            await self._wait_while(time.perf_counter() + wait_s, lambda: bool(waiting()))
+
+    async def _gather_window(self) -> None:
         """Wait up to `window_s` while some open session has nothing queued (it may join)."""
-        deadline = loop.time() + self.window_s
-        while self._others_may_come():
-            left = deadline - loop.time()
+        await self._wait_while(time.perf_counter() + self.window_s, self._others_may_come)
+
+    async def _wait_while(self, deadline: float, pending: Callable[[], bool]) -> None:
+        """Wait for queued work while `pending()` holds, until perf_counter time `deadline`."""
+        while pending():
+            left = deadline - time.perf_counter()
             if left <= 0:
                 return
             self._wake.clear()
@@ -202,7 +240,13 @@ class StepScheduler:
                 return
             outcomes, stats = result
             self.steps += 1
+            now = time.perf_counter()
+            if len(self._answered) > 4 * self.engine.config.max_sessions:
+                # mostly closed sessions': the open ones' gaps are relearnt at their next return
+                self._answered.clear()
+                self._gaps.clear()
             for item, outcome in zip(step, outcomes, strict=True):
+                self._answered[item.work.session_id] = now
                 if not item.future.done():
                     item.future.set_result(outcome)
                     if item.claimed:

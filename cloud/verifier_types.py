@@ -77,6 +77,10 @@ class VerifierConfig:
     batch_max_tokens: int = 2048  # tokens fed by one step at most (its first item always runs)
     # How long an idle scheduler waits after the first ready item for others to join its step.
     batch_window_ms: float = 1.0
+    # After a step, how long the scheduler may wait for sessions of that step that came back
+    # within this long after their last answers (edges beside the verifier, e.g. cloud-side
+    # drafting), so they share the next step instead of each starting its own; 0: never.
+    batch_return_window_ms: float = 5.0
     # A new session's prefix enters its cache in steps of at most this many tokens, batched
     # with other sessions' work, so that a long prompt does not stall them.
     prefill_chunk_tokens: int = 256
@@ -99,6 +103,7 @@ class VerifierConfig:
         check_int("batch_max_sessions", self.batch_max_sessions, 1)
         check_int("batch_max_tokens", self.batch_max_tokens, 1)
         check_ms("batch_window_ms", self.batch_window_ms)
+        check_ms("batch_return_window_ms", self.batch_return_window_ms)
         check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1)
         if self.kv_budget_tokens is not None:
             check_int("kv_budget_tokens", self.kv_budget_tokens, 1)

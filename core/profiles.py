@@ -44,6 +44,13 @@ Profiles (`get_profile(name)`):
     per query-key pair, ~2 % of a token's 140 GFLOP at 1000 cached tokens) are left out. The
     bound crosses from memory to compute at ~130 fed tokens per step.
 
+- ``h100-70b-cloud-draft``: cloud-side speculative decoding on the same H100: the target as in
+  ``h100-70b``, and the 1B-class draft beside it on the verifier's GPU (the edge drafts nothing,
+  its draft forwards cost 0). A batched step of B sessions first runs max_b k_b draft forwards,
+  each ``3.9 ms + max(26.1 ms * r, 0.2 ms * r * B)`` with r = 1.2 / 70 (the draft's weights and
+  FLOPs per token scaled by its parameter count; launches and sampling as the target's), then
+  the target forward. The draft's prefill and KV reads are left out.
+
   Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM: 3.35 TB/s HBM3, 1979 TFLOPS dense FP8);
   NVIDIA GeForce RTX 3060 / 4060 Ti and Jetson AGX Orin specifications (memory bandwidth);
   Meta Llama 3.2 1B model card (1.24B parameters); the Llama-3-70B config (80 layers,
@@ -70,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BatchRoofline",
+    "cloud_draft_profile",
     "ComputeProfile",
     "ForwardCost",
     "PaddedRunner",
@@ -141,6 +149,10 @@ class ComputeProfile:
     draft_prefill: ForwardCost = ForwardCost()
     # A batched target forward (the batching verifier's step); None: not emulated (no padding).
     target_batch: BatchRoofline | None = None
+    # The draft's batched forward on the verifier's own GPU (cloud-side speculative decoding:
+    # the edge sends no draft work of its own). When set, a batched step also pays, before its
+    # target forward, max_b(fed_b - 1) draft forwards over its B sessions (one token each).
+    cloud_draft: BatchRoofline | None = None
     description: str = ""
     sources: str = ""
 
@@ -152,10 +164,12 @@ class ComputeProfile:
         for role in ("target", "target_prefill", "draft", "draft_prefill"):
             if not isinstance(getattr(self, role), ForwardCost):
                 raise ValueError(f"{role} must be a ForwardCost, got {getattr(self, role)!r}")
-        if self.target_batch is not None and not isinstance(self.target_batch, BatchRoofline):
-            raise ValueError(
-                f"target_batch must be a BatchRoofline or None, got {self.target_batch!r}"
-            )
+        for name in ("target_batch", "cloud_draft"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, BatchRoofline):
+                raise ValueError(f"{name} must be a BatchRoofline or None, got {value!r}")
+        if self.cloud_draft is not None and self.target_batch is None:
+            raise ValueError("cloud_draft needs target_batch (it adds to the batched step)")
 
     def costs(self, role: str) -> tuple[ForwardCost, ForwardCost]:
         """(forward cost, prefill cost) of `role`, "target" or "draft"."""
@@ -168,7 +182,13 @@ class ComputeProfile:
     def target_step_ms(self, rows: Sequence[tuple[int, int]]) -> float:
         """Modelled milliseconds of one batched target forward over `rows` (per session: tokens
         cached, tokens fed); 0 when the profile models no batched forward."""
-        return self.target_batch.ms(rows) if self.target_batch is not None else 0.0
+        if self.target_batch is None:
+            return 0.0
+        step = self.target_batch.ms(rows)
+        drafted = max((fed - 1 for _, fed in rows), default=0)
+        if self.cloud_draft is not None and drafted > 0:
+            step += drafted * self.cloud_draft.ms([(0, 1)] * len(rows))
+        return step
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (for result files)."""
@@ -186,6 +206,18 @@ _H100_70B_SOURCES = (
     "Inference) for memory-bound decoding."
 )
 
+# A 1.2B-parameter draft (Llama-3.2-1B class) beside the 70B target on the same H100: its
+# weights and FLOPs per token scale by 1.2 / 70 (KV reads ignored); launches and sampling cost
+# the target's per-forward overhead.
+_CLOUD_DRAFT_RATIO = 1.2 / 70.0
+_H100_WEIGHTS_MS = 70e9 / 2.68e12 * 1e3  # 26.1 ms: 70 GB at 80 % of 3.35 TB/s
+_H100_TARGET_BATCH = BatchRoofline(
+    overhead_ms=3.9,
+    weights_ms=_H100_WEIGHTS_MS,
+    kv_ms_per_token=163_840 / 2.68e12 * 1e3,  # 6.1e-5 ms
+    compute_ms_per_token=0.2,
+)
+
 _PROFILES: dict[str, ComputeProfile] = {
     "real": ComputeProfile(
         name="real",
@@ -200,17 +232,39 @@ _PROFILES: dict[str, ComputeProfile] = {
         target_prefill=ForwardCost(base_ms=30.0, per_token_ms=0.2),
         draft=ForwardCost(base_ms=6.0, per_token_ms=0.1),
         draft_prefill=ForwardCost(base_ms=6.0, per_token_ms=0.05),
-        target_batch=BatchRoofline(
-            overhead_ms=3.9,
-            weights_ms=70e9 / 2.68e12 * 1e3,  # 26.1 ms
-            kv_ms_per_token=163_840 / 2.68e12 * 1e3,  # 6.1e-5 ms
-            compute_ms_per_token=0.2,
-        ),
+        target_batch=_H100_TARGET_BATCH,
         description="EMULATED: 70B-class target on one H100 SXM (FP8), 1B-class draft on an "
         "edge GPU (FP16)",
         sources=_H100_70B_SOURCES,
     ),
+    "h100-70b-cloud-draft": ComputeProfile(
+        name="h100-70b-cloud-draft",
+        emulated=True,
+        target=ForwardCost(base_ms=30.0, per_token_ms=0.2),
+        target_prefill=ForwardCost(base_ms=30.0, per_token_ms=0.2),
+        target_batch=_H100_TARGET_BATCH,
+        cloud_draft=BatchRoofline(
+            overhead_ms=3.9,
+            weights_ms=_H100_WEIGHTS_MS * _CLOUD_DRAFT_RATIO,  # 0.45 ms
+            compute_ms_per_token=0.2 * _CLOUD_DRAFT_RATIO,
+        ),
+        description="EMULATED: cloud-side speculative decoding, the 70B-class target and its "
+        "1B-class draft on one H100 SXM (h100-70b's roofline; the draft's forwards scaled to "
+        "1.2B parameters, paid in the verifier's steps; the edge drafts nothing)",
+        sources=_H100_70B_SOURCES,
+    ),
 }
+
+
+def cloud_draft_profile(name: str) -> str | None:
+    """The name of `name`'s cloud-side speculative decoding variant (its draft on the
+    verifier's GPU, `ComputeProfile.cloud_draft`): `name` itself if it is one, else
+    ``<name>-cloud-draft`` if known; None otherwise."""
+    for candidate in (name, f"{name}-cloud-draft"):
+        profile = _PROFILES.get(candidate)
+        if profile is not None and profile.cloud_draft is not None:
+            return candidate
+    return None
 
 
 def profile_names() -> list[str]:

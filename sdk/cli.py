@@ -231,7 +231,8 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=_ints, help="fixed draft lengths, e.g. 2,4 (default 4)")
     p.add_argument(
         "--methods",
-        help="subset of cloud_only,fixed,adaptive,adaptive_unpipelined,serial,tree,adaptive_tree "
+        help="subset of cloud_only,fixed,adaptive,adaptive_unpipelined,serial,tree,adaptive_tree,"
+        "cloud_sd "
         "(default cloud_only,fixed,adaptive,serial)",
     )
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -18,10 +18,15 @@ user would otherwise run), ``fixed_k{k}`` (edgespec, one row per ``--k``), ``ada
 adaptive policy, pipelined), ``tree_n16_d6_w2`` and ``adaptive_tree`` (token trees of one
 shape, and the tree controller; opt-in: ``tree``, ``adaptive_tree``), and ``fixed_k{k}_serial``
 and ``cloud_only_serial`` (fixed k, and cloud-only decoding, against the one-at-a-time verifier;
-with ``serial``). Prompts: the benchmark prompts (`BENCH_PROMPTS`) in turn; every output is compared
-with the target alone's (``altered_outputs``). Not measured: cloud-side speculative decoding (the draft
-on the verifier), which the verifier does not run yet; each speculative row carries its analytic
-estimate at the row's k and acceptance (``cloud_sd_analytic_tokens_per_s``, `cloud_sd_bound`).
+with ``serial``), and ``cloud_sd_k{k}`` (cloud-side speculative decoding, opt-in ``cloud_sd``:
+the draft beside the target on the verifier's GPU, under the profile's cloud-draft variant,
+e.g. ``h100-70b-cloud-draft``: each step also pays the batched draft forwards of its sessions'
+blocks, and the sessions' edges draft for free at RTT 0, as if on the verifier; a row's
+``rtt_ms`` is then that of the other rows it is compared with). Prompts: the benchmark prompts
+(`BENCH_PROMPTS`) in turn; every output is compared with the target alone's
+(``altered_outputs``). Each speculative row also carries the analytic estimate of cloud-side
+speculative decoding at its k and acceptance (``cloud_sd_analytic_tokens_per_s``,
+`cloud_sd_bound`).
 
 Edge devices under an emulated profile: see `edgespec.bench.emulated_edge` (each session drafts
 on its own thread, padded to the modelled draft time; the real draft forward of a token prefix
@@ -61,7 +66,7 @@ from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
-from edgespec.core.profiles import get_profile
+from edgespec.core.profiles import cloud_draft_profile, get_profile
 from edgespec.core.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -115,6 +120,7 @@ class CapacityConfig:
             "serial",
             "tree",
             "adaptive_tree",
+            "cloud_sd",
         }
         if not set(self.methods) <= known or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {sorted(known)}")
@@ -122,6 +128,11 @@ class CapacityConfig:
         check_int("edge_processes", self.edge_processes, 1)
         check_int("threads", self.threads, 1)
         get_profile(self.compute_profile)
+        if "cloud_sd" in self.methods and cloud_draft_profile(self.compute_profile) is None:
+            raise ValueError(
+                f"methods: cloud_sd needs a compute profile with a cloud-draft variant "
+                f"(h100-70b), got {self.compute_profile!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -314,28 +325,17 @@ def capacity_bound(
     return sessions * e * 1e3 / (draft_ms + rtt_ms + step)
 
 
-# Cloud-side speculative decoding (analytic only: the verifier does not run a draft): the
-# draft's batched forward on the verifier's GPU, by the target's roofline scaled to the draft's
-# size (1.2B of 70B parameters: weights and FLOPs per token scale with it; KV ignored); the
-# per-forward overhead (launches, sampling) is the target's.
-CLOUD_DRAFT_PARAM_RATIO = 1.2 / 70.0
-
-
 def cloud_sd_bound(sessions: int, k: int, acceptance: float, profile_name: str) -> float | None:
-    """Analytic replica tokens/s of cloud-side speculative decoding under the profile: per
-    round, k batched draft forwards over the N sessions (one token each) then one batched
-    target forward over N rows of k+1 tokens, all on the verifier, no RTT per round; E(k) at
-    `acceptance` (independent per token). None when the profile models no batched forward."""
-    profile = get_profile(profile_name)
-    batch = profile.target_batch
-    if batch is None or k < 1:
+    """Analytic replica tokens/s of cloud-side speculative decoding under the profile's
+    cloud-draft variant (`cloud_draft_profile`): per round, k batched draft forwards over the N
+    sessions (one token each) then one batched target forward over N rows of k+1 tokens, all
+    on the verifier, no RTT per round; E(k) at `acceptance` (independent per token). None when
+    the profile has no such variant."""
+    variant = cloud_draft_profile(profile_name)
+    if variant is None or k < 1:
         return None
-    r = CLOUD_DRAFT_PARAM_RATIO
-    draft_step = batch.overhead_ms + max(
-        batch.weights_ms * r, batch.compute_ms_per_token * r * sessions
-    )
-    step = profile.target_step_ms([(PROMPT_LEN, k + 1)] * sessions)
-    return sessions * expected_tokens(acceptance, k) * 1e3 / (k * draft_step + step)
+    step = get_profile(variant).target_step_ms([(PROMPT_LEN, k + 1)] * sessions)
+    return sessions * expected_tokens(acceptance, k) * 1e3 / step
 
 
 def _row(
@@ -360,11 +360,12 @@ def _row(
     # the estimate needs modelled times (none under a real profile) and rounds of chains (the
     # chain model does not describe token trees, whose drafted count is their nodes)
     chains = "tree" not in method
-    bound = (
-        capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
-        if get_profile(profile_name).emulated and chains
-        else None
-    )
+    if method.startswith("cloud_sd"):
+        bound = cloud_sd_bound(sessions, k, acceptance, profile_name)
+    elif get_profile(profile_name).emulated and chains:
+        bound = capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
+    else:
+        bound = None
     return {
         "method": method,
         "sessions": sessions,
@@ -387,7 +388,7 @@ def _row(
         "mean_k": mean_k,
         "analytic_bound_tokens_per_s": bound,
         # what cloud-side speculative decoding would give at this row's k and acceptance
-        # (analytic, `cloud_sd_bound`; not measured: the verifier runs no draft)
+        # (analytic, `cloud_sd_bound`; the cloud_sd_k{k} rows measure it)
         "cloud_sd_analytic_tokens_per_s": (
             cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
             if mean_k >= 1 and chains and not method.endswith("_serial")
@@ -435,26 +436,42 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, bool]]:
-    """(name, policy, k, pipelined, batched verifier) of every method measured."""
+BATCHED, SERIAL, CLOUD_SD = "batched", "serial", "cloud_sd"  # the verifiers of a run
+
+
+def _profile_of(kind: str, config: CapacityConfig) -> str:
+    """The compute profile of the verifier `kind` and its sessions' edges: cloud-side
+    speculative decoding runs the configured profile's cloud-draft variant."""
+    if kind == CLOUD_SD:
+        variant = cloud_draft_profile(config.compute_profile)
+        assert variant is not None  # checked by CapacityConfig
+        return variant
+    return config.compute_profile
+
+
+def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, str]]:
+    """(name, policy, k, pipelined, verifier: "batched", "serial" or "cloud_sd") of every
+    method measured."""
     out = []
     if "cloud_only" in config.methods:
-        out.append(("cloud_only", "cloud_only", 0, False, True))
+        out.append(("cloud_only", "cloud_only", 0, False, BATCHED))
         if "serial" in config.methods:  # the one-at-a-time verifier decoding alone
-            out.append(("cloud_only_serial", "cloud_only", 0, False, False))
+            out.append(("cloud_only_serial", "cloud_only", 0, False, SERIAL))
     for k in config.ks:
         if "fixed" in config.methods:
-            out.append((f"fixed_k{k}", "fixed", k, False, True))
+            out.append((f"fixed_k{k}", "fixed", k, False, BATCHED))
         if "serial" in config.methods:
-            out.append((f"fixed_k{k}_serial", "fixed", k, False, False))
+            out.append((f"fixed_k{k}_serial", "fixed", k, False, SERIAL))
+        if "cloud_sd" in config.methods:  # the draft beside the target, on the verifier
+            out.append((f"cloud_sd_k{k}", "fixed", k, False, CLOUD_SD))
     if "adaptive" in config.methods:
-        out.append(("adaptive", "adaptive", 0, True, True))
+        out.append(("adaptive", "adaptive", 0, True, BATCHED))
     if "adaptive_unpipelined" in config.methods:
-        out.append(("adaptive_unpipelined", "adaptive", 0, False, True))
+        out.append(("adaptive_unpipelined", "adaptive", 0, False, BATCHED))
     if "tree" in config.methods:  # token trees of the "tree" policy's default shape
-        out.append(("tree_n16_d6_w2", "tree", 0, False, True))
+        out.append(("tree_n16_d6_w2", "tree", 0, False, BATCHED))
     if "adaptive_tree" in config.methods:
-        out.append(("adaptive_tree", "adaptive_tree", 0, True, True))
+        out.append(("adaptive_tree", "adaptive_tree", 0, True, BATCHED))
     return out
 
 
@@ -505,24 +522,25 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
     with ProcessPoolExecutor(config.edge_processes, mp_context=ctx) as pool, ExitStack() as stack:
         stack.enter_context(workdir)
         verifiers = {}
-        for batched in sorted({m[4] for m in _methods(config)}):
+        for kind in sorted({m[4] for m in _methods(config)}):
             port = _free_port()
-            args = ["--compute-profile", config.compute_profile, "--metrics-port", str(port)]
+            profile_name = _profile_of(kind, config)
+            args = ["--compute-profile", profile_name, "--metrics-port", str(port)]
             args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
             args += ["--batch-max-sessions", str(config.batch_max_sessions)]
-            args += [] if batched else ["--no-batching"]
-            oracle = oracle_file if batched and emulated_target else None
+            args += ["--no-batching"] if kind == SERIAL else []
+            oracle = oracle_file if kind != SERIAL and emulated_target else None
             address = stack.enter_context(
                 verifier_process(target, config.threads, 180.0, args, oracle_file=oracle)
             )
-            verifiers[batched] = (address, port)
+            verifiers[kind] = (address, port)
         # Warm-up (not recorded): every worker loads the draft, the verifiers run a first step.
-        for address, _ in verifiers.values():
+        for kind, (address, _) in verifiers.items():
             warm = _Job(
                 str(draft),
                 address,
                 0.0,
-                config.compute_profile,
+                _profile_of(kind, config),
                 "fixed",
                 2,
                 False,
@@ -534,13 +552,14 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
             )
             list(pool.map(_run_job, [warm] * config.edge_processes))
         for rtt in config.rtts_ms:
-            for name, policy, k, pipelined, batched in _methods(config):
-                address, port = verifiers[batched]
+            for name, policy, k, pipelined, kind in _methods(config):
+                address, port = verifiers[kind]
+                profile_name = _profile_of(kind, config)
                 template = _Job(
                     str(draft),
                     address,
-                    rtt,
-                    config.compute_profile,
+                    0.0 if kind == CLOUD_SD else rtt,  # the draft sits beside the verifier
+                    profile_name,
                     policy,
                     k,
                     pipelined,
@@ -564,7 +583,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                             records,
                             before,
                             after,
-                            config.compute_profile,
+                            profile_name,
                             expected,
                         )
                     )

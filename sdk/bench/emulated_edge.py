@@ -309,7 +309,8 @@ def runner_factory(
     """The draft runner factory of an emulated edge device sharing `memo`, or None when the
     profile pads nothing (``real``: each session must then pay its real draft compute)."""
     profile = get_profile(profile)
-    cost, prefill = profile.costs("draft")
-    if not profile.emulated or (cost.is_zero and prefill.is_zero):
+    if not profile.emulated:
         return None
+    # An emulated draft that costs the edge nothing (it runs on the verifier's GPU) is memoized
+    # too: its sessions' real forwards must not queue on this host either.
     return lambda model: MemoRunner(model, profile, memo)

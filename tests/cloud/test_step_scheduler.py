@@ -280,3 +280,36 @@ def test_a_superseded_stale_block_takes_no_step(tiny_pair) -> None:
 
     stale, applied, steps = asyncio.run(main())
     assert (stale, applied, steps) == (Outcome.STALE, Outcome.APPLIED, 1)
+
+
+def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
+    """Two sessions beside the verifier, one back at once after each answer, one 2 ms later
+    (a few ms on a loaded host: the test's window is wide): with the return window they share
+    the steps; without it, they split them (measured in one test, side by side)."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    rounds = 12
+
+    def shared_steps(window_ms: float) -> int:
+        engine = VerifierEngine(model, VerifierConfig(batch_return_window_ms=window_ms))
+        sizes: list[int] = []
+
+        async def session(scheduler: StepScheduler, delay_s: float) -> None:
+            params = SamplingParams(max_new_tokens=rounds + 1)
+            sid = engine.open_session(PROMPT, params).session_id
+            for seq in range(rounds):
+                await asyncio.sleep(delay_s)
+                await scheduler.submit(VerifyWork(sid, DraftBlock(seq, len(PROMPT) + seq, ())))
+
+        async def main() -> None:
+            with ThreadPoolExecutor(1) as executor:
+                scheduler = StepScheduler(engine, executor, lambda st, _: sizes.append(st.sessions))
+                task = asyncio.create_task(scheduler.run())
+                await asyncio.gather(session(scheduler, 0.0), session(scheduler, 0.002))
+                task.cancel()
+
+        asyncio.run(main())
+        return sum(size == 2 for size in sizes)
+
+    with_window, without = shared_steps(20.0), shared_steps(0.0)
+    assert with_window >= rounds - 3  # the first returns teach the gaps
+    assert without <= with_window - 3

@@ -73,3 +73,19 @@ def test_cloud_side_speculative_bound() -> None:
     # no RTT per round, but the draft's forwards cost the verifier's time
     assert one > capacity_bound("fixed_k4", 1, 20.0, 4, 0.8, "h100-70b")
     assert cloud_sd_bound(32, 4, 0.8, "real") is None  # no batched forward modelled
+
+
+def test_cloud_side_speculative_decoding_pays_its_draft_in_the_step() -> None:
+    """The cloud-draft profile: a step of B sessions verifying k-token blocks also pays k draft
+    forwards over B sessions; the analytic bound of cloud_sd is that profile's."""
+    from edgespec.core.profiles import cloud_draft_profile, get_profile
+
+    base, variant = get_profile("h100-70b"), get_profile(cloud_draft_profile("h100-70b"))
+    assert variant.draft.is_zero and variant.cloud_draft is not None
+    rows = [(24, 5)] * 8
+    draft = variant.cloud_draft.ms([(0, 1)] * 8)
+    assert variant.target_step_ms(rows) == pytest.approx(base.target_step_ms(rows) + 4 * draft)
+    assert variant.target_step_ms([(24, 1)] * 8) == base.target_step_ms([(24, 1)] * 8)
+    assert cloud_draft_profile("real") is None
+    with pytest.raises(ValueError, match="cloud_sd"):
+        CapacityConfig(methods=("cloud_sd",), compute_profile="real")
