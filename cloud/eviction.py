@@ -1,0 +1,123 @@
+"""Eviction under a KV budget (`VerifierConfig.kv_admission` "evict"): who is evicted, and who
+is admitted first afterwards. Pure bookkeeping; `edgespec.cloud.sessions` calls it under its lock.
+
+Ranks. Every admitted session gets a rank, its admission order. A session reopened after an
+eviction keeps the rank of its first admission: the verifier recognises the reopen by its
+prefix, which is exactly the committed tokens the evicted session held (the edge owns them and
+reopens with them; see `edgespec.edge.recovery`), so no protocol field is needed. A reopen that
+is not recognised (its prefix differs, or the record has expired) is simply a new session.
+
+Victims. When a step would take the caches past the budget, the sessions with the highest rank
+(the most recently admitted) are evicted first, until the step fits, as vLLM's recompute
+preemption does: the newest session has the least work to redo, and the oldest one always runs.
+The session with the lowest rank is never evicted (admission guarantees that it fits the budget
+on its own). No starvation: the oldest session runs every step until it finishes, so every
+session becomes the oldest after finitely many others have finished, and runs to its end.
+
+Resume first. While an evicted session's edge is expected back (within `hold_s` of its eviction
+or of its last refused reopen), a new session is refused (RESOURCE_EXHAUSTED with a retry hint):
+newcomers do not take the room an evicted session waits for. An edge that never comes back
+stops holding anything after `hold_s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+def prefix_key(prefix: Sequence[int]) -> bytes:
+    """A digest of a token prefix (the key a reopen is recognised by)."""
+    return hashlib.blake2b(array("q", prefix).tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class Evicted:
+    """An evicted session: what its reopen must match, the rank it keeps, when it was last
+    heard of (its eviction or a refused reopen, on the session table's clock)."""
+
+    session_id: str
+    key: bytes  # prefix_key of its committed tokens at eviction
+    rank: int
+    seen: float
+    evictions: int = 1  # times this session (across reopens) has been evicted
+
+
+class EvictionLedger:
+    """Ranks of admitted sessions and the records of evicted ones (at most `capacity`, oldest
+    dropped first). Not thread-safe: the caller holds its lock."""
+
+    def __init__(self, hold_s: float, capacity: int) -> None:
+        """`hold_s`: how long an evicted session's reopen is waited for before newcomers are
+        admitted again; `capacity`: records kept at most."""
+        self.hold_s = hold_s
+        self.capacity = capacity
+        self._next_rank = 0
+        self._by_id: OrderedDict[str, Evicted] = OrderedDict()  # until its edge learns it
+        self._by_key: OrderedDict[bytes, Evicted] = OrderedDict()  # until it is reopened
+
+    def new_rank(self) -> int:
+        """The rank of a session admitted now (increasing)."""
+        self._next_rank += 1
+        return self._next_rank
+
+    def record(
+        self, session_id: str, committed: Sequence[int], rank: int, evictions: int, now: float
+    ) -> Evicted:
+        """Remember a session evicted at `now` with its committed tokens."""
+        entry = Evicted(session_id, prefix_key(committed), rank, now, evictions)
+        self._by_id[session_id] = entry
+        self._by_key[entry.key] = entry
+        for table in (self._by_id, self._by_key):
+            while len(table) > self.capacity:
+                table.popitem(last=False)
+        return entry
+
+    def by_id(self, session_id: str) -> Evicted | None:
+        """The record of an evicted session id (its stream's next block is told so)."""
+        return self._by_id.get(session_id)
+
+    def forget_id(self, session_id: str) -> None:
+        """The edge has closed the evicted session id; its reopen is still recognised."""
+        self._by_id.pop(session_id, None)
+
+    def match(self, prefix: Sequence[int]) -> Evicted | None:
+        """The evicted session a reopen with `prefix` resumes, if any (not consumed)."""
+        return self._by_key.get(prefix_key(prefix))
+
+    def resumed(self, entry: Evicted) -> None:
+        """The reopen of `entry` was admitted."""
+        self._by_key.pop(entry.key, None)
+
+    def waiting(self, now: float) -> int:
+        """Evicted sessions whose reopen is still waited for at `now` (older ones expire)."""
+        for key in [k for k, e in self._by_key.items() if now - e.seen > self.hold_s]:
+            del self._by_key[key]
+        return len(self._by_key)
+
+    def expire(self, before: float) -> None:
+        """Drop every record last heard of before `before` (the idle TTL's reaping)."""
+        for sid in [sid for sid, e in self._by_id.items() if e.seen < before]:
+            del self._by_id[sid]
+        for key in [key for key, e in self._by_key.items() if e.seen < before]:
+            del self._by_key[key]
+
+
+def choose_victims(held: Mapping[str, tuple[int, int]], excess: int) -> list[str]:
+    """The sessions to evict to free at least `excess` KV tokens: `held` maps a session id to
+    (its rank, the tokens evicting it frees). Highest rank first; never the lowest-ranked
+    session (which may leave the excess uncovered: the caller's admission rules prevent that)."""
+    if excess <= 0 or len(held) < 2:
+        return []
+    order = sorted(held, key=lambda sid: held[sid][0], reverse=True)[:-1]
+    victims: list[str] = []
+    freed = 0
+    for sid in order:
+        if freed >= excess:
+            break
+        victims.append(sid)
+        freed += held[sid][1]
+    return victims
