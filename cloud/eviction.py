@@ -7,7 +7,8 @@ prefix, which is exactly the committed tokens the evicted session held (the edge
 reopens with them; see `edgespec.edge.recovery`), so no protocol field is needed. A reopen that
 is not recognised (its prefix differs, or the record has expired) is simply a new session.
 
-Victims. When a step would take the caches past the budget, the sessions with the highest rank
+Victims. When a step would take the caches past the budget, sessions that have finished (their
+edges only have yet to close them) are dropped first; then the sessions with the highest rank
 (the most recently admitted) are evicted first, until the step fits, as vLLM's recompute
 preemption does: the newest session has the least work to redo, and the oldest one always runs.
 The session with the lowest rank is never evicted (admission guarantees that it fits the budget
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 
@@ -106,13 +107,19 @@ class EvictionLedger:
             del self._by_key[key]
 
 
-def choose_victims(held: Mapping[str, tuple[int, int]], excess: int) -> list[str]:
+def choose_victims(
+    held: Mapping[str, tuple[int, int]], excess: int, finished: Set[str] = frozenset()
+) -> list[str]:
     """The sessions to evict to free at least `excess` KV tokens: `held` maps a session id to
-    (its rank, the tokens evicting it frees). Highest rank first; never the lowest-ranked
-    session (which may leave the excess uncovered: the caller's admission rules prevent that)."""
-    if excess <= 0 or len(held) < 2:
+    (its rank, the tokens evicting it frees). Sessions in `finished` (nothing left to verify:
+    their edges only have to close them) go first, at no cost to anyone; then the highest rank
+    first, never the lowest-ranked unfinished session (which may leave the excess uncovered:
+    the caller's admission rules prevent that)."""
+    if excess <= 0:
         return []
-    order = sorted(held, key=lambda sid: held[sid][0], reverse=True)[:-1]
+    done = [sid for sid in held if sid in finished]
+    running = sorted((sid for sid in held if sid not in finished), key=lambda sid: held[sid][0])
+    order = done + running[:0:-1]  # the finished, then the newest first, never the oldest
     victims: list[str] = []
     freed = 0
     for sid in order:

@@ -43,6 +43,15 @@ class Session:
     evictions: int = 0  # times it was evicted before this (re)open
 
     @property
+    def finished(self) -> bool:
+        """Nothing is left to verify: max_new_tokens reached, or a stop token committed (its
+        edge has stopped and only has to close it)."""
+        if self.tokens_left <= 0:
+            return True
+        last = self.verifier.last_verdict
+        return last is not None and last.token in self.params.stop_token_ids
+
+    @property
     def kv_held(self) -> int:
         """KV tokens its cache holds, or will once its prefix is filled in."""
         return max(self.verifier.runner.length, self.verifier.committed_len)
@@ -190,7 +199,8 @@ class SessionTable:
         """Before a step ("evict" mode): evict sessions until the caches, grown by `feeds`
         (session id -> tokens the step feeds it), fit the budget; returns the evicted ids,
         most recently admitted first (`edgespec.cloud.eviction.choose_victims`). Their caches
-        are dropped here; their next block is answered ABORTED (`get`)."""
+        are dropped here; their next block is answered ABORTED (`get`). Finished sessions are
+        dropped first, as if closed, and not returned (`EngineStats.reclaimed`)."""
         budget = self.kv_budget_tokens
         if budget is None:
             return []
@@ -200,19 +210,23 @@ class SessionTable:
                 for sid, s in self._sessions.items()
             }
             excess = sum(n for _, n in held.values()) + self._kv_opening - budget
-            victims = choose_victims(held, excess)
+            finished = {sid for sid, s in self._sessions.items() if s.finished}
+            victims = choose_victims(held, excess, finished)
             now = self.clock()
             for sid in victims:
                 session = self._sessions.pop(sid)
                 self._kv_reserved -= session.kv_reserved
+                if sid in finished:  # dropped like a close: nobody will resume it
+                    self._stats.reclaimed += 1
+                    continue
                 self._evicted.record(
                     sid, session.verifier.committed, session.rank, session.evictions + 1, now
                 )
+                self._stats.evicted += 1
             self._stats.sessions -= len(victims)
-            self._stats.evicted += len(victims)
         if victims:
             logger.info("evicted %d session(s) to keep the KV budget: %s", len(victims), victims)
-        return victims
+        return [sid for sid in victims if sid not in finished]
 
     @property
     def kv_reserved(self) -> int:

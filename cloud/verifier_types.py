@@ -172,6 +172,7 @@ class EngineStats:
     refused: int = 0  # OpenSessions refused (max_sessions or KV budget)
     evicted: int = 0  # sessions evicted to keep the KV budget (kv_admission "evict")
     resumed: int = 0  # evicted sessions reopened with their committed prefix
+    reclaimed: int = 0  # finished sessions dropped for room before their edges closed them
 
 
 def probs_error(err: ValueError) -> ServiceError:

@@ -255,9 +255,9 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-admission",
         default="reserve",
-        help="with --kv-budget-tokens: admission modes measured, e.g. reserve,evict (one "
+        help="with --kv-budget-tokens: admission modes measured, e.g. none,reserve,evict (one "
         "verifier each; reserve: by each session's most; evict: by what sessions hold, "
-        "evicting the newest when a step would pass the budget)",
+        "evicting the newest when a step would pass the budget; none: no budget, the reference)",
     )
     p.add_argument(
         "--retry-after-ms",

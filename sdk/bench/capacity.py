@@ -31,7 +31,8 @@ runs once per worker process and is shared by its sessions; tokens unchanged). T
 Overload (``--kv-budget-tokens``): the verifier gets a KV budget, measured under each admission
 mode of ``--kv-admission`` (one verifier each: "reserve" refuses what would not fit at its
 longest, "evict" admits by what sessions hold and evicts the newest when a step would pass the
-budget; `VerifierConfig.kv_admission`). A client refused RESOURCE_EXHAUSTED retries after the
+budget, `VerifierConfig.kv_admission`; "none" runs the same load without the budget, the
+reference). A client refused RESOURCE_EXHAUSTED retries after the
 hint (bounded). Each row then says the sessions offered and completed, the RESOURCE_EXHAUSTED
 answers and retries, the verifier's evictions and resumes, errors and altered outputs.
 
@@ -83,6 +84,7 @@ _STEP_METRICS = (
 )
 _ADMISSION_METRICS = ("edgespec_verifier_evictions_total", "edgespec_verifier_resumes_total")
 _ERRORS = "edgespec_verifier_errors_total"
+NO_BUDGET = "none"  # a `kv_admissions` entry: the verifier without the KV budget (reference)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ class CapacityConfig:
     # the demo target measured 750 ms with 2 threads on a loaded 2-core host, 19 ms with 1).
     threads: int = 1
     # Overload: the verifier's KV budget (None: none), measured under each admission mode of
-    # `kv_admissions` (one verifier each; see `VerifierConfig.kv_admission`), and the retry
+    # `kv_admissions` (one verifier each; see `VerifierConfig.kv_admission`; "none": the same
+    # verifier without the budget, the reference in the same run), and the retry
     # hint it sends. A session refused RESOURCE_EXHAUSTED is retried by its client after the
     # hint, at most `client_retries` times (counted in the row).
     kv_budget_tokens: int | None = None
@@ -136,8 +139,9 @@ class CapacityConfig:
         get_profile(self.compute_profile)
         if self.kv_budget_tokens is not None:
             check_int("kv_budget_tokens", self.kv_budget_tokens, 1)
-        if not self.kv_admissions or not set(self.kv_admissions) <= set(KV_ADMISSIONS):
-            raise ValueError(f"kv_admissions must be a non-empty subset of {KV_ADMISSIONS}")
+        admissions = (*KV_ADMISSIONS, NO_BUDGET)
+        if not self.kv_admissions or not set(self.kv_admissions) <= set(admissions):
+            raise ValueError(f"kv_admissions must be a non-empty subset of {admissions}")
         check_int("retry_after_ms", self.retry_after_ms, 1)
         check_int("client_retries", self.client_retries, 0)
 
@@ -577,7 +581,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
                 args += ["--batch-max-sessions", str(config.batch_max_sessions)]
                 args += [] if batched else ["--no-batching"]
-                if config.kv_budget_tokens is not None:
+                if config.kv_budget_tokens is not None and admission != NO_BUDGET:
                     args += ["--kv-budget-tokens", str(config.kv_budget_tokens)]
                     args += ["--kv-admission", admission]
                     args += ["--retry-after-ms", str(config.retry_after_ms)]
@@ -624,8 +628,9 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
             records, memo = _measure(pool, template, prompts[:n], config.edge_processes)
             after = _scrape(port)
             row = _row(name, n, rtt, k, records, before, after, config.compute_profile, expected)
-            row["kv_budget_tokens"] = config.kv_budget_tokens
-            row["kv_admission"] = admission if config.kv_budget_tokens is not None else None
+            budgeted = config.kv_budget_tokens is not None
+            row["kv_budget_tokens"] = config.kv_budget_tokens if admission != NO_BUDGET else None
+            row["kv_admission"] = admission if budgeted else None
             # draft forwards the sessions asked for / ran for real (None: no memo)
             shared = memo["forwards"] > 0
             row["draft_forwards"] = memo["forwards"] if shared else None

@@ -61,6 +61,9 @@ def test_victims_are_the_newest_and_never_the_oldest() -> None:
     assert choose_victims(held, 11) == ["c", "b"]
     assert choose_victims(held, 100) == ["c", "b"]  # "a", the oldest, always runs
     assert choose_victims({"a": (1, 50)}, 10) == []
+    # a finished session (its edge has only to close it) goes first, even the oldest
+    assert choose_victims(held, 5, finished={"a"}) == ["a"]
+    assert choose_victims(held, 15, finished={"a"}) == ["a", "c"]
 
 
 def test_ledger_recognises_a_reopen_by_its_prefix_until_the_hold_ends() -> None:

@@ -29,6 +29,9 @@ from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.engine import EdgeEngine
+from edgespec.edge.records import EdgeStats
+from edgespec.edge.recovery import EdgeError, Recovery
+from edgespec.edge.verifier_link import LinkError
 from edgespec.serving.verifier_metrics import VerifierMetrics
 
 EDGES = 3
@@ -144,3 +147,24 @@ def test_sliding_window_target_across_an_eviction() -> None:
     for prompt, summary in zip(prompts, summaries, strict=True):
         assert summary.tokens == generate_autoregressive(runner, prompt, params).tokens
     _check_evicted_and_resumed(summaries, engine, registry)
+
+
+def test_waits_for_room_are_bounded_and_counted() -> None:
+    """A resuming session waits the verifier's hint per refusal, at most max_resume_waits."""
+    recovery = Recovery(EngineConfig(max_resume_waits=2), vocab_size=300)
+    evicted = LinkError("evicted", address="v", code="ABORTED", retry_after_ms=1, evicted=True)
+    full = LinkError("full", address="v", code="RESOURCE_EXHAUSTED", retry_after_ms=1)
+    broken = LinkError("reset", address="v", code="UNAVAILABLE")
+    assert Recovery.is_refusal(evicted) and Recovery.is_refusal(full)
+    assert not Recovery.is_refusal(broken)
+    stats = EdgeStats()
+
+    async def body() -> None:
+        await recovery.wait_for_room(evicted, 1, stats, "round")
+        await recovery.wait_for_room(full, 2, stats, "round")
+        with pytest.raises(EdgeError) as info:
+            await recovery.wait_for_room(full, 3, stats, "round")
+        assert info.value.code == "RESOURCE_EXHAUSTED" and info.value.retry_after_ms
+
+    asyncio.run(body())
+    assert stats.evictions == 1 and stats.reconnects == 2
