@@ -15,8 +15,8 @@ The session with the lowest rank is never evicted (admission guarantees that it 
 on its own). No starvation: the oldest session runs every step until it finishes, so every
 session becomes the oldest after finitely many others have finished, and runs to its end.
 
-Resume first. While an evicted session's edge is expected back (within `hold_s` of its eviction
-or of its last refused reopen), a new session is refused (RESOURCE_EXHAUSTED with a retry hint):
+Resume first. While an evicted session's edge is expected back (within `hold_s` of its eviction,
+of its edge learning of it, or of its last refused reopen), a new session is refused (RESOURCE_EXHAUSTED with a retry hint):
 newcomers do not take the room an evicted session waits for. An edge that never comes back
 stops holding anything after `hold_s`.
 """
@@ -38,7 +38,7 @@ def prefix_key(prefix: Sequence[int]) -> bytes:
 @dataclass
 class Evicted:
     """An evicted session: what its reopen must match, the rank it keeps, when it was last
-    heard of (its eviction or a refused reopen, on the session table's clock)."""
+    heard of (its eviction, its edge told of it, or a refused reopen; the table's clock)."""
 
     session_id: str
     key: bytes  # prefix_key of its committed tokens at eviction

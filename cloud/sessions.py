@@ -92,8 +92,9 @@ class SessionTable:
         self._stats = EngineStats()
         self._kv_reserved = 0
         self._kv_opening = 0  # "evict" mode: claims of sessions admitted but not added yet
-        # An evicted session's reopen is waited for three retry hints (each refused try renews it).
-        self._evicted = EvictionLedger(3 * retry_after_ms / 1e3, 4 * max_sessions)
+        # An evicted session's reopen is waited for four retry hints after its edge learns of
+        # the eviction (each refused reopen renews that).
+        self._evicted = EvictionLedger(4 * retry_after_ms / 1e3, 4 * max_sessions)
 
     def reserve(self, kv_tokens: int = 0) -> None:
         """Count a session about to open against max_sessions and the KV budget (`kv_tokens`:
@@ -253,6 +254,8 @@ class SessionTable:
         with self._lock:
             session = self._sessions.get(session_id)
             evicted = self._evicted.by_id(session_id) if session is None else None
+            if evicted is not None:  # its edge learns it now: wait for its reopen from now
+                evicted.seen = self.clock()
         if evicted is not None:
             raise ServiceError(
                 ABORTED,

@@ -21,6 +21,12 @@ stream ends after n tokens, after a stop token, or at max_new_tokens.
 Pipelined blocks carry an ``anchor_token``: one whose anchor is not the session's last committed
 token is STALE (no forward), exactly like one drafted on another committed length.
 
+KV budget (`VerifierConfig.kv_budget_tokens`): "reserve" admission refuses a session whose most
+would not fit; "evict" admits by what sessions hold and, before each forward (`make_room`),
+evicts the most recently admitted sessions when the caches would pass the budget; an evicted
+session's next block is answered ABORTED (evicted, with a retry hint) and its edge reopens it
+with its committed prefix (`edgespec.cloud.eviction` has the rules).
+
 A `ComputeProfile` (edgespec.core.profiles) other than "real" pads every target forward to its
 modelled time (emulated deployments); outputs are unchanged. Threading: the session table is
 guarded by its lock; model work runs on ONE thread (a session's runner is not thread-safe).

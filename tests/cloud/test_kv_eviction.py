@@ -133,7 +133,7 @@ def test_the_newest_session_is_evicted_and_resumes_first_with_its_rank(target_mo
     reopened = engine.open_session(prefix, PARAMS, generated=5)
     assert reopened.resumed and engine.stats().resumed == 1
     assert engine.session(reopened.session_id).rank == ranks[ids[2]]
-    clock.now += 1.0  # any other evicted session never came back: the hold (0.3 s) ends
+    clock.now += 1.0  # any other evicted session never came back: the hold (0.4 s) ends
     assert not engine.open_session(PROMPT, PARAMS).resumed
 
 
