@@ -15,10 +15,12 @@ The session with the lowest rank is never evicted (admission guarantees that it 
 on its own). No starvation: the oldest session runs every step until it finishes, so every
 session becomes the oldest after finitely many others have finished, and runs to its end.
 
-Resume first. While an evicted session's edge is expected back (within `hold_s` of its eviction,
-of its edge learning of it, or of its last refused reopen), a new session is refused (RESOURCE_EXHAUSTED with a retry hint):
-newcomers do not take the room an evicted session waits for. An edge that never comes back
-stops holding anything after `hold_s`.
+Resume first, oldest first. While an evicted session's edge is expected back (within `hold_s`
+of its eviction, of its edge learning of it, or of its last refused reopen), a new session is
+refused (RESOURCE_EXHAUSTED with a retry hint), and so is the reopen of any evicted session but
+the lowest-ranked one waited for: room goes to evicted sessions in their admission order, so an
+evicted session waits for a bounded number of others (those admitted before it) and not for
+newcomers. An edge that never comes back stops holding anything after `hold_s`.
 """
 
 from __future__ import annotations
@@ -48,17 +50,19 @@ class Evicted:
 
 
 class EvictionLedger:
-    """Ranks of admitted sessions and the records of evicted ones (at most `capacity`, oldest
-    dropped first). Not thread-safe: the caller holds its lock."""
+    """Ranks of admitted sessions and the records of evicted ones (at most `capacity` of each
+    kind, oldest dropped first). Sessions with the same committed tokens (the same prompt and
+    greedy output) have equal keys: a reopen resumes the lowest-ranked of them, which is the
+    one whose turn it is anyway. Not thread-safe: the caller holds its lock."""
 
     def __init__(self, hold_s: float, capacity: int) -> None:
-        """`hold_s`: how long an evicted session's reopen is waited for before newcomers are
+        """`hold_s`: how long an evicted session's reopen is waited for before others are
         admitted again; `capacity`: records kept at most."""
         self.hold_s = hold_s
         self.capacity = capacity
         self._next_rank = 0
-        self._by_id: OrderedDict[str, Evicted] = OrderedDict()  # until its edge learns it
-        self._by_key: OrderedDict[bytes, Evicted] = OrderedDict()  # until it is reopened
+        self._by_id: OrderedDict[str, Evicted] = OrderedDict()  # until its edge closes it
+        self._waiting: list[Evicted] = []  # until it is reopened, oldest eviction first
 
     def new_rank(self) -> int:
         """The rank of a session admitted now (increasing)."""
@@ -71,10 +75,10 @@ class EvictionLedger:
         """Remember a session evicted at `now` with its committed tokens."""
         entry = Evicted(session_id, prefix_key(committed), rank, now, evictions)
         self._by_id[session_id] = entry
-        self._by_key[entry.key] = entry
-        for table in (self._by_id, self._by_key):
-            while len(table) > self.capacity:
-                table.popitem(last=False)
+        self._waiting.append(entry)
+        while len(self._by_id) > self.capacity:
+            self._by_id.popitem(last=False)
+        del self._waiting[: max(len(self._waiting) - self.capacity, 0)]
         return entry
 
     def by_id(self, session_id: str) -> Evicted | None:
@@ -86,25 +90,30 @@ class EvictionLedger:
         self._by_id.pop(session_id, None)
 
     def match(self, prefix: Sequence[int]) -> Evicted | None:
-        """The evicted session a reopen with `prefix` resumes, if any (not consumed)."""
-        return self._by_key.get(prefix_key(prefix))
+        """The evicted session a reopen with `prefix` resumes, if any (not consumed): of those
+        with these committed tokens, the lowest-ranked."""
+        key = prefix_key(prefix)
+        return min((e for e in self._waiting if e.key == key), key=_rank, default=None)
 
     def resumed(self, entry: Evicted) -> None:
         """The reopen of `entry` was admitted."""
-        self._by_key.pop(entry.key, None)
+        self._waiting = [e for e in self._waiting if e is not entry]
 
-    def waiting(self, now: float) -> int:
-        """Evicted sessions whose reopen is still waited for at `now` (older ones expire)."""
-        for key in [k for k, e in self._by_key.items() if now - e.seen > self.hold_s]:
-            del self._by_key[key]
-        return len(self._by_key)
+    def waiting(self, now: float) -> list[Evicted]:
+        """Evicted sessions whose reopen is still waited for at `now` (older ones expire),
+        lowest rank (first admitted) first: the order their reopens are admitted in."""
+        self._waiting = [e for e in self._waiting if now - e.seen <= self.hold_s]
+        return sorted(self._waiting, key=_rank)
 
     def expire(self, before: float) -> None:
         """Drop every record last heard of before `before` (the idle TTL's reaping)."""
         for sid in [sid for sid, e in self._by_id.items() if e.seen < before]:
             del self._by_id[sid]
-        for key in [key for key, e in self._by_key.items() if e.seen < before]:
-            del self._by_key[key]
+        self._waiting = [e for e in self._waiting if e.seen >= before]
+
+
+def _rank(entry: Evicted) -> int:
+    return entry.rank
 
 
 def choose_victims(

@@ -133,8 +133,8 @@ class SessionTable:
     def admit(self, prefix: Sequence[int], headroom: int, most: int) -> tuple[int, int]:
         """Admit a session by what the open ones hold ("evict" mode): it fits when their KV
         tokens (`Session.kv_held`), the claims of sessions still opening, its `prefix` and
-        `headroom` (one block) fit the budget, and, for a new session, no evicted one is waited
-        for (see `edgespec.cloud.eviction`). `most`: the most its cache will ever hold, which
+        `headroom` (one block) fit the budget, and it is its turn: no evicted session is waited
+        for, or it resumes the first admitted of those (see `edgespec.cloud.eviction`). `most`: the most its cache will ever hold, which
         must fit the budget on its own. Returns (its rank, the evictions of the session it
         resumes; 0 for a new session); `add` it with ``opening = len(prefix) + headroom``, or `unreserve` that.
 
@@ -150,8 +150,9 @@ class SessionTable:
                 slot = self._stats.sessions < self.max_sessions
                 held = sum(s.kv_held for s in self._sessions.values()) + self._kv_opening
                 fits = held + claim <= budget and most <= budget
-                waiting = 0 if entry is not None else self._evicted.waiting(now)
-                if slot and fits and not waiting:
+                waiting = self._evicted.waiting(now)
+                turn = not waiting or (entry is not None and entry.rank <= waiting[0].rank)
+                if slot and fits and turn:
                     self._stats.sessions += 1
                     self._kv_opening += claim
                     if entry is None:
@@ -179,7 +180,9 @@ class SessionTable:
                 "max_block_tokens)"
             )
         else:
-            message = f"{waiting} evicted session(s) are admitted before new ones"
+            message = (
+                f"{len(waiting)} evicted session(s) are resumed first, in their admission order"
+            )
         with self._lock:
             self._stats.refused += 1
         raise ServiceError(

@@ -71,10 +71,10 @@ def test_ledger_recognises_a_reopen_by_its_prefix_until_the_hold_ends() -> None:
     rank = ledger.new_rank()
     entry = ledger.record("s1", [1, 2, 3], rank, 1, now=0.0)
     assert ledger.by_id("s1") is entry and ledger.match([1, 2, 3]) is entry
-    assert ledger.match([1, 2]) is None and ledger.waiting(0.5) == 1
+    assert ledger.match([1, 2]) is None and ledger.waiting(0.5) == [entry]
     ledger.forget_id("s1")  # its edge closed the old id: the reopen is still recognised
     assert ledger.by_id("s1") is None and ledger.match([1, 2, 3]) is entry
-    assert ledger.waiting(1.5) == 0 and ledger.match([1, 2, 3]) is None  # expired
+    assert ledger.waiting(1.5) == [] and ledger.match([1, 2, 3]) is None  # expired
     for i in range(3):  # bounded
         ledger.record(f"x{i}", [i], ledger.new_rank(), 1, now=2.0)
     assert ledger.by_id("x0") is None and ledger.by_id("x2") is not None
@@ -84,14 +84,15 @@ def _expected(model) -> list[int]:
     return generate_autoregressive(ModelRunner(model), PROMPT, PARAMS).tokens
 
 
-def _step(engine: VerifierEngine, sessions: dict[str, int], expected: list[int], seq: int):
-    """One batched step: a block of the target's own next 4 tokens for every session;
-    returns the outcomes by session."""
+def _step(engine: VerifierEngine, sessions: dict[str, list[int]], seq: int) -> dict:
+    """One batched step: a block of the target's own next 4 tokens for every session (`sessions`
+    maps its id to the target alone's output); returns the outcomes by session."""
     work = []
-    for sid in sessions:
-        have = len(engine.committed(sid)) - len(PROMPT)
+    for sid, expected in sessions.items():
+        prompt_len = engine.session(sid).open_len
+        have = len(engine.committed(sid)) - prompt_len
         tokens = tuple(expected[have : have + 4])
-        work.append(VerifyWork(sid, DraftBlock(seq, len(PROMPT) + have, tokens)))
+        work.append(VerifyWork(sid, DraftBlock(seq, prompt_len + have, tokens)))
     outcomes, _ = run_step(engine, work)
     return dict(zip(sessions, outcomes, strict=True))
 
@@ -103,17 +104,17 @@ def test_the_newest_session_is_evicted_and_resumes_first_with_its_rank(target_mo
     ids = [engine.open_session(PROMPT, PARAMS).session_id for _ in range(3)]
     ranks = {sid: engine.session(sid).rank for sid in ids}
     assert ranks[ids[0]] < ranks[ids[1]] < ranks[ids[2]]
-    live = dict.fromkeys(ids, 0)
+    live = dict.fromkeys(ids, expected)
     evicted: list[str] = []
     for seq in range(3):
-        for sid, outcome in _step(engine, live, expected, seq).items():
+        for sid, outcome in _step(engine, live, seq).items():
             if isinstance(outcome, ServiceError):
                 assert outcome.code == ABORTED and outcome.evicted
                 assert outcome.retry_after_ms == 100 and "evicted" in outcome.message
                 evicted.append(sid)
             else:
                 assert isinstance(outcome, VerifyResult) and outcome.outcome is Outcome.APPLIED
-        live = {sid: 0 for sid in live if sid not in evicted}
+        live = {sid: expected for sid in live if sid not in evicted}
         assert engine.kv_tokens() <= 40
     assert evicted[0] == ids[2]  # the most recently admitted went first
     assert ids[0] not in evicted  # the oldest is never evicted
@@ -137,6 +138,28 @@ def test_the_newest_session_is_evicted_and_resumes_first_with_its_rank(target_mo
     assert not engine.open_session(PROMPT, PARAMS).resumed
 
 
+def test_evicted_sessions_resume_in_their_admission_order(target_model) -> None:
+    engine = VerifierEngine(target_model, EVICT, clock=Clock())
+    prompts = [PROMPT, PROMPT, PROMPT[::-1], [7, *PROMPT[1:]]]  # c and d: prompts of their own
+    runner = ModelRunner(target_model)
+    outputs = [generate_autoregressive(runner, p, PARAMS).tokens for p in prompts]
+    ids = [engine.open_session(p, PARAMS).session_id for p in prompts]
+    live = dict(zip(ids, outputs, strict=True))
+    _step(engine, live, 0)  # 4 x 5 cached + 4 x 5 fed = 40: fits
+    outcomes = _step(engine, live, 1)  # 40 + 20 > 40: the two newest go
+    assert [sid for sid, o in outcomes.items() if isinstance(o, ServiceError)] == ids[2:]
+    for sid in ids[:2]:
+        engine.close_session(sid)
+    committed = [prompts[i] + outputs[i][:5] for i in (2, 3)]  # one block: 4 accepted + 1
+    with pytest.raises(ServiceError) as info:  # d's turn comes after c's
+        engine.open_session(committed[1], PARAMS, generated=5)
+    assert info.value.code == RESOURCE_EXHAUSTED and "admission order" in info.value.message
+    c = engine.open_session(committed[0], PARAMS, generated=5)
+    d = engine.open_session(committed[1], PARAMS, generated=5)
+    assert c.resumed and d.resumed
+    assert engine.session(c.session_id).rank < engine.session(d.session_id).rank
+
+
 def test_reserve_admission_never_evicts(target_model) -> None:
     config = VerifierConfig(max_block_tokens=4, kv_budget_tokens=80)
     engine = VerifierEngine(target_model, config)
@@ -145,7 +168,7 @@ def test_reserve_admission_never_evicts(target_model) -> None:
     with pytest.raises(ServiceError):
         engine.open_session(PROMPT, PARAMS)
     for seq in range(4):  # to 20 tokens each
-        outcomes = _step(engine, dict.fromkeys(ids, 0), expected, seq)
+        outcomes = _step(engine, dict.fromkeys(ids, expected), seq)
         assert all(isinstance(o, VerifyResult) for o in outcomes.values())
     assert engine.stats().evicted == 0
     with pytest.raises(ValueError, match="kv_admission"):
