@@ -20,7 +20,8 @@ of its eviction, of its edge learning of it, or of its last refused reopen), a n
 refused (RESOURCE_EXHAUSTED with a retry hint), and so is the reopen of any evicted session but
 the lowest-ranked one waited for: room goes to evicted sessions in their admission order, so an
 evicted session waits for a bounded number of others (those admitted before it) and not for
-newcomers. An edge that never comes back stops holding anything after `hold_s`.
+newcomers. An edge that never comes back stops holding anything up after `hold_s`; its record
+is dropped with the idle sessions (`expire`), or when `capacity` newer ones are kept.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class EvictionLedger:
         self.capacity = capacity
         self._next_rank = 0
         self._by_id: OrderedDict[str, Evicted] = OrderedDict()  # until its edge closes it
-        self._waiting: list[Evicted] = []  # until it is reopened, oldest eviction first
+        self._waiting: list[Evicted] = []  # until reopened (or expired), oldest eviction first
 
     def new_rank(self) -> int:
         """The rank of a session admitted now (increasing)."""
@@ -100,10 +101,10 @@ class EvictionLedger:
         self._waiting = [e for e in self._waiting if e is not entry]
 
     def waiting(self, now: float) -> list[Evicted]:
-        """Evicted sessions whose reopen is still waited for at `now` (older ones expire),
-        lowest rank (first admitted) first: the order their reopens are admitted in."""
-        self._waiting = [e for e in self._waiting if now - e.seen <= self.hold_s]
-        return sorted(self._waiting, key=_rank)
+        """Evicted sessions whose reopen is still waited for at `now` (heard of within
+        `hold_s`), lowest rank (first admitted) first: the order their reopens are admitted
+        in. Older records no longer hold anyone up, but a late reopen still matches them."""
+        return sorted((e for e in self._waiting if now - e.seen <= self.hold_s), key=_rank)
 
     def expire(self, before: float) -> None:
         """Drop every record last heard of before `before` (the idle TTL's reaping)."""
