@@ -693,7 +693,7 @@ def print_summary(result: dict[str, Any]) -> None:
         )
         if r.get("kv_admission"):
             print(
-                f"{'':>20} kv {r['kv_admission']} budget {r['kv_budget_tokens']}: offered "
+                f"{'':>20} kv {r['kv_admission']} budget {r['kv_budget_tokens'] or '-'}: offered "
                 f"{r['sessions_offered']} completed {r['sessions_completed']}  "
                 f"RESOURCE_EXHAUSTED {r['resource_exhausted_answers']} (client retries "
                 f"{r['client_retries']}, verifier refused opens {r['verifier_refused_opens']})  "

@@ -3,8 +3,8 @@
 The victim rules (`cloud.eviction.choose_victims`: the most recently admitted first, never the
 oldest); the engine's batched steps evicting the newest session when the caches would pass the
 budget, its next block answered ABORTED (evicted) with a retry hint, its reopen with the
-committed prefix recognised as a resume that keeps its rank and is admitted before new sessions;
-over gRPC the ABORTED status with its trailers and the eviction metrics. "reserve" (the default)
+committed prefix recognised as a resume that keeps its rank and is admitted before new sessions
+(evicted ones in their admission order); a finished session dropped first; over gRPC the ABORTED status with its trailers and the eviction metrics. "reserve" (the default)
 is unchanged: see test_step_scheduler.
 """
 
@@ -160,6 +160,29 @@ def test_evicted_sessions_resume_in_their_admission_order(target_model) -> None:
     d = engine.open_session(committed[1], PARAMS, generated=5)
     assert c.resumed and d.resumed
     assert engine.session(c.session_id).rank < engine.session(d.session_id).rank
+
+
+def test_a_finished_session_is_reclaimed_before_anyone_is_evicted(target_model) -> None:
+    """One block per forward (`VerifierEngine.verify`, no batching): the finished session, whose
+    edge has only to close it, is dropped first, even though it is the oldest."""
+    engine = VerifierEngine(target_model, EVICT)
+    expected = _expected(target_model)
+    done = engine.open_session(PROMPT, PARAMS).session_id
+    seq = 0
+    while (have := len(engine.committed(done)) - len(PROMPT)) < PARAMS.max_new_tokens:
+        k = min(4, PARAMS.max_new_tokens - have - 1)
+        engine.verify(done, DraftBlock(seq, len(PROMPT) + have, tuple(expected[have : have + k])))
+        seq += 1
+    assert engine.session(done).finished
+    other = engine.open_session(PROMPT, PARAMS).session_id  # 30 held + 6 + 4 = 40: admitted
+    for seq in range(2):  # the second block: 29 + 10 + 5 > 40
+        block = DraftBlock(seq, len(PROMPT) + 5 * seq, tuple(expected[5 * seq : 5 * seq + 4]))
+        assert engine.verify(other, block).outcome is Outcome.APPLIED
+    stats = engine.stats()
+    assert (stats.reclaimed, stats.evicted, stats.sessions) == (1, 0, 1)
+    with pytest.raises(ServiceError) as info:  # dropped like a close: no resume is waited for
+        engine.session(done)
+    assert info.value.code == "NOT_FOUND"
 
 
 def test_reserve_admission_never_evicts(target_model) -> None:
