@@ -4,8 +4,9 @@ The victim rules (`cloud.eviction.choose_victims`: the most recently admitted fi
 oldest); the engine's batched steps evicting the newest session when the caches would pass the
 budget, its next block answered ABORTED (evicted) with a retry hint, its reopen with the
 committed prefix recognised as a resume that keeps its rank and is admitted before new sessions
-(evicted ones in their admission order); a finished session dropped first; over gRPC the ABORTED status with its trailers and the eviction metrics. "reserve" (the default)
-is unchanged: see test_step_scheduler.
+(evicted ones in their admission order); a finished session dropped first; over gRPC the ABORTED
+status with its trailers and the eviction metrics. "reserve" (the default) is unchanged: see
+test_step_scheduler.
 """
 
 from __future__ import annotations
