@@ -16,6 +16,10 @@ token of a cloud-only decode block), at most one per session, and
 Under an emulated compute profile the step is padded to the profile's batched-forward time
 (`ComputeProfile.target_step_ms`: weights once, each session's KV, compute per fed token).
 
+KV budget: before the forward, sessions are evicted if the step would take the caches past the
+budget (`VerifierEngine.make_room`, "evict" admission only); an evicted session's item is
+answered ServiceError ABORTED (evicted), and its edge reopens it.
+
 Failures: a forward that raises closes every session in it (their caches are undefined) and
 answers each with ServiceError INTERNAL, as a one-session forward does. The step never raises.
 Model work: call from ONE thread (the engine's sessions are not thread-safe).
@@ -127,6 +131,7 @@ def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome
             outcomes[index] = prepared
         else:
             ready.append((index, prepared))
+    ready = _make_room(engine, ready, outcomes)
     batched = [(i, p) for i, p in ready if p.session.verifier.runner.batchable]
     # Rows computed apart but charged to this step's modelled time (`ModelRunner.step_padded`).
     apart = [(i, p) for i, p in ready if p.session.verifier.runner.step_padded]
@@ -159,6 +164,30 @@ def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome
         forward_ms=forward_ms if in_step else 0.0,
     )
     return [o for o in outcomes if o is not None], stats
+
+
+def _make_room(
+    engine: VerifierEngine,
+    ready: list[tuple[int, PreparedBlock | _PrefillChunk]],
+    outcomes: list[Outcome | None],
+) -> list[tuple[int, PreparedBlock | _PrefillChunk]]:
+    """Evict to keep the KV budget after this step's forward (`VerifierEngine.make_room`);
+    an evicted session's item is answered with its ABORTED and leaves the step."""
+    evicted = set(engine.make_room({p.session.id: len(_feed(p)) for _, p in ready}))
+    if not evicted:
+        return ready
+    kept = []
+    for index, prepared in ready:
+        if prepared.session.id not in evicted:
+            kept.append((index, prepared))
+            continue
+        try:
+            engine.session(prepared.session.id)
+        except ServiceError as err:  # the eviction's ABORTED
+            outcomes[index] = err
+        else:
+            raise AssertionError(f"evicted session {prepared.session.id} is still open")
+    return kept
 
 
 def _prepare(

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from edgespec.cloud.service import serve
 from edgespec.cloud.verifier import VerifierEngine
-from edgespec.cloud.verifier_types import VerifierConfig
+from edgespec.cloud.verifier_types import KV_ADMISSIONS, VerifierConfig
 from edgespec.core.profiles import profile_names
 from edgespec.core.runner import ModelRunner
 from edgespec.serving.server_options import add_runtime_args, apply_threads, run_until_signal
@@ -60,7 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--batch-max-sessions", type=int, default=defaults.batch_max_sessions)
     ap.add_argument(
-        "--kv-budget-tokens", type=int, default=None, help="KV tokens all sessions may reserve"
+        "--kv-budget-tokens", type=int, default=None, help="KV tokens all sessions may hold"
+    )
+    ap.add_argument(
+        "--kv-admission",
+        default=defaults.kv_admission,
+        choices=KV_ADMISSIONS,
+        help="reserve: admit by each session's most, never evict; evict: admit by what "
+        "sessions hold, evict the newest when a step would pass the budget (their edges reopen)",
+    )
+    ap.add_argument(
+        "--retry-after-ms",
+        type=int,
+        default=defaults.retry_after_ms,
+        help="back-off hint of a refused OpenSession and of an evicted session",
     )
     ap.add_argument("--model-id", default="", help="name served (default: the folder name)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
@@ -94,6 +107,8 @@ async def _run(
         batching=not args.no_batching,
         batch_max_sessions=args.batch_max_sessions,
         kv_budget_tokens=args.kv_budget_tokens,
+        kv_admission=args.kv_admission,
+        retry_after_ms=args.retry_after_ms,
     )
     engine = VerifierEngine.from_pretrained(
         args.target or DEFAULT_TARGET,

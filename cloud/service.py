@@ -123,6 +123,8 @@ def _step_observer(
             queue_depth=queue_depth,
             kv_tokens=engine.kv_tokens(),
         )
+        counts = engine.stats()  # a step may have evicted sessions
+        metrics.sync_sessions(counts.sessions, counts.evicted, counts.resumed)
 
     return observe
 

@@ -7,8 +7,9 @@ batching verifier's `StepScheduler` (one forward per step for many sessions), or
 ``VerifierConfig.batching`` off, one block per forward, one session at a time.
 Errors follow the convention written in edgespec.proto: `ServiceError` / `FieldError` ->
 `context.abort(code, message)`, the message starting with the field at fault (named once) and
-stating the allowed range, the field also in the trailing metadata ``edgespec-field`` (and a
-RESOURCE_EXHAUSTED's back-off hint in ``edgespec-retry-after-ms``); a request that cannot be
+stating the allowed range, the field also in the trailing metadata ``edgespec-field`` (a
+RESOURCE_EXHAUSTED's back-off hint in ``edgespec-retry-after-ms``; an evicted session's ABORTED
+carries that hint and ``edgespec-evicted``); a request that cannot be
 decoded -> INVALID_ARGUMENT (`edgespec.cloud.decoding`); anything unexpected -> INTERNAL, logged,
 and on a VerifyStream the stream's session is closed. The service keeps serving either way.
 STALE and REPLAYED blocks are verdict outcomes, not errors.
@@ -44,6 +45,7 @@ from edgespec.cloud.step_scheduler import StepScheduler
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import OpenResult, ServiceError, VerifyResult
 from edgespec.protos.convert import (
+    EVICTED_METADATA_KEY,
     FIELD_METADATA_KEY,
     RETRY_AFTER_METADATA_KEY,
     FieldError,
@@ -117,9 +119,11 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         )
 
     def _sessions_changed(self) -> None:
-        """Set the gauge from the engine's own count (so it never drifts from it)."""
+        """Set the gauge (and the eviction counters) from the engine's own counts (so they
+        never drift from them)."""
         if self.metrics is not None:
-            self.metrics.set_active_sessions(self.engine.stats().sessions)
+            stats = self.engine.stats()
+            self.metrics.sync_sessions(stats.sessions, stats.evicted, stats.resumed)
 
     async def _call(
         self,
@@ -352,6 +356,8 @@ async def _abort(context: grpc.aio.ServicerContext, err: BaseException, note: st
     trailer: tuple[tuple[str, str], ...] = ((FIELD_METADATA_KEY, str(field)),) if field else ()
     if isinstance(err, ServiceError) and err.retry_after_ms is not None:
         trailer += ((RETRY_AFTER_METADATA_KEY, str(err.retry_after_ms)),)
+    if isinstance(err, ServiceError) and err.evicted:
+        trailer += ((EVICTED_METADATA_KEY, "1"),)
     if isinstance(err, ServiceError):
         await context.abort(code, err.message + note, trailing_metadata=trailer)
     if isinstance(err, FieldError):

@@ -21,6 +21,12 @@ stream ends after n tokens, after a stop token, or at max_new_tokens.
 Pipelined blocks carry an ``anchor_token``: one whose anchor is not the session's last committed
 token is STALE (no forward), exactly like one drafted on another committed length.
 
+KV budget (`VerifierConfig.kv_budget_tokens`): "reserve" admission refuses a session whose most
+would not fit; "evict" admits by what sessions hold and, before each forward (`make_room`),
+evicts the most recently admitted sessions when the caches would pass the budget; an evicted
+session's next block is answered ABORTED (evicted, with a retry hint) and its edge reopens it
+with its committed prefix (`edgespec.cloud.eviction` has the rules).
+
 A `ComputeProfile` (edgespec.core.profiles) other than "real" pads every target forward to its
 modelled time (emulated deployments); outputs are unchanged. Threading: the session table is
 guarded by its lock; model work runs on ONE thread (a session's runner is not thread-safe).
@@ -31,7 +37,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -209,14 +215,20 @@ class VerifierEngine:
             # is a function of the absolute position already: a reopen keeps the seed.)
             params = replace(params, seed=derive_seed(params.seed, f"resume@{generated}"))
         kv_tokens = prompt_len + params.max_new_tokens + self.config.max_block_tokens
-        self._sessions.reserve(kv_tokens)
+        rank, evictions, opening = 0, 0, 0
+        if self.evicts:
+            opening = len(prefix) + self.config.max_block_tokens
+            rank, evictions = self._sessions.admit(prefix, self.config.max_block_tokens, kv_tokens)
+            kv_tokens = 0  # counted by what the session holds, not reserved
+        else:
+            self._sessions.reserve(kv_tokens)
         try:
             started = time.perf_counter()
             runner = self._runner_factory(self.model)
             verifier = Verifier(runner, prefix, params, prefill=prefill)
             prefill_ms = (time.perf_counter() - started) * 1e3
         except BaseException:
-            self._sessions.unreserve(kv_tokens)
+            self._sessions.unreserve(kv_tokens, opening)
             raise
         session = Session(
             id=secrets.token_hex(8),
@@ -227,8 +239,12 @@ class VerifierEngine:
             next_seq=next_seq,
             last_used=self._clock(),
             kv_reserved=kv_tokens,
+            rank=rank,
+            evictions=evictions,
         )
-        self._sessions.add(session, forwards=1 if prefill and len(prefix) > 1 else 0)
+        self._sessions.add(
+            session, forwards=1 if prefill and len(prefix) > 1 else 0, opening=opening
+        )
         logger.debug("opened session %s: %d prefix tokens", session.id, len(prefix))
         return OpenResult(
             session_id=session.id,
@@ -239,7 +255,20 @@ class VerifierEngine:
             prefill_ms=prefill_ms,
             compute_profile=self.compute_profile.name,
             tree_blocks=self.tree_blocks,
+            resumed=evictions > 0,
         )
+
+    @property
+    def evicts(self) -> bool:
+        """Sessions are admitted by what they hold and evicted to keep the KV budget
+        (`VerifierConfig.kv_admission` "evict" with a budget)."""
+        return self.config.kv_admission == "evict" and self.config.kv_budget_tokens is not None
+
+    def make_room(self, feeds: Mapping[str, int]) -> list[str]:
+        """Before a forward that feeds `feeds` (session id -> tokens): when evicting, evict
+        sessions (most recently admitted first, never the oldest) until the caches fit the KV
+        budget after it; returns the evicted ids (`SessionTable.make_room`). Model thread only."""
+        return self._sessions.make_room(feeds) if self.evicts else []
 
     def close_session(self, session_id: str) -> bool:
         """Drop a session and its cache; returns whether it existed."""
@@ -275,6 +304,7 @@ class VerifierEngine:
             prepared = self.prepare(session_id, block)
             if isinstance(prepared, VerifyResult):
                 return prepared
+            self._make_room_for(prepared)
             return self.complete(prepared, self.run_forward(prepared))
 
     def prepare(self, session_id: str, block: DraftBlock) -> PreparedBlock | VerifyResult:
@@ -365,6 +395,7 @@ class VerifierEngine:
         """
         with self.closed_on_failure(session_id):
             prepared = self.prepare_decode(session_id, seq)
+            self._make_room_for(prepared)
             return self.complete(prepared, self.run_forward(prepared))
 
     def prepare_decode(self, session_id: str, seq: int) -> PreparedBlock:
@@ -463,6 +494,12 @@ class VerifierEngine:
                 "cannot verify token trees (its cache cannot be compacted to a path)",
                 "parents",
             )
+
+    def _make_room_for(self, prepared: PreparedBlock) -> None:
+        """`make_room` for one session's forward; raises its ABORTED if it is the one evicted."""
+        sid = prepared.session.id
+        if sid in self.make_room({sid: len(prepared.pending.feed)}):
+            self.session(sid)  # raises the eviction's ABORTED
 
     def _stale(self, session: Session, block: DraftBlock) -> VerifyResult:
         self._sessions.count(stale=1)

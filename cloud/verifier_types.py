@@ -19,14 +19,20 @@ NOT_FOUND = "NOT_FOUND"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 FAILED_PRECONDITION = "FAILED_PRECONDITION"
 INTERNAL = "INTERNAL"
-_CODES = frozenset((INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, INTERNAL))
+# A session evicted to keep the KV budget (`VerifierConfig.kv_admission` "evict"): its edge
+# reopens it with its committed prefix (gRPC: "the client should retry at a higher level").
+ABORTED = "ABORTED"
+_CODES = frozenset(
+    (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, INTERNAL, ABORTED)
+)
+KV_ADMISSIONS = ("reserve", "evict")
 
 
 class ServiceError(Exception):
     """A request the engine refuses. `code` is a gRPC status code name (transport-agnostic here):
-    INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION or INTERNAL. `field` is
-    the request field at fault (e.g. ``tokens[1]``), or None. The message names the field, the
-    bad value and the allowed range."""
+    INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, INTERNAL or ABORTED
+    (the session was evicted: `evicted` set). `field` is the request field at fault (e.g.
+    ``tokens[1]``), or None. The message names the field, the bad value and the allowed range."""
 
     def __init__(
         self,
@@ -34,6 +40,7 @@ class ServiceError(Exception):
         message: str,
         field: str | None = None,
         retry_after_ms: int | None = None,
+        evicted: bool = False,
     ) -> None:
         if code not in _CODES:
             raise ValueError(f"code must be one of {sorted(_CODES)}, got {code!r}")
@@ -42,6 +49,7 @@ class ServiceError(Exception):
         self.field = field
         self.message = message
         self.retry_after_ms = retry_after_ms  # RESOURCE_EXHAUSTED: back off this long, if set
+        self.evicted = evicted  # ABORTED: the session was evicted (reopen it after the hint)
 
 
 def invalid(field_name: str, message: str) -> ServiceError:
@@ -84,11 +92,21 @@ class VerifierConfig:
     # A new session's prefix enters its cache in steps of at most this many tokens, batched
     # with other sessions' work, so that a long prompt does not stall them.
     prefill_chunk_tokens: int = 256
-    # KV tokens all sessions may hold together; OpenSession reserves a session's most (prompt
-    # + max_new_tokens + max_block_tokens) and answers RESOURCE_EXHAUSTED past it. None: no
-    # budget (max_sessions alone bounds memory).
+    # KV tokens all sessions may hold together (None: no budget; max_sessions alone bounds
+    # memory). How OpenSession admits against it, `kv_admission`:
+    # - "reserve": a session reserves its most (prompt + max_new_tokens + max_block_tokens);
+    #   OpenSession answers RESOURCE_EXHAUSTED past the budget; nobody is ever evicted.
+    # - "evict": a session is admitted by what the open sessions hold now (their committed
+    #   tokens) plus its prefix and one block of headroom, so more sessions run at once; a step
+    #   that would take the caches past the budget first evicts sessions, most recently
+    #   admitted first (a resumed session keeps its first admission's rank; the oldest is never
+    #   evicted), whose edges get ABORTED (evicted) and reopen with their committed prefix.
+    #   Reopens of evicted sessions are admitted before new sessions (see `cloud.eviction`).
     kv_budget_tokens: int | None = None
-    retry_after_ms: int = 1000  # the back-off hint a refused OpenSession carries
+    kv_admission: str = "reserve"
+    # The back-off hint a refused OpenSession (RESOURCE_EXHAUSTED) and an evicted session's
+    # block (ABORTED) carry.
+    retry_after_ms: int = 1000
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str):
@@ -108,6 +126,10 @@ class VerifierConfig:
         if self.kv_budget_tokens is not None:
             check_int("kv_budget_tokens", self.kv_budget_tokens, 1)
         check_int("retry_after_ms", self.retry_after_ms, 1)
+        if self.kv_admission not in KV_ADMISSIONS:
+            raise ValueError(
+                f"kv_admission must be one of {KV_ADMISSIONS}, got {self.kv_admission!r}"
+            )
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"device must be None or a str such as 'cpu', got {self.device!r}")
 
@@ -124,6 +146,7 @@ class OpenResult:
     prefill_ms: float  # target prefill of the prefix
     compute_profile: str = "real"  # the engine's compute profile (emulated ones pad forwards)
     tree_blocks: bool = False  # the verifier takes token trees (blocks with parents)
+    resumed: bool = False  # the reopen of a session this verifier evicted
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,9 @@ class EngineStats:
     accepted: int = 0  # of which accepted
     forwards: int = 0  # target forward passes (prefills + blocks)
     refused: int = 0  # OpenSessions refused (max_sessions or KV budget)
+    evicted: int = 0  # sessions evicted to keep the KV budget (kv_admission "evict")
+    resumed: int = 0  # evicted sessions reopened with their committed prefix
+    reclaimed: int = 0  # finished sessions dropped for room before their edges closed them
 
 
 def probs_error(err: ValueError) -> ServiceError:

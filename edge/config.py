@@ -24,6 +24,9 @@ class EngineConfig:
     pipelined: bool = True
     max_sessions: int = 64  # concurrent sessions; more answer RESOURCE_EXHAUSTED
     max_retries: int = 6  # reconnect attempts per round before giving up
+    # Waits (each the verifier's retry hint) of a running session that the verifier evicted or
+    # refused room to reopen, before giving up with RESOURCE_EXHAUSTED; reset by any verdict.
+    max_resume_waits: int = 30
     backoff_initial_s: float = 0.02  # sleep before the 2nd attempt; doubles each time
     backoff_max_s: float = 1.0
     # Draft on the worker thread (True) or on the event loop (False: saves two thread switches
@@ -39,7 +42,14 @@ class EngineConfig:
     link_memory: bool = True
 
     def __post_init__(self) -> None:
-        for name, lo in (("default_k", 1), ("max_k", 1), ("max_sessions", 1), ("max_retries", 0)):
+        limits = (
+            ("default_k", 1),
+            ("max_k", 1),
+            ("max_sessions", 1),
+            ("max_retries", 0),
+            ("max_resume_waits", 0),
+        )
+        for name, lo in limits:
             check_int(name, getattr(self, name), lo)
         check_int("default_k", self.default_k, 1, self.max_k)
         for name in ("backoff_initial_s", "backoff_max_s"):

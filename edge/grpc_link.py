@@ -37,7 +37,13 @@ from edgespec.edge.channels import ChannelPool, LoopPool
 from edgespec.edge.config import LinkConfig
 from edgespec.edge.grpc_codes import CONNECTION_CODES, RETRYABLE_CODES
 from edgespec.edge.verifier_link import LinkError, LinkFactory, Reply, SessionInfo, VerifierLink
-from edgespec.protos.convert import block_to_proto, params_to_proto, verdict_from_proto
+from edgespec.protos.convert import (
+    EVICTED_METADATA_KEY,
+    RETRY_AFTER_METADATA_KEY,
+    block_to_proto,
+    params_to_proto,
+    verdict_from_proto,
+)
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
@@ -226,7 +232,10 @@ class GrpcVerifierLink(VerifierLink):
         if call.done():
             code, details = await self._final_status(call)
             raise self._stream_failure(
-                f"VerifyStream failed: {code.name}: {details}", code, details
+                f"VerifyStream failed: {code.name}: {details}",
+                code,
+                details,
+                await call.trailing_metadata(),
             )
         t_sent = time.perf_counter()
         try:
@@ -267,10 +276,12 @@ class GrpcVerifierLink(VerifierLink):
             timer.cancel()
         received = time.perf_counter()
         if message is _EOF:
-            code = await call.code()
-            details = await call.details()
+            code, details = await self._final_status(call)
             raise self._stream_failure(
-                f"stream ended before a verdict: {code.name} {details}", code, details
+                f"stream ended before a verdict: {code.name} {details}",
+                code,
+                details,
+                await call.trailing_metadata(),
             )
         response = cast(pb.Verdict, message)
         verdict = None
@@ -412,18 +423,25 @@ class GrpcVerifierLink(VerifierLink):
         task.add_done_callback(self._background.discard)
 
     def _stream_failure(
-        self, message: str, code: grpc.StatusCode | None, details: str = ""
+        self,
+        message: str,
+        code: grpc.StatusCode | None,
+        details: str = "",
+        trailers: grpc.aio.Metadata | None = None,
     ) -> LinkError:
         address = self.address
         retryable = code is None or code in RETRYABLE_CODES
         self._abandon(discard_channel=code in CONNECTION_CODES)
         logger.info("verifier %s: %s", address, message)
+        retry_after_ms, evicted = _back_off(trailers)
         return LinkError(
             f"verifier {address}: {message}",
             address=address,
             code=code.name if code is not None else None,
             retryable=retryable,
             details=details,
+            retry_after_ms=retry_after_ms,
+            evicted=evicted,
         )
 
     def _rpc_failure(
@@ -441,13 +459,29 @@ class GrpcVerifierLink(VerifierLink):
         else:
             self._abandon(discard_channel=code in CONNECTION_CODES)
         logger.info("verifier %s: %s failed: %s %s", address, rpc, code.name, details)
+        retry_after_ms, evicted = _back_off(err.trailing_metadata())
         return LinkError(
             f"verifier {address}: {rpc} failed: {code.name}: {details}",
             address=address,
             code=code.name,
             retryable=code in RETRYABLE_CODES,
             details=details,
+            retry_after_ms=retry_after_ms,
+            evicted=evicted,
         )
+
+
+def _back_off(trailers: Any) -> tuple[int | None, bool]:
+    """A failed call's back-off hint in ms (None without one) and whether the verifier evicted
+    the session, from its trailing metadata (None or absent keys: neither)."""
+    hint, evicted = None, False
+    for key, value in trailers or ():
+        if key == RETRY_AFTER_METADATA_KEY:
+            with contextlib.suppress(ValueError):
+                hint = max(int(value), 0)
+        elif key == EVICTED_METADATA_KEY:
+            evicted = value == "1"
+    return hint, evicted
 
 
 class GrpcLinks(LinkFactory):

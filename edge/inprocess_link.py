@@ -223,6 +223,8 @@ class InProcessVerifierLink(VerifierLink):
             code=code,
             retryable=code in RETRYABLE_STATUSES,
             details=str(err),
+            retry_after_ms=getattr(err, "retry_after_ms", None),
+            evicted=bool(getattr(err, "evicted", False)),
         )
 
 

@@ -108,6 +108,7 @@ class EdgeStats:
     bytes_sent: int = 0  # serialized bytes: blocks + OpenSession requests
     bytes_received: int = 0
     reconnects: int = 0  # sessions reopened after a link failure
+    evictions: int = 0  # times the verifier evicted the session (it was reopened)
     verifier: str = ""  # address of the verifier that finished the session
     pipeline_hits: int = 0  # blocks drafted ahead and used
     pipeline_misses: int = 0  # blocks drafted ahead and dropped (the verifier answers STALE)

@@ -2,8 +2,12 @@
 
 The edge owns the committed tokens (`edgespec.core.session.Drafter`); the verifier's KV cache is
 only a cache. When the link fails (verifier down, connection reset, stream broken, round deadline
-passed, session reaped), the session opens a new one on the same or the next verifier with the
-committed prefix and resends the pending block: nothing is lost and the output is unchanged.
+passed, session reaped, or evicted to keep the verifier's KV budget), the session opens a new one
+on the same or the next verifier with the committed prefix and resends the pending block: nothing
+is lost and the output is unchanged. A verifier's back-off hint (RESOURCE_EXHAUSTED, or an
+eviction's ABORTED) is waited for before the reopen; once a session has committed tokens such
+refusals count against their own bound (`EngineConfig.max_resume_waits`), since the session
+should be resumed rather than dropped while the verifier is merely full.
 Greedy output and coupled sampling's are token-for-token what the target alone produces (coupled
 noise is keyed by the seed and the absolute position, which a reopen keeps). With rejection
 sampling, the new session's generator starts afresh (seeded from the session seed and the number
@@ -67,7 +71,9 @@ class Recovery:
 
         The error says what happened: a verifier's own failure is INTERNAL with its message, a
         full verifier (every attempt refused with RESOURCE_EXHAUSTED) is RESOURCE_EXHAUSTED with
-        a retry hint, verifiers that cannot be reached are UNAVAILABLE."""
+        a retry hint, verifiers that cannot be reached are UNAVAILABLE. Opening a session, a full
+        verifier is answered after these bounded retries (the client holds nothing yet and may
+        retry later); a session evicted while it opened waits the verifier's hint first."""
         if not err.retryable:
             raise EdgeError(edge_code(err.code or "INTERNAL"), f"{what}: {err}") from err
         if attempts > self.config.max_retries:
@@ -84,6 +90,9 @@ class Recovery:
             ) from err
         stats.reconnects += 1
         delay = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** (attempts - 1))
+        if err.evicted:  # evicted while it opened: wait the verifier's hint
+            stats.evictions += 1
+            delay = max(delay, (err.retry_after_ms or 0) / 1e3)
         logger.warning(
             "%s failed (%s); reopening the session in %.2f s (attempt %d of %d)",
             what,
@@ -93,6 +102,39 @@ class Recovery:
             self.config.max_retries + 1,
         )
         await asyncio.sleep(delay)
+
+    async def wait_for_room(self, err: LinkError, waits: int, stats: EdgeStats, what: str) -> None:
+        """A session with committed tokens was refused for room (evicted: ABORTED, or its
+        reopen answered RESOURCE_EXHAUSTED), with a back-off hint: wait the hint and let the
+        caller reopen. These waits count against `EngineConfig.max_resume_waits`, not
+        `max_retries` (a full verifier is not a broken one); past it, `EdgeError`
+        RESOURCE_EXHAUSTED with the hint."""
+        if err.evicted:
+            stats.evictions += 1
+        if waits > self.config.max_resume_waits:
+            raise EdgeError(
+                "RESOURCE_EXHAUSTED",
+                f"{what}: the verifier had no room to resume the session after {waits - 1} "
+                f"waits; retry later; last error: {err}",
+                retry_after_ms=self.retry_after_ms,
+            ) from err
+        stats.reconnects += 1
+        delay = (err.retry_after_ms or 0) / 1e3
+        logger.info(
+            "%s: %s; reopening the session in %.2f s (wait %d of %d)",
+            what,
+            "evicted by the verifier" if err.evicted else f"{err.code}",
+            delay,
+            waits,
+            self.config.max_resume_waits,
+        )
+        await asyncio.sleep(delay)
+
+    @staticmethod
+    def is_refusal(err: LinkError) -> bool:
+        """`err` is the verifier asking for patience, not a failure: an eviction, or a full
+        verifier, with a back-off hint (`wait_for_room` handles it)."""
+        return err.retry_after_ms is not None and (err.evicted or err.code == "RESOURCE_EXHAUSTED")
 
     @property
     def retry_after_ms(self) -> int:

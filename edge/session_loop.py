@@ -134,6 +134,7 @@ class SessionLoop:
         self.dropped: set[int] = set()  # seqs written on the current stream, then dropped
         self.next_decision: Decision | None = None  # chosen ahead of time but not yet used
         self.failures = 0  # link failures since the last good reply (bounds the retries)
+        self.waits = 0  # refusals for room since the last good reply (bounds the waits)
         self._round_failures = 0  # link failures during the current round
         self.last_end = time.perf_counter()  # when the previous round ended
 
@@ -191,8 +192,12 @@ class SessionLoop:
         return max(0, min(int(k), hi))
 
     async def _failed(self, err: LinkError, what: str) -> None:
-        self.failures += 1
         self._round_failures += 1
+        if self.recovery.is_refusal(err):  # evicted, or no room to reopen yet: wait the hint
+            self.waits += 1
+            await self.recovery.wait_for_room(err, self.waits, self.stats, what)
+            return
+        self.failures += 1
         await self.recovery.after_failure(err, self.failures, self.stats, what)
 
     # ---- speculative rounds -----------------------------------------------------------------
@@ -444,7 +449,7 @@ class SessionLoop:
         while True:
             reply = await self.link.receive()
             if reply.seq == seq and reply.verdict is not None:
-                self.failures = 0
+                self.failures = self.waits = 0
                 return reply
             if reply.seq in self.dropped and reply.outcome == "STALE":
                 self.dropped.discard(reply.seq)

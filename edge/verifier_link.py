@@ -46,6 +46,9 @@ class LinkError(Exception):
     request itself is refused (bad input, bad credentials) and would fail again. `code` is the
     status name the verifier answered ('UNAVAILABLE', 'INVALID_ARGUMENT', ...: gRPC's names, for
     every transport), None for a protocol violation such as a stream that ended early.
+    `retry_after_ms`: the verifier's back-off hint (a full verifier's RESOURCE_EXHAUSTED, an
+    evicted session's ABORTED), None without one; `evicted`: the verifier evicted the session to
+    keep its KV budget (reopen it with the committed prefix after the hint).
     """
 
     def __init__(
@@ -56,12 +59,16 @@ class LinkError(Exception):
         code: str | None = None,
         retryable: bool = True,
         details: str = "",
+        retry_after_ms: int | None = None,
+        evicted: bool = False,
     ) -> None:
         super().__init__(message)
         self.address = address
         self.code = code
         self.retryable = retryable
         self.details = details
+        self.retry_after_ms = retry_after_ms
+        self.evicted = evicted
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from edgespec.core.validation import check_int
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 
 __all__ = [
+    "EVICTED_METADATA_KEY",
     "FIELD_METADATA_KEY",
     "RETRY_AFTER_METADATA_KEY",
     "FieldError",
@@ -41,8 +42,12 @@ __all__ = [
 # Trailing-metadata key naming the request field at fault in an error status (see the error
 # convention in edgespec.proto).
 FIELD_METADATA_KEY = "edgespec-field"
-# With RESOURCE_EXHAUSTED (edge or verifier): how long the caller should back off, in ms.
+# With RESOURCE_EXHAUSTED (edge or verifier), or ABORTED for an evicted session: how long the
+# caller should back off, in ms.
 RETRY_AFTER_METADATA_KEY = "edgespec-retry-after-ms"
+# With ABORTED: "1" when the verifier evicted the session to keep its KV budget (the edge
+# reopens it with its committed prefix after the retry hint).
+EVICTED_METADATA_KEY = "edgespec-evicted"
 
 _PARAM_FIELDS = frozenset(
     ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop_token_ids", "sampler")

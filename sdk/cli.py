@@ -201,6 +201,10 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         threads=args.threads,
         memo_drafts=not args.no_draft_memo,
         emulate_target=not args.real_target_forwards,
+        kv_budget_tokens=args.kv_budget_tokens,
+        kv_admissions=tuple(args.kv_admission.split(",")),
+        retry_after_ms=args.retry_after_ms,
+        client_retries=args.client_retries,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -251,6 +255,30 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
         help="emulated profiles: the batching verifier runs every target forward for real (by "
         "default its greedy rows are computed ahead and each step is charged the modelled "
         "batched forward: edgespec.bench.emulated_verifier)",
+    )
+    p.add_argument(
+        "--kv-budget-tokens",
+        type=int,
+        help="overload: the verifier's KV budget in tokens (default: none)",
+    )
+    p.add_argument(
+        "--kv-admission",
+        default="reserve",
+        help="with --kv-budget-tokens: admission modes measured, e.g. none,reserve,evict (one "
+        "verifier each; reserve: by each session's most; evict: by what sessions hold, "
+        "evicting the newest when a step would pass the budget; none: no budget, the reference)",
+    )
+    p.add_argument(
+        "--retry-after-ms",
+        type=int,
+        default=250,
+        help="with --kv-budget-tokens: the verifier's retry hint to refused and evicted sessions",
+    )
+    p.add_argument(
+        "--client-retries",
+        type=int,
+        default=40,
+        help="retries of a session its client got RESOURCE_EXHAUSTED for (after the hint)",
     )
 
 

@@ -53,6 +53,8 @@ class VerifierMetrics:
       edge), "idle" (reaped after the idle TTL), "stream_end", "error".
     - ``errors_total{code}``: failed RPCs by gRPC status name.
     - ``active_sessions``: sessions holding a KV cache now.
+    - ``evictions_total``: sessions evicted to keep the KV budget (admission "evict");
+      ``resumes_total``: evicted sessions reopened with their committed prefix.
 
     Example::
 
@@ -113,6 +115,9 @@ class VerifierMetrics:
             "Sessions holding a KV cache.",
             registry=registry,
         )
+        self.evictions = counter("evictions", "Sessions evicted to keep the KV budget.")
+        self.resumes = counter("resumes", "Evicted sessions reopened with their committed prefix.")
+        self._synced = (0, 0)  # the engine's (evicted, resumed) already counted
 
     def observe_block(
         self,
@@ -166,6 +171,16 @@ class VerifierMetrics:
     def observe_error(self, code: str) -> None:
         """Record a failed RPC by its gRPC status name, e.g. ``"RESOURCE_EXHAUSTED"``."""
         self.errors.labels(code=code).inc()
+
+    def sync_sessions(self, sessions: int, evicted: int, resumed: int) -> None:
+        """Set ``active_sessions`` to `sessions` and bring ``evictions_total`` and
+        ``resumes_total`` up to `evicted` and `resumed` (the engine's own running totals, so
+        the metrics never drift from them)."""
+        self.set_active_sessions(sessions)
+        done_evicted, done_resumed = self._synced
+        self.evictions.inc(max(evicted - done_evicted, 0))
+        self.resumes.inc(max(resumed - done_resumed, 0))
+        self._synced = (max(evicted, done_evicted), max(resumed, done_resumed))
 
     def set_active_sessions(self, count: int) -> None:
         """Set the number of live sessions (from the engine's own count, so it never drifts)."""

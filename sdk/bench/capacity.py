@@ -33,6 +33,14 @@ on its own thread, padded to the modelled draft time; the real draft forward of 
 runs once per worker process and is shared by its sessions; tokens unchanged). The JSON says so
 (``edge_emulation``). ``--no-draft-memo`` runs every session's draft forwards for real.
 
+Overload (``--kv-budget-tokens``): the verifier gets a KV budget, measured under each admission
+mode of ``--kv-admission`` (one verifier each: "reserve" refuses what would not fit at its
+longest, "evict" admits by what sessions hold and evicts the newest when a step would pass the
+budget, `VerifierConfig.kv_admission`; "none" runs the same load without the budget, the
+reference). A client refused RESOURCE_EXHAUSTED retries after the
+hint (bounded). Each row then says the sessions offered and completed, the RESOURCE_EXHAUSTED
+answers and retries, the verifier's evictions and resumes, errors and altered outputs.
+
 Per row: replica tokens/s (all tokens / the wall time from the common start to the last end),
 per-session tokens/s (median, p10), TTFT median, the verifier queue time per block (median over
 blocks), mean sessions and tokens per target forward (from the verifier's Prometheus metrics),
@@ -54,6 +62,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from itertools import product
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -62,6 +71,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgespec.bench.emulated_edge import LogitsMemo, MemoStats, runner_factory
 from edgespec.bench.processes import verifier_process
+from edgespec.cloud.verifier_types import KV_ADMISSIONS
 from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.models import load_tokenizer
@@ -79,6 +89,9 @@ _STEP_METRICS = (
     "edgespec_verifier_forward_tokens_",
     "edgespec_verifier_verify_seconds_",
 )
+_ADMISSION_METRICS = ("edgespec_verifier_evictions_total", "edgespec_verifier_resumes_total")
+_ERRORS = "edgespec_verifier_errors_total"
+NO_BUDGET = "none"  # a `kv_admissions` entry: the verifier without the KV budget (reference)
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,15 @@ class CapacityConfig:
     # host a parallel region waits for its slowest (descheduled) thread (a 5-token forward of
     # the demo target measured 750 ms with 2 threads on a loaded 2-core host, 19 ms with 1).
     threads: int = 1
+    # Overload: the verifier's KV budget (None: none), measured under each admission mode of
+    # `kv_admissions` (one verifier each; see `VerifierConfig.kv_admission`; "none": the same
+    # verifier without the budget, the reference in the same run), and the retry
+    # hint it sends. A session refused RESOURCE_EXHAUSTED is retried by its client after the
+    # hint, at most `client_retries` times (counted in the row).
+    kv_budget_tokens: int | None = None
+    kv_admissions: tuple[str, ...] = ("reserve",)
+    retry_after_ms: int = 250
+    client_retries: int = 40
 
     def __post_init__(self) -> None:
         for n in self.sessions:
@@ -133,6 +155,13 @@ class CapacityConfig:
                 f"methods: cloud_sd needs a compute profile with a cloud-draft variant "
                 f"(h100-70b), got {self.compute_profile!r}"
             )
+        if self.kv_budget_tokens is not None:
+            check_int("kv_budget_tokens", self.kv_budget_tokens, 1)
+        admissions = (*KV_ADMISSIONS, NO_BUDGET)
+        if not self.kv_admissions or not set(self.kv_admissions) <= set(admissions):
+            raise ValueError(f"kv_admissions must be a non-empty subset of {admissions}")
+        check_int("retry_after_ms", self.retry_after_ms, 1)
+        check_int("client_retries", self.client_retries, 0)
 
 
 @dataclass(frozen=True)
@@ -152,6 +181,7 @@ class _Job:
     timeout_s: float
     threads: int = 1  # torch intra-op threads in the worker
     memo: bool = True  # emulated edge devices share draft forwards (`emulated_edge`)
+    client_retries: int = 0  # a session refused RESOURCE_EXHAUSTED is retried this often
 
 
 @dataclass
@@ -172,6 +202,10 @@ class _SessionRecord:
     ks: list[int] = field(default_factory=list)  # per round: k drafted, 0 for cloud-only
     error: str = ""
     prompt_index: int = 0
+    refused: int = 0  # RESOURCE_EXHAUSTED answers its client got
+    retries: int = 0  # attempts its client made after a RESOURCE_EXHAUSTED
+    lost: int = 0  # attempts refused after streaming tokens (the client restarted from 0)
+    evictions: int = 0  # times the verifier evicted it (its edge resumed it)
 
 
 @lru_cache(maxsize=2)
@@ -206,6 +240,7 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
     from edgespec.edge.config import EngineConfig, LinkConfig
     from edgespec.edge.engine import EdgeEngine
     from edgespec.edge.records import SummaryEvent, TokensEvent
+    from edgespec.edge.recovery import EdgeError
     from edgespec.linkemu import LinkEmulator, LinkProfile
 
     model = _draft_model(job.draft)
@@ -237,7 +272,28 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
             return rec
 
         async def run(engine: EdgeEngine, prompt: list[int]) -> _SessionRecord:
+            """One session as a client sees it: refused RESOURCE_EXHAUSTED, it retries after
+            the hint (bounded); its times count from its first attempt."""
             start = time.time()
+            refused = retries = lost = 0
+            while True:
+                rec = await attempt(engine, prompt, start)
+                if isinstance(rec, tuple):
+                    err, streamed = rec
+                    refused += err.code == "RESOURCE_EXHAUSTED"
+                    lost += streamed
+                    if err.code == "RESOURCE_EXHAUSTED" and retries < job.client_retries:
+                        retries += 1
+                        await asyncio.sleep((err.retry_after_ms or 1000) / 1e3)
+                        continue
+                    rec = _SessionRecord([], start, 0.0, time.time(), 0, 0, 0, error=repr(err))
+                rec.refused, rec.retries, rec.lost = refused, retries, lost
+                return rec
+
+        async def attempt(
+            engine: EdgeEngine, prompt: list[int], start: float
+        ) -> _SessionRecord | tuple[EdgeError, bool]:
+            """One generation: its record, or the edge's error and whether tokens had come."""
             first = 0.0
             tokens: list[int] = []
             try:
@@ -259,7 +315,10 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                         rec.network_ms = [r.timing.network_ms for r in rounds]
                         rec.round_ms = [r.round_ms for r in rounds]
                         rec.ks = [r.k if r.mode == "speculative" else 0 for r in rounds]
+                        rec.evictions = st.evictions
                         return rec
+            except EdgeError as err:
+                return err, bool(tokens)
             except Exception as err:  # noqa: BLE001 - a failed session is a result of the run
                 return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error=repr(err))
             return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error="no summary")
@@ -283,14 +342,24 @@ def _free_port() -> int:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    """The verifier's counters: batch_size, forward_tokens and verify_seconds sums and counts."""
+    """The verifier's counters: batch_size, forward_tokens and verify_seconds sums and counts,
+    evictions, resumes, and RESOURCE_EXHAUSTED answers (``_ADMISSION_METRICS``)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith(_STEP_METRICS) and sample.name.endswith(("_sum", "_count")):
+            step = sample.name.startswith(_STEP_METRICS)
+            if (step and sample.name.endswith(("_sum", "_count"))) or (
+                sample.name in _ADMISSION_METRICS
+            ):
                 out[sample.name] = sample.value
+            elif sample.name == _ERRORS and sample.labels.get("code") == "RESOURCE_EXHAUSTED":
+                out[_ERRORS] = sample.value
     return out
+
+
+def _delta(before: dict[str, float], after: dict[str, float], name: str) -> int:
+    return round(after.get(name, 0.0) - before.get(name, 0.0))
 
 
 def _per_forward(before: dict, after: dict, name: str) -> float | None:
@@ -397,6 +466,19 @@ def _row(
         "vs_bound": replica / bound if bound else None,
         "errors": len(records) - len(ok),
         "altered_outputs": altered,  # outputs different from the target alone (greedy)
+        # admission under the KV budget: sessions offered, RESOURCE_EXHAUSTED answers their
+        # clients got (each followed by a retry, but for a session that then gave up), the
+        # verifier's refused OpenSessions (the edges' own retries included), its evictions and
+        # resumes, the edges' evictions seen, attempts refused after streaming tokens
+        "sessions_offered": len(records),
+        "sessions_completed": len(ok),
+        "resource_exhausted_answers": sum(r.refused for r in records),
+        "client_retries": sum(r.retries for r in records),
+        "verifier_refused_opens": _delta(before, after, _ERRORS),
+        "evictions": _delta(before, after, _ADMISSION_METRICS[0]),
+        "resumes": _delta(before, after, _ADMISSION_METRICS[1]),
+        "edge_evictions": sum(r.evictions for r in ok),
+        "lost_partial_outputs": sum(r.lost for r in records),
         "tokens": tokens,
         "wall_s": wall,
         # share of rounds decoded cloud-only (adaptive), and k over the speculative ones
@@ -523,19 +605,21 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
         stack.enter_context(workdir)
         verifiers = {}
         for kind in sorted({m[4] for m in _methods(config)}):
-            port = _free_port()
-            profile_name = _profile_of(kind, config)
-            args = ["--compute-profile", profile_name, "--metrics-port", str(port)]
-            args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
-            args += ["--batch-max-sessions", str(config.batch_max_sessions)]
-            args += ["--no-batching"] if kind == SERIAL else []
-            oracle = oracle_file if kind != SERIAL and emulated_target else None
-            address = stack.enter_context(
-                verifier_process(target, config.threads, 180.0, args, oracle_file=oracle)
-            )
-            verifiers[kind] = (address, port)
+            for admission in config.kv_admissions:
+                port = _free_port()
+                args = ["--compute-profile", _profile_of(kind, config), "--metrics-port", str(port)]
+                args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
+                args += ["--batch-max-sessions", str(config.batch_max_sessions)]
+                args += ["--no-batching"] if kind == SERIAL else []
+                if config.kv_budget_tokens is not None and admission != NO_BUDGET:
+                    args += ["--kv-budget-tokens", str(config.kv_budget_tokens)]
+                    args += ["--kv-admission", admission]
+                    args += ["--retry-after-ms", str(config.retry_after_ms)]
+                oracle = oracle_file if kind != SERIAL and emulated_target else None
+                process = verifier_process(target, config.threads, 180.0, args, oracle_file=oracle)
+                verifiers[kind, admission] = (stack.enter_context(process), port)
         # Warm-up (not recorded): every worker loads the draft, the verifiers run a first step.
-        for kind, (address, _) in verifiers.items():
+        for (kind, _), (address, _) in verifiers.items():
             warm = _Job(
                 str(draft),
                 address,
@@ -551,53 +635,40 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 config.threads,
             )
             list(pool.map(_run_job, [warm] * config.edge_processes))
-        for rtt in config.rtts_ms:
-            for name, policy, k, pipelined, kind in _methods(config):
-                address, port = verifiers[kind]
-                profile_name = _profile_of(kind, config)
-                template = _Job(
-                    str(draft),
-                    address,
-                    0.0 if kind == CLOUD_SD else rtt,  # the draft sits beside the verifier
-                    profile_name,
-                    policy,
-                    k,
-                    pipelined,
-                    [],
-                    config.max_new_tokens,
-                    0.0,
-                    config.timeout_s,
-                    config.threads,
-                    config.memo_drafts,
-                )
-                for n in config.sessions:
-                    before = _scrape(port)
-                    records, memo = _measure(pool, template, prompts[:n], config.edge_processes)
-                    after = _scrape(port)
-                    rows.append(
-                        _row(
-                            name,
-                            n,
-                            rtt,
-                            k,
-                            records,
-                            before,
-                            after,
-                            profile_name,
-                            expected,
-                        )
-                    )
-                    # draft forwards the sessions asked for / ran for real (None: no memo)
-                    shared = memo["forwards"] > 0
-                    rows[-1]["draft_forwards"] = memo["forwards"] if shared else None
-                    rows[-1]["draft_real_forwards"] = memo["real_forwards"] if shared else None
-                    logger.info(
-                        "%s N=%d rtt=%g: %.1f tokens/s",
-                        name,
-                        n,
-                        rtt,
-                        rows[-1]["replica_tokens_per_s"],
-                    )
+        for rtt, (name, policy, k, pipelined, kind), admission, n in product(
+            config.rtts_ms, _methods(config), config.kv_admissions, config.sessions
+        ):
+            address, port = verifiers[kind, admission]
+            profile_name = _profile_of(kind, config)
+            before = _scrape(port)
+            template = _Job(
+                str(draft),
+                address,
+                0.0 if kind == CLOUD_SD else rtt,  # the draft sits beside the verifier
+                profile_name,
+                policy,
+                k,
+                pipelined,
+                [],
+                config.max_new_tokens,
+                0.0,
+                config.timeout_s,
+                config.threads,
+                config.memo_drafts,
+                config.client_retries,
+            )
+            records, memo = _measure(pool, template, prompts[:n], config.edge_processes)
+            after = _scrape(port)
+            row = _row(name, n, rtt, k, records, before, after, profile_name, expected)
+            budgeted = config.kv_budget_tokens is not None
+            row["kv_budget_tokens"] = config.kv_budget_tokens if admission != NO_BUDGET else None
+            row["kv_admission"] = admission if budgeted else None
+            # draft forwards the sessions asked for / ran for real (None: no memo)
+            shared = memo["forwards"] > 0
+            row["draft_forwards"] = memo["forwards"] if shared else None
+            row["draft_real_forwards"] = memo["real_forwards"] if shared else None
+            rows.append(row)
+            logger.info("%s N=%d rtt=%g: %.1f tokens/s", name, n, rtt, row["replica_tokens_per_s"])
     profile = get_profile(config.compute_profile)
     return {
         "config": asdict(config),
@@ -673,3 +744,12 @@ def print_summary(result: dict[str, Any]) -> None:
             f"{'-' if bound is None else round(bound, 1)}  errors {r['errors']}  altered "
             f"{r['altered_outputs']}"
         )
+        if r.get("kv_admission"):
+            print(
+                f"{'':>20} kv {r['kv_admission']} budget {r['kv_budget_tokens'] or '-'}: offered "
+                f"{r['sessions_offered']} completed {r['sessions_completed']}  "
+                f"RESOURCE_EXHAUSTED {r['resource_exhausted_answers']} (client retries "
+                f"{r['client_retries']}, verifier refused opens {r['verifier_refused_opens']})  "
+                f"evictions {r['evictions']} resumes {r['resumes']}  lost partial "
+                f"{r['lost_partial_outputs']}"
+            )

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from edgespec.bench.capacity import CapacityConfig, capacity_bound, cloud_sd_bound
+from edgespec.bench.capacity import CapacityConfig, _prompts, capacity_bound, cloud_sd_bound
 from edgespec.cli import main
 
 ROW_KEYS = {
@@ -51,6 +51,41 @@ def test_capacity_smoke(tiny_pair, tmp_path) -> None:
     assert all(row["draft_real_forwards"] <= row["draft_forwards"] for row in result["rows"])
     assert (tmp_path / "plots" / "capacity_vs_sessions.png").stat().st_size > 0
     assert (tmp_path / "plots" / "capacity_frontier.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_capacity_overload_smoke(tiny_pair, tmp_path) -> None:
+    """A KV budget for two sessions at their longest, four offered, both admission modes: every
+    session completes with the target alone's output; the admission figures are in the rows."""
+    longest = max(len(p) for p in _prompts(tiny_pair.target_dir, 4))
+    budget = 2 * (longest + 8 + 16)  # prompt + max_new_tokens + the bench's max_block_tokens
+    out = tmp_path / "overload.json"
+    status = main(
+        [
+            "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
+            str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "4", "--rtt-ms", "5",
+            "-k", "3", "--max-new-tokens", "8", "--edge-processes", "2", "--methods", "fixed",
+            "--kv-budget-tokens", str(budget), "--kv-admission", "reserve,evict",
+            "--retry-after-ms", "50",
+        ]
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert status == 0
+    assert [r["kv_admission"] for r in rows] == ["reserve", "evict"]
+    for row in rows:
+        assert row["kv_budget_tokens"] == budget
+        assert row["sessions_offered"] == row["sessions_completed"] == 4
+        assert row["errors"] == 0 and row["altered_outputs"] == 0
+        assert row["lost_partial_outputs"] == 0
+        assert row["client_retries"] <= row["resource_exhausted_answers"]
+    assert rows[0]["evictions"] == rows[0]["resumes"] == 0  # reserve never evicts
+
+
+def test_overload_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="kv_admissions"):
+        CapacityConfig(kv_admissions=("lru",))
+    with pytest.raises(ValueError, match="kv_budget_tokens"):
+        CapacityConfig(kv_budget_tokens=0)
 
 
 def test_bound_grows_with_sessions_when_batched_not_when_serial() -> None:
