@@ -32,14 +32,16 @@ def test_capacity_smoke(tiny_pair, tmp_path) -> None:
             "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
             str(tiny_pair.draft_dir), "--json", str(out), "--plots", str(tmp_path / "plots"),
             "--sessions", "1,3", "--rtt-ms", "5", "-k", "3", "--max-new-tokens", "8",
-            "--edge-processes", "2",
+            "--edge-processes", "2", "--methods", "cloud_only,fixed,adaptive,serial,cloud_sd",
         ]
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert status == 0
     methods = {r["method"] for r in result["rows"]}
-    assert methods == {"cloud_only", "cloud_only_serial", "fixed_k3", "fixed_k3_serial", "adaptive"}
-    assert len(result["rows"]) == 10  # 5 methods x 2 session counts
+    assert methods == {
+        "cloud_only", "cloud_only_serial", "fixed_k3", "fixed_k3_serial", "adaptive", "cloud_sd_k3"
+    }  # fmt: skip
+    assert len(result["rows"]) == 12  # 6 methods x 2 session counts
     for row in result["rows"]:
         assert set(row) >= ROW_KEYS
         assert row["errors"] == 0 and row["altered_outputs"] == 0
