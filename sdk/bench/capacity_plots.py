@@ -4,6 +4,7 @@ RTT, one line per method."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from edgespec.bench.plots import plt, profile_label
@@ -19,7 +20,9 @@ def _lines(rows: list[dict], rtt: float) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         if r["rtt_ms"] == rtt:
-            out.setdefault(r["method"], []).append(r)
+            admission = r.get("kv_admission")  # overload runs: one line per admission mode
+            label = r["method"] if admission is None else f"{r['method']} [{admission}]"
+            out.setdefault(label, []).append(r)
     return {m: sorted(rs, key=lambda r: r["sessions"]) for m, rs in out.items()}
 
 
@@ -61,7 +64,10 @@ def plot_capacity(result: dict, out_dir: str | Path) -> list[Path]:
             ax.legend(fontsize=8)
         edges = result.get("edge_emulation", "")
         note = " | edge devices emulated" if edges.startswith("EMULATED") else ""
-        fig.suptitle(f"One verifier replica, N edges | {profile_label(result)}{note}", fontsize=9)
+        if result.get("verifier_emulation", "").startswith("EMULATED"):
+            note += " | cloud GPU emulated"
+        title = f"One verifier replica, N edges | {profile_label(result)}{note}"
+        fig.suptitle("\n".join(textwrap.wrap(title, 45 * len(rtts) + 30)), fontsize=9)
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=120)
