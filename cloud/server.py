@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--batch-max-sessions", type=int, default=defaults.batch_max_sessions)
     ap.add_argument(
+        "--batch-return-fraction",
+        type=float,
+        default=defaults.batch_return_fraction,
+        help="wait after a step for sessions that come back within this fraction of a step",
+    )
+    ap.add_argument(
         "--kv-budget-tokens", type=int, default=None, help="KV tokens all sessions may hold"
     )
     ap.add_argument(
@@ -106,6 +112,7 @@ async def _run(
         device=args.device,
         batching=not args.no_batching,
         batch_max_sessions=args.batch_max_sessions,
+        batch_return_fraction=args.batch_return_fraction,
         kv_budget_tokens=args.kv_budget_tokens,
         kv_admission=args.kv_admission,
         retry_after_ms=args.retry_after_ms,

@@ -17,12 +17,12 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
 - A queued block that a later block of its session follows, and that needs no model work
   (STALE: mostly a pipelined guess that missed; or REPLAYED), is answered before the step is
   taken, so the block that replaced it joins this step instead of waiting one more.
-- Quick returns share a step: after a step, the scheduler waits (at most
-  `batch_return_window_ms`, and no longer than twice their usual gap) for the sessions of that
-  step whose last next item came back within that window after its answer, e.g. edges beside the
-  verifier. Without it each such session would start a step of its own a millisecond after the
-  other, and the batch would split. Sessions that take longer (an RTT, a draft) are not waited
-  for.
+- Quick returns share a step: after a step, the scheduler waits for the sessions of that step
+  whose next items usually come back within `batch_return_fraction` of the step's time after
+  their answers (e.g. edges beside the verifier), at most that long and no longer than twice
+  their usual gap. Without it each such session would start a step of its own a few ms after
+  the other, and the batch would split in two for good. Sessions that take longer (an RTT, a
+  draft) are not waited for, and the wait costs the others at most that fraction of a step.
 - An item whose caller has gone (RPC cancelled) before its step is dropped without running;
   once in a step it runs to the end and its outcome is discarded.
 - Cloud-only decode streams run back to back: when a step's result says a decode block has
@@ -88,7 +88,8 @@ class StepScheduler:
         self.max_sessions = config.batch_max_sessions
         self.max_tokens = config.batch_max_tokens
         self.window_s = config.batch_window_ms / 1e3
-        self.return_window_s = config.batch_return_window_ms / 1e3
+        self.return_fraction = config.batch_return_fraction
+        self._step_s = 0.0  # the wall time of the last step
         # per session: when its last item was answered, and how long its next ones took to
         # come after theirs (its return gap, smoothed)
         self._answered: dict[str, float] = {}
@@ -167,6 +168,7 @@ class StepScheduler:
             except RuntimeError as err:  # the executor has shut down (the server is stopping)
                 self._finish(step, err, done)
             await done
+            self._step_s = time.perf_counter() - now
             # Let the callers just answered run before the next step is taken: a stream whose
             # next block has already arrived (a block drafted ahead, or a STALE one to skip)
             # submits it within these few loop turns and joins the very next step, instead of
@@ -178,12 +180,13 @@ class StepScheduler:
     async def _await_returns(self, step: list[_Queued]) -> None:
         """Wait for the sessions of `step` that come back quickly as a rule (see the module
         docstring: quick returns share a step)."""
-        if self.return_window_s <= 0:
+        window_s = self.return_fraction * self._step_s
+        if window_s <= 0:
             return
         gaps = {
             q.work.session_id: self._gaps[q.work.session_id]
             for q in step
-            if self._gaps.get(q.work.session_id, float("inf")) <= self.return_window_s
+            if self._gaps.get(q.work.session_id, float("inf")) <= window_s
         }
 
         def waiting() -> set[str]:
@@ -191,7 +194,7 @@ class StepScheduler:
 
         late = waiting()
         if late:
-            wait_s = min(self.return_window_s, 2 * max(gaps[sid] for sid in late))
+            wait_s = min(window_s, 2 * max(gaps[sid] for sid in late))
             await self._wait_while(time.perf_counter() + wait_s, lambda: bool(waiting()))
 
     async def _gather_window(self) -> None:

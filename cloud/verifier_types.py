@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from edgespec.core.session import Verdict
-from edgespec.core.validation import check_int, check_ms, check_positive
+from edgespec.core.validation import check_float, check_int, check_ms, check_positive
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 NOT_FOUND = "NOT_FOUND"
@@ -85,10 +85,11 @@ class VerifierConfig:
     batch_max_tokens: int = 2048  # tokens fed by one step at most (its first item always runs)
     # How long an idle scheduler waits after the first ready item for others to join its step.
     batch_window_ms: float = 1.0
-    # After a step, how long the scheduler may wait for sessions of that step that came back
-    # within this long after their last answers (edges beside the verifier, e.g. cloud-side
-    # drafting), so they share the next step instead of each starting its own; 0: never.
-    batch_return_window_ms: float = 5.0
+    # After a step, the scheduler may wait for sessions of that step that come back within
+    # this fraction of the step's time after their answers (edges beside the verifier, e.g.
+    # cloud-side drafting), so they share the next step instead of each starting its own; the
+    # wait costs the others at most that fraction of a step. 0: never wait.
+    batch_return_fraction: float = 0.25
     # A new session's prefix enters its cache in steps of at most this many tokens, batched
     # with other sessions' work, so that a long prompt does not stall them.
     prefill_chunk_tokens: int = 256
@@ -121,7 +122,7 @@ class VerifierConfig:
         check_int("batch_max_sessions", self.batch_max_sessions, 1)
         check_int("batch_max_tokens", self.batch_max_tokens, 1)
         check_ms("batch_window_ms", self.batch_window_ms)
-        check_ms("batch_return_window_ms", self.batch_return_window_ms)
+        check_float("batch_return_fraction", self.batch_return_fraction, 0, 1)
         check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1)
         if self.kv_budget_tokens is not None:
             check_int("kv_budget_tokens", self.kv_budget_tokens, 1)

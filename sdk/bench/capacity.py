@@ -3,8 +3,9 @@
 For every RTT, method and session count N, N greedy sessions start together, each from its own
 emulated edge device: its own `EdgeEngine` (its own draft thread, so draft forwards of different
 sessions never queue behind each other) behind its own link emulator (a TCP proxy with the
-RTT). The edges live in `edge_processes` worker processes (spawned once for the whole run), so
-the edge side is not one Python thread either (the padding sleeps of different sessions overlap).
+RTT; at RTT 0 it connects directly). The edges live in `edge_processes` worker processes
+(spawned once for the whole run), so the edge side is not one Python thread either (the padding
+sleeps of different sessions overlap).
 Under an emulated profile the real draft compute is shared too (see below), so that N emulated
 edge devices do not queue on the host's cores; under ``real`` every session's draft runs for
 real on those cores. One verifier subprocess serves them all: the
@@ -21,7 +22,9 @@ and ``cloud_only_serial`` (fixed k, and cloud-only decoding, against the one-at-
 with ``serial``), and ``cloud_sd_k{k}`` (cloud-side speculative decoding, opt-in ``cloud_sd``:
 the draft beside the target on the verifier's GPU, under the profile's cloud-draft variant,
 e.g. ``h100-70b-cloud-draft``: each step also pays the batched draft forwards of its sessions'
-blocks, and the sessions' edges draft for free at RTT 0, as if on the verifier; a row's
+blocks, and the sessions' edges draft for free at RTT 0, as if on the verifier, with the
+verifier waiting for their turnaround through this host's edge processes as if in lockstep
+(``--batch-return-fraction 1``); a row's
 ``rtt_ms`` is then that of the other rows it is compared with). Prompts: the benchmark prompts
 (`BENCH_PROMPTS`) in turn; every output is compared with the target alone's
 (``altered_outputs``). Each speculative row also carries the analytic estimate of cloud-side
@@ -249,12 +252,15 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
     with ExitStack() as stack:
         engines = []
         for _ in job.prompts:  # one device per session: its own link, draft thread, engine
-            emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=job.rtt_ms)).start()
-            stack.callback(emu.stop)
+            address = job.verifier  # RTT 0 (drafts beside the verifier): no proxy in between
+            if job.rtt_ms > 0:
+                emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=job.rtt_ms)).start()
+                stack.callback(emu.stop)
+                address = emu.address
             engine = EdgeEngine(
                 model,
                 None,
-                [emu.address],
+                [address],
                 link_config=LinkConfig(round_timeout_s=job.timeout_s),
                 # Draft on the engine's own thread even with one session: inline, the
                 # modelled draft time would be slept on the worker's event loop, and the sessions
@@ -610,6 +616,11 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 args = ["--compute-profile", _profile_of(kind, config), "--metrics-port", str(port)]
                 args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
                 args += ["--batch-max-sessions", str(config.batch_max_sessions)]
+                if kind == CLOUD_SD:
+                    # Cloud-side drafting runs every session's draft and verify in one
+                    # iteration; here each session's turnaround goes through its own edge
+                    # process (~10-25 ms on this host), which a step must wait for to batch them.
+                    args += ["--batch-return-fraction", "1.0"]
                 args += ["--no-batching"] if kind == SERIAL else []
                 if config.kv_budget_tokens is not None and admission != NO_BUDGET:
                     args += ["--kv-budget-tokens", str(config.kv_budget_tokens)]

@@ -23,6 +23,7 @@ from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import RESOURCE_EXHAUSTED, Outcome, ServiceError, VerifierConfig
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import BatchRoofline, ComputeProfile
 from edgespec.core.runner import ModelRunner
 from edgespec.core.session import DraftBlock
 from edgespec.protos.convert import RETRY_AFTER_METADATA_KEY
@@ -284,13 +285,16 @@ def test_a_superseded_stale_block_takes_no_step(tiny_pair) -> None:
 
 def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
     """Two sessions beside the verifier, one back at once after each answer, one 2 ms later
-    (a few ms on a loaded host: the test's window is wide): with the return window they share
-    the steps; without it, they split them (measured in one test, side by side)."""
+    (a few ms on a loaded host), steps of 20 ms (emulated): with the default return fraction
+    they share the steps; without it, they split them (measured side by side)."""
     model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
     rounds = 12
 
-    def shared_steps(window_ms: float) -> int:
-        engine = VerifierEngine(model, VerifierConfig(batch_return_window_ms=window_ms))
+    profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(20.0))
+
+    def shared_steps(fraction: float) -> int:
+        config = VerifierConfig(batch_return_fraction=fraction)
+        engine = VerifierEngine(model, config, compute_profile=profile)
         sizes: list[int] = []
 
         async def session(scheduler: StepScheduler, delay_s: float) -> None:
@@ -310,6 +314,6 @@ def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
         asyncio.run(main())
         return sum(size == 2 for size in sizes)
 
-    with_window, without = shared_steps(20.0), shared_steps(0.0)
+    with_window, without = shared_steps(VerifierConfig().batch_return_fraction), shared_steps(0.0)
     assert with_window >= rounds - 3  # the first returns teach the gaps
     assert without <= with_window - 3
