@@ -7,8 +7,8 @@ call, no channel lookup, no extra serialisation (byte counts come from the seria
 one timer for the round's deadline.
 
 The read of the next verdict is posted as soon as a block is written (a task), not when the
-caller asks for it: an edge busy drafting ahead, or waiting for grpc to confirm its own write,
-when the verdict arrives finds it read already. Posted late, the read of a verdict that has
+caller asks for it: an edge busy drafting ahead (or sending the block drafted ahead) when the
+verdict arrives finds it read already. Posted late, the read of a verdict that has
 arrived still goes through grpc's poller thread and wakes the event loop once more, a fraction
 of a millisecond each on a busy host.
 
@@ -237,8 +237,6 @@ class GrpcVerifierLink(VerifierLink):
             raise self._stream_failure(
                 f"VerifyStream failed: {code.name}: {details}", code, details
             )
-        if self._reading is None:  # its verdict is read as it arrives, whatever the caller does
-            self._reading = _read(call)
         self._in_flight += 1
         t_sent = time.perf_counter()
         try:
@@ -250,6 +248,8 @@ class GrpcVerifierLink(VerifierLink):
             # stream; the caller retries without writing ahead, so a deterministic failure then
             # shows its own status.
             raise self._stream_failure("the stream ended while a block was written", None) from None
+        if self._reading is None:  # its verdict is read as it arrives, whatever the caller does
+            self._reading = _read(call)
         return t_sent, self._counter.last_sent
 
     async def receive(self) -> Reply:
