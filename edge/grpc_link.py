@@ -250,6 +250,9 @@ class GrpcVerifierLink(VerifierLink):
             raise self._stream_failure("the stream ended while a block was written", None) from None
         if self._reading is None:  # its verdict is read as it arrives, whatever the caller does
             self._reading = _read(call)
+            # One loop turn (the verifier computes meanwhile): the read is posted now, not at
+            # the caller's next await, which may come after drafting the next block.
+            await asyncio.sleep(0)
         return t_sent, self._counter.last_sent
 
     async def receive(self) -> Reply:
@@ -291,7 +294,10 @@ class GrpcVerifierLink(VerifierLink):
         response = cast(pb.Verdict, message)
         if not response.more:
             self._in_flight -= 1
-        if self._in_flight > 0 or response.more:  # another reply is coming: read it as it comes
+        # A STALE reply (skipped) or a token of a stream: the caller reads the next one at once.
+        # After a verdict the next read waits for the next `send` (it would otherwise be posted
+        # at the caller's next await, in the middle of its next round).
+        if self._in_flight > 0 and (response.more or response.outcome == pb.Verdict.STALE):
             self._reading = _read(call)
         verdict = None
         if response.outcome == pb.Verdict.STALE:
