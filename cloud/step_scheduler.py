@@ -236,7 +236,7 @@ class StepScheduler:
     def _others_may_come(self) -> bool:
         """Whether an open session has no item queued yet (else the window would only delay:
         a lone session pays no gather window)."""
-        return self.engine.stats().sessions > len({q.work.session_id for q in self._queue})
+        return self.engine.open_sessions > len({q.work.session_id for q in self._queue})
 
     def _take(self) -> list[_Queued]:
         """The next step's items: FIFO within the budget, one per session (see the rules)."""
