@@ -6,12 +6,6 @@ a write of one `DraftBlock` and a read of its `Verdict`. Nothing else happens pe
 call, no channel lookup, no extra serialisation (byte counts come from the serializer itself),
 one timer for the round's deadline.
 
-The read of the next verdict is posted as soon as a block is written (a task), not when the
-caller asks for it: an edge busy drafting ahead (or sending the block drafted ahead) when the
-verdict arrives finds it read already. Posted late, the read of a verdict that has
-arrived still goes through grpc's poller thread and wakes the event loop once more, a fraction
-of a millisecond each on a busy host.
-
 Failures surface as `LinkError`, whose `retryable` flag tells the caller (the `EdgeEngine`)
 whether reopening the session, on this or on the next verifier, can help. The link never retries
 by itself. Addresses come from an `edgespec.edge.addresses` provider or assigner: each `open`
@@ -116,8 +110,6 @@ class GrpcVerifierLink(VerifierLink):
         self._expired = False
         self._stream_named = False  # the current stream's first block (naming the session) sent
         self._background: set[asyncio.Task] = set()
-        self._reading: asyncio.Task | None = None  # the stream's next read, posted ahead
-        self._in_flight = 0  # blocks written on the current stream whose last reply is to come
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -207,7 +199,6 @@ class GrpcVerifierLink(VerifierLink):
         # No request iterator: the call is written to (`write`) as blocks are drafted.
         self._call = method(timeout=self.config.stream_timeout_s, metadata=self._metadata)  # type: ignore[call-arg]
         self._stream_named = False
-        self._in_flight = 0
         logger.debug(
             "session %s open on %s at committed_len %d (prefill %.1f ms)",
             response.session_id,
@@ -237,7 +228,6 @@ class GrpcVerifierLink(VerifierLink):
             raise self._stream_failure(
                 f"VerifyStream failed: {code.name}: {details}", code, details
             )
-        self._in_flight += 1
         t_sent = time.perf_counter()
         try:
             await call.write(request)
@@ -248,11 +238,6 @@ class GrpcVerifierLink(VerifierLink):
             # stream; the caller retries without writing ahead, so a deterministic failure then
             # shows its own status.
             raise self._stream_failure("the stream ended while a block was written", None) from None
-        if self._reading is None:  # its verdict is read as it arrives, whatever the caller does
-            self._reading = _read(call)
-            # One loop turn (the verifier computes meanwhile): the read is posted now, not at
-            # the caller's next await, which may come after drafting the next block.
-            await asyncio.sleep(0)
         return t_sent, self._counter.last_sent
 
     async def receive(self) -> Reply:
@@ -265,14 +250,10 @@ class GrpcVerifierLink(VerifierLink):
             raise RuntimeError("link is not open; call open() first")
         self._expired = False
         loop = asyncio.get_running_loop()
-        reading, self._reading = self._reading, None
-        if reading is None:
-            reading = _read(call)
         # One timer per read; on expiry the call is cancelled, which fails the pending read.
         timer = loop.call_later(self.config.round_timeout_s, self._expire, call)
         try:
-            # A cancel of our caller cancels the read too, and with it the call (as grpc does).
-            message: object = await reading
+            message: object = await call.read()
         except asyncio.CancelledError:
             if not self._expired:
                 raise  # our caller was cancelled: not a link failure
@@ -292,13 +273,6 @@ class GrpcVerifierLink(VerifierLink):
                 f"stream ended before a verdict: {code.name} {details}", code, details
             )
         response = cast(pb.Verdict, message)
-        if not response.more:
-            self._in_flight -= 1
-        # A STALE reply (skipped) or a token of a stream: the caller reads the next one at once.
-        # After a verdict the next read waits for the next `send` (it would otherwise be posted
-        # at the caller's next await, in the middle of its next round).
-        if self._in_flight > 0 and (response.more or response.outcome == pb.Verdict.STALE):
-            self._reading = _read(call)
         verdict = None
         if response.outcome == pb.Verdict.STALE:
             outcome = "STALE"
@@ -354,7 +328,6 @@ class GrpcVerifierLink(VerifierLink):
         call, session, channel = self._call, self.session, self._channel
         self._call = None
         self._channel = None
-        self._reading = None  # it ends with the call
         if call is None or session is None or channel is None:
             return
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -424,7 +397,6 @@ class GrpcVerifierLink(VerifierLink):
         call, session, channel = self._call, self.session, self._channel
         self._call = None
         self._channel = None
-        self._reading = None  # it ends with the call (`_read` retrieves its outcome)
         if call is not None:
             call.cancel()
         if channel is not None and session is not None:
@@ -476,19 +448,6 @@ class GrpcVerifierLink(VerifierLink):
             retryable=code in RETRYABLE_CODES,
             details=details,
         )
-
-
-def _read(call: grpc.aio.StreamStreamCall) -> asyncio.Task:
-    """The call's next read as a task, posted now; its failure is retrieved even if nobody awaits
-    it (the stream was abandoned), so that asyncio logs nothing about it."""
-    task = asyncio.ensure_future(call.read())
-    task.add_done_callback(_retrieve)
-    return task
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 class GrpcLinks(LinkFactory):
