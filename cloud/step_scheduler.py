@@ -110,8 +110,10 @@ class StepScheduler:
             self._queue.append(queued)
             if self._idle and (self.window_s <= 0 or not self._others_may_come()):
                 # What the idle loop would do on waking, done now (it then awaits this step).
-                self._idle = False
-                self._launch(asyncio.get_running_loop(), self._take())
+                step = self._take()
+                if step:
+                    self._idle = False
+                    self._launch(asyncio.get_running_loop(), step)
             self._wake.set()
         else:
             queued.claimed = True
