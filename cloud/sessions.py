@@ -191,6 +191,12 @@ class SessionTable:
             retry_after_ms=self.retry_after_ms,
         )
 
+    @property
+    def open_count(self) -> int:
+        """Sessions open or opening, as `stats().sessions` counts them, without a snapshot (the
+        step scheduler asks before every step it may start)."""
+        return self._stats.sessions
+
     def unreserve(self, kv_tokens: int = 0, opening: int = 0) -> None:
         """Give back what `reserve` (`kv_tokens`) or `admit` (`opening`) took for a session
         that did not open."""

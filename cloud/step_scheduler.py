@@ -34,7 +34,9 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
 
 Threading: `submit` and `run` on one event loop; model work on `executor` (ONE thread), which
 answers the step's callers itself (one hand-off back to the loop per step, no second one
-through the step loop's task).
+through the step loop's task). An item submitted to an idle loop that would not wait for others
+(no gather window) starts its step from `submit` itself, not one loop turn later when the step
+loop's task wakes (that turn is on every lone session's round trip).
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ class StepScheduler:
         self._gaps: dict[str, float] = {}
         self.steps = 0
         self._busy = False  # a step just ended with work queued: the next one starts at once
+        self._idle = False  # the step loop waits for work (nothing queued, no step running)
+        self._running: asyncio.Future | None = None  # done when the step running now has ended
+        self._running_step: list[_Queued] = []  # that step's items
+        self._step_started = 0.0  # perf_counter when it started
         self._ahead: dict[tuple[str, int], _Queued] = {}  # decode tokens queued ahead
         self.ready_on_claim = 0  # decode tokens computed ahead before their stream asked
 
@@ -123,6 +129,12 @@ class StepScheduler:
             future: asyncio.Future = asyncio.get_running_loop().create_future()
             queued = _Queued(work, work.feed_estimate, arrived, future)
             self._queue.append(queued)
+            if self._idle and (self.window_s <= 0 or not self._others_may_come()):
+                # What the idle loop would do on waking, done now (it then awaits this step).
+                step = self._take()
+                if step:
+                    self._idle = False
+                    self._launch(asyncio.get_running_loop(), step)
             self._wake.set()
         else:
             queued.claimed = True
@@ -149,26 +161,25 @@ class StepScheduler:
         """The step loop (until cancelled)."""
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if self._running is None and not self._queue:
                 self._busy = False
                 self._wake.clear()
-                await self._wake.wait()
-            if not self._busy and self.window_s > 0:
-                await self._gather_window()  # idle: let others join the first item
-            step = self._take()
-            if not step:
-                continue
-            self._busy = True
-            now = time.perf_counter()
-            for item in step:
-                item.started = now
-            done: asyncio.Future = loop.create_future()
-            try:
-                self._executor.submit(self._step_on_worker, loop, step, done)
-            except RuntimeError as err:  # the executor has shut down (the server is stopping)
-                self._finish(step, err, done)
-            await done
-            self._step_s = time.perf_counter() - now
+                self._idle = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._idle = False
+            if self._running is None:  # else `submit` has started the step already
+                if not self._busy and self.window_s > 0:
+                    await self._gather_window()  # idle: let others join the first item
+                step = self._take()
+                if not step:
+                    continue
+                self._launch(loop, step)
+            assert self._running is not None
+            await self._running
+            self._running = None
+            step, self._step_s = self._running_step, time.perf_counter() - self._step_started
             # Let the callers just answered run before the next step is taken: a stream whose
             # next block has already arrived (a block drafted ahead, or a STALE one to skip)
             # submits it within these few loop turns and joins the very next step, instead of
@@ -196,6 +207,19 @@ class StepScheduler:
         if late:
             wait_s = min(window_s, 2 * max(gaps[sid] for sid in late))
             await self._wait_while(time.perf_counter() + wait_s, lambda: bool(waiting()))
+
+    def _launch(self, loop: asyncio.AbstractEventLoop, step: list[_Queued]) -> None:
+        """Start `step` on the model thread; `_running` is done when its callers are answered."""
+        self._busy = True
+        now = time.perf_counter()
+        for item in step:
+            item.started = now
+        done: asyncio.Future = loop.create_future()
+        self._running, self._running_step, self._step_started = done, step, now
+        try:
+            self._executor.submit(self._step_on_worker, loop, step, done)
+        except RuntimeError as err:  # the executor has shut down (the server is stopping)
+            self._finish(step, err, done)
 
     async def _gather_window(self) -> None:
         """Wait up to `window_s` while some open session has nothing queued (it may join)."""
@@ -266,7 +290,7 @@ class StepScheduler:
     def _others_may_come(self) -> bool:
         """Whether an open session has no item queued yet (else the window would only delay:
         a lone session pays no gather window)."""
-        return self.engine.stats().sessions > len({q.work.session_id for q in self._queue})
+        return self.engine.open_sessions > len({q.work.session_id for q in self._queue})
 
     def _answer_superseded(self) -> None:
         """Answer now, without a step, each queued block that a later block of its session

@@ -287,6 +287,11 @@ class VerifierEngine:
         """A snapshot of the counters."""
         return self._sessions.stats()
 
+    @property
+    def open_sessions(self) -> int:
+        """Sessions open or opening (`stats().sessions`, read without a snapshot)."""
+        return self._sessions.open_count
+
     def committed(self, session_id: str) -> list[int]:
         """A copy of the session's committed tokens (raises ServiceError NOT_FOUND)."""
         return self.session(session_id).verifier.committed

@@ -13,14 +13,21 @@ import math
 import numbers
 from typing import cast
 
+# These checks run on every round's messages (a verdict, a block): a plain int or float, by far
+# the usual value, is accepted without the slower abstract-class test.
+
 
 def is_int(value: object) -> bool:
     """An integral number that is not a bool."""
+    if type(value) is int:
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_real(value: object) -> bool:
     """A real number (int or float) that is not a bool; may be inf or nan."""
+    if type(value) is float or type(value) is int:
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -36,6 +43,8 @@ def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool
 
 def check_int(field: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
     """`value` as an int in [lo, hi] (a bound of None is open-ended)."""
+    if type(value) is int and (lo is None or value >= lo) and (hi is None or value <= hi):
+        return value
     v = int(cast(numbers.Integral, value)) if is_int(value) else None
     if v is None or (lo is not None and v < lo) or (hi is not None and v > hi):
         allowed = _range_text(lo, hi, False, False)
@@ -57,6 +66,13 @@ def check_float(
 
     `unit` is appended to the allowed range in the message (``"(milliseconds)"``).
     """
+    if (
+        type(value) is float
+        and math.isfinite(value)
+        and (lo is None or (value > lo if lo_open else value >= lo))
+        and (hi is None or (value < hi if hi_open else value <= hi))
+    ):
+        return value
     v = float(cast(numbers.Real, value)) if is_real(value) else math.nan
     ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
     ok = ok and (hi is None or (v < hi if hi_open else v <= hi))
