@@ -274,6 +274,12 @@ class AdaptivePolicy:
             pipelined=self.config.pipelined,
         )
         cloud = spec.cloud_ms_per_token() + (self._cloud_offset.value or 0.0)
+        if self._load.floor is not None:
+            # A streamed token is one forward: never cheaper than the verifier's told idle fixed
+            # cost. Until cloud-only steps teach the offset, t_v(1) is the t_v(n) fit
+            # extrapolated to n = 1, which a session verifying only long blocks (trees of 10-64
+            # nodes) leaves far off on a noisy host (seen: 16 ms for a 30 ms forward).
+            cloud = max(cloud, self._load.floor)
         return replace(spec, cloud_token_ms=max(cloud, 1e-3))
 
     def estimates(self) -> Estimates | None:

@@ -131,3 +131,16 @@ def test_trees_shrink_when_the_verifier_is_loaded() -> None:
         return sum(d.tree.nodes if d.tree else d.k for d in decisions) / len(decisions)
 
     assert mean_nodes(loaded) < 0.6 * mean_nodes(idle)
+
+
+def test_the_calibration_is_carried_to_the_next_session() -> None:
+    cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    first = TreePolicy(AdaptiveConfig(allow_cloud_only=False))
+    run(first, cost, 40)
+    memory = first.memory()
+    assert memory.reach is not None
+    deepest = max(s.depth for s in first.tree_config.shapes)
+    assert memory.reach.factors(deepest) != [1.0] * deepest  # tree rounds taught it
+    second = TreePolicy(AdaptiveConfig(allow_cloud_only=False), memory)
+    accept = [0.7] * 17
+    assert second.tree_rates(cost, accept) == first.tree_rates(cost, accept)
