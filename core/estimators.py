@@ -164,6 +164,12 @@ class AffineFit:
     def predict(self, x: float) -> float:
         return self.a + self.b * x
 
+    def slope_given(self, a: float) -> float:
+        """The least-squares slope (same forgetting and ridge) of the fit with its intercept held
+        at `a`, clamped at >= 0: for a caller who knows a bound on the intercept."""
+        sxy = self.sxy - a * self.sx + self.ridge * self.b_prior
+        return max(0.0, sxy / (self.sxx + self.ridge))
+
     def update(self, x: float, y: float) -> None:
         if self.has_data:
             residual = y - self.predict(x)
