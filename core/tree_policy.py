@@ -226,18 +226,25 @@ class TreePolicy(AdaptivePolicy):
     def _speculative_rate(self, cost: CostModel, accept: Sequence[float], chain: float) -> float:
         rates = self.tree_rates(cost, accept)
         best_rate = max(rates.values(), default=0.0)
+        # Like k, the round's kind and shape change only for a gain beyond `k_hysteresis`: the
+        # estimates of neighbouring shapes are close and noisy, and each switch rests on a
+        # prior until the new shape has rounds behind it.
         hysteresis = 1.0 + self.config.k_hysteresis
-        if best_rate <= chain * hysteresis:
-            if self._shape is not None:
-                logger.debug("trees -> chains (%.1f <= %.1f tok/s)", best_rate, chain)
+        on_chains = self._shape is None
+        if best_rate * hysteresis < chain or (on_chains and best_rate <= chain * hysteresis):
+            if not on_chains:
+                logger.debug("trees -> chains (%.1f < %.1f tok/s)", best_rate, chain)
             self._shape = None
             return chain
         hopeful = self.tree_rates(cost, accept, self.tree_config.explore_bonus)
         choice = max(hopeful, key=hopeful.__getitem__)
+        current = hopeful.get(self._shape) if self._shape is not None else None
+        if current is not None and hopeful[choice] <= current * hysteresis:
+            choice = self._shape
         if choice != self._shape:
             logger.debug("tree shape %s -> %s (%.1f tok/s)", self._shape, choice, rates[choice])
         self._shape = choice
-        return best_rate
+        return rates[choice]
 
     def _speculative(self, k: int) -> Decision:
         if self._shape is None:
