@@ -238,9 +238,9 @@ class TreePolicy(AdaptivePolicy):
             return chain
         hopeful = self.tree_rates(cost, accept, self.tree_config.explore_bonus)
         choice = max(hopeful, key=hopeful.__getitem__)
-        current = hopeful.get(self._shape) if self._shape is not None else None
-        if current is not None and hopeful[choice] <= current * hysteresis:
-            choice = self._shape
+        current = self._shape
+        if current in hopeful and hopeful[choice] <= hopeful[current] * hysteresis:
+            choice = current
         if choice != self._shape:
             logger.debug("tree shape %s -> %s (%.1f tok/s)", self._shape, choice, rates[choice])
         self._shape = choice
