@@ -71,7 +71,7 @@ class TreeConfig:
     max_depth: int = 12  # depths the rank model tracks (deeper ones share the last row)
     max_width: int = 4  # ranks the rank model tracks: 0 .. max_width - 1
     rank_prior_weight: float = 4.0  # pseudo-trials behind each (depth, rank) prior, > 0
-    rank_decay: float = 0.99  # per-round forgetting of the rank counts, in (0, 1]
+    rank_decay: float = 0.99  # per-round forgetting of the rank counts and the depth calibration
     shape_prior_weight: float = 1.0  # pseudo-rounds behind a shape's rank-model prediction
     shape_decay: float = 0.995  # per-round forgetting of a shape's measured acceptance
     # pseudo-mass (predicted reach) pulling each depth's calibration to the one above it, > 0
