@@ -259,6 +259,14 @@ class AdaptivePolicy:
         if not (self._verify.has_data and self._rtt.value is not None):
             return None
         base, slope, queue = self._verify.a, self._verify.b, self._queue or 0.0
+        if self._load.floor is not None and base < self._load.floor:
+            # No forward costs less than the verifier's told idle fixed cost. The fit's intercept
+            # is an extrapolation to n = 0 that a session verifying only long blocks (trees of
+            # 10-64 nodes) on a noisy host leaves far off (seen: half the fixed cost, which made
+            # chains of k = 1 look twice as fast as they are, and cloud-only likewise): refit the
+            # slope with the intercept held there.
+            base = self._load.floor
+            slope = self._verify.slope_given(base)
         shared = self._load.per_position_ms(self.config.load_dead_zone)
         if self.config.load_aware and shared > 0.0:
             assert self._load.floor is not None
@@ -274,6 +282,8 @@ class AdaptivePolicy:
             pipelined=self.config.pipelined,
         )
         cloud = spec.cloud_ms_per_token() + (self._cloud_offset.value or 0.0)
+        if self._load.floor is not None:
+            cloud = max(cloud, self._load.floor)  # a streamed token is one forward
         return replace(spec, cloud_token_ms=max(cloud, 1e-3))
 
     def estimates(self) -> Estimates | None:

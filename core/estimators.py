@@ -164,6 +164,12 @@ class AffineFit:
     def predict(self, x: float) -> float:
         return self.a + self.b * x
 
+    def slope_given(self, a: float) -> float:
+        """The least-squares slope (same forgetting and ridge) of the fit with its intercept held
+        at `a`, clamped at >= 0: for a caller who knows a bound on the intercept."""
+        sxy = self.sxy - a * self.sx + self.ridge * self.b_prior
+        return max(0.0, sxy / (self.sxx + self.ridge))
+
     def update(self, x: float, y: float) -> None:
         if self.has_data:
             residual = y - self.predict(x)
@@ -532,3 +538,44 @@ class ShapeAcceptance:
         """(the mean shrunk towards `prior` with `weight` pseudo-rounds, the rounds behind it)."""
         rounds = self._rounds.get(shape, 0.0)
         return (self._sum.get(shape, 0.0) + weight * prior) / (rounds + weight), rounds
+
+
+class ReachCalibration:
+    """How far token-tree walks really got against what a model predicted, per depth: decayed
+    sums of the walks that reached depth d + 1 (accepted > d) and of the model's predicted
+    P(reach depth d + 1), for d < max_depth (deeper ones share the last row).
+
+    `factor(d)` = (reached + w * factor(d - 1)) / (predicted + w), factor(-1) = 1: the data's
+    ratio where rounds reached that deep, otherwise the ratio of the depth before. A rank model
+    that treats the levels of a walk as independent over-predicts deep walks (a hard context
+    stays hard), and the more so the deeper; these factors correct it where the trees ran and
+    extrapolate the correction one depth at a time below them."""
+
+    def __init__(self, max_depth: int, prior_weight: float, decay: float) -> None:
+        self._decay = decay
+        self._weight = prior_weight
+        self._reached = [0.0] * max_depth
+        self._predicted = [0.0] * max_depth
+
+    def update(self, predicted: Sequence[float], accepted: int) -> None:
+        """One tree round: the model's P(reach depth d + 1) per d before the round, the tokens
+        its walk accepted."""
+        self._reached = [v * self._decay for v in self._reached]
+        self._predicted = [v * self._decay for v in self._predicted]
+        last = len(self._reached) - 1
+        for d, p in enumerate(predicted):
+            row = min(d, last)
+            self._predicted[row] += p
+            self._reached[row] += accepted > d
+
+    def factors(self, depth: int) -> list[float]:
+        """factor(d) for d = 0 .. depth - 1."""
+        out: list[float] = []
+        prev = 1.0
+        for d in range(depth):
+            row = min(d, len(self._reached) - 1)
+            prev = (self._reached[row] + self._weight * prev) / (
+                self._predicted[row] + self._weight
+            )
+            out.append(prev)
+        return out

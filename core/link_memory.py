@@ -15,6 +15,7 @@ from edgespec.core.estimators import (
     AcceptanceEstimator,
     AffineFit,
     RankAcceptance,
+    ReachCalibration,
     RobustLevel,
     ShapeAcceptance,
 )
@@ -40,6 +41,7 @@ class PolicyMemory:
     cloud_only_steps: int
     ranks: RankAcceptance | None = None  # sibling-rank acceptance of token trees (TreePolicy)
     shapes: ShapeAcceptance | None = None  # accepted tokens per tree shape (TreePolicy)
+    reach: ReachCalibration | None = None  # the rank model's calibration by depth (TreePolicy)
 
     @property
     def usable(self) -> bool:

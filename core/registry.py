@@ -14,8 +14,8 @@ names and what their factories make of a spec:
   ``width``.
 - ``"adaptive_tree"``: `TreePolicy`, the adaptive policy that also chooses token-tree shapes;
   options: the fields of `AdaptiveConfig` (``explore_every`` defaults to 24 here: its chain
-  probes cost a tree round's extra tokens, and tree rounds of varied shapes already spread the
-  t_v(n) fit).
+  probes cost a tree round's extra tokens; trees of 10-64 nodes spread the t_v(n) fit, and the
+  verifier's told fixed cost bounds the cloud-only estimate that the rare probes leave loose).
 
 A spec field left at None leaves the policy's own default; an option overrides what the factory
 derives from the spec.

@@ -14,15 +14,21 @@ so a loaded verifier makes big trees dear), and runs the best of: that tree, the
 policy would run (pipelined if configured), or cloud-only decoding.
 
 E[accepted | shape] comes from a rank model applied to the tree `grow_tree` grows (a beam of
-`width` nodes per level, then the most probable `nodes`: `beam_gains`): the target's token at a
+`width` nodes per level, then the most probable `nodes`: `beam_reach`): the target's token at a
 node is its child of draft rank r (0 = the draft's best proposal) with probability a(d, r),
-independently per level,
-learnt per depth and rank from the walks of tree rounds (`TreeOutcome`,
-`edgespec.core.estimators.RankAcceptance`). Before trees have shown much, rank 0 at depth d
-is the chain's acceptance there (the base policy's per-position estimate) and ranks >= 1 a
-prior pooled over depths.
-A node's probability of being accepted is the product of a over its path, and E[accepted] is the
-sum over the tree's nodes: one pass per (depth, width) gives it for every node budget at once.
+independently per level, learnt per depth and rank from the walks of tree rounds
+(`TreeOutcome`, `edgespec.core.estimators.RankAcceptance`). Before trees have shown much, rank 0
+at depth d is the chain's acceptance there (the base policy's per-position estimate) and ranks
+>= 1 a prior pooled over depths. A node's probability of being accepted is the product of a
+over its path; summed per depth it is P(the walk reaches that depth).
+
+Independence over-predicts deep walks (a hard context stays hard for the siblings too), the more
+so the deeper: by up to ~45% in E[accepted] for 10-level trees on the demo pair. So the reach
+predicted at each depth is scaled by a factor learnt from the tree rounds run
+(`ReachCalibration`: walks that reached depth d over the reach predicted there, extrapolated to
+deeper levels from the deepest seen), which makes the first choice of a shape already close to
+right instead of one a round of exploration has to correct: a 64-token generation has ~15 tree
+rounds. A shape's own measured acceptance (`ShapeAcceptance`) then refines its estimate.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.cost_model import CostModel
-from edgespec.core.estimators import RankAcceptance, ShapeAcceptance
+from edgespec.core.estimators import RankAcceptance, ReachCalibration, ShapeAcceptance
 from edgespec.core.link_memory import PolicyMemory
 from edgespec.core.policies import SPECULATIVE, Decision, RoundObservation
 from edgespec.core.tree import TreeShape
@@ -44,28 +50,36 @@ from edgespec.core.validation import check_float, check_int
 logger = logging.getLogger(__name__)
 
 
+def beam_shapes(
+    depths: Sequence[int], widths: Sequence[int], max_nodes: int
+) -> tuple[TreeShape, ...]:
+    """A grid of shapes: per depth d and width w, the whole beam `grow_tree` proposes (w root
+    children, then w * w per level: w + (d - 1) * w^2 nodes), capped at `max_nodes`. A beam's
+    nodes cost little to verify (the verifier's weight pass dominates) but its levels each cost
+    a draft forward, so the grid spans depth and width and leaves the budget to the beam."""
+    return tuple(
+        TreeShape(min(max_nodes, w + (d - 1) * w * w), d, w) for w in widths for d in depths
+    )
+
+
 @dataclass(frozen=True)
 class TreeConfig:
     """The shapes `TreePolicy` searches and how it learns sibling ranks (validated)."""
 
-    # the shapes searched: node budgets from small to large, each with the depth and width
-    # that suit it (a wider beam pays only with more nodes to fill it)
-    shapes: tuple[TreeShape, ...] = (
-        TreeShape(8, 4, 2),
-        TreeShape(12, 5, 2),
-        TreeShape(16, 6, 2),
-        TreeShape(24, 6, 3),
-        TreeShape(32, 8, 3),
-        TreeShape(48, 8, 4),
-        TreeShape(64, 10, 4),
-    )
+    # the shapes searched: shallow to deep, narrow to wide, each its full beam (`beam_shapes`)
+    shapes: tuple[TreeShape, ...] = beam_shapes((3, 4, 5, 6, 8, 10), (2, 3, 4), 64)
     max_depth: int = 12  # depths the rank model tracks (deeper ones share the last row)
     max_width: int = 4  # ranks the rank model tracks: 0 .. max_width - 1
     rank_prior_weight: float = 4.0  # pseudo-trials behind each (depth, rank) prior, > 0
-    rank_decay: float = 0.99  # per-round forgetting of the rank counts, in (0, 1]
+    rank_decay: float = 0.99  # per-round forgetting of the rank counts and the depth calibration
     shape_prior_weight: float = 1.0  # pseudo-rounds behind a shape's rank-model prediction
     shape_decay: float = 0.995  # per-round forgetting of a shape's measured acceptance
-    explore_bonus: float = 0.25  # tokens of optimism for a shape with no rounds behind it
+    # pseudo-mass (predicted reach) pulling each depth's calibration to the one above it, > 0
+    reach_prior_weight: float = 2.0
+    # tokens of optimism for a shape with no rounds behind it (UCB). 0: the calibrated model's
+    # own optimism (priors of shapes never run) is the only exploration; a bonus would make every
+    # untried shape of the grid cost a round, more than a ~20-round generation can repay
+    explore_bonus: float = 0.0
     initial: TreeShape = TreeShape(nodes=16, depth=6, width=2)  # before any estimate
 
     def __post_init__(self) -> None:
@@ -73,7 +87,7 @@ class TreeConfig:
             raise ValueError(f"shapes must be a non-empty tuple of TreeShape, got {self.shapes!r}")
         check_int("max_depth", self.max_depth, 1, 256)
         check_int("max_width", self.max_width, 2, 64)
-        for name in ("rank_prior_weight", "shape_prior_weight"):
+        for name in ("rank_prior_weight", "shape_prior_weight", "reach_prior_weight"):
             check_float(name, getattr(self, name), 0, lo_open=True)
         for name in ("rank_decay", "shape_decay"):
             check_float(name, getattr(self, name), 0, 1, lo_open=True)
@@ -82,13 +96,14 @@ class TreeConfig:
             raise ValueError(f"initial must be a TreeShape, got {self.initial!r}")
 
 
-def beam_gains(
+def beam_reach(
     accept: Callable[[int, int], float], depth: int, width: int, nodes: int
-) -> list[tuple[float, int]]:
+) -> list[float]:
     """The tree `grow_tree` grows, under a rank model: per level the `width` most probable
     nodes of the level before (the root first) each get `width` children, and the tree is the
-    `nodes` most probable of all. For n = 1..min(nodes, proposed): (E[accepted tokens] of the
-    tree of n nodes, its depth in levels). `accept(d, r)`: P(the target's token at depth d is
+    `nodes` most probable of all. Returns, per depth d = 0 .. depth - 1, P(the walk accepts a
+    node at depth d), i.e. the sum of the path probabilities of the tree's depth-d nodes (their
+    sum over depths is E[accepted tokens]). `accept(d, r)`: P(the target's token at depth d is
     the rank-r child), r < width; a node's probability is the product over its path."""
     proposed: list[tuple[float, int]] = []  # (path probability, depth)
     frontier = [1.0]
@@ -100,24 +115,24 @@ def beam_gains(
         if not frontier:
             break
     proposed.sort(key=lambda x: -x[0])
-    out: list[tuple[float, int]] = []
-    total, levels = 0.0, 0
+    reach = [0.0] * depth
     for p, d in proposed[:nodes]:
-        total += p
-        levels = max(levels, d + 1)
-        out.append((total, levels))
-    return out
+        reach[d] += p
+    return reach
 
 
 class TreePolicy(AdaptivePolicy):
     """`AdaptivePolicy` whose speculative rounds may be token trees (see the module docstring);
     chains (and their pipelining) and cloud-only decoding stay as the base policy runs them.
 
-    Shapes: `TreeConfig.shapes`, a ladder of node budgets. Each shape's accepted tokens per
-    round are measured when it runs (`ShapeAcceptance`, decayed) and, until then, predicted by
-    the rank model; the shape run is the one with the best optimistic rate (the estimate plus
-    a bonus that shrinks with the rounds behind it, so a shape not tried lately is tried again,
-    as in UCB). Mode decisions (against chains and cloud-only) use the plain estimates. Its
+    Shapes: `TreeConfig.shapes`, by default a grid of depths and widths, each with its whole
+    beam (`beam_shapes`). Each shape's accepted tokens per round are measured when it runs
+    (`ShapeAcceptance`, decayed) and, until then, predicted by the calibrated rank model; the
+    shape run is the one with the best rate, optionally optimistic (`explore_bonus`: a bonus
+    that shrinks with the rounds behind a shape, as in UCB; off by default). Mode decisions
+    (against chains and cloud-only) use the plain estimates. What the rank model, the
+    calibration and the shapes learnt is carried to the next session on the link
+    (`PolicyMemory`). Its
     exploration probes stay chains of varied k: besides the chain's acceptance they keep the
     slope of t_v(n) identified, which trees of one size would not."""
 
@@ -134,10 +149,13 @@ class TreePolicy(AdaptivePolicy):
             t.max_width - 1, t.max_depth, t.rank_prior_weight, t.rank_decay
         )
         self._shapes = ShapeAcceptance(t.shape_decay)
+        self._reach = ReachCalibration(t.max_depth, t.reach_prior_weight, t.rank_decay)
         if memory is not None and memory.ranks is not None:
             self._ranks = copy.deepcopy(memory.ranks)  # what trees showed on this link before
         if memory is not None and memory.shapes is not None:
             self._shapes = copy.deepcopy(memory.shapes)
+        if memory is not None and memory.reach is not None:
+            self._reach = copy.deepcopy(memory.reach)
         self._shape: TreeShape | None = t.initial
 
     @property
@@ -147,17 +165,35 @@ class TreePolicy(AdaptivePolicy):
 
     def memory(self) -> PolicyMemory:
         return dataclasses.replace(
-            super().memory(), ranks=copy.deepcopy(self._ranks), shapes=copy.deepcopy(self._shapes)
+            super().memory(),
+            ranks=copy.deepcopy(self._ranks),
+            shapes=copy.deepcopy(self._shapes),
+            reach=copy.deepcopy(self._reach),
         )
 
     def observe(self, obs: RoundObservation) -> None:
+        # what the model predicted for this round, before the round teaches it anything
+        shape = None
+        if obs.tree is not None:
+            # a tree cut short (the generation's end, the verifier's node cap) is not its shape's
+            shape = next(
+                (
+                    s
+                    for s in self.tree_config.shapes
+                    if (s.nodes, s.depth) == (obs.k, obs.tree.levels)
+                ),
+                None,
+            )
+        predicted = None
+        if shape is not None:
+            accept = self._accept.probs(self.config.k_max + 1)
+            predicted = beam_reach(self._prob(accept), shape.depth, shape.width, shape.nodes)
         super().observe(obs)
         if obs.tree is not None:
             self._ranks.update(obs.tree.steps)
-            # a tree cut short (the generation's end, the verifier's node cap) is not its shape's
-            for shape in self.tree_config.shapes:
-                if (shape.nodes, shape.depth) == (obs.k, obs.tree.levels):
-                    self._shapes.update((shape.nodes, shape.depth, shape.width), obs.accepted)
+        if shape is not None and predicted is not None:
+            self._shapes.update((shape.nodes, shape.depth, shape.width), obs.accepted)
+            self._reach.update(predicted, obs.accepted)
 
     def tree_rates(
         self, cost: CostModel, accept: Sequence[float], bonus: float = 0.0
@@ -166,10 +202,12 @@ class TreePolicy(AdaptivePolicy):
         the optimistic rate, `bonus` / sqrt(rounds + 1) tokens added to the estimate."""
         prob = self._prob(accept)
         weight = self.tree_config.shape_prior_weight
+        deepest = max(shape.depth for shape in self.tree_config.shapes)
+        factors = self._reach.factors(deepest)
         rates: dict[TreeShape, float] = {}
         for shape in self.tree_config.shapes:
-            gains = beam_gains(prob, shape.depth, shape.width, shape.nodes)
-            prior = gains[-1][0] if gains else 0.0
+            reach = beam_reach(prob, shape.depth, shape.width, shape.nodes)
+            prior = sum(f * p for f, p in zip(factors, reach, strict=False))
             key = (shape.nodes, shape.depth, shape.width)
             expected, rounds = self._shapes.mean(key, prior, weight)
             expected += bonus / (rounds + 1.0) ** 0.5
@@ -188,18 +226,25 @@ class TreePolicy(AdaptivePolicy):
     def _speculative_rate(self, cost: CostModel, accept: Sequence[float], chain: float) -> float:
         rates = self.tree_rates(cost, accept)
         best_rate = max(rates.values(), default=0.0)
+        # Like k, the round's kind and shape change only for a gain beyond `k_hysteresis`: the
+        # estimates of neighbouring shapes are close and noisy, and each switch rests on a
+        # prior until the new shape has rounds behind it.
         hysteresis = 1.0 + self.config.k_hysteresis
-        if best_rate <= chain * hysteresis:
-            if self._shape is not None:
-                logger.debug("trees -> chains (%.1f <= %.1f tok/s)", best_rate, chain)
+        on_chains = self._shape is None
+        if best_rate * hysteresis < chain or (on_chains and best_rate <= chain * hysteresis):
+            if not on_chains:
+                logger.debug("trees -> chains (%.1f < %.1f tok/s)", best_rate, chain)
             self._shape = None
             return chain
         hopeful = self.tree_rates(cost, accept, self.tree_config.explore_bonus)
         choice = max(hopeful, key=hopeful.__getitem__)
+        current = self._shape
+        if current in hopeful and hopeful[choice] <= hopeful[current] * hysteresis:
+            choice = current
         if choice != self._shape:
             logger.debug("tree shape %s -> %s (%.1f tok/s)", self._shape, choice, rates[choice])
         self._shape = choice
-        return best_rate
+        return rates[choice]
 
     def _speculative(self, k: int) -> Decision:
         if self._shape is None:

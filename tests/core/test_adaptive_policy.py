@@ -12,7 +12,8 @@ from support.policy_sim import SimEnv, SimResult, exploited_ks, k_changes, noisy
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.cost_model import best_k, expected_tokens
-from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, FixedPolicy
+from edgespec.core.estimators import AffineFit
+from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, FixedPolicy, RoundObservation
 
 # ---------------------------------------------------------------------------------------------
 # the adaptive policy against the simulator
@@ -249,3 +250,27 @@ def test_adaptive_respects_k_bounds() -> None:
         result = simulate(AdaptivePolicy(config), env, 300, seed=0)
         ks = [r.decision.k for r in result.rounds if r.decision.mode == SPECULATIVE]
         assert min(ks) >= 3 and max(ks) <= 5
+
+
+def test_slope_given_an_intercept() -> None:
+    fit = AffineFit(decay=1.0, gain=0.1, threshold=3.0, shift_rounds=3, ridge=1e-9)
+    for x, y in ((10, 31.0), (20, 34.0), (30, 37.0)):
+        fit.update(x, y)
+    assert fit.slope_given(30.0) == pytest.approx((10 * 1 + 20 * 4 + 30 * 7) / (100 + 400 + 900))
+
+
+def test_no_forward_is_cheaper_than_the_told_fixed_cost() -> None:
+    """Long blocks only, their verify times tilted by noise: the t_v(n) fit's intercept lands
+    far below the verifier's fixed cost. Told that cost, the policy holds the intercept there
+    (slope refitted), so neither short blocks nor cloud-only look cheaper than a forward."""
+    policy = AdaptivePolicy(AdaptiveConfig())
+    policy.observe_verifier_idle(30.0)
+    for i in range(12):
+        n = 30 + 4 * (i % 3)
+        verify = 15.0 + 0.9 * n  # the tilted line: 15 ms at n = 0
+        policy.observe(RoundObservation(n, 3, 6.0 * n, verify, 50.0))
+    est = policy.estimates()
+    assert est is not None
+    assert est.cost.verify_base_ms == 30.0
+    assert est.cost.cloud_ms_per_token() >= 30.0
+    assert est.cost.verify_ms(34) == pytest.approx(15.0 + 0.9 * 34, rel=0.1)  # still fits there

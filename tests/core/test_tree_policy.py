@@ -13,8 +13,10 @@ import pytest
 
 from edgespec.core.adaptive import AdaptiveConfig
 from edgespec.core.cost_model import CostModel
+from edgespec.core.estimators import ReachCalibration
 from edgespec.core.policies import CLOUD_ONLY, RoundObservation, TreeOutcome
-from edgespec.core.tree_policy import TreePolicy, beam_gains
+from edgespec.core.tree import TreeShape
+from edgespec.core.tree_policy import TreePolicy, beam_reach, beam_shapes
 
 RANKS = (0.7, 0.15, 0.06, 0.03)  # the true P(target = rank-r child)
 
@@ -70,9 +72,37 @@ def _tree_share(decisions) -> float:
 
 
 def test_beam_of_width_one_is_the_chain() -> None:
-    gains = beam_gains(lambda d, r: 0.8 if r == 0 else 0.0, 5, 1, 5)
-    assert gains[-1][0] == pytest.approx(sum(0.8**i for i in range(1, 6)))
-    assert gains[-1][1] == 5
+    reach = beam_reach(lambda d, r: 0.8 if r == 0 else 0.0, 5, 1, 5)
+    assert reach == pytest.approx([0.8**i for i in range(1, 6)])
+
+
+def test_beam_reach_keeps_the_most_probable_nodes() -> None:
+    """Width 2, a(d, 0) = 0.6, a(d, 1) = 0.3: the root's children are 0.6 and 0.3, the next
+    level 0.36, 0.18, 0.18, 0.09; the best 4 nodes are 0.6, 0.36, 0.3 and one 0.18."""
+    reach = beam_reach(lambda d, r: (0.6, 0.3)[r], 2, 2, 4)
+    assert reach == pytest.approx([0.9, 0.54])
+
+
+def test_beam_shapes_hold_the_whole_beam() -> None:
+    assert beam_shapes((3, 10), (2, 4), 64) == (
+        TreeShape(10, 3, 2),
+        TreeShape(38, 10, 2),
+        TreeShape(36, 3, 4),
+        TreeShape(64, 10, 4),
+    )
+
+
+def test_reach_calibration_learns_by_depth_and_extrapolates() -> None:
+    """The model predicts reaching depth 1 and 2 with 0.8 and 0.6; walks reach them half as
+    often at depth 2 and always at depth 1. Depth 3, never predicted, takes depth 2's factor."""
+    cal = ReachCalibration(max_depth=8, prior_weight=1.0, decay=1.0)
+    assert cal.factors(2) == [1.0, 1.0]
+    for accepted in (1, 2) * 50:  # depth 1 always, depth 2 half the time
+        cal.update([0.8, 0.6], accepted)
+    f = cal.factors(3)
+    assert f[0] == pytest.approx((100 + 1) / (80 + 1))
+    assert f[1] == pytest.approx((50 + f[0]) / (60 + 1))
+    assert f[2] == pytest.approx(f[1])
 
 
 def test_trees_where_the_round_trip_is_long() -> None:
@@ -82,9 +112,10 @@ def test_trees_where_the_round_trip_is_long() -> None:
 
 
 def test_chains_where_levels_cost_more_than_they_bring() -> None:
-    """No round trip and a draft forward as dear as a verification: the levels a tree needs to
-    pay for itself cost more than its extra tokens bring (the best chain has k = 1)."""
-    cost = CostModel(draft_ms=30.0, rtt_ms=0.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    """No round trip and a draft forward twice as dear as a verification: the levels a tree
+    needs to pay for itself (3 or more in the grid searched) cost more than its extra tokens
+    bring (the best chain has k = 1)."""
+    cost = CostModel(draft_ms=60.0, rtt_ms=0.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
     decisions = run(TreePolicy(AdaptiveConfig(allow_cloud_only=False)), cost, 200)
     assert _tree_share(decisions[50:]) < 0.2
 
@@ -100,3 +131,16 @@ def test_trees_shrink_when_the_verifier_is_loaded() -> None:
         return sum(d.tree.nodes if d.tree else d.k for d in decisions) / len(decisions)
 
     assert mean_nodes(loaded) < 0.6 * mean_nodes(idle)
+
+
+def test_the_calibration_is_carried_to_the_next_session() -> None:
+    cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    first = TreePolicy(AdaptiveConfig(allow_cloud_only=False))
+    run(first, cost, 40)
+    memory = first.memory()
+    assert memory.reach is not None
+    deepest = max(s.depth for s in first.tree_config.shapes)
+    assert memory.reach.factors(deepest) != [1.0] * deepest  # tree rounds taught it
+    second = TreePolicy(AdaptiveConfig(allow_cloud_only=False), memory)
+    accept = [0.7] * 17
+    assert second.tree_rates(cost, accept) == first.tree_rates(cost, accept)
