@@ -545,20 +545,15 @@ class ReachCalibration:
     sums of the walks that reached depth d + 1 (accepted > d) and of the model's predicted
     P(reach depth d + 1), for d < max_depth (deeper ones share the last row).
 
-    `factor(d)` = (reached + w * s * factor(d - 1)) / (predicted + w), factor(-1) = 1: the
-    data's ratio where rounds reached that deep, otherwise the ratio of the depth before, times
-    `depth_prior` s. A rank model that treats the levels of a walk as independent over-predicts
-    deep walks (a hard context stays hard), and the more so the deeper; these factors correct it
-    where the trees ran and extrapolate the correction one depth at a time below them, each depth
-    without data assumed a little harder to reach than the one above it (s < 1), so a cold
-    controller starts shallow and goes deeper on evidence rather than on the model's optimism."""
+    `factor(d)` = (reached + w * factor(d - 1)) / (predicted + w), factor(-1) = 1: the data's
+    ratio where rounds reached that deep, otherwise the ratio of the depth before. A rank model
+    that treats the levels of a walk as independent over-predicts deep walks (a hard context
+    stays hard), and the more so the deeper; these factors correct it where the trees ran and
+    extrapolate the correction one depth at a time below them."""
 
-    def __init__(
-        self, max_depth: int, prior_weight: float, decay: float, depth_prior: float = 1.0
-    ) -> None:
+    def __init__(self, max_depth: int, prior_weight: float, decay: float) -> None:
         self._decay = decay
         self._weight = prior_weight
-        self._shrink = depth_prior
         self._reached = [0.0] * max_depth
         self._predicted = [0.0] * max_depth
 
@@ -579,7 +574,7 @@ class ReachCalibration:
         prev = 1.0
         for d in range(depth):
             row = min(d, len(self._reached) - 1)
-            prev = (self._reached[row] + self._weight * self._shrink * prev) / (
+            prev = (self._reached[row] + self._weight * prev) / (
                 self._predicted[row] + self._weight
             )
             out.append(prev)

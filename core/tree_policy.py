@@ -76,15 +76,11 @@ class TreeConfig:
     shape_decay: float = 0.995  # per-round forgetting of a shape's measured acceptance
     # pseudo-mass (predicted reach) pulling each depth's calibration to the one above it, > 0
     reach_prior_weight: float = 2.0
-    # the calibration's prior for a depth no tree has reached yet: this times the factor of the
-    # depth above (`ReachCalibration`), in (0, 1]
-    reach_depth_prior: float = 0.9
     # tokens of optimism for a shape with no rounds behind it (UCB). 0: the calibrated model's
     # own optimism (priors of shapes never run) is the only exploration; a bonus would make every
     # untried shape of the grid cost a round, more than a ~20-round generation can repay
     explore_bonus: float = 0.0
-    # before any estimate: the best fixed shape of an offline scan of the demo pair, 0-50 ms
-    initial: TreeShape = TreeShape(nodes=30, depth=4, width=3)
+    initial: TreeShape = TreeShape(nodes=16, depth=6, width=2)  # before any estimate
 
     def __post_init__(self) -> None:
         if not self.shapes or not all(isinstance(s, TreeShape) for s in self.shapes):
@@ -96,7 +92,6 @@ class TreeConfig:
         for name in ("rank_decay", "shape_decay"):
             check_float(name, getattr(self, name), 0, 1, lo_open=True)
         check_float("explore_bonus", self.explore_bonus, 0)
-        check_float("reach_depth_prior", self.reach_depth_prior, 0, 1, lo_open=True)
         if not isinstance(self.initial, TreeShape):
             raise ValueError(f"initial must be a TreeShape, got {self.initial!r}")
 
@@ -154,9 +149,7 @@ class TreePolicy(AdaptivePolicy):
             t.max_width - 1, t.max_depth, t.rank_prior_weight, t.rank_decay
         )
         self._shapes = ShapeAcceptance(t.shape_decay)
-        self._reach = ReachCalibration(
-            t.max_depth, t.reach_prior_weight, t.rank_decay, t.reach_depth_prior
-        )
+        self._reach = ReachCalibration(t.max_depth, t.reach_prior_weight, t.rank_decay)
         if memory is not None and memory.ranks is not None:
             self._ranks = copy.deepcopy(memory.ranks)  # what trees showed on this link before
         if memory is not None and memory.shapes is not None:

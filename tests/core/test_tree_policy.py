@@ -105,19 +105,6 @@ def test_reach_calibration_learns_by_depth_and_extrapolates() -> None:
     assert f[2] == pytest.approx(f[1])
 
 
-def test_depths_without_data_are_assumed_harder_to_reach() -> None:
-    """The depth prior: with no data each depth's factor is the one above times the prior, so
-    a cold controller's model favours shallow trees; data where trees ran outweighs it."""
-    cal = ReachCalibration(max_depth=8, prior_weight=1.0, decay=1.0, depth_prior=0.9)
-    assert cal.factors(3) == pytest.approx([0.9, 0.81, 0.729])
-    for _ in range(200):  # depths 1 and 2 reached as often as predicted
-        cal.update([0.8, 0.6], 2)
-        cal.update([0.8, 0.6], 0)
-    f = cal.factors(3)
-    assert f[0] == pytest.approx((200 + 0.9) / (320 + 1))  # the data's 0.625, barely moved
-    assert f[2] == pytest.approx(0.9 * f[1])  # no walk predicted at depth 3: the prior
-
-
 def test_trees_where_the_round_trip_is_long() -> None:
     cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
     decisions = run(TreePolicy(AdaptiveConfig(allow_cloud_only=False)), cost, 200)
