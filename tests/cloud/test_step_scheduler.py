@@ -285,12 +285,12 @@ def test_a_superseded_stale_block_takes_no_step(tiny_pair) -> None:
 
 def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
     """Two sessions beside the verifier, one back at once after each answer, one 2 ms later
-    (a few ms on a loaded host), steps of 20 ms (emulated): with the default return fraction
+    (a few ms on a loaded host), steps of 40 ms (emulated): with the default return fraction
     they share the steps; without it, they split them (measured side by side)."""
     model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
     rounds = 12
 
-    profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(20.0))
+    profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(40.0))
 
     def shared_steps(fraction: float) -> int:
         config = VerifierConfig(batch_return_fraction=fraction)
