@@ -64,7 +64,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
@@ -210,12 +210,24 @@ _H100_70B_SOURCES = (
 # weights and FLOPs per token scale by 1.2 / 70 (KV reads ignored); launches and sampling cost
 # the target's per-forward overhead.
 _CLOUD_DRAFT_RATIO = 1.2 / 70.0
-_H100_WEIGHTS_MS = 70e9 / 2.68e12 * 1e3  # 26.1 ms: 70 GB at 80 % of 3.35 TB/s
 _H100_TARGET_BATCH = BatchRoofline(
     overhead_ms=3.9,
-    weights_ms=_H100_WEIGHTS_MS,
+    weights_ms=70e9 / 2.68e12 * 1e3,  # 26.1 ms: 70 GB at 80 % of 3.35 TB/s
     kv_ms_per_token=163_840 / 2.68e12 * 1e3,  # 6.1e-5 ms
     compute_ms_per_token=0.2,
+)
+
+_H100_70B = ComputeProfile(
+    name="h100-70b",
+    emulated=True,
+    target=ForwardCost(base_ms=30.0, per_token_ms=0.2),
+    target_prefill=ForwardCost(base_ms=30.0, per_token_ms=0.2),
+    draft=ForwardCost(base_ms=6.0, per_token_ms=0.1),
+    draft_prefill=ForwardCost(base_ms=6.0, per_token_ms=0.05),
+    target_batch=_H100_TARGET_BATCH,
+    description="EMULATED: 70B-class target on one H100 SXM (FP8), 1B-class draft on an "
+    "edge GPU (FP16)",
+    sources=_H100_70B_SOURCES,
 )
 
 _PROFILES: dict[str, ComputeProfile] = {
@@ -225,33 +237,22 @@ _PROFILES: dict[str, ComputeProfile] = {
         description="the models as they run on this machine (no padding)",
         sources="measured: no padding is applied",
     ),
-    "h100-70b": ComputeProfile(
-        name="h100-70b",
-        emulated=True,
-        target=ForwardCost(base_ms=30.0, per_token_ms=0.2),
-        target_prefill=ForwardCost(base_ms=30.0, per_token_ms=0.2),
-        draft=ForwardCost(base_ms=6.0, per_token_ms=0.1),
-        draft_prefill=ForwardCost(base_ms=6.0, per_token_ms=0.05),
-        target_batch=_H100_TARGET_BATCH,
-        description="EMULATED: 70B-class target on one H100 SXM (FP8), 1B-class draft on an "
-        "edge GPU (FP16)",
-        sources=_H100_70B_SOURCES,
-    ),
-    "h100-70b-cloud-draft": ComputeProfile(
+    "h100-70b": _H100_70B,
+    # the same GPU and target, the draft beside it: the edge drafts nothing
+    "h100-70b-cloud-draft": replace(
+        _H100_70B,
         name="h100-70b-cloud-draft",
-        emulated=True,
-        target=ForwardCost(base_ms=30.0, per_token_ms=0.2),
-        target_prefill=ForwardCost(base_ms=30.0, per_token_ms=0.2),
-        target_batch=_H100_TARGET_BATCH,
-        cloud_draft=BatchRoofline(
-            overhead_ms=3.9,
-            weights_ms=_H100_WEIGHTS_MS * _CLOUD_DRAFT_RATIO,  # 0.45 ms
-            compute_ms_per_token=0.2 * _CLOUD_DRAFT_RATIO,
+        draft=ForwardCost(),
+        draft_prefill=ForwardCost(),
+        cloud_draft=replace(
+            _H100_TARGET_BATCH,
+            weights_ms=_H100_TARGET_BATCH.weights_ms * _CLOUD_DRAFT_RATIO,  # 0.45 ms
+            kv_ms_per_token=0.0,
+            compute_ms_per_token=_H100_TARGET_BATCH.compute_ms_per_token * _CLOUD_DRAFT_RATIO,
         ),
         description="EMULATED: cloud-side speculative decoding, the 70B-class target and its "
         "1B-class draft on one H100 SXM (h100-70b's roofline; the draft's forwards scaled to "
         "1.2B parameters, paid in the verifier's steps; the edge drafts nothing)",
-        sources=_H100_70B_SOURCES,
     ),
 }
 
