@@ -268,18 +268,7 @@ class MemoRunner(PaddedRunner):
         raise NotImplementedError("MemoRunner takes no batched KV")
 
     def _host_ids(self, ids: TokenIds) -> list[int]:
-        new = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        if not new:
-            raise ValueError("ids must hold at least 1 token, got 0")
-        for t in new:
-            if not is_int(t) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"token ids must be ints in [0, {self.vocab_size}), got {t!r}")
-        if self.max_length is not None and len(self._tokens) + len(new) > self.max_length:
-            raise ValueError(
-                f"sequence length must be <= max_position_embeddings={self.max_length}, "
-                f"got {len(self._tokens) + len(new)}"
-            )
-        return [int(t) for t in new]
+        return host_ids(ids, self.vocab_size, self.max_length, len(self._tokens))
 
     def _rows(self, new: list[int]) -> list[Tensor]:
         """Append `new` to the logical sequence; its rows, from the memo or one real forward
@@ -301,6 +290,24 @@ class MemoRunner(PaddedRunner):
         logits = self._forward(self._tokens[real:], last_only=False)  # (L - real, V)
         self.memo.put(self._tokens, real, logits)
         return list(logits[start - real :])
+
+
+def host_ids(ids: TokenIds, vocab_size: int, max_length: int | None, have: int) -> list[int]:
+    """`ids` as host ints, checked as a runner with `have` tokens would check them before a
+    forward (non-empty, ids in [0, vocab_size), the sequence within max_length): for the
+    benchmark runners that keep a logical sequence instead of running every forward."""
+    new = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    if not new:
+        raise ValueError("ids must hold at least 1 token, got 0")
+    for t in new:
+        if not is_int(t) or not 0 <= t < vocab_size:
+            raise ValueError(f"token ids must be ints in [0, {vocab_size}), got {t!r}")
+    if max_length is not None and have + len(new) > max_length:
+        raise ValueError(
+            f"sequence length must be <= max_position_embeddings={max_length}, "
+            f"got {have + len(new)}"
+        )
+    return [int(t) for t in new]
 
 
 def runner_factory(

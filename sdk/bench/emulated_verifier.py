@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from edgespec.bench.emulated_edge import host_ids
 from edgespec.cloud import server
 from edgespec.core.profiles import ComputeProfile, get_profile
 from edgespec.core.runner import ModelRunner, TokenIds
@@ -51,9 +52,10 @@ logger = logging.getLogger(__name__)
 
 class GreedyOracle:
     """The target's logits rows along each prompt's greedy continuation, keyed by the token
-    prefix they predict after: every prompt prefix, and `max_new_tokens` + `extra` generated
+    prefix they predict after: the whole prompt and `max_new_tokens` + `extra` generated
     positions (blocks drafted ahead may reach past the last token). Built on first use, by the
-    real target, one forward per token as `generate_autoregressive` runs."""
+    real target, one forward per token as `generate_autoregressive` runs. A proper prefix of a
+    prompt has no row: only prefill chunks compute those, and their rows are not read."""
 
     def __init__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, extra: int) -> None:
         if not prompts:
@@ -65,7 +67,7 @@ class GreedyOracle:
         self._rows: dict[tuple[int, ...], Tensor] = {}
         self._model: PreTrainedModel | None = None
         self.served = 0  # rows served from the oracle
-        self.off_path = 0  # rows served as NaN (never read by greedy acceptance)
+        self.off_path = 0  # rows served as NaN (never read: off the path, or prefill chunks')
 
     def build(self, model: PreTrainedModel) -> None:
         """Compute the rows with `model` (once; later calls with the same model do nothing)."""
@@ -75,10 +77,6 @@ class GreedyOracle:
             raise ValueError("a GreedyOracle serves one model")
         runner = ModelRunner(model)
         for prompt in {tuple(p): p for p in self.prompts}.values():
-            if len(prompt) > 1:
-                runner.reset()  # rows after each proper prompt prefix (prefill chunks)
-                for i, row in enumerate(runner.extend(prompt[:-1])):
-                    self._rows[tuple(prompt[: i + 1])] = row
             seq = list(prompt)
             row = runner.prefill(seq)  # (V,): as generate_autoregressive starts
             for _ in range(self.positions):
@@ -173,14 +171,7 @@ class GreedyOracleRunner(ModelRunner):
         self._tree, self._tree_ids = [], []
 
     def _host_ids(self, ids: TokenIds) -> list[int]:
-        new = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        self._as_input(new)  # validates: non-empty, ints in the vocabulary
-        if self.max_length is not None and len(self._tokens) + len(new) > self.max_length:
-            raise ValueError(
-                f"sequence length must be <= max_position_embeddings={self.max_length}, "
-                f"got {len(self._tokens) + len(new)}"
-            )
-        return [int(t) for t in new]
+        return host_ids(ids, self.vocab_size, self.max_length, len(self._tokens))
 
 
 def target_runner_factory(
