@@ -307,6 +307,8 @@ class PaddedRunner(ModelRunner):
         self.padded_ms = 0.0  # total sleep added
         self.overruns = 0  # forwards whose real time exceeded the model
         self.overrun_ms = 0.0  # total excess of those
+        self.modelled_ms = 0.0  # total modelled time of every forward
+        self.wall_ms = 0.0  # total time they took, padding (and a sleep's lateness) included
 
     def prefill(self, ids: TokenIds) -> Tensor:
         t0 = time.perf_counter()
@@ -339,6 +341,8 @@ class PaddedRunner(ModelRunner):
         elif target_ms > 0:
             self.overruns += 1
             self.overrun_ms -= left_ms
+        self.modelled_ms += target_ms
+        self.wall_ms += (time.perf_counter() - t0) * 1e3
 
 
 def pad_until(t0: float, target_ms: float, device: torch.device) -> float:

@@ -163,6 +163,25 @@ class TreePolicy(AdaptivePolicy):
         """The tree shape the policy currently runs (None: chains)."""
         return self._shape
 
+    def limit_nodes(self, max_nodes: int) -> None:
+        """The verifier takes trees of at most `max_nodes` nodes (its ``max_block_tokens``), and
+        the edge cuts bigger ones to that: from now on every shape is searched, predicted and
+        learnt at the budget it will really be sent with (nodes capped, depth at most the nodes;
+        shapes that become equal merge). Without this a shape over the cap would be predicted at
+        its full beam but run cut, and since a cut tree's rounds are not its shape's, its
+        estimate would never learn otherwise."""
+        max_nodes = check_int("max_nodes", max_nodes, 1)
+
+        def capped(shape: TreeShape) -> TreeShape:
+            nodes = min(shape.nodes, max_nodes)
+            return dataclasses.replace(shape, nodes=nodes, depth=min(shape.depth, nodes))
+
+        t = self.tree_config
+        shapes = tuple(dict.fromkeys(capped(s) for s in t.shapes))
+        self.tree_config = dataclasses.replace(t, shapes=shapes, initial=capped(t.initial))
+        if self._shape is not None:
+            self._shape = capped(self._shape)
+
     def memory(self) -> PolicyMemory:
         return dataclasses.replace(
             super().memory(),
@@ -175,15 +194,14 @@ class TreePolicy(AdaptivePolicy):
         # what the model predicted for this round, before the round teaches it anything
         shape = None
         if obs.tree is not None:
-            # a tree cut short (the generation's end, the verifier's node cap) is not its shape's
-            shape = next(
-                (
-                    s
-                    for s in self.tree_config.shapes
-                    if (s.nodes, s.depth) == (obs.k, obs.tree.levels)
-                ),
-                None,
-            )
+            # A tree cut short (the generation's end) is not its shape's. Shapes of one budget
+            # and depth differ in width: the most children a node on the walk had tells which
+            # ran (a beam gives every node it grows `width` children; the budget may drop some).
+            ran = [
+                s for s in self.tree_config.shapes if (s.nodes, s.depth) == (obs.k, obs.tree.levels)
+            ]
+            seen = max((children for children, _ in obs.tree.steps), default=0)
+            shape = next((s for s in ran if s.width == seen), ran[0] if ran else None)
         predicted = None
         if shape is not None:
             accept = self._accept.probs(self.config.k_max + 1)

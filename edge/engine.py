@@ -45,6 +45,7 @@ from edgespec.core.policies import DraftLengthPolicy
 from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
 from edgespec.core.registry import PolicySpec, adaptive_policy, make_policy, policy_names
 from edgespec.core.runner import ModelRunner
+from edgespec.core.tree_policy import TreePolicy
 from edgespec.edge.addresses import AddressProvider, VerifierAssigner
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.detokenize import TextStream
@@ -289,6 +290,8 @@ class EdgeEngine:
             and link.session.open_rtt_ms is not None
         ):
             learner.observe_rtt(link.session.open_rtt_ms)
+        if isinstance(chooser, TreePolicy) and link.session is not None:
+            chooser.limit_nodes(link.session.max_block_tokens)  # trees bigger are sent cut
         idle_ms = _idle_forward_ms(link.session.compute_profile if link.session else None)
         if learner is not None and idle_ms is not None:
             learner.observe_verifier_idle(idle_ms)

@@ -205,6 +205,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         kv_admissions=tuple(args.kv_admission.split(",")),
         retry_after_ms=args.retry_after_ms,
         client_retries=args.client_retries,
+        link_memory=args.link_memory,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -243,6 +244,14 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-profile", default="h100-70b", help="h100-70b (emulated) or real")
     p.add_argument("--edge-processes", type=int, default=4, help="worker processes of edges")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+    p.add_argument(
+        "--link-memory",
+        choices=("warm", "cold"),
+        default="warm",
+        help="adaptive methods: warm (each edge first runs one unmeasured generation with all "
+        "the others, so it starts from what it learnt of the loaded link; default) or cold (its "
+        "first session ever)",
+    )
     p.add_argument(
         "--no-draft-memo",
         action="store_true",

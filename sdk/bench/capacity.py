@@ -61,10 +61,11 @@ import statistics
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import product
 from multiprocessing import get_context
 from pathlib import Path
@@ -79,7 +80,7 @@ from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
-from edgespec.core.profiles import cloud_draft_profile, get_profile
+from edgespec.core.profiles import PaddedRunner, cloud_draft_profile, get_profile
 from edgespec.core.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ _STEP_METRICS = (
 _ADMISSION_METRICS = ("edgespec_verifier_evictions_total", "edgespec_verifier_resumes_total")
 _ERRORS = "edgespec_verifier_errors_total"
 NO_BUDGET = "none"  # a `kv_admissions` entry: the verifier without the KV budget (reference)
+LINK_MEMORY_MODES = ("warm", "cold")
+ADAPTIVE_POLICIES = ("adaptive", "adaptive_tree")  # the policies that read a link memory
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ class CapacityConfig:
     kv_admissions: tuple[str, ...] = ("reserve",)
     retry_after_ms: int = 250
     client_retries: int = 40
+    # What the adaptive methods' edges know of their link when the measured sessions start:
+    # "warm" (each edge first runs one unmeasured generation of another benchmark prompt, all of
+    # them together, so its link memory holds what sessions on a loaded verifier learnt: a
+    # deployed edge's steady state), or "cold" (its first session ever).
+    link_memory: str = "warm"
 
     def __post_init__(self) -> None:
         for n in self.sessions:
@@ -165,6 +173,10 @@ class CapacityConfig:
             raise ValueError(f"kv_admissions must be a non-empty subset of {admissions}")
         check_int("retry_after_ms", self.retry_after_ms, 1)
         check_int("client_retries", self.client_retries, 0)
+        if self.link_memory not in LINK_MEMORY_MODES:
+            raise ValueError(
+                f"link_memory must be one of {LINK_MEMORY_MODES}, got {self.link_memory!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,11 @@ class _Job:
     threads: int = 1  # torch intra-op threads in the worker
     memo: bool = True  # emulated edge devices share draft forwards (`emulated_edge`)
     client_retries: int = 0  # a session refused RESOURCE_EXHAUSTED is retried this often
+    # Warm link memory: per session the prompt of its unmeasured warm-up generation, and two
+    # barriers shared with the other workers and the parent (after the warm-ups, the parent
+    # reads the verifier's counters between them); the measured sessions start on the second.
+    warmups: list[list[int]] | None = None
+    barriers: tuple[Any, Any] | None = None
 
 
 @dataclass
@@ -209,6 +226,7 @@ class _SessionRecord:
     retries: int = 0  # attempts its client made after a RESOURCE_EXHAUSTED
     lost: int = 0  # attempts refused after streaming tokens (the client restarted from 0)
     evictions: int = 0  # times the verifier evicted it (its edge resumed it)
+    warm_start: bool = False  # its adaptive policy started from the link's memory
 
 
 @lru_cache(maxsize=2)
@@ -231,15 +249,18 @@ def _run_job(job: _Job) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     memo = _draft_memo(job.draft)
     before = memo.stats()
-    records = [asdict(r) for r in asyncio.run(_sessions(job))]
+    records, draft_ms = asyncio.run(_sessions(job))
     after = memo.stats()
     return {
-        "records": records,
+        "records": [asdict(r) for r in records],
         "memo": {name: getattr(after, name) - getattr(before, name) for name in _MEMO_FIELDS},
+        "draft_ms": draft_ms,
     }
 
 
-async def _sessions(job: _Job) -> list[_SessionRecord]:
+async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float]]:
+    """The job's sessions' records, and the (modelled, wall) ms of their emulated draft
+    forwards, summed (0, 0 when the draft is not emulated through the memo)."""
     from edgespec.edge.config import EngineConfig, LinkConfig
     from edgespec.edge.engine import EdgeEngine
     from edgespec.edge.records import SummaryEvent, TokensEvent
@@ -247,7 +268,16 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
     from edgespec.linkemu import LinkEmulator, LinkProfile
 
     model = _draft_model(job.draft)
-    factory = runner_factory(job.compute_profile, _draft_memo(job.draft)) if job.memo else None
+    memo_factory = runner_factory(job.compute_profile, _draft_memo(job.draft)) if job.memo else None
+    runners: list[PaddedRunner] = []  # the draft runners of the measured sessions
+
+    def factory(model: Any) -> PaddedRunner | Any:
+        assert memo_factory is not None
+        runner = memo_factory(model)
+        if isinstance(runner, PaddedRunner):
+            runners.append(runner)
+        return runner
+
     host, port = job.verifier.rsplit(":", 1)
     with ExitStack() as stack:
         engines = []
@@ -265,9 +295,11 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                 # Draft on the engine's own thread even with one session: inline, the
                 # modelled draft time would be slept on the worker's event loop, and the sessions
                 # of one worker would wait for each other's (emulated) devices.
-                config=EngineConfig(max_k=16, link_memory=False, draft_in_thread=True),
+                config=EngineConfig(
+                    max_k=16, link_memory=job.warmups is not None, draft_in_thread=True
+                ),
                 compute_profile=job.compute_profile,
-                runner_factory=factory,
+                runner_factory=factory if memo_factory is not None else None,
             )
             engines.append(engine)
         params = SamplingParams(max_new_tokens=job.max_new_tokens)
@@ -322,6 +354,7 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                         rec.round_ms = [r.round_ms for r in rounds]
                         rec.ks = [r.k if r.mode == "speculative" else 0 for r in rounds]
                         rec.evictions = st.evictions
+                        rec.warm_start = st.warm_start
                         return rec
             except EdgeError as err:
                 return err, bool(tokens)
@@ -329,13 +362,31 @@ async def _sessions(job: _Job) -> list[_SessionRecord]:
                 return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error=repr(err))
             return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error="no summary")
 
+        async def warm_up(engine: EdgeEngine, prompt: list[int]) -> None:
+            """One unmeasured generation: what it learns of the link stays in the engine."""
+            try:
+                async for _ in engine.generate(
+                    prompt, params, k=job.k, policy=job.policy, pipelined=job.pipelined
+                ):
+                    pass
+            except Exception as err:  # noqa: BLE001 - the session then starts colder, not lost
+                logger.warning("warm-up generation failed: %r", err)
+
         await asyncio.sleep(max(0.0, job.start_at - time.time()))
-        try:
-            return list(
-                await asyncio.gather(
-                    *(one(e, i, p) for e, (i, p) in zip(engines, job.prompts, strict=True))
-                )
+        if job.warmups is not None:
+            assert job.barriers is not None
+            await asyncio.gather(
+                *(warm_up(e, p) for e, p in zip(engines, job.warmups, strict=True))
             )
+            for barrier in job.barriers:  # then the parent reads the counters; then all start
+                await asyncio.to_thread(barrier.wait, job.timeout_s)
+            runners.clear()
+        try:
+            records = await asyncio.gather(
+                *(one(e, i, p) for e, (i, p) in zip(engines, job.prompts, strict=True))
+            )
+            draft = (sum(r.modelled_ms for r in runners), sum(r.wall_ms for r in runners))
+            return list(records), draft
         finally:
             for engine in engines:
                 await engine.aclose()
@@ -564,20 +615,48 @@ def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, str]]:
 
 
 def _measure(
-    pool: ProcessPoolExecutor, template: _Job, prompts: list[list[int]], workers: int
-) -> tuple[list[_SessionRecord], dict[str, int]]:
+    pool: ProcessPoolExecutor,
+    template: _Job,
+    prompts: list[list[int]],
+    workers: int,
+    scrape: Callable[[], dict[str, float]],
+    manager: Any | None = None,
+) -> tuple[list[_SessionRecord], dict[str, int], dict[str, float]]:
     """Run one session per prompt, all starting together, spread over the workers; returns
-    their records and the workers' draft memo counts (`MemoStats` fields, summed)."""
+    their records, the workers' draft memo counts (`MemoStats` fields, summed) and `scrape()`
+    taken just before the measured sessions start. With `manager` (a multiprocessing manager)
+    every session first runs an unmeasured warm-up generation of the next prompt in turn, with
+    its link memory on (`CapacityConfig.link_memory` "warm")."""
     start_at = time.time() + START_DELAY_S + 0.2 * len(prompts) / workers
     indexed = list(enumerate(prompts))
+    shares = [indexed[w::workers] for w in range(workers) if indexed[w::workers]]
+    barriers = None
+    if manager is not None:
+        barriers = (manager.Barrier(len(shares) + 1), manager.Barrier(len(shares) + 1))
     jobs = [
-        replace(template, prompts=indexed[w::workers], start_at=start_at)
-        for w in range(workers)
-        if indexed[w::workers]
+        replace(
+            template,
+            prompts=share,
+            start_at=start_at,
+            warmups=None
+            if barriers is None
+            else [prompts[(i + 1) % len(prompts)] for i, _ in share],
+            barriers=barriers,
+        )
+        for share in shares
     ]
-    parts = list(pool.map(_run_job, jobs))
+    futures = [pool.submit(_run_job, job) for job in jobs]
+    if barriers is None:
+        before = scrape()
+    else:
+        barriers[0].wait(template.timeout_s)
+        before = scrape()
+        barriers[1].wait(template.timeout_s)
+    parts = [f.result() for f in futures]
     memo = {name: sum(p["memo"][name] for p in parts) for name in _MEMO_FIELDS}
-    return [_SessionRecord(**r) for p in parts for r in p["records"]], memo
+    modelled, wall = (sum(p["draft_ms"][i] for p in parts) for i in (0, 1))
+    memo["draft_overrun"] = wall / modelled if modelled else None
+    return [_SessionRecord(**r) for p in parts for r in p["records"]], memo, before
 
 
 def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -609,6 +688,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
     oracle_file.write_text(json.dumps(spec))
     with ProcessPoolExecutor(config.edge_processes, mp_context=ctx) as pool, ExitStack() as stack:
         stack.enter_context(workdir)
+        manager = stack.enter_context(ctx.Manager())  # the warm-up barriers' owner
         verifiers = {}
         for kind in sorted({m[4] for m in _methods(config)}):
             for admission in config.kv_admissions:
@@ -651,7 +731,6 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
         ):
             address, port = verifiers[kind, admission]
             profile_name = _profile_of(kind, config)
-            before = _scrape(port)
             template = _Job(
                 str(draft),
                 address,
@@ -668,9 +747,19 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 config.memo_drafts,
                 config.client_retries,
             )
-            records, memo = _measure(pool, template, prompts[:n], config.edge_processes)
+            warmed = config.link_memory == "warm" and policy in ADAPTIVE_POLICIES
+            records, memo, before = _measure(
+                pool,
+                template,
+                prompts[:n],
+                config.edge_processes,
+                partial(_scrape, port),
+                manager if warmed else None,
+            )
             after = _scrape(port)
             row = _row(name, n, rtt, k, records, before, after, profile_name, expected)
+            row["link_memory"] = config.link_memory if policy in ADAPTIVE_POLICIES else None
+            row["warm_sessions"] = sum(r.warm_start for r in records)
             budgeted = config.kv_budget_tokens is not None
             row["kv_budget_tokens"] = config.kv_budget_tokens if admission != NO_BUDGET else None
             row["kv_admission"] = admission if budgeted else None
@@ -678,6 +767,9 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
             shared = memo["forwards"] > 0
             row["draft_forwards"] = memo["forwards"] if shared else None
             row["draft_real_forwards"] = memo["real_forwards"] if shared else None
+            # the emulated edge devices' draft forwards: wall time over modelled time (above 1,
+            # this host's draft compute or sleeps made them slower than the modelled device)
+            row["edge_draft_overrun"] = memo["draft_overrun"]
             rows.append(row)
             logger.info("%s N=%d rtt=%g: %.1f tokens/s", name, n, rtt, row["replica_tokens_per_s"])
     profile = get_profile(config.compute_profile)

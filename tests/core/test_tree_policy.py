@@ -133,6 +133,25 @@ def test_trees_shrink_when_the_verifier_is_loaded() -> None:
     assert mean_nodes(loaded) < 0.6 * mean_nodes(idle)
 
 
+def test_a_node_cap_is_the_budget_shapes_are_searched_and_learnt_at() -> None:
+    """The verifier takes at most 8 nodes (the edge cuts bigger trees): every shape is searched
+    at that budget, and the rounds run teach the shape they ran as (a cut tree's round would
+    otherwise be nobody's, and an over-the-cap shape's prediction would never be corrected)."""
+    policy = TreePolicy(AdaptiveConfig(allow_cloud_only=False))
+    policy.limit_nodes(8)
+    shapes = policy.tree_config.shapes
+    assert all(s.nodes <= 8 and s.depth <= s.nodes for s in shapes)
+    assert len(set(shapes)) == len(shapes) < len(TreePolicy().tree_config.shapes)
+    assert policy.shape is not None and policy.shape.nodes <= 8
+    cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    trees = [d.tree for d in run(policy, cost, 60) if d.tree is not None]
+    assert trees and all(t.nodes <= 8 for t in trees)
+    learnt = policy.memory().shapes
+    assert learnt is not None
+    for t in set(trees):
+        assert learnt.mean((t.nodes, t.depth, t.width), 0.0, 1.0)[1] > 0  # rounds behind it
+
+
 def test_the_calibration_is_carried_to_the_next_session() -> None:
     cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
     first = TreePolicy(AdaptiveConfig(allow_cloud_only=False))

@@ -51,6 +51,13 @@ def test_capacity_smoke(tiny_pair, tmp_path) -> None:
     assert result["edge_emulation"].startswith("EMULATED edge devices")  # default h100-70b
     assert result["verifier_emulation"].startswith("EMULATED cloud GPU")
     assert all(row["draft_real_forwards"] <= row["draft_forwards"] for row in result["rows"])
+    for row in result["rows"]:
+        # adaptive sessions start from what a first, unmeasured generation taught their edge
+        warm = row["method"] == "adaptive"
+        assert row["link_memory"] == ("warm" if warm else None)
+        assert row["warm_sessions"] == (row["sessions"] if warm else 0)
+        speculative = row["method"].startswith(("fixed", "adaptive"))
+        assert (row["edge_draft_overrun"] or 0) >= (1.0 if speculative else 0.0)
     assert (tmp_path / "plots" / "capacity_vs_sessions.png").stat().st_size > 0
     assert (tmp_path / "plots" / "capacity_frontier.png").stat().st_size > 0
 
@@ -81,6 +88,12 @@ def test_capacity_overload_smoke(tiny_pair, tmp_path) -> None:
         assert row["lost_partial_outputs"] == 0
         assert row["client_retries"] <= row["resource_exhausted_answers"]
     assert rows[0]["evictions"] == rows[0]["resumes"] == 0  # reserve never evicts
+
+
+def test_link_memory_config_is_checked() -> None:
+    assert CapacityConfig().link_memory == "warm"
+    with pytest.raises(ValueError, match="link_memory"):
+        CapacityConfig(link_memory="hot")
 
 
 def test_overload_config_is_checked() -> None:
