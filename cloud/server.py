@@ -65,8 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.batch_return_fraction,
         help="wait after a step for sessions that come back within this fraction of a step",
     )
-    ap.add_argument(
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument(
         "--kv-budget-tokens", type=int, default=None, help="KV tokens all sessions may hold"
+    )
+    budget.add_argument(
+        "--kv-budget-bytes",
+        type=int,
+        default=None,
+        help="the KV budget as bytes of cache (converted with the model's KV bytes per token)",
+    )
+    budget.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        default=None,
+        help="the KV budget as this fraction of the memory free once the model is loaded (a "
+        "GPU's free memory, a CPU host's available memory)",
     )
     ap.add_argument(
         "--kv-admission",
@@ -114,6 +128,8 @@ async def _run(
         batch_max_sessions=args.batch_max_sessions,
         batch_return_fraction=args.batch_return_fraction,
         kv_budget_tokens=args.kv_budget_tokens,
+        kv_budget_bytes=args.kv_budget_bytes,
+        kv_memory_fraction=args.kv_memory_fraction,
         kv_admission=args.kv_admission,
         retry_after_ms=args.retry_after_ms,
     )

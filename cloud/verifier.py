@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from edgespec.cloud.kv_budget import kv_budget_tokens
 from edgespec.cloud.sessions import Session, SessionTable
 from edgespec.cloud.verifier_types import (
     FAILED_PRECONDITION,
@@ -123,6 +124,14 @@ class VerifierEngine:
                 f"{self.max_length} - 1, leaving room for 1 new token), got {prefix_limit}"
             )
         self.max_prefix_tokens: int = prefix_limit
+        c = self.config
+        if c.kv_budget_bytes is not None or c.kv_memory_fraction is not None:
+            budget = kv_budget_tokens(
+                self.model, c.kv_budget_tokens, c.kv_budget_bytes, c.kv_memory_fraction
+            )  # in tokens from now on: what admission counts
+            self.config = replace(
+                c, kv_budget_tokens=budget, kv_budget_bytes=None, kv_memory_fraction=None
+            )
         self.model_id = self.config.model_id
         self._clock = clock
         self._sessions = SessionTable(

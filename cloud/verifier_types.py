@@ -104,6 +104,12 @@ class VerifierConfig:
     #   evicted), whose edges get ABORTED (evicted) and reopen with their committed prefix.
     #   Reopens of evicted sessions are admitted before new sessions (see `cloud.eviction`).
     kv_budget_tokens: int | None = None
+    # The same budget given as bytes of KV cache, or as a fraction of the memory free on the
+    # model's device once the model is loaded (a GPU's free memory, a host's available memory):
+    # `VerifierEngine` turns either into kv_budget_tokens (`cloud.kv_budget`). One of the three
+    # at most.
+    kv_budget_bytes: int | None = None
+    kv_memory_fraction: float | None = None
     kv_admission: str = "reserve"
     # The back-off hint a refused OpenSession (RESOURCE_EXHAUSTED) and an evicted session's
     # block (ABORTED) carry.
@@ -126,6 +132,17 @@ class VerifierConfig:
         check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1)
         if self.kv_budget_tokens is not None:
             check_int("kv_budget_tokens", self.kv_budget_tokens, 1)
+        if self.kv_budget_bytes is not None:
+            check_int("kv_budget_bytes", self.kv_budget_bytes, 1)
+        if self.kv_memory_fraction is not None:
+            check_float("kv_memory_fraction", self.kv_memory_fraction, 0, 1, lo_open=True)
+        given = [
+            name
+            for name in ("kv_budget_tokens", "kv_budget_bytes", "kv_memory_fraction")
+            if getattr(self, name) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give one KV budget at most: {' and '.join(given)} are both set")
         check_int("retry_after_ms", self.retry_after_ms, 1)
         if self.kv_admission not in KV_ADMISSIONS:
             raise ValueError(
