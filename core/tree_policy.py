@@ -264,6 +264,12 @@ class TreePolicy(AdaptivePolicy):
         self._shape = choice
         return rates[choice]
 
+    def _hopeful_rate(self, cost: CostModel) -> float:
+        """The best speculative rate under an acceptance one standard error higher, trees
+        included: leaving trees for cloud-only must beat what trees could do, not chains."""
+        upper = self._accept.upper(self.config.k_max + 1)
+        return max(super()._hopeful_rate(cost), *self.tree_rates(cost, upper).values())
+
     def _speculative(self, k: int) -> Decision:
         if self._shape is None:
             return Decision(SPECULATIVE, k)

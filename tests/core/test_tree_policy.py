@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from edgespec.core.adaptive import AdaptiveConfig
+from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.cost_model import CostModel
 from edgespec.core.estimators import ReachCalibration
 from edgespec.core.policies import CLOUD_ONLY, RoundObservation, TreeOutcome
@@ -150,6 +150,20 @@ def test_a_node_cap_is_the_budget_shapes_are_searched_and_learnt_at() -> None:
     assert learnt is not None
     for t in set(trees):
         assert learnt.mean((t.nodes, t.depth, t.width), 0.0, 1.0)[1] > 0  # rounds behind it
+
+
+def test_leaving_trees_for_cloud_only_must_beat_what_trees_could_do() -> None:
+    """The guard on leaving speculative decoding (the best rate under an acceptance one standard
+    error up) counts trees: a session running trees that beat every chain is not sent to
+    cloud-only because cloud-only beats the chains' optimistic rate."""
+    cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    policy = TreePolicy(AdaptiveConfig(allow_cloud_only=False))
+    run(policy, cost, 60)
+    accept = policy._accept.probs(policy.config.k_max + 1)
+    best_tree = max(policy.tree_rates(cost, accept).values())
+    chains = AdaptivePolicy._hopeful_rate(policy, cost)
+    assert best_tree > chains  # the case that matters: trees beat even optimistic chains
+    assert policy._hopeful_rate(cost) >= best_tree
 
 
 def test_the_calibration_is_carried_to_the_next_session() -> None:
