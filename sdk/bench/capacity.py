@@ -58,6 +58,7 @@ import json
 import logging
 import socket
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -73,7 +74,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgespec.bench.emulated_edge import LogitsMemo, MemoStats, runner_factory
+from edgespec.bench.emulated_edge import GIL_SWITCH_S, LogitsMemo, MemoStats, runner_factory
 from edgespec.bench.processes import verifier_process
 from edgespec.cloud.verifier_types import KV_ADMISSIONS
 from edgespec.core.cost_model import expected_tokens
@@ -247,6 +248,7 @@ def _run_job(job: _Job) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job.threads)
+    sys.setswitchinterval(GIL_SWITCH_S)  # many emulated devices share this process
     memo = _draft_memo(job.draft)
     before = memo.stats()
     records, draft_ms = asyncio.run(_sessions(job))

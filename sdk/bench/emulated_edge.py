@@ -42,6 +42,10 @@ from edgespec.core.runner import ModelRunner, TokenIds
 from edgespec.core.validation import check_int, is_int
 
 DEFAULT_MEMO_ROWS = 8192  # logits rows kept per process (demo draft: 16 KiB each, 128 MiB)
+# The interpreter's switch interval (s) in benchmark processes that emulate devices: a thread
+# whose padding sleep has ended waits for the GIL while other threads run Python, by default up
+# to 5 ms per hand-over, most of a modelled 6 ms draft forward again.
+GIL_SWITCH_S = 0.0005
 
 
 @dataclass(frozen=True)

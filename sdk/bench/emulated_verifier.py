@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from edgespec.bench.emulated_edge import host_ids
+from edgespec.bench.emulated_edge import GIL_SWITCH_S, host_ids
 from edgespec.cloud import server
 from edgespec.core.profiles import ComputeProfile, get_profile
 from edgespec.core.runner import ModelRunner, TokenIds
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument("--oracle-prompts", required=True, type=Path)
     known, rest = own.parse_known_args(argv if argv is not None else sys.argv[1:])
     args = server.build_parser().parse_args(rest)
+    # the step thread's padding sleep ends while the event loop serves dozens of streams
+    sys.setswitchinterval(GIL_SWITCH_S)
     try:
         spec = json.loads(known.oracle_prompts.read_text())
         oracle = GreedyOracle(spec["prompts"], spec["max_new_tokens"], args.max_block_tokens + 1)
