@@ -518,7 +518,9 @@ def _row(
         # what cloud-side speculative decoding would give at this row's k and acceptance
         # (analytic, `cloud_sd_bound`; the cloud_sd_k{k} rows measure it)
         "cloud_sd_analytic_tokens_per_s": (
-            cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
+            bound
+            if method.startswith("cloud_sd")
+            else cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
             if mean_k >= 1 and chains and not method.endswith("_serial")
             else None
         ),

@@ -234,3 +234,18 @@ def test_eviction_over_grpc_is_aborted_with_its_trailers_and_counted(target_mode
         assert registry.get_sample_value("edgespec_verifier_active_sessions") == 0
     finally:
         server.stop()
+
+
+def test_an_eviction_that_left_its_session_open_fails_that_item_alone(
+    target_model, monkeypatch
+) -> None:
+    """A broken invariant of the engine's (make_room names a session it did not close) costs
+    that session's item an INTERNAL answer; the step goes on for the others."""
+    engine = VerifierEngine(target_model, EVICT)
+    expected = _expected(target_model)
+    ids = [engine.open_session(PROMPT, PARAMS).session_id for _ in range(2)]
+    monkeypatch.setattr(engine, "make_room", lambda feeds: [ids[1]])  # "evicted", still open
+    outcomes = _step(engine, dict.fromkeys(ids, expected), 0)
+    assert isinstance(outcomes[ids[0]], VerifyResult)
+    assert outcomes[ids[0]].outcome is Outcome.APPLIED
+    assert isinstance(outcomes[ids[1]], ServiceError) and outcomes[ids[1]].code == "INTERNAL"
