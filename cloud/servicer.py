@@ -220,6 +220,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             prefill_ms=opened.prefill_ms,
             compute_profile=opened.compute_profile,
             tree_blocks=opened.tree_blocks,
+            idle_forward_ms=opened.idle_forward_ms,
         )
 
     async def _prefill(self, scheduler: StepScheduler, opened: OpenResult) -> OpenResult:

@@ -62,7 +62,12 @@ from edgespec.cloud.verifier_types import (
     probs_error,
 )
 from edgespec.core.params import SamplingParams
-from edgespec.core.profiles import ComputeProfile, get_profile, make_runner
+from edgespec.core.profiles import (
+    ComputeProfile,
+    get_profile,
+    make_runner,
+    measure_idle_forward_ms,
+)
 from edgespec.core.runner import ModelRunner
 from edgespec.core.session import DraftBlock, StaleBlockError, derive_seed
 from edgespec.core.validation import check_int, is_int
@@ -114,6 +119,13 @@ class VerifierEngine:
         self.max_length: int | None = probe.max_length  # model positions; None = unbounded
         # Token trees need a cache compacted to the accepted path (`ModelRunner.keep_nodes`).
         self.tree_blocks: bool = probe.batchable
+        # What a forward costs with nobody else in it (sessions learn the load against it):
+        # the emulated profile's fixed cost, else measured here once.
+        self.idle_forward_ms: float = (
+            self.compute_profile.target.base_ms
+            if self.compute_profile.emulated
+            else measure_idle_forward_ms(probe)
+        )
         limit = self.max_length - 1 if self.max_length is not None else None
         prefix_limit = self.config.max_prefix_tokens
         if prefix_limit is None:
@@ -265,6 +277,7 @@ class VerifierEngine:
             compute_profile=self.compute_profile.name,
             tree_blocks=self.tree_blocks,
             resumed=evictions > 0,
+            idle_forward_ms=self.idle_forward_ms,
         )
 
     @property

@@ -165,6 +165,8 @@ class OpenResult:
     compute_profile: str = "real"  # the engine's compute profile (emulated ones pad forwards)
     tree_blocks: bool = False  # the verifier takes token trees (blocks with parents)
     resumed: bool = False  # the reopen of a session this verifier evicted
+    # the fixed cost of a forward with no other session in it (`VerifierEngine.idle_forward_ms`)
+    idle_forward_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ Profiles (`get_profile(name)`):
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -357,6 +358,24 @@ def pad_until(t0: float, target_ms: float, device: torch.device) -> float:
     elif target_ms > 0:
         logger.debug("forward overran its modelled %.2f ms by %.2f ms", target_ms, -left_ms)
     return left_ms
+
+
+def measure_idle_forward_ms(runner: ModelRunner, repeats: int = 5) -> float:
+    """The fixed cost of one forward with nothing else in it: the median wall time of a
+    one-token forward after an 8-token context, `repeats` times (the first, warm-up, dropped;
+    a CUDA device synchronised). Leaves the runner's cache empty."""
+    runner.reset()
+    runner.prefill([0] * 8)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        runner.extend([0])
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        runner.rollback(8)
+    runner.reset()
+    return statistics.median(times[1:])
 
 
 def make_runner(

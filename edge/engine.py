@@ -56,7 +56,7 @@ from edgespec.edge.records import EdgeStats, GenerateEvent, SummaryEvent, Tokens
 from edgespec.edge.recovery import EdgeError, Recovery
 from edgespec.edge.session_loop import SessionLoop
 from edgespec.edge.trace import write_generation_trace
-from edgespec.edge.verifier_link import LinkFactory, VerifierLink
+from edgespec.edge.verifier_link import LinkFactory, SessionInfo, VerifierLink
 from edgespec.protos.convert import FieldError
 
 logger = logging.getLogger(__name__)
@@ -65,14 +65,19 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- engine
 
 
-def _idle_forward_ms(profile_name: str | None) -> float | None:
-    """The fixed cost of one forward of a verifier with nothing else to do, when the compute
-    profile it announces is an emulated one (a real one does not say: None)."""
+def _idle_forward_ms(session: SessionInfo | None) -> float | None:
+    """The fixed cost of one forward of the session's verifier with nothing else to do: what it
+    announces (measured at its start, or its emulated profile's), else, from a verifier that
+    does not announce it, its emulated compute profile's; None when neither is known."""
+    if session is None:
+        return None
+    if session.idle_forward_ms > 0:
+        return session.idle_forward_ms
     try:
-        profile = get_profile(profile_name) if profile_name else None
+        profile = get_profile(session.compute_profile)
     except ValueError:  # a profile this edge does not know
         return None
-    return profile.target.base_ms if profile is not None and profile.emulated else None
+    return profile.target.base_ms if profile.emulated else None
 
 
 class EdgeEngine:
@@ -292,7 +297,7 @@ class EdgeEngine:
             learner.observe_rtt(link.session.open_rtt_ms)
         if isinstance(chooser, TreePolicy) and link.session is not None:
             chooser.limit_nodes(link.session.max_block_tokens)  # trees bigger are sent cut
-        idle_ms = _idle_forward_ms(link.session.compute_profile if link.session else None)
+        idle_ms = _idle_forward_ms(link.session)
         if learner is not None and idle_ms is not None:
             learner.observe_verifier_idle(idle_ms)
         text = TextStream(self.tokenizer)

@@ -54,6 +54,8 @@ class OpenedSession(Protocol):
     def compute_profile(self) -> str: ...
     @property
     def tree_blocks(self) -> bool: ...
+    @property
+    def idle_forward_ms(self) -> float: ...
 
 
 class VerifyOutcome(Protocol):
@@ -141,6 +143,7 @@ class InProcessVerifierLink(VerifierLink):
             prefill_ms=opened.prefill_ms,
             compute_profile=opened.compute_profile,
             tree_blocks=opened.tree_blocks,
+            idle_forward_ms=opened.idle_forward_ms,
             open_rtt_ms=0.0,
         )
         self._open = True

@@ -49,7 +49,7 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, prefix_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., generated: _Optional[int] = ..., next_seq: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "committed_len", "max_block_tokens", "vocab_size", "model_id", "prefill_ms", "compute_profile", "tree_blocks")
+    __slots__ = ("session_id", "committed_len", "max_block_tokens", "vocab_size", "model_id", "prefill_ms", "compute_profile", "tree_blocks", "idle_forward_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class OpenSessionResponse(_message.Message):
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_PROFILE_FIELD_NUMBER: _ClassVar[int]
     TREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed_len: int
     max_block_tokens: int
@@ -66,7 +67,8 @@ class OpenSessionResponse(_message.Message):
     prefill_ms: float
     compute_profile: str
     tree_blocks: bool
-    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., max_block_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_id: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., compute_profile: _Optional[str] = ..., tree_blocks: _Optional[bool] = ...) -> None: ...
+    idle_forward_ms: float
+    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., max_block_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_id: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., compute_profile: _Optional[str] = ..., tree_blocks: _Optional[bool] = ..., idle_forward_ms: _Optional[float] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
