@@ -72,8 +72,6 @@ class LogitsMemo:
     def __init__(self, max_rows: int = DEFAULT_MEMO_ROWS) -> None:
         self.max_rows = check_int("max_rows", max_rows, 1)
         self._rows: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
-        # tree forwards: (committed prefix, fed nodes, their parents) -> rows of the last call
-        self._trees: OrderedDict[tuple, Tensor] = OrderedDict()
         self._lock = threading.Lock()
         # Held while a real forward runs: sessions in lockstep ask for the same prefix at the
         # same moment, and the later ones should get the first one's rows, not compute them too
@@ -87,7 +85,11 @@ class LogitsMemo:
     def get(self, tokens: Sequence[int], start: int) -> list[Tensor] | None:
         """The rows predicting after tokens[:p + 1] for p in start..len(tokens) - 1, or None when
         any is unknown."""
-        keys = [tuple(tokens[: p + 1]) for p in range(start, len(tokens))]
+        return self.get_rows([tuple(tokens[: p + 1]) for p in range(start, len(tokens))])
+
+    def get_rows(self, keys: Sequence[tuple[int, ...]]) -> list[Tensor] | None:
+        """The rows predicting after each token sequence of `keys`, or None when any is
+        unknown."""
         with self._lock:
             rows = [self._rows.get(key) for key in keys]
             if any(row is None for row in rows):
@@ -99,34 +101,19 @@ class LogitsMemo:
 
     def put(self, tokens: Sequence[int], start: int, logits: Tensor) -> None:
         """Store `logits` (n, V): row i predicts after tokens[:start + i + 1]."""
+        n = int(logits.shape[0])
+        self.put_rows([tuple(tokens[: start + i + 1]) for i in range(n)], logits)
+
+    def put_rows(self, keys: Sequence[tuple[int, ...]], logits: Tensor) -> None:
+        """Store the rows of one real forward: `logits[i]` predicts after `keys[i]`."""
         with self._lock:
             self.misses += int(logits.shape[0])
             self.real_forwards += 1
-            for i in range(logits.shape[0]):
-                key = tuple(tokens[: start + i + 1])
-                self._rows[key] = logits[i].clone()
+            for key, row in zip(keys, logits, strict=True):
+                self._rows[key] = row.clone()
                 self._rows.move_to_end(key)
             while len(self._rows) > self.max_rows:
                 self._rows.popitem(last=False)
-
-    def get_tree(self, key: tuple) -> Tensor | None:
-        """The rows of a tree forward (`MemoRunner.extend_tree`) stored under `key`, or None."""
-        with self._lock:
-            rows = self._trees.get(key)
-            if rows is not None:
-                self._trees.move_to_end(key)
-                self.hits += int(rows.shape[0])
-            return rows
-
-    def put_tree(self, key: tuple, logits: Tensor) -> None:
-        """Store a tree forward's rows (n, V) under `key` (bounded like the chain rows)."""
-        with self._lock:
-            self.misses += int(logits.shape[0])
-            self.real_forwards += 1
-            self._trees[key] = logits.clone()
-            self._trees.move_to_end(key)
-            while len(self._trees) > max(self.max_rows // 64, 1):
-                self._trees.popitem(last=False)
 
     def count_forward(self) -> None:
         with self._lock:
@@ -141,9 +128,9 @@ class MemoRunner(PaddedRunner):
     """A `PaddedRunner` for ONE session whose logits come from a shared `LogitsMemo` (see the
     module docstring). `length`, `forwards` and the returned logits are those of the logical
     sequence (what a plain runner would report); the real cache holds a prefix of it
-    (`real_length`). Crop-mode (attention-only) models only; no batched KV. Tree drafting is
-    memoized by the committed prefix and the tree fed so far; a tree's accepted path is refed
-    as committed tokens (`keep_nodes` is not needed: `length` never counts tree nodes).
+    (`real_length`). Crop-mode (attention-only) models only; no batched KV. A tree node's row is
+    memoized by its token path (the prefix and its ancestors: all it attends to), like a chain
+    position's; a tree's accepted path is refed as committed tokens (`keep_nodes` is not needed: `length` never counts tree nodes).
     Returned rows are shared with other sessions: callers must not modify them in place (the
     drafter does not). Sampling is unaffected: only logits are shared, each drafter draws with
     its own generator, so any sampling mode drafts what the plain drafter would.
@@ -218,8 +205,10 @@ class MemoRunner(PaddedRunner):
         self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
     ) -> Tensor:
         """Tree drafting (`grow_tree`): the rows of `ids` fed as tree nodes after the logical
-        sequence's first `tree_start` tokens, keyed by that prefix and the whole tree fed so
-        far; a miss runs the real tree forward over every node the real cache lacks."""
+        sequence's first `tree_start` tokens. Under tree attention a node sees the prefix and
+        its own ancestors only, so its row is the one predicting after that token path, shared
+        with chains and with other trees (other shapes, other sessions) through the same prefix
+        keys; a miss runs the real tree forward over every node the real cache lacks."""
         t0 = time.perf_counter()
         start = len(self._tokens) if tree_start is None else tree_start
         new = self._host_ids(ids)
@@ -228,16 +217,18 @@ class MemoRunner(PaddedRunner):
             self._tree_start = start
         elif start != self._tree_start or len(parents) != len(self._tree) + len(new):
             raise ValueError("extend_tree must continue the tree fed so far")
-        key = (tuple(self._tokens[:start]), tuple(self._tree + new), tuple(parents))
+        keys = _node_paths(self._tokens[:start], self._tree + new, parents)[len(self._tree) :]
         self._logical_forwards += 1
         self.memo.count_forward()
-        rows = self.memo.get_tree(key)
-        if rows is None:
+        found = self.memo.get_rows(keys)
+        if found is None:
             with self.memo.compute_lock:
-                rows = self.memo.get_tree(key)
-                if rows is None:
+                found = self.memo.get_rows(keys)
+                if found is None:
                     rows = self._compute_tree(start, new, parents)
-                    self.memo.put_tree(key, rows)
+                    self.memo.put_rows(keys, rows)
+        if found is not None:
+            rows = torch.stack(found)
         self._tree.extend(new)
         self._pad(t0, self.cost.ms(len(new)))
         return rows
@@ -294,6 +285,19 @@ class MemoRunner(PaddedRunner):
         logits = self._forward(self._tokens[real:], last_only=False)  # (L - real, V)
         self.memo.put(self._tokens, real, logits)
         return list(logits[start - real :])
+
+
+def _node_paths(
+    prefix: Sequence[int], nodes: Sequence[int], parents: Sequence[int]
+) -> list[tuple[int, ...]]:
+    """Per tree node, the tokens it attends to and itself: `prefix`, its ancestors' tokens from
+    the root down, its own (`parents[i]`: the index of node i's parent, or negative at the
+    root)."""
+    paths: list[tuple[int, ...]] = []
+    base = tuple(prefix)
+    for token, parent in zip(nodes, parents, strict=True):
+        paths.append((paths[parent] if parent >= 0 else base) + (token,))
+    return paths
 
 
 def host_ids(ids: TokenIds, vocab_size: int, max_length: int | None, have: int) -> list[int]:
