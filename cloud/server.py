@@ -139,6 +139,7 @@ async def _run(
         compute_profile=args.compute_profile,
         runner_factory=runner_factory,
     )
+    engine.calibrate_idle_forward()  # before any session: what sessions measure load against
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     await run_until_signal(
         args,

@@ -119,12 +119,10 @@ class VerifierEngine:
         self.max_length: int | None = probe.max_length  # model positions; None = unbounded
         # Token trees need a cache compacted to the accepted path (`ModelRunner.keep_nodes`).
         self.tree_blocks: bool = probe.batchable
-        # What a forward costs with nobody else in it (sessions learn the load against it):
-        # the emulated profile's fixed cost, else measured here once.
+        # What a forward costs with nobody else in it (sessions learn the load against it): the
+        # emulated profile's fixed cost, else 0 (unknown) until `calibrate_idle_forward`.
         self.idle_forward_ms: float = (
-            self.compute_profile.target.base_ms
-            if self.compute_profile.emulated
-            else measure_idle_forward_ms(probe)
+            self.compute_profile.target.base_ms if self.compute_profile.emulated else 0.0
         )
         limit = self.max_length - 1 if self.max_length is not None else None
         prefix_limit = self.config.max_prefix_tokens
@@ -153,6 +151,16 @@ class VerifierEngine:
             self.config.kv_budget_tokens,
             self.config.retry_after_ms,
         )
+
+    def calibrate_idle_forward(self) -> float:
+        """Measure the fixed cost of a forward with nothing else in it (a one-token forward
+        after a short context, `measure_idle_forward_ms`) and announce it to sessions opened
+        from now on; an emulated profile's is kept (its padding is the model's cost). For a
+        server's start-up, before it takes sessions: it runs the model."""
+        if not self.compute_profile.emulated:
+            self.idle_forward_ms = measure_idle_forward_ms(ModelRunner(self.model))
+            logger.info("idle forward: %.2f ms", self.idle_forward_ms)
+        return self.idle_forward_ms
 
     @classmethod
     def from_pretrained(

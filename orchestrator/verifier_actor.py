@@ -70,6 +70,7 @@ class VerifierActor(EndpointActor):
             config,
             compute_profile=spec.compute_profile,
         )
+        await asyncio.to_thread(engine.calibrate_idle_forward)  # before any session
         self.engine = engine
         metrics = self._serve_metrics(VerifierMetrics, spec.metrics_port)
         server = await serve(

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import torch
 from support.certs import self_signed_cert
 from support.edge_runs import collect
 from support.servers import VERIFIER_TOKEN
 from support.stats import chi_square_p
+from support.verifier_client import open_session
 
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
@@ -31,6 +33,7 @@ from edgespec.edge.records import TokensEvent
 from edgespec.edge.recovery import EdgeError
 from edgespec.edge.verifier_link import LinkError
 from edgespec.linkemu import LinkEmulator, LinkProfile
+from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 # Server subprocesses (the `servers` fixture) take tens of seconds to start on a loaded machine.
 pytestmark = pytest.mark.slow
@@ -306,3 +309,12 @@ def test_unreachable_verifiers_end_in_a_clear_error(draft):
         asyncio.run(run_collecting(engine, [1, 2, 3], SamplingParams(max_new_tokens=4), 2))
     assert info.value.code == "UNAVAILABLE"
     assert isinstance(info.value.__cause__, LinkError)
+
+
+def test_a_verifier_server_announces_its_measured_idle_forward(servers) -> None:
+    """`python -m edgespec.cloud.server` measures its forward alone at start-up and announces it
+    at OpenSession: an edge's adaptive policy measures the verifier's load against it."""
+    with grpc.insecure_channel(servers["main"].address) as channel:
+        auth = (("authorization", f"Bearer {VERIFIER_TOKEN}"),)
+        response = open_session(pb_grpc.VerifierStub(channel), metadata=auth)
+    assert 0.0 < response.idle_forward_ms < 1000.0

@@ -19,14 +19,17 @@ from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 def test_a_real_verifier_measures_it_an_emulated_one_models_it(target) -> None:
     real = VerifierEngine(target.model, VerifierConfig())
-    assert 0.0 < real.idle_forward_ms < 1000.0
+    assert real.idle_forward_ms == 0.0  # not known until measured: nothing runs unasked
+    assert 0.0 < real.calibrate_idle_forward() == real.idle_forward_ms < 1000.0
     opened = real.open_session([1, 2, 3], SamplingParams(max_new_tokens=4))
     assert opened.idle_forward_ms == real.idle_forward_ms
     emulated = VerifierEngine(target.model, VerifierConfig(), compute_profile="h100-70b")
     assert emulated.idle_forward_ms == get_profile("h100-70b").target.base_ms
+    assert emulated.calibrate_idle_forward() == emulated.idle_forward_ms  # the profile's kept
 
 
 def test_it_is_announced_over_grpc(grpc_verifier) -> None:
+    grpc_verifier.engine.calibrate_idle_forward()
     with grpc.insecure_channel(grpc_verifier.address) as channel:
         response = open_session(pb_grpc.VerifierStub(channel))
     assert response.idle_forward_ms == pytest.approx(grpc_verifier.engine.idle_forward_ms)
