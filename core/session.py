@@ -88,6 +88,10 @@ class DraftBlock:
     # node) or -1 (a child of the last committed token). None: a chain (each token the child of
     # the one before). A tree's verdict names its accepted path (`Verdict.path`).
     parents: tuple[int, ...] | None = None
+    # Pipelined drafting after a tree: the tokens assumed before the anchor (the tree's guessed
+    # path), positions base_len - 1 - len(anchor_prefix) .. base_len - 2; stale unless the
+    # committed tokens end with them and the anchor. () = the anchor alone. Needs anchor_token.
+    anchor_prefix: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq, 0)
@@ -105,13 +109,35 @@ class DraftBlock:
             )
         if self.anchor_token is not None:
             check_int("anchor_token", self.anchor_token, 0)
+        prefix = tuple(self.anchor_prefix)
+        if prefix and self.anchor_token is None:
+            raise ValueError(f"anchor_prefix needs an anchor_token, got {prefix}")
+        for t in prefix:
+            if not is_int(t) or t < 0:
+                raise ValueError(f"anchor_prefix must hold only ints >= 0, got {t!r}")
+        object.__setattr__(self, "anchor_prefix", prefix)
         if self.parents is not None:
             object.__setattr__(self, "parents", check_parents(self.parents, len(tokens)))
 
     @property
     def identity(self) -> tuple:
         """What defines the block (a resend must match it); q is excluded (a re-decoded copy)."""
-        return (self.base_len, self.tokens, self.decode_tokens, self.anchor_token, self.parents)
+        return (
+            self.base_len,
+            self.tokens,
+            self.decode_tokens,
+            self.anchor_token,
+            self.parents,
+            self.anchor_prefix,
+        )
+
+    @property
+    def anchor(self) -> tuple[int, ...]:
+        """The committed tokens the block assumes end the prefix (anchor_prefix + the anchor);
+        () when it assumes none."""
+        if self.anchor_token is None:
+            return ()
+        return (*self.anchor_prefix, self.anchor_token)
 
     @property
     def depth(self) -> int:

@@ -58,7 +58,16 @@ def test_wrong_anchor_is_stale_at_the_engine_and_nothing_changes(target):
     assert result.outcome is Outcome.STALE and result.verdict is None
     assert engine.committed(opened.session_id) == prompt
     assert engine.stats().stale == 1 and engine.stats().forwards == 1  # the prefill only
-    right = DraftBlock(seq=1, base_len=len(prompt), tokens=(5, 6), anchor_token=last)
+    # after a tree: the anchor holds, the guessed path before it does not
+    path = (prompt[-3], (prompt[-2] + 1) % 300)
+    wrong = DraftBlock(
+        seq=1, base_len=len(prompt), tokens=(5, 6), anchor_token=last, anchor_prefix=path
+    )
+    assert engine.verify(opened.session_id, wrong).outcome is Outcome.STALE
+    assert engine.stats().stale == 2 and engine.committed(opened.session_id) == prompt
+    right = DraftBlock(
+        seq=2, base_len=len(prompt), tokens=(5, 6), anchor_token=last, anchor_prefix=prompt[-3:-1]
+    )
     assert engine.verify(opened.session_id, right).outcome is Outcome.APPLIED
 
 
