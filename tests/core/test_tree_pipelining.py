@@ -3,19 +3,22 @@ its likeliest path and the draft's bonus token after it and drafts the next bloc
 tree) there. Co-located Drafter/Verifier pairs on tiny random models: the output is the target
 alone's (greedy, and coupled sampling with the same seed) whatever mix of trees and chains goes
 ahead, a block ahead of a missed guess is STALE at the verifier, and the draft cache after a hit
-and after a miss (its length and its content: the logits it gives equal a fresh cache's).
+and after a miss (its length and its content: the logits it gives equal a fresh cache's). Under
+rejection sampling trees go ahead as chains do: the tokens follow the target's distribution.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from support.stats import chi_square_p
 from support.tiny_models import noisy_draft, tiny_model
 
 from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
+from edgespec.core.sampling import logits_to_probs
 from edgespec.core.session import DraftBlock, StaleBlockError, Verdict
 from edgespec.core.tree import ROOT, DraftTree, TreeShape
 from edgespec.core.tree_draft import grow_tree
@@ -248,3 +251,56 @@ def test_no_room_ahead_when_the_guess_ends_the_session(runners):
     drafter = Drafter(draft, PROMPTS[1], stops)
     assert drafter.propose_tree(TREE) == block  # the same tree, whose guess ends in a stop
     assert drafter.ahead_room() == -1 and drafter.propose_ahead(2, tree=TREE) is None
+
+
+# ---------------------------------------------------------------- rejection sampling
+
+SAMPLED = SamplingParams(temperature=1.0, top_k=3, max_new_tokens=4, sampler="rejection")
+SAMPLED_PROMPT = [5, 9, 17]
+RUNS = 1200
+SAMPLED_V = 24
+
+
+def _sampled_session(target: ModelRunner, draft: ModelRunner, seed: int) -> tuple[list[int], bool]:
+    """Rejection sampling, a one-level tree (3 siblings drawn from q) and a one-level tree
+    ahead of it: on a hit, token 3 comes from the tree ahead's walk. The output and whether
+    the block ahead was used."""
+    params = SamplingParams(**{**SAMPLED.__dict__, "seed": seed})
+    drafter = Drafter(draft, SAMPLED_PROMPT, params)
+    verifier = Verifier(target, SAMPLED_PROMPT, params)
+    shape = TreeShape(nodes=3, depth=1, width=3)
+    block = drafter.propose_tree(shape)
+    ahead = drafter.propose_ahead(1, tree=shape)
+    assert ahead is not None and ahead.draft_probs is not None and len(ahead.anchor) == 2
+    drafter.apply(verifier.verify(block))
+    hit = bool(drafter.last_ahead_hit)
+    while not drafter.finished:
+        pending = drafter.pending if drafter.pending is not None else drafter.propose_tree(shape)
+        drafter.apply(verifier.verify(pending))
+    return drafter.generated, hit
+
+
+def test_pipelined_rejection_trees_follow_the_target():
+    """Trees drafted ahead under rejection sampling (their nodes drawn from q on the guessed
+    prefix, q sent) commit tokens distributed as the target alone's: the joint of tokens 1-3
+    over many seeds against the exact one (chi-square), with the block ahead used often."""
+    model = tiny_model("llama", SAMPLED_V, head_scale=2.0)
+    target, draft = ModelRunner(model), ModelRunner(noisy_draft(model, 0.5))
+    counts: dict[int, int] = {}
+    hits = 0
+    for seed in range(RUNS):
+        out, hit = _sampled_session(target, draft, seed)
+        key = (out[0] * SAMPLED_V + out[1]) * SAMPLED_V + out[2]
+        counts[key] = counts.get(key, 0) + 1
+        hits += hit
+    assert hits > RUNS // 10
+    exact = torch.zeros(SAMPLED_V**3)
+    p1 = logits_to_probs(target.prefill(SAMPLED_PROMPT), SAMPLED)
+    for x in torch.nonzero(p1).flatten().tolist():
+        p2 = logits_to_probs(target.prefill([*SAMPLED_PROMPT, x]), SAMPLED)
+        for y in torch.nonzero(p2).flatten().tolist():
+            p3 = logits_to_probs(target.prefill([*SAMPLED_PROMPT, x, y]), SAMPLED)
+            exact[(x * SAMPLED_V + y) * SAMPLED_V : (x * SAMPLED_V + y + 1) * SAMPLED_V] = (
+                p1[x] * p2[y] * p3
+            )
+    assert chi_square_p(counts, exact, RUNS) > 1e-3
