@@ -26,7 +26,11 @@ Two extensions of the plain round:
   The verifier applies block n+1 only if its committed length is base_len AND its last committed
   token is g; otherwise the block is stale (no forward, nothing changes). On the verdict of
   block n, the drafter keeps block n+1 (a *hit*: every draft token accepted and the bonus equals
-  g) or drops it and rolls its cache back to the committed prefix (a *miss*).
+  g) or drops it and rolls its cache back to the committed prefix (a *miss*). After a token
+  tree the guess is a path: the tree's likeliest deepest path (`GrownTree.guess`), then g after
+  it; the block ahead also carries the path's tokens (``anchor_prefix``), since another path of
+  the same depth may end in g, and is applied only if the committed tokens end with them and g.
+  Either side's rule is the same (committed length and suffix), so they agree on every hit.
 
   Why this is exact. Greedy: a block is verified against the target's argmax whatever its
   origin, and only on the prefix it names, so the committed tokens are the target's. Sampling:
@@ -36,7 +40,8 @@ Two extensions of the plain round:
   the block) with the draft's randomness, independent of the verifier's draws. So conditioned on
   the committed prefix, block n+1 is an ordinary block drafted from q on that prefix, and
   rejection sampling against p commits tokens distributed as the target alone would produce
-  them. A dropped block consumed only draft randomness, which no committed token depends on.
+  them (a tree's nodes likewise, each sibling drawn from its q on that prefix). A dropped block
+  consumed only draft randomness, which no committed token depends on.
 """
 
 from __future__ import annotations

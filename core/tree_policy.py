@@ -11,7 +11,12 @@ per second
 
 with the timing estimates `AdaptivePolicy` keeps (t_v is fitted on the nodes actually verified,
 so a loaded verifier makes big trees dear), and runs the best of: that tree, the chain the base
-policy would run (pipelined if configured), or cloud-only decoding.
+policy would run (pipelined if configured), or cloud-only decoding. Pipelined (the config's
+`pipelined`), a tree's round is priced as a chain's (`CostModel.expected_round_ms` with the
+tree's levels and nodes + 1 positions): a block drafted ahead on the tree's guessed path is used
+with probability h = the calibrated reach of the rank-0 spine's leaf times the rank-0 acceptance
+after it (the bonus token the draft guesses), and a run of hits drafts (levels + 1) forwards per
+block while the block before it travels.
 
 E[accepted | shape] comes from a rank model applied to the tree `grow_tree` grows (a beam of
 `width` nodes per level, then the most probable `nodes`: `beam_reach`): the target's token at a
@@ -36,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -122,8 +128,9 @@ def beam_reach(
 
 
 class TreePolicy(AdaptivePolicy):
-    """`AdaptivePolicy` whose speculative rounds may be token trees (see the module docstring);
-    chains (and their pipelining) and cloud-only decoding stay as the base policy runs them.
+    """`AdaptivePolicy` whose speculative rounds may be token trees (see the module docstring),
+    pipelined like chains when the config says so; chains and cloud-only decoding stay as the
+    base policy runs them.
 
     Shapes: `TreeConfig.shapes`, by default a grid of depths and widths, each with its whole
     beam (`beam_shapes`). Each shape's accepted tokens per round are measured when it runs
@@ -199,7 +206,8 @@ class TreePolicy(AdaptivePolicy):
         self, cost: CostModel, accept: Sequence[float], bonus: float = 0.0
     ) -> dict[TreeShape, float]:
         """Each shape of `TreeConfig.shapes` and its estimated rate (tokens/s); `bonus` > 0:
-        the optimistic rate, `bonus` / sqrt(rounds + 1) tokens added to the estimate."""
+        the optimistic rate, `bonus` / sqrt(rounds + 1) tokens added to the estimate. A
+        pipelined `cost` prices a round with the tree's hit probability (module docstring)."""
         prob = self._prob(accept)
         weight = self.tree_config.shape_prior_weight
         deepest = max(shape.depth for shape in self.tree_config.shapes)
@@ -211,8 +219,14 @@ class TreePolicy(AdaptivePolicy):
             key = (shape.nodes, shape.depth, shape.width)
             expected, rounds = self._shapes.mean(key, prior, weight)
             expected += bonus / (rounds + 1.0) ** 0.5
-            fixed_ms = shape.depth * cost.draft_ms + cost.rtt_ms + cost.queue_ms
-            rates[shape] = 1e3 * (1.0 + expected) / (fixed_ms + cost.verify_ms(shape.nodes + 1))
+            hit = 0.0
+            if cost.pipelined:
+                # P(the block drafted ahead is used): the walk follows the guessed path (the
+                # rank-0 spine, its reach calibrated) to the leaf, and the bonus is the guess
+                spine = math.prod(prob(d, 0) for d in range(shape.depth + 1))
+                hit = min(factors[shape.depth - 1] * spine, 1.0)
+            round_ms = cost.expected_round_ms(shape.depth, hit, positions=shape.nodes + 1)
+            rates[shape] = 1e3 * (1.0 + expected) / max(round_ms, 1e-9)
         return rates
 
     def _prob(self, accept: Sequence[float]) -> Callable[[int, int], float]:

@@ -12,8 +12,9 @@ committed and yielded as each arrives). Consecutive cloud-only chunks are reques
 the next sent while the current one streams, so the stream only pays an RTT when it starts.
 
 Pipelined drafting (`pipelined=True`): after sending block n, while its verdict travels, the loop
-drafts block n+1 on the guess that block n is accepted whole and that the verifier's bonus token
-is the draft's own next token, and sends it at once (pipeline depth 1). On a hit the next verdict
+drafts block n+1 on the guess that block n is accepted whole (a token tree: along its likeliest
+path) and that the verifier's bonus token is the draft's own next token, and sends it at once
+(pipeline depth 1); block n+1 is a chain or a tree, as the policy decides. On a hit the next verdict
 is already on its way; on a miss the verifier answers the block STALE (its base_len or anchor
 token does not match) and the loop drafts afresh from the committed tokens. Exactness is
 unchanged (the argument is in `edgespec.core.session`'s docstring).
