@@ -458,9 +458,10 @@ class Drafter:
         at max_new_tokens (overshoot is dropped), then rolls the draft cache back to the longest
         prefix that is still valid. A decode block's verdicts commit one token each. With a block
         drafted ahead, a hit makes it the pending block (its drafts stay in the cache); a miss
-        drops it. A hit: the pending block was accepted as guessed (a chain whole, a tree along
-        its guessed path) and the verdict's token is the block ahead's anchor, the session going
-        on.
+        drops it. A hit: the session goes on and the committed tokens are the prefix the block
+        ahead was drafted on (the pending block accepted as guessed, a chain whole, a tree along
+        its guessed path, then the guessed token), by the verifier's own rule: its base_len and
+        its anchor (`DraftBlock.anchor`).
         """
         block = self._pending
         if block is None:
