@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support.stats import chi_square_p
 from support.tiny_models import noisy_draft, tiny_model
 
@@ -304,3 +306,70 @@ def test_pipelined_rejection_trees_follow_the_target():
                 p1[x] * p2[y] * p3
             )
     assert chi_square_p(counts, exact, RUNS) > 1e-3
+
+
+# ---------------------------------------------------------------- fuzzing the drafter
+
+FUZZ_MODEL = tiny_model("llama", V, head_scale=3.0)
+FUZZ_DRAFT = noisy_draft(FUZZ_MODEL, 0.2)
+PLAN = st.one_of(
+    st.integers(0, 4),
+    st.builds(
+        lambda d, w: TreeShape(nodes=w + (d - 1) * w * w, depth=d, width=w),
+        st.integers(1, 4),
+        st.integers(1, 3),
+    ),
+)
+
+
+def _random_verdict(data, block: DraftBlock, ahead: DraftBlock | None) -> Verdict:
+    """Any verdict the verifier could send: a root path (a chain's prefix), then a token; often
+    the one the block ahead bets on."""
+    path: list[int] = []
+    if block.parents is None:
+        accepted = data.draw(st.integers(0, len(block.tokens)))
+    else:
+        tree, node = DraftTree(block.tokens, block.parents), ROOT
+        while (kids := tree.children(node)) and data.draw(st.booleans()):
+            node = data.draw(st.sampled_from(kids))
+            path.append(node)
+        accepted = len(path)
+    token = data.draw(st.integers(0, V - 1))
+    if ahead is not None and ahead.anchor_prefix == tuple(block.tokens[i] for i in path):
+        token = data.draw(st.sampled_from([token, ahead.anchor_token]))
+    return Verdict(
+        seq=block.seq,
+        accepted=accepted,
+        token=token,
+        is_bonus=False,
+        committed_len=block.base_len + accepted + 1,
+        verify_ms=0.0,
+        path=tuple(path) if block.parents is not None else None,
+    )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), plans=st.lists(PLAN, min_size=1, max_size=6))
+def test_fuzz_drafting_ahead_keeps_the_cache_valid(data, plans):
+    """Random chains and trees, each with a block drafted ahead, and random verdicts (hits and
+    misses): whenever nothing is pending, the next block drafted equals a fresh drafter's on the
+    same committed tokens (greedy drafting is a function of them: a stale cache entry would show)."""
+    params = SamplingParams(max_new_tokens=20)
+    drafter = Drafter(ModelRunner(FUZZ_DRAFT), PROMPTS[0], params)
+    i = 0
+    while not drafter.finished and i < 12:
+        plan = plans[i % len(plans)]
+        i += 1
+        block = drafter.pending
+        if block is None:
+            block = _propose(drafter, plan)
+            again = SamplingParams(max_new_tokens=drafter.tokens_left)
+            fresh = _propose(Drafter(ModelRunner(FUZZ_DRAFT), drafter.committed, again), plan)
+            assert (block.tokens, block.parents) == (fresh.tokens, fresh.parents)
+        ahead = _ahead(drafter, plans[i % len(plans)]) if data.draw(st.booleans()) else None
+        if ahead is not None and data.draw(st.booleans()):
+            assert drafter.drop_ahead() is ahead
+            ahead = _ahead(drafter, plans[i % len(plans)])
+        drafter.apply(_random_verdict(data, block, ahead))
+        assert drafter.last_ahead_hit is (None if ahead is None else drafter.pending is ahead)
+        assert drafter.runner.length <= len(drafter.committed) or drafter.pending is ahead
