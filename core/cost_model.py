@@ -34,10 +34,12 @@ while the one before it travels; a miss costs a fresh serial round. So, as an ap
 ignores the order of hits and misses:
 
     T_hit(k)  = max(((k + 1) * t_d + RTT + q + t_v(k + 1)) / 2, (k + 1) * t_d, t_v(k + 1) + q)
-    T_pipe(k) = h(k) * T_hit(k) + (1 - h(k)) * T(k)
+    T_pipe(k) = h(k) * T_hit(k) + (1 - h(k)) * (T(k) + max((k + 1) * t_d - RTT - q - t_v(k + 1), 0))
 
 (the second and third terms of the max: the edge drafts k + 1 tokens per block and the verifier
-verifies one block at a time, whatever the overlap). A token tree of L levels and n nodes is
+verifies one block at a time, whatever the overlap; the miss's last term: the block drafted ahead
+is still being drafted when the verdict returns on a short round trip, and the fresh round waits
+for it). A token tree of L levels and n nodes is
 priced the same way with k = L draft forwards and n + 1 verified positions (`positions`), its
 hit probability that of its guessed path (`edgespec.core.tree_policy`). Round observations of a
 pipelined session are the same as serial ones: network_ms of a block drafted ahead is still
@@ -133,10 +135,13 @@ class CostModel:
     def expected_round_ms(self, k: int, hit_prob: float, positions: int | None = None) -> float:
         """Mean time per round at draft length `k`: T(k) when not pipelined, else T_pipe(k) with
         `hit_prob` = P(the next block, drafted ahead, is used)."""
+        serial = self.round_ms(k, positions)
         if not self.pipelined:
-            return self.round_ms(k, positions)
+            return serial
         h = check_prob("hit_prob", hit_prob)
-        return h * self.pipelined_hit_ms(k, positions) + (1.0 - h) * self.round_ms(k, positions)
+        verdict = serial - k * self.draft_ms  # the verdict's return: RTT + q + t_v
+        overrun = max((k + 1) * self.draft_ms - verdict, 0.0)
+        return h * self.pipelined_hit_ms(k, positions) + (1.0 - h) * (serial + overrun)
 
     def cloud_ms_per_token(self) -> float:
         """t_c: steady-state time per token when the cloud decodes alone and streams."""

@@ -286,7 +286,7 @@ class SessionLoop:
         if self.next_decision is not None or d.ahead is not None or d.ahead_room() < 0:
             return
         decision = self.policy.choose()
-        if decision.mode != SPECULATIVE:
+        if decision.mode != SPECULATIVE or not decision.ahead:
             self.next_decision = decision  # taken when the pending round is over
             return
         shape = self._tree_shape(decision)

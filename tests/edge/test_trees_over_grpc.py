@@ -140,6 +140,19 @@ def test_pipelined_trees_give_the_target_alone(pair):
     assert sum(s.stats.pipeline_hits for s in runs) > 0
     assert sum(s.stats.pipeline_misses for s in runs) > 0
 
+    async def waiting() -> SummaryEvent:
+        engine = pair.engine()
+        try:
+            policy = ScriptedPolicy([Decision(SPECULATIVE, 4, tree=tree, ahead=False)])
+            return await collect(engine, PROMPTS[0], GREEDY, policy=policy, pipelined=True)
+        finally:
+            await engine.aclose()
+
+    # decisions that say drafting ahead does not pay wait for the verdict
+    summary = asyncio.run(waiting())
+    assert summary.tokens == pair.reference(PROMPTS[0], GREEDY)
+    assert summary.stats.pipeline_hits == summary.stats.pipeline_misses == 0
+
 
 def test_trees_and_chains_batched_together(pair):
     """Six sessions at once on the batching verifier: trees and chains, greedy and coupled."""
