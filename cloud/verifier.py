@@ -18,8 +18,9 @@ token is one `decode_next` call (prepare/forward/complete of a one-position step
 can stream each verdict as soon as it is produced and other sessions' blocks interleave. The
 stream ends after n tokens, after a stop token, or at max_new_tokens.
 
-Pipelined blocks carry an ``anchor_token``: one whose anchor is not the session's last committed
-token is STALE (no forward), exactly like one drafted on another committed length.
+Pipelined blocks carry an ``anchor_token`` (after a tree, with the guessed path before it,
+``anchor_prefix``): one whose anchor is not how the session's committed tokens end is STALE (no
+forward), exactly like one drafted on another committed length.
 
 KV budget (`VerifierConfig.kv_budget_tokens`): "reserve" admission refuses a session whose most
 would not fit; "evict" admits by what sessions hold and, before each forward (`make_room`),

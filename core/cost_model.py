@@ -34,12 +34,17 @@ while the one before it travels; a miss costs a fresh serial round. So, as an ap
 ignores the order of hits and misses:
 
     T_hit(k)  = max(((k + 1) * t_d + RTT + q + t_v(k + 1)) / 2, (k + 1) * t_d, t_v(k + 1) + q)
-    T_pipe(k) = h(k) * T_hit(k) + (1 - h(k)) * T(k)
+    T_pipe(k) = h(k) * T_hit(k) + (1 - h(k)) * (T(k) + max((k + 1) * t_d - RTT - q - t_v(k + 1), 0))
 
 (the second and third terms of the max: the edge drafts k + 1 tokens per block and the verifier
-verifies one block at a time, whatever the overlap). Round observations of a pipelined session are
-the same as serial ones: network_ms of a block drafted ahead is still measured from its own send,
-and the verifier's queue_ms counts the time it waited behind the block before it.
+verifies one block at a time, whatever the overlap; the miss's last term: the block drafted ahead
+is still being drafted when the verdict returns on a short round trip, and the fresh round waits
+for it). A token tree of L levels and n nodes is
+priced the same way with k = L draft forwards and n + 1 verified positions (`positions`), its
+hit probability that of its guessed path (`edgespec.core.tree_policy`). Round observations of a
+pipelined session are the same as serial ones: network_ms of a block drafted ahead is still
+measured from its own send, and the verifier's queue_ms counts the time it waited behind the
+block before it.
 """
 
 from __future__ import annotations
@@ -113,23 +118,30 @@ class CostModel:
         """t_v(n): one verifier forward over `positions` = k + 1 positions."""
         return self.verify_base_ms + self.verify_per_token_ms * positions
 
-    def round_ms(self, k: int) -> float:
-        """T(k): wall time of one serial speculative round drafting `k` tokens."""
-        return k * self.draft_ms + self.rtt_ms + self.queue_ms + self.verify_ms(k + 1)
+    # `positions` (default k + 1): the positions verified, a token tree's nodes + 1 (with k its
+    # levels, the draft forwards that grow it).
 
-    def pipelined_hit_ms(self, k: int) -> float:
+    def round_ms(self, k: int, positions: int | None = None) -> float:
+        """T(k): wall time of one serial speculative round drafting `k` tokens (or levels)."""
+        n = k + 1 if positions is None else positions
+        return k * self.draft_ms + self.rtt_ms + self.queue_ms + self.verify_ms(n)
+
+    def pipelined_hit_ms(self, k: int, positions: int | None = None) -> float:
         """T_hit(k): mean time per round in a run of pipeline hits (module docstring)."""
-        verify = self.verify_ms(k + 1) + self.queue_ms
+        verify = self.verify_ms(k + 1 if positions is None else positions) + self.queue_ms
         drafting = (k + 1) * self.draft_ms
         return max((drafting + self.rtt_ms + verify) / 2.0, drafting, verify)
 
-    def expected_round_ms(self, k: int, hit_prob: float) -> float:
+    def expected_round_ms(self, k: int, hit_prob: float, positions: int | None = None) -> float:
         """Mean time per round at draft length `k`: T(k) when not pipelined, else T_pipe(k) with
         `hit_prob` = P(the next block, drafted ahead, is used)."""
+        serial = self.round_ms(k, positions)
         if not self.pipelined:
-            return self.round_ms(k)
+            return serial
         h = check_prob("hit_prob", hit_prob)
-        return h * self.pipelined_hit_ms(k) + (1.0 - h) * self.round_ms(k)
+        verdict = serial - k * self.draft_ms  # the verdict's return: RTT + q + t_v
+        overrun = max((k + 1) * self.draft_ms - verdict, 0.0)
+        return h * self.pipelined_hit_ms(k, positions) + (1.0 - h) * (serial + overrun)
 
     def cloud_ms_per_token(self) -> float:
         """t_c: steady-state time per token when the cloud decodes alone and streams."""

@@ -8,7 +8,7 @@ are in `edgespec.core.session`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -31,6 +31,18 @@ from edgespec.core.tree_draft import grow_tree
 from edgespec.core.validation import check_int
 
 
+@dataclass
+class _TreeDraft:
+    """What the drafter keeps of a tree block it proposed, until its verdict: per node its index
+    among the fed nodes (`GrownTree.fed_of`), the path a block drafted ahead bets on
+    (`GrownTree.guess`), and whether the cache was compacted to that path (`on_path`: it holds
+    base + the whole guessed path, no other node, since a block was drafted ahead)."""
+
+    fed_of: list[int | None]
+    guess: tuple[int, ...]
+    on_path: bool = False
+
+
 def _truncates(params: SamplingParams) -> bool:
     """True when params restrict sampling to a subset of the vocabulary (sparse q is smaller)."""
     return params.top_k > 0 or params.top_p < 1.0
@@ -49,7 +61,8 @@ class Drafter:
     pending, `propose_ahead(k)` drafts the next one on the guess that the pending one is accepted
     whole (see `edgespec.core.session`); `apply` of the pending block's verdict then either makes it
     the pending block (`last_ahead_hit` True) or drops it (`dropped_ahead`). At most one block
-    ahead (pipeline depth 1).
+    ahead (pipeline depth 1). A pending tree is guessed to be accepted along its likeliest path
+    (`GrownTree.guess`); the block ahead of any pending block is a chain or a tree.
 
     `draft_params` (default: `params`) is how the draft chooses its tokens; stopping rules always
     come from `params`. Coupled sampling (`params.is_coupled`): each draft token is the draft's
@@ -87,9 +100,9 @@ class Drafter:
         self._pending: DraftBlock | None = None
         self._ahead: DraftBlock | None = None
         self._decoded = 0  # tokens committed so far by the pending decode block
-        # The pending tree block's nodes that the draft cache holds, by node: their index among
-        # the fed nodes (None: not fed), as `grow_tree` returns it.
-        self._fed_of: list[int | None] = []
+        # Per tree block proposed (pending or ahead) and not yet settled, by seq: which of its
+        # nodes the draft cache holds, and its guessed path.
+        self._trees: dict[int, _TreeDraft] = {}
         # Outcome of the last `apply` for the block drafted ahead: True = it became the pending
         # block, False = dropped (also in `dropped_ahead`), None = there was none.
         self.last_ahead_hit: bool | None = None
@@ -169,30 +182,38 @@ class Drafter:
         croppable draft cache.
         """
         self._check_can_propose()
-        depth = min(shape.depth, self.tokens_left - 1)
+        block = self._tree_block(self.committed, shape, self.tokens_left - 1)
+        self._pending = block
+        return block
+
+    def _tree_block(
+        self, context: list[int], shape: TreeShape, room: int, anchor: tuple[int, ...] = ()
+    ) -> DraftBlock:
+        """Grow a tree of `shape`, its depth cut to `room`, after `context` (the cache holds a
+        prefix of it) and make it a block (base_len = len(context), assuming the prefix ends with
+        `anchor`); remembers its fed nodes."""
+        depth = min(shape.depth, room)
         tokens: tuple[int, ...] = ()
         parents: tuple[int, ...] = ()
         q: Tensor | None = None
-        self._fed_of = []
+        grown = None
         if depth > 0:
             params = self.params if self._coupled_seed is not None else self.draft_params
             grown = grow_tree(
-                self.runner, self.committed, params, replace(shape, depth=depth), self._generator
+                self.runner, context, params, replace(shape, depth=depth), self._generator
             )
-            tokens, parents, q, self._fed_of = (
-                grown.tree.tokens,
-                grown.tree.parents,
-                grown.q,
-                grown.fed_of,
-            )
+            tokens, parents, q = grown.tree.tokens, grown.tree.parents, grown.q
         block = DraftBlock(
             seq=self._new_seq(),
-            base_len=len(self.committed),
+            base_len=len(context),
             tokens=tokens,
             draft_probs=self._draft_probs(q),
             parents=parents,
+            anchor_token=anchor[-1] if anchor else None,
+            anchor_prefix=anchor[:-1],
         )
-        self._pending = block
+        if grown is not None:
+            self._trees[block.seq] = _TreeDraft(grown.fed_of, grown.guess)
         return block
 
     def propose_decode(self, n: int) -> DraftBlock:
@@ -239,30 +260,43 @@ class Drafter:
         return [p == t for p, t in zip(predicted, self.committed[start + 1 :], strict=True)]
 
     def ahead_room(self) -> int:
-        """Draft tokens a block drafted ahead of the pending one could hold now; -1 when none can
-        be drafted (no speculative block pending, one already ahead, or the pending block, if
-        accepted whole, ends the session). 0 means a block of the guessed bonus token alone."""
+        """Levels of draft tokens a block drafted ahead of the pending one could hold now (a
+        chain's k, a tree's depth); -1 when none can be drafted (no speculative block pending,
+        one already ahead, or the pending block, if accepted as guessed, ends the session). 0
+        means a block of the guessed bonus token alone."""
         block = self._pending
         if block is None or block.decode_tokens or self._ahead is not None or self.finished:
             return -1
-        if block.parents is not None:
-            return -1  # no block goes ahead of a tree (which leaf is accepted is not guessed)
-        if block.tokens and block.tokens[-1] in self._stop:
+        guessed = self._guessed_tokens(block)
+        if any(t in self._stop for t in guessed):
             return -1
-        # If the pending block is accepted whole, it commits k + 1 tokens (the last is the guess).
-        left_after = self.tokens_left - len(block.tokens) - 1
+        # If the guess holds, the pending block commits its guessed tokens + 1 (the bonus).
+        left_after = self.tokens_left - len(guessed) - 1
         return left_after - 1 if left_after >= 1 else -1
 
-    def propose_ahead(self, k: int) -> DraftBlock | None:
-        """Pipelined drafting: guess the pending block's bonus token g (the draft's argmax after
-        the whole block) and draft up to `k` tokens after it; returns that block (seq = the next
-        seq, base_len = pending base_len + k_pending + 1, anchor_token = g), or None when no
-        block can go ahead (see `ahead_room`, or g is a stop token: the session would end).
+    def _guessed_tokens(self, block: DraftBlock) -> list[int]:
+        """The draft tokens of `block` that a block drafted ahead assumes accepted: a chain's
+        all, a tree's guessed path."""
+        if block.parents is None:
+            return list(block.tokens)
+        tree = self._trees.get(block.seq)
+        return [block.tokens[i] for i in tree.guess] if tree is not None else []
 
-        Costs one draft forward for g plus one per draft token. g is only a guess (it decides
-        whether the block is used, never what is committed): under coupled sampling the draft's
-        own coupled token (the best guess of the target's coupled token), else the argmax (the
-        most likely token, the best guess of a sampled bonus token).
+    def propose_ahead(self, k: int, tree: TreeShape | None = None) -> DraftBlock | None:
+        """Pipelined drafting: guess how the pending block is accepted (a chain: whole; a tree:
+        along its guessed path, `GrownTree.guess`) and its bonus token g (the draft's argmax
+        after it), and draft after g up to `k` tokens, or a tree of shape `tree` (its depth cut
+        to the room); returns that block (seq = the next seq, base_len = pending base_len +
+        guessed tokens + 1, anchor_token = g, after a tree anchor_prefix = its guessed path's
+        tokens), or None when no block can go ahead (see `ahead_room`, or g is a stop token: the
+        session would end).
+
+        Costs one draft forward for g plus a chain's one per draft token or a tree's one per
+        level. A pending tree's fed nodes leave the draft cache first: it keeps the committed
+        tokens and the guessed path. g is only a guess (it decides whether the block is used,
+        never what is committed): under coupled sampling the draft's own coupled token (the
+        best guess of the target's coupled token), else the argmax (the most likely token, the
+        best guess of a sampled bonus token).
         """
         check_int("k", k, 0)
         room = self.ahead_room()
@@ -271,7 +305,10 @@ class Drafter:
         pending = self._pending
         assert pending is not None
         runner = self.runner
-        context = self.committed + list(pending.tokens)  # the prefix if pending is accepted whole
+        # the prefix if the pending block is accepted as guessed
+        guessed = self._guessed_tokens(pending)
+        context = self.committed + guessed
+        self._onto_guess(pending)
         # The guess needs the logits after the context's last token: feed at least that one (after
         # `drop_ahead` the cache may hold the whole context already).
         fed = min(runner.length, len(context) - 1)
@@ -284,6 +321,12 @@ class Drafter:
             guess = int(logits.argmax())
         if guess in self._stop:
             return None
+        # After a tree, the verifier must check the guessed path too: another path of its depth
+        # may end in the same token.
+        anchor = (*(guessed if pending.parents is not None else ()), guess)
+        if tree is not None:
+            self._ahead = self._tree_block([*context, guess], tree, room, anchor)
+            return self._ahead
         n = min(k, room)
         tokens: list[int] = []
         q_rows: Tensor | None = None
@@ -296,9 +339,23 @@ class Drafter:
             tokens=tuple(tokens),
             draft_probs=self._draft_probs(q_rows),
             anchor_token=guess,
+            anchor_prefix=anchor[:-1],
         )
         self._ahead = block
         return block
+
+    def _onto_guess(self, pending: DraftBlock) -> None:
+        """A pending tree's cache compacted to committed + a prefix of its guessed path (its
+        fed nodes there, the leaf's left out: its logits give the guessed bonus token); the
+        caller feeds the rest of the path. Nothing to do for a chain or once done."""
+        tree = self._trees.get(pending.seq)
+        if tree is None or tree.on_path:
+            return
+        base = pending.base_len
+        if self.runner.length > base:  # the cache holds committed + the tree's fed nodes
+            fed = [tree.fed_of[i] for i in tree.guess if tree.fed_of[i] is not None]
+            self.runner.keep_nodes(base, fed[: len(tree.guess) - 1])  # type: ignore[arg-type]
+        tree.on_path = True
 
     def decode_ahead_room(self) -> int:
         """Tokens a decode block requested ahead of the pending decode block could ask for now
@@ -334,8 +391,10 @@ class Drafter:
         session); returns it. The draft cache is rolled back to committed + pending drafts."""
         ahead, self._ahead = self._ahead, None
         pending = self._pending
+        if ahead is not None:
+            self._trees.pop(ahead.seq, None)
         if ahead is not None and pending is not None:
-            keep = pending.base_len + len(pending.tokens)
+            keep = pending.base_len + len(self._guessed_tokens(pending))
             self.runner.rollback(min(self.runner.length, keep))
         return ahead
 
@@ -399,7 +458,10 @@ class Drafter:
         at max_new_tokens (overshoot is dropped), then rolls the draft cache back to the longest
         prefix that is still valid. A decode block's verdicts commit one token each. With a block
         drafted ahead, a hit makes it the pending block (its drafts stay in the cache); a miss
-        drops it.
+        drops it. A hit: the session goes on and the committed tokens are the prefix the block
+        ahead was drafted on (the pending block accepted as guessed, a chain whole, a tree along
+        its guessed path, then the guessed token), by the verifier's own rule: its base_len and
+        its anchor (`DraftBlock.anchor`).
         """
         block = self._pending
         if block is None:
@@ -425,36 +487,44 @@ class Drafter:
             # Nothing was drafted: the cache still holds a prefix of the committed tokens.
             self._decoded += 1
             if self.finished or self._decoded >= block.decode_tokens:
-                ahead, self._ahead = self._ahead, None
-                hit = ahead is not None and not self.finished
-                if ahead is not None:
-                    self.last_ahead_hit = hit
-                self._pending = ahead if hit else None
-                self.dropped_ahead = None if hit else ahead
+                self._settle_ahead(not self.finished)
                 self._decoded = 0
             return out
-        ahead, self._ahead = self._ahead, None
-        hit = (
-            ahead is not None
-            and not self.finished
-            and verdict.accepted == len(block.tokens)
-            and verdict.token == ahead.anchor_token
-        )
-        if ahead is not None:
-            self.last_ahead_hit = hit
-        if hit:
+        if self._settle_ahead(self._ahead_fits()):
             # The cache holds committed + the ahead block's drafts: still a valid prefix.
-            self._pending = ahead
             return out
-        self._pending = None
-        self.dropped_ahead = ahead
         # Draft cache holds committed + draft tokens fed so far; keep only the accepted part.
         self.runner.rollback(min(self.runner.length, base + verdict.accepted))
         return out
 
+    def _ahead_fits(self) -> bool:
+        """Whether the committed tokens are the prefix the block ahead was drafted on: the
+        verifier's rule (its base_len, its anchor), so both sides agree on every hit."""
+        ahead = self._ahead
+        if ahead is None or ahead.base_len != len(self.committed):
+            return False
+        anchor = ahead.anchor
+        return not anchor or tuple(self.committed[-len(anchor) :]) == anchor
+
+    def _settle_ahead(self, guessed: bool) -> bool:
+        """After the pending block's verdict (`guessed`: it came out as the block ahead
+        assumed): the block ahead, if any and the session goes on, becomes pending (a hit;
+        returns True), else it is dropped and nothing is pending."""
+        ahead, self._ahead = self._ahead, None
+        hit = ahead is not None and guessed and not self.finished
+        if ahead is not None:
+            self.last_ahead_hit = hit
+        self._pending = ahead if hit else None
+        if not hit:
+            self.dropped_ahead = ahead
+            if ahead is not None:
+                self._trees.pop(ahead.seq, None)
+        return hit
+
     def _apply_tree(self, block: DraftBlock, verdict: Verdict, base: int) -> list[int]:
         """Commit a tree block's accepted path and token; the draft cache keeps the committed
-        prefix and the path's fed nodes."""
+        prefix and the path's fed nodes (compacted to the guessed path: their common prefix),
+        or on a hit the block drafted ahead as well."""
         assert block.parents is not None
         path = verdict.path or ()
         node = -1
@@ -463,9 +533,19 @@ class Drafter:
                 raise ValueError(f"verdict path {path} is not a root path of the block's tree")
             node = i
         out = self._commit([*(block.tokens[i] for i in path), verdict.token])
-        self._pending = None
-        fed = [self._fed_of[i] for i in path if self._fed_of[i] is not None]
-        if self.runner.length > base:  # the cache holds committed + the fed nodes
+        tree = self._trees.pop(block.seq, None)
+        if self._settle_ahead(self._ahead_fits()) or tree is None:
+            return out
+        if tree.on_path:  # the cache holds committed + the guessed path (+ what was ahead)
+            # keep the guessed tokens that were committed (by token: a sampled tree's siblings
+            # may repeat one)
+            guessed, accepted = [block.tokens[i] for i in tree.guess], out[: len(path)]
+            common = 0
+            while common < min(len(accepted), len(guessed)) and accepted[common] == guessed[common]:
+                common += 1
+            self.runner.rollback(min(self.runner.length, base + common))
+        elif self.runner.length > base:  # the cache holds committed + the fed nodes
+            fed = [tree.fed_of[i] for i in path if tree.fed_of[i] is not None]
             self.runner.keep_nodes(base, fed)  # type: ignore[arg-type]
         return out
 

@@ -109,7 +109,9 @@ class Decision:
     verifier to decode `stream_tokens` tokens on its own and stream them (k = 0), then ask again.
     `probe` marks an exploration round (a k or a mode other than the one the policy currently
     judges best, chosen to keep its estimates fresh); it is reported, never required to be acted
-    on differently.
+    on differently. `ahead` False: a pipelined session does not draft this block ahead of the
+    pending block's verdict (the policy judges that drafting ahead costs more than it saves); it
+    is drafted once the verdict is in.
     """
 
     mode: Mode
@@ -119,6 +121,7 @@ class Decision:
     # speculative: draft a token tree of this shape (k = its depth), where the session can (a
     # verifier with tree_blocks, a croppable draft cache); a chain of k otherwise
     tree: TreeShape | None = None
+    ahead: bool = True
 
     def __post_init__(self) -> None:
         if self.mode == SPECULATIVE:
@@ -131,6 +134,8 @@ class Decision:
             raise ValueError(f"mode must be 'speculative' or 'cloud_only', got {self.mode!r}")
         if not isinstance(self.probe, bool):
             raise ValueError(f"probe must be a bool, got {self.probe!r}")
+        if not isinstance(self.ahead, bool):
+            raise ValueError(f"ahead must be a bool, got {self.ahead!r}")
         if self.tree is not None:
             if self.mode != SPECULATIVE or not isinstance(self.tree, TreeShape):
                 raise ValueError(

@@ -26,7 +26,11 @@ Two extensions of the plain round:
   The verifier applies block n+1 only if its committed length is base_len AND its last committed
   token is g; otherwise the block is stale (no forward, nothing changes). On the verdict of
   block n, the drafter keeps block n+1 (a *hit*: every draft token accepted and the bonus equals
-  g) or drops it and rolls its cache back to the committed prefix (a *miss*).
+  g) or drops it and rolls its cache back to the committed prefix (a *miss*). After a token
+  tree the guess is a path: the tree's likeliest deepest path (`GrownTree.guess`), then g after
+  it; the block ahead also carries the path's tokens (``anchor_prefix``), since another path of
+  the same depth may end in g, and is applied only if the committed tokens end with them and g.
+  Either side's rule is the same (committed length and suffix), so they agree on every hit.
 
   Why this is exact. Greedy: a block is verified against the target's argmax whatever its
   origin, and only on the prefix it names, so the committed tokens are the target's. Sampling:
@@ -36,7 +40,8 @@ Two extensions of the plain round:
   the block) with the draft's randomness, independent of the verifier's draws. So conditioned on
   the committed prefix, block n+1 is an ordinary block drafted from q on that prefix, and
   rejection sampling against p commits tokens distributed as the target alone would produce
-  them. A dropped block consumed only draft randomness, which no committed token depends on.
+  them (a tree's nodes likewise, each sibling drawn from its q on that prefix). A dropped block
+  consumed only draft randomness, which no committed token depends on.
 """
 
 from __future__ import annotations
@@ -88,6 +93,10 @@ class DraftBlock:
     # node) or -1 (a child of the last committed token). None: a chain (each token the child of
     # the one before). A tree's verdict names its accepted path (`Verdict.path`).
     parents: tuple[int, ...] | None = None
+    # Pipelined drafting after a tree: the tokens assumed before the anchor (the tree's guessed
+    # path), positions base_len - 1 - len(anchor_prefix) .. base_len - 2; stale unless the
+    # committed tokens end with them and the anchor. () = the anchor alone. Needs anchor_token.
+    anchor_prefix: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq, 0)
@@ -105,13 +114,35 @@ class DraftBlock:
             )
         if self.anchor_token is not None:
             check_int("anchor_token", self.anchor_token, 0)
+        prefix = tuple(self.anchor_prefix)
+        if prefix and self.anchor_token is None:
+            raise ValueError(f"anchor_prefix needs an anchor_token, got {prefix}")
+        for t in prefix:
+            if not is_int(t) or t < 0:
+                raise ValueError(f"anchor_prefix must hold only ints >= 0, got {t!r}")
+        object.__setattr__(self, "anchor_prefix", prefix)
         if self.parents is not None:
             object.__setattr__(self, "parents", check_parents(self.parents, len(tokens)))
 
     @property
     def identity(self) -> tuple:
         """What defines the block (a resend must match it); q is excluded (a re-decoded copy)."""
-        return (self.base_len, self.tokens, self.decode_tokens, self.anchor_token, self.parents)
+        return (
+            self.base_len,
+            self.tokens,
+            self.decode_tokens,
+            self.anchor_token,
+            self.parents,
+            self.anchor_prefix,
+        )
+
+    @property
+    def anchor(self) -> tuple[int, ...]:
+        """The committed tokens the block assumes end the prefix (anchor_prefix + the anchor);
+        () when it assumes none."""
+        if self.anchor_token is None:
+            return ()
+        return (*self.anchor_prefix, self.anchor_token)
 
     @property
     def depth(self) -> int:

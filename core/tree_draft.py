@@ -32,12 +32,15 @@ COUPLED_RANK_PRIOR = (0.6, 0.15, 0.07, 0.04, 0.02)
 @dataclass(frozen=True)
 class GrownTree:
     """A drafted tree: the tree, per node its index among the nodes fed to the draft (None if
-    not fed: the draft cache holds committed + the fed nodes, in order), and under rejection
-    sampling the q each node was drawn from (n, V) (None otherwise)."""
+    not fed: the draft cache holds committed + the fed nodes, in order), under rejection
+    sampling the q each node was drawn from (n, V) (None otherwise), and `guess`: the path
+    (node indices, root child first) to the deepest level's node of highest cumulative draft
+    log-probability (ties: the earliest node), the walk a block drafted ahead bets on."""
 
     tree: DraftTree
     fed_of: list[int | None]
     q: Tensor | None = None
+    guess: tuple[int, ...] = ()
 
 
 def _candidates(
@@ -134,4 +137,20 @@ def grow_tree(
         tuple(ROOT if parents[i] == ROOT else index[parents[i]] for i in chosen),
     )
     q = torch.stack([q_rows[i] for i in chosen]) if sampling and chosen else None
-    return GrownTree(tree, [fed_of[i] for i in chosen], q)
+    return GrownTree(tree, [fed_of[i] for i in chosen], q, _likeliest_path(tree, chosen, value))
+
+
+def _likeliest_path(
+    tree: DraftTree, chosen: Sequence[int], value: Sequence[float]
+) -> tuple[int, ...]:
+    """The path to the deepest level's node of highest value (`value` by grown index, `chosen`
+    mapping the tree's nodes to it); () for an empty tree."""
+    if not chosen:
+        return ()
+    depths = tree.depths
+    node = min(range(len(chosen)), key=lambda j: (-depths[j], -value[chosen[j]], j))
+    path = []
+    while node != ROOT:
+        path.append(node)
+        node = tree.parents[node]
+    return tuple(reversed(path))

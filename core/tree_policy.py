@@ -11,7 +11,15 @@ per second
 
 with the timing estimates `AdaptivePolicy` keeps (t_v is fitted on the nodes actually verified,
 so a loaded verifier makes big trees dear), and runs the best of: that tree, the chain the base
-policy would run (pipelined if configured), or cloud-only decoding.
+policy would run (pipelined if configured), or cloud-only decoding. Pipelined (the config's
+`pipelined`), a tree's round is priced as a chain's (`CostModel.expected_round_ms` with the
+tree's levels and nodes + 1 positions): a block drafted ahead on the tree's guessed path is used
+with probability h = the calibrated reach of the rank-0 spine's leaf times the rank-0 acceptance
+after it (the bonus token the draft guesses), and a run of hits drafts (levels + 1) forwards per
+block while the block before it travels, while a miss waits for the block drafted ahead when the
+round trip is shorter than its drafting. Where that costs more than it saves (deep trees that
+rarely hit, on a short round trip), the tree's decisions say so (`Decision.ahead` False) and its
+rounds are priced serially.
 
 E[accepted | shape] comes from a rank model applied to the tree `grow_tree` grows (a beam of
 `width` nodes per level, then the most probable `nodes`: `beam_reach`): the target's token at a
@@ -36,6 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -122,8 +131,9 @@ def beam_reach(
 
 
 class TreePolicy(AdaptivePolicy):
-    """`AdaptivePolicy` whose speculative rounds may be token trees (see the module docstring);
-    chains (and their pipelining) and cloud-only decoding stay as the base policy runs them.
+    """`AdaptivePolicy` whose speculative rounds may be token trees (see the module docstring),
+    pipelined like chains when the config says so; chains and cloud-only decoding stay as the
+    base policy runs them.
 
     Shapes: `TreeConfig.shapes`, by default a grid of depths and widths, each with its whole
     beam (`beam_shapes`). Each shape's accepted tokens per round are measured when it runs
@@ -157,6 +167,9 @@ class TreePolicy(AdaptivePolicy):
         if memory is not None and memory.reach is not None:
             self._reach = copy.deepcopy(memory.reach)
         self._shape: TreeShape | None = t.initial
+        # a pipelined session drafts the next tree ahead of the pending one's verdict (until the
+        # estimates say it does not pay)
+        self._tree_ahead = True
 
     @property
     def shape(self) -> TreeShape | None:
@@ -217,20 +230,36 @@ class TreePolicy(AdaptivePolicy):
         self, cost: CostModel, accept: Sequence[float], bonus: float = 0.0
     ) -> dict[TreeShape, float]:
         """Each shape of `TreeConfig.shapes` and its estimated rate (tokens/s); `bonus` > 0:
-        the optimistic rate, `bonus` / sqrt(rounds + 1) tokens added to the estimate."""
+        the optimistic rate, `bonus` / sqrt(rounds + 1) tokens added to the estimate. A
+        pipelined `cost` prices a round with the tree's hit probability, or serially where
+        drafting ahead does not pay (module docstring)."""
+        return {shape: rate for shape, (rate, _) in self._tree_rates(cost, accept, bonus).items()}
+
+    def _tree_rates(
+        self, cost: CostModel, accept: Sequence[float], bonus: float
+    ) -> dict[TreeShape, tuple[float, bool]]:
+        """`tree_rates`, and per shape whether drafting ahead of its rounds pays."""
         prob = self._prob(accept)
         weight = self.tree_config.shape_prior_weight
         deepest = max(shape.depth for shape in self.tree_config.shapes)
         factors = self._reach.factors(deepest)
-        rates: dict[TreeShape, float] = {}
+        rates: dict[TreeShape, tuple[float, bool]] = {}
         for shape in self.tree_config.shapes:
             reach = beam_reach(prob, shape.depth, shape.width, shape.nodes)
             prior = sum(f * p for f, p in zip(factors, reach, strict=False))
             key = (shape.nodes, shape.depth, shape.width)
             expected, rounds = self._shapes.mean(key, prior, weight)
             expected += bonus / (rounds + 1.0) ** 0.5
-            fixed_ms = shape.depth * cost.draft_ms + cost.rtt_ms + cost.queue_ms
-            rates[shape] = 1e3 * (1.0 + expected) / (fixed_ms + cost.verify_ms(shape.nodes + 1))
+            round_ms = cost.round_ms(shape.depth, shape.nodes + 1)
+            ahead = False
+            if cost.pipelined:
+                # P(the block drafted ahead is used): the walk follows the guessed path (the
+                # rank-0 spine, its reach calibrated) to the leaf, and the bonus is the guess
+                spine = math.prod(prob(d, 0) for d in range(shape.depth + 1))
+                hit = min(factors[shape.depth - 1] * spine, 1.0)
+                piped = cost.expected_round_ms(shape.depth, hit, shape.nodes + 1)
+                round_ms, ahead = min(round_ms, piped), piped < round_ms
+            rates[shape] = (1e3 * (1.0 + expected) / max(round_ms, 1e-9), ahead)
         return rates
 
     def _prob(self, accept: Sequence[float]) -> Callable[[int, int], float]:
@@ -242,7 +271,8 @@ class TreePolicy(AdaptivePolicy):
         return prob
 
     def _speculative_rate(self, cost: CostModel, accept: Sequence[float], chain: float) -> float:
-        rates = self.tree_rates(cost, accept)
+        priced = self._tree_rates(cost, accept, 0.0)
+        rates = {shape: rate for shape, (rate, _) in priced.items()}
         best_rate = max(rates.values(), default=0.0)
         # Like k, the round's kind and shape change only for a gain beyond `k_hysteresis`: the
         # estimates of neighbouring shapes are close and noisy, and each switch rests on a
@@ -262,6 +292,7 @@ class TreePolicy(AdaptivePolicy):
         if choice != self._shape:
             logger.debug("tree shape %s -> %s (%.1f tok/s)", self._shape, choice, rates[choice])
         self._shape = choice
+        self._tree_ahead = priced[choice][1]
         return rates[choice]
 
     def _hopeful_rate(self, cost: CostModel) -> float:
@@ -273,7 +304,7 @@ class TreePolicy(AdaptivePolicy):
     def _speculative(self, k: int) -> Decision:
         if self._shape is None:
             return Decision(SPECULATIVE, k)
-        return Decision(SPECULATIVE, self._shape.depth, tree=self._shape)
+        return Decision(SPECULATIVE, self._shape.depth, tree=self._shape, ahead=self._tree_ahead)
 
     def __repr__(self) -> str:
         return f"TreePolicy(mode={self.mode!r}, k={self.k}, shape={self._shape})"

@@ -115,7 +115,8 @@ class Verifier:
                     raise ValueError(f"seq {block.seq} was already used by a different block")
                 return None
             raise StaleBlockError(block.seq, block.base_len, self.committed_len, last.seq)
-        anchored = block.anchor_token is None or block.anchor_token == self._tokens[-1]
+        anchor = block.anchor
+        anchored = not anchor or tuple(self._tokens[-len(anchor) :]) == anchor
         if block.base_len != self.committed_len or not anchored:
             # A pipelined block drafted on a guess that did not come true lands here too.
             raise StaleBlockError(

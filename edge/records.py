@@ -60,8 +60,9 @@ def observation_from_record(record: RoundRecord) -> RoundObservation | None:
     """The controller's view of a round (`edgespec.core.policies.RoundObservation`), or None for
     a round it cannot learn from (a speculative round with no draft token, near the end).
 
-    Speculative: k = the draft tokens sent, draft_ms = the time per draft forward times k (a block
-    drafted ahead also paid a forward for its guessed bonus token), network_ms clipped at 0.
+    Speculative: k = the draft tokens sent, draft_ms = the time per draft forward times k, or a
+    tree's levels (a block drafted ahead also paid a forward for its guessed bonus token),
+    network_ms clipped at 0.
     Cloud-only: one step of `tokens` streamed tokens with the stream's summed compute and queue.
     """
     t = record.timing
@@ -81,11 +82,12 @@ def observation_from_record(record: RoundRecord) -> RoundObservation | None:
         )
     if record.drafted < 1:
         return None
-    per_forward = record.draft_ms / max(record.draft_forwards, record.drafted)
+    forwards = record.drafted if record.tree is None else record.tree.levels
+    per_forward = record.draft_ms / max(record.draft_forwards, forwards)
     return RoundObservation(
         k=record.drafted,
         accepted=record.accepted,
-        draft_ms=max(per_forward * record.drafted if record.tree is None else record.draft_ms, 0.0),
+        draft_ms=max(per_forward * forwards, 0.0),
         tree=record.tree,
         verify_ms=max(t.verify_ms, 0.0),
         network_ms=network,

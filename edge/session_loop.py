@@ -12,8 +12,9 @@ committed and yielded as each arrives). Consecutive cloud-only chunks are reques
 the next sent while the current one streams, so the stream only pays an RTT when it starts.
 
 Pipelined drafting (`pipelined=True`): after sending block n, while its verdict travels, the loop
-drafts block n+1 on the guess that block n is accepted whole and that the verifier's bonus token
-is the draft's own next token, and sends it at once (pipeline depth 1). On a hit the next verdict
+drafts block n+1 on the guess that block n is accepted whole (a token tree: along its likeliest
+path) and that the verifier's bonus token is the draft's own next token, and sends it at once
+(pipeline depth 1); block n+1 is a chain or a tree, as the policy decides. On a hit the next verdict
 is already on its way; on a miss the verifier answers the block STALE (its base_len or anchor
 token does not match) and the loop drafts afresh from the committed tokens. Exactness is
 unchanged (the argument is in `edgespec.core.session`'s docstring).
@@ -28,6 +29,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from edgespec.core.adaptive import AdaptivePolicy
@@ -43,7 +45,7 @@ from edgespec.core.policies import (
 )
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.session import DraftBlock, Verdict
-from edgespec.core.tree import DraftTree, walk_steps
+from edgespec.core.tree import DraftTree, TreeShape, walk_steps
 from edgespec.edge.records import EdgeStats, RoundRecord, observation_from_record
 from edgespec.edge.recovery import Recovery
 from edgespec.edge.round_timing import RoundTiming, round_timing
@@ -87,6 +89,12 @@ class _Sent:
     ahead: bool = False  # drafted (or requested) ahead, while the previous block was in flight
     t_sent: float | None = None  # perf_counter of the write on the current stream
     bytes_sent: int = 0
+
+    @property
+    def levels(self) -> int:
+        """Draft forwards that grew the block (a block drafted ahead spent one more, on its
+        guessed bonus token)."""
+        return self.draft_forwards - int(self.ahead)
 
 
 class SessionLoop:
@@ -159,11 +167,7 @@ class SessionLoop:
                 if decision.mode == CLOUD_ONLY:
                     block = d.propose_decode(min(decision.stream_tokens, d.tokens_left))
                     self.blocks[block.seq] = _Sent(block, 0, probe=decision.probe)
-                elif decision.tree is not None and self._trees_ok():
-                    # a tree's size is the verifier's business (max_block_tokens), not max_k's
-                    assert self.link.session is not None  # _trees_ok
-                    nodes = min(decision.tree.nodes, self.link.session.max_block_tokens)
-                    shape = replace(decision.tree, nodes=nodes)
+                elif (shape := self._tree_shape(decision)) is not None:
                     block, ms, forwards = await self.compute(_timed, d.propose_tree, d, shape)
                     self.blocks[block.seq] = _Sent(block, shape.depth, ms, forwards, decision.probe)
                 else:
@@ -177,6 +181,17 @@ class SessionLoop:
                     yield new
             else:
                 yield await self._speculative_round(pending)
+
+    def _tree_shape(self, decision: Decision) -> TreeShape | None:
+        """The tree a decision drafts, its nodes capped at the verifier's max_block_tokens (a
+        tree's size is the verifier's business, not max_k's); None: a chain (or no tree can be
+        sent, see `_trees_ok`: then a tree decision runs as a chain of its depth)."""
+        if decision.tree is None or not self._trees_ok():
+            return None
+        assert self.link.session is not None  # _trees_ok
+        return replace(
+            decision.tree, nodes=min(decision.tree.nodes, self.link.session.max_block_tokens)
+        )
 
     def _trees_ok(self) -> bool:
         """Token trees can be sent: the verifier takes them (known once a session is open) and
@@ -233,7 +248,7 @@ class SessionLoop:
                 k=sent.k,
                 drafted=len(pending.tokens),
                 accepted=reply.verdict.accepted,
-                tree=self._tree_outcome(pending, reply.verdict, sent.draft_forwards),
+                tree=self._tree_outcome(pending, reply.verdict, sent.levels),
                 draft_ms=sent.draft_ms,
                 round_ms=(reply.received - self.last_end) * 1e3,
                 apply_ms=apply_ms,
@@ -250,14 +265,14 @@ class SessionLoop:
         return new
 
     @staticmethod
-    def _tree_outcome(block: DraftBlock, verdict: Verdict, forwards: int) -> TreeOutcome | None:
+    def _tree_outcome(block: DraftBlock, verdict: Verdict, levels: int) -> TreeOutcome | None:
         """What a tree round's walk showed the policy; None for a chain or an empty tree."""
         if block.parents is None or not block.tokens:
             return None
         tree = DraftTree(block.tokens, block.parents)
         steps, spine, spine_accepted = walk_steps(tree, verdict.path or ())
         return TreeOutcome(
-            levels=max(forwards, 1),
+            levels=max(levels, 1),
             depth=block.depth,
             steps=steps,
             spine=spine,
@@ -265,16 +280,19 @@ class SessionLoop:
         )
 
     async def _send_ahead(self) -> None:
-        """Pipelining: draft the block after the pending one and send it (depth 1)."""
+        """Pipelining: draft the block after the pending one (a chain or a tree, as the policy
+        decides, after a pending chain or tree) and send it (depth 1)."""
         d = self.drafter
         if self.next_decision is not None or d.ahead is not None or d.ahead_room() < 0:
             return
         decision = self.policy.choose()
-        if decision.mode != SPECULATIVE:
+        if decision.mode != SPECULATIVE or not decision.ahead:
             self.next_decision = decision  # taken when the pending round is over
             return
-        k = self._clip_k(decision.k)
-        block, ms, forwards = await self.compute(_timed, d.propose_ahead, d, k)
+        shape = self._tree_shape(decision)
+        k = shape.depth if shape is not None else self._clip_k(decision.k)
+        propose = partial(d.propose_ahead, tree=shape)
+        block, ms, forwards = await self.compute(_timed, propose, d, k)
         if block is None:  # the guessed bonus token is a stop token: nothing to draft
             self.next_decision = decision
             return

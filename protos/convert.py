@@ -136,6 +136,7 @@ def block_to_proto(block: DraftBlock, session_id: str = "") -> pb.DraftBlock:
     )
     if block.anchor_token is not None:
         msg.anchor_token = block.anchor_token
+    msg.anchor_prefix.extend(block.anchor_prefix)
     if block.parents is not None:
         msg.parents.extend(block.parents)
     q = block.draft_probs
@@ -160,7 +161,7 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     Checks the wire structure only: token ids >= 0, ``base_len`` >= 1, probs whose sizes fit
     the k = len(tokens) draft tokens (dense: k*V values, V >= 1; sparse: k row lengths adding up to
     the number of ids and probs), ``decode_tokens`` >= 0 and 0 unless k = 0, ``anchor_token``
-    (when set) >= 0, ``parents`` (when any) one per token, each -1 or an earlier index. Value
+    (when set) >= 0, ``anchor_prefix`` ids >= 0 and only with an anchor_token, ``parents`` (when any) one per token, each -1 or an earlier index. Value
     checks against the vocabulary (ids < V, rows summing to 1) are left
     to the receiver. Raises `FieldError` naming the field.
     """
@@ -179,6 +180,13 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     anchor = msg.anchor_token if msg.HasField("anchor_token") else None
     if anchor is not None:
         _check_field_int("anchor_token", anchor, 0)
+    anchor_prefix = tuple(msg.anchor_prefix)
+    if anchor_prefix and (anchor is None or min(anchor_prefix) < 0):
+        raise FieldError(
+            "anchor_prefix",
+            "anchor_prefix must hold token ids >= 0 and come with an anchor_token, got "
+            f"{list(anchor_prefix)} (anchor_token {anchor})",
+        )
     parents = tuple(msg.parents) if len(msg.parents) else None
     if parents is not None:
         try:
@@ -201,6 +209,7 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
         decode_tokens=msg.decode_tokens,
         anchor_token=anchor,
         parents=parents,
+        anchor_prefix=anchor_prefix,
     )
 
 

@@ -7,6 +7,8 @@ tree's depth; timings follow the cost model exactly (draft per level, RTT, t_v(n
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 
 import pytest
@@ -177,3 +179,39 @@ def test_the_calibration_is_carried_to_the_next_session() -> None:
     second = TreePolicy(AdaptiveConfig(allow_cloud_only=False), memory)
     accept = [0.7] * 17
     assert second.tree_rates(cost, accept) == first.tree_rates(cost, accept)
+
+
+def test_pipelined_tree_rates_price_the_guessed_path() -> None:
+    """Pipelined, a tree round costs T_pipe of the cost model with the tree's levels, nodes + 1
+    positions and h = the spine's reach to its leaf times the bonus's acceptance (nothing learnt
+    yet: rank 0 is the chain's acceptance, no calibration); on a 50 ms link it always pays."""
+    serial = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    piped = dataclasses.replace(serial, pipelined=True)
+    accept = [0.7] * 17
+    plain = TreePolicy(AdaptiveConfig()).tree_rates(serial, accept)
+    rates = TreePolicy(AdaptiveConfig(pipelined=True)).tree_rates(piped, accept)
+    for shape, rate in rates.items():
+        hit = math.prod(accept[: shape.depth + 1])
+        ratio = serial.round_ms(shape.depth, shape.nodes + 1) / piped.expected_round_ms(
+            shape.depth, hit, shape.nodes + 1
+        )
+        assert rate == pytest.approx(plain[shape] * ratio)
+        assert rate > plain[shape]  # a hit hides a round trip
+    # deep trees rarely hit: pipelining helps shallow ones more
+    gain = {s: rates[s] / plain[s] for s in rates}
+    shallow, deep = min(gain, key=lambda s: s.depth), max(gain, key=lambda s: s.depth)
+    assert gain[shallow] > gain[deep]
+
+
+def test_no_tree_drafted_ahead_where_it_does_not_pay() -> None:
+    """No round trip: drafting a deep tree ahead (11 forwards) outlasts its verdict, and it
+    rarely hits, so its rounds are priced serially and not drafted ahead; a shallow tree's are."""
+    cost = CostModel(6.0, 0.0, 30.0, 0.2, pipelined=True)
+    policy = TreePolicy(AdaptiveConfig(pipelined=True))
+    priced = policy._tree_rates(cost, [0.7] * 17, 0.0)
+    plain = TreePolicy(AdaptiveConfig()).tree_rates(
+        dataclasses.replace(cost, pipelined=False), [0.7] * 17
+    )
+    shallow, deep = min(priced, key=lambda s: s.depth), max(priced, key=lambda s: s.depth)
+    assert priced[shallow][1] and priced[shallow][0] > plain[shallow]
+    assert not priced[deep][1] and priced[deep][0] == plain[deep]

@@ -58,7 +58,16 @@ def test_wrong_anchor_is_stale_at_the_engine_and_nothing_changes(target):
     assert result.outcome is Outcome.STALE and result.verdict is None
     assert engine.committed(opened.session_id) == prompt
     assert engine.stats().stale == 1 and engine.stats().forwards == 1  # the prefill only
-    right = DraftBlock(seq=1, base_len=len(prompt), tokens=(5, 6), anchor_token=last)
+    # after a tree: the anchor holds, the guessed path before it does not
+    path = (prompt[-3], (prompt[-2] + 1) % 300)
+    wrong = DraftBlock(
+        seq=1, base_len=len(prompt), tokens=(5, 6), anchor_token=last, anchor_prefix=path
+    )
+    assert engine.verify(opened.session_id, wrong).outcome is Outcome.STALE
+    assert engine.stats().stale == 2 and engine.committed(opened.session_id) == prompt
+    right = DraftBlock(
+        seq=2, base_len=len(prompt), tokens=(5, 6), anchor_token=last, anchor_prefix=prompt[-3:-1]
+    )
     assert engine.verify(opened.session_id, right).outcome is Outcome.APPLIED
 
 
@@ -198,6 +207,11 @@ def test_pipelined_cost_model_hides_round_trips():
     slow_draft = CostModel(draft_ms=50.0, rtt_ms=1.0, verify_base_ms=1.0, verify_per_token_ms=0,
                            pipelined=True)  # fmt: skip
     assert slow_draft.pipelined_hit_ms(3) == pytest.approx(200.0)
+    # ... and a miss waits for the block drafted ahead: 4 forwards (200 ms) against the verdict's
+    # 2 ms return, 198 ms on top of the serial round
+    assert slow_draft.expected_round_ms(3, 0.0) == pytest.approx(slow_draft.round_ms(3) + 198.0)
+    # a tree of 3 levels and 20 nodes: 21 positions verified, the same drafting
+    assert slow_draft.expected_round_ms(3, 0.0, 21) == pytest.approx(152.0 + 198.0)
     # with perfect acceptance the hidden round trips favour at least as long a block
     assert best_k(piped, [0.9] * 17, 1, 16) >= 1
     with pytest.raises(ValueError, match="pipelined"):

@@ -6,7 +6,8 @@ and full layers mixed) and GPT-2 (a
 learned position table), random weights, the draft a noisy copy of the target. Policies "tree"
 (fixed shape), "adaptive_tree" (the tree controller) and a scripted mix of trees, chains and
 cloud-only chunks; greedy and coupled sampling (the same seed as the reference). Also: tree and
-chain sessions batched together in the verifier's steps; rejection-sampling trees carry q per
+chain sessions batched together in the verifier's steps; pipelined trees (a tree or a chain
+drafted ahead on a tree's guessed path, a tree ahead of a chain); rejection-sampling trees carry q per
 node (coupled ones ids only); a verifier whose target cannot verify trees gets chains.
 """
 
@@ -100,6 +101,57 @@ def test_tree_policies_give_the_target_alone(pair, params):
         assert accepted > 0
 
     asyncio.run(body())
+
+
+def test_pipelined_trees_give_the_target_alone(pair):
+    """Pipelined, greedy and coupled: while a tree's verdict travels, a tree or a chain drafted
+    on its guessed path goes ahead (and a tree after a chain); hits are used, misses answered
+    STALE."""
+    tree = TreeShape(nodes=10, depth=4, width=2)
+    scripted = [Decision(SPECULATIVE, 4, tree=tree), Decision(SPECULATIVE, 3)]
+
+    async def body() -> list[SummaryEvent]:
+        engine = pair.engine()
+        runs = []
+        try:
+            for params in (GREEDY, COUPLED):
+                for prompt in PROMPTS:
+                    expected = pair.reference(prompt, params)
+                    for policy in ("tree", ScriptedPolicy(scripted)):
+                        summary = await collect(
+                            engine, prompt, params, policy=policy, pipelined=True
+                        )
+                        assert summary.tokens == expected, (policy, params, prompt)
+                        runs.append(summary)
+        finally:
+            await engine.aclose()
+        return runs
+
+    runs = asyncio.run(body())
+    kinds = set()  # (the block before was a tree, the block ahead is a tree)
+    for summary in runs:
+        records = summary.stats.round_records
+        kinds |= {
+            (a.tree is not None, b.tree is not None)
+            for a, b in zip(records, records[1:], strict=False)
+            if b.pipelined
+        }
+    assert {(True, True), (True, False), (False, True)} <= kinds
+    assert sum(s.stats.pipeline_hits for s in runs) > 0
+    assert sum(s.stats.pipeline_misses for s in runs) > 0
+
+    async def waiting() -> SummaryEvent:
+        engine = pair.engine()
+        try:
+            policy = ScriptedPolicy([Decision(SPECULATIVE, 4, tree=tree, ahead=False)])
+            return await collect(engine, PROMPTS[0], GREEDY, policy=policy, pipelined=True)
+        finally:
+            await engine.aclose()
+
+    # decisions that say drafting ahead does not pay wait for the verdict
+    summary = asyncio.run(waiting())
+    assert summary.tokens == pair.reference(PROMPTS[0], GREEDY)
+    assert summary.stats.pipeline_hits == summary.stats.pipeline_misses == 0
 
 
 def test_trees_and_chains_batched_together(pair):

@@ -161,6 +161,7 @@ def draft_blocks(draw, session_id: str) -> pb.DraftBlock:
     anchor = draw(st.one_of(st.none(), TOKEN))
     if anchor is not None:
         msg.anchor_token = anchor
+    msg.anchor_prefix.extend(draw(st.lists(TOKEN, max_size=3)))
     form = draw(st.sampled_from(["none", "dense", "uniform", "sparse"]))
     k = len(tokens)
     if form == "dense":
@@ -378,7 +379,7 @@ def test_block_from_proto_returns_a_block_or_a_field_error(msg) -> None:
         return
     again = block_from_proto(block_to_proto(block, "sid"))
     assert (again.seq, again.base_len, again.tokens) == (block.seq, block.base_len, block.tokens)
-    assert (again.decode_tokens, again.anchor_token) == (block.decode_tokens, block.anchor_token)
+    assert (again.decode_tokens, again.anchor) == (block.decode_tokens, block.anchor)
 
 
 @FUZZ

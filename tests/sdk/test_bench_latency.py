@@ -3,6 +3,7 @@ the tiny pair through the CLI (real verifier process, real edge engine, real lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -58,6 +59,17 @@ def test_summarise_row():
     assert row["mean_tokens_per_round"] == pytest.approx(9 / 4)
     assert row["rtt_ms"] == 50.0 and row["case"] == "rtt" and not row["in_process"]
     assert row["cloud_only_token_share"] == 0.0
+    assert row["pipeline_hit_rate"] is None  # nothing was drafted ahead
+
+
+def test_summarise_pipeline_hit_rate():
+    cond = LinkCondition("rtt", 50.0, LinkProfile(rtt_ms=50.0))
+    ahead = dataclasses.replace(_round(2, 2), pipelined=True)
+    samples = [
+        RunSample("p", 0, [1] * 6, 1.0, [_round(2, 2), ahead], pipeline_misses=1),
+        RunSample("p", 1, [1] * 3, 1.0, [_round(2, 2)], rep=1, pipeline_misses=2),
+    ]
+    assert summarise("p", cond, samples)["pipeline_hit_rate"] == pytest.approx(1 / 4)
 
 
 def _row(rtt, method, tps, case="rtt", rounds=60):
@@ -190,6 +202,7 @@ def test_quick_run_through_the_cli(tiny_pair, tmp_path):
         "adaptive_pipelined",
         "adaptive_pipelined_cold",
         "tree_n16_d6_w2",
+        "tree_n16_d6_w2_pipelined",
         "tree_n32_d8_w3",
         "tree_n64_d10_w4",
         "adaptive_tree",

@@ -76,6 +76,12 @@ def test_block_without_probs_round_trips() -> None:
     assert back == block and back.draft_probs is None
 
 
+def test_tree_block_drafted_ahead_round_trips_its_anchor() -> None:
+    block = DraftBlock(5, 12, (4, 8, 9), parents=(-1, -1, 0), anchor_token=7, anchor_prefix=(3, 2))
+    back = _round_trip(block)
+    assert back == block and back.anchor == (3, 2, 7)
+
+
 def test_dense_probs_round_trip_bit_exactly() -> None:
     q = torch.softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), -1)
     back = _round_trip(DraftBlock(0, 4, (1, 2, 3), DraftProbs.dense(q)))
@@ -114,6 +120,8 @@ def test_sparse_equal_rows_round_trip() -> None:
         (lambda m: m.probs.sparse.row_lengths.extend([1]), "probs.sparse.row_lengths"),
         (lambda m: m.probs.sparse.row_lengths.extend([1, -1]), "probs.sparse.row_lengths"),
         (lambda m: m.probs.sparse.row_lengths.extend([1, 1]), "probs.sparse"),
+        (lambda m: m.anchor_prefix.extend([3]), "anchor_prefix"),  # no anchor_token
+        (lambda m: (m.anchor_prefix.extend([-3]), setattr(m, "anchor_token", 1)), "anchor_prefix"),
     ],
 )
 def test_block_errors_name_the_field(build, path) -> None:

@@ -107,7 +107,7 @@ class SparseProbs(_message.Message):
     def __init__(self, row_lengths: _Optional[_Iterable[int]] = ..., ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
-    __slots__ = ("session_id", "seq", "base_len", "tokens", "probs", "decode_tokens", "anchor_token", "parents")
+    __slots__ = ("session_id", "seq", "base_len", "tokens", "probs", "decode_tokens", "anchor_token", "parents", "anchor_prefix")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class DraftBlock(_message.Message):
     DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_PREFIX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     base_len: int
@@ -124,7 +125,8 @@ class DraftBlock(_message.Message):
     decode_tokens: int
     anchor_token: int
     parents: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[DraftProbs, _Mapping]] = ..., decode_tokens: _Optional[int] = ..., anchor_token: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
+    anchor_prefix: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[DraftProbs, _Mapping]] = ..., decode_tokens: _Optional[int] = ..., anchor_token: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., anchor_prefix: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("seq", "outcome", "accepted", "token", "is_bonus", "committed_len", "verify_ms", "queue_ms", "more", "path")

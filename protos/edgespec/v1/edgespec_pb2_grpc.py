@@ -85,7 +85,7 @@ class VerifierServicer:
         the first block, changed later), "tokens" (more than max_block_tokens
         or than max_new_tokens leaves), "tokens[i]", "probs", "seq" (neither new
         nor the last block's), "base_len", "decode_tokens", "anchor_token",
-        "parents" (not one per token, a parent not earlier, or a tree
+        "anchor_prefix", "parents" (not one per token, a parent not earlier, or a tree
         deeper than max_new_tokens leaves).
         NOT_FOUND           the session is not open here (closed, reaped after its idle TTL, or on
         another verifier): "session_id"; reopen with OpenSession.

@@ -13,6 +13,9 @@ condition. Methods:
   a verdict travels).
 - ``adaptive_pipelined_cold``: adaptive + pipelined with no link memory at all (every session
   starts from priors): the first session an edge ever runs on a link.
+- ``tree_n<n>_d<d>_w<w>``: token trees of one shape every round; the smallest shape also as
+  ``..._pipelined`` (the next tree drafted on the pending tree's guessed path while its verdict
+  travels). ``adaptive_tree``: the tree controller (trees, chains or cloud-only), pipelined.
 
 Link memory. An edge learns each link across sessions (`EngineConfig.link_memory`): an adaptive
 session starts from the estimates (acceptance, timings, mode, k) the earlier sessions on the same

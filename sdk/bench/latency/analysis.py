@@ -94,6 +94,8 @@ def summarise(method: str, condition: LinkCondition | None, samples: Sequence[Ru
     e_pos, e_iid = expected_tokens_from_rounds(spec) if not counts else (None, None)
     bytes_sent = sum(r.bytes_sent for r in spec)
     reached = sum(per_position_acceptance(spec)[0]) if not counts else 0.0
+    hits = sum(r.pipelined for r in spec)
+    ahead = hits + sum(s.pipeline_misses for s in samples)
     row = {
         "case": condition.case if condition else "in_process",
         "link_profile": condition.profile.name if condition else "none",
@@ -114,6 +116,8 @@ def summarise(method: str, condition: LinkCondition | None, samples: Sequence[Ru
         "mean_tokens_per_round": spec_tokens / n_spec if n_spec else None,
         "mean_accepted_per_round": accepted / n_spec if n_spec else None,
         "tree_round_share": sum(r.tree for r in spec) / len(spec) if spec else None,
+        # blocks drafted ahead (pipelined) that were used; None: none was drafted ahead
+        "pipeline_hit_rate": hits / ahead if ahead else None,
         # what the edge sent for its speculative rounds, per token they committed / accepted
         "bytes_per_token": bytes_sent / spec_tokens if spec and spec_tokens else None,
         "bytes_per_accepted_token": bytes_sent / accepted if spec and accepted else None,

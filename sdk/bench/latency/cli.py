@@ -89,8 +89,12 @@ def print_summary(result: dict) -> None:
     for row in result["rows"]:
         spread = row["tokens_per_s_spread"] or [float("nan")] * 2
         k = "" if row["mean_k"] is None else f" k~{row['mean_k']:.1f}"
+        accepted = row.get("mean_accepted_per_round")
+        k += "" if accepted is None else f" accepted/round {accepted:.2f}"
+        hits = row.get("pipeline_hit_rate")
+        k += "" if hits is None else f" ahead used {hits:.0%}"
         print(
-            f"  {row['case']:>10} {row['link_profile']:>20} {row['method']:>20}"
+            f"  {row['case']:>10} {row['link_profile']:>20} {row['method']:>24}"
             f" {row['tokens_per_s']:7.1f} [{spread[0]:.1f}, {spread[1]:.1f}]{k}"
         )
     varying = result.get("varying")

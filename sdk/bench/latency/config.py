@@ -54,12 +54,15 @@ def link_methods(
     """Every method that goes through the edge and the emulated link, in report order."""
     trees = tuple(
         MethodSpec(
-            f"tree_n{n}_d{d}_w{w}",
+            f"tree_n{n}_d{d}_w{w}{'_pipelined' if pipelined else ''}",
             "tree",
             INITIAL_K,
+            pipelined=pipelined,
             options=(("nodes", n), ("depth", d), ("width", w)),
         )
         for n, d, w in tree_shapes
+        # the smallest shape also pipelined: the next block drafted on its guessed path
+        for pipelined in ((False, True) if (n, d, w) == tree_shapes[0] else (False,))
     )
     return (
         MethodSpec("cloud_only", "cloud_only", INITIAL_K),

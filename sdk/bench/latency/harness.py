@@ -105,6 +105,7 @@ class Harness:
             wall,
             rounds,
             max_new_tokens=max_new_tokens,
+            pipeline_misses=summary.stats.pipeline_misses,
         )
 
     # -- in-process methods ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ class RoundSample:
     positions: int | None = None
     bytes_sent: int = 0  # bytes the edge sent for the round's block
     tree: bool = False  # the block was a token tree (drafted = its nodes)
+    pipelined: bool = False  # the block was drafted ahead, during the round before, and used
 
     @property
     def depth(self) -> int:
@@ -56,6 +57,7 @@ class RunSample:
     counts: RoundCounts | None = None  # instead of `rounds` (co-located)
     rep: int = 0
     max_new_tokens: int = 0
+    pipeline_misses: int = 0  # blocks drafted ahead and dropped (the used ones: `rounds`)
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,4 +77,5 @@ def round_sample(record: RoundRecord) -> RoundSample:
         positions=record.positions,
         bytes_sent=record.timing.bytes_sent,
         tree=record.tree is not None,
+        pipelined=record.pipelined,
     )
