@@ -237,8 +237,7 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         help="subset of cloud_only,fixed,adaptive,adaptive_unpipelined,serial,tree,adaptive_tree,"
-        "cloud_sd "
-        "(default cloud_only,fixed,adaptive,serial)",
+        "adaptive_tree_unpipelined,cloud_sd (default cloud_only,fixed,adaptive,serial)",
     )
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--compute-profile", default="h100-70b", help="h100-70b (emulated) or real")

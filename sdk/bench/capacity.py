@@ -16,8 +16,9 @@ modelled time: the draft's per forward, the batching verifier's per step by the 
 
 Methods: ``cloud_only`` (the verifier decodes alone, batched with the others: the baseline a
 user would otherwise run), ``fixed_k{k}`` (edgespec, one row per ``--k``), ``adaptive`` (the
-adaptive policy, pipelined), ``tree_n16_d6_w2`` and ``adaptive_tree`` (token trees of one
-shape, and the tree controller; opt-in: ``tree``, ``adaptive_tree``), and ``fixed_k{k}_serial``
+adaptive policy, pipelined), ``tree_n16_d6_w2``, ``adaptive_tree`` and
+``adaptive_tree_unpipelined`` (token trees of one shape, and the tree controller, pipelined or
+not; opt-in by those names, the first as ``tree``), and ``fixed_k{k}_serial``
 and ``cloud_only_serial`` (fixed k, and cloud-only decoding, against the one-at-a-time verifier;
 with ``serial``), and ``cloud_sd_k{k}`` (cloud-side speculative decoding, opt-in ``cloud_sd``:
 the draft beside the target on the verifier's GPU, under the profile's cloud-draft variant,
@@ -154,6 +155,7 @@ class CapacityConfig:
             "serial",
             "tree",
             "adaptive_tree",
+            "adaptive_tree_unpipelined",
             "cloud_sd",
         }
         if not set(self.methods) <= known or not self.methods:
@@ -615,6 +617,8 @@ def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, str]]:
         out.append(("tree_n16_d6_w2", "tree", 0, False, BATCHED))
     if "adaptive_tree" in config.methods:
         out.append(("adaptive_tree", "adaptive_tree", 0, True, BATCHED))
+    if "adaptive_tree_unpipelined" in config.methods:
+        out.append(("adaptive_tree_unpipelined", "adaptive_tree", 0, False, BATCHED))
     return out
 
 
