@@ -20,9 +20,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.cluster_utils import Cluster
@@ -44,6 +45,25 @@ logger = logging.getLogger(__name__)
 LOCALHOST = "127.0.0.1"
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # per node; Ray's minimum is 75 MiB
 RAY_CALL_TIMEOUT_S = 30.0
+# A Ray node whose raylet did not register within Ray's own 30 s (seen once on a loaded 2-core
+# host) is started once more; any other failure is not retried.
+STARTUP_ATTEMPTS = 2
+_STARTUP_TIMEOUT = "timed out during startup"
+T = TypeVar("T")
+
+
+def start_with_retry(start: Callable[[], T], what: str, attempts: int = STARTUP_ATTEMPTS) -> T:
+    """`start()`, again (up to `attempts` in all) while it fails with Ray's node start-up
+    timeout; any other error, or the last timeout, is raised. The node that timed out is left
+    to Ray's reaper (it stops with this process)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except Exception as err:  # Ray raises a bare Exception for the start-up timeout
+            if _STARTUP_TIMEOUT not in str(err) or attempt == attempts:
+                raise
+            logger.warning("%s %s (attempt %d of %d)", what, _STARTUP_TIMEOUT, attempt, attempts)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 @dataclass(frozen=True)
@@ -78,13 +98,19 @@ class LocalDeployment:
         node = {"object_store_memory": OBJECT_STORE_BYTES}
         try:
             self.progress("starting a local Ray cluster")
-            self.cluster = Cluster(
-                initialize_head=True,
-                head_node_args={"num_cpus": 1, "include_dashboard": False, **node},
+            self.cluster = cluster = start_with_retry(
+                lambda: Cluster(
+                    initialize_head=True,
+                    head_node_args={"num_cpus": 1, "include_dashboard": False, **node},
+                ),
+                "the Ray head node",
             )
             roles = [EDGE_RESOURCE] * cfg.edges + [CLOUD_RESOURCE] * cfg.verifiers
             for role in roles:
-                self.cluster.add_node(num_cpus=2, resources={role: 1}, **node)
+                start_with_retry(
+                    partial(cluster.add_node, num_cpus=2, resources={role: 1}, **node),
+                    f"a Ray {role} node",
+                )
             self.cluster.wait_for_nodes()
             connection.connect(self.cluster.address)
             spec = deploy.DeploySpec.simple(
