@@ -16,6 +16,7 @@ conservative (sessions hold fewer bytes than it allows for), never over memory.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -62,22 +63,15 @@ def free_memory_bytes(device: torch.device) -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def kv_budget_tokens(
-    model: PreTrainedModel,
-    tokens: int | None,
-    budget_bytes: int | None,
-    memory_fraction: float | None,
-) -> int | None:
-    """The budget in tokens: `tokens` as given, or `budget_bytes` / the model's KV bytes per
-    token, or `memory_fraction` of the free memory of the model's device / the same; None when
-    none is given (no budget). Raises ValueError when the bytes hold not even one token."""
-    if budget_bytes is None and memory_fraction is None:
-        return tokens
+    model: PreTrainedModel, budget_bytes: int | None, memory_fraction: float | None
+) -> int:
+    """The budget in tokens: `budget_bytes`, or else `memory_fraction` of the free memory of
+    the model's device, over the model's KV bytes per token (one of the two must be given).
+    Raises ValueError when the bytes hold not even one token."""
     per_token = kv_bytes_per_token(model.config, model.dtype)
     if budget_bytes is None:
         assert memory_fraction is not None

@@ -137,9 +137,8 @@ class VerifierEngine:
         self.max_prefix_tokens: int = prefix_limit
         c = self.config
         if c.kv_budget_bytes is not None or c.kv_memory_fraction is not None:
-            budget = kv_budget_tokens(
-                self.model, c.kv_budget_tokens, c.kv_budget_bytes, c.kv_memory_fraction
-            )  # in tokens from now on: what admission counts
+            # in tokens from now on: what admission counts
+            budget = kv_budget_tokens(self.model, c.kv_budget_bytes, c.kv_memory_fraction)
             self.config = replace(
                 c, kv_budget_tokens=budget, kv_budget_bytes=None, kv_memory_fraction=None
             )
