@@ -284,7 +284,8 @@ class TreePolicy(AdaptivePolicy):
                 logger.debug("trees -> chains (%.1f < %.1f tok/s)", best_rate, chain)
             self._shape = None
             return chain
-        hopeful = self.tree_rates(cost, accept, self.tree_config.explore_bonus)
+        bonus = self.tree_config.explore_bonus
+        hopeful = self.tree_rates(cost, accept, bonus) if bonus > 0 else rates  # 0: the same
         choice = max(hopeful, key=hopeful.__getitem__)
         current = self._shape
         if current in hopeful and hopeful[choice] <= hopeful[current] * hysteresis:
