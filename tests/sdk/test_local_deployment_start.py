@@ -9,6 +9,7 @@ import pytest
 from edgespec.bench.local_deployment import start_with_retry
 
 TIMEOUT = Exception("The current node timed out during startup. This could happen because ...")
+GCS_TIMEOUT = RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y")
 
 
 class Starts:
@@ -25,8 +26,9 @@ class Starts:
         return "node"
 
 
-def test_a_start_up_timeout_is_tried_once_more() -> None:
-    start = Starts(TIMEOUT)
+@pytest.mark.parametrize("timeout", [TIMEOUT, GCS_TIMEOUT])
+def test_a_start_up_timeout_is_tried_once_more(timeout: Exception) -> None:
+    start = Starts(timeout)
     assert start_with_retry(start, "the head") == "node"
     assert start.calls == 2
 
