@@ -270,9 +270,12 @@ class AdaptivePolicy:
         shared = self._load.per_position_ms(self.config.load_dead_zone)
         if self.config.load_aware and shared > 0.0:
             assert self._load.floor is not None
-            # Priced per position, the wait is part of the load (`_busy_ms`; a pipelined
-            # session's own wait behind its pending block is left out of both).
-            base, slope, queue = self._load.floor, max(slope, shared), 0.0
+            # Priced per position, a serial session's wait is part of the load (`_busy_ms`). A
+            # pipelined session's is not (its blocks drafted ahead wait behind its own pending
+            # block): the wait of its fresh blocks, for the forward in progress when they
+            # arrive, stays a cost of every round, whatever its positions.
+            base, slope = self._load.floor, max(slope, shared)
+            queue = queue if self.config.pipelined else 0.0
         spec = CostModel(
             draft_ms=max(self._draft.value or 0.0, 0.0),
             rtt_ms=max(self._rtt.value, 0.0),
@@ -337,10 +340,12 @@ class AdaptivePolicy:
         self._load.update(obs.k + 1, self._busy_ms(obs), self._verify.b)
         if self._rtt.update(obs.network_ms):
             logger.info("RTT shifted to %.1f ms", self._rtt.value)
-        g = self.config.timing_gain
-        self._queue = (
-            obs.queue_ms if self._queue is None else self._queue + g * (obs.queue_ms - self._queue)
-        )
+        if not obs.ahead:
+            # A block drafted ahead waited behind its own pending block: not the verifier's
+            # wait, which a fresh block shows (`_cost`).
+            g = self.config.timing_gain
+            q = self._queue
+            self._queue = obs.queue_ms if q is None else q + g * (obs.queue_ms - q)
 
     def observe_shadow(self, matches: Sequence[bool]) -> None:
         """Acceptance outcomes seen without rounds: for consecutive committed tokens, whether

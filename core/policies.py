@@ -79,6 +79,9 @@ class RoundObservation:
     tokens: int | None = None  # tokens committed; None => accepted + 1 (speculative) or 1
     # A token-tree round: k is its node count, accepted its path length, draft_ms all levels.
     tree: TreeOutcome | None = None
+    # The block was drafted ahead, during the round before it (a pipeline hit): it reached the
+    # verifier while its own predecessor was pending, so its queue_ms includes that wait.
+    ahead: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.cloud_only, bool):

@@ -114,19 +114,34 @@ def beam_reach(
     node at depth d), i.e. the sum of the path probabilities of the tree's depth-d nodes (their
     sum over depths is E[accepted tokens]). `accept(d, r)`: P(the target's token at depth d is
     the rank-r child), r < width; a node's probability is the product over its path."""
-    proposed: list[tuple[float, int]] = []  # (path probability, depth)
+    return _beam_cut(_beam_levels(accept, depth, width), depth, nodes)
+
+
+def _beam_levels(accept: Callable[[int, int], float], depth: int, width: int) -> list[list[float]]:
+    """Per level d < `depth` of the beam (`beam_reach`), the path probabilities of the nodes
+    proposed there (fewer levels when a level has none). The levels of a shallower beam of the
+    same width are a prefix of these."""
+    levels: list[list[float]] = []
     frontier = [1.0]
     for d in range(depth):
-        level = [p * accept(d, r) for p in frontier for r in range(width)]
-        level = [p for p in level if p > 0]
-        proposed += [(p, d) for p in level]
+        row = [accept(d, r) for r in range(width)]
+        level = [q for p in frontier for a in row if (q := p * a) > 0]
+        levels.append(level)
         frontier = sorted(level, reverse=True)[:width]
         if not frontier:
             break
-    proposed.sort(key=lambda x: -x[0])
+    return levels
+
+
+def _beam_cut(levels: Sequence[Sequence[float]], depth: int, nodes: int) -> list[float]:
+    """`beam_reach` from the beam's proposed levels: the `nodes` most probable of the first
+    `depth` levels, their probabilities summed per depth."""
+    probs = [p for level in levels[:depth] for p in level]
+    depths = [d for d, level in enumerate(levels[:depth]) for _ in level]
     reach = [0.0] * depth
-    for p, d in proposed[:nodes]:
-        reach[d] += p
+    # stable: equally probable nodes are taken shallowest first, as proposed
+    for i in sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:nodes]:
+        reach[depths[i]] += probs[i]
     return reach
 
 
@@ -244,8 +259,14 @@ class TreePolicy(AdaptivePolicy):
         deepest = max(shape.depth for shape in self.tree_config.shapes)
         factors = self._reach.factors(deepest)
         rates: dict[TreeShape, tuple[float, bool]] = {}
+        # one beam per width, grown to the deepest shape of that width: shallower shapes'
+        # levels are its prefix
+        beams: dict[int, list[list[float]]] = {}
+        for shape in sorted(self.tree_config.shapes, key=lambda s: -s.depth):
+            if shape.width not in beams:
+                beams[shape.width] = _beam_levels(prob, shape.depth, shape.width)
         for shape in self.tree_config.shapes:
-            reach = beam_reach(prob, shape.depth, shape.width, shape.nodes)
+            reach = _beam_cut(beams[shape.width], shape.depth, shape.nodes)
             prior = sum(f * p for f, p in zip(factors, reach, strict=False))
             key = (shape.nodes, shape.depth, shape.width)
             expected, rounds = self._shapes.mean(key, prior, weight)
@@ -263,10 +284,24 @@ class TreePolicy(AdaptivePolicy):
         return rates
 
     def _prob(self, accept: Sequence[float]) -> Callable[[int, int], float]:
-        """a(d, r) of the rank model: rank 0's prior is the chain's acceptance at d."""
+        """a(d, r) of the rank model: rank 0's prior is the chain's acceptance at d.
+
+        Tabulated for the depths and ranks the shapes can ask for (every shape's levels and
+        the bonus below its deepest), since pricing the shape grid asks for each about a
+        thousand times per decision: computed each time, that was most of the edge's CPU per
+        round on a loaded host. Other (depth, rank) pairs are computed when asked."""
+        last = len(accept) - 1
+        depths = max(shape.depth for shape in self.tree_config.shapes) + 1
+        ranks = max(shape.width for shape in self.tree_config.shapes)
+        table = [
+            [self._ranks.prob(d, r, accept[min(d, last)]) for r in range(ranks)]
+            for d in range(depths)
+        ]
 
         def prob(d: int, r: int) -> float:
-            return self._ranks.prob(d, r, accept[min(d, len(accept) - 1)])
+            if d < depths and r < ranks:
+                return table[d][r]
+            return self._ranks.prob(d, r, accept[min(d, last)])
 
         return prob
 

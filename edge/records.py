@@ -92,6 +92,7 @@ def observation_from_record(record: RoundRecord) -> RoundObservation | None:
         verify_ms=max(t.verify_ms, 0.0),
         network_ms=network,
         queue_ms=max(t.queue_ms, 0.0),
+        ahead=record.pipelined,
     )
 
 

@@ -206,6 +206,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         retry_after_ms=args.retry_after_ms,
         client_retries=args.client_retries,
         link_memory=args.link_memory,
+        tree_shapes=args.tree_shapes or capacity.CapacityConfig.tree_shapes,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -219,6 +220,17 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
 def _ints(text: str) -> tuple[int, ...]:
     """'1,2,4' -> (1, 2, 4) (an argparse type)."""
     return tuple(int(x) for x in text.split(",") if x)
+
+
+def _tree_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """'16x6x2,16x3x4' -> ((16, 6, 2), (16, 3, 4)) (an argparse type)."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.split("x")
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"a shape is NODESxDEPTHxWIDTH, got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return tuple(shapes)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -243,6 +255,12 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-profile", default="h100-70b", help="h100-70b (emulated) or real")
     p.add_argument("--edge-processes", type=int, default=4, help="worker processes of edges")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+    p.add_argument(
+        "--tree-shapes",
+        type=_tree_shapes,
+        help="the tree method's shapes, NODESxDEPTHxWIDTH each, e.g. 16x6x2,16x3x4 (default "
+        "16x6x2)",
+    )
     p.add_argument(
         "--link-memory",
         choices=("warm", "cold"),

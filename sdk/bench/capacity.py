@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import statistics
 import sys
@@ -82,7 +83,9 @@ from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
+from edgespec.core.policies import FixedTreePolicy
 from edgespec.core.profiles import PaddedRunner, cloud_draft_profile, get_profile
+from edgespec.core.tree import TreeShape
 from edgespec.core.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -141,6 +144,8 @@ class CapacityConfig:
     # them together, so its link memory holds what sessions on a loaded verifier learnt: a
     # deployed edge's steady state), or "cold" (its first session ever).
     link_memory: str = "warm"
+    # The "tree" method's shapes, (nodes, depth, width) each, measured as tree_n{n}_d{d}_w{w}.
+    tree_shapes: tuple[tuple[int, int, int], ...] = ((16, 6, 2),)
 
     def __post_init__(self) -> None:
         for n in self.sessions:
@@ -176,6 +181,12 @@ class CapacityConfig:
             raise ValueError(f"kv_admissions must be a non-empty subset of {admissions}")
         check_int("retry_after_ms", self.retry_after_ms, 1)
         check_int("client_retries", self.client_retries, 0)
+        if not self.tree_shapes:
+            raise ValueError("tree_shapes must hold at least one (nodes, depth, width)")
+        for shape in self.tree_shapes:
+            if len(shape) != 3:
+                raise ValueError(f"tree_shapes: each must be (nodes, depth, width), got {shape!r}")
+            TreeShape(*shape)  # validates each field, naming it
         if self.link_memory not in LINK_MEMORY_MODES:
             raise ValueError(
                 f"link_memory must be one of {LINK_MEMORY_MODES}, got {self.link_memory!r}"
@@ -205,6 +216,18 @@ class _Job:
     # reads the verifier's counters between them); the measured sessions start on the second.
     warmups: list[list[int]] | None = None
     barriers: tuple[Any, Any] | None = None
+    tree: tuple[int, int, int] | None = None  # the "tree" policy's (nodes, depth, width)
+    # every prompt followed by its greedy reference output: what the sessions will commit, so
+    # the emulated edges skip draft rows no walk can accept (`LogitsMemo.add_references`)
+    references: list[list[int]] | None = None
+
+    def make_policy(self) -> Any:
+        """What the edge engine is asked to run: the policy's name, or for a fixed tree
+        shape the policy object (`FixedTreePolicy`)."""
+        if self.tree is None:
+            return self.policy
+        nodes, depth, width = self.tree
+        return FixedTreePolicy(nodes, depth, width)
 
 
 @dataclass
@@ -223,6 +246,11 @@ class _SessionRecord:
     network_ms: list[float] = field(default_factory=list)
     round_ms: list[float] = field(default_factory=list)
     ks: list[int] = field(default_factory=list)  # per round: k drafted, 0 for cloud-only
+    # per speculative round: the tree's levels (0: a chain), and whether its block was drafted
+    # ahead during the round before it and used (a pipeline hit)
+    levels: list[int] = field(default_factory=list)
+    nodes: list[int] = field(default_factory=list)  # per speculative round: tokens drafted
+    hits: list[bool] = field(default_factory=list)
     error: str = ""
     prompt_index: int = 0
     refused: int = 0  # RESOURCE_EXHAUSTED answers its client got
@@ -252,6 +280,8 @@ def _run_job(job: _Job) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     sys.setswitchinterval(GIL_SWITCH_S)  # many emulated devices share this process
     memo = _draft_memo(job.draft)
+    if job.references:
+        memo.add_references(job.references)
     before = memo.stats()
     records, draft_ms = asyncio.run(_sessions(job))
     after = memo.stats()
@@ -340,7 +370,7 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
             tokens: list[int] = []
             try:
                 async for event in engine.generate(
-                    prompt, params, k=job.k, policy=job.policy, pipelined=job.pipelined
+                    prompt, params, k=job.k, policy=job.make_policy(), pipelined=job.pipelined
                 ):
                     if isinstance(event, TokensEvent):
                         first = first or time.time()
@@ -357,6 +387,10 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
                         rec.network_ms = [r.timing.network_ms for r in rounds]
                         rec.round_ms = [r.round_ms for r in rounds]
                         rec.ks = [r.k if r.mode == "speculative" else 0 for r in rounds]
+                        spec = [r for r in rounds if r.mode == "speculative"]
+                        rec.levels = [r.tree.levels if r.tree is not None else 0 for r in spec]
+                        rec.nodes = [r.drafted for r in spec]
+                        rec.hits = [r.pipelined for r in spec]
                         rec.evictions = st.evictions
                         rec.warm_start = st.warm_start
                         return rec
@@ -370,7 +404,7 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
             """One unmeasured generation: what it learns of the link stays in the engine."""
             try:
                 async for _ in engine.generate(
-                    prompt, params, k=job.k, policy=job.policy, pipelined=job.pipelined
+                    prompt, params, k=job.k, policy=job.make_policy(), pipelined=job.pipelined
                 ):
                     pass
             except Exception as err:  # noqa: BLE001 - the session then starts colder, not lost
@@ -547,6 +581,14 @@ def _row(
         # share of rounds decoded cloud-only (adaptive), and k over the speculative ones
         "cloud_only_round_share": _share([k == 0 for r in ok for k in r.ks]),
         "speculative_k_mean": _mean([k for r in ok for k in r.ks if k > 0]),
+        # the shapes the sessions ran: the share of speculative rounds that were trees, a
+        # tree's mean levels and nodes (drafted), and the share of rounds drafted ahead and used
+        "tree_round_share": _share([n > 0 for r in ok for n in r.levels]),
+        "tree_levels_mean": _mean([n for r in ok for n in r.levels if n > 0]),
+        "tree_nodes_mean": _mean(
+            [k for r in ok for k, n in zip(r.nodes, r.levels, strict=True) if n > 0]
+        ),
+        "pipeline_hit_share": _share([h for r in ok for h in r.hits]),
         # medians over every round of every session: where a round's time went
         **{
             f"round_{part}_median": _median([v for r in ok for v in getattr(r, part)])
@@ -573,7 +615,7 @@ def _share(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def _mean(values: list[int]) -> float | None:
+def _mean(values: list[int] | list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
@@ -582,6 +624,12 @@ def _median(values: list[float]) -> float | None:
 
 
 BATCHED, SERIAL, CLOUD_SD = "batched", "serial", "cloud_sd"  # the verifiers of a run
+
+
+def _tree_of(name: str) -> tuple[int, int, int] | None:
+    """The (nodes, depth, width) of a fixed-tree method's name (`_methods`), else None."""
+    match = re.fullmatch(r"tree_n(\d+)_d(\d+)_w(\d+)", name)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
 def _profile_of(kind: str, config: CapacityConfig) -> str:
@@ -596,7 +644,7 @@ def _profile_of(kind: str, config: CapacityConfig) -> str:
 
 def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, str]]:
     """(name, policy, k, pipelined, verifier: "batched", "serial" or "cloud_sd") of every
-    method measured."""
+    method measured (a fixed tree's shape is in its name: `_tree_of`)."""
     out = []
     if "cloud_only" in config.methods:
         out.append(("cloud_only", "cloud_only", 0, False, BATCHED))
@@ -613,8 +661,9 @@ def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, str]]:
         out.append(("adaptive", "adaptive", 0, True, BATCHED))
     if "adaptive_unpipelined" in config.methods:
         out.append(("adaptive_unpipelined", "adaptive", 0, False, BATCHED))
-    if "tree" in config.methods:  # token trees of the "tree" policy's default shape
-        out.append(("tree_n16_d6_w2", "tree", 0, False, BATCHED))
+    if "tree" in config.methods:  # token trees of each configured shape
+        for n, d, w in config.tree_shapes:
+            out.append((f"tree_n{n}_d{d}_w{w}", "tree", 0, False, BATCHED))
     if "adaptive_tree" in config.methods:
         out.append(("adaptive_tree", "adaptive_tree", 0, True, BATCHED))
     if "adaptive_tree_unpipelined" in config.methods:
@@ -646,9 +695,7 @@ def _measure(
             template,
             prompts=share,
             start_at=start_at,
-            warmups=None
-            if barriers is None
-            else [prompts[(i + 1) % len(prompts)] for i, _ in share],
+            warmups=None if barriers is None else _warmup_prompts(share, prompts),
             barriers=barriers,
         )
         for share in shares
@@ -665,6 +712,18 @@ def _measure(
     modelled, wall = (sum(p["draft_ms"][i] for p in parts) for i in (0, 1))
     memo["draft_overrun"] = wall / modelled if modelled else None
     return [_SessionRecord(**r) for p in parts for r in p["records"]], memo, before
+
+
+def _warmup_prompts(
+    share: list[tuple[int, list[int]]], prompts: list[list[int]]
+) -> list[list[int]]:
+    """The warm-up prompt of each session of a worker's `share`: another prompt of the same
+    share (the next one), so that the draft rows the warm-ups memoize in the worker
+    (`emulated_edge.LogitsMemo`) are those its measured sessions need; with one session per
+    worker, the next benchmark prompt. Never the session's own prompt when there are others."""
+    if len(share) > 1:
+        return [share[(j + 1) % len(share)][1] for j in range(len(share))]
+    return [prompts[(i + 1) % len(prompts)] for i, _ in share]
 
 
 def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -686,6 +745,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
 
     prompts = _prompts(target, max(config.sessions))
     expected = _reference(target, prompts, config.max_new_tokens)
+    # greedy sessions commit exactly these (checked: `altered_outputs`)
+    references = [p + e for p, e in zip(prompts, expected, strict=True)]
     rows: list[dict[str, Any]] = []
     started = time.time()
     ctx = get_context("spawn")
@@ -754,6 +815,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 config.threads,
                 config.memo_drafts,
                 config.client_retries,
+                tree=_tree_of(name),
+                references=references,
             )
             warmed = config.link_memory == "warm" and policy in ADAPTIVE_POLICIES
             records, memo, before = _measure(
@@ -775,6 +838,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
             shared = memo["forwards"] > 0
             row["draft_forwards"] = memo["forwards"] if shared else None
             row["draft_real_forwards"] = memo["real_forwards"] if shared else None
+            # draft rows no walk could accept, served by a live prefix's row (no forward)
+            row["draft_stand_in_rows"] = memo["stand_ins"] if shared else None
             # the emulated edge devices' draft forwards: wall time over modelled time (above 1,
             # this host's draft compute or sleeps made them slower than the modelled device)
             row["edge_draft_overrun"] = memo["draft_overrun"]

@@ -20,6 +20,16 @@ drafts what the plain drafter would: the same rows, up to the float rounding by 
 forward over a differently chunked prefix differs (the plain drafter's cache is chunked by its
 own rounds too). Tests compare the blocks with the plain drafter's on a real model.
 
+Blocks that cannot matter are not computed. Given the greedy output each prompt will have (its
+*reference*, `LogitsMemo.add_references`), a row predicting after a token prefix that no
+reference starts with belongs to a draft that the target's greedy walk rejects before it: a chain
+token after a rejected one, or a whole block drafted ahead of a verdict on a guess that missed
+(answered STALE, no verifier work). Such a *dead* row is stood in for by the row of its longest
+live prefix, so the block keeps its usual size and timing without a real forward. A tree grown
+on a live prefix is computed whole, its dead nodes included: their rows decide which nodes
+fill the tree's budget. Outputs are still checked against the references, so a stand-in that
+reached a committed token would show as an altered output.
+
 Use only with an emulated profile: with ``real`` nothing is padded and sharing would make the
 edges faster than N real devices (`runner_factory` returns None then: plain runners).
 """
@@ -41,7 +51,9 @@ from edgespec.core.profiles import ComputeProfile, PaddedRunner, get_profile
 from edgespec.core.runner import ModelRunner, TokenIds
 from edgespec.core.validation import check_int, is_int
 
-DEFAULT_MEMO_ROWS = 8192  # logits rows kept per process (demo draft: 16 KiB each, 128 MiB)
+# Logits rows kept per process (demo draft: 16 KiB each, 512 MiB). Token trees need room: 8
+# sessions of a worker, ~1,000 node rows each per 96-token generation, warm-up and measured run.
+DEFAULT_MEMO_ROWS = 32768
 # The interpreter's switch interval (s) in benchmark processes that emulate devices: a thread
 # whose padding sleep has ended waits for the GIL while other threads run Python, by default up
 # to 5 ms per hand-over, most of a modelled 6 ms draft forward again.
@@ -57,6 +69,7 @@ class MemoStats:
     misses: int
     real_forwards: int
     forwards: int
+    stand_ins: int = 0  # dead rows served by a live prefix's row (module docstring)
 
     @property
     def hit_rate(self) -> float:
@@ -81,6 +94,31 @@ class LogitsMemo:
         self.misses = 0
         self.real_forwards = 0
         self.forwards = 0
+        self.stand_ins = 0
+        self._live: set[tuple[int, ...]] = set()  # every prefix of every reference
+
+    def add_references(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Token sequences the sessions will commit (prompt + the target's greedy output): from
+        now on a row whose prefix none of them starts with is dead (module docstring)."""
+        with self._lock:
+            for seq in sequences:
+                self._live.update(tuple(seq[:p]) for p in range(1, len(seq) + 1))
+
+    def is_live(self, key: tuple[int, ...]) -> bool:
+        """Whether a row predicting after `key` can matter: True without references."""
+        return not self._live or key in self._live
+
+    def stand_in(self, key: tuple[int, ...]) -> Tensor | None:
+        """For a dead `key`: the memoized row of its longest live prefix (None: none known)."""
+        with self._lock:
+            for end in range(len(key) - 1, 0, -1):
+                prefix = key[:end]
+                if prefix in self._live:
+                    row = self._rows.get(prefix)
+                    if row is not None:
+                        self.stand_ins += 1
+                    return row
+        return None
 
     def get(self, tokens: Sequence[int], start: int) -> list[Tensor] | None:
         """The rows predicting after tokens[:p + 1] for p in start..len(tokens) - 1, or None when
@@ -121,7 +159,9 @@ class LogitsMemo:
 
     def stats(self) -> MemoStats:
         with self._lock:
-            return MemoStats(self.hits, self.misses, self.real_forwards, self.forwards)
+            return MemoStats(
+                self.hits, self.misses, self.real_forwards, self.forwards, self.stand_ins
+            )
 
 
 class MemoRunner(PaddedRunner):
@@ -217,10 +257,13 @@ class MemoRunner(PaddedRunner):
             self._tree_start = start
         elif start != self._tree_start or len(parents) != len(self._tree) + len(new):
             raise ValueError("extend_tree must continue the tree fed so far")
-        keys = _node_paths(self._tokens[:start], self._tree + new, parents)[len(self._tree) :]
+        root = tuple(self._tokens[:start])
+        keys = _node_paths(root, self._tree + new, parents)[len(self._tree) :]
         self._logical_forwards += 1
         self.memo.count_forward()
         found = self.memo.get_rows(keys)
+        if found is None and not self.memo.is_live(root):  # a tree no walk will reach
+            found = self._stand_ins(keys)
         if found is None:
             with self.memo.compute_lock:
                 found = self.memo.get_rows(keys)
@@ -276,9 +319,19 @@ class MemoRunner(PaddedRunner):
         rows = self.memo.get(self._tokens, start)
         if rows is not None:
             return rows
+        keys = [tuple(self._tokens[: p + 1]) for p in range(start, len(self._tokens))]
+        if not any(self.memo.is_live(key) for key in keys):  # tokens no walk will accept
+            rows = self._stand_ins(keys)
+            if rows is not None:
+                return rows
         with self.memo.compute_lock:
             rows = self.memo.get(self._tokens, start)  # computed while this one waited?
             return rows if rows is not None else self._compute(start)
+
+    def _stand_ins(self, keys: Sequence[tuple[int, ...]]) -> list[Tensor] | None:
+        """Rows for dead `keys`, each its longest live prefix's (None: one is not known)."""
+        rows = [self.memo.stand_in(key) for key in keys]
+        return None if any(row is None for row in rows) else rows  # type: ignore[return-value]
 
     def _compute(self, start: int) -> list[Tensor]:
         real = self._length

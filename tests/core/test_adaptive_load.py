@@ -70,3 +70,23 @@ def test_verifier_load_estimate() -> None:
 
 def test_without_an_idle_floor_nothing_changes() -> None:
     assert _lockstep(24, True, told=False)[2] == _lockstep(24, False, told=False)[2]
+
+
+def test_a_pipelined_session_under_load_keeps_the_wait_of_its_fresh_blocks() -> None:
+    """Pipelined, a session's blocks drafted ahead wait behind its own pending block: that wait
+    is not learnt as the verifier's. Its fresh blocks' wait (the forward in progress when they
+    arrive) stays in every round's cost under load, where a serial session prices it per
+    position instead (its `_busy_ms`)."""
+    costs = {}
+    for pipelined in (False, True):
+        policy = AdaptivePolicy(AdaptiveConfig(pipelined=pipelined, allow_cloud_only=False))
+        policy.observe_verifier_idle(FLOOR_MS)
+        for i in range(40):  # a loaded verifier: every forward well over the idle floor
+            ahead = pipelined and i % 2 == 1
+            queue = 60.0 if ahead else 15.0  # an ahead block also waits for its predecessor
+            obs = RoundObservation(4, 2, 24.0, 45.0, RTT_MS, queue, ahead=ahead)
+            policy.observe(obs)
+        costs[pipelined] = policy.estimates().cost
+    assert costs[False].queue_ms == 0.0  # in the per-position price
+    assert costs[True].queue_ms == 15.0  # the fresh blocks' wait only
+    assert costs[True].verify_base_ms == costs[False].verify_base_ms == FLOOR_MS

@@ -12,13 +12,21 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.cost_model import CostModel
 from edgespec.core.estimators import ReachCalibration
 from edgespec.core.policies import CLOUD_ONLY, RoundObservation, TreeOutcome
 from edgespec.core.tree import TreeShape
-from edgespec.core.tree_policy import TreePolicy, beam_reach, beam_shapes
+from edgespec.core.tree_policy import (
+    TreePolicy,
+    _beam_cut,
+    _beam_levels,
+    beam_reach,
+    beam_shapes,
+)
 
 RANKS = (0.7, 0.15, 0.06, 0.03)  # the true P(target = rank-r child)
 
@@ -83,6 +91,45 @@ def test_beam_reach_keeps_the_most_probable_nodes() -> None:
     level 0.36, 0.18, 0.18, 0.09; the best 4 nodes are 0.6, 0.36, 0.3 and one 0.18."""
     reach = beam_reach(lambda d, r: (0.6, 0.3)[r], 2, 2, 4)
     assert reach == pytest.approx([0.9, 0.54])
+
+
+def _beam_reach_reference(accept, depth: int, width: int, nodes: int) -> list[float]:
+    """The beam, grown and cut as the module docstring says, level by level (no sharing)."""
+    proposed = []
+    frontier = [1.0]
+    for d in range(depth):
+        level = [p * accept(d, r) for p in frontier for r in range(width)]
+        level = [p for p in level if p > 0]
+        proposed += [(p, d) for p in level]
+        frontier = sorted(level, reverse=True)[:width]
+        if not frontier:
+            break
+    proposed.sort(key=lambda x: -x[0])
+    reach = [0.0] * depth
+    for p, d in proposed[:nodes]:
+        reach[d] += p
+    return reach
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    table=st.lists(
+        st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.6, 0.9, 1.0]), min_size=4, max_size=4),
+        min_size=13,
+        max_size=13,
+    ),
+    depth=st.integers(1, 10),
+    extra=st.integers(0, 3),
+    width=st.integers(1, 4),
+    nodes=st.integers(1, 64),
+)
+def test_shared_beams_price_every_shape_as_its_own_beam(table, depth, extra, width, nodes) -> None:
+    """The policy grows one beam per width, to the deepest shape, and cuts shallower shapes
+    from it: each cut equals the shape's own beam (ties included, on a coarse grid of rates)."""
+    accept = lambda d, r: table[d][r]  # noqa: E731
+    own = _beam_reach_reference(accept, depth, width, nodes)
+    assert beam_reach(accept, depth, width, nodes) == own
+    assert _beam_cut(_beam_levels(accept, depth + extra, width), depth, nodes) == own
 
 
 def test_beam_shapes_hold_the_whole_beam() -> None:

@@ -8,7 +8,13 @@ import json
 
 import pytest
 
-from edgespec.bench.capacity import CapacityConfig, _prompts, capacity_bound, cloud_sd_bound
+from edgespec.bench.capacity import (
+    CapacityConfig,
+    _prompts,
+    _warmup_prompts,
+    capacity_bound,
+    cloud_sd_bound,
+)
 from edgespec.cli import main
 
 ROW_KEYS = {
@@ -88,6 +94,50 @@ def test_capacity_overload_smoke(tiny_pair, tmp_path) -> None:
         assert row["lost_partial_outputs"] == 0
         assert row["client_retries"] <= row["resource_exhausted_answers"]
     assert rows[0]["evictions"] == rows[0]["resumes"] == 0  # reserve never evicts
+
+
+@pytest.mark.slow
+def test_capacity_trees_smoke(tiny_pair, tmp_path) -> None:
+    """Fixed tree shapes by name and the tree controller: outputs the target alone's, the
+    shapes the sessions ran reported, and the emulated edges stood in for dead draft rows."""
+    out = tmp_path / "trees.json"
+    status = main(
+        [
+            "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
+            str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "4", "--rtt-ms", "5",
+            "--max-new-tokens", "12", "--edge-processes", "2", "--methods", "tree,adaptive_tree",
+            "--tree-shapes", "8x3x2,6x2x3",
+        ]
+    )  # fmt: skip
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert status == 0
+    assert set(rows) == {"tree_n8_d3_w2", "tree_n6_d2_w3", "adaptive_tree"}
+    for row in rows.values():
+        assert row["errors"] == 0 and row["altered_outputs"] == 0
+        assert row["draft_stand_in_rows"] is not None
+    assert rows["tree_n8_d3_w2"]["tree_levels_mean"] <= 3
+    assert rows["tree_n6_d2_w3"]["tree_nodes_mean"] <= 6
+    assert rows["tree_n8_d3_w2"]["pipeline_hit_share"] == 0.0  # fixed trees: no drafting ahead
+    assert 0.0 <= rows["adaptive_tree"]["tree_round_share"] <= 1.0
+
+
+def test_tree_shapes_config_is_checked() -> None:
+    assert CapacityConfig().tree_shapes == ((16, 6, 2),)
+    with pytest.raises(ValueError, match="tree_shapes"):
+        CapacityConfig(tree_shapes=())
+    with pytest.raises(ValueError, match="width"):
+        CapacityConfig(tree_shapes=((8, 3, 0),))
+    with pytest.raises(SystemExit):
+        main(["bench", "capacity", "--json", "x.json", "--tree-shapes", "8x3"])
+
+
+def test_warm_ups_run_prompts_of_the_same_worker() -> None:
+    """A worker's sessions warm up on each other's prompts (their draft rows are memoized in
+    that worker); a worker with one session takes the next prompt."""
+    prompts = [[i] for i in range(8)]
+    share = [(1, [1]), (5, [5])]  # worker 1 of 4
+    assert _warmup_prompts(share, prompts) == [[5], [1]]
+    assert _warmup_prompts([(3, [3])], prompts[:4]) == [[0]]
 
 
 def test_link_memory_config_is_checked() -> None:

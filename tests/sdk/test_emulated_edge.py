@@ -155,3 +155,72 @@ def test_memoized_tree_drafting_gives_the_plain_drafters_trees(sampler: str | No
         assert memo_out == plain_out == generate_autoregressive(target, prompt, params).tokens
     stats = memo.stats()
     assert stats.hits > 0 and stats.real_forwards < stats.forwards
+
+
+def _pipelined_session(
+    draft: ModelRunner, target: ModelRunner, prompt: list[int], tree: TreeShape | None
+) -> tuple[list[DraftBlock], list[int], int]:
+    """A greedy session drafting a block ahead of each pending one (chains of 4, or trees of
+    `tree`); returns the blocks the verifier used, the output, and the blocks drafted ahead."""
+    params = SamplingParams(max_new_tokens=24)
+    drafter = Drafter(draft, prompt, params)
+    verifier = Verifier(target, prompt, params)
+    used, ahead = [], 0
+
+    def propose() -> DraftBlock:
+        return drafter.propose(4) if tree is None else drafter.propose_tree(tree)
+
+    block = propose()
+    while True:
+        used.append(block)
+        if drafter.propose_ahead(4, tree=tree) is not None:
+            ahead += 1
+        drafter.apply(verifier.verify(block))
+        if drafter.finished:
+            return used, drafter.generated, ahead
+        block = drafter.pending if drafter.pending is not None else propose()
+
+
+def _walked(block: DraftBlock, reference: list[int]) -> tuple:
+    """A used block as far as a greedy walk can read it: a chain's tokens up to and including
+    its first one off `reference`; a tree whole."""
+    if block.parents is not None:
+        return block.tokens, block.parents
+    tokens = []
+    for i, token in enumerate(block.tokens):
+        tokens.append(token)
+        if block.base_len + i >= len(reference) or reference[block.base_len + i] != token:
+            break
+    return tuple(tokens), None
+
+
+@pytest.mark.parametrize("tree", [None, TreeShape(12, 4, 3)])
+def test_dead_rows_are_stood_in_without_changing_any_used_block(tree: TreeShape | None) -> None:
+    """Told the references (prompt + the target's greedy output), the memo serves the rows of
+    blocks drafted ahead on a guess that missed (and chain tokens after a rejected one) from a
+    live prefix's row: fewer real forwards, and every block the verifier used, and the output,
+    as the plain drafter's. Without references it computes them (the control)."""
+    target_model = tiny_llama(VOCAB, seed=0)
+    draft_model = noisy_draft(target_model)
+    target = ModelRunner(target_model)
+    params = SamplingParams(max_new_tokens=24)
+    prompts = PROMPTS[2:]  # distinct prompts: no row is shared between them
+    references = [p + generate_autoregressive(target, p, params).tokens for p in prompts]
+    real_forwards = {}
+    for told in (False, True):
+        memo = LogitsMemo()
+        if told:
+            memo.add_references(references)
+        for prompt, reference in zip(prompts, references, strict=True):
+            plain, plain_out, _ = _pipelined_session(ModelRunner(draft_model), target, prompt, tree)
+            runner = MemoRunner(draft_model, PROFILE, memo)
+            used, out, ahead = _pipelined_session(runner, target, prompt, tree)
+            assert ahead > 0
+            # up to its first token off the reference: the walk rejects there, so a chain's
+            # later tokens are dead (stood in); a tree on a live prefix is computed whole
+            assert [_walked(b, reference) for b in used] == [_walked(b, reference) for b in plain]
+            assert out == plain_out == reference[len(prompt) :]
+        stats = memo.stats()
+        assert (stats.stand_ins > 0) == told
+        real_forwards[told] = stats.real_forwards
+    assert real_forwards[True] < real_forwards[False]
