@@ -250,6 +250,7 @@ class _SessionRecord:
     # ahead during the round before it and used (a pipeline hit)
     levels: list[int] = field(default_factory=list)
     nodes: list[int] = field(default_factory=list)  # per speculative round: tokens drafted
+    spec_round_ms: list[float] = field(default_factory=list)  # per speculative round: wall ms
     hits: list[bool] = field(default_factory=list)
     error: str = ""
     prompt_index: int = 0
@@ -391,6 +392,7 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
                         rec.levels = [r.tree.levels if r.tree is not None else 0 for r in spec]
                         rec.nodes = [r.drafted for r in spec]
                         rec.hits = [r.pipelined for r in spec]
+                        rec.spec_round_ms = [r.round_ms for r in spec]
                         rec.evictions = st.evictions
                         rec.warm_start = st.warm_start
                         return rec
@@ -589,6 +591,14 @@ def _row(
             [k for r in ok for k, n in zip(r.nodes, r.levels, strict=True) if n > 0]
         ),
         "pipeline_hit_share": _share([h for r in ok for h in r.hits]),
+        # mean wall time of speculative rounds whose block was drafted ahead and used, and of
+        # the others (fresh blocks)
+        "hit_round_ms_mean": _mean(
+            [ms for r in ok for ms, h in zip(r.spec_round_ms, r.hits, strict=True) if h]
+        ),
+        "fresh_round_ms_mean": _mean(
+            [ms for r in ok for ms, h in zip(r.spec_round_ms, r.hits, strict=True) if not h]
+        ),
         # medians over every round of every session: where a round's time went
         **{
             f"round_{part}_median": _median([v for r in ok for v in getattr(r, part)])
