@@ -136,12 +136,28 @@ def _beam_levels(accept: Callable[[int, int], float], depth: int, width: int) ->
 def _beam_cut(levels: Sequence[Sequence[float]], depth: int, nodes: int) -> list[float]:
     """`beam_reach` from the beam's proposed levels: the `nodes` most probable of the first
     `depth` levels, their probabilities summed per depth."""
-    probs = [p for level in levels[:depth] for p in level]
-    depths = [d for d, level in enumerate(levels[:depth]) for _ in level]
+    return _ranked_cut(_ranked(levels), depth, nodes)
+
+
+def _ranked(levels: Sequence[Sequence[float]]) -> list[tuple[float, int]]:
+    """The beam's proposed nodes as (path probability, depth), most probable first; equally
+    probable ones shallowest first, as proposed (a stable sort)."""
+    nodes = [(p, d) for d, level in enumerate(levels) for p in level]
+    nodes.sort(key=lambda node: node[0], reverse=True)
+    return nodes
+
+
+def _ranked_cut(ranked: Sequence[tuple[float, int]], depth: int, nodes: int) -> list[float]:
+    """`_beam_cut` from `_ranked` nodes: the first `nodes` of them shallower than `depth` (a
+    filter keeps the order of the rest, so one ranking serves every depth)."""
     reach = [0.0] * depth
-    # stable: equally probable nodes are taken shallowest first, as proposed
-    for i in sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:nodes]:
-        reach[depths[i]] += probs[i]
+    taken = 0
+    for p, d in ranked:
+        if taken == nodes:
+            break
+        if d < depth:
+            reach[d] += p
+            taken += 1
     return reach
 
 
@@ -261,12 +277,12 @@ class TreePolicy(AdaptivePolicy):
         rates: dict[TreeShape, tuple[float, bool]] = {}
         # one beam per width, grown to the deepest shape of that width: shallower shapes'
         # levels are its prefix
-        beams: dict[int, list[list[float]]] = {}
+        beams: dict[int, list[tuple[float, int]]] = {}
         for shape in sorted(self.tree_config.shapes, key=lambda s: -s.depth):
             if shape.width not in beams:
-                beams[shape.width] = _beam_levels(prob, shape.depth, shape.width)
+                beams[shape.width] = _ranked(_beam_levels(prob, shape.depth, shape.width))
         for shape in self.tree_config.shapes:
-            reach = _beam_cut(beams[shape.width], shape.depth, shape.nodes)
+            reach = _ranked_cut(beams[shape.width], shape.depth, shape.nodes)
             prior = sum(f * p for f, p in zip(factors, reach, strict=False))
             key = (shape.nodes, shape.depth, shape.width)
             expected, rounds = self._shapes.mean(key, prior, weight)
