@@ -705,7 +705,9 @@ def _measure(
             template,
             prompts=share,
             start_at=start_at,
-            warmups=None if barriers is None else _warmup_prompts(share, prompts),
+            warmups=None
+            if barriers is None
+            else [prompts[(i + 1) % len(prompts)] for i, _ in share],
             barriers=barriers,
         )
         for share in shares
@@ -722,18 +724,6 @@ def _measure(
     modelled, wall = (sum(p["draft_ms"][i] for p in parts) for i in (0, 1))
     memo["draft_overrun"] = wall / modelled if modelled else None
     return [_SessionRecord(**r) for p in parts for r in p["records"]], memo, before
-
-
-def _warmup_prompts(
-    share: list[tuple[int, list[int]]], prompts: list[list[int]]
-) -> list[list[int]]:
-    """The warm-up prompt of each session of a worker's `share`: another prompt of the same
-    share (the next one), so that the draft rows the warm-ups memoize in the worker
-    (`emulated_edge.LogitsMemo`) are those its measured sessions need; with one session per
-    worker, the next benchmark prompt. Never the session's own prompt when there are others."""
-    if len(share) > 1:
-        return [share[(j + 1) % len(share)][1] for j in range(len(share))]
-    return [prompts[(i + 1) % len(prompts)] for i, _ in share]
 
 
 def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

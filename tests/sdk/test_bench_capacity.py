@@ -11,7 +11,6 @@ import pytest
 from edgespec.bench.capacity import (
     CapacityConfig,
     _prompts,
-    _warmup_prompts,
     capacity_bound,
     cloud_sd_bound,
 )
@@ -129,15 +128,6 @@ def test_tree_shapes_config_is_checked() -> None:
         CapacityConfig(tree_shapes=((8, 3, 0),))
     with pytest.raises(SystemExit):
         main(["bench", "capacity", "--json", "x.json", "--tree-shapes", "8x3"])
-
-
-def test_warm_ups_run_prompts_of_the_same_worker() -> None:
-    """A worker's sessions warm up on each other's prompts (their draft rows are memoized in
-    that worker); a worker with one session takes the next prompt."""
-    prompts = [[i] for i in range(8)]
-    share = [(1, [1]), (5, [5])]  # worker 1 of 4
-    assert _warmup_prompts(share, prompts) == [[5], [1]]
-    assert _warmup_prompts([(3, [3])], prompts[:4]) == [[0]]
 
 
 def test_link_memory_config_is_checked() -> None:
