@@ -447,10 +447,16 @@ class AdaptivePolicy:
         self._since_explore += 1
         if c.explore_every and self._since_explore >= c.explore_every:
             self._since_explore = 0
-            k = self._probe_k()
-            if k != self._k:
-                return Decision(SPECULATIVE, k, probe=True)
+            probe = self._probe()
+            if probe is not None:
+                return probe
         return self._speculative(self._k)
+
+    def _probe(self) -> Decision | None:
+        """The exploration round due now (`explore_every`), or None to skip it: a chain of the
+        next `_probe_k` when that differs from the current k."""
+        k = self._probe_k()
+        return Decision(SPECULATIVE, k, probe=True) if k != self._k else None
 
     def _speculative_rate(self, cost: CostModel, accept: Sequence[float], chain: float) -> float:
         """The speculative rate the mode decision weighs against cloud-only: that of a chain of

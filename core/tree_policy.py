@@ -198,6 +198,9 @@ class TreePolicy(AdaptivePolicy):
         if memory is not None and memory.reach is not None:
             self._reach = copy.deepcopy(memory.reach)
         self._shape: TreeShape | None = t.initial
+        # the best-rated tree at the last decision taken on chains: what a tree probe runs
+        self._tree_probe: TreeShape | None = None
+        self._probe_trees = False  # whose turn it is, on chains: tree probes alternate
         # a pipelined session drafts the next tree ahead of the pending one's verdict (until the
         # estimates say it does not pay)
         self._tree_ahead = True
@@ -334,6 +337,7 @@ class TreePolicy(AdaptivePolicy):
             if not on_chains:
                 logger.debug("trees -> chains (%.1f < %.1f tok/s)", best_rate, chain)
             self._shape = None
+            self._tree_probe = max(rates, key=rates.__getitem__) if rates else None
             return chain
         bonus = self.tree_config.explore_bonus
         hopeful = self.tree_rates(cost, accept, bonus) if bonus > 0 else rates  # 0: the same
@@ -352,6 +356,20 @@ class TreePolicy(AdaptivePolicy):
         included: leaving trees for cloud-only must beat what trees could do, not chains."""
         upper = self._accept.upper(self.config.k_max + 1)
         return max(super()._hopeful_rate(cost), *self.tree_rates(cost, upper).values())
+
+    def _probe(self) -> Decision | None:
+        """On chains, every other exploration round is a tree of the best-rated shape (serial):
+        trees left for chains are otherwise never run again, so their estimates, rank model
+        and calibration stay what they were when trees lost, however the text or the load has
+        changed since (seen: all 8 sessions of one prompt text on a loaded verifier drafting
+        chains at 20.5 tokens/s while the fixed 16-node tree gave every text over 28). On trees,
+        the probes stay chains of varied k (`AdaptivePolicy._probe`)."""
+        if self._shape is None and self._tree_probe is not None:
+            self._probe_trees = not self._probe_trees
+            if self._probe_trees:
+                shape = self._tree_probe
+                return Decision(SPECULATIVE, shape.depth, tree=shape, probe=True, ahead=False)
+        return super()._probe()
 
     def _speculative(self, k: int) -> Decision:
         if self._shape is None:

@@ -31,7 +31,7 @@ from edgespec.core.tree_policy import (
 RANKS = (0.7, 0.15, 0.06, 0.03)  # the true P(target = rank-r child)
 
 
-def run(policy: TreePolicy, cost: CostModel, rounds: int, seed: int = 0) -> list:
+def run(policy: TreePolicy, cost: CostModel, rounds: int, seed: int = 0, ranks=RANKS) -> list:
     rng = random.Random(seed)
     decisions = []
     for _ in range(rounds):
@@ -51,7 +51,7 @@ def run(policy: TreePolicy, cost: CostModel, rounds: int, seed: int = 0) -> list
         while accepted < depth:
             u, rank, acc = rng.random(), -1, 0.0
             for r in range(width):
-                acc += RANKS[r]
+                acc += ranks[r]
                 if u < acc:
                     rank = r
                     break
@@ -262,3 +262,26 @@ def test_no_tree_drafted_ahead_where_it_does_not_pay() -> None:
     shallow, deep = min(priced, key=lambda s: s.depth), max(priced, key=lambda s: s.depth)
     assert priced[shallow][1] and priced[shallow][0] > plain[shallow]
     assert not priced[deep][1] and priced[deep][0] == plain[deep]
+
+
+def test_a_session_on_chains_probes_trees_and_comes_back_when_they_pay() -> None:
+    """Siblings never hit at first (a tree is a chain plus wasted nodes), so a session may
+    settle on chains; then they hit as usual. On chains, every other exploration round is a
+    tree of the best-rated shape, which is how the rank model learns that siblings pay again:
+    trees come back. Without tree probes (the control) a session that settled on chains stays
+    there, its sibling estimates frozen at what trees showed when they lost."""
+    cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
+    stuck = []
+    for probes in (True, False):
+        for seed in (0, 1):
+            policy = TreePolicy(AdaptiveConfig(allow_cloud_only=False))
+            if not probes:
+                policy._probe = lambda p=policy: AdaptivePolicy._probe(p)  # chain probes only
+            before = run(policy, cost, 150, seed=seed, ranks=(0.7, 0.0, 0.0, 0.0))
+            after = run(policy, cost, 200, seed=seed + 10)
+            if probes:
+                assert _tree_share(after[100:]) > 0.8
+                assert any(d.probe and d.tree is not None for d in before + after)
+            else:
+                stuck.append(_tree_share(before[50:]) < 0.2 and _tree_share(after[100:]) < 0.2)
+    assert any(stuck)  # the control: the case this guards against does happen
