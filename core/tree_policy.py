@@ -173,9 +173,10 @@ class TreePolicy(AdaptivePolicy):
     that shrinks with the rounds behind a shape, as in UCB; off by default). Mode decisions
     (against chains and cloud-only) use the plain estimates. What the rank model, the
     calibration and the shapes learnt is carried to the next session on the link
-    (`PolicyMemory`). Its
-    exploration probes stay chains of varied k: besides the chain's acceptance they keep the
-    slope of t_v(n) identified, which trees of one size would not."""
+    (`PolicyMemory`). On trees its exploration probes are chains of varied k: besides the
+    chain's acceptance they keep the slope of t_v(n) identified, which trees of one size would
+    not. On chains every other probe is a tree of the best-rated shape (`_probe`), so that the
+    sibling ranks and the calibration keep learning while trees are not run."""
 
     def __init__(
         self,
