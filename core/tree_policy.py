@@ -114,7 +114,7 @@ def beam_reach(
     node at depth d), i.e. the sum of the path probabilities of the tree's depth-d nodes (their
     sum over depths is E[accepted tokens]). `accept(d, r)`: P(the target's token at depth d is
     the rank-r child), r < width; a node's probability is the product over its path."""
-    return _beam_cut(_beam_levels(accept, depth, width), depth, nodes)
+    return _ranked_cut(_ranked(_beam_levels(accept, depth, width)), depth, nodes)
 
 
 def _beam_levels(accept: Callable[[int, int], float], depth: int, width: int) -> list[list[float]]:
@@ -133,12 +133,6 @@ def _beam_levels(accept: Callable[[int, int], float], depth: int, width: int) ->
     return levels
 
 
-def _beam_cut(levels: Sequence[Sequence[float]], depth: int, nodes: int) -> list[float]:
-    """`beam_reach` from the beam's proposed levels: the `nodes` most probable of the first
-    `depth` levels, their probabilities summed per depth."""
-    return _ranked_cut(_ranked(levels), depth, nodes)
-
-
 def _ranked(levels: Sequence[Sequence[float]]) -> list[tuple[float, int]]:
     """The beam's proposed nodes as (path probability, depth), most probable first; equally
     probable ones shallowest first, as proposed (a stable sort)."""
@@ -148,8 +142,9 @@ def _ranked(levels: Sequence[Sequence[float]]) -> list[tuple[float, int]]:
 
 
 def _ranked_cut(ranked: Sequence[tuple[float, int]], depth: int, nodes: int) -> list[float]:
-    """`_beam_cut` from `_ranked` nodes: the first `nodes` of them shallower than `depth` (a
-    filter keeps the order of the rest, so one ranking serves every depth)."""
+    """`beam_reach` from the beam's `_ranked` nodes: the first `nodes` of them shallower than
+    `depth`, their probabilities summed per depth (a filter keeps the order of the rest, so one
+    ranking serves every depth)."""
     reach = [0.0] * depth
     taken = 0
     for p, d in ranked:

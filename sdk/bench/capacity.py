@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import socket
 import statistics
 import sys
@@ -636,12 +635,6 @@ def _median(values: list[float]) -> float | None:
 BATCHED, SERIAL, CLOUD_SD = "batched", "serial", "cloud_sd"  # the verifiers of a run
 
 
-def _tree_of(name: str) -> tuple[int, int, int] | None:
-    """The (nodes, depth, width) of a fixed-tree method's name (`_methods`), else None."""
-    match = re.fullmatch(r"tree_n(\d+)_d(\d+)_w(\d+)", name)
-    return (int(match[1]), int(match[2]), int(match[3])) if match else None
-
-
 def _profile_of(kind: str, config: CapacityConfig) -> str:
     """The compute profile of the verifier `kind` and its sessions' edges: cloud-side
     speculative decoding runs the configured profile's cloud-draft variant."""
@@ -652,32 +645,35 @@ def _profile_of(kind: str, config: CapacityConfig) -> str:
     return config.compute_profile
 
 
-def _methods(config: CapacityConfig) -> list[tuple[str, str, int, bool, str]]:
-    """(name, policy, k, pipelined, verifier: "batched", "serial" or "cloud_sd") of every
-    method measured (a fixed tree's shape is in its name: `_tree_of`)."""
-    out = []
+_Method = tuple[str, str, int, bool, str, tuple[int, int, int] | None]
+
+
+def _methods(config: CapacityConfig) -> list[_Method]:
+    """(name, policy, k, pipelined, verifier: "batched", "serial" or "cloud_sd", the fixed
+    tree's (nodes, depth, width) or None) of every method measured."""
+    out: list[_Method] = []
     if "cloud_only" in config.methods:
-        out.append(("cloud_only", "cloud_only", 0, False, BATCHED))
+        out.append(("cloud_only", "cloud_only", 0, False, BATCHED, None))
         if "serial" in config.methods:  # the one-at-a-time verifier decoding alone
-            out.append(("cloud_only_serial", "cloud_only", 0, False, SERIAL))
+            out.append(("cloud_only_serial", "cloud_only", 0, False, SERIAL, None))
     for k in config.ks:
         if "fixed" in config.methods:
-            out.append((f"fixed_k{k}", "fixed", k, False, BATCHED))
+            out.append((f"fixed_k{k}", "fixed", k, False, BATCHED, None))
         if "serial" in config.methods:
-            out.append((f"fixed_k{k}_serial", "fixed", k, False, SERIAL))
+            out.append((f"fixed_k{k}_serial", "fixed", k, False, SERIAL, None))
         if "cloud_sd" in config.methods:  # the draft beside the target, on the verifier
-            out.append((f"cloud_sd_k{k}", "fixed", k, False, CLOUD_SD))
+            out.append((f"cloud_sd_k{k}", "fixed", k, False, CLOUD_SD, None))
     if "adaptive" in config.methods:
-        out.append(("adaptive", "adaptive", 0, True, BATCHED))
+        out.append(("adaptive", "adaptive", 0, True, BATCHED, None))
     if "adaptive_unpipelined" in config.methods:
-        out.append(("adaptive_unpipelined", "adaptive", 0, False, BATCHED))
+        out.append(("adaptive_unpipelined", "adaptive", 0, False, BATCHED, None))
     if "tree" in config.methods:  # token trees of each configured shape
         for n, d, w in config.tree_shapes:
-            out.append((f"tree_n{n}_d{d}_w{w}", "tree", 0, False, BATCHED))
+            out.append((f"tree_n{n}_d{d}_w{w}", "tree", 0, False, BATCHED, (n, d, w)))
     if "adaptive_tree" in config.methods:
-        out.append(("adaptive_tree", "adaptive_tree", 0, True, BATCHED))
+        out.append(("adaptive_tree", "adaptive_tree", 0, True, BATCHED, None))
     if "adaptive_tree_unpipelined" in config.methods:
-        out.append(("adaptive_tree_unpipelined", "adaptive_tree", 0, False, BATCHED))
+        out.append(("adaptive_tree_unpipelined", "adaptive_tree", 0, False, BATCHED, None))
     return out
 
 
@@ -795,7 +791,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 config.threads,
             )
             list(pool.map(_run_job, [warm] * config.edge_processes))
-        for rtt, (name, policy, k, pipelined, kind), admission, n in product(
+        for rtt, (name, policy, k, pipelined, kind, tree), admission, n in product(
             config.rtts_ms, _methods(config), config.kv_admissions, config.sessions
         ):
             address, port = verifiers[kind, admission]
@@ -815,7 +811,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 config.threads,
                 config.memo_drafts,
                 config.client_retries,
-                tree=_tree_of(name),
+                tree=tree,
                 references=references,
             )
             warmed = config.link_memory == "warm" and policy in ADAPTIVE_POLICIES

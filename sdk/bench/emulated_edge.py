@@ -108,22 +108,22 @@ class LogitsMemo:
         """Whether a row predicting after `key` can matter: True without references."""
         return not self._live or key in self._live
 
-    def stand_in(self, key: tuple[int, ...]) -> Tensor | None:
-        """For a dead `key`: the memoized row of its longest live prefix (None: none known)."""
+    def stand_in_rows(self, keys: Sequence[tuple[int, ...]]) -> list[Tensor] | None:
+        """For dead `keys`: each one's stand-in, the memoized row of its longest live prefix
+        (None, and nothing counted, when one of those is not memoized)."""
         with self._lock:
-            for end in range(len(key) - 1, 0, -1):
-                prefix = key[:end]
-                if prefix in self._live:
-                    row = self._rows.get(prefix)
-                    if row is not None:
-                        self.stand_ins += 1
-                    return row
-        return None
+            rows = [self._rows.get(self._live_prefix(key)) for key in keys]
+            if any(row is None for row in rows):
+                return None
+            self.stand_ins += len(rows)
+        return rows  # type: ignore[return-value]
 
-    def get(self, tokens: Sequence[int], start: int) -> list[Tensor] | None:
-        """The rows predicting after tokens[:p + 1] for p in start..len(tokens) - 1, or None when
-        any is unknown."""
-        return self.get_rows([tuple(tokens[: p + 1]) for p in range(start, len(tokens))])
+    def _live_prefix(self, key: tuple[int, ...]) -> tuple[int, ...]:
+        """The longest proper prefix of `key` that is live (() when none is)."""
+        for end in range(len(key) - 1, 0, -1):
+            if key[:end] in self._live:
+                return key[:end]
+        return ()
 
     def get_rows(self, keys: Sequence[tuple[int, ...]]) -> list[Tensor] | None:
         """The rows predicting after each token sequence of `keys`, or None when any is
@@ -263,7 +263,7 @@ class MemoRunner(PaddedRunner):
         self.memo.count_forward()
         found = self.memo.get_rows(keys)
         if found is None and not self.memo.is_live(root):  # a tree no walk will reach
-            found = self._stand_ins(keys)
+            found = self.memo.stand_in_rows(keys)
         if found is None:
             with self.memo.compute_lock:
                 found = self.memo.get_rows(keys)
@@ -316,22 +316,17 @@ class MemoRunner(PaddedRunner):
         self._tokens.extend(new)
         self._logical_forwards += 1
         self.memo.count_forward()
-        rows = self.memo.get(self._tokens, start)
+        keys = [tuple(self._tokens[: p + 1]) for p in range(start, len(self._tokens))]
+        rows = self.memo.get_rows(keys)
         if rows is not None:
             return rows
-        keys = [tuple(self._tokens[: p + 1]) for p in range(start, len(self._tokens))]
         if not any(self.memo.is_live(key) for key in keys):  # tokens no walk will accept
-            rows = self._stand_ins(keys)
+            rows = self.memo.stand_in_rows(keys)
             if rows is not None:
                 return rows
         with self.memo.compute_lock:
-            rows = self.memo.get(self._tokens, start)  # computed while this one waited?
+            rows = self.memo.get_rows(keys)  # computed while this one waited?
             return rows if rows is not None else self._compute(start)
-
-    def _stand_ins(self, keys: Sequence[tuple[int, ...]]) -> list[Tensor] | None:
-        """Rows for dead `keys`, each its longest live prefix's (None: one is not known)."""
-        rows = [self.memo.stand_in(key) for key in keys]
-        return None if any(row is None for row in rows) else rows  # type: ignore[return-value]
 
     def _compute(self, start: int) -> list[Tensor]:
         real = self._length

@@ -22,8 +22,9 @@ from edgespec.core.policies import CLOUD_ONLY, RoundObservation, TreeOutcome
 from edgespec.core.tree import TreeShape
 from edgespec.core.tree_policy import (
     TreePolicy,
-    _beam_cut,
     _beam_levels,
+    _ranked,
+    _ranked_cut,
     beam_reach,
     beam_shapes,
 )
@@ -129,7 +130,7 @@ def test_shared_beams_price_every_shape_as_its_own_beam(table, depth, extra, wid
     accept = lambda d, r: table[d][r]  # noqa: E731
     own = _beam_reach_reference(accept, depth, width, nodes)
     assert beam_reach(accept, depth, width, nodes) == own
-    assert _beam_cut(_beam_levels(accept, depth + extra, width), depth, nodes) == own
+    assert _ranked_cut(_ranked(_beam_levels(accept, depth + extra, width)), depth, nodes) == own
 
 
 def test_beam_shapes_hold_the_whole_beam() -> None:
