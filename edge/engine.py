@@ -26,6 +26,7 @@ worker thread, concurrently with the verifier's prefill behind the session openi
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 import uuid
@@ -366,6 +367,15 @@ class EdgeEngine:
         """What the engine believes of each link it remembers, most recent last: one dict per
         (verifier, sampling regime) with `PolicyMemory.summary`'s numbers."""
         return self._link_memory.estimates()
+
+    def link_memory(self) -> LinkMemory:
+        """A copy of what the engine remembers of its links (`restore_link_memory` puts it
+        back): e.g. to run sessions that must not teach the next ones anything."""
+        return copy.deepcopy(self._link_memory)
+
+    def restore_link_memory(self, memory: LinkMemory) -> None:
+        """Remember exactly `memory` (a `link_memory` copy) of the links from now on."""
+        self._link_memory = copy.deepcopy(memory)
 
     def forget_links(self) -> None:
         """Drop what earlier sessions learnt of every link: the next sessions start cold."""

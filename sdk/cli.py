@@ -207,6 +207,8 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         client_retries=args.client_retries,
         link_memory=args.link_memory,
         tree_shapes=args.tree_shapes or capacity.CapacityConfig.tree_shapes,
+        links_in_workers=args.links_in_workers,
+        memo_pass=not args.no_memo_pass,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -260,6 +262,19 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
         type=_tree_shapes,
         help="the tree method's shapes, NODESxDEPTHxWIDTH each, e.g. 16x6x2,16x3x4 (default "
         "16x6x2)",
+    )
+    p.add_argument(
+        "--no-memo-pass",
+        action="store_true",
+        help="emulated profiles: measure without first running every session once unmeasured "
+        "to fill the edges' draft memo (by default it is run, and what it teaches the edges is "
+        "forgotten)",
+    )
+    p.add_argument(
+        "--links-in-workers",
+        action="store_true",
+        help="run each session's emulated link in its edge's worker process (the earlier "
+        "layout, for comparison; by default the benchmark's own process runs every link)",
     )
     p.add_argument(
         "--link-memory",

@@ -3,9 +3,11 @@
 For every RTT, method and session count N, N greedy sessions start together, each from its own
 emulated edge device: its own `EdgeEngine` (its own draft thread, so draft forwards of different
 sessions never queue behind each other) behind its own link emulator (a TCP proxy with the
-RTT; at RTT 0 it connects directly). The edges live in `edge_processes` worker processes
-(spawned once for the whole run), so the edge side is not one Python thread either (the padding
-sleeps of different sessions overlap).
+RTT, run by this process, whose interpreter is otherwise idle during a measurement; at RTT 0 it
+connects directly). The edges live in `edge_processes` worker processes (spawned once for the
+whole run), so the edge side is not one Python thread either (the padding sleeps of different
+sessions overlap). Before each measurement the sessions run their generations once, unmeasured
+(the memo pass, `CapacityConfig.memo_pass`), then start together.
 Under an emulated profile the real draft compute is shared too (see below), so that N emulated
 edge devices do not queue on the host's cores; under ``real`` every session's draft runs for
 real on those cores. One verifier subprocess serves them all: the
@@ -86,6 +88,7 @@ from edgespec.core.policies import FixedTreePolicy
 from edgespec.core.profiles import PaddedRunner, cloud_draft_profile, get_profile
 from edgespec.core.tree import TreeShape
 from edgespec.core.validation import check_int
+from edgespec.linkemu import LinkEmulator, LinkProfile
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +148,19 @@ class CapacityConfig:
     link_memory: str = "warm"
     # The "tree" method's shapes, (nodes, depth, width) each, measured as tree_n{n}_d{d}_w{w}.
     tree_shapes: tuple[tuple[int, int, int], ...] = ((16, 6, 2),)
+    # Where the sessions' emulated links run: False (default) in this (parent) process, whose
+    # interpreter does nothing else during a measurement; True beside each session's edge in its
+    # worker process (the earlier layout, kept for comparison), where a packet due for delivery
+    # waits for the GIL while the worker's other sessions draft, so methods that draft more (trees,
+    # drafting ahead) saw a longer link than the profile's RTT.
+    links_in_workers: bool = False
+    # Before each measurement every session runs its generation once, unmeasured, with what its
+    # edge learnt restored afterwards: it teaches nothing, but fills each worker's draft memo with
+    # the rows the measured sessions will ask for. Without it those rows are computed by real
+    # forwards during the measurement, and on this host's two cores a method that drafts many
+    # distinct rows (adaptive trees: ~1,300 real forwards per 32 sessions) starved its own
+    # emulated devices (draft overrun 1.4-1.7x the profile's time). Emulated draft memo only.
+    memo_pass: bool = True
 
     def __post_init__(self) -> None:
         for n in self.sessions:
@@ -186,6 +202,10 @@ class CapacityConfig:
             if len(shape) != 3:
                 raise ValueError(f"tree_shapes: each must be (nodes, depth, width), got {shape!r}")
             TreeShape(*shape)  # validates each field, naming it
+        if not isinstance(self.memo_pass, bool):
+            raise ValueError(f"memo_pass must be a bool, got {self.memo_pass!r}")
+        if not isinstance(self.links_in_workers, bool):
+            raise ValueError(f"links_in_workers must be a bool, got {self.links_in_workers!r}")
         if self.link_memory not in LINK_MEMORY_MODES:
             raise ValueError(
                 f"link_memory must be one of {LINK_MEMORY_MODES}, got {self.link_memory!r}"
@@ -219,6 +239,11 @@ class _Job:
     # every prompt followed by its greedy reference output: what the sessions will commit, so
     # the emulated edges skip draft rows no walk can accept (`LogitsMemo.add_references`)
     references: list[list[int]] | None = None
+    # per session of `prompts`, the address of its emulated link (run by the parent); None: each
+    # session starts its own link in this worker (`CapacityConfig.links_in_workers`)
+    links: list[str] | None = None
+    links_in_worker: bool = False
+    memo_pass: bool = False  # the sessions run once unmeasured first (`CapacityConfig.memo_pass`)
 
     def make_policy(self) -> Any:
         """What the edge engine is asked to run: the policy's name, or for a fixed tree
@@ -282,8 +307,7 @@ def _run_job(job: _Job) -> dict[str, Any]:
     memo = _draft_memo(job.draft)
     if job.references:
         memo.add_references(job.references)
-    before = memo.stats()
-    records, draft_ms = asyncio.run(_sessions(job))
+    records, draft_ms, before = asyncio.run(_sessions(job))
     after = memo.stats()
     return {
         "records": [asdict(r) for r in records],
@@ -292,14 +316,14 @@ def _run_job(job: _Job) -> dict[str, Any]:
     }
 
 
-async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float]]:
-    """The job's sessions' records, and the (modelled, wall) ms of their emulated draft
-    forwards, summed (0, 0 when the draft is not emulated through the memo)."""
+async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float], MemoStats]:
+    """The job's sessions' records, the (modelled, wall) ms of their emulated draft forwards,
+    summed (0, 0 when the draft is not emulated through the memo), and the process's draft memo
+    counts when the measured sessions started."""
     from edgespec.edge.config import EngineConfig, LinkConfig
     from edgespec.edge.engine import EdgeEngine
     from edgespec.edge.records import SummaryEvent, TokensEvent
     from edgespec.edge.recovery import EdgeError
-    from edgespec.linkemu import LinkEmulator, LinkProfile
 
     model = _draft_model(job.draft)
     memo_factory = runner_factory(job.compute_profile, _draft_memo(job.draft)) if job.memo else None
@@ -315,9 +339,11 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
     host, port = job.verifier.rsplit(":", 1)
     with ExitStack() as stack:
         engines = []
-        for _ in job.prompts:  # one device per session: its own link, draft thread, engine
+        for i in range(len(job.prompts)):  # one device per session: own link, thread, engine
             address = job.verifier  # RTT 0 (drafts beside the verifier): no proxy in between
-            if job.rtt_ms > 0:
+            if job.links is not None:
+                address = job.links[i]
+            elif job.rtt_ms > 0:
                 emu = LinkEmulator(host, int(port), LinkProfile(rtt_ms=job.rtt_ms)).start()
                 stack.callback(emu.stop)
                 address = emu.address
@@ -411,21 +437,34 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
             except Exception as err:  # noqa: BLE001 - the session then starts colder, not lost
                 logger.warning("warm-up generation failed: %r", err)
 
+        async def memo_pass() -> None:
+            """The measured generations, run once unmeasured: their draft rows land in the
+            memo, and whatever the edges learn from them is forgotten again."""
+            kept = [engine.link_memory() for engine in engines]
+            await asyncio.gather(
+                *(warm_up(e, p) for e, (_, p) in zip(engines, job.prompts, strict=True))
+            )
+            for engine, memory in zip(engines, kept, strict=True):
+                engine.restore_link_memory(memory)
+
         await asyncio.sleep(max(0.0, job.start_at - time.time()))
         if job.warmups is not None:
-            assert job.barriers is not None
             await asyncio.gather(
                 *(warm_up(e, p) for e, p in zip(engines, job.warmups, strict=True))
             )
+        if job.memo_pass and memo_factory is not None:
+            await memo_pass()
+        if job.barriers is not None:
             for barrier in job.barriers:  # then the parent reads the counters; then all start
                 await asyncio.to_thread(barrier.wait, job.timeout_s)
-            runners.clear()
+        runners.clear()
+        memo_before = _draft_memo(job.draft).stats()
         try:
             records = await asyncio.gather(
                 *(one(e, i, p) for e, (i, p) in zip(engines, job.prompts, strict=True))
             )
             draft = (sum(r.modelled_ms for r in runners), sum(r.wall_ms for r in runners))
-            return list(records), draft
+            return list(records), draft, memo_before
         finally:
             for engine in engines:
                 await engine.aclose()
@@ -684,37 +723,57 @@ def _measure(
     workers: int,
     scrape: Callable[[], dict[str, float]],
     manager: Any | None = None,
+    warm: bool = False,
 ) -> tuple[list[_SessionRecord], dict[str, int], dict[str, float]]:
     """Run one session per prompt, all starting together, spread over the workers; returns
     their records, the workers' draft memo counts (`MemoStats` fields, summed) and `scrape()`
     taken just before the measured sessions start. With `manager` (a multiprocessing manager)
-    every session first runs an unmeasured warm-up generation of the next prompt in turn, with
-    its link memory on (`CapacityConfig.link_memory` "warm")."""
+    the workers start the measured sessions together after what comes first: with `warm`, an
+    unmeasured warm-up generation of the next prompt in turn per session, with its link memory
+    on (`CapacityConfig.link_memory` "warm"); with the template's `memo_pass`, the memo pass."""
     start_at = time.time() + START_DELAY_S + 0.2 * len(prompts) / workers
     indexed = list(enumerate(prompts))
     shares = [indexed[w::workers] for w in range(workers) if indexed[w::workers]]
     barriers = None
     if manager is not None:
         barriers = (manager.Barrier(len(shares) + 1), manager.Barrier(len(shares) + 1))
-    jobs = [
-        replace(
-            template,
-            prompts=share,
-            start_at=start_at,
-            warmups=None
-            if barriers is None
-            else [prompts[(i + 1) % len(prompts)] for i, _ in share],
-            barriers=barriers,
-        )
-        for share in shares
-    ]
+    with ExitStack() as stack:
+        links = None  # per prompt: its session's emulated link, run by this process
+        if template.rtt_ms > 0 and not template.links_in_worker:
+            host, port = template.verifier.rsplit(":", 1)
+            link = LinkProfile(rtt_ms=template.rtt_ms)
+            links = [
+                stack.enter_context(LinkEmulator(host, int(port), link)).address for _ in prompts
+            ]
+        jobs = [
+            replace(
+                template,
+                prompts=share,
+                start_at=start_at,
+                warmups=[prompts[(i + 1) % len(prompts)] for i, _ in share] if warm else None,
+                barriers=barriers,
+                links=None if links is None else [links[i] for i, _ in share],
+            )
+            for share in shares
+        ]
+        return _run_jobs(pool, jobs, barriers, scrape, template.timeout_s)
+
+
+def _run_jobs(
+    pool: ProcessPoolExecutor,
+    jobs: list[_Job],
+    barriers: tuple[Any, Any] | None,
+    scrape: Callable[[], dict[str, float]],
+    timeout_s: float,
+) -> tuple[list[_SessionRecord], dict[str, int], dict[str, float]]:
+    """`_measure`'s jobs run, one per worker, `scrape()` taken between the `barriers`."""
     futures = [pool.submit(_run_job, job) for job in jobs]
     if barriers is None:
         before = scrape()
     else:
-        barriers[0].wait(template.timeout_s)
+        barriers[0].wait(timeout_s)
         before = scrape()
-        barriers[1].wait(template.timeout_s)
+        barriers[1].wait(timeout_s)
     parts = [f.result() for f in futures]
     memo = {name: sum(p["memo"][name] for p in parts) for name in _MEMO_FIELDS}
     modelled, wall = (sum(p["draft_ms"][i] for p in parts) for i in (0, 1))
@@ -813,6 +872,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 config.client_retries,
                 tree=tree,
                 references=references,
+                links_in_worker=config.links_in_workers,
+                memo_pass=config.memo_pass and config.memo_drafts,
             )
             warmed = config.link_memory == "warm" and policy in ADAPTIVE_POLICIES
             records, memo, before = _measure(
@@ -821,7 +882,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 prompts[:n],
                 config.edge_processes,
                 partial(_scrape, port),
-                manager if warmed else None,
+                manager if warmed or template.memo_pass else None,
+                warmed,
             )
             after = _scrape(port)
             row = _row(name, n, rtt, k, records, before, after, profile_name, expected)

@@ -188,6 +188,16 @@ def test_link_memory_across_sessions(draft, target, link_20ms):
                 "coupled:t=1.0,top_k=8,top_p=1.0",
             }
 
+            # a copy put back: what sessions taught the engine since is gone again
+            kept = engine.link_memory()
+            await engine.collect(PROMPTS[0], greedy, k=3, policy="fixed")
+            key = (first.verifier, "greedy")
+            rounds = kept[key].speculative_rounds + kept[key].cloud_only_steps
+            taught = engine._link_memory[key]
+            assert taught.speculative_rounds + taught.cloud_only_steps > rounds
+            engine.restore_link_memory(kept)
+            assert engine.link_estimates() == kept.estimates()
+
             engine.forget_links()
             cold = await engine.collect(PROMPTS[1], greedy, policy="adaptive")
             assert not cold.stats.warm_start and cold.tokens == warm.tokens

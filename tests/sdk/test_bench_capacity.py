@@ -120,6 +120,27 @@ def test_capacity_trees_smoke(tiny_pair, tmp_path) -> None:
     assert 0.0 <= rows["adaptive_tree"]["tree_round_share"] <= 1.0
 
 
+@pytest.mark.slow
+def test_memo_pass_leaves_no_real_draft_forward_to_the_measurement(tiny_pair, tmp_path) -> None:
+    """With the memo pass, a fixed-k session redrafts exactly what its unmeasured pass did: the
+    measured sessions' draft rows all come from the memo. Without it (control) they are
+    computed during the measurement."""
+    real = {}
+    for flag in ("--no-memo-pass", None):
+        out = tmp_path / f"memo{flag}.json"
+        argv = [
+            "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
+            str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "2", "--rtt-ms", "5",
+            "-k", "3", "--max-new-tokens", "12", "--edge-processes", "2", "--methods", "fixed",
+        ]  # fmt: skip
+        assert main(argv + ([flag] if flag else [])) == 0
+        (row,) = json.loads(out.read_text())["rows"]
+        assert row["errors"] == 0 and row["altered_outputs"] == 0
+        real[flag] = row["draft_real_forwards"]
+    assert real["--no-memo-pass"] > 0
+    assert real[None] == 0
+
+
 def test_tree_shapes_config_is_checked() -> None:
     assert CapacityConfig().tree_shapes == ((16, 6, 2),)
     with pytest.raises(ValueError, match="tree_shapes"):
@@ -132,6 +153,11 @@ def test_tree_shapes_config_is_checked() -> None:
 
 def test_link_memory_config_is_checked() -> None:
     assert CapacityConfig().link_memory == "warm"
+    assert CapacityConfig().memo_pass and not CapacityConfig().links_in_workers
+    with pytest.raises(ValueError, match="memo_pass"):
+        CapacityConfig(memo_pass=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="links_in_workers"):
+        CapacityConfig(links_in_workers="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="link_memory"):
         CapacityConfig(link_memory="hot")
 
