@@ -48,7 +48,8 @@ hint (bounded). Each row then says the sessions offered and completed, the RESOU
 answers and retries, the verifier's evictions and resumes, errors and altered outputs.
 
 Per row: replica tokens/s (all tokens / the wall time from the common start to the last end),
-per-session tokens/s (median, p10), TTFT median, the verifier queue time per block (median over
+per-session tokens/s (median, p10, and their sum: the replica's rate were each session to keep
+its own, not set by the last one to end), TTFT median, the verifier queue time per block (median over
 blocks), mean sessions and tokens per target forward (from the verifier's Prometheus metrics),
 and the row's analytic estimate (`capacity_bound`: the roofline and the measured acceptance,
 assumed independent per token, so an estimate rather than a strict bound).
@@ -578,6 +579,9 @@ def _row(
         "replica_tokens_per_s": replica,
         "session_tokens_per_s_median": statistics.median(rates) if rates else 0.0,
         "session_tokens_per_s_p10": rates[int(0.1 * (len(rates) - 1))] if rates else 0.0,
+        # the replica's rate if every session kept running at its own rate (a replica whose
+        # sessions come and go): unlike replica_tokens_per_s, not set by the last session to end
+        "session_tokens_per_s_sum": sum(rates),
         "ttft_ms_median": statistics.median((r.first - r.start) * 1e3 for r in ok) if ok else 0.0,
         "queue_ms_median": statistics.median(queue) if queue else 0.0,
         "mean_batch_sessions": batch,

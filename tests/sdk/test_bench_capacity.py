@@ -51,6 +51,8 @@ def test_capacity_smoke(tiny_pair, tmp_path) -> None:
         assert set(row) >= ROW_KEYS
         assert row["errors"] == 0 and row["altered_outputs"] == 0
         assert row["tokens"] == 8 * row["sessions"] and row["replica_tokens_per_s"] > 0
+        # each session's time is within the row's wall time
+        assert row["session_tokens_per_s_sum"] >= row["replica_tokens_per_s"] * (1 - 1e-9)
         serial = row["method"].endswith("_serial")
         assert (row["mean_batch_sessions"] is None) == serial  # no batched steps when serial
     assert result["edge_emulation"].startswith("EMULATED edge devices")  # default h100-70b
