@@ -125,8 +125,9 @@ def test_capacity_trees_smoke(tiny_pair, tmp_path) -> None:
 @pytest.mark.slow
 def test_memo_pass_leaves_no_real_draft_forward_to_the_measurement(tiny_pair, tmp_path) -> None:
     """With the memo pass, a fixed-k session redrafts exactly what its unmeasured pass did: the
-    measured sessions' draft rows all come from the memo. Without it (control) they are
-    computed during the measurement."""
+    measured sessions' draft rows all come from the memo. Without it (control, in the earlier
+    layout: each session's link in its edge's worker) they are computed during the
+    measurement."""
     real = {}
     for flag in ("--no-memo-pass", None):
         out = tmp_path / f"memo{flag}.json"
@@ -135,7 +136,7 @@ def test_memo_pass_leaves_no_real_draft_forward_to_the_measurement(tiny_pair, tm
             str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "2", "--rtt-ms", "5",
             "-k", "3", "--max-new-tokens", "12", "--edge-processes", "2", "--methods", "fixed",
         ]  # fmt: skip
-        assert main(argv + ([flag] if flag else [])) == 0
+        assert main(argv + ([flag, "--links-in-workers"] if flag else [])) == 0
         (row,) = json.loads(out.read_text())["rows"]
         assert row["errors"] == 0 and row["altered_outputs"] == 0
         real[flag] = row["draft_real_forwards"]
