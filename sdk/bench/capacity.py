@@ -49,8 +49,8 @@ answers and retries, the verifier's evictions and resumes, errors and altered ou
 
 Per row: replica tokens/s (all tokens / the wall time from the common start to the last end),
 per-session tokens/s (median, p10, and their sum: the replica's rate were each session to keep
-its own, not set by the last one to end), TTFT median, the verifier queue time per block (median over
-blocks), mean sessions and tokens per target forward (from the verifier's Prometheus metrics),
+its own, not set by the last one to end), TTFT median, the verifier queue time per block (median
+over blocks), mean sessions and tokens per target forward (from the verifier's Prometheus metrics),
 and the row's analytic estimate (`capacity_bound`: the roofline and the measured acceptance,
 assumed independent per token, so an estimate rather than a strict bound).
 """
@@ -159,8 +159,8 @@ class CapacityConfig:
     # edge learnt restored afterwards: it teaches nothing, but fills each worker's draft memo with
     # the rows the measured sessions will ask for. Without it those rows are computed by real
     # forwards during the measurement, and on this host's two cores a method that drafts many
-    # distinct rows (adaptive trees: ~1,300 real forwards per 32 sessions) starved its own
-    # emulated devices (draft overrun 1.4-1.7x the profile's time). Emulated draft memo only.
+    # distinct rows (adaptive trees: 1,200-1,400 real forwards per 32 sessions) starved its own
+    # emulated devices (draft overrun 1.2-1.7x the profile's time). Emulated draft memo only.
     memo_pass: bool = True
 
     def __post_init__(self) -> None:
