@@ -243,7 +243,6 @@ class _Job:
     # per session of `prompts`, the address of its emulated link (run by the parent); None: each
     # session starts its own link in this worker (`CapacityConfig.links_in_workers`)
     links: list[str] | None = None
-    links_in_worker: bool = False
     memo_pass: bool = False  # the sessions run once unmeasured first (`CapacityConfig.memo_pass`)
 
     def make_policy(self) -> Any:
@@ -728,13 +727,15 @@ def _measure(
     scrape: Callable[[], dict[str, float]],
     manager: Any | None = None,
     warm: bool = False,
+    links_in_workers: bool = False,
 ) -> tuple[list[_SessionRecord], dict[str, int], dict[str, float]]:
     """Run one session per prompt, all starting together, spread over the workers; returns
     their records, the workers' draft memo counts (`MemoStats` fields, summed) and `scrape()`
     taken just before the measured sessions start. With `manager` (a multiprocessing manager)
     the workers start the measured sessions together after what comes first: with `warm`, an
     unmeasured warm-up generation of the next prompt in turn per session, with its link memory
-    on (`CapacityConfig.link_memory` "warm"); with the template's `memo_pass`, the memo pass."""
+    on (`CapacityConfig.link_memory` "warm"); with the template's `memo_pass`, the memo pass.
+    The sessions' links run in this process unless `links_in_workers`."""
     start_at = time.time() + START_DELAY_S + 0.2 * len(prompts) / workers
     indexed = list(enumerate(prompts))
     shares = [indexed[w::workers] for w in range(workers) if indexed[w::workers]]
@@ -743,7 +744,7 @@ def _measure(
         barriers = (manager.Barrier(len(shares) + 1), manager.Barrier(len(shares) + 1))
     with ExitStack() as stack:
         links = None  # per prompt: its session's emulated link, run by this process
-        if template.rtt_ms > 0 and not template.links_in_worker:
+        if template.rtt_ms > 0 and not links_in_workers:
             host, port = template.verifier.rsplit(":", 1)
             link = LinkProfile(rtt_ms=template.rtt_ms)
             links = [
@@ -876,7 +877,6 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 config.client_retries,
                 tree=tree,
                 references=references,
-                links_in_worker=config.links_in_workers,
                 memo_pass=config.memo_pass and config.memo_drafts,
             )
             warmed = config.link_memory == "warm" and policy in ADAPTIVE_POLICIES
@@ -888,6 +888,7 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 partial(_scrape, port),
                 manager if warmed or template.memo_pass else None,
                 warmed,
+                config.links_in_workers,
             )
             after = _scrape(port)
             row = _row(name, n, rtt, k, records, before, after, profile_name, expected)
