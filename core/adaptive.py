@@ -190,8 +190,7 @@ class AdaptivePolicy:
         self._rtt = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._verify = AffineFit(c.verify_decay, c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._queue: float | None = None  # plain EWMA: the mean wait is what costs throughput
-        # transient: not carried over to the next session
-        self._load = VerifierLoad(c.load_gain)
+        self._load = VerifierLoad(c.load_gain, c.shift_threshold, c.shift_rounds)
         # cloud-only time per token, as an offset over the speculative side's t_v(1) + queue so
         # that it follows the verifier's load seen through the probes
         self._cloud_offset = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
@@ -217,6 +216,8 @@ class AdaptivePolicy:
             self._verify = memory.verify.settled()
             self._queue = memory.queue
             self._cloud_offset = memory.cloud_offset.settled()
+            if memory.load is not None:
+                self._load = memory.load.settled()
         if self._warm:
             assert memory is not None
             self._k = min(max(memory.k, c.k_min), c.k_max)
@@ -238,6 +239,7 @@ class AdaptivePolicy:
             verify=copy.deepcopy(self._verify),
             queue=self._queue,
             cloud_offset=copy.deepcopy(self._cloud_offset),
+            load=copy.deepcopy(self._load),
             mode=self._mode,
             k=self._k,
             speculative_rounds=self._spec_rounds,
@@ -322,6 +324,12 @@ class AdaptivePolicy:
                 per_token = (obs.verify_ms + obs.queue_ms) / obs.tokens
                 if self._cloud_offset.update(per_token - cost.verify_ms(1) - cost.queue_ms):
                     logger.info("cloud-only token time shifted to %.2f ms", per_token)
+            # A streamed token is one position of one forward: its time shows the verifier's
+            # load too, which would otherwise stay what the last speculative round saw for as
+            # long as the session streams (its scheduled probes are skipped when shadow rounds
+            # and pings keep the other estimates current).
+            assert obs.tokens is not None
+            self._load.update(1, self._busy_ms(obs) / obs.tokens, self._verify.b)
             return
         self._spec_rounds += 1
         self._shadow_tail = []  # a real round in between: the open shadow round is not contiguous
@@ -413,7 +421,7 @@ class AdaptivePolicy:
             # error up): speculative rounds are where the evidence comes from, so thin evidence
             # (early on, or just after a shift) keeps the session there until it is conclusive.
             if self._mode == SPECULATIVE and cloud_rate > spec_rate * (1.0 + c.mode_hysteresis):
-                hopeful = self._hopeful_rate(cost)
+                hopeful = self._hopeful_rate(cost, self._leave_z())
                 if cloud_rate > hopeful:
                     logger.info("to cloud-only: %.1f > %.1f tok/s", cloud_rate, hopeful)
                     self._mode, self._cloud_steps = CLOUD_ONLY, 0
@@ -468,10 +476,19 @@ class AdaptivePolicy:
         """The speculative round to run at the current best: a chain of `k` here."""
         return Decision(SPECULATIVE, k)
 
-    def _hopeful_rate(self, cost: CostModel) -> float:
-        """The best speculative rate under an acceptance one standard error higher."""
+    def _leave_z(self) -> float:
+        """Standard errors of optimism in the acceptance that leaving speculative decoding is
+        judged on: one; two while the estimate rests on few trials after a level shift (seen at
+        32 sessions: a few hard tokens read as a shift to 0.25 on 11 trials, sessions of that
+        text streamed cloud-only for 1.5 s and came back at 0.79, ending 0.7 s after the rest)."""
+        accept = self._accept
+        return 2.0 if accept.shifts and accept.trials < _CONFIDENT_TRIALS else 1.0
+
+    def _hopeful_rate(self, cost: CostModel, z: float = 1.0) -> float:
+        """The best speculative rate under an acceptance `z` standard errors higher."""
         c = self.config
-        return max(speculative_rates(cost, self._accept.upper(c.k_max + 1), c.k_min, c.k_max))
+        upper = self._accept.upper(c.k_max + 1, z)
+        return max(speculative_rates(cost, upper, c.k_min, c.k_max))
 
     def _cloud_probe_k(self) -> int:
         c = self.config

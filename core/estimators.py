@@ -227,23 +227,34 @@ class VerifierLoad:
     forwards cost. `floor` is the verifier's idle fixed cost, told by `observe_idle` (e.g. from
     its compute profile); until then nothing is estimated: a floor learnt from the rounds
     (their time less b * n) rests on the noisy slope b and on having seen the verifier idle,
-    which sessions that start together never do. EWMAs follow the time over the floor
-    (`over_ms`) and the positions fed (`positions`); `gain` is high, as load comes and goes
-    within a session.
+    which sessions that start together never do. Levels follow the time over the floor
+    (`over`, robust: `RobustLevel`), this session's own share of it (`own_ms`) and the positions
+    fed (`positions`); `gain` is high, as load comes and goes within a session.
 
     Why it matters: with B sessions alike, each feeding n positions per forward, a compute-bound
     forward costs about floor + b * B * n, so one more position of this session costs every one
     of the B sessions b ms: b * B per position, which is (time - floor) / n. A session that saw
     only its own slope b would find long blocks cheap, every session would lengthen its blocks,
-    and the shared forwards would slow down for all (measured: adaptive at 16-32 sessions
-    drafting twice fixed k's tokens at a lower rate). A memory-bound forward (its cost
-    independent of the tokens fed) shows little time over the floor: long blocks stay cheap.
+    and the shared forwards slow down for all (measured: adaptive at 16-32 sessions drafting
+    twice fixed k's tokens at a lower rate). A memory-bound forward (its cost independent of
+    the tokens fed) shows little time over the floor: long blocks stay cheap.
+
+    Why robust: one round's wait can be several forwards long (a burst: 32 sessions opened
+    together send their first blocks together), and as a plain average that one round priced
+    every position at 4-6 times its cost for the rest of a generation (seen at 32 sessions,
+    50 ms: sessions that left trees for chains and cloud-only on their first round and never
+    came back). Carried from one session to the next (`PolicyMemory.load`), a burst is an
+    outlier against what the link showed before; with nothing carried, the level starts as the
+    median of the first `shift_rounds` rounds (a robust level started from one sample takes that
+    sample as its level, and one burst as the first would again last for many rounds).
     """
 
-    def __init__(self, gain: float) -> None:
+    def __init__(self, gain: float, threshold: float = 3.0, shift_rounds: int = 3) -> None:
         self.gain = gain
         self.floor: float | None = None
-        self.over_ms = 0.0  # EWMA of (time - floor)
+        self.over = RobustLevel(gain, threshold, shift_rounds)  # time - floor
+        self._first: list[float] = []  # the first samples, while `over` has no level yet
+        self._start = shift_rounds
         self.own_ms = 0.0  # EWMA of b * n: this session's own share of it
         self.positions = 0.0  # EWMA of n
 
@@ -253,21 +264,36 @@ class VerifierLoad:
         self.floor = fixed_ms
 
     def update(self, positions: int, busy_ms: float, slope: float) -> None:
-        """One speculative round: `positions` fed, `busy_ms` at the verifier, `slope` = b now
-        (ignored until the floor is told)."""
+        """One round: `positions` fed (1 for a cloud-only token), `busy_ms` at the verifier,
+        `slope` = b now (ignored until the floor is told)."""
         if self.floor is None:
             return
         over, own = max(busy_ms - self.floor, 0.0), slope * positions
+        if self.over.value is not None:
+            self.over.update(over)
+        else:
+            self._first.append(over)
+            if len(self._first) >= self._start:
+                level = statistics.median(self._first)
+                spread = statistics.fmean(abs(x - level) for x in self._first)
+                self.over.value, self.over.dev = level, max(spread, 0.1 * level)
+                self._first = []
         if self.positions == 0.0:
-            self.over_ms, self.own_ms, self.positions = over, own, float(positions)
+            self.own_ms, self.positions = own, float(positions)
             return
-        self.over_ms += self.gain * (over - self.over_ms)
         self.own_ms += self.gain * (own - self.own_ms)
         self.positions += self.gain * (positions - self.positions)
 
     @property
+    def over_ms(self) -> float:
+        """The time over the floor (robust level; 0 before any round)."""
+        if self.over.value is None:
+            return statistics.median(self._first) if self._first else 0.0
+        return self.over.value
+
+    @property
     def excess_ms(self) -> float:
-        """The others' share of the time over the floor (EWMA)."""
+        """The others' share of the time over the floor."""
         return max(self.over_ms - self.own_ms, 0.0)
 
     def per_position_ms(self, dead_zone: float) -> float:
@@ -278,6 +304,12 @@ class VerifierLoad:
         if self.excess_ms <= dead_zone * self.floor:
             return 0.0
         return self.over_ms / self.positions
+
+    def settled(self) -> VerifierLoad:
+        """A copy for a new session (no shift pending)."""
+        out = copy.deepcopy(self)
+        out.over = self.over.settled()
+        return out
 
 
 class _Counts:
@@ -412,12 +444,12 @@ class AcceptanceEstimator:
                 out.append(prior)
         return out
 
-    def upper(self, k: int) -> list[float]:
-        """`probs(k)` raised by one standard error of the pooled rate: an optimistic estimate."""
+    def upper(self, k: int, z: float = 1.0) -> list[float]:
+        """`probs(k)` raised by `z` standard errors of the pooled rate: an optimistic estimate."""
         counts = self._counts()
         n = counts.totals()[0] + self.alpha_weight
         pooled = self._pooled(counts)
-        up = math.sqrt(pooled * (1.0 - pooled) / n)
+        up = z * math.sqrt(pooled * (1.0 - pooled) / n)
         return [min(p + up, 1.0) for p in self._probs(counts, k)]
 
     @property

@@ -18,6 +18,7 @@ from edgespec.core.estimators import (
     ReachCalibration,
     RobustLevel,
     ShapeAcceptance,
+    VerifierLoad,
 )
 from edgespec.core.policies import Mode
 
@@ -42,6 +43,7 @@ class PolicyMemory:
     ranks: RankAcceptance | None = None  # sibling-rank acceptance of token trees (TreePolicy)
     shapes: ShapeAcceptance | None = None  # accepted tokens per tree shape (TreePolicy)
     reach: ReachCalibration | None = None  # the rank model's calibration by depth (TreePolicy)
+    load: VerifierLoad | None = None  # what the batching verifier's load cost per position
 
     @property
     def usable(self) -> bool:

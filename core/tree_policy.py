@@ -347,11 +347,11 @@ class TreePolicy(AdaptivePolicy):
         self._tree_ahead = priced[choice][1]
         return rates[choice]
 
-    def _hopeful_rate(self, cost: CostModel) -> float:
-        """The best speculative rate under an acceptance one standard error higher, trees
+    def _hopeful_rate(self, cost: CostModel, z: float = 1.0) -> float:
+        """The best speculative rate under an acceptance `z` standard errors higher, trees
         included: leaving trees for cloud-only must beat what trees could do, not chains."""
-        upper = self._accept.upper(self.config.k_max + 1)
-        return max(super()._hopeful_rate(cost), *self.tree_rates(cost, upper).values())
+        upper = self._accept.upper(self.config.k_max + 1, z)
+        return max(super()._hopeful_rate(cost, z), *self.tree_rates(cost, upper).values())
 
     def _probe(self) -> Decision | None:
         """On chains, every other exploration round is a tree of the best-rated shape (serial):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.estimators import VerifierLoad
 from edgespec.core.policies import RoundObservation
@@ -90,3 +92,56 @@ def test_a_pipelined_session_under_load_keeps_the_wait_of_its_fresh_blocks() -> 
     assert costs[False].queue_ms == 0.0  # in the per-position price
     assert costs[True].queue_ms == 15.0  # the fresh blocks' wait only
     assert costs[True].verify_base_ms == costs[False].verify_base_ms == FLOOR_MS
+
+
+def test_one_burst_does_not_price_every_position_for_the_rest_of_the_session() -> None:
+    """One round that waited several forwards (sessions opened together send their first
+    blocks together) is an outlier against the level learnt before: it barely moves the price.
+    When it is a session's first round, with nothing learnt, the next rounds overrule it within
+    a few rounds (a level shift) instead of an average carrying it on."""
+    steady = VerifierLoad(gain=0.3)
+    steady.observe_idle(FLOOR_MS)
+    for _ in range(20):
+        steady.update(17, 55.0, 0.2)  # 25 ms over the floor, 17 positions
+    before = steady.per_position_ms(0.25)
+    assert before == pytest.approx(25.0 / 17)
+    steady.update(17, 130.0, 0.2)  # the burst: 100 ms over the floor
+    assert steady.per_position_ms(0.25) < 1.1 * before
+    first = VerifierLoad(gain=0.3)
+    first.observe_idle(FLOOR_MS)
+    first.update(17, 130.0, 0.2)  # its first round is the burst
+    assert first.per_position_ms(0.25) > 3 * before
+    for _ in range(4):
+        first.update(17, 55.0, 0.2)
+    assert first.per_position_ms(0.25) == pytest.approx(before, rel=0.05)
+
+
+def test_the_load_is_carried_to_the_next_session() -> None:
+    """What the verifier's load cost per position is part of the link's memory: the next
+    session prices positions with it from its first round, and its first round's burst is an
+    outlier against it."""
+    first = AdaptivePolicy(AdaptiveConfig())
+    first.observe_verifier_idle(FLOOR_MS)
+    for _ in range(12):
+        first.observe(RoundObservation(4, 2, 24.0, 55.0, RTT_MS, 20.0))  # 45 ms over, 5 positions
+    price = first._load.per_position_ms(0.25)
+    assert price == pytest.approx(9.0, rel=0.05)
+    second = AdaptivePolicy(AdaptiveConfig(), first.memory())
+    assert second._load.per_position_ms(0.25) == price
+    second.observe(RoundObservation(4, 2, 24.0, 55.0, RTT_MS, 160.0))  # its first round: a burst
+    assert second._load.per_position_ms(0.25) < 1.1 * price
+    assert first._load.per_position_ms(0.25) == price  # a copy
+
+
+def test_streamed_tokens_keep_the_load_current() -> None:
+    """A session that streams cloud-only sees the verifier's load in every token's forward: the
+    price of a position follows it (here down to none: the forwards are back at the idle
+    floor), where it would otherwise stay what the last speculative round saw."""
+    policy = AdaptivePolicy(AdaptiveConfig())
+    policy.observe_verifier_idle(FLOOR_MS)
+    for _ in range(10):
+        policy.observe(RoundObservation(4, 2, 24.0, 55.0, RTT_MS, 20.0))
+    assert policy._load.per_position_ms(0.25) > 5.0
+    for _ in range(6):  # 8 streamed tokens per step, each one forward at the idle floor
+        policy.observe(RoundObservation(0, 0, 0.0, 8 * 30.5, 1.0, 8 * 0.2, True, tokens=8))
+    assert policy._load.per_position_ms(0.25) == 0.0

@@ -274,3 +274,26 @@ def test_no_forward_is_cheaper_than_the_told_fixed_cost() -> None:
     assert est.cost.verify_base_ms == 30.0
     assert est.cost.cloud_ms_per_token() >= 30.0
     assert est.cost.verify_ms(34) == pytest.approx(15.0 + 0.9 * 34, rel=0.1)  # still fits there
+
+
+def test_leaving_speculation_after_a_shift_needs_more_evidence() -> None:
+    """Right after a level shift in acceptance the estimate rests on a few trials: leaving
+    speculative decoding is then judged two standard errors optimistic instead of one, and once
+    the estimate has as many trials as an unshifted one would need, one again."""
+    policy = AdaptivePolicy(AdaptiveConfig())
+    for _ in range(40):
+        policy.observe(RoundObservation(4, 4, 24.0, 33.0, 20.0))
+    assert policy._accept.shifts == 0 and policy._leave_z() == 1.0
+    rounds = 0
+    while policy._accept.shifts == 0:  # a hard stretch: nothing accepted
+        policy.observe(RoundObservation(4, 0, 24.0, 33.0, 20.0))
+        rounds += 1
+        assert rounds < 40
+    assert policy._accept.trials < 32 and policy._leave_z() == 2.0
+    probs = policy._accept.probs(5)
+    one, two = policy._accept.upper(5), policy._accept.upper(5, 2.0)
+    for p, u1, u2 in zip(probs, one, two, strict=True):
+        assert u2 - p == pytest.approx(min(2 * (u1 - p), 1.0 - p))
+    for _ in range(40):
+        policy.observe(RoundObservation(4, 1, 24.0, 33.0, 20.0))
+    assert policy._accept.trials >= 32 and policy._leave_z() == 1.0
