@@ -318,9 +318,9 @@ class AdaptivePolicy:
     def observe(self, obs: RoundObservation) -> None:
         if obs.cloud_only:
             self._cloud_steps_seen += 1
+            assert obs.tokens is not None  # RoundObservation.__post_init__ resolves None
             cost = self._cost()
             if cost is not None:  # before any speculative round there is nothing to offset
-                assert obs.tokens is not None  # RoundObservation.__post_init__ resolves None
                 per_token = (obs.verify_ms + obs.queue_ms) / obs.tokens
                 if self._cloud_offset.update(per_token - cost.verify_ms(1) - cost.queue_ms):
                     logger.info("cloud-only token time shifted to %.2f ms", per_token)
@@ -328,7 +328,6 @@ class AdaptivePolicy:
             # load too, which would otherwise stay what the last speculative round saw for as
             # long as the session streams (its scheduled probes are skipped when shadow rounds
             # and pings keep the other estimates current).
-            assert obs.tokens is not None
             self._load.update(1, self._busy_ms(obs) / obs.tokens, self._verify.b)
             return
         self._spec_rounds += 1

@@ -72,10 +72,19 @@ class RobustLevel:
     RTTVAR), floored at `rel_floor` of the level so a perfectly steady signal does not make every
     wobble an outlier. `shift_rounds` consecutive outliers on the same side are a level shift: the
     level jumps to their median.
+
+    The level starts at the first sample, or with `start_rounds` > 1 at the median of the first
+    `start_rounds` samples (the median of those seen so far until then): where one early sample
+    can be far off (a burst), a level started from it would carry it for many samples.
     """
 
     def __init__(
-        self, gain: float, threshold: float, shift_rounds: int, rel_floor: float = 0.03
+        self,
+        gain: float,
+        threshold: float,
+        shift_rounds: int,
+        rel_floor: float = 0.03,
+        start_rounds: int = 1,
     ) -> None:
         self.gain = gain
         self.threshold = threshold
@@ -85,6 +94,8 @@ class RobustLevel:
         self.shifts = 0  # level shifts detected so far
         self._detector = _RunDetector(shift_rounds)
         self._run: list[float] = []
+        self._start_rounds = start_rounds
+        self._first: list[float] = []  # the first samples, until `start_rounds` of them
 
     def _scale(self) -> float:
         assert self.value is not None
@@ -96,9 +107,15 @@ class RobustLevel:
 
     def update(self, x: float) -> bool:
         """Add one sample; True when it completed a level shift."""
-        if self.value is None:
-            self.value = x
-            self.dev = 0.1 * abs(x)  # a guess, corrected by the next samples
+        if self.value is None or self._first:  # starting
+            self._first.append(x)
+            self.value = statistics.median(self._first)
+            if len(self._first) == self._start_rounds:
+                # the level and the spread about it; one sample: a guess of the spread,
+                # corrected by the next samples
+                spread = statistics.fmean(abs(v - self.value) for v in self._first)
+                self.dev = max(spread, 0.1 * abs(self.value))
+                self._first = []
             return False
         residual = x - self.value
         limit = self.threshold * self._scale()
@@ -252,9 +269,8 @@ class VerifierLoad:
     def __init__(self, gain: float, threshold: float = 3.0, shift_rounds: int = 3) -> None:
         self.gain = gain
         self.floor: float | None = None
-        self.over = RobustLevel(gain, threshold, shift_rounds)  # time - floor
-        self._first: list[float] = []  # the first samples, while `over` has no level yet
-        self._start = shift_rounds
+        # time - floor, started from the median of the first `shift_rounds` rounds
+        self.over = RobustLevel(gain, threshold, shift_rounds, start_rounds=shift_rounds)
         self.own_ms = 0.0  # EWMA of b * n: this session's own share of it
         self.positions = 0.0  # EWMA of n
 
@@ -269,15 +285,7 @@ class VerifierLoad:
         if self.floor is None:
             return
         over, own = max(busy_ms - self.floor, 0.0), slope * positions
-        if self.over.value is not None:
-            self.over.update(over)
-        else:
-            self._first.append(over)
-            if len(self._first) >= self._start:
-                level = statistics.median(self._first)
-                spread = statistics.fmean(abs(x - level) for x in self._first)
-                self.over.value, self.over.dev = level, max(spread, 0.1 * level)
-                self._first = []
+        self.over.update(over)
         if self.positions == 0.0:
             self.own_ms, self.positions = own, float(positions)
             return
@@ -287,9 +295,7 @@ class VerifierLoad:
     @property
     def over_ms(self) -> float:
         """The time over the floor (robust level; 0 before any round)."""
-        if self.over.value is None:
-            return statistics.median(self._first) if self._first else 0.0
-        return self.over.value
+        return self.over.value or 0.0
 
     @property
     def excess_ms(self) -> float:

@@ -26,8 +26,8 @@ from edgespec.core.policies import Mode
 @dataclass(frozen=True)
 class PolicyMemory:
     """What an `AdaptivePolicy` learnt of a link (acceptance per position, t_d, RTT, t_v(n),
-    queue, cloud-only token time, the verifier's load) and where it ended (mode, k): the start of the next session on
-    the same link. Opaque: made by `AdaptivePolicy.memory()`, consumed by `AdaptivePolicy(config,
+    queue, cloud-only token time, the verifier's load) and where it ended (mode, k): the start
+    of the next session on the same link. Opaque: made by `AdaptivePolicy.memory()`, consumed by `AdaptivePolicy(config,
     memory)`; the estimators inside are private copies, never shared between sessions."""
 
     accept: AcceptanceEstimator
