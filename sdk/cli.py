@@ -209,6 +209,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         tree_shapes=args.tree_shapes or capacity.CapacityConfig.tree_shapes,
         links_in_workers=args.links_in_workers,
         memo_pass=not args.no_memo_pass,
+        generations=args.generations,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -262,6 +263,14 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
         type=_tree_shapes,
         help="the tree method's shapes, NODESxDEPTHxWIDTH each, e.g. 16x6x2,16x3x4 (default "
         "16x6x2)",
+    )
+    p.add_argument(
+        "--generations",
+        type=int,
+        default=1,
+        help="held concurrency: each session slot runs this many generations back to back, "
+        "rotating through the benchmark prompts (default 1: N sessions start together, once "
+        "each)",
     )
     p.add_argument(
         "--no-memo-pass",

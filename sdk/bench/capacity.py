@@ -162,8 +162,17 @@ class CapacityConfig:
     # distinct rows (adaptive trees: 1,200-1,400 real forwards per 32 sessions) starved its own
     # emulated devices (draft overrun 1.2-1.7x the profile's time). Emulated draft memo only.
     memo_pass: bool = True
+    # Held concurrency: each of the N session slots runs this many generations back to back,
+    # generation g of slot i on benchmark prompt (i + g) mod the prompts' count, so that with a
+    # multiple of the 4 prompts every slot generates every prompt text equally often. 1: N
+    # sessions start together and each runs once (the burst). The replica's tokens/s is then
+    # what it serves to N concurrent users, not set by which text the last session drew:
+    # speculation's rate varies with the text (chains of a hard text end ~20% later), and
+    # batched cloud-only decoding's does not.
+    generations: int = 1
 
     def __post_init__(self) -> None:
+        check_int("generations", self.generations, 1)
         for n in self.sessions:
             check_int("sessions", n, 1)
         for k in self.ks:
@@ -244,6 +253,9 @@ class _Job:
     # session starts its own link in this worker (`CapacityConfig.links_in_workers`)
     links: list[str] | None = None
     memo_pass: bool = False  # the sessions run once unmeasured first (`CapacityConfig.memo_pass`)
+    # per session of `prompts`, the (index, token ids) of its later generations, run back to
+    # back after its first on the same edge (`CapacityConfig.generations`)
+    later: list[list[tuple[int, list[int]]]] | None = None
 
     def make_policy(self) -> Any:
         """What the edge engine is asked to run: the policy's name, or for a fixed tree
@@ -283,6 +295,8 @@ class _SessionRecord:
     lost: int = 0  # attempts refused after streaming tokens (the client restarted from 0)
     evictions: int = 0  # times the verifier evicted it (its edge resumed it)
     warm_start: bool = False  # its adaptive policy started from the link's memory
+    slot: int = 0  # the session slot (its first generation's prompt index) that ran it
+    generation: int = 0  # which of its slot's back-to-back generations it was
 
 
 @lru_cache(maxsize=2)
@@ -364,10 +378,19 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
             engines.append(engine)
         params = SamplingParams(max_new_tokens=job.max_new_tokens)
 
-        async def one(engine: EdgeEngine, index: int, prompt: list[int]) -> _SessionRecord:
-            rec = await run(engine, prompt)
-            rec.prompt_index = index
-            return rec
+        def schedule(slot: int) -> list[tuple[int, list[int]]]:
+            """The (prompt index, token ids) of each generation of session `slot`."""
+            return [job.prompts[slot]] + (job.later[slot] if job.later is not None else [])
+
+        async def one(engine: EdgeEngine, slot: int) -> list[_SessionRecord]:
+            """Session `slot`'s generations, back to back on its edge: one record each."""
+            records = []
+            for generation, (index, prompt) in enumerate(schedule(slot)):
+                rec = await run(engine, prompt)
+                rec.prompt_index, rec.generation = index, generation
+                rec.slot = job.prompts[slot][0]
+                records.append(rec)
+            return records
 
         async def run(engine: EdgeEngine, prompt: list[int]) -> _SessionRecord:
             """One session as a client sees it: refused RESOURCE_EXHAUSTED, it retries after
@@ -437,34 +460,43 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
             except Exception as err:  # noqa: BLE001 - the session then starts colder, not lost
                 logger.warning("warm-up generation failed: %r", err)
 
-        async def memo_pass() -> None:
-            """The measured generations, run once unmeasured: their draft rows land in the
+        async def memo_pass(prompts: list[list[list[int]]]) -> None:
+            """Each session's `prompts` run once, unmeasured: their draft rows land in the
             memo, and whatever the edges learn from them is forgotten again."""
             kept = [engine.link_memory() for engine in engines]
-            await asyncio.gather(
-                *(warm_up(e, p) for e, (_, p) in zip(engines, job.prompts, strict=True))
-            )
+
+            async def generations(slot: int) -> None:
+                for prompt in prompts[slot]:
+                    await warm_up(engines[slot], prompt)
+
+            await asyncio.gather(*(generations(slot) for slot in range(len(engines))))
             for engine, memory in zip(engines, kept, strict=True):
                 engine.restore_link_memory(memory)
 
+        memo_pass_on = job.memo_pass and memo_factory is not None
         await asyncio.sleep(max(0.0, job.start_at - time.time()))
         if job.warmups is not None:
+            if memo_pass_on:
+                # The warm-up's rows too: computed during it, by real forwards on this host's
+                # cores, they made its draft forwards 1.5-2x the modelled device's, and the
+                # link memory carried that time per forward into the measured sessions (their
+                # estimate started at 13 ms against 7 realized, and took the whole generation
+                # to come down), pricing every draft level too dear.
+                await memo_pass([[p] for p in job.warmups])
             await asyncio.gather(
                 *(warm_up(e, p) for e, p in zip(engines, job.warmups, strict=True))
             )
-        if job.memo_pass and memo_factory is not None:
-            await memo_pass()
+        if memo_pass_on:
+            await memo_pass([[p for _, p in schedule(slot)] for slot in range(len(engines))])
         if job.barriers is not None:
             for barrier in job.barriers:  # then the parent reads the counters; then all start
                 await asyncio.to_thread(barrier.wait, job.timeout_s)
         runners.clear()
         memo_before = _draft_memo(job.draft).stats()
         try:
-            records = await asyncio.gather(
-                *(one(e, i, p) for e, (i, p) in zip(engines, job.prompts, strict=True))
-            )
+            slots = await asyncio.gather(*(one(e, slot) for slot, e in enumerate(engines)))
             draft = (sum(r.modelled_ms for r in runners), sum(r.wall_ms for r in runners))
-            return list(records), draft, memo_before
+            return [rec for records in slots for rec in records], draft, memo_before
         finally:
             for engine in engines:
                 await engine.aclose()
@@ -551,6 +583,15 @@ def _row(
     wall = max(r.end for r in records) - t0
     tokens = sum(len(r.tokens) for r in ok)
     rates = sorted(len(r.tokens) / (r.end - r.start) for r in ok if r.end > r.start)
+    # per session slot: its tokens over the time from its first start to its last end
+    slots: dict[int, list[_SessionRecord]] = {}
+    for r in ok:
+        slots.setdefault(r.slot, []).append(r)
+    slot_rates = [
+        sum(len(r.tokens) for r in rs) / span
+        for rs in slots.values()
+        if (span := max(r.end for r in rs) - min(r.start for r in rs)) > 0
+    ]
     queue = [q for r in ok for q in r.queue_ms]
     drafted = sum(r.drafted for r in ok)
     rounds = sum(r.rounds for r in ok)
@@ -578,9 +619,12 @@ def _row(
         "replica_tokens_per_s": replica,
         "session_tokens_per_s_median": statistics.median(rates) if rates else 0.0,
         "session_tokens_per_s_p10": rates[int(0.1 * (len(rates) - 1))] if rates else 0.0,
-        # the replica's rate if every session kept running at its own rate (a replica whose
-        # sessions come and go): unlike replica_tokens_per_s, not set by the last session to end
-        "session_tokens_per_s_sum": sum(rates),
+        # the replica's rate if every session slot kept running at its own rate (a replica
+        # whose sessions come and go): unlike replica_tokens_per_s, not set by the last to end
+        "session_tokens_per_s_sum": sum(slot_rates),
+        # back-to-back generations per session slot (`CapacityConfig.generations`); per-session
+        # figures (rates, TTFT, errors) are per generation
+        "generations": max((r.generation for r in records), default=0) + 1,
         "ttft_ms_median": statistics.median((r.first - r.start) * 1e3 for r in ok) if ok else 0.0,
         "queue_ms_median": statistics.median(queue) if queue else 0.0,
         "mean_batch_sessions": batch,
@@ -728,6 +772,8 @@ def _measure(
     manager: Any | None = None,
     warm: bool = False,
     links_in_workers: bool = False,
+    rotation: list[list[int]] | None = None,
+    generations: int = 1,
 ) -> tuple[list[_SessionRecord], dict[str, int], dict[str, float]]:
     """Run one session per prompt, all starting together, spread over the workers; returns
     their records, the workers' draft memo counts (`MemoStats` fields, summed) and `scrape()`
@@ -735,7 +781,9 @@ def _measure(
     the workers start the measured sessions together after what comes first: with `warm`, an
     unmeasured warm-up generation of the next prompt in turn per session, with its link memory
     on (`CapacityConfig.link_memory` "warm"); with the template's `memo_pass`, the memo pass.
-    The sessions' links run in this process unless `links_in_workers`."""
+    The sessions' links run in this process unless `links_in_workers`. With `generations` > 1
+    session i runs that many generations back to back, generation g on prompt
+    ``rotation[(i + g) % len(rotation)]`` (`CapacityConfig.generations`); one record each."""
     start_at = time.time() + START_DELAY_S + 0.2 * len(prompts) / workers
     indexed = list(enumerate(prompts))
     shares = [indexed[w::workers] for w in range(workers) if indexed[w::workers]]
@@ -758,10 +806,27 @@ def _measure(
                 warmups=[prompts[(i + 1) % len(prompts)] for i, _ in share] if warm else None,
                 barriers=barriers,
                 links=None if links is None else [links[i] for i, _ in share],
+                later=_later(share, rotation or prompts, generations),
             )
             for share in shares
         ]
         return _run_jobs(pool, jobs, barriers, scrape, template.timeout_s)
+
+
+def _later(
+    share: list[tuple[int, list[int]]], rotation: list[list[int]], generations: int
+) -> list[list[tuple[int, list[int]]]] | None:
+    """Per session (index i, prompt) of `share`, its generations after the first: generation g
+    on ``rotation[(i + g) % len(rotation)]``, with that index (None: one generation each)."""
+    if generations == 1:
+        return None
+    return [
+        [
+            ((i + g) % len(rotation), rotation[(i + g) % len(rotation)])
+            for g in range(1, generations)
+        ]
+        for i, _ in share
+    ]
 
 
 def _run_jobs(
@@ -803,7 +868,8 @@ def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> l
 def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dict[str, Any]:
     """Measure every (RTT, method, N) of `config`; returns the JSON-ready result (``rows``)."""
 
-    prompts = _prompts(target, max(config.sessions))
+    # every benchmark prompt at least once, for the later generations of held concurrency
+    prompts = _prompts(target, max(*config.sessions, len(BENCH_PROMPTS)))
     expected = _reference(target, prompts, config.max_new_tokens)
     # greedy sessions commit exactly these (checked: `altered_outputs`)
     references = [p + e for p, e in zip(prompts, expected, strict=True)]
@@ -889,6 +955,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 manager if warmed or template.memo_pass else None,
                 warmed,
                 config.links_in_workers,
+                prompts,
+                config.generations,
             )
             after = _scrape(port)
             row = _row(name, n, rtt, k, records, before, after, profile_name, expected)

@@ -10,6 +10,7 @@ import pytest
 
 from edgespec.bench.capacity import (
     CapacityConfig,
+    _later,
     _prompts,
     capacity_bound,
     cloud_sd_bound,
@@ -142,6 +143,42 @@ def test_memo_pass_leaves_no_real_draft_forward_to_the_measurement(tiny_pair, tm
         real[flag] = row["draft_real_forwards"]
     assert real["--no-memo-pass"] > 0
     assert real[None] == 0
+
+
+@pytest.mark.slow
+def test_held_concurrency_runs_generations_back_to_back(tiny_pair, tmp_path) -> None:
+    """`--generations 3`: each of 2 session slots runs 3 generations on rotating prompts; every
+    output is the target alone's for its own prompt, and the figures count every generation."""
+    out = tmp_path / "held.json"
+    status = main(
+        [
+            "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
+            str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "2", "--rtt-ms", "5",
+            "-k", "3", "--max-new-tokens", "8", "--edge-processes", "2",
+            "--methods", "cloud_only,adaptive", "--generations", "3",
+        ]
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert status == 0 and [r["method"] for r in rows] == ["cloud_only", "adaptive"]
+    for row in rows:
+        assert row["generations"] == 3 and row["sessions"] == 2
+        assert row["sessions_offered"] == row["sessions_completed"] == 6
+        assert row["errors"] == 0 and row["altered_outputs"] == 0
+        assert row["tokens"] == 8 * 6
+        # two slots' rates summed: each slot's time lies within the row's wall time
+        assert row["session_tokens_per_s_sum"] >= row["replica_tokens_per_s"] * (1 - 1e-9)
+
+
+def test_later_generations_rotate_through_the_prompts() -> None:
+    rotation = [[10], [11], [12], [13]]
+    share = [(1, [11]), (3, [13])]
+    assert _later(share, rotation, 1) is None
+    assert _later(share, rotation, 4) == [
+        [(2, [12]), (3, [13]), (0, [10])],
+        [(0, [10]), (1, [11]), (2, [12])],
+    ]
+    with pytest.raises(ValueError, match="generations"):
+        CapacityConfig(generations=0)
 
 
 def test_tree_shapes_config_is_checked() -> None:
