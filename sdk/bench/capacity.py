@@ -772,7 +772,8 @@ def _measure(
     manager: Any | None = None,
     warm: bool = False,
     links_in_workers: bool = False,
-    rotation: list[list[int]] | None = None,
+    *,
+    rotation: list[list[int]],
     generations: int = 1,
 ) -> tuple[list[_SessionRecord], dict[str, int], dict[str, float]]:
     """Run one session per prompt, all starting together, spread over the workers; returns
@@ -806,7 +807,7 @@ def _measure(
                 warmups=[prompts[(i + 1) % len(prompts)] for i, _ in share] if warm else None,
                 barriers=barriers,
                 links=None if links is None else [links[i] for i, _ in share],
-                later=_later(share, rotation or prompts, generations),
+                later=_later(share, rotation, generations),
             )
             for share in shares
         ]
@@ -820,12 +821,9 @@ def _later(
     on ``rotation[(i + g) % len(rotation)]``, with that index (None: one generation each)."""
     if generations == 1:
         return None
+    n = len(rotation)
     return [
-        [
-            ((i + g) % len(rotation), rotation[(i + g) % len(rotation)])
-            for g in range(1, generations)
-        ]
-        for i, _ in share
+        [(j, rotation[j]) for j in ((i + g) % n for g in range(1, generations))] for i, _ in share
     ]
 
 
@@ -868,8 +866,9 @@ def _reference(target: Path, prompts: list[list[int]], max_new_tokens: int) -> l
 def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dict[str, Any]:
     """Measure every (RTT, method, N) of `config`; returns the JSON-ready result (``rows``)."""
 
-    # every benchmark prompt at least once, for the later generations of held concurrency
-    prompts = _prompts(target, max(*config.sessions, len(BENCH_PROMPTS)))
+    # held concurrency rotates through every benchmark prompt; a burst needs one per session
+    rotated = len(BENCH_PROMPTS) if config.generations > 1 else 1
+    prompts = _prompts(target, max(*config.sessions, rotated))
     expected = _reference(target, prompts, config.max_new_tokens)
     # greedy sessions commit exactly these (checked: `altered_outputs`)
     references = [p + e for p, e in zip(prompts, expected, strict=True)]
@@ -955,8 +954,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 manager if warmed or template.memo_pass else None,
                 warmed,
                 config.links_in_workers,
-                prompts,
-                config.generations,
+                rotation=prompts,
+                generations=config.generations,
             )
             after = _scrape(port)
             row = _row(name, n, rtt, k, records, before, after, profile_name, expected)
