@@ -51,8 +51,9 @@ Per row: replica tokens/s (all tokens / the wall time from the common start to t
 per-session tokens/s (median, p10, and their sum: the replica's rate were each session to keep
 its own, not set by the last one to end), TTFT median, the verifier queue time per block (median
 over blocks), mean sessions and tokens per target forward (from the verifier's Prometheus metrics),
-and the row's analytic estimate (`capacity_bound`: the roofline and the measured acceptance,
-assumed independent per token, so an estimate rather than a strict bound).
+and the row's analytic estimate (`capacity_bound`: the roofline, with every round committing
+the row's measured mean tokens per round, 1 + acceptance_rate x mean_k, and every session's
+rounds in one step; an estimate rather than a strict bound).
 """
 
 from __future__ import annotations
@@ -81,14 +82,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgespec.bench.emulated_edge import GIL_SWITCH_S, LogitsMemo, MemoStats, runner_factory
 from edgespec.bench.processes import verifier_process
 from edgespec.cloud.verifier_types import KV_ADMISSIONS
-from edgespec.core.cost_model import expected_tokens
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.policies import FixedTreePolicy
 from edgespec.core.profiles import PaddedRunner, cloud_draft_profile, get_profile
 from edgespec.core.tree import TreeShape
-from edgespec.core.validation import check_int
+from edgespec.core.validation import check_int, check_prob
 from edgespec.linkemu import LinkEmulator, LinkProfile
 
 logger = logging.getLogger(__name__)
@@ -539,11 +539,15 @@ def capacity_bound(
     method: str, sessions: int, rtt_ms: float, k: float, acceptance: float, profile_name: str
 ) -> float:
     """Analytic replica tokens/s of `method` under the profile: each session runs rounds of
-    k draft forwards + RTT + one verifier step, committing E(k) tokens (`expected_tokens` at the
-    measured acceptance); the verifier runs one step per round for all N sessions together
-    (batched: the roofline over N rows of k+1 tokens) or one forward per block (serial).
-    Cloud-only: N sessions' decode tokens in one step each, no RTT per token. KV reads are
-    counted at the prompt length (a lower bound on them)."""
+    k draft forwards + RTT + one verifier step, committing 1 + acceptance * k tokens (the
+    accepted draft tokens plus the verifier's own; `acceptance` is accepted per DRAFTED token,
+    a row's ``acceptance_rate``, so this is the measured mean per round whatever the
+    per-position acceptance; treating it as an independent per-token alpha in `expected_tokens`
+    would undercount: 0.55 per drafted token at k = 4 is 3.2 tokens per round, not 2.1); the
+    verifier runs one step per round for all N sessions together (batched: the roofline over N
+    rows of k+1 tokens) or one forward per block (serial). Cloud-only: N sessions' decode tokens
+    in one step each, no RTT per token. KV reads are counted at the prompt length (a lower
+    bound on them)."""
     profile = get_profile(profile_name)
     ctx = PROMPT_LEN
     if method == "cloud_only":
@@ -551,7 +555,7 @@ def capacity_bound(
         return sessions * 1e3 / step if step else float("inf")
     if method == "cloud_only_serial":  # one token per forward, whatever the sessions
         return 1e3 / profile.target.ms(1)
-    e = expected_tokens(acceptance, round(k)) if k >= 1 else 1.0
+    e = _tokens_per_round(acceptance, k)
     draft_ms = k * profile.draft.ms(1)
     if method.endswith("_serial"):
         verify = profile.target.ms(round(k) + 1)
@@ -565,13 +569,49 @@ def cloud_sd_bound(sessions: int, k: int, acceptance: float, profile_name: str) 
     """Analytic replica tokens/s of cloud-side speculative decoding under the profile's
     cloud-draft variant (`cloud_draft_profile`): per round, k batched draft forwards over the N
     sessions (one token each) then one batched target forward over N rows of k+1 tokens, all
-    on the verifier, no RTT per round; E(k) at `acceptance` (independent per token). None when
-    the profile has no such variant."""
+    on the verifier, no RTT per round; 1 + acceptance * k tokens per round (`acceptance` per
+    drafted token, as in `capacity_bound`). None when the profile has no such variant."""
     variant = cloud_draft_profile(profile_name)
     if variant is None or k < 1:
         return None
     step = get_profile(variant).target_step_ms([(PROMPT_LEN, k + 1)] * sessions)
-    return sessions * expected_tokens(acceptance, k) * 1e3 / step
+    return sessions * _tokens_per_round(acceptance, k) * 1e3 / step
+
+
+def row_estimates(
+    method: str,
+    sessions: int,
+    rtt_ms: float,
+    k: int,
+    mean_k: float,
+    acceptance: float,
+    profile_name: str,
+) -> tuple[float | None, float | None]:
+    """A row's analytic figures from its measured k and acceptance: (its own estimate,
+    `capacity_bound` or for cloud_sd rows `cloud_sd_bound`; cloud-side speculative decoding's at
+    the row's k). None where the model does not apply: a real profile (no modelled times),
+    token trees (the chain model does not describe them; their drafted count is their nodes)."""
+    chains = "tree" not in method
+    if method.startswith("cloud_sd"):
+        bound = cloud_sd_bound(sessions, k, acceptance, profile_name)
+        return bound, bound
+    bound = (
+        capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
+        if get_profile(profile_name).emulated and chains
+        else None
+    )
+    cloud_sd = (
+        cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
+        if mean_k >= 1 and chains and not method.endswith("_serial")
+        else None
+    )
+    return bound, cloud_sd
+
+
+def _tokens_per_round(acceptance: float, k: float) -> float:
+    """Mean tokens one round commits: k drafted, `acceptance` of them accepted (per drafted
+    token), plus the verifier's own."""
+    return 1.0 + check_prob("acceptance", acceptance) * k if k >= 1 else 1.0
 
 
 def _row(
@@ -602,15 +642,9 @@ def _row(
     per_forward = _per_forward(before, after, "edgespec_verifier_forward_tokens")
     verify_s = _per_forward(before, after, "edgespec_verifier_verify_seconds")
     modelled = _modelled_step_ms(batch, per_forward, profile_name, len(expected[0]))
-    # the estimate needs modelled times (none under a real profile) and rounds of chains (the
-    # chain model does not describe token trees, whose drafted count is their nodes)
-    chains = "tree" not in method
-    if method.startswith("cloud_sd"):
-        bound = cloud_sd_bound(sessions, k, acceptance, profile_name)
-    elif get_profile(profile_name).emulated and chains:
-        bound = capacity_bound(method, sessions, rtt_ms, mean_k, acceptance, profile_name)
-    else:
-        bound = None
+    bound, cloud_sd_estimate = row_estimates(
+        method, sessions, rtt_ms, k, mean_k, acceptance, profile_name
+    )
     return {
         "method": method,
         "sessions": sessions,
@@ -640,13 +674,7 @@ def _row(
         "analytic_bound_tokens_per_s": bound,
         # what cloud-side speculative decoding would give at this row's k and acceptance
         # (analytic, `cloud_sd_bound`; the cloud_sd_k{k} rows measure it)
-        "cloud_sd_analytic_tokens_per_s": (
-            bound
-            if method.startswith("cloud_sd")
-            else cloud_sd_bound(sessions, round(mean_k), acceptance, profile_name)
-            if mean_k >= 1 and chains and not method.endswith("_serial")
-            else None
-        ),
+        "cloud_sd_analytic_tokens_per_s": cloud_sd_estimate,
         "vs_bound": replica / bound if bound else None,
         "errors": len(records) - len(ok),
         "altered_outputs": altered,  # outputs different from the target alone (greedy)

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from edgespec.bench.capacity import (
+    PROMPT_LEN,
     CapacityConfig,
     _later,
     _prompts,
@@ -221,6 +222,25 @@ def test_bound_grows_with_sessions_when_batched_not_when_serial() -> None:
     )
     with pytest.raises(ValueError, match="methods"):
         CapacityConfig(methods=("nope",))
+
+
+def test_bound_commits_the_measured_tokens_per_round() -> None:
+    """`acceptance` is accepted per DRAFTED token (a row's acceptance_rate): a round of k
+    commits 1 + acceptance * k tokens on average, whatever the per-position profile. Reading
+    it as an independent per-token alpha (E = (1 - a^(k+1)) / (1 - a)) undercounts: at 0.55
+    and k = 4 that is 2.1 tokens per round against the 3.2 actually committed."""
+    from edgespec.core.profiles import get_profile
+
+    profile = get_profile("h100-70b")
+    step = profile.target_step_ms([(PROMPT_LEN, 5)] * 32)
+    round_ms = 4 * profile.draft.ms(1) + 20.0 + step
+    bound = capacity_bound("fixed_k4", 32, 20.0, 4, 0.55, "h100-70b")
+    assert bound == pytest.approx(32 * (1 + 0.55 * 4) * 1e3 / round_ms)
+    assert bound > 1.4 * 32 * 2.12 * 1e3 / round_ms  # not the i.i.d. reading
+    cloud_step = get_profile("h100-70b-cloud-draft").target_step_ms([(PROMPT_LEN, 5)] * 32)
+    assert cloud_sd_bound(32, 4, 0.55, "h100-70b") == pytest.approx(32 * 3.2 * 1e3 / cloud_step)
+    with pytest.raises(ValueError, match="acceptance"):
+        capacity_bound("fixed_k4", 32, 20.0, 4, 1.5, "h100-70b")
 
 
 def test_cloud_side_speculative_bound() -> None:
