@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.batch_return_fraction,
         help="wait after a step for sessions that come back within this fraction of a step",
     )
+    ap.add_argument(
+        "--batch-group-horizon",
+        type=float,
+        default=defaults.batch_group_horizon,
+        help="wait up to this many steps for sessions expected back when it serves more per step",
+    )
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument(
         "--kv-budget-tokens", type=int, default=None, help="KV tokens all sessions may hold"
@@ -127,6 +133,7 @@ async def _run(
         batching=not args.no_batching,
         batch_max_sessions=args.batch_max_sessions,
         batch_return_fraction=args.batch_return_fraction,
+        batch_group_horizon=args.batch_group_horizon,
         kv_budget_tokens=args.kv_budget_tokens,
         kv_budget_bytes=args.kv_budget_bytes,
         kv_memory_fraction=args.kv_memory_fraction,

@@ -90,6 +90,10 @@ class VerifierConfig:
     # cloud-side drafting), so they share the next step instead of each starting its own; the
     # wait costs the others at most that fraction of a step. 0: never wait.
     batch_return_fraction: float = 0.25
+    # Before a step, wait (at most this many steps' time) for sessions expected back soon when
+    # that serves more sessions per unit of verifier time (`cloud.step_scheduler`: steps
+    # grouped by expected returns). 0: start as soon as the verifier is free.
+    batch_group_horizon: float = 0.0
     # A new session's prefix enters its cache in steps of at most this many tokens, batched
     # with other sessions' work, so that a long prompt does not stall them.
     prefill_chunk_tokens: int = 256
@@ -129,6 +133,7 @@ class VerifierConfig:
         check_int("batch_max_tokens", self.batch_max_tokens, 1)
         check_ms("batch_window_ms", self.batch_window_ms)
         check_float("batch_return_fraction", self.batch_return_fraction, 0, 1)
+        check_float("batch_group_horizon", self.batch_group_horizon, 0, 4)
         check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1)
         if self.kv_budget_tokens is not None:
             check_int("kv_budget_tokens", self.kv_budget_tokens, 1)

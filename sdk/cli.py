@@ -210,6 +210,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         links_in_workers=args.links_in_workers,
         memo_pass=not args.no_memo_pass,
         generations=args.generations,
+        batch_group_horizon=args.batch_group_horizon,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -278,6 +279,14 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
         help="emulated profiles: measure without first running every session once unmeasured "
         "to fill the edges' draft memo (by default it is run, and what it teaches the edges is "
         "forgotten)",
+    )
+    p.add_argument(
+        "--batch-group-horizon",
+        type=float,
+        default=None,
+        help="the verifier's batch_group_horizon: wait up to this many steps for sessions "
+        "expected back when that serves more sessions per unit of verifier time (default: "
+        "the verifier's own default)",
     )
     p.add_argument(
         "--links-in-workers",

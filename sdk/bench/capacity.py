@@ -88,7 +88,7 @@ from edgespec.core.params import SamplingParams
 from edgespec.core.policies import FixedTreePolicy
 from edgespec.core.profiles import PaddedRunner, cloud_draft_profile, get_profile
 from edgespec.core.tree import TreeShape
-from edgespec.core.validation import check_int, check_prob
+from edgespec.core.validation import check_float, check_int, check_prob
 from edgespec.linkemu import LinkEmulator, LinkProfile
 
 logger = logging.getLogger(__name__)
@@ -170,9 +170,13 @@ class CapacityConfig:
     # speculation's rate varies with the text (chains of a hard text end ~20% later), and
     # batched cloud-only decoding's does not.
     generations: int = 1
+    # The verifier's `batch_group_horizon` (None: its default; see `cloud.step_scheduler`).
+    batch_group_horizon: float | None = None
 
     def __post_init__(self) -> None:
         check_int("generations", self.generations, 1)
+        if self.batch_group_horizon is not None:
+            check_float("batch_group_horizon", self.batch_group_horizon, 0, 4)
         for n in self.sessions:
             check_int("sessions", n, 1)
         for k in self.ks:
@@ -918,6 +922,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 args = ["--compute-profile", _profile_of(kind, config), "--metrics-port", str(port)]
                 args += ["--max-sessions", str(max(config.sessions)), "--max-block-tokens", "16"]
                 args += ["--batch-max-sessions", str(config.batch_max_sessions)]
+                if config.batch_group_horizon is not None:
+                    args += ["--batch-group-horizon", str(config.batch_group_horizon)]
                 if kind == CLOUD_SD:
                     # Cloud-side drafting runs every session's draft and verify in one
                     # iteration; here each session's turnaround goes through its own edge

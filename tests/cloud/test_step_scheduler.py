@@ -283,6 +283,39 @@ def test_a_superseded_stale_block_takes_no_step(tiny_pair) -> None:
     assert (stale, applied, steps) == (Outcome.STALE, Outcome.APPLIED, 1)
 
 
+def test_a_missed_guess_is_answered_between_steps_without_its_replacement(tiny_pair) -> None:
+    """A block drafted ahead on a guess, queued while the block before it is in its step: once
+    that step's verdict shows the guess wrong, the ahead block is answered STALE right away,
+    before its edge has sent any replacement, and takes no step of its own."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(40.0))
+    engine = VerifierEngine(model, compute_profile=profile)
+    expected = generate_autoregressive(ModelRunner(model), PROMPT, SamplingParams(max_new_tokens=8))
+    base = len(PROMPT)
+    wrong = (expected.tokens[0] + 1) % engine.vocab_size
+
+    async def main() -> tuple[Outcome, int, int]:
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = StepScheduler(engine, executor)
+            task = asyncio.create_task(scheduler.run())
+            sid = engine.open_session(PROMPT, SamplingParams(max_new_tokens=8)).session_id
+            steps = scheduler.steps
+            first = asyncio.ensure_future(
+                scheduler.submit(VerifyWork(sid, DraftBlock(0, base, (wrong,))))
+            )
+            await asyncio.sleep(0.01)  # its step has started; the guess goes in the queue
+            ahead = await asyncio.wait_for(
+                scheduler.submit(VerifyWork(sid, DraftBlock(1, base + 2, (5,)))), 5.0
+            )
+            (verdict, _), (stale, _) = await first, ahead
+            assert verdict.verdict.accepted == 0  # so the guess (base + 2) missed
+            left = scheduler.queue_depth
+            task.cancel()
+            return stale.outcome, scheduler.steps - steps, left
+
+    assert asyncio.run(main()) == (Outcome.STALE, 1, 0)
+
+
 def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
     """Two sessions beside the verifier, one back at once after each answer, one 2 ms later
     (a few ms on a loaded host), steps of 40 ms (emulated): with the default return fraction
@@ -317,3 +350,66 @@ def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
     with_window, without = shared_steps(VerifierConfig().batch_return_fraction), shared_steps(0.0)
     assert with_window >= rounds - 3  # the first returns teach the gaps
     assert without <= with_window - 3
+
+
+def test_steps_grouped_by_expected_returns(tiny_pair) -> None:
+    """Six sessions that come back 80 ms after each answer, steps of 40 ms (emulated, the same
+    for 1 or 6 sessions), started 13 ms apart: a scheduler that starts a step as soon as it is
+    free keeps them spread over ~3 steps per round; grouping by expected returns
+    (`batch_group_horizon`) merges them into fewer, larger steps (measured side by side), and
+    every session still commits its tokens in order."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    rounds, n = 12, 6
+    profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(40.0))
+
+    def steps_taken(horizon: float) -> int:
+        config = VerifierConfig(batch_group_horizon=horizon, batch_return_fraction=0.0)
+        engine = VerifierEngine(model, config, compute_profile=profile)
+        sizes: list[int] = []
+
+        async def session(scheduler: StepScheduler, start_s: float) -> int:
+            params = SamplingParams(max_new_tokens=rounds + 1)
+            sid = engine.open_session(PROMPT, params).session_id
+            await asyncio.sleep(start_s)
+            for seq in range(rounds):
+                if seq:
+                    await asyncio.sleep(0.08)
+                block = DraftBlock(seq, len(PROMPT) + seq, ())
+                result, _ = await scheduler.submit(VerifyWork(sid, block))
+                assert result.outcome is Outcome.APPLIED
+            return len(engine.committed(sid)) - len(PROMPT)
+
+        async def main() -> list[int]:
+            with ThreadPoolExecutor(1) as executor:
+                scheduler = StepScheduler(engine, executor, lambda st, _: sizes.append(st.sessions))
+                task = asyncio.create_task(scheduler.run())
+                done = await asyncio.gather(*(session(scheduler, 0.013 * i) for i in range(n)))
+                task.cancel()
+                return done
+
+        assert asyncio.run(main()) == [rounds] * n
+        return len(sizes)
+
+    spread, grouped = steps_taken(0.0), steps_taken(1.0)
+    assert spread >= 2.5 * rounds  # ~3 steps a round
+    assert grouped <= 0.8 * spread
+
+
+def test_step_times_price_a_roofline() -> None:
+    """The grouping rule's step-time prediction on roofline-shaped steps (30 ms up to 130 fed
+    tokens, then 0.2 ms per token): flat where the steps seen are flat, steep where they are
+    compute-bound, and beyond the largest step seen extended with the larger steps' slope, not
+    one line through all (which would price a 300-token step at ~40 ms)."""
+    from edgespec.cloud.step_scheduler import _StepTimes
+
+    def roofline(tokens: int) -> float:
+        return max(0.030, 0.0002 * tokens + 0.004)
+
+    times = _StepTimes()
+    assert times.predict(10) is None
+    for tokens in list(range(20, 200, 12)) * 3:
+        times.add(tokens, roofline(tokens))
+    for tokens in (30, 60, 100, 150, 190):
+        assert times.predict(tokens) == pytest.approx(roofline(tokens), rel=0.06)
+    assert times.predict(300) == pytest.approx(roofline(300), rel=0.1)
+    assert times.predict(5) == pytest.approx(0.030, rel=0.02)
