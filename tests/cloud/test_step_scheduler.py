@@ -251,15 +251,21 @@ def test_gather_window_only_while_others_may_come(tiny_pair) -> None:
     assert alone < 0.25 <= 0.3 <= waited
 
 
+def _guessing_session(tiny_pair, profile: ComputeProfile | None):
+    """(engine, the target's own 8 tokens after PROMPT, a first token it would not choose):
+    what the pipelined-guess tests start from."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model, compute_profile=profile)
+    expected = generate_autoregressive(ModelRunner(model), PROMPT, SamplingParams(max_new_tokens=8))
+    return engine, expected, (expected.tokens[0] + 1) % engine.vocab_size
+
+
 def test_a_superseded_stale_block_takes_no_step(tiny_pair) -> None:
     """A pipelined block whose guess missed (STALE) and the block that replaced it, queued
     together: the stale one is answered at once, the new one runs in the very next step rather
     than the one after (one step, not two)."""
-    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
-    engine = VerifierEngine(model)
-    expected = generate_autoregressive(ModelRunner(model), PROMPT, SamplingParams(max_new_tokens=8))
+    engine, expected, wrong = _guessing_session(tiny_pair, None)
     base = len(PROMPT)
-    wrong = (expected.tokens[0] + 1) % engine.vocab_size
 
     async def main() -> tuple[Outcome, Outcome, int]:
         with ThreadPoolExecutor(1) as executor:
@@ -287,12 +293,9 @@ def test_a_missed_guess_is_answered_between_steps_without_its_replacement(tiny_p
     """A block drafted ahead on a guess, queued while the block before it is in its step: once
     that step's verdict shows the guess wrong, the ahead block is answered STALE right away,
     before its edge has sent any replacement, and takes no step of its own."""
-    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
     profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(40.0))
-    engine = VerifierEngine(model, compute_profile=profile)
-    expected = generate_autoregressive(ModelRunner(model), PROMPT, SamplingParams(max_new_tokens=8))
+    engine, _, wrong = _guessing_session(tiny_pair, profile)
     base = len(PROMPT)
-    wrong = (expected.tokens[0] + 1) % engine.vocab_size
 
     async def main() -> tuple[Outcome, int, int]:
         with ThreadPoolExecutor(1) as executor:
