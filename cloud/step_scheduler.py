@@ -28,8 +28,8 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
   draft) are not waited for, and the wait costs the others at most that fraction of a step.
 - Steps grouped by expected returns (`batch_group_horizon` > 0): before a step starts, the
   scheduler predicts when each session that is not queued comes back (its last answer plus its
-  smoothed return gap) and the step's time (a least-squares line of the recent steps' wall
-  time against their fed tokens). It delays the step until the j-th expected return when that
+  smoothed return gap) and the step's time (learnt from the recent steps: a kernel-weighted
+  local line of wall time against fed tokens, `_StepTimes`). It delays the step until the j-th expected return when that
   raises the sessions served per unit of verifier time, (q + j) / (wait + step(q + j)),
   above starting now with the q queued, q / step(q), and the larger step costs at most 10%
   more; it re-decides on every arrival, gives up on a return a tenth of a step late, and waits
@@ -151,7 +151,6 @@ class StepScheduler:
         self._step_times = _StepTimes()
         self._feeds: dict[str, int] = {}  # per session: what its last item fed
         self._arrivals = 0  # items submitted so far (a wait ends on a new one)
-        self.group_waits = 0  # steps delayed for expected returns
         self._step_s = 0.0  # the wall time of the last step
         # per session: when its last item was answered, and how long its next ones took to
         # come after theirs (its return gap, smoothed)
@@ -282,7 +281,6 @@ class StepScheduler:
             return
         start = time.perf_counter()
         limit: float | None = None
-        delayed = False
         while True:
             self._answer_without_work()
             if not self._queue:
@@ -314,9 +312,6 @@ class StepScheduler:
                     best, until = rate, due
             if until is None:
                 return
-            if not delayed:
-                delayed = True
-                self.group_waits += 1
             seen = self._arrivals
 
             def no_arrival(seen: int = seen) -> bool:
@@ -386,11 +381,13 @@ class StepScheduler:
             outcomes, stats = result
             self.steps += 1
             now = time.perf_counter()
-            if len(self._answered) > 4 * self.engine.config.max_sessions:
-                # mostly closed sessions': the open ones' gaps are relearnt at their next return
+            if len(self._last_answer) > 4 * self.engine.config.max_sessions:
+                # Every session ever answered has an entry in these maps, mostly closed
+                # sessions': the open ones' are relearnt at their next item and return.
                 self._answered.clear()
                 self._gaps.clear()
                 self._last_answer.clear()
+                self._feeds.clear()
             queued = {q.work.session_id for q in self._queue}
             for item, outcome in zip(step, outcomes, strict=True):
                 sid = item.work.session_id

@@ -81,14 +81,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgespec.bench.emulated_edge import GIL_SWITCH_S, LogitsMemo, MemoStats, runner_factory
 from edgespec.bench.processes import verifier_process
-from edgespec.cloud.verifier_types import KV_ADMISSIONS
+from edgespec.cloud.verifier_types import KV_ADMISSIONS, VerifierConfig
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.policies import FixedTreePolicy
 from edgespec.core.profiles import PaddedRunner, cloud_draft_profile, get_profile
 from edgespec.core.tree import TreeShape
-from edgespec.core.validation import check_float, check_int, check_prob
+from edgespec.core.validation import check_int, check_prob
 from edgespec.linkemu import LinkEmulator, LinkProfile
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,8 @@ class CapacityConfig:
 
     def __post_init__(self) -> None:
         check_int("generations", self.generations, 1)
-        if self.batch_group_horizon is not None:
-            check_float("batch_group_horizon", self.batch_group_horizon, 0, 4)
+        if self.batch_group_horizon is not None:  # the verifier's own check
+            VerifierConfig(batch_group_horizon=self.batch_group_horizon)
         for n in self.sessions:
             check_int("sessions", n, 1)
         for k in self.ks:

@@ -6,8 +6,10 @@ a retry hint over gRPC; the step metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -33,6 +35,21 @@ from edgespec.serving.verifier_metrics import VerifierMetrics
 
 NEW = 20
 AUTH = ()
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    engine: VerifierEngine, on_step: Callable[[StepStats, int], None] | None = None
+) -> AsyncIterator[StepScheduler]:
+    """A scheduler in front of `engine` on its own model thread, its step loop running until
+    the block ends (then cancelled)."""
+    with ThreadPoolExecutor(1) as executor:
+        scheduler = StepScheduler(engine, executor, on_step)
+        task = asyncio.create_task(scheduler.run())
+        try:
+            yield scheduler
+        finally:
+            task.cancel()
 
 
 async def _drive(scheduler: StepScheduler, engine, prompt, expected, rng) -> list[int]:
@@ -64,18 +81,13 @@ def test_concurrent_sessions_share_forwards_and_equal_the_target(tiny_pair) -> N
     steps: list[StepStats] = []
 
     async def main() -> list[list[int]]:
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = StepScheduler(engine, executor, lambda stats, depth: steps.append(stats))
-            loop_task = asyncio.create_task(scheduler.run())
-            try:
-                return await asyncio.gather(
-                    *(
-                        _drive(scheduler, engine, p, e, random.Random(i))
-                        for i, (p, e) in enumerate(zip(prompts, expected, strict=True))
-                    )
+        async with _running(engine, lambda stats, depth: steps.append(stats)) as scheduler:
+            return await asyncio.gather(
+                *(
+                    _drive(scheduler, engine, p, e, random.Random(i))
+                    for i, (p, e) in enumerate(zip(prompts, expected, strict=True))
                 )
-            finally:
-                loop_task.cancel()
+            )
 
     outputs = asyncio.run(main())
     assert outputs == expected
@@ -117,9 +129,7 @@ def test_decode_work_is_one_token_per_step(tiny_pair) -> None:
     engine = VerifierEngine(model)
 
     async def main() -> list[int]:
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = StepScheduler(engine, executor)
-            task = asyncio.create_task(scheduler.run())
+        async with _running(engine) as scheduler:
             sid = engine.open_session(PROMPT, SamplingParams(max_new_tokens=8)).session_id
             got = []
             result, _ = await scheduler.submit(
@@ -131,7 +141,6 @@ def test_decode_work_is_one_token_per_step(tiny_pair) -> None:
                 got.append(result.verdict.token)
             with pytest.raises(ServiceError):  # no decode block left
                 await scheduler.submit(DecodeWork(sid, 0))
-            task.cancel()
             return got
 
     tokens = asyncio.run(main())
@@ -207,14 +216,9 @@ def test_decode_streams_join_every_step(tiny_pair) -> None:
     prompts = [[7, 8, 9, i] for i in range(4)]
 
     async def main() -> tuple[list[list[int]], int]:
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = StepScheduler(engine, executor, lambda stats, depth: steps.append(stats))
-            task = asyncio.create_task(scheduler.run())
-            try:
-                outputs = await asyncio.gather(*(stream(scheduler, p) for p in prompts))
-            finally:
-                task.cancel()
-            return list(outputs), scheduler.ready_on_claim
+        async with _running(engine, lambda stats, depth: steps.append(stats)) as scheduler:
+            outputs = await asyncio.gather(*(stream(scheduler, p) for p in prompts))
+        return list(outputs), scheduler.ready_on_claim
 
     outputs, ready = asyncio.run(main())
     params = SamplingParams(max_new_tokens=n)
@@ -238,13 +242,10 @@ def test_gather_window_only_while_others_may_come(tiny_pair) -> None:
         return time.perf_counter() - t0
 
     async def main() -> tuple[float, float]:
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = StepScheduler(engine, executor)
-            task = asyncio.create_task(scheduler.run())
+        async with _running(engine) as scheduler:
             alone = await timed(scheduler, engine.open_session(PROMPT, params).session_id)
             engine.open_session(PROMPT, params)  # open, but sends nothing
             waited = await timed(scheduler, engine.open_session(PROMPT, params).session_id)
-            task.cancel()
             return alone, waited
 
     alone, waited = asyncio.run(main())
@@ -268,9 +269,7 @@ def test_a_superseded_stale_block_takes_no_step(tiny_pair) -> None:
     base = len(PROMPT)
 
     async def main() -> tuple[Outcome, Outcome, int]:
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = StepScheduler(engine, executor)
-            task = asyncio.create_task(scheduler.run())
+        async with _running(engine) as scheduler:
             sid = engine.open_session(PROMPT, SamplingParams(max_new_tokens=8)).session_id
             first, _ = await scheduler.submit(VerifyWork(sid, DraftBlock(0, base, (wrong,))))
             assert first.verdict.accepted == 0  # so the block drafted ahead on base + 2 missed
@@ -282,7 +281,6 @@ def test_a_superseded_stale_block_takes_no_step(tiny_pair) -> None:
                 scheduler.submit(VerifyWork(sid, DraftBlock(2, base + 1, (expected.tokens[1],))))
             )
             (stale, _), (applied, _) = await asyncio.gather(ahead, fresh)
-            task.cancel()
             return stale.outcome, applied.outcome, scheduler.steps - steps
 
     stale, applied, steps = asyncio.run(main())
@@ -298,9 +296,7 @@ def test_a_missed_guess_is_answered_between_steps_without_its_replacement(tiny_p
     base = len(PROMPT)
 
     async def main() -> tuple[Outcome, int, int]:
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = StepScheduler(engine, executor)
-            task = asyncio.create_task(scheduler.run())
+        async with _running(engine) as scheduler:
             sid = engine.open_session(PROMPT, SamplingParams(max_new_tokens=8)).session_id
             steps = scheduler.steps
             first = asyncio.ensure_future(
@@ -313,7 +309,6 @@ def test_a_missed_guess_is_answered_between_steps_without_its_replacement(tiny_p
             (verdict, _), (stale, _) = await first, ahead
             assert verdict.verdict.accepted == 0  # so the guess (base + 2) missed
             left = scheduler.queue_depth
-            task.cancel()
             return stale.outcome, scheduler.steps - steps, left
 
     assert asyncio.run(main()) == (Outcome.STALE, 1, 0)
@@ -341,11 +336,8 @@ def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
                 await scheduler.submit(VerifyWork(sid, DraftBlock(seq, len(PROMPT) + seq, ())))
 
         async def main() -> None:
-            with ThreadPoolExecutor(1) as executor:
-                scheduler = StepScheduler(engine, executor, lambda st, _: sizes.append(st.sessions))
-                task = asyncio.create_task(scheduler.run())
+            async with _running(engine, lambda st, _: sizes.append(st.sessions)) as scheduler:
                 await asyncio.gather(session(scheduler, 0.0), session(scheduler, 0.002))
-                task.cancel()
 
         asyncio.run(main())
         return sum(size == 2 for size in sizes)
@@ -383,12 +375,8 @@ def test_steps_grouped_by_expected_returns(tiny_pair) -> None:
             return len(engine.committed(sid)) - len(PROMPT)
 
         async def main() -> list[int]:
-            with ThreadPoolExecutor(1) as executor:
-                scheduler = StepScheduler(engine, executor, lambda st, _: sizes.append(st.sessions))
-                task = asyncio.create_task(scheduler.run())
-                done = await asyncio.gather(*(session(scheduler, 0.013 * i) for i in range(n)))
-                task.cancel()
-                return done
+            async with _running(engine, lambda st, _: sizes.append(st.sessions)) as scheduler:
+                return await asyncio.gather(*(session(scheduler, 0.013 * i) for i in range(n)))
 
         assert asyncio.run(main()) == [rounds] * n
         return len(sizes)
@@ -401,8 +389,8 @@ def test_steps_grouped_by_expected_returns(tiny_pair) -> None:
 def test_step_times_price_a_roofline() -> None:
     """The grouping rule's step-time prediction on roofline-shaped steps (30 ms up to 130 fed
     tokens, then 0.2 ms per token): flat where the steps seen are flat, steep where they are
-    compute-bound, and beyond the largest step seen extended with the larger steps' slope, not
-    one line through all (which would price a 300-token step at ~40 ms)."""
+    compute-bound, and beyond the largest step seen the local line there extended, not one line
+    through all (which would price a 300-token step at ~40 ms)."""
     from edgespec.cloud.step_scheduler import _StepTimes
 
     def roofline(tokens: int) -> float:
