@@ -101,7 +101,8 @@ class SessionTable:
         the most its cache will ever hold), reaping idle sessions first if either is full.
 
         Admission reserves a session's worst case, so a running session never has to be
-        evicted to make room for another's growth. Raises ServiceError RESOURCE_EXHAUSTED (with
+        evicted to make room for another's growth. Finished sessions make room first
+        (`reclaim_finished`). Raises ServiceError RESOURCE_EXHAUSTED (with
         a retry hint) when a slot or the budget is still short.
         """
         for attempt in range(2):
@@ -114,6 +115,7 @@ class SessionTable:
                     self._kv_reserved += kv_tokens
                     return
             if attempt == 0:
+                self.reclaim_finished()
                 self.reap_idle()
         if not slot:
             message = f"this verifier already holds max_sessions={self.max_sessions} sessions"
@@ -163,6 +165,7 @@ class SessionTable:
                 if entry is not None:
                     entry.seen = now  # its edge is still there: keep waiting for it
             if attempt == 0 and not (slot and fits):
+                self.reclaim_finished()
                 self.reap_idle()
             elif attempt == 0:
                 break
@@ -297,6 +300,26 @@ class SessionTable:
                 self._stats.sessions -= 1
                 self._stats.closed += 1
         return existed
+
+    def reclaim_finished(self) -> list[str]:
+        """Drop every finished session (nothing left to verify; its edge has only to close it),
+        as a close would; returns their ids (`EngineStats.reclaimed`).
+
+        Admission calls it when short of a slot or budget: an edge closes a session after its
+        last verdict, in the background, and its next session's open can arrive first. Without
+        this, a verifier at max_sessions refused that open for a slot nobody would use again. A
+        close that comes later finds nothing (`existed` false), and an edge that lost the last
+        verdict reopens with its committed prefix, as after any NOT_FOUND.
+        """
+        with self._lock:
+            done = [sid for sid, s in self._sessions.items() if s.finished]
+            for sid in done:
+                self._kv_reserved -= self._sessions.pop(sid).kv_reserved
+            self._stats.sessions -= len(done)
+            self._stats.reclaimed += len(done)
+        if done:
+            logger.debug("reclaimed %d finished session(s) for an open", len(done))
+        return done
 
     def reap_idle(self, now: float | None = None) -> list[str]:
         """Close every session idle for longer than idle_ttl_s; returns their ids.

@@ -254,6 +254,32 @@ def test_session_limit_is_resource_exhausted(start_server) -> None:
         open_session(stub, metadata=())  # a slot is free again
 
 
+def test_a_finished_sessions_slot_goes_to_the_next_open(start_server) -> None:
+    """An edge closes a session after its last verdict in the background, so its next
+    session's open can come first: the finished session's slot is reclaimed for it (an
+    unfinished one's is not, as above), and the late close finds nothing."""
+    server = start_server(VerifierConfig(max_sessions=1))
+    params = SamplingParams(temperature=0.0, max_new_tokens=2)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.VerifierStub(channel)
+        done = open_session(stub, params=params, metadata=()).session_id
+        with VerifyStream(stub, metadata=()) as stream:
+            committed = len(PROMPT)
+            for seq in range(2):  # a block commits 1 or 2 tokens
+                if (left := len(PROMPT) + 2 - committed) > 0:
+                    draft = [1] * (left - 1)
+                    committed = stream.send(block(done, seq, committed, draft)).committed_len
+        assert server.engine.session(done).finished
+        nxt = open_session(stub, params=params, metadata=()).session_id
+        assert server.engine.stats().reclaimed == 1
+        close = pb.CloseSessionRequest(session_id=done)
+        assert not stub.CloseSession(close, timeout=DEADLINE_S).existed
+        with pytest.raises(grpc.RpcError) as info:  # the next one is running: no slot
+            open_session(stub, params=params, metadata=())
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert server.engine.stats().reclaimed == 1 and nxt != done
+
+
 def test_idle_session_is_reaped(start_server) -> None:
     server = start_server(VerifierConfig(session_idle_ttl_s=300.0))
     with grpc.insecure_channel(server.address) as channel:
