@@ -108,6 +108,11 @@ class StepStats:
     fed_tokens: int  # tokens fed by the forward, all sessions together
     kv_tokens: int  # tokens cached before the forward, all sessions together
     forward_ms: float  # the forward (padding included)
+    # the whole step's wall time (preparing, forward, acceptance), 0 when no forward ran
+    step_ms: float = 0.0
+    # an emulated profile's modelled time of the forward (the time it is padded to); 0 when
+    # no forward ran or the profile is real
+    modelled_ms: float = 0.0
 
 
 def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome], StepStats]:
@@ -118,6 +123,7 @@ def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome
     """
     if len({item.session_id for item in work}) != len(work):
         raise ValueError("work must hold at most one item per session")
+    step_started = time.perf_counter()
     outcomes: list[Outcome | None] = [None] * len(work)
     ready: list[tuple[int, PreparedBlock | _PrefillChunk]] = []
     for index, item in enumerate(work):
@@ -141,11 +147,13 @@ def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome
     started = time.perf_counter()
     logits = _forward(engine, [p for _, p in batched])
     apart_logits = [_forward_apart(engine, p) for _, p in apart]
+    modelled_ms = 0.0
     if logits is not None or apart:
         profile = engine.compute_profile
         # A step with prefill chunks costs at least the profile's prefill time of their tokens.
         floor = profile.target_prefill.ms(prefill_tokens) if prefill_tokens else 0.0
-        pad_until(started, max(profile.target_step_ms(rows), floor), engine.model.device)
+        modelled_ms = max(profile.target_step_ms(rows), floor) if profile.emulated else 0.0
+        pad_until(started, modelled_ms, engine.model.device)
     forward_ms = (time.perf_counter() - started) * 1e3
     for b, (index, prepared) in enumerate(batched):
         outcomes[index] = _complete(engine, prepared, logits[b] if logits is not None else None)
@@ -162,6 +170,8 @@ def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome
         fed_tokens=sum(n for _, n in rows),
         kv_tokens=sum(p for p, _ in rows),
         forward_ms=forward_ms if in_step else 0.0,
+        step_ms=(time.perf_counter() - step_started) * 1e3 if in_step else 0.0,
+        modelled_ms=modelled_ms if in_step else 0.0,
     )
     return [o for o in outcomes if o is not None], stats
 

@@ -122,6 +122,8 @@ def _step_observer(
             fed_tokens=stats.fed_tokens,
             queue_depth=queue_depth,
             kv_tokens=engine.kv_tokens(),
+            step_ms=stats.step_ms,
+            modelled_ms=stats.modelled_ms,
         )
         counts = engine.stats()  # a step may have evicted sessions
         metrics.sync_sessions(counts.sessions, counts.evicted, counts.resumed)

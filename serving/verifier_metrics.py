@@ -45,6 +45,10 @@ class VerifierMetrics:
     - ``queue_seconds``: time an applied block waited before its forward began.
     - ``batch_size``: blocks verified by one target forward (1 without a batcher).
     - ``forward_tokens``: tokens fed to one batched target forward, all sessions together.
+    - ``step_seconds``: wall time of one batched step that ran a forward (preparing, forward,
+      acceptance); ``modelled_step_seconds_total``: under an emulated compute profile, the
+      modelled time of those forwards (what each was padded to; 0 under "real"). Their ratio
+      tells how far the host's own work overran the modelled GPU.
     - ``queue_depth``: work items waiting for the batching verifier's next step.
     - ``kv_tokens``: tokens held in the KV caches of all sessions; ``kv_budget_tokens``: the
       budget they are admitted against (0: none).
@@ -94,6 +98,13 @@ class VerifierMetrics:
         self.errors = counter("errors", "Failed RPCs, by gRPC status code.", ("code",))
         self.forward_tokens = histogram(
             "forward_tokens", "Tokens fed to one batched target forward.", TOKEN_COUNT_BUCKETS
+        )
+        self.step_time = histogram(
+            "step_seconds", "Wall time of one batched step with a forward.", COMPUTE_BUCKETS_S
+        )
+        self.modelled_step_time = counter(
+            "modelled_step_seconds",
+            "Modelled time of the batched forwards (emulated compute profiles; 0 otherwise).",
         )
         self.queue_depth = Gauge(
             "edgespec_verifier_queue_depth",
@@ -147,13 +158,24 @@ class VerifierMetrics:
         self.batch_size.observe(check_int("batch size", size, 1))
 
     def observe_step(
-        self, *, sessions: int, fed_tokens: int, queue_depth: int, kv_tokens: int
+        self,
+        *,
+        sessions: int,
+        fed_tokens: int,
+        queue_depth: int,
+        kv_tokens: int,
+        step_ms: float = 0.0,
+        modelled_ms: float = 0.0,
     ) -> None:
         """Record one step of the batching verifier: `sessions` in its forward (0: none ran),
-        `fed_tokens` fed by it, the `queue_depth` left after it and the `kv_tokens` held now."""
+        `fed_tokens` fed by it, the `queue_depth` left after it and the `kv_tokens` held now;
+        for a step with a forward, its wall time `step_ms` and its `modelled_ms` (emulated
+        profiles, else 0)."""
         if sessions:
             self.observe_batch(sessions)
             self.forward_tokens.observe(check_int("fed_tokens", fed_tokens, 1))
+            self.step_time.observe(ms_to_seconds("step_ms", step_ms))
+            self.modelled_step_time.inc(ms_to_seconds("modelled_ms", modelled_ms))
         self.queue_depth.set(check_int("queue_depth", queue_depth, 0))
         self.kv_tokens.set(check_int("kv_tokens", kv_tokens, 0))
 

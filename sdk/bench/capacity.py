@@ -100,7 +100,9 @@ _STEP_METRICS = (
     "edgespec_verifier_batch_size_",
     "edgespec_verifier_forward_tokens_",
     "edgespec_verifier_verify_seconds_",
+    "edgespec_verifier_step_seconds_",
 )
+_MODELLED_STEPS = "edgespec_verifier_modelled_step_seconds_total"
 _ADMISSION_METRICS = ("edgespec_verifier_evictions_total", "edgespec_verifier_resumes_total")
 _ERRORS = "edgespec_verifier_errors_total"
 NO_BUDGET = "none"  # a `kv_admissions` entry: the verifier without the KV budget (reference)
@@ -292,6 +294,8 @@ class _SessionRecord:
     nodes: list[int] = field(default_factory=list)  # per speculative round: tokens drafted
     spec_round_ms: list[float] = field(default_factory=list)  # per speculative round: wall ms
     hits: list[bool] = field(default_factory=list)
+    # per speculative round: (queue, verify, network, draft) ms and the tokens it committed
+    spec_parts: list[tuple[float, float, float, float, int]] = field(default_factory=list)
     error: str = ""
     prompt_index: int = 0
     refused: int = 0  # RESOURCE_EXHAUSTED answers its client got
@@ -445,6 +449,16 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
                         rec.nodes = [r.drafted for r in spec]
                         rec.hits = [r.pipelined for r in spec]
                         rec.spec_round_ms = [r.round_ms for r in spec]
+                        rec.spec_parts = [
+                            (
+                                r.timing.queue_ms,
+                                r.timing.verify_ms,
+                                r.timing.network_ms,
+                                r.draft_ms,
+                                r.tokens,
+                            )
+                            for r in spec
+                        ]
                         rec.evictions = st.evictions
                         rec.warm_start = st.warm_start
                         return rec
@@ -513,15 +527,16 @@ def _free_port() -> int:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    """The verifier's counters: batch_size, forward_tokens and verify_seconds sums and counts,
-    evictions, resumes, and RESOURCE_EXHAUSTED answers (``_ADMISSION_METRICS``)."""
+    """The verifier's counters: batch_size, forward_tokens, verify_seconds and step_seconds
+    sums and counts, the modelled step time, evictions, resumes, and RESOURCE_EXHAUSTED
+    answers (``_ADMISSION_METRICS``)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             step = sample.name.startswith(_STEP_METRICS)
             if (step and sample.name.endswith(("_sum", "_count"))) or (
-                sample.name in _ADMISSION_METRICS
+                sample.name in _ADMISSION_METRICS or sample.name == _MODELLED_STEPS
             ):
                 out[sample.name] = sample.value
             elif sample.name == _ERRORS and sample.labels.get("code") == "RESOURCE_EXHAUSTED":
@@ -645,7 +660,12 @@ def _row(
     batch = _per_forward(before, after, "edgespec_verifier_batch_size")
     per_forward = _per_forward(before, after, "edgespec_verifier_forward_tokens")
     verify_s = _per_forward(before, after, "edgespec_verifier_verify_seconds")
-    modelled = _modelled_step_ms(batch, per_forward, profile_name, len(expected[0]))
+    step_s = _per_forward(before, after, "edgespec_verifier_step_seconds")
+    steps = after.get("edgespec_verifier_step_seconds_count", 0) - before.get(
+        "edgespec_verifier_step_seconds_count", 0
+    )
+    modelled_s = after.get(_MODELLED_STEPS, 0.0) - before.get(_MODELLED_STEPS, 0.0)
+    modelled = modelled_s * 1e3 / steps if steps and modelled_s > 0 else None
     bound, cloud_sd_estimate = row_estimates(
         method, sessions, rtt_ms, k, mean_k, acceptance, profile_name
     )
@@ -667,12 +687,16 @@ def _row(
         "queue_ms_median": statistics.median(queue) if queue else 0.0,
         "mean_batch_sessions": batch,
         "mean_tokens_per_forward": per_forward,
-        # the verifier's time per block (or decoded token) against the profile's time of a
-        # forward of the row's mean shape: above 1, the host's real compute was slower than
-        # the modelled GPU (padding only ever adds time)
+        # the verifier's time per block (or decoded token), its steps' mean wall time and
+        # their mean modelled time (each step's own, as padded to): verify_overrun above 1 says
+        # the host's work in a step (preparing, forward, acceptance) outlasted the modelled GPU
+        # (padding only ever adds time). Until session 13 the modelled time was that of one
+        # step of the row's mean shape, which the roofline's max makes too low for rows whose
+        # steps vary in size (trees: overruns of 1.2-1.45 that were not the host's).
         "verify_ms_mean": verify_s * 1e3 if verify_s is not None else None,
+        "step_ms_mean": step_s * 1e3 if step_s is not None else None,
         "modelled_step_ms": modelled,
-        "verify_overrun": verify_s * 1e3 / modelled if verify_s is not None and modelled else None,
+        "verify_overrun": step_s * 1e3 / modelled if step_s is not None and modelled else None,
         "acceptance_rate": acceptance,
         "mean_k": mean_k,
         "analytic_bound_tokens_per_s": bound,
@@ -716,6 +740,10 @@ def _row(
         "fresh_round_ms_mean": _mean(
             [ms for r in ok for ms, h in zip(r.spec_round_ms, r.hits, strict=True) if not h]
         ),
+        # means over the speculative rounds drafted ahead and used (hit) and the others
+        # (fresh): where their time went and the tokens they committed
+        "hit_round_parts": _round_parts(ok, True),
+        "fresh_round_parts": _round_parts(ok, False),
         # medians over every round of every session: where a round's time went
         **{
             f"round_{part}_median": _median([v for r in ok for v in getattr(r, part)])
@@ -724,18 +752,14 @@ def _row(
     }
 
 
-def _modelled_step_ms(
-    batch: float | None, per_forward: float | None, profile_name: str, generated: int
-) -> float | None:
-    """The profile's time of one batched forward of `batch` sessions feeding `per_forward`
-    tokens in all, each with a prompt and half the generation cached (None: no batched
-    forward modelled, or no forward ran)."""
-    profile = get_profile(profile_name)
-    if not batch or not per_forward or profile.target_batch is None:
+def _round_parts(records: list[_SessionRecord], hit: bool) -> dict[str, float] | None:
+    """Mean queue, verify, network and draft ms and tokens of the speculative rounds that
+    were (`hit`) or were not pipeline hits; None when there were none."""
+    parts = [p for r in records for p, h in zip(r.spec_parts, r.hits, strict=True) if h == hit]
+    if not parts:
         return None
-    sessions = max(round(batch), 1)
-    ctx = PROMPT_LEN + generated // 2
-    return profile.target_step_ms([(ctx, max(round(per_forward / sessions), 1))] * sessions)
+    names = ("queue_ms", "verify_ms", "network_ms", "draft_ms", "tokens")
+    return {name: statistics.fmean(p[i] for p in parts) for i, name in enumerate(names)}
 
 
 def _share(flags: list[bool]) -> float | None:

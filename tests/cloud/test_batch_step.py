@@ -18,6 +18,7 @@ from edgespec.cloud.verifier_types import INVALID_ARGUMENT, Outcome, ServiceErro
 from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
+from edgespec.core.profiles import get_profile
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.runner import ModelRunner
 from edgespec.core.sampling import logits_to_probs
@@ -222,3 +223,26 @@ def test_coupled_sampling_sessions_batched_equal_the_target_alone() -> None:
         expected = generate_autoregressive(ModelRunner(model), prompt, params).tokens
         assert drafter.generated == expected
     assert accepted > 0
+
+
+@pytest.mark.parametrize("profile", ["real", "h100-70b"])
+def test_a_step_reports_its_wall_time_and_its_modelled_time(tiny_pair, profile: str) -> None:
+    """An emulated step is padded to the roofline time of ITS OWN rows and says so
+    (`StepStats.modelled_ms`, the capacity benchmark's overrun against it); a real one models
+    nothing."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model, VerifierConfig(max_block_tokens=8), compute_profile=profile)
+    params = SamplingParams(max_new_tokens=NEW)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    sids = [engine.open_session(p, params).session_id for p in prompts]
+    feeds = [(1, 2, 3), (4,)]  # ragged: 4 and 2 tokens fed with the last committed
+    work = [
+        VerifyWork(sid, DraftBlock(0, len(p), feed))
+        for sid, p, feed in zip(sids, prompts, feeds, strict=True)
+    ]
+    rows = [(len(p) - 1, len(feed) + 1) for p, feed in zip(prompts, feeds, strict=True)]
+    _, stats = run_step(engine, work)
+    modelled = get_profile(profile).target_step_ms(rows) if profile != "real" else 0.0
+    assert stats.modelled_ms == pytest.approx(modelled)
+    assert stats.step_ms >= stats.forward_ms >= stats.modelled_ms
+    assert (stats.modelled_ms > 0) == (profile != "real")

@@ -175,6 +175,10 @@ def test_kv_budget_refuses_with_a_retry_hint_and_frees_on_close(target_model) ->
             # Two prefills (one chunk each: the sessions opened one after the other), one block.
             assert registry.get_sample_value("edgespec_verifier_forward_tokens_count") == 3
             assert registry.get_sample_value("edgespec_verifier_forward_tokens_sum") == 2 * 5 + 3
+            assert registry.get_sample_value("edgespec_verifier_step_seconds_count") == 3
+            assert registry.get_sample_value("edgespec_verifier_step_seconds_sum") > 0
+            # a real profile models nothing
+            assert registry.get_sample_value("edgespec_verifier_modelled_step_seconds_total") == 0
             stub.CloseSession(pb.CloseSessionRequest(session_id=held[1]), timeout=DEADLINE_S)
             assert open_session(stub, metadata=AUTH).session_id  # room again
     finally:

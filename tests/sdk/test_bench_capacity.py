@@ -57,6 +57,13 @@ def test_capacity_smoke(tiny_pair, tmp_path) -> None:
         assert row["session_tokens_per_s_sum"] >= row["replica_tokens_per_s"] * (1 - 1e-9)
         serial = row["method"].endswith("_serial")
         assert (row["mean_batch_sessions"] is None) == serial  # no batched steps when serial
+        # each batched step is padded to its own modelled time: it never takes less
+        assert (row["modelled_step_ms"] is None) == serial
+        assert serial or row["step_ms_mean"] >= row["modelled_step_ms"] > 0
+        assert serial or row["verify_overrun"] >= 1.0
+        fresh = row["fresh_round_parts"]  # unpipelined: every speculative round is fresh
+        assert (fresh is not None) == (not row["method"].startswith("cloud_only"))
+        assert fresh is None or (fresh["tokens"] >= 1 and fresh["verify_ms"] > 0)
     assert result["edge_emulation"].startswith("EMULATED edge devices")  # default h100-70b
     assert result["verifier_emulation"].startswith("EMULATED cloud GPU")
     assert all(row["draft_real_forwards"] <= row["draft_forwards"] for row in result["rows"])
