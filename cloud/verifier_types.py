@@ -92,8 +92,12 @@ class VerifierConfig:
     batch_return_fraction: float = 0.25
     # Before a step, wait (at most this many steps' time) for sessions expected back soon when
     # that serves more sessions per unit of verifier time (`cloud.step_scheduler`: steps
-    # grouped by expected returns). 0: start as soon as the verifier is free.
-    batch_group_horizon: float = 0.0
+    # grouped by expected returns); never while a session drafting ahead or a cloud-only
+    # stream has work queued. 0: start as soon as the verifier is free. Default 1 since
+    # session 13: fixed-k chains at 32 sessions gained 7-11% and pipelined adaptive edges
+    # kept their rate once their blocks were never held back (experiments/results/capacity/
+    # group_ab/NOTES.md).
+    batch_group_horizon: float = 1.0
     # A new session's prefix enters its cache in steps of at most this many tokens, batched
     # with other sessions' work, so that a long prompt does not stall them.
     prefill_chunk_tokens: int = 256

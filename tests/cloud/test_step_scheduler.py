@@ -328,7 +328,8 @@ def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
     profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(40.0))
 
     def shared_steps(fraction: float) -> int:
-        config = VerifierConfig(batch_return_fraction=fraction)
+        # grouping off: it would merge these steps too (test_steps_grouped_by_expected_returns)
+        config = VerifierConfig(batch_return_fraction=fraction, batch_group_horizon=0.0)
         engine = VerifierEngine(model, config, compute_profile=profile)
         sizes: list[int] = []
 
@@ -408,3 +409,81 @@ def test_step_times_price_a_roofline() -> None:
         assert times.predict(tokens) == pytest.approx(roofline(tokens), rel=0.06)
     assert times.predict(300) == pytest.approx(roofline(300), rel=0.1)
     assert times.predict(5) == pytest.approx(0.030, rel=0.02)
+
+
+def test_grouping_never_holds_back_a_pipelined_sessions_block(tiny_pair) -> None:
+    """Five sessions that come back 80 ms after each answer, and one that drafts ahead (its
+    next block is sent while the one before it waits or runs): grouping by expected returns
+    waits for the five only while no block of the pipelined session is queued, so that
+    session's blocks wait no longer with grouping than without (measured side by side), while
+    it still marks the pipelined session and not the others."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    rounds, n = 10, 5
+    profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(40.0))
+
+    def pipelined_queue_ms(horizon: float) -> tuple[float, set[str], str]:
+        config = VerifierConfig(batch_group_horizon=horizon, batch_return_fraction=0.0)
+        engine = VerifierEngine(model, config, compute_profile=profile)
+
+        async def returning(scheduler: StepScheduler, start_s: float) -> None:
+            sid = engine.open_session(PROMPT, SamplingParams(max_new_tokens=rounds + 1)).session_id
+            await asyncio.sleep(start_s)
+            for seq in range(rounds):
+                if seq:
+                    await asyncio.sleep(0.08)
+                block = DraftBlock(seq, len(PROMPT) + seq, ())
+                await scheduler.submit(VerifyWork(sid, block))
+
+        async def ahead(scheduler: StepScheduler) -> tuple[list[float], str]:
+            params = SamplingParams(max_new_tokens=2 * rounds + 1)
+            sid = engine.open_session(PROMPT, params).session_id
+            await asyncio.sleep(0.05)  # once the others' steps have been timed
+
+            def send(seq: int) -> asyncio.Task:
+                block = DraftBlock(seq, len(PROMPT) + seq, ())  # k = 0: valid after seq - 1
+                return asyncio.create_task(scheduler.submit(VerifyWork(sid, block)))
+
+            waits, nxt = [], send(0)
+            for seq in range(1, 2 * rounds):
+                current, nxt = nxt, send(seq)  # the next block goes before this verdict
+                result, queue_ms = await current
+                assert result.outcome is Outcome.APPLIED
+                waits.append(queue_ms)
+                await asyncio.sleep(0.005)
+            await nxt
+            return waits[1:], sid  # the first was sent alone
+
+        async def main() -> tuple[float, set[str], str]:
+            async with _running(engine) as scheduler:
+                others = [returning(scheduler, 0.013 * i) for i in range(n)]
+                *_, (waits, sid) = await asyncio.gather(*others, ahead(scheduler))
+                return sum(waits) / len(waits), set(scheduler._pipelined), sid
+
+        return asyncio.run(main())
+
+    plain, _, _ = pipelined_queue_ms(0.0)
+    grouped, marked, sid = pipelined_queue_ms(1.0)
+    assert marked == {sid}
+    assert grouped <= 1.25 * plain + 5.0, (grouped, plain)
+
+
+def test_a_block_that_arrived_before_the_verdict_before_it_marks_its_session(target_model) -> None:
+    """A stream's handler submits its blocks one at a time, so a session drafting ahead is told
+    by its block's arrival stamp (`submit(since=...)`): earlier than the end of the step that
+    answered the block before it. A block sent after that verdict marks nothing."""
+    engine = VerifierEngine(target_model, VerifierConfig())
+    params = SamplingParams(max_new_tokens=4)
+
+    async def main() -> tuple[set[str], str]:
+        async with _running(engine) as scheduler:
+            ahead, serial = (engine.open_session(PROMPT, params).session_id for _ in range(2))
+            for sid in (ahead, serial):
+                sent = time.perf_counter()  # before the verdict: as a block drafted ahead
+                await scheduler.submit(VerifyWork(sid, DraftBlock(0, len(PROMPT), ())))
+                arrived = sent if sid == ahead else time.perf_counter()
+                block = DraftBlock(1, len(PROMPT) + 1, ())
+                await scheduler.submit(VerifyWork(sid, block), since=arrived)
+            return set(scheduler._pipelined), ahead
+
+    marked, ahead = asyncio.run(main())
+    assert marked == {ahead}
