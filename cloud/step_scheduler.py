@@ -29,15 +29,17 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
 - Steps grouped by expected returns (`batch_group_horizon` > 0): before a step starts, the
   scheduler predicts when each session that is not queued comes back (its last answer plus its
   smoothed return gap) and the step's time (learnt from the recent steps: a kernel-weighted
-  local line of wall time against fed tokens, `_StepTimes`). It delays the step until the j-th expected return when that
-  raises the sessions served per unit of verifier time, (q + j) / (wait + step(q + j)),
-  above starting now with the q queued, q / step(q), and the larger step costs at most 10%
-  more than the one it would have run when the wait began; it re-decides on every arrival, gives up on a return a tenth of a step late, and waits
-  at most `batch_group_horizon` steps in all. It never waits while a session that drafts
-  ahead has a block queued (a session whose block arrived before the verdict of the one
-  before it, `_drafted_ahead`), nor while a cloud-only stream's next token is queued: those
-  sessions wait for nobody, and holding their blocks back cost pipelined `adaptive` edges 7%
-  of a replica's tokens/s (measured, 32 sessions at 20 ms).
+  local line of wall time against fed tokens, `_StepTimes`). It delays the step until the
+  j-th expected return when that raises the sessions served per unit of verifier time,
+  (q + j) / (wait + step(q + j)), above starting now with the q queued, q / step(q), and
+  the larger step costs at most 10%
+  more than the one it would have run when the wait began; it re-decides on every arrival,
+  gives up on a return a tenth of a step late, and waits at most `batch_group_horizon` steps
+  in all. It never waits while a session that drafts ahead has a block queued (a session
+  whose block arrived before the verdict of the one before it, `_drafted_ahead`), nor while
+  a cloud-only stream's next token is queued: those sessions wait for nobody, and holding
+  their blocks back cost pipelined `adaptive` edges 6-7% of a replica's tokens/s (measured,
+  32 sessions at 20 and 50 ms).
   Why: a batched step costs nearly the same for 10 sessions as for 30 (the weights are read
   once), but a continuous scheduler starts a step as soon as it is free, so sessions whose
   rounds (draft + RTT) outlast a step spread over ~3 small steps, each block waiting half a
@@ -161,8 +163,8 @@ class StepScheduler:
         self._answered: dict[str, float] = {}
         self._gaps: dict[str, float] = {}
         self._last_answer: dict[str, float] = {}  # per session: when its last step ended
-        # sessions seen sending a block while one of theirs was still queued or running (they
-        # draft ahead): a grouping wait would hold back their blocks drafted ahead
+        # sessions seen sending a block before the verdict of the one before it (they draft
+        # ahead, `_drafted_ahead`): a grouping wait would hold back their blocks
         self._pipelined: set[str] = set()
         self.steps = 0
         self._busy = False  # a step just ended with work queued: the next one starts at once
@@ -313,8 +315,8 @@ class StepScheduler:
             now = time.perf_counter()
             queued = {q.work.session_id for q in self._queue}
             if queued & self._pipelined or any(isinstance(q.work, DecodeWork) for q in self._queue):
-                # a block drafted ahead (or the fresh one after a miss), or a cloud-only
-                # stream's next token: its session is not waiting for others, so neither is it
+                # a block of a session that drafts ahead (its guess, or the fresh block after
+                # a miss), or a cloud-only stream's next token: its session waits for nobody
                 return
             fed = sum(self._feeds.get(sid, 1) for sid in queued)
             step_s = self._step_times.predict(fed)
@@ -323,8 +325,8 @@ class StepScheduler:
             if limit is None:
                 limit = start + self.group_horizon * step_s
                 # the step it would have run when the wait began: the growth bound stays on
-                # it, or each arrival would move it up by another 10% (compute-bound trees
-                # crept from 40 to 58 ms steps and lost 7-13% of their tokens/s)
+                # it, or each arrival would move it up by another 10% (16-node trees at 32
+                # sessions: a block's verify time rose from 50 to 58 ms, -13% tokens/s)
                 first_step_s = step_s
             slack = 0.1 * step_s
             expected = sorted(

@@ -661,9 +661,7 @@ def _row(
     per_forward = _per_forward(before, after, "edgespec_verifier_forward_tokens")
     verify_s = _per_forward(before, after, "edgespec_verifier_verify_seconds")
     step_s = _per_forward(before, after, "edgespec_verifier_step_seconds")
-    steps = after.get("edgespec_verifier_step_seconds_count", 0) - before.get(
-        "edgespec_verifier_step_seconds_count", 0
-    )
+    steps = _delta(before, after, "edgespec_verifier_step_seconds_count")
     modelled_s = after.get(_MODELLED_STEPS, 0.0) - before.get(_MODELLED_STEPS, 0.0)
     modelled = modelled_s * 1e3 / steps if steps and modelled_s > 0 else None
     bound, cloud_sd_estimate = row_estimates(
