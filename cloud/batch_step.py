@@ -171,7 +171,7 @@ def run_step(engine: VerifierEngine, work: Sequence[Work]) -> tuple[list[Outcome
         kv_tokens=sum(p for p, _ in rows),
         forward_ms=forward_ms if in_step else 0.0,
         step_ms=(time.perf_counter() - step_started) * 1e3 if in_step else 0.0,
-        modelled_ms=modelled_ms if in_step else 0.0,
+        modelled_ms=modelled_ms,  # 0 unless a forward ran (`in_step` then holds it)
     )
     return [o for o in outcomes if o is not None], stats
 
