@@ -20,6 +20,11 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
   a missed guess joins this step instead of waiting one more, and a session whose guess missed
   counts as away (its fresh block is on its way), not as ready. Only a session's first queued
   block is judged, since a later one may be valid once the ones before it are applied.
+- A block drafted ahead (it names an anchor) that needs no model work is answered on arrival
+  when nothing of its session is queued or running: its session's state cannot change first.
+  A stream submits one block at a time, so an edge that sends several guesses ahead
+  (`EngineConfig.ahead_branches_sent`) would otherwise wait for a step to end per guess that
+  missed before the right one is even submitted.
 - Quick returns share a step: after a step, the scheduler waits for the sessions of that step
   whose next items usually come back within `batch_return_fraction` of the step's time after
   their answers (e.g. edges beside the verifier), at most that long and no longer than twice
@@ -174,6 +179,7 @@ class StepScheduler:
         self._step_started = 0.0  # perf_counter when it started
         self._ahead: dict[tuple[str, int], _Queued] = {}  # decode tokens queued ahead
         self.ready_on_claim = 0  # decode tokens computed ahead before their stream asked
+        self.judged_at_once = 0  # blocks drafted ahead answered STALE/REPLAYED on arrival
 
     @property
     def queue_depth(self) -> int:
@@ -192,6 +198,9 @@ class StepScheduler:
                 del self._ahead[key]
             if isinstance(work, VerifyWork) and self._drafted_ahead(work.session_id, since):
                 self._pipelined.add(work.session_id)
+            judged = self._judge_ahead_now(work)
+            if judged is not None:
+                return judged, 0.0
         if queued is None:
             arrived = time.perf_counter() if since is None else since
             answered = self._answered.pop(work.session_id, None)
@@ -219,6 +228,32 @@ class StepScheduler:
         if isinstance(outcome, ServiceError):
             raise outcome
         return outcome, max(0.0, queued.started - queued.arrived) * 1e3
+
+    def _judge_ahead_now(self, work: Work) -> VerifyResult | None:
+        """The answer to a block drafted ahead (it names an anchor) that needs no model work
+        (STALE or REPLAYED), given at once when nothing of its session is queued or running:
+        its session's state cannot change before a step would judge it. A stream's handler
+        submits one block at a time, so without this each guess that missed would wait for
+        the running step to end before the block after it is even submitted (an edge that
+        drafts several guesses ahead, `EngineConfig.ahead_branches`: one step per guess). None:
+        it goes through the queue as any block does (and a ServiceError is raised there, in
+        order)."""
+        if not isinstance(work, VerifyWork) or work.block.anchor_token is None:
+            return None
+        sid = work.session_id
+        if any(
+            q.work.session_id == sid and not q.future.done()
+            for q in (*self._queue, *self._running_step)
+        ):
+            return None
+        try:
+            outcome = self.engine.prepare(sid, work.block)
+        except ServiceError:
+            return None
+        if isinstance(outcome, VerifyResult):
+            self.judged_at_once += 1
+            return outcome
+        return None
 
     def _drafted_ahead(self, session_id: str, since: float | None) -> bool:
         """Whether a block of the session submitted now was sent before the verdict of the one

@@ -80,6 +80,10 @@ class AdaptiveConfig:
     cloud_probe_every: int = 8  # cloud-only steps between speculative probes
     cloud_probe_k: int = 4  # probes from cloud-only mode draft at least this many (to learn alpha)
     pipelined: bool = False  # the edge drafts ahead while verdicts travel: use T_pipe(k)
+    # Pipelined: the branches the edge drafts ahead besides the main guess
+    # (`EngineConfig.ahead_branches`), each used when position p's rejected token is replaced
+    # by the draft's runner-up there, at the rate the rounds show (`RoundObservation.runner_up`)
+    ahead_branches: int = 0
     # Account for the verifier's load (`VerifierLoad`): when other sessions' work in the same
     # batched forwards adds more than `load_dead_zone` times the verifier's fixed cost to the
     # verify time, price each position at what it costs all of them (t_v(n) = floor +
@@ -119,6 +123,7 @@ class AdaptiveConfig:
         check_int("cloud_probe_k", self.cloud_probe_k, 1, K_LIMIT)
         if not isinstance(self.pipelined, bool):
             raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
+        check_int("ahead_branches", self.ahead_branches, 0)
         check_float("memory_trials", self.memory_trials, 0, lo_open=True)
         if not isinstance(self.load_aware, bool):
             raise ValueError(f"load_aware must be a bool, got {self.load_aware!r}")
@@ -191,6 +196,9 @@ class AdaptivePolicy:
         self._verify = AffineFit(c.verify_decay, c.timing_gain, c.shift_threshold, c.shift_rounds)
         self._queue: float | None = None  # plain EWMA: the mean wait is what costs throughput
         self._load = VerifierLoad(c.load_gain, c.shift_threshold, c.shift_rounds)
+        # P(the target's token is the draft's runner-up | a rejection): decayed (hits, trials),
+        # a prior of one hit in two
+        self._runner_up = [1.0, 2.0]
         # cloud-only time per token, as an offset over the speculative side's t_v(1) + queue so
         # that it follows the verifier's load seen through the probes
         self._cloud_offset = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)
@@ -285,6 +293,8 @@ class AdaptivePolicy:
             verify_per_token_ms=slope,
             queue_ms=queue,
             pipelined=self.config.pipelined,
+            ahead_branches=self.config.ahead_branches if self.config.pipelined else 0,
+            runner_up=self._runner_up[0] / self._runner_up[1],
         )
         cloud = spec.cloud_ms_per_token() + (self._cloud_offset.value or 0.0)
         if self._load.floor is not None:
@@ -332,6 +342,10 @@ class AdaptivePolicy:
             return
         self._spec_rounds += 1
         self._shadow_tail = []  # a real round in between: the open shadow round is not contiguous
+        if obs.runner_up is not None:
+            decay = self.config.acceptance_decay
+            hits, trials = self._runner_up
+            self._runner_up = [decay * hits + obs.runner_up, decay * trials + 1.0]
         if obs.tree is None:
             self._accept.update(obs.k, obs.accepted)
             forwards = obs.k

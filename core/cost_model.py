@@ -49,7 +49,6 @@ block before it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,10 +101,17 @@ class CostModel:
     queue_ms: float = 0.0  # mean wait at the verifier before the forward (batching, load)
     cloud_token_ms: float | None = None  # cloud-only time per token; None => verify_ms(1) + queue
     pipelined: bool = False  # the edge drafts the next block while a verdict travels (depth 1)
+    # Pipelined chains with branches ahead (`Drafter.propose_ahead`): guesses that position
+    # p = 1..ahead_branches is rejected for the draft's runner-up (p = k + 1: the bonus), each
+    # true with P(the target's token is the runner-up | a rejection) = runner_up.
+    ahead_branches: int = 0
+    runner_up: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.pipelined, bool):
             raise ValueError(f"pipelined must be a bool, got {self.pipelined!r}")
+        check_int("ahead_branches", self.ahead_branches, 0)
+        check_prob("runner_up", self.runner_up)
         for name in ("draft_ms", "rtt_ms", "verify_base_ms", "verify_per_token_ms", "queue_ms"):
             object.__setattr__(self, name, check_ms(name, getattr(self, name)))
         if self.cloud_token_ms is not None:
@@ -154,13 +160,19 @@ class CostModel:
         per-position acceptance probabilities (at least k of them)."""
         if isinstance(accept, Sequence):
             tokens = expected_tokens_per_position(accept, k)
-            # h(k): all k accepted, and p_{k+1} (the last probability given when absent)
-            p_next = accept[k] if len(accept) > k else (accept[-1] if accept else 1.0)
-            hit = math.prod(accept[:k]) * p_next
+            hit = self.hit_probability(accept, k)
         else:
             tokens = expected_tokens(accept, k)
-            hit = accept ** (k + 1)
+            hit = self.hit_probability([accept] * (k + 1), k)
         return 1e3 * tokens / max(self.expected_round_ms(k, min(max(hit, 0.0), 1.0)), 1e-9)
+
+    def hit_probability(self, accept: Sequence[float], k: int) -> float:
+        """h(k): P(a block drafted ahead of a chain of `k` is used), `accept` the per-position
+        acceptance (p_{k+1}: the last one when absent). The main guess comes true when all k
+        are accepted and the bonus is the draft's guess (p_{k+1} stands for that); a branch at
+        p <= ahead_branches when positions 1..p-1 are accepted, p is not (for p = k + 1: the
+        bonus is not the guess) and the target's token is the draft's runner-up there."""
+        return _hits(self, accept, k, k)[-1]
 
     def cloud_rate(self) -> float:
         """Tokens per second when the cloud decodes alone."""
@@ -175,18 +187,35 @@ def speculative_rates(
     p_{k+1} (accept_probs[k], the last one when absent)."""
     rates = []
     tokens, reach = 1.0, 1.0
-    n = len(accept_probs)
+    hits = _hits(cost, accept_probs, 1, k_max) if cost.pipelined else []
     for k in range(1, k_max + 1):
         reach *= accept_probs[k - 1]
         tokens += reach
         if k >= k_min:
             if cost.pipelined:
-                hit = reach * accept_probs[min(k, n - 1)]
-                time_ms = cost.expected_round_ms(k, min(hit, 1.0))
+                time_ms = cost.expected_round_ms(k, min(hits[k - 1], 1.0))
             else:
                 time_ms = cost.round_ms(k)
             rates.append(1e3 * tokens / max(time_ms, 1e-9))
     return rates
+
+
+def _hits(cost: CostModel, accept: Sequence[float], k_lo: int, k_hi: int) -> list[float]:
+    """h(k) (`CostModel.hit_probability`) for k = k_lo..k_hi, in one pass (unvalidated)."""
+    out = []
+    n = len(accept)
+    reach, branched = 1.0, 0.0  # P(positions 1..p accepted); P(a branch's guess came true)
+    branches, up = cost.ahead_branches, cost.runner_up
+    for k in range(1, k_hi + 1):
+        p = accept[min(k - 1, n - 1)] if n else 1.0
+        if k <= branches:
+            branched += reach * (1.0 - p) * up
+        reach *= p
+        if k >= k_lo:
+            bonus = accept[min(k, n - 1)] if n else 1.0
+            extra = reach * (1.0 - bonus) * up if branches > k else 0.0
+            out.append(min(reach * bonus + branched + extra, 1.0))
+    return out
 
 
 def best_k(

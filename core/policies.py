@@ -82,6 +82,9 @@ class RoundObservation:
     # The block was drafted ahead, during the round before it (a pipeline hit): it reached the
     # verifier while its own predecessor was pending, so its queue_ms includes that wait.
     ahead: bool = False
+    # A chain round that rejected a draft token: whether the verifier's token there was the
+    # draft's runner-up (what a branch drafted ahead bets on); None: no rejection, or unknown.
+    runner_up: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cloud_only, bool):

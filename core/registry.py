@@ -61,6 +61,7 @@ class PolicySpec:
     pipelined: bool = False
     memory: PolicyMemory | None = None
     options: Mapping[str, object] = field(default_factory=dict)
+    ahead_branches: int = 0  # pipelined: the branches drafted ahead besides the main guess
 
     def __post_init__(self) -> None:
         if self.k is not None:
@@ -103,7 +104,12 @@ class _Entry:
 
 def adaptive_config(spec: PolicySpec) -> AdaptiveConfig:
     """The `AdaptiveConfig` a spec asks for."""
-    return AdaptiveConfig(**spec.kwargs(k_init=spec.k, k_max=spec.k_max, pipelined=spec.pipelined))
+    branches = spec.ahead_branches if spec.pipelined else 0
+    return AdaptiveConfig(
+        **spec.kwargs(
+            k_init=spec.k, k_max=spec.k_max, pipelined=spec.pipelined, ahead_branches=branches
+        )
+    )
 
 
 def adaptive_policy(spec: PolicySpec) -> AdaptivePolicy:

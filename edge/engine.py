@@ -192,7 +192,13 @@ class EdgeEngine:
                 raise FieldError(
                     "policy", f"policy must be one of {policy_names()}, got {policy!r}"
                 )
-            spec = PolicySpec(k=k, max_k=self.config.max_k, pipelined=pipelined, memory=memory)
+            spec = PolicySpec(
+                k=k,
+                max_k=self.config.max_k,
+                pipelined=pipelined,
+                memory=memory,
+                ahead_branches=self._branches_sent,
+            )
             return make_policy(policy, spec)
         if not isinstance(policy, DraftLengthPolicy):
             raise FieldError(
@@ -316,6 +322,8 @@ class EdgeEngine:
             recovery=self.recovery,
             max_k=self.config.max_k,
             learner=learner,
+            ahead_branches=self.config.ahead_branches,
+            ahead_branches_sent=self.config.ahead_branches_sent,
         )
         async for new in session.run():
             if new:
@@ -351,6 +359,12 @@ class EdgeEngine:
             seed=params.seed,
         )
 
+    @property
+    def _branches_sent(self) -> int:
+        """The branches ahead that go out with the main guess: what the policies price as
+        pipeline hits (a branch kept on the edge saves its round's drafting only)."""
+        return min(self.config.ahead_branches, self.config.ahead_branches_sent)
+
     def _learner(
         self, chooser: DraftLengthPolicy, memory: PolicyMemory | None, pipelined: bool
     ) -> AdaptivePolicy | None:
@@ -360,7 +374,13 @@ class EdgeEngine:
             return chooser
         if not self.config.link_memory:
             return None
-        spec = PolicySpec(self.config.default_k, self.config.max_k, pipelined, memory)
+        spec = PolicySpec(
+            self.config.default_k,
+            self.config.max_k,
+            pipelined,
+            memory,
+            ahead_branches=self._branches_sent,
+        )
         return adaptive_policy(spec)
 
     def link_estimates(self) -> list[dict]:

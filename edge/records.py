@@ -39,6 +39,9 @@ class RoundRecord:
     probe: bool = False  # the policy marked the decision an exploration probe
     draft_forwards: int = 0  # draft forward passes spent on the block
     tree: TreeOutcome | None = None  # a token-tree round: what its walk showed (drafted = nodes)
+    # a chain that rejected a draft token: whether the verifier's token was the draft's
+    # runner-up there (`Drafter.last_runner_up`)
+    runner_up: bool | None = None
 
     @property
     def positions(self) -> int:
@@ -93,6 +96,7 @@ def observation_from_record(record: RoundRecord) -> RoundObservation | None:
         network_ms=network,
         queue_ms=max(t.queue_ms, 0.0),
         ahead=record.pipelined,
+        runner_up=record.runner_up,
     )
 
 

@@ -120,10 +120,16 @@ class SessionLoop:
         recovery: Recovery,
         max_k: int,
         learner: AdaptivePolicy | None = None,
+        ahead_branches: int = 0,
+        ahead_branches_sent: int = 0,
     ) -> None:
         """`compute(fn, *args)` runs draft-model work (the engine's worker thread or inline);
-        `max_k` caps every draft length (with the verifier's `max_block_tokens`)."""
+        `max_k` caps every draft length (with the verifier's `max_block_tokens`);
+        `ahead_branches`, `ahead_branches_sent`: the guesses besides the main one a pipelined
+        chain drafts ahead on, and how many of them go out with it (`EngineConfig`)."""
         self.compute = compute
+        self.ahead_branches = ahead_branches
+        self.ahead_branches_sent = ahead_branches_sent
         self.recovery = recovery
         self.max_k = max_k
         self.learner = learner  # observes every round too, unless it is the policy itself
@@ -259,6 +265,7 @@ class SessionLoop:
                 pipelined=sent.ahead,
                 probe=sent.probe,
                 draft_forwards=sent.draft_forwards,
+                runner_up=d.last_runner_up,
             ),
             reply,
         )
@@ -291,13 +298,24 @@ class SessionLoop:
             return
         shape = self._tree_shape(decision)
         k = shape.depth if shape is not None else self._clip_k(decision.k)
-        propose = partial(d.propose_ahead, tree=shape)
+        branches = self.ahead_branches if shape is None else 0
+        propose = partial(d.propose_ahead, tree=shape, branches=branches)
         block, ms, forwards = await self.compute(_timed, propose, d, k)
         if block is None:  # the guessed bonus token is a stop token: nothing to draft
             self.next_decision = decision
             return
-        self.blocks[block.seq] = _Sent(block, k, ms, forwards, decision.probe, ahead=True)
-        await self._send(block)
+        # The branches were drafted with the main guess, in the same forwards. The likeliest
+        # (the earliest rejected position: the smallest base_len) go out with it, most
+        # committed tokens assumed first (once one is applied the verifier finds the later
+        # ones STALE); the others are sent only if the verdict shows them right
+        # (`_ensure_sent`), so their rounds wait for no block before them (`ahead` False).
+        likeliest = sorted(d.branches, key=lambda b: b.base_len)[: self.ahead_branches_sent]
+        going = [block, *sorted(likeliest, key=lambda b: -b.base_len)]
+        for ahead in (block, *d.branches):
+            sent_now = ahead in going
+            self.blocks[ahead.seq] = _Sent(ahead, k, ms, forwards, decision.probe, ahead=sent_now)
+        for ahead in going:
+            await self._send(ahead)
 
     # ---- cloud-only streams -----------------------------------------------------------------
 
@@ -443,10 +461,10 @@ class SessionLoop:
             await self._send(pending)
 
     def _forget_unsent(self) -> None:
-        """After a broken stream: nothing is on the (next) stream; drop the block ahead."""
-        dropped = self.drafter.drop_ahead()
-        if dropped is not None:
-            self.blocks.pop(dropped.seq, None)
+        """After a broken stream: nothing is on the (next) stream; drop the blocks ahead."""
+        self.drafter.drop_ahead()
+        for block in self.drafter.dropped_blocks:
+            self.blocks.pop(block.seq, None)
         self.sent.clear()
         self.dropped.clear()
 
@@ -486,13 +504,12 @@ class SessionLoop:
         if d.last_ahead_hit is True:
             if d.pending is not None and not d.pending.decode_tokens:
                 self.stats.pipeline_hits += 1
-        elif d.last_ahead_hit is False and d.dropped_ahead is not None:
-            seq = d.dropped_ahead.seq
-            self.blocks.pop(seq, None)
-            if seq in self.sent:
-                self.dropped.add(seq)  # its STALE reply is still to come
-            if not d.dropped_ahead.decode_tokens:
-                self.stats.pipeline_misses += 1
+        elif d.last_ahead_hit is False and d.dropped_ahead and not d.dropped_ahead.decode_tokens:
+            self.stats.pipeline_misses += 1
+        for block in d.dropped_blocks:
+            self.blocks.pop(block.seq, None)
+            if block.seq in self.sent:
+                self.dropped.add(block.seq)  # its STALE reply is still to come
 
     def _record(self, record: RoundRecord, reply: Reply) -> None:
         now = time.perf_counter()

@@ -211,6 +211,8 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         memo_pass=not args.no_memo_pass,
         generations=args.generations,
         batch_group_horizon=args.batch_group_horizon,
+        ahead_branches=args.ahead_branches,
+        ahead_branches_sent=args.ahead_branches_sent,
     )
     result = capacity.run_capacity_bench(config, target_path, draft_path)
     capacity.print_summary(result)
@@ -287,6 +289,20 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
         help="the verifier's batch_group_horizon: wait up to this many steps for sessions "
         "expected back when that serves more sessions per unit of verifier time (default: "
         "the verifier's own default)",
+    )
+    p.add_argument(
+        "--ahead-branches",
+        type=int,
+        default=None,
+        help="the edges' ahead_branches: guesses besides the main one that pipelined chains "
+        "draft ahead on (default: the edge's own default)",
+    )
+    p.add_argument(
+        "--ahead-branches-sent",
+        type=int,
+        default=None,
+        help="the edges' ahead_branches_sent: of those guesses, how many are sent with the main "
+        "one (default: the edge's own default)",
     )
     p.add_argument(
         "--links-in-workers",

@@ -174,9 +174,16 @@ class CapacityConfig:
     generations: int = 1
     # The verifier's `batch_group_horizon` (None: its default; see `cloud.step_scheduler`).
     batch_group_horizon: float | None = None
+    # The edges' `EngineConfig.ahead_branches` (None: its default): guesses besides the main
+    # one that pipelined chains draft ahead on.
+    ahead_branches: int | None = None
+    ahead_branches_sent: int | None = None  # likewise `EngineConfig.ahead_branches_sent`
 
     def __post_init__(self) -> None:
         check_int("generations", self.generations, 1)
+        for name in ("ahead_branches", "ahead_branches_sent"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 0)
         if self.batch_group_horizon is not None:  # the verifier's own check
             VerifierConfig(batch_group_horizon=self.batch_group_horizon)
         for n in self.sessions:
@@ -262,6 +269,8 @@ class _Job:
     # per session of `prompts`, the (index, token ids) of its later generations, run back to
     # back after its first on the same edge (`CapacityConfig.generations`)
     later: list[list[tuple[int, list[int]]]] | None = None
+    ahead_branches: int | None = None  # the edges' EngineConfig.ahead_branches (None: default)
+    ahead_branches_sent: int | None = None  # likewise ahead_branches_sent
 
     def make_policy(self) -> Any:
         """What the edge engine is asked to run: the policy's name, or for a fixed tree
@@ -348,7 +357,10 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
     from edgespec.edge.recovery import EdgeError
 
     model = _draft_model(job.draft)
-    memo_factory = runner_factory(job.compute_profile, _draft_memo(job.draft)) if job.memo else None
+    # sessions that grow no token trees may stand in for dead tree nodes (branches ahead)
+    chains_only = job.tree is None and "tree" not in job.policy
+    memo = _draft_memo(job.draft)
+    memo_factory = runner_factory(job.compute_profile, memo, chains_only) if job.memo else None
     runners: list[PaddedRunner] = []  # the draft runners of the measured sessions
 
     def factory(model: Any) -> PaddedRunner | Any:
@@ -358,6 +370,11 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
             runners.append(runner)
         return runner
 
+    edge_config = EngineConfig(max_k=16, link_memory=job.warmups is not None)
+    if job.ahead_branches is not None:
+        edge_config = replace(edge_config, ahead_branches=job.ahead_branches)
+    if job.ahead_branches_sent is not None:
+        edge_config = replace(edge_config, ahead_branches_sent=job.ahead_branches_sent)
     host, port = job.verifier.rsplit(":", 1)
     with ExitStack() as stack:
         engines = []
@@ -377,9 +394,7 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
                 # Draft on the engine's own thread even with one session: inline, the
                 # modelled draft time would be slept on the worker's event loop, and the sessions
                 # of one worker would wait for each other's (emulated) devices.
-                config=EngineConfig(
-                    max_k=16, link_memory=job.warmups is not None, draft_in_thread=True
-                ),
+                config=replace(edge_config, draft_in_thread=True),
                 compute_profile=job.compute_profile,
                 runner_factory=factory if memo_factory is not None else None,
             )
@@ -999,6 +1014,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 tree=tree,
                 references=references,
                 memo_pass=config.memo_pass and config.memo_drafts,
+                ahead_branches=config.ahead_branches,
+                ahead_branches_sent=config.ahead_branches_sent,
             )
             warmed = config.link_memory == "warm" and policy in ADAPTIVE_POLICIES
             records, memo, before = _measure(

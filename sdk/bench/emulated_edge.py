@@ -118,6 +118,23 @@ class LogitsMemo:
             self.stand_ins += len(rows)
         return rows  # type: ignore[return-value]
 
+    def rows_or_stand_ins(self, keys: Sequence[tuple[int, ...]]) -> list[Tensor] | None:
+        """Per key its memoized row, or for a dead key not memoized its stand-in (as
+        `stand_in_rows`); None (nothing counted) when a live key or a stand-in is missing."""
+        with self._lock:
+            rows = []
+            stood_in = 0
+            for key in keys:
+                row = self._rows.get(key)
+                if row is None and not self.is_live(key):
+                    row, stood_in = self._rows.get(self._live_prefix(key)), stood_in + 1
+                if row is None:
+                    return None
+                rows.append(row)
+            self.hits += len(keys) - stood_in
+            self.stand_ins += stood_in
+        return rows
+
     def _live_prefix(self, key: tuple[int, ...]) -> tuple[int, ...]:
         """The longest proper prefix of `key` that is live (() when none is)."""
         for end in range(len(key) - 1, 0, -1):
@@ -182,12 +199,18 @@ class MemoRunner(PaddedRunner):
         profile: ComputeProfile,
         memo: LogitsMemo,
         device: str | torch.device | None = None,
+        stand_in_dead_nodes: bool = False,
     ) -> None:
         cost, prefill = profile.costs("draft")
         super().__init__(model, cost, prefill, device=device)
         if self.rollback_mode != "crop":
             raise ValueError(f"{type(model).__name__} needs a recomputing rollback: no memo")
         self.memo = memo
+        # Dead tree nodes (on a live root) may be stood in for, as chain rows are: right for
+        # the trees of guesses drafted ahead (`Drafter.propose_ahead` with branches), whose
+        # dead chains are never verified, but not for a token tree (`grow_tree`), where a dead
+        # node's row decides which nodes fill the budget: off for sessions that grow trees.
+        self.stand_in_dead_nodes = stand_in_dead_nodes
         self._tokens: list[int] = []  # the logical sequence
         # the tree being drafted (`extend_tree`): its fed nodes after the logical sequence's
         # first `_tree_start` tokens, of which the real cache holds the first `_real_tree`
@@ -264,6 +287,8 @@ class MemoRunner(PaddedRunner):
         found = self.memo.get_rows(keys)
         if found is None and not self.memo.is_live(root):  # a tree no walk will reach
             found = self.memo.stand_in_rows(keys)
+        elif found is None and self.stand_in_dead_nodes:
+            found = self.memo.rows_or_stand_ins(keys)
         if found is None:
             with self.memo.compute_lock:
                 found = self.memo.get_rows(keys)
@@ -367,13 +392,14 @@ def host_ids(ids: TokenIds, vocab_size: int, max_length: int | None, have: int) 
 
 
 def runner_factory(
-    profile: ComputeProfile | str, memo: LogitsMemo
+    profile: ComputeProfile | str, memo: LogitsMemo, stand_in_dead_nodes: bool = False
 ) -> Callable[[PreTrainedModel], ModelRunner] | None:
     """The draft runner factory of an emulated edge device sharing `memo`, or None when the
-    profile pads nothing (``real``: each session must then pay its real draft compute)."""
+    profile pads nothing (``real``: each session must then pay its real draft compute).
+    `stand_in_dead_nodes`: see `MemoRunner` (only for sessions that grow no token trees)."""
     profile = get_profile(profile)
     if not profile.emulated:
         return None
     # An emulated draft that costs the edge nothing (it runs on the verifier's GPU) is memoized
     # too: its sessions' real forwards must not queue on this host either.
-    return lambda model: MemoRunner(model, profile, memo)
+    return lambda model: MemoRunner(model, profile, memo, stand_in_dead_nodes=stand_in_dead_nodes)

@@ -318,6 +318,48 @@ def test_a_missed_guess_is_answered_between_steps_without_its_replacement(tiny_p
     assert asyncio.run(main()) == (Outcome.STALE, 1, 0)
 
 
+def test_guesses_that_missed_are_answered_while_another_sessions_step_runs(tiny_pair) -> None:
+    """An edge that drafts several guesses ahead (`EngineConfig.ahead_branches`) sends blocks
+    that name an anchor; its stream submits them one at a time. Once its pending block is
+    answered, each guess that missed is answered STALE on arrival, while another session's
+    step is still running, instead of each waiting for a step to end. Control: the same stale
+    block without an anchor (not drafted ahead) waits for the running step."""
+    profile = ComputeProfile("test-steps", emulated=True, target_batch=BatchRoofline(300.0))
+    engine, expected, _ = _guessing_session(tiny_pair, profile)
+    base = len(PROMPT)
+
+    async def main() -> tuple[list[Outcome], bool, int, bool]:
+        async with _running(engine) as scheduler:
+            params = SamplingParams(max_new_tokens=8)
+            sid = engine.open_session(PROMPT, params).session_id
+            other = engine.open_session(PROMPT, params).session_id
+            first, _ = await scheduler.submit(VerifyWork(sid, DraftBlock(0, base, ())))
+            assert first.verdict.committed_len == base + 1
+            long_step = asyncio.ensure_future(
+                scheduler.submit(VerifyWork(other, DraftBlock(0, base, ())))
+            )
+            await asyncio.sleep(0.05)  # its 300 ms step has started
+            outcomes = []
+            for seq, anchor in ((1, 7), (2, 8), (3, 9)):  # guesses of the token at base
+                wrong = (expected.tokens[0] + anchor) % engine.vocab_size
+                guess = DraftBlock(seq, base + 1, (5,), anchor_token=wrong)
+                result, _ = await scheduler.submit(VerifyWork(sid, guess))
+                outcomes.append(result.outcome)
+            during = not long_step.done()
+            judged = scheduler.judged_at_once
+            unanchored = asyncio.ensure_future(
+                scheduler.submit(VerifyWork(sid, DraftBlock(4, base + 5, (5,))))
+            )
+            await asyncio.sleep(0.05)
+            waited = not unanchored.done() and not long_step.done()
+            await asyncio.gather(long_step, unanchored)
+            return outcomes, during, judged, waited
+
+    outcomes, during, judged, waited = asyncio.run(main())
+    assert outcomes == [Outcome.STALE] * 3 and during and judged == 3
+    assert waited
+
+
 def test_sessions_that_return_quickly_share_the_next_step(tiny_pair) -> None:
     """Two sessions beside the verifier, one back at once after each answer, one 2 ms later
     (a few ms on a loaded host), steps of 40 ms (emulated): with the default return fraction

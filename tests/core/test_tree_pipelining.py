@@ -13,6 +13,19 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.pipelining import (
+    COUPLED,
+    GREEDY,
+    PAIRS,
+    PROMPTS,
+    RUNS,
+    SAMPLED,
+    SAMPLED_PROMPT,
+    SAMPLED_V,
+    V,
+    joint_of_three,
+    pair_runners,
+)
 from support.stats import chi_square_p
 from support.tiny_models import noisy_draft, tiny_model
 
@@ -20,29 +33,18 @@ from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from edgespec.core.sampling import logits_to_probs
 from edgespec.core.session import DraftBlock, StaleBlockError, Verdict
 from edgespec.core.tree import ROOT, DraftTree, TreeShape
 from edgespec.core.tree_draft import grow_tree
 from edgespec.core.verifier import Verifier
 
-V = 64
-PROMPTS = ([7, 20, 13, 42, 9, 50, 3], [5, 6, 7], [25, 17, 5, 8, 1])
-GREEDY = SamplingParams(max_new_tokens=24)
-COUPLED = SamplingParams(temperature=1.0, max_new_tokens=24, seed=7)
 TREE = TreeShape(nodes=10, depth=4, width=2)
 WIDE = TreeShape(nodes=12, depth=3, width=3)
 
 
-# (architecture, its options, the draft's noise): pairs whose guesses both hit and miss
-PAIRS = {"llama": ({}, 0.2), "gpt2": ({"random_head": True}, 0.1)}
-
-
 @pytest.fixture(scope="module", params=sorted(PAIRS))
 def runners(request) -> tuple[ModelRunner, ModelRunner]:
-    options, noise = PAIRS[request.param]
-    target = tiny_model(request.param, V, head_scale=3.0, **options)
-    return ModelRunner(target), ModelRunner(noisy_draft(target, noise))
+    return pair_runners(request.param)
 
 
 def _propose(drafter: Drafter, plan: TreeShape | int) -> DraftBlock:
@@ -257,11 +259,6 @@ def test_no_room_ahead_when_the_guess_ends_the_session(runners):
 
 # ---------------------------------------------------------------- rejection sampling
 
-SAMPLED = SamplingParams(temperature=1.0, top_k=3, max_new_tokens=4, sampler="rejection")
-SAMPLED_PROMPT = [5, 9, 17]
-RUNS = 1200
-SAMPLED_V = 24
-
 
 def _sampled_session(target: ModelRunner, draft: ModelRunner, seed: int) -> tuple[list[int], bool]:
     """Rejection sampling, a one-level tree (3 siblings drawn from q) and a one-level tree
@@ -296,16 +293,7 @@ def test_pipelined_rejection_trees_follow_the_target():
         counts[key] = counts.get(key, 0) + 1
         hits += hit
     assert hits > RUNS // 10
-    exact = torch.zeros(SAMPLED_V**3)
-    p1 = logits_to_probs(target.prefill(SAMPLED_PROMPT), SAMPLED)
-    for x in torch.nonzero(p1).flatten().tolist():
-        p2 = logits_to_probs(target.prefill([*SAMPLED_PROMPT, x]), SAMPLED)
-        for y in torch.nonzero(p2).flatten().tolist():
-            p3 = logits_to_probs(target.prefill([*SAMPLED_PROMPT, x, y]), SAMPLED)
-            exact[(x * SAMPLED_V + y) * SAMPLED_V : (x * SAMPLED_V + y + 1) * SAMPLED_V] = (
-                p1[x] * p2[y] * p3
-            )
-    assert chi_square_p(counts, exact, RUNS) > 1e-3
+    assert chi_square_p(counts, joint_of_three(target), RUNS) > 1e-3
 
 
 # ---------------------------------------------------------------- fuzzing the drafter

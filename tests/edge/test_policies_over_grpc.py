@@ -56,6 +56,8 @@ def make_engine(
     max_retries: int = 2,
     trace_dir: str | None = None,
     link_memory: bool = True,
+    ahead_branches: int = 0,
+    ahead_branches_sent: int = 0,
 ) -> EdgeEngine:
     model, tokenizer = draft
     return EdgeEngine(
@@ -68,6 +70,8 @@ def make_engine(
             backoff_initial_s=0.02,
             trace_dir=trace_dir,
             link_memory=link_memory,
+            ahead_branches=ahead_branches,
+            ahead_branches_sent=ahead_branches_sent,
         ),
     )
 
@@ -151,6 +155,41 @@ def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, 
             await engine.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(max_new_tokens=24), SamplingParams(temperature=1.0, seed=3, max_new_tokens=24)],
+    ids=["greedy", "coupled"],
+)
+def test_branches_ahead_over_grpc_give_the_target_alone(params, draft, target, link_20ms):
+    """Pipelined chains with branches ahead (`EngineConfig.ahead_branches`): the branches sent
+    with the main guess (`ahead_branches_sent`) are applied by the verifier when they came true
+    and answered STALE otherwise (the edge skips those replies); one kept on the edge is sent
+    when the verdict shows it right. Either way the output is the target alone's, with more
+    hits than the main guess alone gets on the same prompts."""
+
+    async def hits_with(branches: int, sent: int) -> int:
+        engine = make_engine(
+            draft, link_20ms.address, ahead_branches=branches, ahead_branches_sent=sent
+        )
+        hits = 0
+        try:
+            for prompt in PROMPTS:
+                expected = reference(target, prompt, params)
+                streamed, _, summary = await run_one(
+                    engine, prompt, params, k=3, policy="fixed", pipelined=True
+                )
+                assert summary.tokens == streamed == expected, (branches, sent, prompt)
+                assert summary.stats.reconnects == 0
+                hits += summary.stats.pipeline_hits
+        finally:
+            await engine.aclose()
+        return hits
+
+    alone = asyncio.run(hits_with(0, 0))
+    assert alone < asyncio.run(hits_with(4, 4))  # every branch sent
+    assert alone < asyncio.run(hits_with(4, 0))  # every branch kept until its verdict
 
 
 def test_link_memory_across_sessions(draft, target, link_20ms):

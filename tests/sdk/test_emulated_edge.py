@@ -158,10 +158,15 @@ def test_memoized_tree_drafting_gives_the_plain_drafters_trees(sampler: str | No
 
 
 def _pipelined_session(
-    draft: ModelRunner, target: ModelRunner, prompt: list[int], tree: TreeShape | None
+    draft: ModelRunner,
+    target: ModelRunner,
+    prompt: list[int],
+    tree: TreeShape | None,
+    branches: int = 0,
 ) -> tuple[list[DraftBlock], list[int], int]:
-    """A greedy session drafting a block ahead of each pending one (chains of 4, or trees of
-    `tree`); returns the blocks the verifier used, the output, and the blocks drafted ahead."""
+    """A greedy session drafting a block ahead of each pending one (chains of 4, with
+    `branches` more guesses, or trees of `tree`); returns the blocks the verifier used, the
+    output, and the blocks drafted ahead."""
     params = SamplingParams(max_new_tokens=24)
     drafter = Drafter(draft, prompt, params)
     verifier = Verifier(target, prompt, params)
@@ -173,8 +178,8 @@ def _pipelined_session(
     block = propose()
     while True:
         used.append(block)
-        if drafter.propose_ahead(4, tree=tree) is not None:
-            ahead += 1
+        if drafter.propose_ahead(4, tree=tree, branches=branches) is not None:
+            ahead += 1 + len(drafter.branches)
         drafter.apply(verifier.verify(block))
         if drafter.finished:
             return used, drafter.generated, ahead
@@ -223,4 +228,33 @@ def test_dead_rows_are_stood_in_without_changing_any_used_block(tree: TreeShape 
         stats = memo.stats()
         assert (stats.stand_ins > 0) == told
         real_forwards[told] = stats.real_forwards
+    assert real_forwards[True] < real_forwards[False]
+
+
+def test_dead_branch_nodes_are_stood_in_without_changing_any_used_block() -> None:
+    """Branches drafted ahead (`propose_ahead(..., branches=3)`) are a tree on a live prefix;
+    a runner told to (`stand_in_dead_nodes`, sessions that grow no token trees) serves the
+    rows of its dead nodes from a live prefix's row, as for a chain ahead: fewer real forwards
+    than computing the tree whole, and every block the verifier used, and the output, as the
+    plain drafter's."""
+    target_model = tiny_llama(VOCAB, seed=0)
+    draft_model = noisy_draft(target_model)
+    target = ModelRunner(target_model)
+    params = SamplingParams(max_new_tokens=24)
+    prompts = PROMPTS[2:]
+    references = [p + generate_autoregressive(target, p, params).tokens for p in prompts]
+    real_forwards = {}
+    for stand_in in (False, True):
+        memo = LogitsMemo()
+        memo.add_references(references)
+        for prompt, reference in zip(prompts, references, strict=True):
+            plain, plain_out, _ = _pipelined_session(
+                ModelRunner(draft_model), target, prompt, None, branches=3
+            )
+            runner = MemoRunner(draft_model, PROFILE, memo, stand_in_dead_nodes=stand_in)
+            used, out, ahead = _pipelined_session(runner, target, prompt, None, branches=3)
+            assert ahead > 0
+            assert [_walked(b, reference) for b in used] == [_walked(b, reference) for b in plain]
+            assert out == plain_out == reference[len(prompt) :]
+        real_forwards[stand_in] = memo.stats().real_forwards
     assert real_forwards[True] < real_forwards[False]
