@@ -197,8 +197,9 @@ class AdaptivePolicy:
         self._queue: float | None = None  # plain EWMA: the mean wait is what costs throughput
         self._load = VerifierLoad(c.load_gain, c.shift_threshold, c.shift_rounds)
         # P(the target's token is the draft's runner-up | a rejection): decayed (hits, trials),
-        # a prior of one hit in two
-        self._runner_up = [1.0, 2.0]
+        # a prior of none in two: no branch is counted on before rounds have shown one (a
+        # session that starts optimistic on a long link speculates where it should stream)
+        self._runner_up = [0.0, 2.0]
         # cloud-only time per token, as an offset over the speculative side's t_v(1) + queue so
         # that it follows the verifier's load seen through the probes
         self._cloud_offset = RobustLevel(c.timing_gain, c.shift_threshold, c.shift_rounds)

@@ -193,21 +193,28 @@ def run_link_bench(
     async def bench(address: str, serial_address: str | None) -> dict:
         host, port = address.rsplit(":", 1)
         result: dict = {}
+        # No branches ahead: a round whose block a branch drafted ahead contains no drafting
+        # of its own, and the overhead (wall - draft - verify) would come out negative.
+        chains = EngineConfig(ahead_branches=0)
         engine = EdgeEngine.from_pretrained(
-            draft_path, [address], link_config=LinkConfig(round_timeout_s=30.0)
+            draft_path, [address], link_config=LinkConfig(round_timeout_s=30.0), config=chains
         )
         threaded = EdgeEngine(
             engine.model,
             engine.tokenizer,
             [address],
             link_config=engine.link_config,
-            config=EngineConfig(draft_in_thread=True),
+            config=replace(chains, draft_in_thread=True),
         )
         # The same edge against the one-at-a-time verifier (None: not compared).
         serial = None
         if serial_address is not None:
             serial = EdgeEngine(
-                engine.model, engine.tokenizer, [serial_address], link_config=engine.link_config
+                engine.model,
+                engine.tokenizer,
+                [serial_address],
+                link_config=engine.link_config,
+                config=chains,
             )
         try:
             # Warm-up: kernels for every shape the prompts need, channels connected.

@@ -1,0 +1,86 @@
+"""How often the draft's runner-up is the target's token where its top choice is not: what a
+branch drafted ahead (`EngineConfig.ahead_branches`) bets on. ``python -m
+experiments.draft_runner_up [--target PATH --draft PATH] [--new-tokens N] --json FILE``.
+
+Along the target's own greedy continuation of each prompt (the demo prompts and the benchmark
+prompts), at every position: the draft's top-3 tokens given the same prefix. Prints and writes
+the share of positions where the target's token is the draft's top choice (greedy acceptance,
+alpha), and among the others the share where it is the runner-up and the third.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from edgespec.core.demo_pair import BENCH_PROMPTS, DEMO_PROMPT, resolve_pair
+from edgespec.core.generate import generate_autoregressive
+from edgespec.core.models import load_tokenizer
+from edgespec.core.params import SamplingParams
+from edgespec.core.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def runner_up_shares(
+    target: ModelRunner, draft: ModelRunner, prompts: list[list[int]], new_tokens: int
+) -> dict[str, float | int]:
+    """Counts over the target's greedy continuations of `prompts` (see the module docstring)."""
+    positions = top1 = second = third = 0
+    params = SamplingParams(max_new_tokens=new_tokens)
+    for prompt in prompts:
+        out = generate_autoregressive(target, prompt, params).tokens
+        draft.reset()
+        rows = draft.prefill([*prompt, *out[:-1]])  # row i predicts token i + 1
+        best = torch.topk(rows[len(prompt) - 1 :], 3, dim=-1).indices.tolist()
+        for token, top in zip(out, best, strict=True):
+            positions += 1
+            top1 += token == top[0]
+            second += token == top[1]
+            third += token == top[2]
+    misses = max(positions - top1, 1)
+    return {
+        "positions": positions,
+        "top1_share": top1 / positions,
+        "runner_up_share_of_misses": second / misses,
+        "third_share_of_misses": third / misses,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--draft", default=None)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+    target_path, draft_path = resolve_pair(args.target, args.draft)
+    tokenizer = load_tokenizer(target_path)
+    texts = [DEMO_PROMPT, *BENCH_PROMPTS]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    shares = runner_up_shares(
+        ModelRunner.from_pretrained(target_path, device="cpu"),
+        ModelRunner.from_pretrained(draft_path, device="cpu"),
+        prompts,
+        args.new_tokens,
+    )
+    result = {"target": str(target_path), "draft": str(draft_path), "prompts": texts, **shares}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    logger.info(
+        "%d positions: top-1 %.3f; of the others, runner-up %.3f, third %.3f",
+        shares["positions"],
+        shares["top1_share"],
+        shares["runner_up_share_of_misses"],
+        shares["third_share_of_misses"],
+    )
+
+
+if __name__ == "__main__":
+    main()
