@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="draft ahead while verdicts travel, for requests that do not say (default on)",
     )
     ap.add_argument(
+        "--ahead-branches",
+        type=int,
+        default=EngineConfig().ahead_branches,
+        help="pipelined chains: guesses besides the main one drafted ahead (default 3)",
+    )
+    ap.add_argument(
+        "--ahead-branches-sent",
+        type=int,
+        default=EngineConfig().ahead_branches_sent,
+        help="of those, how many are sent with the main guess (default 1)",
+    )
+    ap.add_argument(
         "--compute-profile",
         default="real",
         choices=profile_names(),
@@ -167,6 +179,8 @@ async def _main(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         default_policy=args.policy,
         pipelined=args.pipelined,
+        ahead_branches=args.ahead_branches,
+        ahead_branches_sent=args.ahead_branches_sent,
         trace_dir=args.trace_dir,
     )
     engine = EdgeEngine.from_pretrained(

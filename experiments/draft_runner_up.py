@@ -34,8 +34,8 @@ def runner_up_shares(
     params = SamplingParams(max_new_tokens=new_tokens)
     for prompt in prompts:
         out = generate_autoregressive(target, prompt, params).tokens
-        draft.reset()
-        rows = draft.prefill([*prompt, *out[:-1]])  # row i predicts token i + 1
+        with torch.no_grad():  # one forward over the whole sequence: row i predicts token i + 1
+            rows = draft.model(torch.tensor([[*prompt, *out[:-1]]])).logits[0].float()
         best = torch.topk(rows[len(prompt) - 1 :], 3, dim=-1).indices.tolist()
         for token, top in zip(out, best, strict=True):
             positions += 1
