@@ -91,8 +91,11 @@ class Drafter:
     the block stays `pending` until its last token is committed. Pipelined drafting: with a block
     pending, `propose_ahead(k)` drafts the next one on the guess that the pending one is accepted
     whole (see `edgespec.core.session`); `apply` of the pending block's verdict then either makes it
-    the pending block (`last_ahead_hit` True) or drops it (`dropped_ahead`). At most one block
-    ahead (pipeline depth 1). A pending tree is guessed to be accepted along its likeliest path
+    the pending block (`last_ahead_hit` True) or drops it (`dropped_ahead`). One block ahead per
+    guess (pipeline depth 1): after a pending chain, `propose_ahead(k, branches=m)` also drafts
+    `branches`, chains on the guesses that a position of the pending chain is rejected for the
+    draft's runner-up there; `apply` makes the one whose guess came true pending and drops the
+    rest (`dropped_blocks`). A pending tree is guessed to be accepted along its likeliest path
     (`GrownTree.guess`); the block ahead of any pending block is a chain or a tree.
 
     `draft_params` (default: `params`) is how the draft chooses its tokens; stopping rules always
