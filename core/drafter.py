@@ -510,20 +510,12 @@ class Drafter:
         runner-up, and q (None unless drawn)."""
         if not positions:
             return []
-        dparams = self.draft_params
-        deterministic = dparams.is_greedy or self._coupled_seed is not None or not draw
         chosen: list[Tensor] = []
         q: list[Tensor | None] = []
         for row, position in zip(rows, positions, strict=True):
-            if deterministic:
-                token = self._pick(row[None], position)[0]
-                q.append(None)
-            else:
-                probs = logits_to_probs(row, dparams)
-                token = sample(probs, self._generator)
-                q.append(probs)
-            chosen.append(token.view(()))
-            chosen.append(self._runner_up(row, position, token))
+            token, runner_up, qi = self._choose(row, position, draw)
+            chosen += [token, runner_up]
+            q.append(qi)
         flat = torch.stack(chosen).tolist()  # the one sync of the level
         return [(flat[2 * i], flat[2 * i + 1], qi) for i, qi in enumerate(q)]
 
@@ -538,15 +530,26 @@ class Drafter:
         branch.position += 1
         branch.stopped = token in self._stop
 
-    def _runner_up(self, row: Tensor, position: int, chosen: Tensor) -> Tensor:
-        """The draft's next-best token for `row` (V,) at `position` after `chosen` (0-dim long):
-        by the pick's own score (coupled: the coupled scores; else the logits), on device."""
-        if self._coupled_seed is not None and not self.draft_params.is_greedy:
-            score = coupled_scores(row[None], self.draft_params, self._coupled_seed, [position])[0]
-        else:
+    def _choose(
+        self, row: Tensor, position: int, draw: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """For `row` (V,) predicting `position`: the draft's token (its pick, `_pick`'s choice;
+        a draw from q when drafting for rejection sampling and `draw`), its runner-up by the
+        pick's own score (coupled: the coupled scores, computed once for both; else the
+        logits), and q (None unless drawn). 0-dim tensors, on device."""
+        dparams = self.draft_params
+        q = None
+        if dparams.is_greedy or self._coupled_seed is not None or not draw:
+            seed = self._coupled_seed
             score = row
+            if seed is not None and not dparams.is_greedy:
+                score = coupled_scores(row[None], dparams, seed, [position])[0]
+            token = score.argmax()  # what `_pick` (`coupled_tokens`) takes
+        else:
+            score, q = row, logits_to_probs(row, dparams)
+            token = sample(q, self._generator).view(())
         top = torch.topk(score, 2).indices
-        return torch.where(top[0] == chosen.view(()), top[1], top[0])
+        return token, torch.where(top[0] == token, top[1], top[0]), q
 
     def _onto_guess(self, pending: DraftBlock) -> None:
         """A pending tree's cache compacted to committed + a prefix of its guessed path (its
@@ -634,21 +637,17 @@ class Drafter:
         """Draft n tokens, the first from `logits` (V,) (which predict sequence position
         `position`, the one after the cache); returns them, q (n', V) (None when drafting
         greedily or coupled) and the draft's runner-up at each of their positions
-        (`_runner_up`). Every drafted token but the last is fed to the cache."""
-        runner, dparams = self.runner, self.draft_params
-        deterministic = dparams.is_greedy or self._coupled_seed is not None
+        (`_choose`). Every drafted token but the last is fed to the cache."""
+        runner = self.runner
         picked: list[Tensor] = []  # 0-dim long tensors, kept on device until the end
         ups: list[Tensor] = []  # the runner-up at each position, likewise
         q: list[Tensor] = []  # (V,) each
         for i in range(n):
-            if deterministic:
-                tok = self._pick(logits[None], position + i)[0]
-            else:
-                probs = logits_to_probs(logits, dparams)  # (V,)
-                tok = sample(probs, self._generator)
+            tok, runner_up, probs = self._choose(logits, position + i)
+            if probs is not None:
                 q.append(probs)
-            picked.append(tok.view(()))
-            ups.append(self._runner_up(logits, position + i, tok))
+            picked.append(tok)
+            ups.append(runner_up)
             if i < n - 1:
                 logits = runner.extend(tok.view(1))[0]  # (V,)
         both = torch.stack(picked + ups).tolist()  # the one sync of the block
