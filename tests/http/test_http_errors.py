@@ -16,6 +16,7 @@ from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import VerifierConfig
 from edgespec.core.runner import ModelRunner
 from edgespec.edge.config import EngineConfig
+from edgespec.linkemu import LinkEmulator, LinkProfile
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
@@ -172,13 +173,24 @@ def test_504_past_the_deadline(edge, verifier) -> None:
     wait_sessions_freed(edge, verifier)
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_sessions(edge, verifier) -> None:
-    body = {**COMPLETION, "max_tokens": 400, "stream": True}
-    body["edgespec"] = {"policy": "fixed", "draft_tokens": 1, "pipelined": False}
-    with httpx.stream("POST", edge.url + "/v1/completions", json=body, timeout=TIMEOUT_S) as r:
-        assert r.status_code == 200
-        first = next(r.iter_raw())
-        assert first.startswith(b"data: ")
-        assert edge.engine.active_sessions == 1
-    # The connection is closed: the generation (400 one-token rounds) ends early.
-    wait_sessions_freed(edge, verifier, within_s=2.0)
+def test_a_client_that_disconnects_mid_stream_frees_its_sessions(draft, verifier) -> None:
+    # A 20 ms link makes the 400 one-token rounds take at least 8 s, so the generation cannot
+    # finish (and free its sessions by itself) before the client looks, nor within the 2 s
+    # given to free them after it leaves, however starved this test's thread is.
+    host, port = verifier.address.rsplit(":", 1)
+    with LinkEmulator(host, int(port), LinkProfile(rtt_ms=20)) as link:
+        stack = EdgeStack(draft, [link.address])
+        try:
+            body = {**COMPLETION, "max_tokens": 400, "stream": True}
+            body["edgespec"] = {"policy": "fixed", "draft_tokens": 1, "pipelined": False}
+            with httpx.stream(
+                "POST", stack.url + "/v1/completions", json=body, timeout=TIMEOUT_S
+            ) as r:
+                assert r.status_code == 200
+                first = next(r.iter_raw())
+                assert first.startswith(b"data: ")
+                assert stack.engine.active_sessions == 1
+            # The connection is closed: the generation ends early.
+            wait_sessions_freed(stack, verifier, within_s=2.0)
+        finally:
+            stack.stop()
