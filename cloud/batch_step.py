@@ -53,8 +53,8 @@ class VerifyWork:
 
     @property
     def feed_estimate(self) -> int:
-        """Tokens the item will feed (for a step's token budget)."""
-        return len(self.block.tokens) + 1
+        """Tokens the item will feed (for a step's token budget): its longest guess's."""
+        return max(len(choice.tokens) for choice in self.block.choices) + 1
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             prefill_ms=opened.prefill_ms,
             compute_profile=opened.compute_profile,
             tree_blocks=opened.tree_blocks,
+            block_alternatives=opened.block_alternatives,
             idle_forward_ms=opened.idle_forward_ms,
         )
 
@@ -283,7 +284,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     session_id = _stream_session(session_id, msg)
                     block = block_from_proto(msg)
                     result, queue_ms = await self._run(VerifyWork(session_id, block), arrived)
-                    self._observe(result, len(block.tokens), queue_ms)
+                    verdict = result.verdict  # an APPLIED block's guess that was verified
+                    choice = block.choices[verdict.alternative] if verdict is not None else block
+                    self._observe(result, len(choice.tokens), queue_ms)
                     yield result_to_proto(result, queue_ms)
                     while result.more:
                         result, queue_ms = await self._run(DecodeWork(session_id, block.seq))

@@ -120,6 +120,8 @@ class VerifierEngine:
         self.max_length: int | None = probe.max_length  # model positions; None = unbounded
         # Token trees need a cache compacted to the accepted path (`ModelRunner.keep_nodes`).
         self.tree_blocks: bool = probe.batchable
+        # Blocks may carry other guesses (`DraftBlock.alternatives`); announced at open.
+        self.block_alternatives = True
         # What a forward costs with nobody else in it (sessions learn the load against it): the
         # emulated profile's fixed cost, else 0 (unknown) until `calibrate_idle_forward`.
         self.idle_forward_ms: float = (
@@ -284,6 +286,7 @@ class VerifierEngine:
             prefill_ms=prefill_ms,
             compute_profile=self.compute_profile.name,
             tree_blocks=self.tree_blocks,
+            block_alternatives=self.block_alternatives,
             resumed=evictions > 0,
             idle_forward_ms=self.idle_forward_ms,
         )
@@ -351,35 +354,8 @@ class VerifierEngine:
         session = self.session(session_id)
         if not isinstance(block, DraftBlock):
             raise invalid("block", f"block must be a DraftBlock, got {type(block)}")
-        tokens = block.tokens
-        k = len(tokens)
-        limit = self.config.max_block_tokens
-        if k > limit:
-            raise invalid(
-                "tokens", f"tokens must hold at most max_block_tokens={limit} draft tokens, got {k}"
-            )
-        self._check_ids("tokens", tokens)
-        if block.parents is not None:
-            self._check_tree(session, block)
-        q = block.draft_probs
-        if q is not None and session.params.is_coupled:
-            raise invalid(
-                "probs",
-                "probs must be absent in a coupled sampling session (params.sampler coupled): "
-                "the verdict depends on the draft tokens alone",
-            )
-        if q is not None:
-            try:
-                q.validate(k, self.vocab_size)
-            except ValueError as err:
-                raise probs_error(err) from err
-        elif k and not session.params.is_greedy and not session.params.is_coupled:
-            raise invalid(
-                "probs",
-                "probs must be set for a rejection sampling session (temperature "
-                f"{session.params.temperature} > 0): the distribution each draft token was "
-                "drawn from, dense (k, V) or sparse",
-            )
+        for i, choice in enumerate(block.choices):
+            self._check_choice(session, choice, f"alternatives[{i - 1}]." if i else "")
         verifier = session.verifier
         last = verifier.last_verdict
         if last is None and block.seq < session.next_seq:
@@ -403,14 +379,17 @@ class VerifierEngine:
                 f"session {session.id} has generated params.max_new_tokens="
                 f"{session.params.max_new_tokens} tokens; no block can be verified",
             )
-        if block.depth > left - 1:
+        chosen = pending.block  # the alternative the committed prefix picked, if any
+        if chosen.depth > left - 1:
             field, what = ("tokens", "draft tokens")
-            if block.parents is not None:
+            if chosen.parents is not None:
                 field, what = ("parents", "levels of tree nodes")
+            if pending.alternative:
+                field = f"alternatives[{pending.alternative - 1}].{field}"
             raise invalid(
                 field,
                 f"{field} must hold at most {left - 1} {what} here: {left} more tokens reach "
-                f"max_new_tokens and the verdict adds 1, got {block.depth}",
+                f"max_new_tokens and the verdict adds 1, got {chosen.depth}",
             )
         if block.decode_tokens > left:
             raise invalid(
@@ -519,7 +498,41 @@ class VerifierEngine:
                 f"verification failed ({type(err).__name__}: {err}); session closed",
             ) from err
 
-    def _check_tree(self, session: Session, block: DraftBlock) -> None:
+    def _check_choice(self, session: Session, choice: DraftBlock, at: str) -> None:
+        """ServiceError unless `choice` (the block or one of its alternatives, whose fields are
+        named with prefix `at`) is well formed for the session: its size, ids, tree and q."""
+        tokens = choice.tokens
+        k = len(tokens)
+        limit = self.config.max_block_tokens
+        if k > limit:
+            raise invalid(
+                f"{at}tokens",
+                f"{at}tokens must hold at most max_block_tokens={limit} draft tokens, got {k}",
+            )
+        self._check_ids(f"{at}tokens", tokens)
+        if choice.parents is not None:
+            self._check_tree()
+        q = choice.draft_probs
+        if q is not None and session.params.is_coupled:
+            raise invalid(
+                f"{at}probs",
+                f"{at}probs must be absent in a coupled sampling session (params.sampler "
+                "coupled): the verdict depends on the draft tokens alone",
+            )
+        if q is not None:
+            try:
+                q.validate(k, self.vocab_size)
+            except ValueError as err:
+                raise probs_error(err, at) from err
+        elif k and not session.params.is_greedy and not session.params.is_coupled:
+            raise invalid(
+                f"{at}probs",
+                f"{at}probs must be set for a rejection sampling session (temperature "
+                f"{session.params.temperature} > 0): the distribution each draft token was "
+                "drawn from, dense (k, V) or sparse",
+            )
+
+    def _check_tree(self) -> None:
         """A tree block needs a target whose cache keeps per-node entries (`tree_blocks`):
         FAILED_PRECONDITION "parents" otherwise."""
         if not self.tree_blocks:

@@ -173,6 +173,7 @@ class OpenResult:
     prefill_ms: float  # target prefill of the prefix
     compute_profile: str = "real"  # the engine's compute profile (emulated ones pad forwards)
     tree_blocks: bool = False  # the verifier takes token trees (blocks with parents)
+    block_alternatives: bool = False  # the verifier takes `DraftBlock.alternatives`
     resumed: bool = False  # the reopen of a session this verifier evicted
     # the fixed cost of a forward with no other session in it (`VerifierEngine.idle_forward_ms`)
     idle_forward_ms: float = 0.0
@@ -209,12 +210,14 @@ class EngineStats:
     reclaimed: int = 0  # finished sessions dropped for room before their edges closed them
 
 
-def probs_error(err: ValueError) -> ServiceError:
+def probs_error(err: ValueError, at: str = "") -> ServiceError:
     """`DraftProbs.validate`'s error in wire terms: ``draft_probs.probs`` is the field ``probs``
-    (dense or sparse), ``draft_probs.ids`` is ``probs.sparse.ids``."""
+    (dense or sparse), ``draft_probs.ids`` is ``probs.sparse.ids``; `at` prefixes both (an
+    alternative's fields: ``alternatives[i].``)."""
     text = (
         str(err)
-        .replace("draft_probs.probs", "probs")
-        .replace("draft_probs.ids", "probs.sparse.ids")
+        .replace("draft_probs.probs", f"{at}probs")
+        .replace("draft_probs.ids", f"{at}probs.sparse.ids")
     )
-    return invalid("probs.sparse.ids" if text.startswith("probs.sparse.ids") else "probs", text)
+    ids = f"{at}probs.sparse.ids"
+    return invalid(ids if text.startswith(ids) else f"{at}probs", text)

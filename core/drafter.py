@@ -724,11 +724,8 @@ class Drafter:
 
     def _fits(self, block: DraftBlock) -> bool:
         """Whether the committed tokens are the prefix `block` was drafted on: the verifier's
-        rule (its base_len, its anchor), so both sides agree on every hit."""
-        if block.base_len != len(self.committed):
-            return False
-        anchor = block.anchor
-        return not anchor or tuple(self.committed[-len(anchor) :]) == anchor
+        rule (`DraftBlock.fits`), so both sides agree on every hit."""
+        return block.fits(self.committed)
 
     def _forget_ahead(self) -> None:
         """Nothing is drafted ahead any more: forget what was kept for the blocks ahead, all

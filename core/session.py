@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edgespec.core.rejection import DraftProbs
 from edgespec.core.tree import check_parents, node_depths
@@ -97,6 +97,11 @@ class DraftBlock:
     # path), positions base_len - 1 - len(anchor_prefix) .. base_len - 2; stale unless the
     # committed tokens end with them and the anchor. () = the anchor alone. Needs anchor_token.
     anchor_prefix: tuple[int, ...] = ()
+    # Other guesses at the prefix, sent in the same message (`resolve`): blocks of the same seq,
+    # each with its own base_len and anchor, tokens and parents (and q); the verifier applies
+    # the first of (this block, *alternatives) drafted on its committed prefix, and the block
+    # is STALE only if none was. No alternative has alternatives or decode_tokens.
+    alternatives: tuple[DraftBlock, ...] = ()
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq, 0)
@@ -123,6 +128,44 @@ class DraftBlock:
         object.__setattr__(self, "anchor_prefix", prefix)
         if self.parents is not None:
             object.__setattr__(self, "parents", check_parents(self.parents, len(tokens)))
+        alternatives = tuple(self.alternatives)
+        if alternatives and self.decode_tokens:
+            raise ValueError("alternatives must be empty in a decode block (decode_tokens > 0)")
+        for i, alt in enumerate(alternatives):
+            if not isinstance(alt, DraftBlock):
+                raise ValueError(f"alternatives[{i}] must be a DraftBlock, got {type(alt)}")
+            if alt.seq != self.seq or alt.alternatives or alt.decode_tokens:
+                raise ValueError(
+                    f"alternatives[{i}] must have the block's seq ({self.seq}), no alternatives "
+                    f"and no decode_tokens, got seq {alt.seq}, {len(alt.alternatives)} "
+                    f"alternatives, decode_tokens {alt.decode_tokens}"
+                )
+        object.__setattr__(self, "alternatives", alternatives)
+
+    @property
+    def choices(self) -> tuple[DraftBlock, ...]:
+        """This block without its alternatives, then each alternative: the guesses the message
+        carries, in the order the verifier tries them (`resolve`)."""
+        if not self.alternatives:
+            return (self,)
+        return (replace(self, alternatives=()), *self.alternatives)
+
+    def fits(self, committed: Sequence[int]) -> bool:
+        """Whether the block (alternatives aside) was drafted on the committed tokens
+        `committed`: its base_len is their count and they end with its anchor. The one rule
+        both sides apply to a block drafted ahead, so they agree on every hit."""
+        if self.base_len != len(committed):
+            return False
+        anchor = self.anchor
+        return not anchor or tuple(committed[-len(anchor) :]) == anchor
+
+    def resolve(self, committed: Sequence[int]) -> tuple[int, DraftBlock] | None:
+        """The first of `choices` drafted on `committed` (`fits`), with its index (0: this
+        block, i: alternatives[i - 1]); None when none was (the block is STALE)."""
+        for i, choice in enumerate(self.choices):
+            if choice.fits(committed):
+                return i, choice
+        return None
 
     @property
     def identity(self) -> tuple:
@@ -134,6 +177,7 @@ class DraftBlock:
             self.anchor_token,
             self.parents,
             self.anchor_prefix,
+            tuple(alt.identity for alt in self.alternatives),
         )
 
     @property
@@ -165,10 +209,14 @@ class Verdict:
     # A tree block's accepted nodes, root child first (`accepted` of them); None for a chain,
     # whose accepted tokens are its first `accepted`.
     path: tuple[int, ...] | None = None
+    # Which of the block's `DraftBlock.choices` was applied: 0 the block itself, i its
+    # alternatives[i - 1].
+    alternative: int = 0
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq, 0)
         check_int("accepted", self.accepted, 0)
+        check_int("alternative", self.alternative, 0)
         if self.path is not None:
             path = tuple(self.path)
             if len(path) != self.accepted:

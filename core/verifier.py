@@ -40,6 +40,10 @@ class PendingVerify:
     # A tree block: the parent of every fed token (`edgespec.core.tree.DraftTree` convention,
     # the missing committed tokens a chain before the tree's nodes); None for a chain.
     parents: list[int] | None = None
+    # The block as sent, when `block` is one of its alternatives (`DraftBlock.resolve`), and
+    # which: a resend is compared with the whole message.
+    sent: DraftBlock | None = None
+    alternative: int = 0
 
 
 class Verifier:
@@ -115,13 +119,14 @@ class Verifier:
                     raise ValueError(f"seq {block.seq} was already used by a different block")
                 return None
             raise StaleBlockError(block.seq, block.base_len, self.committed_len, last.seq)
-        anchor = block.anchor
-        anchored = not anchor or tuple(self._tokens[-len(anchor) :]) == anchor
-        if block.base_len != self.committed_len or not anchored:
+        sent = block
+        chosen = block.resolve(self._tokens)
+        if chosen is None:
             # A pipelined block drafted on a guess that did not come true lands here too.
             raise StaleBlockError(
                 block.seq, block.base_len, self.committed_len, last.seq if last else None
             )
+        alternative, block = chosen
         k = len(block.tokens)
         vocab = self.runner.vocab_size
         for t in block.tokens:
@@ -148,6 +153,8 @@ class Verifier:
             start_len=start,
             started=time.perf_counter(),
             parents=parents,
+            sent=sent,
+            alternative=alternative,
         )
 
     def continue_decode(self) -> PendingVerify:
@@ -194,8 +201,9 @@ class Verifier:
             committed_len=len(self._tokens),
             verify_ms=(time.perf_counter() - pending.started) * 1e3,
             path=path,
+            alternative=pending.alternative,
         )
-        self._last_block = block
+        self._last_block = pending.sent or block
         self.last_verdict = verdict
         return verdict
 

@@ -25,16 +25,18 @@ class EngineConfig:
     # Pipelined chains: besides the guess that the pending block is accepted whole, draft ahead
     # on up to this many guesses that its p-th token (p = 1, 2, ...) is rejected for the draft's
     # runner-up (`Drafter.propose_ahead`), all in the same draft forwards. 0: the single guess.
-    # Measured (capacity bench, 32 sessions, 20 ms, emulated h100-70b): 3 with 1 sent gave
-    # adaptive 1.085x fixed k = 4's replica tokens/s in the same run, against 1.00x with none,
-    # 1.06x with 1 (sent) and 1.07x with 5 (1 sent); 3 sent cost this 2-core host more than it
-    # saved (each guess sent is a message and a STALE answer).
     ahead_branches: int = 3
-    # Of those, the most likely (p = 1, 2, ...) that are sent with the main guess: the verifier
-    # uses the one that came true, if any, and answers the rest STALE (one message each way per
-    # guess). The others stay on the edge, and one that came true is sent when the verdict
-    # shows it: its round saves the drafting, not the round trip.
-    ahead_branches_sent: int = 1
+    # Of those, the most likely (p = 1, 2, ...) that are sent with the main guess. Where the
+    # verifier takes `DraftBlock.alternatives` (`SessionInfo.block_alternatives`) they travel in
+    # the main guess's message, and the verifier applies the one that came true or answers
+    # STALE once; otherwise each is a block of its own, answered STALE when it missed (a message
+    # each way per guess). The others stay on the edge, and one that came true is sent when the
+    # verdict shows it: its round saves the drafting, not the round trip. Measured (capacity
+    # bench, 32 sessions, 20 ms, emulated h100-70b, two interleaved pairs): all 3 in one message
+    # gave adaptive 1.118x and 1.002x fixed k = 4's replica tokens/s, 1 gave 1.061x and 0.938x
+    # (hits 66% vs 42% of rounds); session 14, sending 3 as blocks of their own gave 0.98x
+    # against 1.09x with 1.
+    ahead_branches_sent: int = 3
     max_sessions: int = 64  # concurrent sessions; more answer RESOURCE_EXHAUSTED
     max_retries: int = 6  # reconnect attempts per round before giving up
     # Waits (each the verifier's retry hint) of a running session that the verifier evicted or

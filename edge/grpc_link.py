@@ -187,6 +187,7 @@ class GrpcVerifierLink(VerifierLink):
             prefill_ms=response.prefill_ms,
             compute_profile=response.compute_profile or "real",
             tree_blocks=response.tree_blocks,
+            block_alternatives=response.block_alternatives,
             idle_forward_ms=response.idle_forward_ms,
             open_rtt_ms=max(open_ms - response.prefill_ms, 0.0) if reused else None,
         )

@@ -55,6 +55,8 @@ class OpenedSession(Protocol):
     @property
     def tree_blocks(self) -> bool: ...
     @property
+    def block_alternatives(self) -> bool: ...
+    @property
     def idle_forward_ms(self) -> float: ...
 
 
@@ -143,6 +145,7 @@ class InProcessVerifierLink(VerifierLink):
             prefill_ms=opened.prefill_ms,
             compute_profile=opened.compute_profile,
             tree_blocks=opened.tree_blocks,
+            block_alternatives=opened.block_alternatives,
             idle_forward_ms=opened.idle_forward_ms,
             open_rtt_ms=0.0,
         )

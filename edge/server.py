@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ahead-branches-sent",
         type=int,
         default=EngineConfig().ahead_branches_sent,
-        help="of those, how many are sent with the main guess (default 1)",
+        help="of those, how many are sent with the main guess, in its message where the "
+        "verifier takes alternatives (default 3)",
     )
     ap.add_argument(
         "--compute-profile",

@@ -146,6 +146,9 @@ class SessionLoop:
         self.blocks: dict[int, _Sent] = {}  # seq -> proposed block not yet recorded
         self.sent: set[int] = set()  # seqs written on the current stream
         self.dropped: set[int] = set()  # seqs written on the current stream, then dropped
+        # Blocks that went out as alternatives of another (`DraftBlock.alternatives`): seq ->
+        # (the seq of the message that carried them, their index in its `choices`).
+        self.carried: dict[int, tuple[int, int]] = {}
         self.next_decision: Decision | None = None  # chosen ahead of time but not yet used
         self.failures = 0  # link failures since the last good reply (bounds the retries)
         self.waits = 0  # refusals for room since the last good reply (bounds the waits)
@@ -314,8 +317,12 @@ class SessionLoop:
         for ahead in (block, *d.branches):
             sent_now = ahead in going
             self.blocks[ahead.seq] = _Sent(ahead, k, ms, forwards, decision.probe, ahead=sent_now)
-        for ahead in going:
-            await self._send(ahead)
+        session = self.link.session
+        if session is not None and session.block_alternatives:
+            await self._send(*going)  # one message: the verifier applies the guess that fits
+        else:
+            for ahead in going:
+                await self._send(ahead)
 
     # ---- cloud-only streams -----------------------------------------------------------------
 
@@ -467,26 +474,48 @@ class SessionLoop:
             self.blocks.pop(block.seq, None)
         self.sent.clear()
         self.dropped.clear()
+        self.carried.clear()
 
-    async def _send(self, block: DraftBlock) -> None:
+    async def _send(self, block: DraftBlock, *alternatives: DraftBlock) -> None:
+        """Write `block` on the stream, with `alternatives` (other guesses drafted ahead) in
+        the same message: their seq is `block`'s there, and `_receive_for` maps its reply back."""
         session = self.link.session
         assert session is not None
-        wire = block
-        if len(block.tokens) > session.max_block_tokens:
-            wire = truncate_block(block, session.max_block_tokens)
+        limit = session.max_block_tokens
+
+        def fit(b: DraftBlock) -> DraftBlock:
+            return truncate_block(b, limit) if len(b.tokens) > limit else b
+
+        wire = fit(block)
+        if alternatives:
+            carried = tuple(replace(fit(b), seq=block.seq) for b in alternatives)
+            wire = replace(wire, alternatives=carried)
         t_sent, nbytes = await self.link.send(wire)
-        sent = self.blocks[block.seq]
-        sent.t_sent, sent.bytes_sent = t_sent, nbytes
-        self.sent.add(block.seq)
+        for i, member in enumerate((block, *alternatives)):
+            sent = self.blocks[member.seq]
+            sent.t_sent, sent.bytes_sent = t_sent, nbytes
+            self.sent.add(member.seq)
+            if i:
+                self.carried[member.seq] = (block.seq, i)
 
     async def _receive_for(self, seq: int) -> Reply:
         """The next reply for block `seq`, skipping STALE replies of dropped blocks."""
         self._teach_learner()  # the block is on its way: off the round's critical path
+        wire, index = self.carried.get(seq, (seq, 0))
         while True:
             reply = await self.link.receive()
-            if reply.seq == seq and reply.verdict is not None:
+            if reply.seq == wire and reply.verdict is not None:
+                if reply.verdict.alternative != index:
+                    raise self.link.protocol_error(
+                        f"verifier applied guess {reply.verdict.alternative} of block "
+                        f"seq={wire} where the committed tokens fit guess {index}"
+                    )
                 self.failures = self.waits = 0
-                return reply
+                if wire == seq:
+                    return reply
+                del self.carried[seq]
+                verdict = replace(reply.verdict, seq=seq, alternative=0)
+                return replace(reply, seq=seq, verdict=verdict)
             if reply.seq in self.dropped and reply.outcome == "STALE":
                 self.dropped.discard(reply.seq)
                 self.sent.discard(reply.seq)
@@ -506,10 +535,16 @@ class SessionLoop:
                 self.stats.pipeline_hits += 1
         elif d.last_ahead_hit is False and d.dropped_ahead and not d.dropped_ahead.decode_tokens:
             self.stats.pipeline_misses += 1
+        pending = d.pending
+        live = None if pending is None else self.carried.get(pending.seq, (pending.seq, 0))[0]
         for block in d.dropped_blocks:
             self.blocks.pop(block.seq, None)
+            wire = self.carried.pop(block.seq, (block.seq, 0))[0]
             if block.seq in self.sent:
-                self.dropped.add(block.seq)  # its STALE reply is still to come
+                self.sent.discard(block.seq)
+                if wire != live:  # the pending block's message answers with its verdict
+                    self.sent.add(wire)
+                    self.dropped.add(wire)  # its STALE reply is still to come
 
     def _record(self, record: RoundRecord, reply: Reply) -> None:
         now = time.perf_counter()

@@ -84,6 +84,8 @@ class SessionInfo:
     prefill_ms: float
     compute_profile: str = "real"  # the verifier's compute profile ("real" or an emulated one)
     tree_blocks: bool = False  # the verifier takes token trees (DraftBlock.parents)
+    # the verifier takes several guesses in one message (`DraftBlock.alternatives`)
+    block_alternatives: bool = False
     idle_forward_ms: float = 0.0  # its fixed cost of a forward alone (0: not announced)
     # opening's wall time less the verifier's prefill: one RTT sample; None when the call also
     # set up the connection (a fresh channel costs extra round trips)

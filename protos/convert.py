@@ -15,6 +15,8 @@ both sides read and write a field the same way. Rules:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from google.protobuf.message import Message
@@ -139,6 +141,8 @@ def block_to_proto(block: DraftBlock, session_id: str = "") -> pb.DraftBlock:
     msg.anchor_prefix.extend(block.anchor_prefix)
     if block.parents is not None:
         msg.parents.extend(block.parents)
+    for alt in block.alternatives:
+        msg.alternatives.append(_choice_to_proto(alt))
     q = block.draft_probs
     if q is None:
         return msg
@@ -155,16 +159,26 @@ def block_to_proto(block: DraftBlock, session_id: str = "") -> pb.DraftBlock:
     return msg
 
 
+def _choice_to_proto(alt: DraftBlock) -> pb.DraftBlock:
+    """An alternative of a block: its own fields only (the seq is the block's)."""
+    msg = block_to_proto(alt)
+    msg.ClearField("seq")
+    return msg
+
+
 def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     """Wire message -> `DraftBlock` (the session id is the caller's business).
 
     Checks the wire structure only: token ids >= 0, ``base_len`` >= 1, probs whose sizes fit
     the k = len(tokens) draft tokens (dense: k*V values, V >= 1; sparse: k row lengths adding up to
     the number of ids and probs), ``decode_tokens`` >= 0 and 0 unless k = 0, ``anchor_token``
-    (when set) >= 0, ``anchor_prefix`` ids >= 0 and only with an anchor_token, ``parents`` (when any) one per token, each -1 or an earlier index. Value
-    checks against the vocabulary (ids < V, rows summing to 1) are left
-    to the receiver. Raises `FieldError` naming the field.
+    (when set) >= 0, ``anchor_prefix`` ids >= 0 and only with an anchor_token, ``parents``
+    (when any) one per token, each -1 or an earlier index; ``alternatives`` none in a decode
+    block, each of them checked alike (fields ``alternatives[i].<field>``) with no session_id,
+    seq, decode_tokens or alternatives of its own. Value checks against the vocabulary (ids <
+    V, rows summing to 1) are left to the receiver. Raises `FieldError` naming the field.
     """
+    alternatives = tuple(_alternative_from_proto(msg, i) for i in range(len(msg.alternatives)))
     tokens = tuple(msg.tokens)
     k = len(tokens)
     if k and min(tokens) < 0:
@@ -210,7 +224,26 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
         anchor_token=anchor,
         parents=parents,
         anchor_prefix=anchor_prefix,
+        alternatives=alternatives,
     )
+
+
+def _alternative_from_proto(msg: pb.DraftBlock, i: int) -> DraftBlock:
+    """alternatives[i] of block `msg` as a `DraftBlock` of the block's seq; `FieldError`
+    naming ``alternatives[i].<field>`` (or ``alternatives`` for one that cannot be one)."""
+    alt = msg.alternatives[i]
+    at = f"alternatives[{i}]"
+    if msg.decode_tokens or alt.session_id or alt.seq or alt.decode_tokens or alt.alternatives:
+        raise FieldError(
+            "alternatives",
+            f"alternatives must be empty in a decode block, and {at} must leave session_id, "
+            "seq, decode_tokens and alternatives unset (they are the block's)",
+        )
+    try:
+        parsed = block_from_proto(alt)
+    except FieldError as err:
+        raise FieldError(f"{at}.{err.field}", f"{at}.{err}") from None
+    return replace(parsed, seq=msg.seq)
 
 
 def _dense_from_proto(msg: pb.DenseProbs, k: int) -> DraftProbs:
@@ -280,6 +313,7 @@ def verdict_to_proto(
         verify_ms=verdict.verify_ms,
         queue_ms=queue_ms,
         path=verdict.path or (),
+        alternative=verdict.alternative,
     )
 
 
@@ -306,6 +340,7 @@ def verdict_from_proto(msg: pb.Verdict) -> Verdict:
             committed_len=msg.committed_len,
             verify_ms=msg.verify_ms,
             path=tuple(msg.path) if len(msg.path) else None,
+            alternative=msg.alternative,
         )
     except ValueError as err:
         raise FieldError(str(err).split(" ", 1)[0], str(err)) from err

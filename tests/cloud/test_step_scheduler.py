@@ -429,8 +429,8 @@ def test_steps_grouped_by_expected_returns(tiny_pair) -> None:
         return len(sizes)
 
     spread, grouped = steps_taken(0.0), steps_taken(1.0)
-    assert spread >= 2.5 * rounds  # ~3 steps a round
-    assert grouped <= 0.8 * spread
+    assert spread >= 2.5 * rounds, (spread, grouped)  # ~3 steps a round
+    assert grouped <= 0.8 * spread, (spread, grouped)
 
 
 def test_step_times_price_a_roofline() -> None:

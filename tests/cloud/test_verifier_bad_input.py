@@ -227,6 +227,59 @@ BAD_INPUTS = {
         INVALID_ARGUMENT,
         "tokens",
     ),
+    "alternative with an id >= vocab": (
+        _verify(
+            lambda s: pb.DraftBlock(
+                session_id=s,
+                seq=0,
+                base_len=6,
+                tokens=[1],
+                alternatives=[pb.DraftBlock(base_len=5, tokens=[2, 300])],
+            )
+        ),
+        INVALID_ARGUMENT,
+        "alternatives[0].tokens[1]",
+    ),
+    "alternative longer than max_block_tokens": (
+        _verify(
+            lambda s: pb.DraftBlock(
+                session_id=s,
+                seq=0,
+                base_len=6,
+                tokens=[1],
+                alternatives=[pb.DraftBlock(base_len=5), pb.DraftBlock(base_len=4, tokens=[1] * 9)],
+            )
+        ),
+        INVALID_ARGUMENT,
+        "alternatives[1].tokens",
+    ),
+    "alternative without probs under rejection sampling": (
+        _verify(
+            lambda s: pb.DraftBlock(
+                session_id=s,
+                seq=0,
+                base_len=6,
+                tokens=[1],
+                probs=pb.DraftProbs(dense=pb.DenseProbs(probs=[1.0 / VOCAB] * VOCAB)),
+                alternatives=[pb.DraftBlock(base_len=5, tokens=[2])],
+            ),
+            params=SAMPLING,
+        ),
+        INVALID_ARGUMENT,
+        "alternatives[0].probs",
+    ),
+    "alternative with a seq of its own": (
+        _verify(
+            lambda s: pb.DraftBlock(
+                session_id=s,
+                seq=0,
+                base_len=6,
+                alternatives=[pb.DraftBlock(seq=1, base_len=5)],
+            )
+        ),
+        INVALID_ARGUMENT,
+        "alternatives",
+    ),
     "sparse id >= vocab": (
         _verify(lambda s: _sparse(s, [1, 1], [1, 300], [1.0, 1.0]), params=SAMPLING),
         INVALID_ARGUMENT,

@@ -162,18 +162,24 @@ def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, 
     [SamplingParams(max_new_tokens=24), SamplingParams(temperature=1.0, seed=3, max_new_tokens=24)],
     ids=["greedy", "coupled"],
 )
-def test_branches_ahead_over_grpc_give_the_target_alone(params, draft, target, link_20ms):
+def test_branches_ahead_over_grpc_give_the_target_alone(
+    params, draft, target, grpc_verifier, link_20ms
+):
     """Pipelined chains with branches ahead (`EngineConfig.ahead_branches`): the branches sent
-    with the main guess (`ahead_branches_sent`) are applied by the verifier when they came true
-    and answered STALE otherwise (the edge skips those replies); one kept on the edge is sent
-    when the verdict shows it right. Either way the output is the target alone's, with more
-    hits than the main guess alone gets on the same prompts."""
+    with the main guess (`ahead_branches_sent`) go in the same message, as its alternatives,
+    where the verifier announces `block_alternatives` (it applies the guess that came true, and
+    answers STALE once when none did), as blocks of their own otherwise (a STALE answer per
+    guess that missed); one kept on the edge is sent when the verdict shows it right. Either
+    way the output is the target alone's, with more hits than the main guess alone gets on the
+    same prompts."""
+    server = grpc_verifier.engine
 
-    async def hits_with(branches: int, sent: int) -> int:
+    async def run(branches: int, sent: int) -> tuple[int, int]:
+        """(pipeline hits, STALE answers) over PROMPTS."""
         engine = make_engine(
             draft, link_20ms.address, ahead_branches=branches, ahead_branches_sent=sent
         )
-        hits = 0
+        hits, stale = 0, server.stats().stale
         try:
             for prompt in PROMPTS:
                 expected = reference(target, prompt, params)
@@ -185,11 +191,18 @@ def test_branches_ahead_over_grpc_give_the_target_alone(params, draft, target, l
                 hits += summary.stats.pipeline_hits
         finally:
             await engine.aclose()
-        return hits
+        return hits, server.stats().stale - stale
 
-    alone = asyncio.run(hits_with(0, 0))
-    assert alone < asyncio.run(hits_with(4, 4))  # every branch sent
-    assert alone < asyncio.run(hits_with(4, 0))  # every branch kept until its verdict
+    try:
+        alone, _ = asyncio.run(run(0, 0))
+        together, stale_together = asyncio.run(run(4, 4))  # every branch sent, one message
+        kept, _ = asyncio.run(run(4, 0))  # every branch kept until its verdict
+        server.block_alternatives = False
+        apart, stale_apart = asyncio.run(run(4, 4))  # every branch sent, a message each
+    finally:
+        server.block_alternatives = True
+    assert alone < min(together, kept, apart)
+    assert stale_together < stale_apart
 
 
 def test_link_memory_across_sessions(draft, target, link_20ms):

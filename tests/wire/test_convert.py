@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,6 +83,20 @@ def test_tree_block_drafted_ahead_round_trips_its_anchor() -> None:
     assert back == block and back.anchor == (3, 2, 7)
 
 
+def test_block_with_alternatives_round_trips_them_under_its_seq() -> None:
+    q = torch.softmax(torch.randn(2, 30, generator=torch.Generator().manual_seed(2)), -1)
+    chain = DraftBlock(6, 12, (4, 8), DraftProbs.dense(q), anchor_token=7)
+    tree = DraftBlock(6, 10, (5, 1, 2), parents=(-1, -1, 0), anchor_token=3)
+    block = replace(chain, alternatives=(DraftBlock(6, 11, (9,), anchor_token=2), tree))
+    msg = block_to_proto(block, "sid")
+    assert [a.seq for a in msg.alternatives] == [0, 0]  # the seq travels once
+    back = _round_trip(block)
+    assert back.identity == block.identity
+    assert [a.seq for a in back.alternatives] == [6, 6]
+    assert torch.equal(back.draft_probs.probs, q)
+    assert back.choices[2] == tree
+
+
 def test_dense_probs_round_trip_bit_exactly() -> None:
     q = torch.softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), -1)
     back = _round_trip(DraftBlock(0, 4, (1, 2, 3), DraftProbs.dense(q)))
@@ -132,6 +147,48 @@ def test_block_errors_name_the_field(build, path) -> None:
     with pytest.raises(FieldError) as info:
         block_from_proto(msg)
     assert info.value.field == path
+
+
+@pytest.mark.parametrize(
+    ("build", "path"),
+    [
+        (lambda m: m.alternatives.add(base_len=3, tokens=[1, -4]), "alternatives[0].tokens[1]"),
+        (lambda m: m.alternatives.add(base_len=0), "alternatives[0].base_len"),
+        (
+            lambda m: (
+                m.alternatives.add(base_len=3),
+                m.alternatives.add(base_len=3, anchor_prefix=[2]),
+            ),
+            "alternatives[1].anchor_prefix",
+        ),
+        (lambda m: m.alternatives.add(base_len=3, seq=4), "alternatives"),
+        (lambda m: m.alternatives.add(base_len=3, session_id="s"), "alternatives"),
+        (lambda m: m.alternatives.add(base_len=3).alternatives.add(base_len=3), "alternatives"),
+        (
+            lambda m: (
+                m.ClearField("tokens"),
+                setattr(m, "decode_tokens", 2),
+                m.alternatives.add(base_len=3),
+            ),
+            "alternatives",
+        ),
+    ],
+)
+def test_alternative_errors_name_the_alternative_and_its_field(build, path) -> None:
+    msg = pb.DraftBlock(seq=2, base_len=3, tokens=[4, 5])
+    build(msg)
+    with pytest.raises(FieldError) as info:
+        block_from_proto(msg)
+    assert info.value.field == path
+    assert str(info.value).startswith(path)
+
+
+def test_verdict_names_the_guess_applied() -> None:
+    verdict = Verdict(
+        seq=4, accepted=1, token=9, is_bonus=False, committed_len=9, verify_ms=1.0, alternative=2
+    )
+    back = verdict_from_proto(pb.Verdict.FromString(verdict_to_proto(verdict).SerializeToString()))
+    assert back == verdict
 
 
 def test_verdict_round_trip_and_stale_refused() -> None:

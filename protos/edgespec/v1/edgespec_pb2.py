@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64gespec/v1/edgespec.proto\x12\x0b\x65\x64gespec.v1\"\xb6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12%\n\x07sampler\x18\x07 \x01(\x0e\x32\x14.edgespec.v1.SamplerB\x07\n\x05_seed\"\x8c\x01\n\x12OpenSessionRequest\x12\x12\n\nprefix_ids\x18\x01 \x03(\x05\x12+\n\x06params\x18\x02 \x01(\x0b\x32\x1b.edgespec.v1.SamplingParams\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x11\n\tgenerated\x18\x04 \x01(\x05\x12\x10\n\x08next_seq\x18\x05 \x01(\x04\"\xdb\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\x05\x12\x18\n\x10max_block_tokens\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ompute_profile\x18\x07 \x01(\t\x12\x13\n\x0btree_blocks\x18\x08 \x01(\x08\x12\x17\n\x0fidle_forward_ms\x18\t \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"j\n\nDraftProbs\x12(\n\x05\x64\x65nse\x18\x01 \x01(\x0b\x32\x17.edgespec.v1.DenseProbsH\x00\x12*\n\x06sparse\x18\x02 \x01(\x0b\x32\x18.edgespec.v1.SparseProbsH\x00\x42\x06\n\x04\x66orm\"\x1b\n\nDenseProbs\x12\r\n\x05probs\x18\x01 \x03(\x02\">\n\x0bSparseProbs\x12\x13\n\x0brow_lengths\x18\x01 \x03(\x05\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\"\xe2\x01\n\nDraftBlock\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08\x62\x61se_len\x18\x03 \x01(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12&\n\x05probs\x18\x05 \x01(\x0b\x32\x17.edgespec.v1.DraftProbs\x12\x15\n\rdecode_tokens\x18\x06 \x01(\x05\x12\x19\n\x0c\x61nchor_token\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07parents\x18\x08 \x03(\x11\x12\x15\n\ranchor_prefix\x18\t \x03(\x05\x42\x0f\n\r_anchor_token\"\x9a\x02\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.edgespec.v1.Verdict.Outcome\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x05\x12\x10\n\x08is_bonus\x18\x05 \x01(\x08\x12\x15\n\rcommitted_len\x18\x06 \x01(\x05\x12\x11\n\tverify_ms\x18\x07 \x01(\x01\x12\x10\n\x08queue_ms\x18\x08 \x01(\x01\x12\x0c\n\x04more\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x03(\x05\"H\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41PPLIED\x10\x01\x12\x0c\n\x08REPLAYED\x10\x02\x12\t\n\x05STALE\x10\x03\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd2\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x15.edgespec.v1.TokenIdsH\x00\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.edgespec.v1.SamplingParams\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\x05\x12\x16\n\tpipelined\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x0c\n\n_pipelined\"\x8a\x03\n\rGenerateStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\x12\x1c\n\x14\x64rafted_per_position\x18\x04 \x03(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x05 \x03(\x05\x12\x15\n\rdraft_lengths\x18\x06 \x03(\x05\x12\x13\n\x0brtt_ms_mean\x18\x07 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x08 \x01(\x01\x12 \n\x18time_per_output_token_ms\x18\t \x01(\x01\x12\x12\n\nbytes_sent\x18\n \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x0b \x01(\x03\x12\x12\n\nreconnects\x18\x0c \x01(\x05\x12\x10\n\x08verifier\x18\r \x01(\t\x12\x15\n\rpipeline_hits\x18\x0e \x01(\x05\x12\x17\n\x0fpipeline_misses\x18\x0f \x01(\x05\x12\x19\n\x11\x63loud_only_tokens\x18\x10 \x01(\x05\"{\n\x10GenerateResponse\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.edgespec.v1.TokenIdsH\x00\x12\'\n\x07summary\x18\x02 \x01(\x0b\x32\x14.edgespec.v1.SummaryH\x00\x12\x0c\n\x04text\x18\x03 \x01(\tB\x07\n\x05\x65vent\"\x88\x01\n\x07Summary\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x05stats\x18\x04 \x01(\x0b\x32\x1a.edgespec.v1.GenerateStats\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed*N\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x13\n\x0fSAMPLER_COUPLED\x10\x01\x12\x15\n\x11SAMPLER_REJECTION\x10\x02\x32\xf4\x01\n\x08Verifier\x12P\n\x0bOpenSession\x12\x1f.edgespec.v1.OpenSessionRequest\x1a .edgespec.v1.OpenSessionResponse\x12S\n\x0c\x43loseSession\x12 .edgespec.v1.CloseSessionRequest\x1a!.edgespec.v1.CloseSessionResponse\x12\x41\n\x0cVerifyStream\x12\x17.edgespec.v1.DraftBlock\x1a\x14.edgespec.v1.Verdict(\x01\x30\x01\x32Q\n\x04\x45\x64ge\x12I\n\x08Generate\x12\x1c.edgespec.v1.GenerateRequest\x1a\x1d.edgespec.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64gespec/v1/edgespec.proto\x12\x0b\x65\x64gespec.v1\"\xb6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12%\n\x07sampler\x18\x07 \x01(\x0e\x32\x14.edgespec.v1.SamplerB\x07\n\x05_seed\"\x8c\x01\n\x12OpenSessionRequest\x12\x12\n\nprefix_ids\x18\x01 \x03(\x05\x12+\n\x06params\x18\x02 \x01(\x0b\x32\x1b.edgespec.v1.SamplingParams\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x11\n\tgenerated\x18\x04 \x01(\x05\x12\x10\n\x08next_seq\x18\x05 \x01(\x04\"\xf7\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\x05\x12\x18\n\x10max_block_tokens\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ompute_profile\x18\x07 \x01(\t\x12\x13\n\x0btree_blocks\x18\x08 \x01(\x08\x12\x17\n\x0fidle_forward_ms\x18\t \x01(\x01\x12\x1a\n\x12\x62lock_alternatives\x18\n \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"j\n\nDraftProbs\x12(\n\x05\x64\x65nse\x18\x01 \x01(\x0b\x32\x17.edgespec.v1.DenseProbsH\x00\x12*\n\x06sparse\x18\x02 \x01(\x0b\x32\x18.edgespec.v1.SparseProbsH\x00\x42\x06\n\x04\x66orm\"\x1b\n\nDenseProbs\x12\r\n\x05probs\x18\x01 \x03(\x02\">\n\x0bSparseProbs\x12\x13\n\x0brow_lengths\x18\x01 \x03(\x05\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\"\x91\x02\n\nDraftBlock\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08\x62\x61se_len\x18\x03 \x01(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12&\n\x05probs\x18\x05 \x01(\x0b\x32\x17.edgespec.v1.DraftProbs\x12\x15\n\rdecode_tokens\x18\x06 \x01(\x05\x12\x19\n\x0c\x61nchor_token\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07parents\x18\x08 \x03(\x11\x12\x15\n\ranchor_prefix\x18\t \x03(\x05\x12-\n\x0c\x61lternatives\x18\n \x03(\x0b\x32\x17.edgespec.v1.DraftBlockB\x0f\n\r_anchor_token\"\xaf\x02\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.edgespec.v1.Verdict.Outcome\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x05\x12\x10\n\x08is_bonus\x18\x05 \x01(\x08\x12\x15\n\rcommitted_len\x18\x06 \x01(\x05\x12\x11\n\tverify_ms\x18\x07 \x01(\x01\x12\x10\n\x08queue_ms\x18\x08 \x01(\x01\x12\x0c\n\x04more\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x03(\x05\x12\x13\n\x0b\x61lternative\x18\x0b \x01(\x05\"H\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41PPLIED\x10\x01\x12\x0c\n\x08REPLAYED\x10\x02\x12\t\n\x05STALE\x10\x03\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd2\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x15.edgespec.v1.TokenIdsH\x00\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.edgespec.v1.SamplingParams\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\x05\x12\x16\n\tpipelined\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x0c\n\n_pipelined\"\x8a\x03\n\rGenerateStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\x12\x1c\n\x14\x64rafted_per_position\x18\x04 \x03(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x05 \x03(\x05\x12\x15\n\rdraft_lengths\x18\x06 \x03(\x05\x12\x13\n\x0brtt_ms_mean\x18\x07 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x08 \x01(\x01\x12 \n\x18time_per_output_token_ms\x18\t \x01(\x01\x12\x12\n\nbytes_sent\x18\n \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x0b \x01(\x03\x12\x12\n\nreconnects\x18\x0c \x01(\x05\x12\x10\n\x08verifier\x18\r \x01(\t\x12\x15\n\rpipeline_hits\x18\x0e \x01(\x05\x12\x17\n\x0fpipeline_misses\x18\x0f \x01(\x05\x12\x19\n\x11\x63loud_only_tokens\x18\x10 \x01(\x05\"{\n\x10GenerateResponse\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.edgespec.v1.TokenIdsH\x00\x12\'\n\x07summary\x18\x02 \x01(\x0b\x32\x14.edgespec.v1.SummaryH\x00\x12\x0c\n\x04text\x18\x03 \x01(\tB\x07\n\x05\x65vent\"\x88\x01\n\x07Summary\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x05stats\x18\x04 \x01(\x0b\x32\x1a.edgespec.v1.GenerateStats\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed*N\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x13\n\x0fSAMPLER_COUPLED\x10\x01\x12\x15\n\x11SAMPLER_REJECTION\x10\x02\x32\xf4\x01\n\x08Verifier\x12P\n\x0bOpenSession\x12\x1f.edgespec.v1.OpenSessionRequest\x1a .edgespec.v1.OpenSessionResponse\x12S\n\x0c\x43loseSession\x12 .edgespec.v1.CloseSessionRequest\x1a!.edgespec.v1.CloseSessionResponse\x12\x41\n\x0cVerifyStream\x12\x17.edgespec.v1.DraftBlock\x1a\x14.edgespec.v1.Verdict(\x01\x30\x01\x32Q\n\x04\x45\x64ge\x12I\n\x08Generate\x12\x1c.edgespec.v1.GenerateRequest\x1a\x1d.edgespec.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgespec.protos.edgespec.v1.edgespec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLER']._serialized_start=2291
-  _globals['_SAMPLER']._serialized_end=2369
+  _globals['_SAMPLER']._serialized_start=2387
+  _globals['_SAMPLER']._serialized_end=2465
   _globals['_SAMPLINGPARAMS']._serialized_start=44
   _globals['_SAMPLINGPARAMS']._serialized_end=226
   _globals['_OPENSESSIONREQUEST']._serialized_start=229
   _globals['_OPENSESSIONREQUEST']._serialized_end=369
   _globals['_OPENSESSIONRESPONSE']._serialized_start=372
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=591
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=593
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=634
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=636
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=675
-  _globals['_DRAFTPROBS']._serialized_start=677
-  _globals['_DRAFTPROBS']._serialized_end=783
-  _globals['_DENSEPROBS']._serialized_start=785
-  _globals['_DENSEPROBS']._serialized_end=812
-  _globals['_SPARSEPROBS']._serialized_start=814
-  _globals['_SPARSEPROBS']._serialized_end=876
-  _globals['_DRAFTBLOCK']._serialized_start=879
-  _globals['_DRAFTBLOCK']._serialized_end=1105
-  _globals['_VERDICT']._serialized_start=1108
-  _globals['_VERDICT']._serialized_end=1390
-  _globals['_VERDICT_OUTCOME']._serialized_start=1318
-  _globals['_VERDICT_OUTCOME']._serialized_end=1390
-  _globals['_TOKENIDS']._serialized_start=1392
-  _globals['_TOKENIDS']._serialized_end=1415
-  _globals['_GENERATEREQUEST']._serialized_start=1418
-  _globals['_GENERATEREQUEST']._serialized_end=1628
-  _globals['_GENERATESTATS']._serialized_start=1631
-  _globals['_GENERATESTATS']._serialized_end=2025
-  _globals['_GENERATERESPONSE']._serialized_start=2027
-  _globals['_GENERATERESPONSE']._serialized_end=2150
-  _globals['_SUMMARY']._serialized_start=2153
-  _globals['_SUMMARY']._serialized_end=2289
-  _globals['_VERIFIER']._serialized_start=2372
-  _globals['_VERIFIER']._serialized_end=2616
-  _globals['_EDGE']._serialized_start=2618
-  _globals['_EDGE']._serialized_end=2699
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=619
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=621
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=662
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=664
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=703
+  _globals['_DRAFTPROBS']._serialized_start=705
+  _globals['_DRAFTPROBS']._serialized_end=811
+  _globals['_DENSEPROBS']._serialized_start=813
+  _globals['_DENSEPROBS']._serialized_end=840
+  _globals['_SPARSEPROBS']._serialized_start=842
+  _globals['_SPARSEPROBS']._serialized_end=904
+  _globals['_DRAFTBLOCK']._serialized_start=907
+  _globals['_DRAFTBLOCK']._serialized_end=1180
+  _globals['_VERDICT']._serialized_start=1183
+  _globals['_VERDICT']._serialized_end=1486
+  _globals['_VERDICT_OUTCOME']._serialized_start=1414
+  _globals['_VERDICT_OUTCOME']._serialized_end=1486
+  _globals['_TOKENIDS']._serialized_start=1488
+  _globals['_TOKENIDS']._serialized_end=1511
+  _globals['_GENERATEREQUEST']._serialized_start=1514
+  _globals['_GENERATEREQUEST']._serialized_end=1724
+  _globals['_GENERATESTATS']._serialized_start=1727
+  _globals['_GENERATESTATS']._serialized_end=2121
+  _globals['_GENERATERESPONSE']._serialized_start=2123
+  _globals['_GENERATERESPONSE']._serialized_end=2246
+  _globals['_SUMMARY']._serialized_start=2249
+  _globals['_SUMMARY']._serialized_end=2385
+  _globals['_VERIFIER']._serialized_start=2468
+  _globals['_VERIFIER']._serialized_end=2712
+  _globals['_EDGE']._serialized_start=2714
+  _globals['_EDGE']._serialized_end=2795
 # @@protoc_insertion_point(module_scope)

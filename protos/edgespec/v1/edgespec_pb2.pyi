@@ -49,7 +49,7 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, prefix_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., generated: _Optional[int] = ..., next_seq: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "committed_len", "max_block_tokens", "vocab_size", "model_id", "prefill_ms", "compute_profile", "tree_blocks", "idle_forward_ms")
+    __slots__ = ("session_id", "committed_len", "max_block_tokens", "vocab_size", "model_id", "prefill_ms", "compute_profile", "tree_blocks", "idle_forward_ms", "block_alternatives")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class OpenSessionResponse(_message.Message):
     COMPUTE_PROFILE_FIELD_NUMBER: _ClassVar[int]
     TREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     IDLE_FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed_len: int
     max_block_tokens: int
@@ -68,7 +69,8 @@ class OpenSessionResponse(_message.Message):
     compute_profile: str
     tree_blocks: bool
     idle_forward_ms: float
-    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., max_block_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_id: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., compute_profile: _Optional[str] = ..., tree_blocks: _Optional[bool] = ..., idle_forward_ms: _Optional[float] = ...) -> None: ...
+    block_alternatives: bool
+    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., max_block_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_id: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., compute_profile: _Optional[str] = ..., tree_blocks: _Optional[bool] = ..., idle_forward_ms: _Optional[float] = ..., block_alternatives: _Optional[bool] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -107,7 +109,7 @@ class SparseProbs(_message.Message):
     def __init__(self, row_lengths: _Optional[_Iterable[int]] = ..., ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
-    __slots__ = ("session_id", "seq", "base_len", "tokens", "probs", "decode_tokens", "anchor_token", "parents", "anchor_prefix")
+    __slots__ = ("session_id", "seq", "base_len", "tokens", "probs", "decode_tokens", "anchor_token", "parents", "anchor_prefix", "alternatives")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,7 @@ class DraftBlock(_message.Message):
     ANCHOR_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     base_len: int
@@ -126,10 +129,11 @@ class DraftBlock(_message.Message):
     anchor_token: int
     parents: _containers.RepeatedScalarFieldContainer[int]
     anchor_prefix: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[DraftProbs, _Mapping]] = ..., decode_tokens: _Optional[int] = ..., anchor_token: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., anchor_prefix: _Optional[_Iterable[int]] = ...) -> None: ...
+    alternatives: _containers.RepeatedCompositeFieldContainer[DraftBlock]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[DraftProbs, _Mapping]] = ..., decode_tokens: _Optional[int] = ..., anchor_token: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., anchor_prefix: _Optional[_Iterable[int]] = ..., alternatives: _Optional[_Iterable[_Union[DraftBlock, _Mapping]]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "outcome", "accepted", "token", "is_bonus", "committed_len", "verify_ms", "queue_ms", "more", "path")
+    __slots__ = ("seq", "outcome", "accepted", "token", "is_bonus", "committed_len", "verify_ms", "queue_ms", "more", "path", "alternative")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[Verdict.Outcome]
@@ -150,6 +154,7 @@ class Verdict(_message.Message):
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     outcome: Verdict.Outcome
     accepted: int
@@ -160,7 +165,8 @@ class Verdict(_message.Message):
     queue_ms: float
     more: bool
     path: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[int] = ..., outcome: _Optional[_Union[Verdict.Outcome, str]] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., verify_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., more: _Optional[bool] = ..., path: _Optional[_Iterable[int]] = ...) -> None: ...
+    alternative: int
+    def __init__(self, seq: _Optional[int] = ..., outcome: _Optional[_Union[Verdict.Outcome, str]] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., verify_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., more: _Optional[bool] = ..., path: _Optional[_Iterable[int]] = ..., alternative: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

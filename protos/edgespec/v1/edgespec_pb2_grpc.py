@@ -86,7 +86,8 @@ class VerifierServicer:
         or than max_new_tokens leaves), "tokens[i]", "probs", "seq" (neither new
         nor the last block's), "base_len", "decode_tokens", "anchor_token",
         "anchor_prefix", "parents" (not one per token, a parent not earlier, or a tree
-        deeper than max_new_tokens leaves).
+        deeper than max_new_tokens leaves), "alternatives" (with decode_tokens,
+        or nested), and an alternative's own fields as "alternatives[i].<field>".
         NOT_FOUND           the session is not open here (closed, reaped after its idle TTL, or on
         another verifier): "session_id"; reopen with OpenSession.
         FAILED_PRECONDITION the session cannot take the block: max_new_tokens already generated,
