@@ -82,7 +82,9 @@ class AdaptiveConfig:
     pipelined: bool = False  # the edge drafts ahead while verdicts travel: use T_pipe(k)
     # Pipelined: the branches the edge drafts ahead besides the main guess
     # (`EngineConfig.ahead_branches`), each used when position p's rejected token is replaced
-    # by the draft's runner-up there, at the rate the rounds show (`RoundObservation.runner_up`)
+    # by the draft's runner-up there, at the rate the rounds show (`RoundObservation.runner_up`,
+    # and the walks of tree rounds). Not carried to the next session: a warm session that counts
+    # on branches at once speculated at 100 ms where streaming was faster (sessions 14 and 15).
     ahead_branches: int = 0
     # Account for the verifier's load (`VerifierLoad`): when other sessions' work in the same
     # batched forwards adds more than `load_dead_zone` times the verifier's fixed cost to the
@@ -227,6 +229,7 @@ class AdaptivePolicy:
             self._cloud_offset = memory.cloud_offset.settled()
             if memory.load is not None:
                 self._load = memory.load.settled()
+
         if self._warm:
             assert memory is not None
             self._k = min(max(memory.k, c.k_min), c.k_max)
@@ -343,10 +346,16 @@ class AdaptivePolicy:
             return
         self._spec_rounds += 1
         self._shadow_tail = []  # a real round in between: the open shadow round is not contiguous
-        if obs.runner_up is not None:
-            decay = self.config.acceptance_decay
+        outcomes = [obs.runner_up] if obs.runner_up is not None else []
+        if obs.tree is not None:
+            # A walk that left a node's draft-best child for another (or for none) is a
+            # rejection where the node's second child is the draft's runner-up: what a chain's
+            # branch bets on, learnt by a session that runs trees too.
+            outcomes = [rank == 1 for children, rank in obs.tree.steps if children >= 2 and rank]
+        decay = self.config.acceptance_decay
+        for hit in outcomes:
             hits, trials = self._runner_up
-            self._runner_up = [decay * hits + obs.runner_up, decay * trials + 1.0]
+            self._runner_up = [decay * hits + hit, decay * trials + 1.0]
         if obs.tree is None:
             self._accept.update(obs.k, obs.accepted)
             forwards = obs.k

@@ -36,7 +36,7 @@ from edgespec.core.cost_model import CostModel, speculative_rates
 from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
-from edgespec.core.policies import RoundObservation
+from edgespec.core.policies import RoundObservation, TreeOutcome
 from edgespec.core.runner import ModelRunner
 from edgespec.core.session import DraftBlock, StaleBlockError, Verdict
 from edgespec.core.verifier import Verifier
@@ -245,3 +245,22 @@ def test_the_policy_learns_the_runner_up_rate_and_prices_branches():
         assert cost.runner_up == pytest.approx(0.75, abs=0.05)
         rates[m] = cost.speculative_rate([0.6] * 8, 4)
     assert rates[3] > rates[0]
+
+
+def test_tree_walks_teach_the_runner_up_rate():
+    """A session that runs trees learns how often the draft's runner-up is the target's token
+    from its walks (a step that left a node's draft-best child for its second is a hit, for
+    another or none a miss, the best child says nothing), so that its chains' branches are
+    priced right when it weighs them against trees. Each round here: rank 1, then rank 0, then
+    none: one hit in two. The next session starts cautious again (none counted on)."""
+    walk = TreeOutcome(
+        levels=3, depth=3, steps=((2, 1), (2, 0), (2, -1)), spine=3, spine_accepted=0
+    )
+    tree_round = RoundObservation(6, 2, 24.0, 31.0, 22.0, 5.0, tree=walk)
+    config = AdaptiveConfig(pipelined=True, ahead_branches=3)
+    policy = AdaptivePolicy(config)
+    for _ in range(60):
+        policy.observe(tree_round)
+    cost = policy._cost()
+    assert cost is not None and cost.runner_up == pytest.approx(0.5, abs=0.05)
+    assert AdaptivePolicy(config, policy.memory())._runner_up == [0.0, 2.0]
