@@ -229,7 +229,6 @@ class AdaptivePolicy:
             self._cloud_offset = memory.cloud_offset.settled()
             if memory.load is not None:
                 self._load = memory.load.settled()
-
         if self._warm:
             assert memory is not None
             self._k = min(max(memory.k, c.k_min), c.k_max)
