@@ -83,8 +83,9 @@ class AdaptiveConfig:
     # Pipelined: the branches the edge drafts ahead besides the main guess
     # (`EngineConfig.ahead_branches`), each used when position p's rejected token is replaced
     # by the draft's runner-up there, at the rate the rounds show (`RoundObservation.runner_up`,
-    # and the walks of tree rounds). Not carried to the next session: a warm session that counts
-    # on branches at once speculated at 100 ms where streaming was faster (sessions 14 and 15).
+    # and the walks of tree rounds). This policy does not carry it to the next session: a warm
+    # session that counts on branches at once speculated at 100 ms where streaming was faster
+    # (sessions 14 and 15). `TreePolicy`, whose trees outrun streaming there, carries it.
     ahead_branches: int = 0
     # Account for the verifier's load (`VerifierLoad`): when other sessions' work in the same
     # batched forwards adds more than `load_dead_zone` times the verifier's fixed cost to the

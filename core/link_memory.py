@@ -44,6 +44,10 @@ class PolicyMemory:
     shapes: ShapeAcceptance | None = None  # accepted tokens per tree shape (TreePolicy)
     reach: ReachCalibration | None = None  # the rank model's calibration by depth (TreePolicy)
     load: VerifierLoad | None = None  # what the batching verifier's load cost per position
+    # P(the target's token is the draft's runner-up | a rejection) as decayed (hits, trials):
+    # carried by `TreePolicy` only (its trees' walks measure it every round; module
+    # `edgespec.core.tree_policy`), never by the chain policy (`AdaptiveConfig.ahead_branches`)
+    runner_up: tuple[float, float] | None = None
 
     @property
     def usable(self) -> bool:

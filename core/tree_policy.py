@@ -193,6 +193,12 @@ class TreePolicy(AdaptivePolicy):
             self._shapes = copy.deepcopy(memory.shapes)
         if memory is not None and memory.reach is not None:
             self._reach = copy.deepcopy(memory.reach)
+        if memory is not None and memory.runner_up is not None:
+            # Unlike the chain policy, the tree policy starts from the runner-up rate its link
+            # showed: its tree rounds measured it (each walk's steps), and without it a warm
+            # session prices its chains' branches as never hitting and runs trees where chains
+            # with branches are faster (at 32 sessions and 50 ms: trees in 44-50% of rounds).
+            self._runner_up = list(memory.runner_up)
         self._shape: TreeShape | None = t.initial
         # the best-rated tree at the last decision taken on chains: what a tree probe runs
         self._tree_probe: TreeShape | None = None
@@ -231,6 +237,7 @@ class TreePolicy(AdaptivePolicy):
             ranks=copy.deepcopy(self._ranks),
             shapes=copy.deepcopy(self._shapes),
             reach=copy.deepcopy(self._reach),
+            runner_up=(self._runner_up[0], self._runner_up[1]),
         )
 
     def observe(self, obs: RoundObservation) -> None:

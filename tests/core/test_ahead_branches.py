@@ -39,6 +39,7 @@ from edgespec.core.params import SamplingParams
 from edgespec.core.policies import RoundObservation, TreeOutcome
 from edgespec.core.runner import ModelRunner
 from edgespec.core.session import DraftBlock, StaleBlockError, Verdict
+from edgespec.core.tree_policy import TreePolicy
 from edgespec.core.verifier import Verifier
 
 
@@ -264,3 +265,25 @@ def test_tree_walks_teach_the_runner_up_rate():
     cost = policy._cost()
     assert cost is not None and cost.runner_up == pytest.approx(0.5, abs=0.05)
     assert AdaptivePolicy(config, policy.memory())._runner_up == [0.0, 2.0]
+
+
+def test_the_tree_policy_carries_the_runner_up_rate_to_the_next_session():
+    """The tree policy's next session on the link starts from the runner-up rate its walks
+    measured (its chains' branches are priced with it from the first decision); the chain
+    policy, given the same memory, still starts counting on no branch."""
+    walk = TreeOutcome(
+        levels=3, depth=3, steps=((2, 1), (2, 0), (2, -1)), spine=3, spine_accepted=0
+    )
+    tree_round = RoundObservation(6, 2, 24.0, 31.0, 22.0, 5.0, tree=walk)
+    config = AdaptiveConfig(pipelined=True, ahead_branches=3)
+    policy = TreePolicy(config)
+    for _ in range(60):
+        policy.observe(tree_round)
+    memory = policy.memory()
+    assert memory.runner_up is not None
+    assert memory.runner_up[0] / memory.runner_up[1] == pytest.approx(0.5, abs=0.05)
+    warm = TreePolicy(config, memory)
+    cost = warm._cost()
+    assert cost is not None and cost.runner_up == pytest.approx(0.5, abs=0.05)
+    assert AdaptivePolicy(config, memory)._runner_up == [0.0, 2.0]
+    assert AdaptivePolicy(config, policy.memory()).memory().runner_up is None
