@@ -46,6 +46,7 @@ Two extensions of the plain round:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -142,10 +143,11 @@ class DraftBlock:
                 )
         object.__setattr__(self, "alternatives", alternatives)
 
-    @property
+    @functools.cached_property
     def choices(self) -> tuple[DraftBlock, ...]:
         """This block without its alternatives, then each alternative: the guesses the message
-        carries, in the order the verifier tries them (`resolve`)."""
+        carries, in the order the verifier tries them (`resolve`). Built once per block (the
+        verifier's path asks for it several times per block)."""
         if not self.alternatives:
             return (self,)
         return (replace(self, alternatives=()), *self.alternatives)

@@ -1046,6 +1046,10 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
             row["draft_real_forwards"] = memo["real_forwards"] if shared else None
             # draft rows no walk could accept, served by a live prefix's row (no forward)
             row["draft_stand_in_rows"] = memo["stand_ins"] if shared else None
+            # the host time those real forwards took (ms, all sessions) and the committed tokens
+            # they refed to bring a lagging real cache to the prefix
+            row["draft_real_forward_ms"] = round(memo["real_ms"], 1) if shared else None
+            row["draft_catchup_tokens"] = memo["catchup_tokens"] if shared else None
             # the emulated edge devices' draft forwards: wall time over modelled time (above 1,
             # this host's draft compute or sleeps made them slower than the modelled device)
             row["edge_draft_overrun"] = memo["draft_overrun"]

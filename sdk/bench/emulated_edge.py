@@ -70,6 +70,11 @@ class MemoStats:
     real_forwards: int
     forwards: int
     stand_ins: int = 0  # dead rows served by a live prefix's row (module docstring)
+    # host time the real forwards took (ms, summed over sessions): the draft compute the
+    # emulation could not keep off this host's cores
+    real_ms: float = 0.0
+    # committed tokens those forwards refed first, to bring a lagging real cache to the prefix
+    catchup_tokens: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -95,6 +100,8 @@ class LogitsMemo:
         self.real_forwards = 0
         self.forwards = 0
         self.stand_ins = 0
+        self.real_ms = 0.0
+        self.catchup_tokens = 0
         self._live: set[tuple[int, ...]] = set()  # every prefix of every reference
 
     def add_references(self, sequences: Sequence[Sequence[int]]) -> None:
@@ -174,10 +181,22 @@ class LogitsMemo:
         with self._lock:
             self.forwards += 1
 
+    def count_real(self, ms: float, catchup_tokens: int) -> None:
+        """One real forward's host time and the committed tokens it refed first."""
+        with self._lock:
+            self.real_ms += ms
+            self.catchup_tokens += catchup_tokens
+
     def stats(self) -> MemoStats:
         with self._lock:
             return MemoStats(
-                self.hits, self.misses, self.real_forwards, self.forwards, self.stand_ins
+                self.hits,
+                self.misses,
+                self.real_forwards,
+                self.forwards,
+                self.stand_ins,
+                self.real_ms,
+                self.catchup_tokens,
             )
 
 
@@ -293,26 +312,35 @@ class MemoRunner(PaddedRunner):
             with self.memo.compute_lock:
                 found = self.memo.get_rows(keys)
                 if found is None:
-                    rows = self._compute_tree(start, new, parents)
+                    t_real = time.perf_counter()
+                    rows, catchup = self._compute_tree(start, new, parents)
                     self.memo.put_rows(keys, rows)
+                    self.memo.count_real(1e3 * (time.perf_counter() - t_real), catchup)
         if found is not None:
             rows = torch.stack(found)
         self._tree.extend(new)
         self._pad(t0, self.cost.ms(len(new)))
         return rows
 
-    def _compute_tree(self, start: int, new: list[int], parents: Sequence[int]) -> Tensor:
+    def _compute_tree(
+        self, start: int, new: list[int], parents: Sequence[int]
+    ) -> tuple[Tensor, int]:
         """The real tree forward: the real cache brought to the prefix (plus the nodes of this
-        tree it holds already), then every node it lacks fed in one forward."""
+        tree it holds already), then every node it lacks fed in one forward; returns the new
+        nodes' rows and the committed tokens refed first."""
         if self._length < start + self._real_tree:  # nodes of this tree are missing: refeed
             ModelRunner.rollback(self, min(self._length, start))
             self._real_tree = 0
-        if self._length < start:
-            self._forward(self._tokens[self._length : start], last_only=False)
+        catchup = max(start - self._length, 0)
+        if catchup:
+            # Only the cache is wanted here: the refed positions' rows are committed ones,
+            # memoized when they were drafted, and the (n, V) head matmul over them was most
+            # of a catch-up forward's time.
+            self._forward(self._tokens[self._length : start], last_only=True)
         feed = self._tree[self._real_tree :] + new
         logits = ModelRunner.extend_tree(self, feed, parents, tree_start=start)
         self._real_tree = len(self._tree) + len(new)
-        return logits[-len(new) :]
+        return logits[-len(new) :], catchup
 
     def _close_tree(self) -> None:
         """Forget the tree fed last (its nodes leave the real cache, which holds a prefix of
@@ -354,9 +382,11 @@ class MemoRunner(PaddedRunner):
             return rows if rows is not None else self._compute(start)
 
     def _compute(self, start: int) -> list[Tensor]:
+        t_real = time.perf_counter()
         real = self._length
         logits = self._forward(self._tokens[real:], last_only=False)  # (L - real, V)
         self.memo.put(self._tokens, real, logits)
+        self.memo.count_real(1e3 * (time.perf_counter() - t_real), start - real)
         return list(logits[start - real :])
 
 

@@ -155,6 +155,7 @@ def test_memoized_tree_drafting_gives_the_plain_drafters_trees(sampler: str | No
         assert memo_out == plain_out == generate_autoregressive(target, prompt, params).tokens
     stats = memo.stats()
     assert stats.hits > 0 and stats.real_forwards < stats.forwards
+    assert stats.real_ms > 0.0  # the real forwards' host time is counted
 
 
 def _pipelined_session(
