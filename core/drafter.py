@@ -459,7 +459,7 @@ class Drafter:
             parents.append(branch.parent)
             feed.append(branch.anchor)
             fed.append(branch)
-        rows = runner.extend_tree(feed, parents, tree_start=start)
+        rows = runner.extend_tree(feed, parents, tree_start=start, guesses=True)
         # the main guess: the draft's own pick after the block, never a draw (as the single
         # guess's)
         guess, guess_up, _ = self._picks(rows[m - 1 : m], [base + n], draw=False)[0]
@@ -481,7 +481,7 @@ class Drafter:
                 tokens.append(token)
                 parents.append(b.nodes[-1] if b.nodes else b.parent)
                 b.nodes.append(len(parents) - 1)
-            rows = runner.extend_tree(tokens, parents, tree_start=start)
+            rows = runner.extend_tree(tokens, parents, tree_start=start, guesses=True)
             picks = self._picks(rows, [b.position for b in feeding])
             for b, pick in zip(feeding, picks, strict=True):
                 self._take(b, *pick)

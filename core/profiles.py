@@ -324,10 +324,15 @@ class PaddedRunner(ModelRunner):
         return out
 
     def extend_tree(
-        self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
+        self,
+        ids: Sequence[int],
+        parents: Sequence[int],
+        tree_start: int | None = None,
+        *,
+        guesses: bool = False,
     ) -> Tensor:
         t0 = time.perf_counter()
-        out = super().extend_tree(ids, parents, tree_start)
+        out = super().extend_tree(ids, parents, tree_start, guesses=guesses)
         self._pad(t0, self.cost.ms(len(ids)))
         return out
 

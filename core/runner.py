@@ -177,11 +177,24 @@ class ModelRunner:
         return self._forward(ids, last_only=False)
 
     def extend_tree(
-        self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
+        self,
+        ids: Sequence[int],
+        parents: Sequence[int],
+        tree_start: int | None = None,
+        *,
+        guesses: bool = False,
     ) -> Tensor:
         """Append tree nodes `ids` (n >= 1) in ONE forward, each attending to the cache before
         `tree_start` (default: the current length) and to its own ancestors, at position
         tree_start + depth.
+
+        `guesses`: the caller's word that the tree holds guesses drafted ahead, chains hanging
+        off a prefix (`Drafter.propose_ahead` with branches), whose rows it reads only to
+        continue each node's own chain, never to rank nodes against each other. This runner
+        computes every row either way; a runner that approximates rows no verification can
+        use (the capacity benchmark's draft memo, `edgespec.bench.emulated_edge`) may do so
+        only for such a tree, since in a token tree (`grow_tree`) a node's row decides which
+        nodes fill the budget.
 
         The tree's nodes are the cache entries from `tree_start` on (fed by earlier calls) then
         `ids`: `parents` has one entry per node of that whole tree, as in

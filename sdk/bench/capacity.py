@@ -357,13 +357,7 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
     from edgespec.edge.recovery import EdgeError
 
     model = _draft_model(job.draft)
-    # sessions that grow no token trees may stand in for dead tree nodes (branches ahead)
-    chains_only = job.tree is None and "tree" not in job.policy
-    memo_factory = (
-        runner_factory(job.compute_profile, _draft_memo(job.draft), chains_only)
-        if job.memo
-        else None
-    )
+    memo_factory = runner_factory(job.compute_profile, _draft_memo(job.draft)) if job.memo else None
     runners: list[PaddedRunner] = []  # the draft runners of the measured sessions
 
     def factory(model: Any) -> PaddedRunner | Any:

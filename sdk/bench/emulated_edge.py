@@ -218,7 +218,7 @@ class MemoRunner(PaddedRunner):
         profile: ComputeProfile,
         memo: LogitsMemo,
         device: str | torch.device | None = None,
-        stand_in_dead_nodes: bool = False,
+        stand_in_dead_nodes: bool = True,
     ) -> None:
         cost, prefill = profile.costs("draft")
         super().__init__(model, cost, prefill, device=device)
@@ -228,7 +228,10 @@ class MemoRunner(PaddedRunner):
         # Dead tree nodes (on a live root) may be stood in for, as chain rows are: right for
         # the trees of guesses drafted ahead (`Drafter.propose_ahead` with branches), whose
         # dead chains are never verified, but not for a token tree (`grow_tree`), where a dead
-        # node's row decides which nodes fill the budget: off for sessions that grow trees.
+        # node's row decides which nodes fill the budget. The drafter tells which tree it
+        # feeds (`extend_tree(..., guesses=True)`), so a session that runs both (the tree
+        # controller's chain rounds draft branches ahead) gets stand-ins in its guess trees
+        # only. False: none at all (a control for the tests).
         self.stand_in_dead_nodes = stand_in_dead_nodes
         self._tokens: list[int] = []  # the logical sequence
         # the tree being drafted (`extend_tree`): its fed nodes after the logical sequence's
@@ -284,13 +287,20 @@ class MemoRunner(PaddedRunner):
             super().rollback(length)
 
     def extend_tree(
-        self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
+        self,
+        ids: Sequence[int],
+        parents: Sequence[int],
+        tree_start: int | None = None,
+        *,
+        guesses: bool = False,
     ) -> Tensor:
-        """Tree drafting (`grow_tree`): the rows of `ids` fed as tree nodes after the logical
-        sequence's first `tree_start` tokens. Under tree attention a node sees the prefix and
-        its own ancestors only, so its row is the one predicting after that token path, shared
-        with chains and with other trees (other shapes, other sessions) through the same prefix
-        keys; a miss runs the real tree forward over every node the real cache lacks."""
+        """Tree drafting (`grow_tree`, and guesses drafted ahead: `guesses`): the rows of `ids`
+        fed as tree nodes after the logical sequence's first `tree_start` tokens. Under tree
+        attention a node sees the prefix and its own ancestors only, so its row is the one
+        predicting after that token path, shared with chains and with other trees (other
+        shapes, other sessions) through the same prefix keys; a miss runs the real tree
+        forward over every node the real cache lacks. Dead nodes are stood in for only in a
+        tree of `guesses` (see `ModelRunner.extend_tree`)."""
         t0 = time.perf_counter()
         start = len(self._tokens) if tree_start is None else tree_start
         new = self._host_ids(ids)
@@ -306,7 +316,7 @@ class MemoRunner(PaddedRunner):
         found = self.memo.get_rows(keys)
         if found is None and not self.memo.is_live(root):  # a tree no walk will reach
             found = self.memo.stand_in_rows(keys)
-        elif found is None and self.stand_in_dead_nodes:
+        elif found is None and guesses and self.stand_in_dead_nodes:
             found = self.memo.rows_or_stand_ins(keys)
         if found is None:
             with self.memo.compute_lock:
@@ -422,14 +432,13 @@ def host_ids(ids: TokenIds, vocab_size: int, max_length: int | None, have: int) 
 
 
 def runner_factory(
-    profile: ComputeProfile | str, memo: LogitsMemo, stand_in_dead_nodes: bool = False
+    profile: ComputeProfile | str, memo: LogitsMemo
 ) -> Callable[[PreTrainedModel], ModelRunner] | None:
     """The draft runner factory of an emulated edge device sharing `memo`, or None when the
-    profile pads nothing (``real``: each session must then pay its real draft compute).
-    `stand_in_dead_nodes`: see `MemoRunner` (only for sessions that grow no token trees)."""
+    profile pads nothing (``real``: each session must then pay its real draft compute)."""
     profile = get_profile(profile)
     if not profile.emulated:
         return None
     # An emulated draft that costs the edge nothing (it runs on the verifier's GPU) is memoized
     # too: its sessions' real forwards must not queue on this host either.
-    return lambda model: MemoRunner(model, profile, memo, stand_in_dead_nodes=stand_in_dead_nodes)
+    return lambda model: MemoRunner(model, profile, memo)

@@ -141,10 +141,15 @@ class GreedyOracleRunner(ModelRunner):
         del self._tokens[check_int("length", length, 0, len(self._tokens)) :]
 
     def extend_tree(
-        self, ids: Sequence[int], parents: Sequence[int], tree_start: int | None = None
+        self,
+        ids: Sequence[int],
+        parents: Sequence[int],
+        tree_start: int | None = None,
+        *,
+        guesses: bool = False,
     ) -> Tensor:
         """Rows of a tree fed after the sequence: node i's row predicts after the prefix and
-        its path (root to node i), `parents[i]` -1 for a root."""
+        its path (root to node i), `parents[i]` -1 for a root (`guesses`: not used)."""
         new = self._host_ids(ids)
         if tree_start is not None and tree_start != len(self._tokens):
             raise ValueError("a verifier's tree is fed after the whole sequence")

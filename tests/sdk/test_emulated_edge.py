@@ -164,22 +164,29 @@ def _pipelined_session(
     prompt: list[int],
     tree: TreeShape | None,
     branches: int = 0,
+    alternate: TreeShape | None = None,
 ) -> tuple[list[DraftBlock], list[int], int]:
     """A greedy session drafting a block ahead of each pending one (chains of 4, with
     `branches` more guesses, or trees of `tree`); returns the blocks the verifier used, the
-    output, and the blocks drafted ahead."""
+    output, and the blocks drafted ahead. `alternate`: every other fresh block is a token tree
+    of that shape, not drafted ahead (a tree controller's serial tree rounds between chains)."""
     params = SamplingParams(max_new_tokens=24)
     drafter = Drafter(draft, prompt, params)
     verifier = Verifier(target, prompt, params)
-    used, ahead = [], 0
+    used, ahead, fresh = [], 0, 0
 
     def propose() -> DraftBlock:
+        nonlocal fresh
+        fresh += 1
+        if alternate is not None and fresh % 2 == 0:
+            return drafter.propose_tree(alternate)
         return drafter.propose(4) if tree is None else drafter.propose_tree(tree)
 
     block = propose()
     while True:
         used.append(block)
-        if drafter.propose_ahead(4, tree=tree, branches=branches) is not None:
+        serial_tree = alternate is not None and block.parents is not None
+        if not serial_tree and drafter.propose_ahead(4, tree=tree, branches=branches) is not None:
             ahead += 1 + len(drafter.branches)
         drafter.apply(verifier.verify(block))
         if drafter.finished:
@@ -232,30 +239,38 @@ def test_dead_rows_are_stood_in_without_changing_any_used_block(tree: TreeShape 
     assert real_forwards[True] < real_forwards[False]
 
 
-def test_dead_branch_nodes_are_stood_in_without_changing_any_used_block() -> None:
+@pytest.mark.parametrize("mixed", [False, True])
+def test_dead_branch_nodes_are_stood_in_without_changing_any_used_block(mixed: bool) -> None:
     """Branches drafted ahead (`propose_ahead(..., branches=3)`) are a tree on a live prefix;
-    a runner told to (`stand_in_dead_nodes`, sessions that grow no token trees) serves the
+    the drafter feeds it as guesses (`extend_tree(..., guesses=True)`) and the memo serves the
     rows of its dead nodes from a live prefix's row, as for a chain ahead: fewer real forwards
-    than computing the tree whole, and every block the verifier used, and the output, as the
-    plain drafter's."""
+    than computing the tree whole (the control: `stand_in_dead_nodes=False`), and every block
+    the verifier used, and the output, as the plain drafter's. `mixed`: the session alternates
+    such chain rounds with token trees (as the tree controller does), whose trees must still be
+    the plain drafter's whole, dead nodes included."""
     target_model = tiny_llama(VOCAB, seed=0)
     draft_model = noisy_draft(target_model)
     target = ModelRunner(target_model)
     params = SamplingParams(max_new_tokens=24)
     prompts = PROMPTS[2:]
     references = [p + generate_autoregressive(target, p, params).tokens for p in prompts]
+    tree = TreeShape(12, 4, 3) if mixed else None
     real_forwards = {}
     for stand_in in (False, True):
         memo = LogitsMemo()
         memo.add_references(references)
         for prompt, reference in zip(prompts, references, strict=True):
             plain, plain_out, _ = _pipelined_session(
-                ModelRunner(draft_model), target, prompt, None, branches=3
+                ModelRunner(draft_model), target, prompt, None, branches=3, alternate=tree
             )
             runner = MemoRunner(draft_model, PROFILE, memo, stand_in_dead_nodes=stand_in)
-            used, out, ahead = _pipelined_session(runner, target, prompt, None, branches=3)
+            used, out, ahead = _pipelined_session(
+                runner, target, prompt, None, branches=3, alternate=tree
+            )
             assert ahead > 0
             assert [_walked(b, reference) for b in used] == [_walked(b, reference) for b in plain]
             assert out == plain_out == reference[len(prompt) :]
+            if mixed:  # token trees were grown, and each is the plain drafter's whole
+                assert any(b.parents is not None for b in used)
         real_forwards[stand_in] = memo.stats().real_forwards
     assert real_forwards[True] < real_forwards[False]
