@@ -25,9 +25,12 @@ Blocks that cannot matter are not computed. Given the greedy output each prompt 
 reference starts with belongs to a draft that the target's greedy walk rejects before it: a chain
 token after a rejected one, or a whole block drafted ahead of a verdict on a guess that missed
 (answered STALE, no verifier work). Such a *dead* row is stood in for by the row of its longest
-live prefix, so the block keeps its usual size and timing without a real forward. A tree grown
-on a live prefix is computed whole, its dead nodes included: their rows decide which nodes
-fill the tree's budget. Outputs are still checked against the references, so a stand-in that
+live prefix, so the block keeps its usual size and timing without a real forward. A token tree
+grown on a live prefix is computed whole, its dead nodes included: their rows decide which
+nodes fill the tree's budget. The tree of guesses a pipelined chain drafts ahead (its branches)
+is not such a tree: each guess follows its own rows, so its dead nodes are stood in for, in
+every session (the drafter says which tree it feeds: `ModelRunner.extend_tree(...,
+guesses=True)`). Outputs are still checked against the references, so a stand-in that
 reached a committed token would show as an altered output.
 
 Use only with an emulated profile: with ``real`` nothing is padded and sharing would make the
