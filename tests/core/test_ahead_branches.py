@@ -248,20 +248,24 @@ def test_the_policy_learns_the_runner_up_rate_and_prices_branches():
     assert rates[3] > rates[0]
 
 
+def _after_walks_of_one_hit_in_two(policy: AdaptivePolicy) -> AdaptivePolicy:
+    """`policy` after 60 tree rounds whose walks take rank 1, then rank 0, then none."""
+    walk = TreeOutcome(
+        levels=3, depth=3, steps=((2, 1), (2, 0), (2, -1)), spine=3, spine_accepted=0
+    )
+    for _ in range(60):
+        policy.observe(RoundObservation(6, 2, 24.0, 31.0, 22.0, 5.0, tree=walk))
+    return policy
+
+
 def test_tree_walks_teach_the_runner_up_rate():
     """A session that runs trees learns how often the draft's runner-up is the target's token
     from its walks (a step that left a node's draft-best child for its second is a hit, for
     another or none a miss, the best child says nothing), so that its chains' branches are
     priced right when it weighs them against trees. Each round here: rank 1, then rank 0, then
     none: one hit in two. The next session starts cautious again (none counted on)."""
-    walk = TreeOutcome(
-        levels=3, depth=3, steps=((2, 1), (2, 0), (2, -1)), spine=3, spine_accepted=0
-    )
-    tree_round = RoundObservation(6, 2, 24.0, 31.0, 22.0, 5.0, tree=walk)
     config = AdaptiveConfig(pipelined=True, ahead_branches=3)
-    policy = AdaptivePolicy(config)
-    for _ in range(60):
-        policy.observe(tree_round)
+    policy = _after_walks_of_one_hit_in_two(AdaptivePolicy(config))
     cost = policy._cost()
     assert cost is not None and cost.runner_up == pytest.approx(0.5, abs=0.05)
     assert AdaptivePolicy(config, policy.memory())._runner_up == [0.0, 2.0]
@@ -271,14 +275,8 @@ def test_the_tree_policy_carries_the_runner_up_rate_to_the_next_session():
     """The tree policy's next session on the link starts from the runner-up rate its walks
     measured (its chains' branches are priced with it from the first decision); the chain
     policy, given the same memory, still starts counting on no branch."""
-    walk = TreeOutcome(
-        levels=3, depth=3, steps=((2, 1), (2, 0), (2, -1)), spine=3, spine_accepted=0
-    )
-    tree_round = RoundObservation(6, 2, 24.0, 31.0, 22.0, 5.0, tree=walk)
     config = AdaptiveConfig(pipelined=True, ahead_branches=3)
-    policy = TreePolicy(config)
-    for _ in range(60):
-        policy.observe(tree_round)
+    policy = _after_walks_of_one_hit_in_two(TreePolicy(config))
     memory = policy.memory()
     assert memory.runner_up is not None
     assert memory.runner_up[0] / memory.runner_up[1] == pytest.approx(0.5, abs=0.05)
