@@ -210,8 +210,6 @@ class AdaptivePolicy:
         self._k: int = c.k_init
         self._mode: Mode = SPECULATIVE
         self._spec_rounds = 0
-        # the time a chain round of each k was priced to take at the last decision, ms
-        self._chain_round_ms: dict[int, float] = {}
         self._cloud_steps_seen = 0
         self._since_explore = 0
         self._probes = 0  # exploration probes issued, indexes _PROBE_CYCLE
@@ -432,12 +430,6 @@ class AdaptivePolicy:
         accept = self._accept.probs(c.k_max + 1)  # p_{k_max+1}: the pipelined hit rate
         ks = range(c.k_min, c.k_max + 1)
         rates = dict(zip(ks, speculative_rates(cost, accept, c.k_min, c.k_max), strict=True))
-        # what a round of each k was priced to take, ms (its expected tokens at its rate)
-        self._chain_round_ms = {
-            k: 1e3 * expected_tokens_per_position(accept, k) / rate
-            for k, rate in rates.items()
-            if rate > 0.0
-        }
         k_best = max(rates, key=rates.__getitem__)
         if rates[k_best] > rates[self._k] * (1.0 + c.k_hysteresis):
             logger.debug(

@@ -578,33 +578,6 @@ class ShapeAcceptance:
         return (self._sum.get(shape, 0.0) + weight * prior) / (rounds + weight), rounds
 
 
-class KindPace:
-    """How fast each kind of round (a key: e.g. chain or tree) runs against its price: for the
-    rounds of each kind, the time the tokens they committed cost at the rate the model priced
-    them at, and the wall time they took, both decayed by `decay` per round of that kind.
-    `factor(kind)` = priced / taken: below 1 where the rounds run slower than priced (time no
-    part of the model sees, e.g. a loaded host's), 1 until `min_rounds` rounds were seen."""
-
-    def __init__(self, decay: float, min_rounds: int) -> None:
-        self._decay = decay
-        self._min_rounds = min_rounds
-        self._priced: dict[object, float] = {}
-        self._taken: dict[object, float] = {}
-        self._rounds: dict[object, int] = {}
-
-    def update(self, kind: object, priced_ms: float, taken_ms: float) -> None:
-        d = self._decay
-        self._priced[kind] = d * self._priced.get(kind, 0.0) + priced_ms
-        self._taken[kind] = d * self._taken.get(kind, 0.0) + taken_ms
-        self._rounds[kind] = self._rounds.get(kind, 0) + 1
-
-    def factor(self, kind: object) -> float:
-        taken = self._taken.get(kind, 0.0)
-        if self._rounds.get(kind, 0) < self._min_rounds or taken <= 0.0:
-            return 1.0
-        return self._priced[kind] / taken
-
-
 class ReachCalibration:
     """How far token-tree walks really got against what a model predicted, per depth: decayed
     sums of the walks that reached depth d + 1 (accepted > d) and of the model's predicted

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from edgespec.core.estimators import (
     AcceptanceEstimator,
     AffineFit,
-    KindPace,
     RankAcceptance,
     ReachCalibration,
     RobustLevel,
@@ -44,7 +43,6 @@ class PolicyMemory:
     ranks: RankAcceptance | None = None  # sibling-rank acceptance of token trees (TreePolicy)
     shapes: ShapeAcceptance | None = None  # accepted tokens per tree shape (TreePolicy)
     reach: ReachCalibration | None = None  # the rank model's calibration by depth (TreePolicy)
-    pace: KindPace | None = None  # tree and chain rounds' time against their price (TreePolicy)
     load: VerifierLoad | None = None  # what the batching verifier's load cost per position
     # P(the target's token is the draft's runner-up | a rejection) as decayed (hits, trials):
     # carried by `TreePolicy` only (its trees' walks measure it every round; module

@@ -85,19 +85,12 @@ class RoundObservation:
     # A chain round that rejected a draft token: whether the verifier's token there was the
     # draft's runner-up (what a branch drafted ahead bets on); None: no rejection, or unknown.
     runner_up: bool | None = None
-    # The session's wall time on the round, from the end of the round before to this verdict
-    # (a pipelined round's drafting overlapped the round before), when known: what the round
-    # cost, whatever the parts above show of it.
-    round_ms: float | None = None
-    probe: bool = False  # the decision was an exploration probe (`Decision.probe`)
 
     def __post_init__(self) -> None:
         if not isinstance(self.cloud_only, bool):
             raise ValueError(f"cloud_only must be a bool, got {self.cloud_only!r}")
         for name in ("draft_ms", "verify_ms", "network_ms", "queue_ms"):
             object.__setattr__(self, name, check_ms(name, getattr(self, name)))
-        if self.round_ms is not None:
-            object.__setattr__(self, "round_ms", check_ms("round_ms", self.round_ms))
         if self.cloud_only:
             check_int("k", self.k, 0, 0)
             check_int("accepted", self.accepted, 0, 0)

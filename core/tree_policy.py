@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.cost_model import CostModel
-from edgespec.core.estimators import KindPace, RankAcceptance, ReachCalibration, ShapeAcceptance
+from edgespec.core.estimators import RankAcceptance, ReachCalibration, ShapeAcceptance
 from edgespec.core.link_memory import PolicyMemory
 from edgespec.core.policies import SPECULATIVE, Decision, RoundObservation
 from edgespec.core.tree import TreeShape
@@ -78,9 +78,6 @@ class TreeConfig:
     # the shapes searched: shallow to deep, narrow to wide, each its full beam (`beam_shapes`)
     shapes: tuple[TreeShape, ...] = beam_shapes((3, 4, 5, 6, 8, 10), (2, 3, 4), 64)
     max_depth: int = 12  # depths the rank model tracks (deeper ones share the last row)
-    # `KindPace`: the decay per round of a kind, and the rounds of a kind before its pace counts
-    pace_decay: float = 0.9
-    pace_min_rounds: int = 4
     max_width: int = 4  # ranks the rank model tracks: 0 .. max_width - 1
     rank_prior_weight: float = 4.0  # pseudo-trials behind each (depth, rank) prior, > 0
     rank_decay: float = 0.99  # per-round forgetting of the rank counts and the depth calibration
@@ -101,9 +98,8 @@ class TreeConfig:
         check_int("max_width", self.max_width, 2, 64)
         for name in ("rank_prior_weight", "shape_prior_weight", "reach_prior_weight"):
             check_float(name, getattr(self, name), 0, lo_open=True)
-        for name in ("rank_decay", "shape_decay", "pace_decay"):
+        for name in ("rank_decay", "shape_decay"):
             check_float(name, getattr(self, name), 0, 1, lo_open=True)
-        check_int("pace_min_rounds", self.pace_min_rounds, 1)
         check_float("explore_bonus", self.explore_bonus, 0)
         if not isinstance(self.initial, TreeShape):
             raise ValueError(f"initial must be a TreeShape, got {self.initial!r}")
@@ -205,14 +201,6 @@ class TreePolicy(AdaptivePolicy):
             # session prices its chains' branches as never hitting and runs trees where chains
             # with branches are faster (at 32 sessions and 50 ms: trees in 44-50% of rounds).
             self._runner_up = list(memory.runner_up)
-        # Tree and chain rounds' wall time against their price: the kinds are compared at the
-        # pace they run at (on a loaded host tree rounds overran their parts' time by a third).
-        self._pace = KindPace(t.pace_decay, t.pace_min_rounds)
-        if memory is not None and memory.pace is not None:
-            self._pace = copy.deepcopy(memory.pace)
-        # per shape at the last decision: the time its round was priced to take, serial and as
-        # run (drafted ahead where that pays), ms
-        self._tree_round_ms: dict[TreeShape, tuple[float, float]] = {}
         self._shape: TreeShape | None = t.initial
         # the best-rated tree at the last decision taken on chains: what a tree probe runs
         self._tree_probe: TreeShape | None = None
@@ -252,13 +240,7 @@ class TreePolicy(AdaptivePolicy):
             shapes=copy.deepcopy(self._shapes),
             reach=copy.deepcopy(self._reach),
             runner_up=(self._runner_up[0], self._runner_up[1]),
-            pace=copy.deepcopy(self._pace),
         )
-
-    def kind_factors(self) -> dict[bool, float]:
-        """How fast tree rounds (True) and chain rounds (False) ran against their price
-        (`KindPace.factor`): the factors the kinds are compared with."""
-        return {True: self._pace.factor(True), False: self._pace.factor(False)}
 
     def observe(self, obs: RoundObservation) -> None:
         # what the model predicted for this round, before the round teaches it anything
@@ -276,29 +258,12 @@ class TreePolicy(AdaptivePolicy):
         if shape is not None:
             accept = self._accept.probs(self.config.k_max + 1)
             predicted = beam_reach(self._prob(accept), shape.depth, shape.width, shape.nodes)
-        self._observe_pace(obs, shape)
         super().observe(obs)
         if obs.tree is not None:
             self._ranks.update(obs.tree.steps)
         if shape is not None and predicted is not None:
             self._shapes.update((shape.nodes, shape.depth, shape.width), obs.accepted)
             self._reach.update(predicted, obs.accepted)
-
-    def _observe_pace(self, obs: RoundObservation, shape: TreeShape | None) -> None:
-        """Count a speculative round's wall time against the time a round of its kind and
-        shape was priced to take at the last decision (a probe's tree as run: serial). Time
-        only: what its tokens were worth is the acceptance estimators' business."""
-        if obs.cloud_only or obs.round_ms is None or obs.round_ms <= 0.0:
-            return
-        priced = None
-        if obs.tree is not None:
-            times = self._tree_round_ms.get(shape) if shape is not None else None
-            if times is not None:
-                priced = times[0] if obs.probe else times[1]
-        else:
-            priced = self._chain_round_ms.get(obs.k)
-        if priced is not None and priced > 0.0:
-            self._pace.update(obs.tree is not None, priced, obs.round_ms)
 
     def tree_rates(
         self, cost: CostModel, accept: Sequence[float], bonus: float = 0.0
@@ -307,19 +272,17 @@ class TreePolicy(AdaptivePolicy):
         the optimistic rate, `bonus` / sqrt(rounds + 1) tokens added to the estimate. A
         pipelined `cost` prices a round with the tree's hit probability, or serially where
         drafting ahead does not pay (module docstring)."""
-        priced = self._tree_rates(cost, accept, bonus)
-        return {shape: rate for shape, (rate, *_) in priced.items()}
+        return {shape: rate for shape, (rate, _) in self._tree_rates(cost, accept, bonus).items()}
 
     def _tree_rates(
         self, cost: CostModel, accept: Sequence[float], bonus: float
-    ) -> dict[TreeShape, tuple[float, bool, float, float]]:
-        """`tree_rates`, and per shape whether drafting ahead of its rounds pays, and the time
-        its round takes serial and as run (ms)."""
+    ) -> dict[TreeShape, tuple[float, bool]]:
+        """`tree_rates`, and per shape whether drafting ahead of its rounds pays."""
         prob = self._prob(accept)
         weight = self.tree_config.shape_prior_weight
         deepest = max(shape.depth for shape in self.tree_config.shapes)
         factors = self._reach.factors(deepest)
-        rates: dict[TreeShape, tuple[float, bool, float, float]] = {}
+        rates: dict[TreeShape, tuple[float, bool]] = {}
         # one beam per width, grown to the deepest shape of that width: shallower shapes'
         # levels are its prefix
         beams: dict[int, list[tuple[float, int]]] = {}
@@ -332,7 +295,7 @@ class TreePolicy(AdaptivePolicy):
             key = (shape.nodes, shape.depth, shape.width)
             expected, rounds = self._shapes.mean(key, prior, weight)
             expected += bonus / (rounds + 1.0) ** 0.5
-            round_ms = serial_ms = cost.round_ms(shape.depth, shape.nodes + 1)
+            round_ms = cost.round_ms(shape.depth, shape.nodes + 1)
             ahead = False
             if cost.pipelined:
                 # P(the block drafted ahead is used): the walk follows the guessed path (the
@@ -341,12 +304,7 @@ class TreePolicy(AdaptivePolicy):
                 hit = min(factors[shape.depth - 1] * spine, 1.0)
                 piped = cost.expected_round_ms(shape.depth, hit, shape.nodes + 1)
                 round_ms, ahead = min(round_ms, piped), piped < round_ms
-            rates[shape] = (
-                1e3 * (1.0 + expected) / max(round_ms, 1e-9),
-                ahead,
-                serial_ms,
-                round_ms,
-            )
+            rates[shape] = (1e3 * (1.0 + expected) / max(round_ms, 1e-9), ahead)
         return rates
 
     def _prob(self, accept: Sequence[float]) -> Callable[[int, int], float]:
@@ -373,19 +331,14 @@ class TreePolicy(AdaptivePolicy):
 
     def _speculative_rate(self, cost: CostModel, accept: Sequence[float], chain: float) -> float:
         priced = self._tree_rates(cost, accept, 0.0)
-        self._tree_round_ms = {
-            shape: (serial, run) for shape, (_, _, serial, run) in priced.items()
-        }
-        rates = {shape: rate for shape, (rate, *_) in priced.items()}
+        rates = {shape: rate for shape, (rate, _) in priced.items()}
         best_rate = max(rates.values(), default=0.0)
         # Like k, the round's kind and shape change only for a gain beyond `k_hysteresis`: the
         # estimates of neighbouring shapes are close and noisy, and each switch rests on a
-        # prior until the new shape has rounds behind it. The kinds are compared at the pace
-        # their rounds ran at against their price (`KindPace`).
+        # prior until the new shape has rounds behind it.
         hysteresis = 1.0 + self.config.k_hysteresis
         on_chains = self._shape is None
-        paced = best_rate * self._pace.factor(True) / self._pace.factor(False)
-        if paced * hysteresis < chain or (on_chains and paced <= chain * hysteresis):
+        if best_rate * hysteresis < chain or (on_chains and best_rate <= chain * hysteresis):
             if not on_chains:
                 logger.debug("trees -> chains (%.1f < %.1f tok/s)", best_rate, chain)
             self._shape = None

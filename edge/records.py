@@ -97,8 +97,6 @@ def observation_from_record(record: RoundRecord) -> RoundObservation | None:
         queue_ms=max(t.queue_ms, 0.0),
         ahead=record.pipelined,
         runner_up=record.runner_up,
-        round_ms=max(record.round_ms, 0.0),
-        probe=record.probe,
     )
 
 

@@ -32,17 +32,7 @@ from edgespec.core.tree_policy import (
 RANKS = (0.7, 0.15, 0.06, 0.03)  # the true P(target = rank-r child)
 
 
-def run(
-    policy: TreePolicy,
-    cost: CostModel,
-    rounds: int,
-    seed: int = 0,
-    ranks=RANKS,
-    tree_slowdown: float = 1.0,
-) -> list:
-    """Decisions of `policy` over `rounds` simulated serial rounds under `cost`, the target's
-    token at each level of rank r with probability ranks[r]. `tree_slowdown`: tree rounds last
-    that many times their parts' sum (time the parts do not show, e.g. a host's CPU)."""
+def run(policy: TreePolicy, cost: CostModel, rounds: int, seed: int = 0, ranks=RANKS) -> list:
     rng = random.Random(seed)
     decisions = []
     for _ in range(rounds):
@@ -75,7 +65,6 @@ def run(
         if d.tree is not None:
             spine_accepted = next((i for i, (_, r) in enumerate(steps) if r != 0), len(steps))
             tree = TreeOutcome(depth, depth, tuple(steps), depth, min(spine_accepted, depth))
-        parts = depth * cost.draft_ms + cost.verify_ms(nodes + 1) + cost.rtt_ms
         policy.observe(
             RoundObservation(
                 k=nodes,
@@ -84,8 +73,6 @@ def run(
                 verify_ms=cost.verify_ms(nodes + 1),
                 network_ms=cost.rtt_ms,
                 tree=tree,
-                round_ms=parts * (tree_slowdown if tree is not None else 1.0),
-                probe=d.probe,
             )
         )
     return decisions
@@ -172,34 +159,6 @@ def test_trees_where_the_round_trip_is_long() -> None:
     cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
     decisions = run(TreePolicy(AdaptiveConfig(allow_cloud_only=False)), cost, 200)
     assert _tree_share(decisions[50:]) > 0.8  # every 8th round is a chain probe
-
-
-def test_trees_slower_than_priced_give_way_to_chains() -> None:
-    """Where trees pay on paper (50 ms RTT), tree rounds that take three times what their
-    parts add up to (as on a loaded host, where the edge's tree drafting and the verifier's
-    larger batches overrun; at that pace the best tree gives ~0.6x the chain's rate) make the
-    policy judge trees by the rate they give (`KindPace`): it runs chains. The same rounds at
-    their parts' time (the control) keep it on trees."""
-    cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
-    policy = TreePolicy(AdaptiveConfig(allow_cloud_only=False))
-    slow = run(policy, cost, 200, tree_slowdown=3.0)
-    assert _tree_share(slow[50:]) < 0.25
-    factors = policy.kind_factors()  # the time priced over the time taken, per kind
-    assert factors[True] == pytest.approx(1 / 3, rel=0.05)
-    assert factors[False] == pytest.approx(1.0, rel=0.05)
-    control = TreePolicy(AdaptiveConfig(allow_cloud_only=False))
-    assert _tree_share(run(control, cost, 200)[50:]) > 0.8
-
-
-def test_the_pace_of_trees_is_carried_to_the_next_session() -> None:
-    """A session on the same link starts from the pace the last one measured: it runs chains
-    from its first decisions instead of re-learning that trees are slow."""
-    cost = CostModel(draft_ms=6.0, rtt_ms=50.0, verify_base_ms=30.0, verify_per_token_ms=0.05)
-    first = TreePolicy(AdaptiveConfig(allow_cloud_only=False))
-    run(first, cost, 120, tree_slowdown=3.0)
-    second = TreePolicy(AdaptiveConfig(allow_cloud_only=False), first.memory())
-    assert second.kind_factors() == first.kind_factors()
-    assert _tree_share(run(second, cost, 40, seed=1, tree_slowdown=3.0)) < 0.25
 
 
 def test_chains_where_levels_cost_more_than_they_bring() -> None:
