@@ -166,11 +166,9 @@ class TreePolicy(AdaptivePolicy):
     (`ShapeAcceptance`, decayed) and, until then, predicted by the calibrated rank model; the
     shape run is the one with the best rate, optionally optimistic (`explore_bonus`: a bonus
     that shrinks with the rounds behind a shape, as in UCB; off by default). Mode decisions
-    (against chains and cloud-only) use the plain estimates, trees and chains compared at the
-    pace their rounds ran against their price (`KindPace`: what neither kind's parts show, e.g.
-    a pipeline broken by a switch of kind or a loaded host's overruns). What the rank model,
-    the calibration, the shapes, the pace and the runner-up rate learnt is carried to the next
-    session on the link (`PolicyMemory`). On trees its exploration probes are chains of varied k: besides the
+    (against chains and cloud-only) use the plain estimates. What the rank model, the
+    calibration, the shapes and the runner-up rate learnt is carried to the next session on
+    the link (`PolicyMemory`). On trees its exploration probes are chains of varied k: besides the
     chain's acceptance they keep the slope of t_v(n) identified, which trees of one size would
     not. On chains every other probe is a tree of the best-rated shape (`_probe`), so that the
     sibling ranks and the calibration keep learning while trees are not run."""
