@@ -164,16 +164,23 @@ class LogitsMemo:
             self.hits += len(keys)
         return rows  # type: ignore[return-value]
 
-    def put(self, tokens: Sequence[int], start: int, logits: Tensor) -> None:
-        """Store `logits` (n, V): row i predicts after tokens[:start + i + 1]."""
+    def put(
+        self, tokens: Sequence[int], start: int, logits: Tensor, ms: float, catchup: int
+    ) -> None:
+        """Store `logits` (n, V): row i predicts after tokens[:start + i + 1] (`put_rows`)."""
         n = int(logits.shape[0])
-        self.put_rows([tuple(tokens[: start + i + 1]) for i in range(n)], logits)
+        self.put_rows([tuple(tokens[: start + i + 1]) for i in range(n)], logits, ms, catchup)
 
-    def put_rows(self, keys: Sequence[tuple[int, ...]], logits: Tensor) -> None:
-        """Store the rows of one real forward: `logits[i]` predicts after `keys[i]`."""
+    def put_rows(
+        self, keys: Sequence[tuple[int, ...]], logits: Tensor, ms: float, catchup: int
+    ) -> None:
+        """Store the rows of one real forward: `logits[i]` predicts after `keys[i]`; the
+        forward took `ms` of host time and refed `catchup` committed tokens first."""
         with self._lock:
             self.misses += int(logits.shape[0])
             self.real_forwards += 1
+            self.real_ms += ms
+            self.catchup_tokens += catchup
             for key, row in zip(keys, logits, strict=True):
                 self._rows[key] = row.clone()
                 self._rows.move_to_end(key)
@@ -183,12 +190,6 @@ class LogitsMemo:
     def count_forward(self) -> None:
         with self._lock:
             self.forwards += 1
-
-    def count_real(self, ms: float, catchup_tokens: int) -> None:
-        """One real forward's host time and the committed tokens it refed first."""
-        with self._lock:
-            self.real_ms += ms
-            self.catchup_tokens += catchup_tokens
 
     def stats(self) -> MemoStats:
         with self._lock:
@@ -327,8 +328,8 @@ class MemoRunner(PaddedRunner):
                 if found is None:
                     t_real = time.perf_counter()
                     rows, catchup = self._compute_tree(start, new, parents)
-                    self.memo.put_rows(keys, rows)
-                    self.memo.count_real(1e3 * (time.perf_counter() - t_real), catchup)
+                    ms = 1e3 * (time.perf_counter() - t_real)
+                    self.memo.put_rows(keys, rows, ms, catchup)
         if found is not None:
             rows = torch.stack(found)
         self._tree.extend(new)
@@ -398,8 +399,8 @@ class MemoRunner(PaddedRunner):
         t_real = time.perf_counter()
         real = self._length
         logits = self._forward(self._tokens[real:], last_only=False)  # (L - real, V)
-        self.memo.put(self._tokens, real, logits)
-        self.memo.count_real(1e3 * (time.perf_counter() - t_real), start - real)
+        ms = 1e3 * (time.perf_counter() - t_real)
+        self.memo.put(self._tokens, real, logits, ms, start - real)
         return list(logits[start - real :])
 
 
