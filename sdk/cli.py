@@ -209,6 +209,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         tree_shapes=args.tree_shapes or capacity.CapacityConfig.tree_shapes,
         links_in_workers=args.links_in_workers,
         memo_pass=not args.no_memo_pass,
+        tree_fill=not args.no_tree_fill,
         generations=args.generations,
         batch_group_horizon=args.batch_group_horizon,
         ahead_branches=args.ahead_branches,
@@ -281,6 +282,12 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
         help="emulated profiles: measure without first running every session once unmeasured "
         "to fill the edges' draft memo (by default it is run, and what it teaches the edges is "
         "forgotten)",
+    )
+    p.add_argument(
+        "--no-tree-fill",
+        action="store_true",
+        help="emulated profiles: do not compute the draft rows of every greedy token tree the "
+        "tree methods can grow before they run (by default each worker does, once)",
     )
     p.add_argument(
         "--batch-group-horizon",

@@ -79,7 +79,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgespec.bench.emulated_edge import GIL_SWITCH_S, LogitsMemo, MemoStats, runner_factory
+from edgespec.bench.emulated_edge import (
+    GIL_SWITCH_S,
+    LogitsMemo,
+    MemoStats,
+    fill_token_trees,
+    runner_factory,
+)
 from edgespec.bench.processes import verifier_process
 from edgespec.cloud.verifier_types import KV_ADMISSIONS, VerifierConfig
 from edgespec.core.demo_pair import BENCH_PROMPTS
@@ -88,6 +94,7 @@ from edgespec.core.params import SamplingParams
 from edgespec.core.policies import FixedTreePolicy
 from edgespec.core.profiles import PaddedRunner, cloud_draft_profile, get_profile
 from edgespec.core.tree import TreeShape
+from edgespec.core.tree_policy import TreeConfig
 from edgespec.core.validation import check_int, check_prob
 from edgespec.linkemu import LinkEmulator, LinkProfile
 
@@ -164,6 +171,13 @@ class CapacityConfig:
     # distinct rows (adaptive trees: 1,200-1,400 real forwards per 32 sessions) starved its own
     # emulated devices (draft overrun 1.2-1.7x the profile's time). Emulated draft memo only.
     memo_pass: bool = True
+    # Before a method that grows token trees runs, each worker computes every row a greedy tree
+    # of its widths can ask for at any committed prefix of the references
+    # (`emulated_edge.fill_token_trees`, ~15 s of host time per worker, once per process). The
+    # memo pass cannot cover them for the tree controller, whose shapes depend on timings: its
+    # measured sessions still ran 174-187 real draft forwards (5-6 s of host time in a 17 s
+    # measurement, session 16). Emulated draft memo only.
+    tree_fill: bool = True
     # Held concurrency: each of the N session slots runs this many generations back to back,
     # generation g of slot i on benchmark prompt (i + g) mod the prompts' count, so that with a
     # multiple of the 4 prompts every slot generates every prompt text equally often. 1: N
@@ -227,6 +241,8 @@ class CapacityConfig:
             TreeShape(*shape)  # validates each field, naming it
         if not isinstance(self.memo_pass, bool):
             raise ValueError(f"memo_pass must be a bool, got {self.memo_pass!r}")
+        if not isinstance(self.tree_fill, bool):
+            raise ValueError(f"tree_fill must be a bool, got {self.tree_fill!r}")
         if not isinstance(self.links_in_workers, bool):
             raise ValueError(f"links_in_workers must be a bool, got {self.links_in_workers!r}")
         if self.link_memory not in LINK_MEMORY_MODES:
@@ -262,6 +278,8 @@ class _Job:
     # every prompt followed by its greedy reference output: what the sessions will commit, so
     # the emulated edges skip draft rows no walk can accept (`LogitsMemo.add_references`)
     references: list[list[int]] | None = None
+    reference_starts: list[int] | None = None  # per reference: its prompt's length
+    tree_fill: bool = False  # compute token trees' rows ahead (`CapacityConfig.tree_fill`)
     # per session of `prompts`, the address of its emulated link (run by the parent); None: each
     # session starts its own link in this worker (`CapacityConfig.links_in_workers`)
     links: list[str] | None = None
@@ -328,6 +346,49 @@ def _draft_memo(path: str) -> LogitsMemo:  # one per worker process and draft mo
     return LogitsMemo()
 
 
+_FILLED: set[tuple[Any, ...]] = set()  # (draft, references, widths, depth) filled in this process
+
+
+def _tree_widths(job: _Job) -> tuple[tuple[int, ...], int] | None:
+    """The (widths, deepest levels) of the token trees the job's policy can grow (None: it
+    grows none)."""
+    if job.tree is not None:
+        return (job.tree[2],), job.tree[1]
+    if job.policy == "adaptive_tree":
+        shapes = TreeConfig().shapes  # what the registry's "adaptive_tree" searches
+        return tuple(sorted({s.width for s in shapes})), max(s.depth for s in shapes)
+    return None
+
+
+def _fill_trees(job: _Job) -> None:
+    """`fill_token_trees` for the job's policy, once per process and draft (greedy sessions)."""
+    grown = _tree_widths(job)
+    if grown is None or job.references is None or job.reference_starts is None:
+        return
+    refs = dict(zip(map(tuple, job.references), job.reference_starts, strict=True))
+    key = (job.draft, tuple(refs), *grown)
+    if key in _FILLED:
+        return
+    t0 = time.perf_counter()
+    widths, depth = grown
+    forwards = fill_token_trees(
+        _draft_memo(job.draft),
+        _draft_model(job.draft),
+        list(refs),
+        list(refs.values()),
+        widths,
+        depth,
+    )
+    _FILLED.add(key)
+    logger.info(
+        "token trees of widths %s, %d levels: %d draft forwards ahead in %.1f s",
+        widths,
+        depth,
+        forwards,
+        time.perf_counter() - t0,
+    )
+
+
 def _run_job(job: _Job) -> dict[str, Any]:
     """Worker process entry: run the job's sessions concurrently, each its own edge; returns
     their records and what the process's draft memo did during the job."""
@@ -338,6 +399,8 @@ def _run_job(job: _Job) -> dict[str, Any]:
     memo = _draft_memo(job.draft)
     if job.references:
         memo.add_references(job.references)
+        if job.tree_fill and job.memo and get_profile(job.compute_profile).emulated:
+            _fill_trees(job)
     records, draft_ms, before = asyncio.run(_sessions(job))
     after = memo.stats()
     return {
@@ -1010,6 +1073,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 config.client_retries,
                 tree=tree,
                 references=references,
+                reference_starts=[len(p) for p in prompts],
+                tree_fill=config.tree_fill and config.memo_drafts,
                 memo_pass=config.memo_pass and config.memo_drafts,
                 ahead_branches=config.ahead_branches,
                 ahead_branches_sent=config.ahead_branches_sent,

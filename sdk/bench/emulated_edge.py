@@ -33,6 +33,15 @@ every session (the drafter says which tree it feeds: `ModelRunner.extend_tree(..
 guesses=True)`). Outputs are still checked against the references, so a stand-in that
 reached a committed token would show as an altered output.
 
+A token tree's rows depend on which shape the session chose at which committed prefix, which an
+adaptive tree controller decides from timings: no earlier run of the same sessions asks for the
+same rows, and the rows it had not asked for were computed during the measurement, on the host
+(session 16: 174-187 real forwards, 5-6 s of host time in a 17 s measurement, in `adaptive_tree`
+only). Under greedy decoding a tree's fed nodes at a root are fixed by the root and the width
+alone (each level feeds the `width` best of the one before, whatever the node budget or depth),
+so `fill_token_trees` computes them once ahead, for every root a session can grow a tree at
+(every prefix of every reference) and every width, up to the deepest level.
+
 Use only with an emulated profile: with ``real`` nothing is padded and sharing would make the
 edges faster than N real devices (`runner_factory` returns None then: plain runners).
 """
@@ -50,12 +59,16 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from edgespec.core.params import SamplingParams
 from edgespec.core.profiles import ComputeProfile, PaddedRunner, get_profile
 from edgespec.core.runner import ModelRunner, TokenIds
+from edgespec.core.tree import TreeShape
+from edgespec.core.tree_draft import grow_tree
 from edgespec.core.validation import check_int, is_int
 
 # Logits rows kept per process (demo draft: 16 KiB each, 512 MiB). Token trees need room: 8
-# sessions of a worker, ~1,000 node rows each per 96-token generation, warm-up and measured run.
+# sessions of a worker, ~1,000 node rows each per 96-token generation, warm-up and measured run,
+# and the ~2,200 rows per prompt `fill_token_trees` computes ahead for widths 2-4, 10 levels.
 DEFAULT_MEMO_ROWS = 32768
 # The interpreter's switch interval (s) in benchmark processes that emulate devices: a thread
 # whose padding sleep has ended waits for the GIL while other threads run Python, by default up
@@ -402,6 +415,42 @@ class MemoRunner(PaddedRunner):
         ms = 1e3 * (time.perf_counter() - t_real)
         self.memo.put(self._tokens, real, logits, ms, start - real)
         return list(logits[start - real :])
+
+
+def fill_token_trees(
+    memo: LogitsMemo,
+    model: PreTrainedModel,
+    references: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    widths: Sequence[int],
+    depth: int,
+) -> int:
+    """Compute ahead into `memo` every row a greedy token tree of any of `widths` and at most
+    `depth` levels asks for at any root a session can reach: committed prefix ``ref[:m]`` of
+    each reference for m from its prompt's length (`starts`) to its end. Returns the real
+    forwards run. Rows already memoized are kept (and reused), so the trees grown from the memo
+    later are these: greedy growth reads nothing but the rows (`grow_tree`). Greedy only: a
+    sampled tree's nodes depend on the draws. Runs the drafter's own `grow_tree` on an unpadded
+    `MemoRunner`, so the rows are keyed and computed exactly as a session's would be."""
+    if len(references) != len(starts):
+        raise ValueError(f"starts must have one entry per reference ({len(references)})")
+    if not widths:
+        return 0
+    depth = check_int("depth", depth, 1)
+    free = ComputeProfile("fill", True)  # no padding: nothing here is a device's forward
+    runner = MemoRunner(model, free, memo)
+    before = memo.stats().real_forwards
+    greedy = SamplingParams(max_new_tokens=1)
+    for ref, start in zip(references, starts, strict=True):
+        start = check_int("starts[i]", start, 1, len(ref))
+        runner.reset()
+        runner.prefill(list(ref))  # every committed row of the reference, one forward
+        for m in range(start, len(ref) + 1):
+            for width in sorted(set(widths)):
+                runner.rollback(m - 1)  # grow_tree feeds the root's last token itself
+                shape = TreeShape(width + (depth - 1) * width * width, depth, width)
+                grow_tree(runner, list(ref[:m]), greedy, shape)
+    return memo.stats().real_forwards - before
 
 
 def _node_paths(

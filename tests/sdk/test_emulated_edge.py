@@ -8,7 +8,7 @@ import pytest
 import torch
 from support.tiny_models import noisy_draft, tiny_llama
 
-from edgespec.bench.emulated_edge import LogitsMemo, MemoRunner, runner_factory
+from edgespec.bench.emulated_edge import LogitsMemo, MemoRunner, fill_token_trees, runner_factory
 from edgespec.core.drafter import Drafter
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
@@ -274,3 +274,38 @@ def test_dead_branch_nodes_are_stood_in_without_changing_any_used_block(mixed: b
                 assert any(b.parents is not None for b in used)
         real_forwards[stand_in] = memo.stats().real_forwards
     assert real_forwards[True] < real_forwards[False]
+
+
+@pytest.mark.parametrize("filled", [False, True])
+def test_token_trees_filled_ahead_need_no_forward_during_the_sessions(filled: bool) -> None:
+    """`fill_token_trees` computes ahead the rows of every greedy tree the widths can grow at
+    any committed prefix: sessions growing trees of those widths (any depth up to the filled
+    one, any node budget, serial or drafted ahead) then run no real draft forward, and every
+    block the verifier used, and the output, is the plain drafter's. Unfilled (the control),
+    the same sessions compute their trees' rows."""
+    target_model = tiny_llama(VOCAB, seed=0)
+    draft_model = noisy_draft(target_model)
+    target = ModelRunner(target_model)
+    params = SamplingParams(max_new_tokens=24)
+    prompts = PROMPTS[2:]
+    references = [p + generate_autoregressive(target, p, params).tokens for p in prompts]
+    memo = LogitsMemo()
+    memo.add_references(references)
+    if filled:
+        ran = fill_token_trees(memo, draft_model, references, [len(p) for p in prompts], (2, 3), 5)
+        assert ran > 0 and memo.stats().real_forwards == ran
+    before = memo.stats().real_forwards
+    for tree, alternate in ((TreeShape(12, 4, 3), None), (None, TreeShape(7, 5, 2))):
+        for prompt, reference in zip(prompts, references, strict=True):
+            plain, plain_out, _ = _pipelined_session(
+                ModelRunner(draft_model), target, prompt, tree, branches=3, alternate=alternate
+            )
+            runner = MemoRunner(draft_model, PROFILE, memo)
+            used, out, _ = _pipelined_session(
+                runner, target, prompt, tree, branches=3, alternate=alternate
+            )
+            assert any(b.parents is not None for b in used)
+            assert [_walked(b, reference) for b in used] == [_walked(b, reference) for b in plain]
+            assert out == plain_out == reference[len(prompt) :]
+    during = memo.stats().real_forwards - before
+    assert (during == 0) == filled, during
