@@ -36,8 +36,10 @@ speculative decoding at its k and acceptance (``cloud_sd_analytic_tokens_per_s``
 
 Edge devices under an emulated profile: see `edgespec.bench.emulated_edge` (each session drafts
 on its own thread, padded to the modelled draft time; the real draft forward of a token prefix
-runs once per worker process and is shared by its sessions; tokens unchanged). The JSON says so
-(``edge_emulation``). ``--no-draft-memo`` runs every session's draft forwards for real.
+runs once per worker process and is shared by its sessions; tokens unchanged; before a method
+that grows token trees, each worker computes every greedy tree's rows ahead, once:
+`CapacityConfig.tree_fill`). The JSON says so (``edge_emulation``). ``--no-draft-memo`` runs
+every session's draft forwards for real.
 
 Overload (``--kv-budget-tokens``): the verifier gets a KV budget, measured under each admission
 mode of ``--kv-admission`` (one verifier each: "reserve" refuses what would not fit at its
@@ -1139,6 +1141,13 @@ def _edge_emulation(config: CapacityConfig) -> str:
         "the real draft forward of each distinct token prefix is computed once per worker "
         "process and its logits shared by every session with that prefix "
         "(edgespec.bench.emulated_edge.MemoRunner; tokens unchanged)"
+        + (
+            "; before a method that grows token trees, each worker computes once the rows of "
+            "every greedy tree of its widths at every prefix of every reference "
+            "(fill_token_trees), outside the measurement"
+            if config.tree_fill
+            else ""
+        )
         if config.memo_drafts
         else "every session runs its own real draft forwards"
     )

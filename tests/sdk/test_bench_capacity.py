@@ -154,6 +154,32 @@ def test_memo_pass_leaves_no_real_draft_forward_to_the_measurement(tiny_pair, tm
 
 
 @pytest.mark.slow
+def test_tree_fill_leaves_no_real_draft_forward_to_tree_methods(tiny_pair, tmp_path) -> None:
+    """Without the memo pass, a fixed tree and the tree controller measured after the tree fill
+    run no real draft forward: every row their trees, chains and shadow drafts ask for was
+    computed ahead. With ``--no-tree-fill`` (the control) they compute them during the
+    measurement."""
+    real = {}
+    for flag in ("--no-tree-fill", None):
+        out = tmp_path / f"fill{flag}.json"
+        argv = [
+            "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
+            str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "2", "--rtt-ms", "5",
+            "--max-new-tokens", "12", "--edge-processes", "2", "--no-memo-pass",
+            "--methods", "tree,adaptive_tree", "--tree-shapes", "8x3x2",
+        ]  # fmt: skip
+        assert main(argv + ([flag] if flag else [])) == 0
+        result = json.loads(out.read_text())
+        rows = result["rows"]
+        assert [r["method"] for r in rows] == ["tree_n8_d3_w2", "adaptive_tree"]
+        assert all(r["errors"] == 0 and r["altered_outputs"] == 0 for r in rows)
+        assert ("fill_token_trees" in result["edge_emulation"]) == (flag is None)
+        real[flag] = [r["draft_real_forwards"] for r in rows]
+    assert all(n > 0 for n in real["--no-tree-fill"])
+    assert real[None] == [0, 0]
+
+
+@pytest.mark.slow
 def test_held_concurrency_runs_generations_back_to_back(tiny_pair, tmp_path) -> None:
     """`--generations 3`: each of 2 session slots runs 3 generations on rotating prompts; every
     output is the target alone's for its own prompt, and the figures count every generation."""
@@ -204,6 +230,9 @@ def test_link_memory_config_is_checked() -> None:
     assert CapacityConfig().memo_pass and not CapacityConfig().links_in_workers
     with pytest.raises(ValueError, match="memo_pass"):
         CapacityConfig(memo_pass=1)  # type: ignore[arg-type]
+    assert CapacityConfig().tree_fill
+    with pytest.raises(ValueError, match="tree_fill"):
+        CapacityConfig(tree_fill="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="links_in_workers"):
         CapacityConfig(links_in_workers="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="link_memory"):
