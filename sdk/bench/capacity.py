@@ -74,7 +74,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
-from itertools import product
+from itertools import pairwise, product
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -807,6 +807,14 @@ def _row(
             [k for r in ok for k, n in zip(r.nodes, r.levels, strict=True) if n > 0]
         ),
         "pipeline_hit_share": _share([h for r in ok for h in r.hits]),
+        # the share of speculative rounds (after a session's first) of another kind, tree or
+        # chain, than the round before (each switch drafts a fresh block), and per kind its
+        # rounds' mean wall ms, committed tokens and pipeline hit share
+        "kind_switch_share": _share(
+            [(a > 0) != (b > 0) for r in ok for a, b in pairwise(r.levels)]
+        ),
+        "tree_rounds": _kind_rounds(ok, tree=True),
+        "chain_rounds": _kind_rounds(ok, tree=False),
         # mean wall time of speculative rounds whose block was drafted ahead and used, and of
         # the others (fresh blocks)
         "hit_round_ms_mean": _mean(
@@ -824,6 +832,27 @@ def _row(
             f"round_{part}_median": _median([v for r in ok for v in getattr(r, part)])
             for part in ("draft_ms", "verify_ms", "network_ms", "round_ms")
         },
+    }
+
+
+def _kind_rounds(records: list[_SessionRecord], tree: bool) -> dict[str, float] | None:
+    """Mean wall ms, committed tokens and pipeline hit share of the speculative rounds that
+    were (`tree`) or were not token trees; None when there were none."""
+    rounds = [
+        (ms, parts[4], hit)
+        for r in records
+        for ms, parts, hit, levels in zip(
+            r.spec_round_ms, r.spec_parts, r.hits, r.levels, strict=True
+        )
+        if (levels > 0) == tree
+    ]
+    if not rounds:
+        return None
+    return {
+        "rounds": len(rounds),
+        "round_ms": statistics.fmean(ms for ms, _, _ in rounds),
+        "tokens": statistics.fmean(tokens for _, tokens, _ in rounds),
+        "hit_share": statistics.fmean(float(hit) for _, _, hit in rounds),
     }
 
 

@@ -129,6 +129,13 @@ def test_capacity_trees_smoke(tiny_pair, tmp_path) -> None:
     assert rows["tree_n6_d2_w3"]["tree_nodes_mean"] <= 6
     assert rows["tree_n8_d3_w2"]["pipeline_hit_share"] == 0.0  # fixed trees: no drafting ahead
     assert 0.0 <= rows["adaptive_tree"]["tree_round_share"] <= 1.0
+    # per kind: a fixed tree's rounds are trees (a chain only where a tree would pass the end)
+    fixed = rows["tree_n8_d3_w2"]
+    chains = (fixed["chain_rounds"] or {"rounds": 0})["rounds"]
+    assert fixed["tree_rounds"]["rounds"] > chains and fixed["tree_rounds"]["tokens"] >= 1.0
+    assert fixed["tree_rounds"]["hit_share"] == 0.0
+    for row in rows.values():
+        assert 0.0 <= row["kind_switch_share"] <= 1.0
 
 
 @pytest.mark.slow
