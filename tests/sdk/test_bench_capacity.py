@@ -138,6 +138,15 @@ def test_capacity_trees_smoke(tiny_pair, tmp_path) -> None:
         assert 0.0 <= row["kind_switch_share"] <= 1.0
 
 
+def _two_sessions(tiny_pair, out) -> list[str]:
+    """`edgespec bench capacity` on the tiny pair: 2 sessions, 5 ms, 12 tokens, 2 workers."""
+    return [
+        "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
+        str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "2", "--rtt-ms", "5",
+        "--max-new-tokens", "12", "--edge-processes", "2",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_memo_pass_leaves_no_real_draft_forward_to_the_measurement(tiny_pair, tmp_path) -> None:
     """With the memo pass, a fixed-k session redrafts exactly what its unmeasured pass did: the
@@ -147,11 +156,7 @@ def test_memo_pass_leaves_no_real_draft_forward_to_the_measurement(tiny_pair, tm
     real = {}
     for flag in ("--no-memo-pass", None):
         out = tmp_path / f"memo{flag}.json"
-        argv = [
-            "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
-            str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "2", "--rtt-ms", "5",
-            "-k", "3", "--max-new-tokens", "12", "--edge-processes", "2", "--methods", "fixed",
-        ]  # fmt: skip
+        argv = _two_sessions(tiny_pair, out) + ["-k", "3", "--methods", "fixed"]
         assert main(argv + ([flag, "--links-in-workers"] if flag else [])) == 0
         (row,) = json.loads(out.read_text())["rows"]
         assert row["errors"] == 0 and row["altered_outputs"] == 0
@@ -169,11 +174,8 @@ def test_tree_fill_leaves_no_real_draft_forward_to_tree_methods(tiny_pair, tmp_p
     real = {}
     for flag in ("--no-tree-fill", None):
         out = tmp_path / f"fill{flag}.json"
-        argv = [
-            "bench", "capacity", "--target", str(tiny_pair.target_dir), "--draft",
-            str(tiny_pair.draft_dir), "--json", str(out), "--sessions", "2", "--rtt-ms", "5",
-            "--max-new-tokens", "12", "--edge-processes", "2", "--no-memo-pass",
-            "--methods", "tree,adaptive_tree", "--tree-shapes", "8x3x2",
+        argv = _two_sessions(tiny_pair, out) + [
+            "--no-memo-pass", "--methods", "tree,adaptive_tree", "--tree-shapes", "8x3x2",
         ]  # fmt: skip
         assert main(argv + ([flag] if flag else [])) == 0
         result = json.loads(out.read_text())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.tiny_models import noisy_draft, tiny_llama
+from transformers import PreTrainedModel
 
 from edgespec.bench.emulated_edge import LogitsMemo, MemoRunner, fill_token_trees, runner_factory
 from edgespec.core.drafter import Drafter
@@ -194,6 +195,17 @@ def _pipelined_session(
         block = drafter.pending if drafter.pending is not None else propose()
 
 
+def _distinct_sessions() -> tuple[PreTrainedModel, ModelRunner, list[list[int]], list[list[int]]]:
+    """A noisy draft of a tiny target, the target's runner, prompts that share no row, and
+    their references (prompt + the target's greedy output of 24 tokens)."""
+    target_model = tiny_llama(VOCAB, seed=0)
+    target = ModelRunner(target_model)
+    params = SamplingParams(max_new_tokens=24)
+    prompts = [list(p) for p in PROMPTS[2:]]  # distinct prompts: no row is shared between them
+    references = [p + generate_autoregressive(target, p, params).tokens for p in prompts]
+    return noisy_draft(target_model), target, prompts, references
+
+
 def _walked(block: DraftBlock, reference: list[int]) -> tuple:
     """A used block as far as a greedy walk can read it: a chain's tokens up to and including
     its first one off `reference`; a tree whole."""
@@ -213,12 +225,7 @@ def test_dead_rows_are_stood_in_without_changing_any_used_block(tree: TreeShape 
     blocks drafted ahead on a guess that missed (and chain tokens after a rejected one) from a
     live prefix's row: fewer real forwards, and every block the verifier used, and the output,
     as the plain drafter's. Without references it computes them (the control)."""
-    target_model = tiny_llama(VOCAB, seed=0)
-    draft_model = noisy_draft(target_model)
-    target = ModelRunner(target_model)
-    params = SamplingParams(max_new_tokens=24)
-    prompts = PROMPTS[2:]  # distinct prompts: no row is shared between them
-    references = [p + generate_autoregressive(target, p, params).tokens for p in prompts]
+    draft_model, target, prompts, references = _distinct_sessions()
     real_forwards = {}
     for told in (False, True):
         memo = LogitsMemo()
@@ -248,12 +255,7 @@ def test_dead_branch_nodes_are_stood_in_without_changing_any_used_block(mixed: b
     the verifier used, and the output, as the plain drafter's. `mixed`: the session alternates
     such chain rounds with token trees (as the tree controller does), whose trees must still be
     the plain drafter's whole, dead nodes included."""
-    target_model = tiny_llama(VOCAB, seed=0)
-    draft_model = noisy_draft(target_model)
-    target = ModelRunner(target_model)
-    params = SamplingParams(max_new_tokens=24)
-    prompts = PROMPTS[2:]
-    references = [p + generate_autoregressive(target, p, params).tokens for p in prompts]
+    draft_model, target, prompts, references = _distinct_sessions()
     tree = TreeShape(12, 4, 3) if mixed else None
     real_forwards = {}
     for stand_in in (False, True):
@@ -283,12 +285,7 @@ def test_token_trees_filled_ahead_need_no_forward_during_the_sessions(filled: bo
     one, any node budget, serial or drafted ahead) then run no real draft forward, and every
     block the verifier used, and the output, is the plain drafter's. Unfilled (the control),
     the same sessions compute their trees' rows."""
-    target_model = tiny_llama(VOCAB, seed=0)
-    draft_model = noisy_draft(target_model)
-    target = ModelRunner(target_model)
-    params = SamplingParams(max_new_tokens=24)
-    prompts = PROMPTS[2:]
-    references = [p + generate_autoregressive(target, p, params).tokens for p in prompts]
+    draft_model, target, prompts, references = _distinct_sessions()
     memo = LogitsMemo()
     memo.add_references(references)
     if filled:
