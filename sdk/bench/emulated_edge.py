@@ -188,14 +188,19 @@ class LogitsMemo:
         self, keys: Sequence[tuple[int, ...]], logits: Tensor, ms: float, catchup: int
     ) -> None:
         """Store the rows of one real forward: `logits[i]` predicts after `keys[i]`; the
-        forward took `ms` of host time and refed `catchup` committed tokens first."""
+        forward took `ms` of host time and refed `catchup` committed tokens first. A key already
+        memoized keeps its row: a forward that recomputes it (a catch-up, a level of a tree
+        some of whose nodes were known) gives it again up to float rounding, and replacing it
+        could change a tree grown from it since, which the next session growing the same tree
+        would then miss (`fill_token_trees` relies on this)."""
         with self._lock:
             self.misses += int(logits.shape[0])
             self.real_forwards += 1
             self.real_ms += ms
             self.catchup_tokens += catchup
             for key, row in zip(keys, logits, strict=True):
-                self._rows[key] = row.clone()
+                if key not in self._rows:
+                    self._rows[key] = row.clone()
                 self._rows.move_to_end(key)
             while len(self._rows) > self.max_rows:
                 self._rows.popitem(last=False)
@@ -428,8 +433,8 @@ def fill_token_trees(
     """Compute ahead into `memo` every row a greedy token tree of any of `widths` and at most
     `depth` levels asks for at any root a session can reach: committed prefix ``ref[:m]`` of
     each reference for m from its prompt's length (`starts`) to its end. Returns the real
-    forwards run. Rows already memoized are kept (and reused), so the trees grown from the memo
-    later are these: greedy growth reads nothing but the rows (`grow_tree`). Greedy only: a
+    forwards run. Rows already memoized are kept (`LogitsMemo.put_rows`) and reused, so the trees
+    grown from the memo later are these: greedy growth reads nothing but the rows (`grow_tree`). Greedy only: a
     sampled tree's nodes depend on the draws. Runs the drafter's own `grow_tree` on an unpadded
     `MemoRunner`, so the rows are keyed and computed exactly as a session's would be."""
     if len(references) != len(starts):

@@ -306,3 +306,16 @@ def test_token_trees_filled_ahead_need_no_forward_during_the_sessions(filled: bo
             assert out == plain_out == reference[len(prompt) :]
     during = memo.stats().real_forwards - before
     assert (during == 0) == filled, during
+
+
+def test_a_memoized_row_is_not_replaced_by_a_recomputation() -> None:
+    """The first row stored for a prefix is the one served from then on, however often a later
+    forward recomputes it: a tree grown from it stays the tree the next session grows."""
+    memo = LogitsMemo()
+    first, again = torch.zeros(2, 5), torch.ones(2, 5)
+    memo.put([7, 8, 9], 1, first, 1.0, 0)  # rows after (7, 8) and (7, 8, 9)
+    memo.put([7, 8, 9, 4], 2, again, 1.0, 0)  # recomputes (7, 8, 9), adds (7, 8, 9, 4)
+    rows = memo.get_rows([(7, 8), (7, 8, 9), (7, 8, 9, 4)])
+    assert rows is not None
+    assert [float(r.sum()) for r in rows] == [0.0, 0.0, 5.0]
+    assert memo.stats().real_forwards == 2 and memo.stats().misses == 4
