@@ -401,8 +401,6 @@ def _run_job(job: _Job) -> dict[str, Any]:
     memo = _draft_memo(job.draft)
     if job.references:
         memo.add_references(job.references)
-        if job.tree_fill and job.memo and get_profile(job.compute_profile).emulated:
-            _fill_trees(job)
     records, draft_ms, before = asyncio.run(_sessions(job))
     after = memo.stats()
     return {
@@ -423,6 +421,8 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
 
     model = _draft_model(job.draft)
     memo_factory = runner_factory(job.compute_profile, _draft_memo(job.draft)) if job.memo else None
+    if job.tree_fill and memo_factory is not None:  # before anything of the job starts
+        _fill_trees(job)
     runners: list[PaddedRunner] = []  # the draft runners of the measured sessions
 
     def factory(model: Any) -> PaddedRunner | Any:

@@ -433,10 +433,11 @@ def fill_token_trees(
     """Compute ahead into `memo` every row a greedy token tree of any of `widths` and at most
     `depth` levels asks for at any root a session can reach: committed prefix ``ref[:m]`` of
     each reference for m from its prompt's length (`starts`) to its end. Returns the real
-    forwards run. Rows already memoized are kept (`LogitsMemo.put_rows`) and reused, so the trees
-    grown from the memo later are these: greedy growth reads nothing but the rows (`grow_tree`). Greedy only: a
-    sampled tree's nodes depend on the draws. Runs the drafter's own `grow_tree` on an unpadded
-    `MemoRunner`, so the rows are keyed and computed exactly as a session's would be."""
+    forwards run. Rows already memoized are kept (`LogitsMemo.put_rows`) and reused, so the
+    trees grown from the memo later are these: greedy growth reads nothing but the rows
+    (`grow_tree`). Greedy only: a sampled tree's nodes depend on the draws. Runs the drafter's
+    own `grow_tree` on an unpadded `MemoRunner`, so the rows are keyed and computed exactly as
+    a session's would be."""
     if len(references) != len(starts):
         raise ValueError(f"starts must have one entry per reference ({len(references)})")
     if not widths:
@@ -446,14 +447,14 @@ def fill_token_trees(
     runner = MemoRunner(model, free, memo)
     before = memo.stats().real_forwards
     greedy = SamplingParams(max_new_tokens=1)
+    shapes = [TreeShape(w + (depth - 1) * w * w, depth, w) for w in sorted(set(widths))]
     for ref, start in zip(references, starts, strict=True):
         start = check_int("starts[i]", start, 1, len(ref))
         runner.reset()
         runner.prefill(list(ref))  # every committed row of the reference, one forward
         for m in range(start, len(ref) + 1):
-            for width in sorted(set(widths)):
+            for shape in shapes:  # each width's whole beam
                 runner.rollback(m - 1)  # grow_tree feeds the root's last token itself
-                shape = TreeShape(width + (depth - 1) * width * width, depth, width)
                 grow_tree(runner, list(ref[:m]), greedy, shape)
     return memo.stats().real_forwards - before
 
