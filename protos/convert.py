@@ -15,8 +15,6 @@ both sides read and write a field the same way. Rules:
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 from google.protobuf.message import Message
@@ -179,6 +177,12 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     V, rows summing to 1) are left to the receiver. Raises `FieldError` naming the field.
     """
     alternatives = tuple(_alternative_from_proto(msg, i) for i in range(len(msg.alternatives)))
+    return _parse_block(msg, msg.seq, alternatives)
+
+
+def _parse_block(msg: pb.DraftBlock, seq: int, alternatives: tuple[DraftBlock, ...]) -> DraftBlock:
+    """`block_from_proto`'s checks of `msg`'s own fields, and the block of number `seq` (an
+    alternative's is its block's) with `alternatives` (already parsed)."""
     tokens = tuple(msg.tokens)
     k = len(tokens)
     if k and min(tokens) < 0:
@@ -216,7 +220,7 @@ def block_from_proto(msg: pb.DraftBlock) -> DraftBlock:
     elif form == "sparse":
         draft_probs = _sparse_from_proto(msg.probs.sparse, k)
     return DraftBlock(
-        seq=msg.seq,
+        seq=seq,
         base_len=msg.base_len,
         tokens=tokens,
         draft_probs=draft_probs,
@@ -240,10 +244,9 @@ def _alternative_from_proto(msg: pb.DraftBlock, i: int) -> DraftBlock:
             "seq, decode_tokens and alternatives unset (they are the block's)",
         )
     try:
-        parsed = block_from_proto(alt)
+        return _parse_block(alt, msg.seq, ())
     except FieldError as err:
         raise FieldError(f"{at}.{err.field}", f"{at}.{err}") from None
-    return replace(parsed, seq=msg.seq)
 
 
 def _dense_from_proto(msg: pb.DenseProbs, k: int) -> DraftProbs:

@@ -529,3 +529,61 @@ def test_a_block_that_arrived_before_the_verdict_before_it_marks_its_session(tar
 
     marked, ahead = asyncio.run(main())
     assert marked == {ahead}
+
+
+def test_step_times_prices_again_after_each_step() -> None:
+    """A price is remembered only until the next step is added: the grouping rule asks for the
+    same token counts many times per decision, but each step seen may move the line."""
+    from edgespec.cloud.step_scheduler import _StepTimes
+
+    times = _StepTimes()
+    for _ in range(8):
+        times.add(50, 0.030)
+    assert times.predict(50) == pytest.approx(0.030)
+    assert times.predict(50) == times.predict(50)
+    for _ in range(56):
+        times.add(50, 0.060)
+    assert times.predict(50) == pytest.approx(0.060 * 56 / 64 + 0.030 * 8 / 64)
+
+
+def test_a_queued_block_is_judged_once_per_step(tiny_pair) -> None:
+    """Between two steps the scheduler looks for queued blocks that need no model work each time
+    it decides (at every arrival while it groups). A block found to need work is not judged
+    again until a step has ended, since only a step changes what its session has committed:
+    `VerifierEngine.prepare` runs once per session's first block per step, not per decision."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model)
+    calls: list[str] = []
+    prepare = engine.prepare
+
+    def counted(session_id: str, block: DraftBlock):  # noqa: ANN202 - the engine's own type
+        calls.append(session_id)
+        return prepare(session_id, block)
+
+    engine.prepare = counted  # type: ignore[method-assign]
+
+    async def main() -> list[int]:
+        scheduler = StepScheduler(engine, ThreadPoolExecutor(1))
+        sids = [engine.open_session(PROMPT, SamplingParams(max_new_tokens=8)).session_id]
+        sids.append(engine.open_session(PROMPT, SamplingParams(max_new_tokens=8)).session_id)
+        tasks = [
+            asyncio.ensure_future(
+                scheduler.submit(VerifyWork(sid, DraftBlock(seq, len(PROMPT), (1,))))
+            )
+            for sid in sids
+            for seq in (0, 1)  # each session's second block waits behind its first
+        ]
+        await asyncio.sleep(0)
+        counts = []
+        for _ in range(3):
+            scheduler._answer_without_work()
+            counts.append(len(calls))
+        scheduler.steps += 1  # a step ended: the sessions may have moved on
+        scheduler._answer_without_work()
+        counts.append(len(calls))
+        assert scheduler.queue_depth == 4  # each first block needs work: none was answered
+        for task in tasks:
+            task.cancel()
+        return counts
+
+    assert asyncio.run(main()) == [2, 2, 2, 4]
