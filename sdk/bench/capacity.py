@@ -95,8 +95,9 @@ from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.policies import FixedTreePolicy
 from edgespec.core.profiles import PaddedRunner, cloud_draft_profile, get_profile
+from edgespec.core.registry import make_policy
 from edgespec.core.tree import TreeShape
-from edgespec.core.tree_policy import TreeConfig
+from edgespec.core.tree_policy import TreePolicy
 from edgespec.core.validation import check_int, check_prob
 from edgespec.linkemu import LinkEmulator, LinkProfile
 
@@ -356,10 +357,11 @@ def _tree_widths(job: _Job) -> tuple[tuple[int, ...], int] | None:
     grows none)."""
     if job.tree is not None:
         return (job.tree[2],), job.tree[1]
-    if job.policy == "adaptive_tree":
-        shapes = TreeConfig().shapes  # what the registry's "adaptive_tree" searches
-        return tuple(sorted({s.width for s in shapes})), max(s.depth for s in shapes)
-    return None
+    policy = make_policy(job.policy)  # as the sessions' edges build it, by its registry name
+    if not isinstance(policy, TreePolicy):
+        return None
+    shapes = policy.tree_config.shapes  # the shapes it searches
+    return tuple(sorted({s.width for s in shapes})), max(s.depth for s in shapes)
 
 
 def _fill_trees(job: _Job) -> None:

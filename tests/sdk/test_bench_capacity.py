@@ -13,6 +13,7 @@ from edgespec.bench.capacity import (
     CapacityConfig,
     _later,
     _prompts,
+    _tree_widths,
     capacity_bound,
     cloud_sd_bound,
 )
@@ -310,3 +311,29 @@ def test_cloud_side_speculative_decoding_pays_its_draft_in_the_step() -> None:
     assert cloud_draft_profile("real") is None
     with pytest.raises(ValueError, match="cloud_sd"):
         CapacityConfig(methods=("cloud_sd",), compute_profile="real")
+
+
+def test_tree_fill_reads_the_shapes_a_registered_tree_policy_searches() -> None:
+    """The token trees filled ahead are those of the policy the edges build by the method's
+    registry name: the tree controller's own shapes (the default, or a policy registered with
+    others), a fixed tree's one shape, and none for a policy that grows no tree."""
+    from types import SimpleNamespace
+
+    from edgespec.core.registry import _REGISTRY, register_policy
+    from edgespec.core.tree import TreeShape
+    from edgespec.core.tree_policy import TreeConfig, TreePolicy
+
+    def job(policy: str, tree: tuple[int, int, int] | None = None) -> SimpleNamespace:
+        return SimpleNamespace(policy=policy, tree=tree)  # the two fields _tree_widths reads
+
+    assert _tree_widths(job("adaptive_tree")) == ((2, 3, 4), 10)
+    assert _tree_widths(job("adaptive")) is None
+    assert _tree_widths(job("fixed", (16, 6, 2))) == ((2,), 6)
+    saved = dict(_REGISTRY)
+    try:
+        shapes = (TreeShape(8, 4, 2), TreeShape(12, 3, 5))
+        register_policy("narrow_trees", lambda spec: TreePolicy(tree=TreeConfig(shapes=shapes)))
+        assert _tree_widths(job("narrow_trees")) == ((2, 5), 4)
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
