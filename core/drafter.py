@@ -510,6 +510,20 @@ class Drafter:
         runner-up, and q (None unless drawn)."""
         if not positions:
             return []
+        if self.draft_params.is_greedy or (self._coupled_seed is None and not draw):
+            # each row's pick is its argmax and its runner-up the next best logit (`_choose`'s
+            # rule), from one top-2 of the whole level and its one sync, instead of an argmax,
+            # a top-2 and a select per row (a fifth of a pipelined edge's busy time on a 2-core
+            # host; 2.6x less for a level of 5 rows of the demo draft's vocabulary)
+            top = torch.topk(rows, 2, dim=-1)
+            tied = (top.values[:, 0] == top.values[:, 1]).long()[:, None]
+            picks: list[tuple[int, int, Tensor | None]] = []
+            for i, (first, second, tie) in enumerate(torch.cat((top.indices, tied), 1).tolist()):
+                token = first
+                if tie:  # argmax takes the first of equal maxima, which topk need not
+                    token = int(rows[i].argmax())
+                picks.append((token, second if first == token else first, None))
+            return picks
         chosen: list[Tensor] = []
         q: list[Tensor | None] = []
         for row, position in zip(rows, positions, strict=True):

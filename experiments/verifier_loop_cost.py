@@ -13,18 +13,13 @@ runs; to compare two versions run it in both checkouts back to back (this host i
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import random
 import timeit
-from pathlib import Path
 
 from edgespec.cloud.step_scheduler import _StepTimes
 from edgespec.core.session import DraftBlock
 from edgespec.protos.convert import block_from_proto, block_to_proto
-
-logger = logging.getLogger(__name__)
+from experiments.figures_cli import figures_main
 
 
 def measure(decisions: int = 200, blocks: int = 5000) -> dict[str, float]:
@@ -61,17 +56,7 @@ def measure(decisions: int = 200, blocks: int = 5000) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    figures = measure()
-    for name, value in figures.items():
-        logger.info("%s: %.3f", name, value)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
-    return 0
+    return figures_main(argv, __doc__.splitlines()[0], measure)
 
 
 if __name__ == "__main__":

@@ -285,3 +285,26 @@ def test_the_tree_policy_carries_the_runner_up_rate_to_the_next_session():
     assert cost is not None and cost.runner_up == pytest.approx(0.5, abs=0.05)
     assert AdaptivePolicy(config, memory)._runner_up == [0.0, 2.0]
     assert AdaptivePolicy(config, policy.memory()).memory().runner_up is None
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "coupled", "rejection"])
+def test_a_levels_picks_are_each_rows_own(sampler) -> None:
+    """A level's picks (token and runner-up per row), taken for all rows at once where no row
+    is drawn, are what `_choose` gives each row alone, ties included (a row of equal logits, a
+    row whose top two tie); coupled rows keep their own scores, and rows drawn for rejection
+    sampling their per-row draws (each with its q)."""
+    params = GREEDY
+    if sampler != "greedy":
+        params = SamplingParams(max_new_tokens=24, temperature=0.9, seed=3, sampler=sampler)
+    drafter = Drafter(ModelRunner(FUZZ_DRAFT), PROMPTS[0], params)
+    rows = torch.randn(6, 40, generator=torch.Generator().manual_seed(5))
+    rows[1] = 0.5  # every logit tied
+    rows[2, 7] = rows[2, 30] = rows[2].max() + 1  # the top two tied
+    positions = list(range(8, 14))
+    for draw in (False, True):
+        picks = drafter._picks(rows, positions, draw=draw)
+        if draw and sampler == "rejection":
+            assert all(q is not None for _, _, q in picks)
+            continue
+        alone = [drafter._choose(row, p, draw) for row, p in zip(rows, positions, strict=True)]
+        assert picks == [(int(t), int(r), None) for t, r, _ in alone]
