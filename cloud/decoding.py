@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from edgespec.cloud.verifier_types import INVALID_ARGUMENT, ServiceError
+from edgespec.protos.convert import FieldError
 from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
@@ -78,15 +79,18 @@ def add_verifier_servicer(servicer: pb_grpc.VerifierServicer, server: Any) -> No
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-# What the stream reader hands the handler: a block with its arrival time (perf_counter), the
-# error that broke the stream, or None for its clean end.
-Arrival = tuple[pb.DraftBlock, float] | BaseException | None
+# What the stream reader hands the handler: a block with its arrival time (perf_counter), or
+# what `admit` made of them; the error that broke the stream, or None for its clean end.
+Arrival = tuple[pb.DraftBlock, float] | Any | BaseException | None
 
 
 async def read_blocks(
-    request_iterator: AsyncIterator[pb.DraftBlock | Undecodable], arrivals: asyncio.Queue[Arrival]
+    request_iterator: AsyncIterator[pb.DraftBlock | Undecodable],
+    arrivals: asyncio.Queue[Arrival],
+    admit: Callable[[pb.DraftBlock, float], Any] | None = None,
 ) -> None:
-    """Move blocks from the stream to `arrivals` as they come, stamped with their arrival time.
+    """Move blocks from the stream to `arrivals` as they come, stamped with their arrival time
+    (or, with `admit`, `admit(block, arrival time)`'s result, called in arrival order).
 
     None marks the clean end of the stream; a stream that breaks puts its error instead (a
     block that cannot be decoded: a ServiceError INVALID_ARGUMENT naming it), which the handler
@@ -98,9 +102,26 @@ async def read_blocks(
             if isinstance(msg, Undecodable):
                 arrivals.put_nowait(msg.error(f" #{n} of this stream (from 0)"))
                 return
-            arrivals.put_nowait((msg, time.perf_counter()))
+            arrived = time.perf_counter()
+            arrivals.put_nowait((msg, arrived) if admit is None else admit(msg, arrived))
             n += 1
     except Exception as err:  # noqa: BLE001 - a broken stream ends the handler, not the server
         arrivals.put_nowait(err)
     else:
         arrivals.put_nowait(None)
+
+
+def stream_session(session_id: str | None, msg: pb.DraftBlock) -> str:
+    """The stream's session id after block `msg`: named by the first block; a later block's
+    id must be empty or the same (FieldError naming session_id otherwise)."""
+    if session_id is None:
+        if not msg.session_id:
+            raise FieldError("session_id", "session_id must be set on the first block of a stream")
+        return msg.session_id
+    if msg.session_id and msg.session_id != session_id:
+        raise FieldError(
+            "session_id",
+            f"session_id must be {session_id!r} (this stream's session) or "
+            f"empty, got {msg.session_id!r}",
+        )
+    return session_id

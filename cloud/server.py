@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.batch_group_horizon,
         help="wait up to this many steps for sessions expected back when it serves more per step",
     )
+    ap.add_argument(
+        "--no-batch-overlap",
+        action="store_true",
+        help="start each step only after the verdicts of the one before are handed over",
+    )
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument(
         "--kv-budget-tokens", type=int, default=None, help="KV tokens all sessions may hold"
@@ -134,6 +139,7 @@ async def _run(
         batch_max_sessions=args.batch_max_sessions,
         batch_return_fraction=args.batch_return_fraction,
         batch_group_horizon=args.batch_group_horizon,
+        batch_overlap=not args.no_batch_overlap,
         kv_budget_tokens=args.kv_budget_tokens,
         kv_budget_bytes=args.kv_budget_bytes,
         kv_memory_fraction=args.kv_memory_fraction,

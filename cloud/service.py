@@ -41,6 +41,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     _executor: ThreadPoolExecutor
     _tasks: list[asyncio.Task]  # the idle-session reaper, the step scheduler
+    scheduler: StepScheduler | None = None  # the batching verifier's (None: batching off)
 
     @property
     def address(self) -> str:
@@ -105,7 +106,7 @@ async def serve(
     if scheduler is not None:
         tasks.append(asyncio.create_task(scheduler.run()))
     logger.info("Verifier serving on %s (model %r)", f"{host}:{bound}", engine.model_id)
-    return RunningServer(server, host, bound, engine, health_servicer, executor, tasks)
+    return RunningServer(server, host, bound, engine, health_servicer, executor, tasks, scheduler)
 
 
 def _step_observer(

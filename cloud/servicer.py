@@ -22,7 +22,9 @@ engine's own count after every change and every failure.
 
 VerifyStream reads blocks as they arrive (a reader task stamps each arrival), so a pipelined edge
 may send the next block while the previous one is verified: its ``queue_ms`` then counts the wait
-since its arrival, including the previous block's forward. A decode block (cloud-only streaming)
+since its arrival, including the previous block's forward. With the batching verifier the reader
+also queues each block for a step at once (`edgespec.cloud.eager_blocks`), so the step after
+the previous block's can start before that block's verdict is written. A decode block (cloud-only streaming)
 is answered with one Verdict per token, each written as soon as its forward is done.
 """
 
@@ -40,7 +42,8 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from edgespec.cloud.batch_step import DecodeWork, PrefillWork, VerifyWork
-from edgespec.cloud.decoding import Arrival, Undecodable, read_blocks
+from edgespec.cloud.decoding import Arrival, Undecodable, read_blocks, stream_session
+from edgespec.cloud.eager_blocks import EagerBlocks, Enqueued
 from edgespec.cloud.step_scheduler import StepScheduler
 from edgespec.cloud.verifier import VerifierEngine
 from edgespec.cloud.verifier_types import OpenResult, ServiceError, VerifyResult
@@ -271,7 +274,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         """
         session_id: str | None = None
         arrivals: asyncio.Queue[Arrival] = asyncio.Queue()
-        reader = asyncio.ensure_future(read_blocks(request_iterator, arrivals))
+        eager = EagerBlocks(self.scheduler) if self.scheduler is not None else None
+        reader = asyncio.ensure_future(
+            read_blocks(request_iterator, arrivals, eager.admit if eager is not None else None)
+        )
         try:
             while True:
                 item = await arrivals.get()
@@ -279,11 +285,15 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     break
                 if isinstance(item, BaseException):
                     await self._fail(context, item)
-                msg, arrived = item
                 try:
-                    session_id = _stream_session(session_id, msg)
-                    block = block_from_proto(msg)
-                    result, queue_ms = await self._run(VerifyWork(session_id, block), arrived)
+                    if isinstance(item, Enqueued):  # queued on arrival (`EagerBlocks`)
+                        session_id, block = item.session_id, item.block
+                        result, queue_ms = await item.ticket.result()
+                    else:
+                        msg, arrived = item
+                        session_id = stream_session(session_id, msg)
+                        block = block_from_proto(msg)
+                        result, queue_ms = await self._run(VerifyWork(session_id, block), arrived)
                     verdict = result.verdict  # an APPLIED block's guess that was verified
                     choice = block.choices[verdict.alternative] if verdict is not None else block
                     self._observe(result, len(choice.tokens), queue_ms)
@@ -292,10 +302,14 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                         result, queue_ms = await self._run(DecodeWork(session_id, block.seq))
                         self._observe(result, 0, queue_ms)  # one token the verifier decoded alone
                         yield result_to_proto(result, queue_ms)
+                    if eager is not None:
+                        eager.handled(item)
                 except Exception as err:  # noqa: BLE001
                     await self._fail_stream(context, err, session_id)
         finally:
             reader.cancel()
+            if eager is not None:
+                eager.cancel()
 
     async def _fail_stream(
         self, context: grpc.aio.ServicerContext, err: Exception, session_id: str | None
@@ -320,22 +334,6 @@ def _hand_over(orphaned: Callable[[T], None], future: Future[T]) -> None:
         orphaned(future.result())
     except Exception:  # noqa: BLE001 - a callback must not kill the worker thread
         logger.exception("cleanup after a cancelled RPC failed")
-
-
-def _stream_session(session_id: str | None, msg: pb.DraftBlock) -> str:
-    """The stream's session id after block `msg`: named by the first block; a later block's
-    id must be empty or the same (FieldError naming session_id otherwise)."""
-    if session_id is None:
-        if not msg.session_id:
-            raise FieldError("session_id", "session_id must be set on the first block of a stream")
-        return msg.session_id
-    if msg.session_id and msg.session_id != session_id:
-        raise FieldError(
-            "session_id",
-            f"session_id must be {session_id!r} (this stream's session) or "
-            f"empty, got {msg.session_id!r}",
-        )
-    return session_id
 
 
 def _status_of(err: BaseException) -> grpc.StatusCode:

@@ -58,6 +58,17 @@ items into a step and runs `edgespec.cloud.batch_step.run_step` on the ONE model
   verdict meanwhile). At most one item runs ahead per stream; one whose stream has gone runs
   once, unclaimed, and the stream's decoding stops there.
 
+Overlap: when a step ends and the next one would start without waiting (work is queued, and
+neither quick returns nor grouping would hold it: grouping holds nothing while a session that
+drafts ahead or a cloud-only stream has an item queued), `_finish` starts it before answering
+the ended step's callers, so the model runs while the loop writes their verdicts, as a serving
+engine overlaps its output processing with the next forward. A stream queues a block drafted
+ahead on arrival (`enqueue`, `edgespec.cloud.eager_blocks`), so it is there to be taken.
+Without it (session 19, 32 pipelined sessions, emulated h100-70b): after each ~35 ms step the
+loop spent ~4 ms answering its callers and ~8 ms more in turns and waits before the next one
+began, the model idle for a quarter of the time. Otherwise (and with `batch_overlap` off) `run`
+starts the next step as before.
+
 Threading: `submit` and `run` on one event loop; model work on `executor` (ONE thread), which
 answers the step's callers itself (one hand-off back to the loop per step, no second one
 through the step loop's task). An item submitted to an idle loop that would not wait for others
@@ -152,6 +163,36 @@ class _Queued:
     needs_work_at: int = -1
 
 
+class Ticket:
+    """One queued item's outcome, to come (`StepScheduler.enqueue`)."""
+
+    __slots__ = ("_queued", "_now")
+
+    def __init__(self, queued: _Queued | None, now: VerifyResult | None) -> None:
+        self._queued = queued
+        self._now = now  # answered on arrival, no queue
+
+    async def result(self) -> tuple[Any, float]:
+        """The item's outcome and its queue wait in ms; raises the item's ServiceError.
+        Cancelling the task that awaits this drops the item if its step has not begun."""
+        if self._queued is None:
+            return self._now, 0.0
+        outcome = await self._queued.future
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome, max(0.0, self._queued.started - self._queued.arrived) * 1e3
+
+    def done(self) -> bool:
+        """Whether its outcome is in (awaiting `result` returns at once)."""
+        return self._queued is None or self._queued.future.done()
+
+    def cancel(self) -> None:
+        """Nobody will await this ticket: drop its item unless its step has begun (then it
+        runs to the end and its outcome is discarded)."""
+        if self._queued is not None and not self._queued.future.done():
+            self._queued.future.cancel()
+
+
 class StepScheduler:
     """Queue + step loop in front of a `VerifierEngine` (see the module docstring)."""
 
@@ -173,6 +214,7 @@ class StepScheduler:
         self.window_s = config.batch_window_ms / 1e3
         self.return_fraction = config.batch_return_fraction
         self.group_horizon = config.batch_group_horizon
+        self.overlap = config.batch_overlap
         self._step_times = _StepTimes()
         self._feeds: dict[str, int] = {}  # per session: what its last item fed
         self._arrivals = 0  # items submitted so far (a wait ends on a new one)
@@ -194,6 +236,12 @@ class StepScheduler:
         self._ahead: dict[tuple[str, int], _Queued] = {}  # decode tokens queued ahead
         self.ready_on_claim = 0  # decode tokens computed ahead before their stream asked
         self.judged_at_once = 0  # blocks drafted ahead answered STALE/REPLAYED on arrival
+        self.overlapped = 0  # steps started before the step before them had answered its callers
+
+    @property
+    def running(self) -> bool:
+        """Whether a step is running (or its callers are being answered)."""
+        return self._running is not None
 
     @property
     def queue_depth(self) -> int:
@@ -204,6 +252,15 @@ class StepScheduler:
         """Queue `work` and wait for its outcome: the result (a `VerifyResult`, or for a
         `PrefillWork` a `PrefillResult`) and its queue wait in ms (from `since`, a perf_counter
         time such as the block's arrival, else from now). Raises the item's ServiceError."""
+        return await self.enqueue(work, since).result()
+
+    def enqueue(self, work: Work, since: float | None = None) -> Ticket:
+        """Queue `work` now and return its `Ticket` (await `Ticket.result()` for what `submit`
+        returns). A stream may enqueue its next block before the one before it is answered (a
+        block drafted ahead, on arrival): the scheduler keeps a session's items in order, one
+        per step, so that block is queued when the step before it ends and the next step can
+        start at once (see "Overlap" in the module docstring). Whoever stops waiting for a
+        ticket it has not awaited must `cancel` it, so that it does not run."""
         queued = None
         if isinstance(work, DecodeWork):
             queued = self._ahead.pop((work.session_id, work.seq), None)
@@ -214,7 +271,7 @@ class StepScheduler:
                 self._pipelined.add(work.session_id)
             judged = self._judge_ahead_now(work)
             if judged is not None:
-                return judged, 0.0
+                return Ticket(None, judged)
         if queued is None:
             arrived = time.perf_counter() if since is None else since
             answered = self._answered.pop(work.session_id, None)
@@ -238,10 +295,7 @@ class StepScheduler:
             if queued.future.done():  # it ran before its caller came: keep one ahead
                 self.ready_on_claim += 1
                 self._queue_ahead(work.session_id, queued.future.result())
-        outcome = await queued.future
-        if isinstance(outcome, ServiceError):
-            raise outcome
-        return outcome, max(0.0, queued.started - queued.arrived) * 1e3
+        return Ticket(queued, None)
 
     def _judge_ahead_now(self, work: Work) -> VerifyResult | None:
         """The answer to a block drafted ahead (it names an anchor) that needs no model work
@@ -316,84 +370,65 @@ class StepScheduler:
                     continue
                 self._launch(loop, step)
             assert self._running is not None
-            await self._running
+            running = self._running
+            await running
+            if self._running is not running:
+                continue  # `_finish` started the next step already (overlap): await that one
             self._running = None
-            step, self._step_s = self._running_step, time.perf_counter() - self._step_started
+            step = self._running_step
             # Let the callers just answered run before the next step is taken: a stream whose
             # next block has already arrived (a block drafted ahead, or a STALE one to skip)
             # submits it within these few loop turns and joins the very next step, instead of
             # waiting for that one to end first.
             for _ in range(_RESUME_TURNS):
                 await asyncio.sleep(0)
-            self._step_times.add(sum(q.feed_estimate for q in step), self._step_s)
             await self._await_returns(step)
 
     async def _await_returns(self, step: list[_Queued]) -> None:
         """Wait for the sessions of `step` that come back quickly as a rule (see the module
         docstring: quick returns share a step)."""
-        window_s = self.return_fraction * self._step_s
-        if window_s <= 0:
-            return
-        gaps = {
-            q.work.session_id: self._gaps[q.work.session_id]
-            for q in step
-            if self._gaps.get(q.work.session_id, float("inf")) <= window_s
-        }
+        gaps = self._quick_returns(step)
 
         def waiting() -> set[str]:
             return set(gaps) - {q.work.session_id for q in self._queue}
 
         late = waiting()
         if late:
-            wait_s = min(window_s, 2 * max(gaps[sid] for sid in late))
+            wait_s = min(self.return_fraction * self._step_s, 2 * max(gaps[sid] for sid in late))
             await self._wait_while(time.perf_counter() + wait_s, lambda: bool(waiting()))
+
+    def _quick_returns(self, step: list[_Queued]) -> dict[str, float]:
+        """The return gaps of the sessions of `step` that usually come back within
+        `return_fraction` of a step."""
+        window_s = self.return_fraction * self._step_s
+        if window_s <= 0:
+            return {}
+        return {
+            q.work.session_id: self._gaps[q.work.session_id]
+            for q in step
+            if self._gaps.get(q.work.session_id, float("inf")) <= window_s
+        }
 
     async def _await_group(self) -> None:
         """Delay the next step for sessions expected back soon, while that serves more sessions
         per unit of verifier time (see the module docstring: steps grouped by expected
         returns). Returns at once when grouping is off or no step has been timed yet."""
-        if self.group_horizon <= 0 or not self._queue:
-            return
         start = time.perf_counter()
         limit: float | None = None
         first_step_s = 0.0
         while True:
             self._answer_without_work()
-            if not self._queue:
-                return
             now = time.perf_counter()
-            queued = {q.work.session_id for q in self._queue}
-            if queued & self._pipelined or any(isinstance(q.work, DecodeWork) for q in self._queue):
-                # a block of a session that drafts ahead (its guess, or the fresh block after
-                # a miss), or a cloud-only stream's next token: its session waits for nobody
+            plan = self._group_plan(now, limit, first_step_s)
+            if plan is None:
                 return
-            fed = sum(self._feeds.get(sid, 1) for sid in queued)
-            step_s = self._step_times.predict(fed)
-            if not step_s:
-                return
+            until, step_s = plan
             if limit is None:
                 limit = start + self.group_horizon * step_s
                 # the step it would have run when the wait began: the growth bound stays on
                 # it, or each arrival would move it up by another 10% (16-node trees at 32
                 # sessions: a block's verify time rose from 50 to 58 ms, -13% tokens/s)
                 first_step_s = step_s
-            slack = 0.1 * step_s
-            expected = sorted(
-                (answered + gap, sid)
-                for sid, answered in self._answered.items()
-                if sid not in queued
-                and (gap := self._gaps.get(sid)) is not None
-                and now - slack <= answered + gap <= limit
-            )
-            best, until = len(queued) / step_s, None
-            for j, (due, sid) in enumerate(expected, 1):
-                fed += self._feeds.get(sid, 1)
-                step_j = self._step_times.predict(fed) or step_s
-                if step_j > _GROUP_STEP_GROWTH * first_step_s:
-                    break  # past the roofline's knee: a merged step costs what two would
-                rate = (len(queued) + j) / (max(0.0, due - now) + step_j)
-                if rate > best:
-                    best, until = rate, due
             if until is None:
                 return
             seen = self._arrivals
@@ -401,9 +436,51 @@ class StepScheduler:
             def no_arrival(seen: int = seen) -> bool:
                 return self._arrivals == seen
 
-            await self._wait_while(min(until + slack, limit), no_arrival)
+            await self._wait_while(min(until + 0.1 * step_s, limit), no_arrival)
             if time.perf_counter() >= limit:
                 return
+
+    def _group_plan(
+        self, now: float, limit: float | None, first_step_s: float
+    ) -> tuple[float | None, float] | None:
+        """The grouping decision at `now`: None to start the step now whatever comes (grouping
+        off, nothing queued, a session queued that waits for nobody, no step timed yet), else
+        (when to start it: None for now, or the expected return worth waiting for; the
+        predicted time of a step of the queued work). `limit` (None: not set yet, taken as now
+        + the horizon) is the latest start; `first_step_s` the step the wait began with (the
+        growth bound; 0: this one)."""
+        if self.group_horizon <= 0 or not self._queue:
+            return None
+        queued = {q.work.session_id for q in self._queue}
+        if queued & self._pipelined or any(isinstance(q.work, DecodeWork) for q in self._queue):
+            # a block of a session that drafts ahead (its guess, or the fresh block after
+            # a miss), or a cloud-only stream's next token: its session waits for nobody
+            return None
+        fed = sum(self._feeds.get(sid, 1) for sid in queued)
+        step_s = self._step_times.predict(fed)
+        if not step_s:
+            return None
+        if limit is None:
+            limit = now + self.group_horizon * step_s
+        growth_bound = _GROUP_STEP_GROWTH * (first_step_s or step_s)
+        slack = 0.1 * step_s
+        expected = sorted(
+            (answered + gap, sid)
+            for sid, answered in self._answered.items()
+            if sid not in queued
+            and (gap := self._gaps.get(sid)) is not None
+            and now - slack <= answered + gap <= limit
+        )
+        best, until = len(queued) / step_s, None
+        for j, (due, sid) in enumerate(expected, 1):
+            fed += self._feeds.get(sid, 1)
+            step_j = self._step_times.predict(fed) or step_s
+            if step_j > growth_bound:
+                break  # past the roofline's knee: a merged step costs what two would
+            rate = (len(queued) + j) / (max(0.0, due - now) + step_j)
+            if rate > best:
+                best, until = rate, due
+        return until, step_s
 
     def _launch(self, loop: asyncio.AbstractEventLoop, step: list[_Queued]) -> None:
         """Start `step` on the model thread; `_running` is done when its callers are answered."""
@@ -465,6 +542,8 @@ class StepScheduler:
             outcomes, stats = result
             self.steps += 1
             now = time.perf_counter()
+            self._step_s = now - self._step_started
+            self._step_times.add(sum(q.feed_estimate for q in step), self._step_s)
             if len(self._last_answer) > 4 * self.engine.config.max_sessions:
                 # Every session ever answered has an entry in these maps, mostly closed
                 # sessions': the open ones' are relearnt at their next item and return.
@@ -474,6 +553,7 @@ class StepScheduler:
                 self._feeds.clear()
                 self._pipelined.clear()
             queued = {q.work.session_id for q in self._queue}
+            answers: list[tuple[_Queued, Outcome]] = []
             for item, outcome in zip(step, outcomes, strict=True):
                 sid = item.work.session_id
                 self._last_answer[sid] = now
@@ -484,17 +564,42 @@ class StepScheduler:
                 else:
                     self._answered[sid] = now
                 if not item.future.done():
-                    item.future.set_result(outcome)
+                    answers.append((item, outcome))
                     if item.claimed:
                         self._queue_ahead(item.work.session_id, outcome)
             if self._on_step is not None:
                 self._on_step(stats, len(self._queue))
+            self._overlap(step)
+            for item, outcome in answers:
+                if not item.future.done():
+                    item.future.set_result(outcome)
         finally:
             # Idle unless work came meanwhile: decided before the callers resume, so a block
             # sent right after this step's verdict finds the scheduler idle, as `run` would.
-            self._busy = bool(self._queue)
+            self._busy = bool(self._queue) or self._running is not done
             if not done.done():
                 done.set_result(None)
+
+    def _overlap(self, step: list[_Queued]) -> None:
+        """Start the next step now, before this one's callers are answered, when `run` would
+        start it without waiting (see "Overlap" in the module docstring); else leave it to
+        `run`."""
+        if not self.overlap:
+            return
+        self._answer_without_work()
+        if not self._queue:
+            return
+        if self._group_plan(time.perf_counter(), None, 0.0) is not None:
+            # grouping may wait for returns: `run` decides, as each arrives (a decision
+            # taken here, once, splits fewer batches: 6 sessions of the grouping test ran
+            # 26-35 steps where `run` takes 26)
+            return
+        if set(self._quick_returns(step)) - {q.work.session_id for q in self._queue}:
+            return  # sessions that come back within a fraction of a step: wait for them
+        following = self._take()
+        if following:
+            self.overlapped += 1
+            self._launch(asyncio.get_running_loop(), following)
 
     def _others_may_come(self) -> bool:
         """Whether an open session has no item queued yet (else the window would only delay:

@@ -98,6 +98,9 @@ class VerifierConfig:
     # kept their rate once their blocks were never held back (experiments/results/capacity/
     # group_ab/NOTES.md).
     batch_group_horizon: float = 1.0
+    # Start the next step before answering the callers of the one that ended, when it would
+    # start without waiting anyway (`cloud.step_scheduler`: overlap). False: after them.
+    batch_overlap: bool = True
     # A new session's prefix enters its cache in steps of at most this many tokens, batched
     # with other sessions' work, so that a long prompt does not stall them.
     prefill_chunk_tokens: int = 256
@@ -131,8 +134,9 @@ class VerifierConfig:
         if self.max_prefix_tokens is not None:
             check_int("max_prefix_tokens", self.max_prefix_tokens, 1)
         check_positive("session_idle_ttl_s", self.session_idle_ttl_s)
-        if not isinstance(self.batching, bool):
-            raise ValueError(f"batching must be a bool, got {self.batching!r}")
+        for name in ("batching", "batch_overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_int("batch_max_sessions", self.batch_max_sessions, 1)
         check_int("batch_max_tokens", self.batch_max_tokens, 1)
         check_ms("batch_window_ms", self.batch_window_ms)

@@ -212,6 +212,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
         tree_fill=not args.no_tree_fill,
         generations=args.generations,
         batch_group_horizon=args.batch_group_horizon,
+        batch_overlap=not args.no_batch_overlap,
         ahead_branches=args.ahead_branches,
         ahead_branches_sent=args.ahead_branches_sent,
     )
@@ -288,6 +289,12 @@ def _bench_capacity_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="emulated profiles: do not compute the draft rows of every greedy token tree the "
         "tree methods can grow before they run (by default each worker does, once)",
+    )
+    p.add_argument(
+        "--no-batch-overlap",
+        action="store_true",
+        help="the verifier starts each step only after the verdicts of the one before are "
+        "handed over (its batch_overlap off)",
     )
     p.add_argument(
         "--batch-group-horizon",

@@ -191,6 +191,7 @@ class CapacityConfig:
     generations: int = 1
     # The verifier's `batch_group_horizon` (None: its default; see `cloud.step_scheduler`).
     batch_group_horizon: float | None = None
+    batch_overlap: bool = True  # the verifier's `batch_overlap`
     # The edges' `EngineConfig.ahead_branches` (None: its default): guesses besides the main
     # one that pipelined chains draft ahead on.
     ahead_branches: int | None = None
@@ -1054,6 +1055,8 @@ def run_capacity_bench(config: CapacityConfig, target: Path, draft: Path) -> dic
                 args += ["--batch-max-sessions", str(config.batch_max_sessions)]
                 if config.batch_group_horizon is not None:
                     args += ["--batch-group-horizon", str(config.batch_group_horizon)]
+                if not config.batch_overlap:
+                    args += ["--no-batch-overlap"]
                 if kind == CLOUD_SD:
                     # Cloud-side drafting runs every session's draft and verify in one
                     # iteration; here each session's turnaround goes through its own edge

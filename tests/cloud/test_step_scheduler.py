@@ -587,3 +587,90 @@ def test_a_queued_block_is_judged_once_per_step(tiny_pair) -> None:
         return counts
 
     assert asyncio.run(main()) == [2, 2, 2, 4]
+
+
+def _one_session(tiny_pair, config: VerifierConfig) -> tuple[VerifierEngine, list[int], str]:
+    """An engine on the tiny target, the target's own 12 tokens after PROMPT, a session."""
+    model = ModelRunner.from_pretrained(tiny_pair.target_dir, device="cpu").model
+    engine = VerifierEngine(model, config)
+    params = SamplingParams(max_new_tokens=12)
+    expected = generate_autoregressive(ModelRunner(model), PROMPT, params).tokens
+    return engine, expected, engine.open_session(PROMPT, params).session_id
+
+
+def _two_blocks(scheduler: StepScheduler, sid: str, expected: list[int]):
+    """Blocks 0 and 1 of `expected` (3 tokens each, the second assuming the first accepted
+    whole) queued at once, as a stream queues a block drafted ahead on arrival."""
+    first = scheduler.enqueue(VerifyWork(sid, DraftBlock(0, len(PROMPT), expected[:3])))
+    second = scheduler.enqueue(
+        VerifyWork(sid, DraftBlock(1, len(PROMPT) + 4, tuple(expected[4:7])))
+    )
+    return first, second
+
+
+def test_a_block_queued_ahead_starts_its_step_before_the_one_before_is_answered(
+    tiny_pair,
+) -> None:
+    """Overlap: a session's next block, queued while the block before it runs (as a stream
+    queues a block drafted ahead on arrival), is taken into the next step as soon as that
+    block's step ends, before its caller is answered; a session whose next block is not there
+    yet gets no step started early. Both blocks get the verdicts the target alone gives."""
+    engine, expected, sid = _one_session(tiny_pair, VerifierConfig())
+
+    async def main() -> None:
+        async with _running(engine) as scheduler:
+            first, second = _two_blocks(scheduler, sid, expected)
+            result, _ = await first.result()
+            assert (result.outcome, result.verdict.accepted) == (Outcome.APPLIED, 3)
+            # answered after the step of `second` began: nothing is left in the queue
+            assert scheduler.queue_depth == 0 and scheduler.overlapped == 1
+            result, queue_ms = await second.result()
+            assert (result.outcome, result.verdict.accepted) == (Outcome.APPLIED, 3)
+            assert queue_ms > 0  # it waited for the first block's step
+            # nothing queued when this step ended: no early start
+            third = scheduler.enqueue(
+                VerifyWork(sid, DraftBlock(2, len(PROMPT) + 8, tuple(expected[8:10])))
+            )
+            await third.result()
+            assert scheduler.overlapped == 1
+
+    asyncio.run(main())
+    assert engine.committed(sid) == PROMPT + expected[:11]
+
+
+def test_without_overlap_the_next_step_waits_for_the_answers(tiny_pair) -> None:
+    """`batch_overlap=False`: the block queued ahead is still queued when the block before it
+    is answered, and runs in the step after, with the same verdicts."""
+    engine, expected, sid = _one_session(tiny_pair, VerifierConfig(batch_overlap=False))
+
+    async def main() -> None:
+        async with _running(engine) as scheduler:
+            first, second = _two_blocks(scheduler, sid, expected)
+            await first.result()
+            assert scheduler.queue_depth == 1 and scheduler.overlapped == 0
+            result, _ = await second.result()
+            assert result.verdict.accepted == 3 and scheduler.overlapped == 0
+
+    asyncio.run(main())
+    assert engine.committed(sid) == PROMPT + expected[:8]
+
+
+def test_a_cancelled_ticket_never_runs(tiny_pair) -> None:
+    """A ticket cancelled before its step begins is dropped: its block is never verified (the
+    session's committed tokens do not move), and the session's next block runs as usual."""
+    engine, expected, sid = _one_session(tiny_pair, VerifierConfig())
+
+    async def main() -> None:
+        async with _running(engine) as scheduler:
+            first, dropped = _two_blocks(scheduler, sid, expected)
+            dropped.cancel()
+            await first.result()
+            assert dropped.done() and scheduler.queue_depth == 0
+            assert engine.committed(sid) == PROMPT + expected[:4]
+            result, _ = await scheduler.submit(
+                VerifyWork(sid, DraftBlock(1, len(PROMPT) + 4, tuple(expected[4:6])))
+            )
+            assert result.verdict.accepted == 2
+
+    asyncio.run(main())
+    assert engine.committed(sid) == PROMPT + expected[:7]
