@@ -189,8 +189,13 @@ class Ticket:
     def cancel(self) -> None:
         """Nobody will await this ticket: drop its item unless its step has begun (then it
         runs to the end and its outcome is discarded)."""
-        if self._queued is not None and not self._queued.future.done():
-            self._queued.future.cancel()
+        if self._queued is None:
+            return
+        future = self._queued.future
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()  # a failed step's error: retrieved, so asyncio logs none
 
 
 class StepScheduler:
