@@ -24,8 +24,9 @@ VerifyStream reads blocks as they arrive (a reader task stamps each arrival), so
 may send the next block while the previous one is verified: its ``queue_ms`` then counts the wait
 since its arrival, including the previous block's forward. With the batching verifier the reader
 also queues each block for a step at once (`edgespec.cloud.eager_blocks`), so the step after
-the previous block's can start before that block's verdict is written. A decode block (cloud-only streaming)
-is answered with one Verdict per token, each written as soon as its forward is done.
+the previous block's can start before that block's verdict is written. A decode block
+(cloud-only streaming) is answered with one Verdict per token, each written as soon as its
+forward is done.
 """
 
 from __future__ import annotations

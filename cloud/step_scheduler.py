@@ -547,6 +547,8 @@ class StepScheduler:
             outcomes, stats = result
             self.steps += 1
             now = time.perf_counter()
+            # the step's time: the model's and the hand-off back, not its callers' answering
+            # (which overlaps the next step, or precedes it as the loop's own work)
             self._step_s = now - self._step_started
             self._step_times.add(sum(q.feed_estimate for q in step), self._step_s)
             if len(self._last_answer) > 4 * self.engine.config.max_sessions:
@@ -595,9 +597,9 @@ class StepScheduler:
         if not self._queue:
             return
         if self._group_plan(time.perf_counter(), None, 0.0) is not None:
-            # grouping may wait for returns: `run` decides, as each arrives (a decision
-            # taken here, once, splits fewer batches: 6 sessions of the grouping test ran
-            # 26-35 steps where `run` takes 26)
+            # grouping may wait for returns: `run` decides, again at each arrival (deciding
+            # once, here, merged fewer steps: the grouping test's 6 sessions ran 26-35 steps
+            # where `run` takes 26)
             return
         if set(self._quick_returns(step)) - {q.work.session_id for q in self._queue}:
             return  # sessions that come back within a fraction of a step: wait for them
