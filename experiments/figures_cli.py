@@ -13,16 +13,17 @@ logger = logging.getLogger(__name__)
 
 
 def figures_main(
-    argv: list[str] | None, description: str, measure: Callable[[], dict[str, float]]
+    argv: list[str] | None, description: str, measure: Callable[[], dict[str, float | int]]
 ) -> int:
-    """Parse ``--json FILE``, run `measure`, log each figure and write them all (exit 0)."""
+    """Parse ``--json FILE``, run `measure`, log each figure (a count as an integer) and write
+    them all (exit 0)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     figures = measure()
     for name, value in figures.items():
-        logger.info("%s: %.3f", name, value)
+        logger.info("%s: %s", name, value if isinstance(value, int) else f"{value:.3f}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
