@@ -79,18 +79,21 @@ def add_verifier_servicer(servicer: pb_grpc.VerifierServicer, server: Any) -> No
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-# What the stream reader hands the handler: a block with its arrival time (perf_counter), or
-# what `admit` made of them; the error that broke the stream, or None for its clean end.
-Arrival = tuple[pb.DraftBlock, float] | Any | BaseException | None
+A = TypeVar("A")
+
+
+def as_arrived(msg: pb.DraftBlock, arrived: float) -> tuple[pb.DraftBlock, float]:
+    """`read_blocks`' plain `admit`: the block with its arrival time (perf_counter)."""
+    return msg, arrived
 
 
 async def read_blocks(
     request_iterator: AsyncIterator[pb.DraftBlock | Undecodable],
-    arrivals: asyncio.Queue[Arrival],
-    admit: Callable[[pb.DraftBlock, float], Any] | None = None,
+    arrivals: asyncio.Queue[A | BaseException | None],
+    admit: Callable[[pb.DraftBlock, float], A],
 ) -> None:
-    """Move blocks from the stream to `arrivals` as they come, stamped with their arrival time
-    (or, with `admit`, `admit(block, arrival time)`'s result, called in arrival order).
+    """Move blocks from the stream to `arrivals` as they come: `admit(block, arrival time)`,
+    called in arrival order (`as_arrived`: the block with its perf_counter arrival time).
 
     None marks the clean end of the stream; a stream that breaks puts its error instead (a
     block that cannot be decoded: a ServiceError INVALID_ARGUMENT naming it), which the handler
@@ -103,7 +106,7 @@ async def read_blocks(
                 arrivals.put_nowait(msg.error(f" #{n} of this stream (from 0)"))
                 return
             arrived = time.perf_counter()
-            arrivals.put_nowait((msg, arrived) if admit is None else admit(msg, arrived))
+            arrivals.put_nowait(admit(msg, arrived))
             n += 1
     except Exception as err:  # noqa: BLE001 - a broken stream ends the handler, not the server
         arrivals.put_nowait(err)

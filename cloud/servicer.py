@@ -43,7 +43,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from edgespec.cloud.batch_step import DecodeWork, PrefillWork, VerifyWork
-from edgespec.cloud.decoding import Arrival, Undecodable, read_blocks, stream_session
+from edgespec.cloud.decoding import Undecodable, as_arrived, read_blocks, stream_session
 from edgespec.cloud.eager_blocks import EagerBlocks, Enqueued
 from edgespec.cloud.step_scheduler import StepScheduler
 from edgespec.cloud.verifier import VerifierEngine
@@ -67,6 +67,10 @@ T = TypeVar("T")
 
 # Dense q of a 32-token block over a 128k vocabulary is 16 MiB; leave room above that.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# What a stream's reader hands its handler: a block queued on arrival, or one as it came with
+# its arrival time; the error that broke the stream, or None for its clean end.
+_Arrival = Enqueued | tuple[pb.DraftBlock, float] | BaseException | None
 
 _OUTCOME_TO_PROTO = {"APPLIED": pb.Verdict.APPLIED, "REPLAYED": pb.Verdict.REPLAYED}
 
@@ -274,10 +278,12 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         and an edge that retries opens a new one.
         """
         session_id: str | None = None
-        arrivals: asyncio.Queue[Arrival] = asyncio.Queue()
+        arrivals: asyncio.Queue[_Arrival] = asyncio.Queue()
         eager = EagerBlocks(self.scheduler) if self.scheduler is not None else None
         reader = asyncio.ensure_future(
-            read_blocks(request_iterator, arrivals, eager.admit if eager is not None else None)
+            read_blocks(
+                request_iterator, arrivals, eager.admit if eager is not None else as_arrived
+            )
         )
         try:
             while True:

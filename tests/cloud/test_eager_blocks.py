@@ -5,18 +5,16 @@ nothing queued behind."""
 
 from __future__ import annotations
 
-import queue
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
+from support.reliability_stack import wait_until
 from support.servers import VerifierServerThread
 from support.verifier_client import (
-    AUTH,
-    DEADLINE_S,
     GREEDY,
     PROMPT,
+    VerifyStream,
     block,
     open_session,
     target_continuation,
@@ -30,30 +28,6 @@ from edgespec.protos.edgespec.v1 import edgespec_pb2 as pb
 from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 
 
-class _Stream:
-    """A VerifyStream whose blocks are written without waiting for verdicts."""
-
-    def __init__(self, stub: pb_grpc.VerifierStub) -> None:
-        self._requests: queue.Queue[pb.DraftBlock | None] = queue.Queue()
-
-        def requests() -> Iterator[pb.DraftBlock]:
-            while (msg := self._requests.get()) is not None:
-                yield msg
-
-        self.call = stub.VerifyStream(requests(), timeout=DEADLINE_S, metadata=AUTH)
-
-    def write(self, *msgs: pb.DraftBlock) -> None:
-        for msg in msgs:
-            self._requests.put(msg)
-
-    def read(self) -> pb.Verdict:
-        return next(self.call)
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self.call.cancel()
-
-
 @pytest.fixture
 def served(start_server):
     server = start_server()
@@ -61,21 +35,12 @@ def served(start_server):
         yield server, pb_grpc.VerifierStub(channel)
 
 
-def _until(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_blocks_sent_back_to_back_are_verified_in_order(served, target_model) -> None:
     server, stub = served
     cont = target_continuation(target_model, PROMPT, GREEDY)
     opened = open_session(stub)
     sid = opened.session_id
-    stream = _Stream(stub)
+    stream = VerifyStream(stub)
     try:
         # four blocks of 3 in one go, each assuming the ones before it accepted whole
         stream.write(
@@ -98,7 +63,7 @@ def test_a_block_after_a_decode_block_waits_for_its_tokens(served, target_model)
     server, stub = served
     cont = target_continuation(target_model, PROMPT, GREEDY)
     sid = open_session(stub).session_id
-    stream = _Stream(stub)
+    stream = VerifyStream(stub)
     try:
         stream.write(
             pb.DraftBlock(session_id=sid, seq=0, base_len=len(PROMPT), decode_tokens=3),
@@ -119,7 +84,7 @@ def test_a_bad_block_fails_in_its_place_after_the_ones_before_it(served, target_
     cont = target_continuation(target_model, PROMPT, GREEDY)
     sid = open_session(stub).session_id
     other = open_session(stub).session_id
-    stream = _Stream(stub)
+    stream = VerifyStream(stub)
     try:
         stream.write(
             block(sid, 0, len(PROMPT), cont[:3]),
@@ -149,7 +114,7 @@ def test_a_stream_that_goes_away_leaves_nothing_queued(target_model) -> None:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.VerifierStub(channel)
             sid = open_session(stub, params=SamplingParams(max_new_tokens=40)).session_id
-            stream = _Stream(stub)
+            stream = VerifyStream(stub)
             stream.write(
                 *(
                     block(sid if i == 0 else "", i, len(PROMPT) + 3 * i, cont[3 * i : 3 * i + 2])
@@ -159,9 +124,11 @@ def test_a_stream_that_goes_away_leaves_nothing_queued(target_model) -> None:
             time.sleep(0.1)
             stream.close()
             scheduler = server.running.scheduler
-            assert _until(lambda: scheduler.queue_depth == 0 and not scheduler.running)
+            assert wait_until(
+                lambda: scheduler.queue_depth == 0 and not scheduler.running, timeout_s=5.0
+            )
             assert engine.committed(sid) == PROMPT + cont[:3]  # the first block only
-            stream = _Stream(stub)
+            stream = VerifyStream(stub)
             try:
                 stream.write(block(sid, 1, len(PROMPT) + 3, cont[3:5]))
                 verdict = stream.read()

@@ -23,7 +23,8 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=32)
 
 
 class VerifyStream:
-    """One VerifyStream call driven block by block: `send` waits for that block's verdict."""
+    """One VerifyStream call driven block by block: `send` waits for that block's verdict
+    (`write` and `read` apart: several blocks written before their verdicts are read)."""
 
     def __init__(self, stub: pb_grpc.VerifierStub, metadata=AUTH) -> None:
         self._requests: queue.Queue[pb.DraftBlock | None] = queue.Queue()
@@ -35,7 +36,16 @@ class VerifyStream:
         self._call = stub.VerifyStream(requests(), timeout=DEADLINE_S, metadata=metadata)
 
     def send(self, msg: pb.DraftBlock) -> pb.Verdict:
-        self._requests.put(msg)
+        self.write(msg)
+        return self.read()
+
+    def write(self, *msgs: pb.DraftBlock) -> None:
+        """Write blocks without waiting for their verdicts."""
+        for msg in msgs:
+            self._requests.put(msg)
+
+    def read(self) -> pb.Verdict:
+        """The next verdict of the stream."""
         return next(self._call)
 
     def close(self) -> None:
