@@ -178,6 +178,11 @@ class AdaptivePolicy:
     and its k, and decides from the first round: no warm-up, no cloud warm-up. Short generations
     are where this matters: a 64-token generation has ~20 rounds, fewer than the estimates need to
     settle, and at long RTTs a single speculative round costs more than cloud-only could gain.
+    A memory behind fewer speculative rounds than a cold session runs before it decides
+    (`warmup_rounds`) only seeds the estimates: the session runs its own warm-up. One or two rounds are no evidence to decide a whole session on: a 2-token
+    generation that paid the first forwards' one-time costs (`edgespec demo`'s warm-up) left a
+    draft time ~100x the usual, the next session started cloud-only from it and, with shadow
+    rounds and pings keeping its other estimates current, never drafted again.
     """
 
     def __init__(
@@ -218,7 +223,9 @@ class AdaptivePolicy:
         self._shadow_rounds = 0  # shadow rounds counted (observe_shadow)
         self._rtt_samples = 0  # RTT samples from outside rounds (observe_rtt)
         self._fresh = (0, 0)  # (shadow rounds, RTT samples) when the last probe was chosen
-        self._warm = memory is not None and memory.usable
+        self._warm = (
+            memory is not None and memory.usable and memory.speculative_rounds >= c.warmup_rounds
+        )
         if memory is not None:
             # whatever was learnt is a better start than the priors; but without a verifier-time
             # fit and an RTT there is nothing to decide from yet: warm-up as usual

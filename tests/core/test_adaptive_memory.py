@@ -4,13 +4,14 @@ learns while cloud-only (shadow acceptance, RTT samples); against the seeded sim
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
-from support.policy_sim import SimEnv, noisy_env, simulate
+from support.policy_sim import SimEnv, exploited_ks, noisy_env, simulate
 
 from edgespec.core.adaptive import AdaptiveConfig, AdaptivePolicy
 from edgespec.core.link_memory import PolicyMemory
-from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision
+from edgespec.core.policies import CLOUD_ONLY, SPECULATIVE, Decision, RoundObservation
 
 # ---------------------------------------------------------------------------------------------
 # memory across sessions (warm start)
@@ -130,3 +131,25 @@ def test_cloud_only_skips_probes_while_shadow_and_rtt_samples_arrive() -> None:
         fed.observe_shadow([rng.random() < 0.7 for _ in range(8)])
         modes.append(fed.choose().mode)
     assert modes[-1] == SPECULATIVE and modes.index(SPECULATIVE) <= 4
+
+
+def test_a_memory_of_a_few_rounds_seeds_the_estimates_but_decides_nothing() -> None:
+    """One speculative round whose draft took 150x the usual (a first forward's one-time
+    costs) leaves a usable memory. A session started from it as from a warm one would stream
+    cloud-only at once (the negative control below); from so few rounds it runs its own warm-up
+    instead, speculates, and its estimates leave the outlier behind."""
+    env = noisy_env(alpha=0.8, rtt_ms=20.0, draft_ms=2.0)
+    outlier = RoundObservation(k=1, accepted=1, draft_ms=300.0, verify_ms=21.0, network_ms=20.0)
+    first = AdaptivePolicy()
+    first.observe(outlier)
+    memory = first.memory()
+    assert memory.usable and memory.speculative_rounds == 1
+    policy = AdaptivePolicy(AdaptiveConfig(), memory)
+    assert not policy.warm and policy.choose() == Decision(SPECULATIVE, 4)
+    result = simulate(policy, env, 30, seed=2)
+    assert all(k > 0 for k in exploited_ks(result))
+    estimates = policy.estimates()
+    assert estimates is not None and estimates.cost.draft_ms < 5.0
+    # the same memory, as if behind enough rounds: the session would have started cloud-only
+    trusted = replace(memory, speculative_rounds=AdaptiveConfig().warmup_rounds)
+    assert AdaptivePolicy(AdaptiveConfig(), trusted).choose().mode == CLOUD_ONLY
