@@ -179,7 +179,8 @@ class AdaptivePolicy:
     are where this matters: a 64-token generation has ~20 rounds, fewer than the estimates need to
     settle, and at long RTTs a single speculative round costs more than cloud-only could gain.
     A memory behind fewer speculative rounds than a cold session runs before it decides
-    (`warmup_rounds`) only seeds the estimates: the session runs its own warm-up. One or two rounds are no evidence to decide a whole session on: a 2-token
+    (`warmup_rounds`) only seeds the estimates, and its rounds count towards the warm-up the
+    session then finishes itself. One or two rounds are no evidence to decide a whole session on: a 2-token
     generation that paid the first forwards' one-time costs (`edgespec demo`'s warm-up) left a
     draft time ~100x the usual, the next session started cloud-only from it and, with shadow
     rounds and pings keeping its other estimates current, never drafted again.
@@ -237,12 +238,14 @@ class AdaptivePolicy:
             self._cloud_offset = memory.cloud_offset.settled()
             if memory.load is not None:
                 self._load = memory.load.settled()
+            # the rounds behind those estimates count towards this session's warm-up (and the
+            # next memory's): sessions too short to warm up alone add up
+            self._spec_rounds = memory.speculative_rounds
+            self._cloud_steps_seen = memory.cloud_only_steps
         if self._warm:
             assert memory is not None
             self._k = min(max(memory.k, c.k_min), c.k_max)
             self._mode = memory.mode if c.allow_cloud_only else SPECULATIVE
-            self._spec_rounds = memory.speculative_rounds
-            self._cloud_steps_seen = memory.cloud_only_steps
 
     @property
     def warm(self) -> bool:

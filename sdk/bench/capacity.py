@@ -90,6 +90,7 @@ from edgespec.bench.emulated_edge import (
 )
 from edgespec.bench.processes import verifier_process
 from edgespec.cloud.verifier_types import KV_ADMISSIONS, VerifierConfig
+from edgespec.core.adaptive import AdaptiveConfig
 from edgespec.core.demo_pair import BENCH_PROMPTS
 from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
@@ -115,6 +116,8 @@ _STEP_METRICS = (
 _MODELLED_STEPS = "edgespec_verifier_modelled_step_seconds_total"
 _ADMISSION_METRICS = ("edgespec_verifier_evictions_total", "edgespec_verifier_resumes_total")
 _ERRORS = "edgespec_verifier_errors_total"
+# Warm-up generations per session at most, for its link memory to rest on enough rounds.
+_WARMUP_GENERATIONS = 4
 NO_BUDGET = "none"  # a `kv_admissions` entry: the verifier without the KV budget (reference)
 LINK_MEMORY_MODES = ("warm", "cold")
 ADAPTIVE_POLICIES = ("adaptive", "adaptive_tree")  # the policies that read a link memory
@@ -548,15 +551,29 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
                 return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error=repr(err))
             return _SessionRecord(tokens, start, first, time.time(), 0, 0, 0, error="no summary")
 
-        async def warm_up(engine: EdgeEngine, prompt: list[int]) -> None:
-            """One unmeasured generation: what it learns of the link stays in the engine."""
+        async def warm_up(engine: EdgeEngine, prompt: list[int]) -> int:
+            """One unmeasured generation: what it learns of the link stays in the engine.
+            Returns its speculative rounds (0 if it failed)."""
+            rounds = 0
             try:
-                async for _ in engine.generate(
+                async for event in engine.generate(
                     prompt, params, k=job.k, policy=job.make_policy(), pipelined=job.pipelined
                 ):
-                    pass
+                    if isinstance(event, SummaryEvent):
+                        rounds = sum(1 for k in event.stats.draft_lengths if k > 0)
             except Exception as err:  # noqa: BLE001 - the session then starts colder, not lost
                 logger.warning("warm-up generation failed: %r", err)
+            return rounds
+
+        async def warm_link(engine: EdgeEngine, prompt: list[int]) -> None:
+            """Warm-up generations until the link memory rests on the rounds an adaptive
+            policy needs to start warm (`AdaptiveConfig.warmup_rounds`; short generations
+            make few rounds each), at most `_WARMUP_GENERATIONS`."""
+            rounds = 0
+            for _ in range(_WARMUP_GENERATIONS):
+                rounds += await warm_up(engine, prompt)
+                if rounds >= AdaptiveConfig().warmup_rounds:
+                    return
 
         async def memo_pass(prompts: list[list[list[int]]]) -> None:
             """Each session's `prompts` run once, unmeasured: their draft rows land in the
@@ -582,7 +599,7 @@ async def _sessions(job: _Job) -> tuple[list[_SessionRecord], tuple[float, float
                 # to come down), pricing every draft level too dear.
                 await memo_pass([[p] for p in job.warmups])
             await asyncio.gather(
-                *(warm_up(e, p) for e, p in zip(engines, job.warmups, strict=True))
+                *(warm_link(e, p) for e, p in zip(engines, job.warmups, strict=True))
             )
         if memo_pass_on:
             await memo_pass([[p for _, p in schedule(slot)] for slot in range(len(engines))])
