@@ -180,10 +180,10 @@ class AdaptivePolicy:
     settle, and at long RTTs a single speculative round costs more than cloud-only could gain.
     A memory behind fewer speculative rounds than a cold session runs before it decides
     (`warmup_rounds`) only seeds the estimates, and its rounds count towards the warm-up the
-    session then finishes itself. One or two rounds are no evidence to decide a whole session on: a 2-token
-    generation that paid the first forwards' one-time costs (`edgespec demo`'s warm-up) left a
-    draft time ~100x the usual, the next session started cloud-only from it and, with shadow
-    rounds and pings keeping its other estimates current, never drafted again.
+    session then finishes itself. One or two rounds are no evidence to decide a session on: a
+    2-token generation that paid the first forwards' one-time costs (`edgespec demo`'s warm-up)
+    left a draft time ~100x the usual, the next session started cloud-only from it and, with
+    shadow rounds and pings keeping its other estimates current, never drafted again.
     """
 
     def __init__(
