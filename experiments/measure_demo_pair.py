@@ -9,7 +9,8 @@ Figures, all measured on the checkpoints as loaded (float32 on CPU):
   (the same split function as training: Python standard library sources);
 - the acceptance rate alpha on held-out prompts, greedy and at temperature 1 (same definition
   as the training report: argmax agreement, and the mean of sum_x min(p, q), on the target's own
-  continuations);
+  continuations), over the training report's 48 generated tokens and over 96 (the capacity
+  benchmark's length);
 - greedy and temperature-0.8 samples of the target.
 """
 
@@ -20,6 +21,7 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from experiments.train_demo_models import acceptance, bits_per_byte
 
 logger = logging.getLogger(__name__)
 
+LONG_NEW_TOKENS = 96  # the capacity benchmark's generation length
 SAMPLE_PROMPTS = ("import os\n", "def parse_args(argv):\n", "class Node:\n")
 
 
@@ -69,6 +72,9 @@ def measure(target_path: Path, draft_path: Path) -> dict:
     with torch.inference_mode():
         target_bpb, _ = bits_per_byte(target.model, val_stream, bytes_per_token, cfg, device)
         alpha = acceptance(target.model, draft.model, val_stream, cfg, device)
+        # the benchmarks' generation length: greedy text of a small target loops more as it goes
+        long_cfg = replace(cfg, eval_new_tokens=LONG_NEW_TOKENS)
+        alpha_long = acceptance(target.model, draft.model, val_stream, long_cfg, device)
 
     samples = {}
     for name, temperature in (("greedy", 0.0), ("temperature_0.8", 0.8)):
@@ -91,6 +97,7 @@ def measure(target_path: Path, draft_path: Path) -> dict:
             "target_bits_per_byte": target_bpb,
         },
         "acceptance": alpha,
+        f"acceptance_{LONG_NEW_TOKENS}_tokens": alpha_long,
         "samples": samples,
         "torch_threads": torch.get_num_threads(),
     }

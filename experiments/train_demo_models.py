@@ -17,9 +17,13 @@ Steps (1 and 2, the data, are in ``experiments.demo_data``):
 5. evaluation (validation bits per byte, acceptance rates, per-token decode times) written to
    ``training_report.json`` beside the models.
 
+The shipped draft was then refined on the target's own greedy continuations:
+``python -m experiments.refine_draft --pair DIR --out DIR`` (see that module).
+
 Usage::
 
     python -m experiments.train_demo_models --out core/demo_models
+    python -m experiments.refine_draft --pair core/demo_models --out core/demo_models
     python -m experiments.train_demo_models --out /tmp/smoke --smoke   # a 1-minute pipeline check
 """
 
@@ -174,26 +178,27 @@ def train_target(model, stream, cfg: TrainConfig, device) -> list[dict]:
     )
 
 
+def kl_from_target(draft, target, inputs: torch.Tensor, device) -> torch.Tensor:
+    """The draft's distillation loss on (B, T) `inputs`: the forward KL divergence from the
+    target's next-token distribution (T = 1), averaged over positions."""
+    with torch.no_grad(), autocast(device):
+        p_logits = target(inputs).logits.float()  # (B, T, V)
+    with autocast(device):
+        q_logits = draft(inputs).logits.float()  # (B, T, V)
+    return F.kl_div(
+        F.log_softmax(q_logits, -1).flatten(0, 1),
+        F.log_softmax(p_logits, -1).flatten(0, 1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
 def distill_draft(draft, target, stream, cfg: TrainConfig, device) -> list[dict]:
     """Train the draft to match the target's next-token distribution (forward KL, T=1)."""
     target.eval()
-
-    def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        inputs = batch[:, :-1]
-        with torch.no_grad(), autocast(device):
-            p_logits = target(inputs).logits.float()  # (B, T, V)
-        with autocast(device):
-            q_logits = draft(inputs).logits.float()  # (B, T, V)
-        return F.kl_div(
-            F.log_softmax(q_logits, -1).flatten(0, 1),
-            F.log_softmax(p_logits, -1).flatten(0, 1),
-            log_target=True,
-            reduction="batchmean",
-        )
-
     return _train(
         draft,
-        loss_of,
+        lambda batch: kl_from_target(draft, target, batch[:, :-1], device),
         stream,
         cfg,
         device,
