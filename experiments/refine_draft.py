@@ -43,6 +43,7 @@ from edgespec.core.runner import cache_argument
 from experiments.demo_data import TrainConfig, encode_docs, split_corpus
 from experiments.train_demo_models import (
     acceptance,
+    batches,
     bits_per_byte,
     kl_from_target,
     lr_at,
@@ -116,7 +117,7 @@ def refine(
     draft.train()
     gen = torch.Generator().manual_seed(rc.seed + 1)
     opt = optimizer_for(draft, rc.lr, rc.weight_decay)
-    span = cfg.seq_len + 1
+    corpus = batches(stream, replace(cfg, batch_size=rc.batch_size), gen, device)
     log, t0 = [], time.perf_counter()
     for step in range(rc.steps):
         for group in opt.param_groups:
@@ -124,9 +125,8 @@ def refine(
         if step % 2 == 0:
             rows = torch.randint(0, len(teacher), (rc.batch_size,), generator=gen)
             inputs = teacher[rows].to(device)
-        else:
-            starts = torch.randint(0, len(stream) - span, (rc.batch_size,), generator=gen)
-            inputs = torch.stack([stream[s : s + span - 1] for s in starts]).to(device)
+        else:  # a corpus window's inputs, as in distillation
+            inputs = next(corpus)[:, :-1]
         loss = kl_from_target(draft, target, inputs, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
