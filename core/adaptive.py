@@ -41,6 +41,7 @@ from edgespec.core.cost_model import (
     K_LIMIT,
     CostModel,
     expected_tokens_per_position,
+    overshoot_rounds,
     speculative_rates,
 )
 from edgespec.core.estimators import AcceptanceEstimator, AffineFit, RobustLevel, VerifierLoad
@@ -224,6 +225,8 @@ class AdaptivePolicy:
         self._shadow_rounds = 0  # shadow rounds counted (observe_shadow)
         self._rtt_samples = 0  # RTT samples from outside rounds (observe_rtt)
         self._fresh = (0, 0)  # (shadow rounds, RTT samples) when the last probe was chosen
+        self._rounds_here = 0  # speculative rounds of this session (not of the memory's)
+        self._finish_from: int | None = None  # tokens left when the rest went to cloud-only
         self._warm = (
             memory is not None and memory.usable and memory.speculative_rounds >= c.warmup_rounds
         )
@@ -355,6 +358,7 @@ class AdaptivePolicy:
             self._load.update(1, self._busy_ms(obs) / obs.tokens, self._verify.b)
             return
         self._spec_rounds += 1
+        self._rounds_here += 1
         self._shadow_tail = []  # a real round in between: the open shadow round is not contiguous
         outcomes = [obs.runner_up] if obs.runner_up is not None else []
         if obs.tree is not None:
@@ -431,8 +435,13 @@ class AdaptivePolicy:
         Sessions that start together never see the verifier idle, so they cannot learn it."""
         self._load.observe_idle(check_ms("fixed_ms", fixed_ms))
 
-    def choose(self) -> Decision:
+    def choose(self, tokens_left: int | None = None) -> Decision:
         c = self.config
+        if tokens_left is not None:
+            check_int("tokens_left", tokens_left, 1)
+            if self._finish_from is not None and tokens_left <= self._finish_from:
+                return Decision(CLOUD_ONLY, 0, stream_tokens=tokens_left)
+        self._finish_from = None  # another generation (a policy reused) decides afresh
         cost = self._cost()
         if cost is None or (not self._warm and self._spec_rounds < c.warmup_rounds):
             return self._speculative(self._k)
@@ -463,6 +472,15 @@ class AdaptivePolicy:
                     "to speculative (k=%d): %.1f > %.1f tok/s", self._k, spec_rate, cloud_rate
                 )
                 self._mode, self._since_explore = SPECULATIVE, 0
+            if (
+                self._mode == SPECULATIVE
+                and tokens_left is not None
+                and tokens_left <= c.cloud_probe_every * c.cloud_chunk_tokens
+                and self._streaming_finishes_first(cost, tokens_left, accept, spec_rate)
+            ):
+                logger.info("the last %d tokens cloud-only", tokens_left)
+                self._finish_from = tokens_left
+                return Decision(CLOUD_ONLY, 0, stream_tokens=tokens_left)
 
         if self._mode == CLOUD_ONLY:
             every = c.cloud_probe_every
@@ -522,6 +540,37 @@ class AdaptivePolicy:
         c = self.config
         upper = self._accept.upper(c.k_max + 1, z)
         return max(speculative_rates(cost, upper, c.k_min, c.k_max))
+
+    def _streaming_finishes_first(
+        self, cost: CostModel, tokens: int, accept: Sequence[float], rate: float
+    ) -> bool:
+        """Whether streaming the last `tokens` tokens cloud-only (one RTT to start the stream,
+        then t_c each, no probe) is expected to beat speculating to the end, at `accept` and
+        `rate` (tokens/s of the current round shape), by `mode_hysteresis`.
+
+        The steady rates the mode decision weighs leave out what a generation's ends cost a
+        speculative session: its last round is cut at the tokens left but costs a whole round
+        (`overshoot_rounds`), and its first round has no block drafted ahead. At long RTTs a
+        round is ~0.3 s, and over 64 tokens these are ~10% of the time: with a steady rate a
+        few % above cloud-only's, 64-token generations at 200 ms ran at 0.69x cloud-only
+        (session 21). Unlike leaving speculative decoding for good, this is judged on the
+        plain estimates, not an optimistic acceptance: the mode stays what the steady rates
+        say (it is carried to the next session), so no evidence is given up for good."""
+        stream_ms = cost.rtt_ms + tokens * cost.cloud_ms_per_token()
+        spec_ms = self._finish_ms(cost, accept, rate, tokens)
+        return stream_ms * (1.0 + self.config.mode_hysteresis) < spec_ms
+
+    def _finish_ms(self, cost: CostModel, accept: Sequence[float], rate: float, n: int) -> float:
+        """Expected ms to commit the last `n` tokens speculating at `rate` tokens/s, with the
+        ends' costs of chains of the current k (`_streaming_finishes_first`)."""
+        k = self._k
+        serial = cost.round_ms(k)
+        total = 1e3 * n / max(rate, 1e-9) + overshoot_rounds(accept, k) * serial
+        if self._rounds_here == 0 and cost.pipelined:
+            # the first round is serial: nothing was drafted ahead of it
+            hit = min(cost.hit_probability(accept, k), 1.0)
+            total += max(serial - cost.expected_round_ms(k, hit), 0.0)
+        return total
 
     def _cloud_probe_k(self) -> int:
         c = self.config

@@ -84,6 +84,22 @@ def expected_tokens_per_position(accept_probs: Sequence[float], k: int) -> float
     return total
 
 
+def overshoot_rounds(accept_probs: Sequence[float], k: int) -> float:
+    """Rounds of `k` beyond n / E(k) that committing n tokens takes, for large n: the last
+    round is cut at n (the edge drafts at most the tokens left less one) but costs a whole
+    round. Renewal theory with X = tokens per round: the sum first reaches n after
+    (n + E[overshoot]) / E[X] rounds, E[overshoot] -> E[X (X - 1)] / (2 E[X]) for integer X
+    (exact for a constant X: (X - 1) / 2); so E[X (X - 1)] / (2 E[X]^2) rounds more.
+    P(X > j) is the reach of position j, so E[X] = sum_j reach_j and
+    E[X^2] = sum_j (2 j + 1) reach_j over j = 0..k. Unvalidated (a policy calls it per round)."""
+    mean, square, reach = 1.0, 1.0, 1.0
+    for j in range(1, k + 1):
+        reach *= accept_probs[j - 1]
+        mean += reach
+        square += (2 * j + 1) * reach
+    return (square - mean) / (2.0 * mean * mean)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Mean timings of one session, in milliseconds: what a round and a cloud-only token cost.

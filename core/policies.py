@@ -155,10 +155,13 @@ class DraftLengthPolicy(Protocol):
     """Per session: `choose` before each round, `observe` once its verdict is in.
 
     `observe` takes any round, including one the policy did not choose (e.g. a block drafted
-    ahead); policies never assume the two calls alternate.
+    ahead); policies never assume the two calls alternate. `choose` may be told `tokens_left`:
+    at most that many tokens remain to be generated (max_new_tokens less what is committed; a
+    block still pending is not subtracted, and a stop token may end the generation sooner);
+    None when no bound is known. A policy may ignore it.
     """
 
-    def choose(self) -> Decision: ...
+    def choose(self, tokens_left: int | None = None) -> Decision: ...
 
     def observe(self, obs: RoundObservation) -> None: ...
 
@@ -173,7 +176,7 @@ class FixedPolicy:
     def __init__(self, k: int = 4) -> None:
         self.k = check_int("k", k, 1, K_LIMIT)
 
-    def choose(self) -> Decision:
+    def choose(self, tokens_left: int | None = None) -> Decision:
         return Decision(SPECULATIVE, self.k)
 
     def observe(self, obs: RoundObservation) -> None:
@@ -192,7 +195,7 @@ class HeuristicPolicy:
         self.k_max = check_int("k_max", k_max, self.k_min, K_LIMIT)
         self.k = check_int("k0", k0, self.k_min, self.k_max)
 
-    def choose(self) -> Decision:
+    def choose(self, tokens_left: int | None = None) -> Decision:
         return Decision(SPECULATIVE, self.k)
 
     def observe(self, obs: RoundObservation) -> None:
@@ -214,7 +217,7 @@ class FixedTreePolicy:
     def __init__(self, nodes: int = 16, depth: int = 6, width: int = 2) -> None:
         self.shape = TreeShape(nodes, depth, width)
 
-    def choose(self) -> Decision:
+    def choose(self, tokens_left: int | None = None) -> Decision:
         return Decision(SPECULATIVE, self.shape.depth, tree=self.shape)
 
     def observe(self, obs: RoundObservation) -> None:
@@ -236,7 +239,7 @@ class CloudOnlyPolicy:
     def __init__(self, stream_tokens: int = STREAM_ALL) -> None:
         self.stream_tokens = check_int("stream_tokens", stream_tokens, 1)
 
-    def choose(self) -> Decision:
+    def choose(self, tokens_left: int | None = None) -> Decision:
         return Decision(CLOUD_ONLY, 0, stream_tokens=self.stream_tokens)
 
     def observe(self, obs: RoundObservation) -> None:

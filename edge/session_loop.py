@@ -172,7 +172,7 @@ class SessionLoop:
             if d.pending is None:
                 decision, self.next_decision = self.next_decision, None
                 if decision is None:
-                    decision = self.policy.choose()
+                    decision = self.policy.choose(tokens_left=d.tokens_left)
                 if decision.mode == CLOUD_ONLY:
                     block = d.propose_decode(min(decision.stream_tokens, d.tokens_left))
                     self.blocks[block.seq] = _Sent(block, 0, probe=decision.probe)
@@ -295,7 +295,7 @@ class SessionLoop:
         d = self.drafter
         if self.next_decision is not None or d.ahead is not None or d.ahead_room() < 0:
             return
-        decision = self.policy.choose()
+        decision = self.policy.choose(tokens_left=d.tokens_left)
         if decision.mode != SPECULATIVE or not decision.ahead:
             self.next_decision = decision  # taken when the pending round is over
             return
@@ -438,7 +438,7 @@ class SessionLoop:
         d = self.drafter
         if self.next_decision is not None or d.decode_ahead_room() < 1:
             return
-        decision = self.policy.choose()
+        decision = self.policy.choose(tokens_left=d.tokens_left)
         if decision.mode != CLOUD_ONLY:
             self.next_decision = decision
             return

@@ -344,6 +344,10 @@ def test_mixed_speculative_and_cloud_only_rounds_with_pipelining(draft, target, 
     # Every recorded round reached the policy (cloud-only ones as cloud-only observations).
     assert any(o.cloud_only for o in policy.observed)
     assert len(policy.observed) == summary.stats.rounds
+    # Each decision was told the tokens left: max_new_tokens less what was committed by then.
+    told = [t for t in policy.told if t is not None]
+    assert len(told) == len(policy.told) and told[0] == 40 and all(1 <= t <= 40 for t in told)
+    assert told == sorted(told, reverse=True) and told[-1] < 40 - len(expected) // 2
 
 
 # ---------------------------------------------------------------- sampling with pipelining

@@ -36,14 +36,16 @@ async def collect(
 
 class ScriptedPolicy:
     """Cycles through fixed decisions (e.g. speculative rounds, trees and cloud-only chunks
-    mixed) and keeps what it observes."""
+    mixed) and keeps what it observes and the tokens left it is told."""
 
     def __init__(self, decisions: list[Decision]) -> None:
         self.decisions = decisions
         self.i = 0
         self.observed: list[RoundObservation] = []
+        self.told: list[int | None] = []  # the tokens_left of each choose
 
-    def choose(self) -> Decision:
+    def choose(self, tokens_left: int | None = None) -> Decision:
+        self.told.append(tokens_left)
         decision = self.decisions[self.i % len(self.decisions)]
         self.i += 1
         return decision

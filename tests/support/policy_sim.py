@@ -73,7 +73,7 @@ class SimRound:
     """One simulated decision: what the policy chose, what it then observed, what it cost."""
 
     decision: Decision
-    observation: RoundObservation
+    observation: RoundObservation | None  # None: a round that only verified (the last token)
     wall_ms: float  # time the round (or cloud-only step) took, drafting included
 
 
@@ -108,30 +108,39 @@ def simulate(
     env: SimEnv | Callable[[int], SimEnv],
     rounds: int,
     seed: int = 0,
+    max_tokens: int | None = None,
 ) -> SimResult:
     """Run `policy` for `rounds` decisions against `env` (or `env(i)` for decision i, to change
     conditions mid-run). Deterministic given `seed`; the policy sees exactly what an edge would
-    measure. Tokens are counted as committed (no stop tokens, no max length)."""
+    measure. Tokens are counted as committed (no stop tokens). With `max_tokens`, the run is one
+    generation of that many tokens (ending early when they are committed): the policy is told
+    the tokens left, and, as the edge does, a round drafts at most the tokens left less one (none:
+    a round that only verifies, not observed) and a stream is cut at the tokens left."""
     rounds = check_int("rounds", rounds, 0)
     seed = check_int("seed", seed, 0)
+    if max_tokens is not None:
+        check_int("max_tokens", max_tokens, 1)
     seeds = random.Random(seed)
     trace: list[SimRound] = []
     tokens, time_ms = 0, 0.0
     streaming = False  # a cloud-only stream is open (its first-token RTT is paid)
 
     for i in range(rounds):
+        left = None if max_tokens is None else max_tokens - tokens
+        if left is not None and left <= 0:
+            break
         e = env(i) if callable(env) else env
         # One stream per round, so runs of different policies with the same seed see the same
         # luck round by round (common random numbers): comparisons between them are much less
         # noisy than their throughputs.
         rng = random.Random(seeds.getrandbits(64))
-        decision = policy.choose()
+        decision = policy.choose() if left is None else policy.choose(tokens_left=left)
         rtt = e.cost.rtt_ms + (rng.gauss(0.0, e.rtt_jitter_ms) if e.rtt_jitter_ms else 0.0)
         if e.rtt_spike_prob and rng.random() < e.rtt_spike_prob:
             rtt += e.rtt_spike_ms
         rtt = max(rtt, 0.0)
         if decision.mode == CLOUD_ONLY:
-            n = decision.stream_tokens
+            n = decision.stream_tokens if left is None else min(decision.stream_tokens, left)
             verify = _noisy(rng, n * e.cost.cloud_ms_per_token(), e.timing_noise)
             network = 0.0 if streaming else rtt
             streaming = True
@@ -147,7 +156,13 @@ def simulate(
             wall = verify + network
         else:
             streaming = False
-            k = decision.k
+            k = decision.k if left is None else min(decision.k, left - 1)
+            if k == 0:  # one token left: a round of the verifier's token alone
+                wall = rtt + e.cost.queue_ms + _noisy(rng, e.cost.verify_ms(1), e.timing_noise)
+                trace.append(SimRound(decision, None, wall))
+                tokens += 1
+                time_ms += wall
+                continue
             accepted = 0
             for p in e.accept_probs(k):
                 if rng.random() >= p:
