@@ -23,6 +23,12 @@ the edge passes what an emulated verifier's compute profile says; a verifier tha
 such figure leaves the policy as it was).
 Cloud-only is then judged the same way: the rate if every session decoded alone.
 
+Told the tokens left (`choose(tokens_left=...)`), the policy also weighs a generation's end:
+within one cloud-only cycle of it, when streaming the rest (one RTT, then t_c a token) is
+expected to finish sooner than speculating to the end, the last round cut short included
+(`edgespec.core.cost_model.overshoot_rounds`), it streams the rest in one chunk. The mode it
+carries to the next session stays the steady one.
+
 While cloud-only, nothing is drafted, but the policy need not go blind: `observe_shadow` takes
 what the draft would have proposed for the streamed tokens (under greedy decoding a draft token
 is accepted iff it equals the committed token, so these are exact acceptance outcomes), and

@@ -45,6 +45,12 @@ hit probability that of its guessed path (`edgespec.core.tree_policy`). Round ob
 pipelined session are the same as serial ones: network_ms of a block drafted ahead is still
 measured from its own send, and the verifier's queue_ms counts the time it waited behind the
 block before it.
+
+A finite generation. The rates above are steady-state. Committing the last n tokens takes
+about n / E(k) rounds plus `overshoot_rounds` (the last round is cut at the tokens left, but
+costs a whole round), and a pipelined session's first round is serial. Streaming them
+cloud-only costs RTT + n * t_c. At long RTTs, where a round costs several cloud-only tokens,
+the difference decides short generations (`edgespec.core.adaptive`, `tokens_left`).
 """
 
 from __future__ import annotations
