@@ -568,8 +568,11 @@ class AdaptivePolicy:
 
     def _finish_ms(self, cost: CostModel, accept: Sequence[float], rate: float, n: int) -> float:
         """Expected ms to commit the last `n` tokens speculating at `rate` tokens/s, with the
-        ends' costs of chains of the current k (`_streaming_finishes_first`)."""
+        ends' costs of chains of the current k (`_streaming_finishes_first`). The overshoot is
+        a large-n figure; one token left is exactly one round that drafts nothing."""
         k = self._k
+        if n == 1:
+            return cost.round_ms(0)
         serial = cost.round_ms(k)
         total = 1e3 * n / max(rate, 1e-9) + overshoot_rounds(accept, k) * serial
         if self._rounds_here == 0 and cost.pipelined:

@@ -138,6 +138,13 @@ def test_streaming_the_rest_is_kept_to_the_end_then_forgotten() -> None:
     assert policy.choose(tokens_left=2000).mode == SPECULATIVE
 
 
+def test_the_last_token_is_not_streamed_for_nothing() -> None:
+    # one token left costs one round trip and one forward either way (a round that drafts
+    # nothing, or a stream of one): no reason to switch, even on the long link
+    policy = _warm(LONG_LINK)
+    assert policy.choose(tokens_left=1).mode == SPECULATIVE
+
+
 def test_tokens_left_is_validated() -> None:
     with pytest.raises(ValueError, match="tokens_left"):
         AdaptivePolicy().choose(tokens_left=0)
