@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from edgespec.core.demo_pair import BENCH_PROMPTS, DEMO_PROMPT, resolve_pair
+from edgespec.core.demo_pair import BENCH_PROMPTS, DEMO_PROMPT
 from edgespec.core.generate import generate_autoregressive
-from edgespec.core.models import load_tokenizer
 from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
+from experiments.pair_args import add_pair_args, load_pair
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +53,19 @@ def runner_up_shares(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=None)
-    parser.add_argument("--draft", default=None)
+    add_pair_args(parser)
     parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(1)
-    target_path, draft_path = resolve_pair(args.target, args.draft)
-    tokenizer = load_tokenizer(target_path)
+    pair = load_pair(args)
     texts = [DEMO_PROMPT, *BENCH_PROMPTS]
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    shares = runner_up_shares(
-        ModelRunner.from_pretrained(target_path, device="cpu"),
-        ModelRunner.from_pretrained(draft_path, device="cpu"),
-        prompts,
-        args.new_tokens,
-    )
-    result = {"target": str(target_path), "draft": str(draft_path), "prompts": texts, **shares}
+    prompts = [pair.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    shares = runner_up_shares(pair.target, pair.draft, prompts, args.new_tokens)
+    result = {
+        "target": str(pair.target_path),
+        "draft": str(pair.draft_path),
+        "prompts": texts,
+        **shares,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     logger.info(
