@@ -19,13 +19,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from edgespec.core.demo_pair import BENCH_PROMPTS
-from edgespec.core.generate import generate_autoregressive
-from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from experiments.pair_args import add_pair_args, load_pair
+from experiments.pair_args import add_pair_args, draft_rows_on_target, load_pair
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +31,8 @@ def greedy_matches(
 ) -> list[bool]:
     """For each token of the target's greedy continuation of `prompt` (`new_tokens` of them):
     whether the draft's top-1 token, given the prompt and the continuation before it, is it."""
-    out = generate_autoregressive(target, prompt, SamplingParams(max_new_tokens=new_tokens)).tokens
-    with torch.no_grad():  # row i of one forward predicts token i + 1
-        rows = draft.model(torch.tensor([[*prompt, *out[:-1]]])).logits[0]
-    picks = rows[len(prompt) - 1 :].argmax(-1).tolist()
+    out, rows = draft_rows_on_target(target, draft, prompt, new_tokens)
+    picks = rows.argmax(-1).tolist()
     return [pick == token for pick, token in zip(picks, out, strict=True)]
 
 

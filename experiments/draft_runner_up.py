@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 
 from edgespec.core.demo_pair import BENCH_PROMPTS, DEMO_PROMPT
-from edgespec.core.generate import generate_autoregressive
-from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
-from experiments.pair_args import add_pair_args, load_pair
+from experiments.pair_args import add_pair_args, draft_rows_on_target, load_pair
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +29,9 @@ def runner_up_shares(
 ) -> dict[str, float | int]:
     """Counts over the target's greedy continuations of `prompts` (see the module docstring)."""
     positions = top1 = second = third = 0
-    params = SamplingParams(max_new_tokens=new_tokens)
     for prompt in prompts:
-        out = generate_autoregressive(target, prompt, params).tokens
-        with torch.no_grad():  # one forward over the whole sequence: row i predicts token i + 1
-            rows = draft.model(torch.tensor([[*prompt, *out[:-1]]])).logits[0].float()
-        best = torch.topk(rows[len(prompt) - 1 :], 3, dim=-1).indices.tolist()
+        out, rows = draft_rows_on_target(target, draft, prompt, new_tokens)
+        best = torch.topk(rows, 3, dim=-1).indices.tolist()
         for token, top in zip(out, best, strict=True):
             positions += 1
             top1 += token == top[0]

@@ -1,5 +1,6 @@
-"""The command line that experiments on a (target, draft) pair share: ``--target`` / ``--draft``
-(default: the shipped demo pair), ``--json FILE``; and loading the pair on the CPU."""
+"""What experiments on a (target, draft) pair share: the command line (``--target`` /
+``--draft``, default the shipped demo pair, and ``--json FILE``), loading the pair on the CPU,
+and the draft's predictions along the target's own greedy text (`draft_rows_on_target`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 import torch
 
 from edgespec.core.demo_pair import resolve_pair
+from edgespec.core.generate import generate_autoregressive
 from edgespec.core.models import load_tokenizer
+from edgespec.core.params import SamplingParams
 from edgespec.core.runner import ModelRunner
 
 
@@ -46,3 +49,15 @@ def load_pair(args: argparse.Namespace) -> LoadedPair:
         ModelRunner.from_pretrained(target_path, device="cpu"),
         ModelRunner.from_pretrained(draft_path, device="cpu"),
     )
+
+
+def draft_rows_on_target(
+    target: ModelRunner, draft: ModelRunner, prompt: list[int], new_tokens: int
+) -> tuple[list[int], torch.Tensor]:
+    """The target's greedy continuation of `prompt` (`new_tokens` tokens), and the draft's
+    logits for each of its tokens given the prompt and the continuation before it: one
+    teacher-forced forward, row i predicting token i of the continuation."""
+    out = generate_autoregressive(target, prompt, SamplingParams(max_new_tokens=new_tokens)).tokens
+    with torch.no_grad():  # row j of the forward predicts token j + 1 of the sequence
+        rows = draft.model(torch.tensor([[*prompt, *out[:-1]]])).logits[0]
+    return out, rows[len(prompt) - 1 :].float()

@@ -4,10 +4,7 @@ random Llamas."""
 
 from __future__ import annotations
 
-import copy
-
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from support.tiny_models import noisy_draft, tiny_llama
 
 from edgespec.core.generate import generate_autoregressive
 from edgespec.core.params import SamplingParams
@@ -24,22 +21,9 @@ def test_depth_counts_by_hand() -> None:
 
 
 def _pair() -> tuple[ModelRunner, ModelRunner]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    target = LlamaForCausalLM(config).eval()
-    draft = copy.deepcopy(target)
-    with torch.no_grad():  # a draft that agrees with the target often, not always
-        draft.lm_head.weight.add_(0.01 * torch.randn_like(draft.lm_head.weight))
-    return ModelRunner(target, "cpu"), ModelRunner(draft, "cpu")
+    """The tests' tiny Llama and a draft noisy enough to agree with it often, not always."""
+    target = tiny_llama(32)
+    return ModelRunner(target, "cpu"), ModelRunner(noisy_draft(target, 0.3), "cpu")
 
 
 def test_matches_decide_what_drafted_blocks_accept() -> None:
