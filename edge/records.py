@@ -54,9 +54,18 @@ class RoundRecord:
         return self.timing.network_ms
 
     @property
+    def on_path_draft_ms(self) -> float:
+        """The drafting on this round's own time: its block's, unless the block was drafted
+        ahead (`pipelined`), during the round before, while that round's verdict travelled."""
+        return 0.0 if self.pipelined else self.draft_ms
+
+    @property
     def overhead_ms(self) -> float:
-        """Framework time of the round: everything but draft and verifier compute."""
-        return self.round_ms + self.apply_ms - self.draft_ms - self.timing.verify_ms
+        """Framework time on the round's path: its wall time (previous round's end -> this
+        verdict committed) less the drafting on it (`on_path_draft_ms`) and the verifier's
+        compute. For a block drafted ahead, subtracting its drafting as well would count time
+        the round never spent (and come out negative)."""
+        return self.round_ms + self.apply_ms - self.on_path_draft_ms - self.timing.verify_ms
 
 
 def observation_from_record(record: RoundRecord) -> RoundObservation | None:

@@ -3,17 +3,24 @@
 A verifier runs as a separate process (`python -m edgespec.cloud.server`), the edge (`EdgeEngine`) in this
 one; both use the real models (compute profile "real"). Three measurements:
 
-1. RTT 0 (edge connected straight to the verifier): per-round *framework overhead* =
-   round wall time - draft compute - verifier compute, where the round runs from the start of
-   drafting to the verdict committed, draft compute is `Drafter.propose` and verifier compute is
-   the `verify_ms` the verifier reports (forward + acceptance). What is left is everything the
-   framework adds: conversions, serialisation, gRPC both ways, the verifier's executor hand-off
-   (its `queue_ms`) and committing the verdict. Reported as the median over all rounds
-   (`overhead_ms_p50`; goal < 1 ms), with its parts, once with the default engine (one session:
-   drafting on the event loop) and once drafting on the worker thread (as with many sessions).
-   Both against the batching verifier (the default); with `compare_serial`, the default engine
-   also against a second verifier process run with ``--no-batching`` (one block per forward,
-   one session at a time), interleaved with the others, and the ratio of the two overheads.
+1. RTT 0 (edge connected straight to the verifier): per-round *framework overhead*
+   (`RoundRecord.overhead_ms`) = round wall time (previous round's end -> this verdict
+   committed) - the drafting on that time - verifier compute, where drafting is
+   `Drafter.propose` (none for a block drafted ahead during the round before: pipelined) and
+   verifier compute is the `verify_ms` the verifier reports (forward + acceptance). What is
+   left is everything the framework adds: conversions, serialisation, gRPC both ways, the
+   verifier's executor hand-off (its `queue_ms`) and committing the verdict. Reported as the
+   median over all rounds (`overhead_ms_p50`; goal < 1 ms) and over the *fresh* rounds alone
+   (`overhead_ms_p50_fresh`: drafted, sent and verified one after the other, the guess drafted
+   ahead having missed), with its parts, once with the engine pipelined on one guess (one
+   session: drafting on the event loop) and once drafting on the worker thread (as with many
+   sessions). Both against the batching verifier (the default); with `compare_serial`, the
+   first engine also against a second verifier process run with ``--no-batching`` (one block
+   per forward, one session at a time), interleaved with the others, and the ratio of the two.
+   The floor under it, interleaved with the same reps: a bare grpc.aio echo stream
+   (`edgespec.bench.grpc_floor`) whose answer waits the verifier's median forward, on a worker
+   thread as the verifier's does (`grpc_floor_ms`), and what the fresh rounds cost above it
+   (`overhead_fresh_above_floor_ms`): edgespec's own share, both services' Python.
 2. Bytes on the wire per accepted token (serialized messages both ways, OpenSession included;
    every output token is one the verifier accepted): greedy (no draft probabilities), sampling
    with top-k truncation (sparse q) and sampling without truncation (dense q, k x V floats).
@@ -42,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from edgespec.bench.grpc_floor import FloorClient, floor_servers, quantile
 from edgespec.bench.processes import torch_threads, verifier_process
 from edgespec.core.params import SamplingParams
 from edgespec.core.validation import check_int
@@ -53,6 +61,11 @@ from edgespec.linkemu import LinkEmulator, LinkProfile
 logger = logging.getLogger(__name__)
 
 OVERHEAD_GOAL_MS = 1.0
+# The bare grpc.aio floor, interleaved with the RTT-0 reps (`edgespec.bench.grpc_floor`): round
+# trips per mode per rep, after a warm-up whose answers wait a typical forward.
+FLOOR_ROUNDS_PER_REP = 60
+FLOOR_WARMUP = 20
+FLOOR_WORK_MS = 10.0
 DEFAULT_PROMPTS = (
     "def read_config(path):\n",
     "The edge drafts a few tokens and the cloud",
@@ -65,18 +78,15 @@ SAMPLING_SPARSE = SamplingParams(temperature=1.0, top_k=50, sampler="rejection")
 SAMPLING_DENSE = SamplingParams(temperature=1.0, sampler="rejection")
 
 
-def _p(values: Sequence[float], q: float) -> float:
-    """The q-quantile (0..1) of values, nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _round_summary(records: list[RoundRecord]) -> dict:
     med = statistics.median
+    fresh = [r.overhead_ms for r in records if not r.pipelined]
     return {
         "rounds": len(records),
+        "pipelined_share": sum(r.pipelined for r in records) / len(records),
         "overhead_ms_p50": med(r.overhead_ms for r in records),
-        "overhead_ms_p90": _p([r.overhead_ms for r in records], 0.9),
+        "overhead_ms_p90": quantile([r.overhead_ms for r in records], 0.9),
+        "overhead_ms_p50_fresh": med(fresh) if fresh else None,
         "round_ms_p50": med(r.round_ms + r.apply_ms for r in records),
         "draft_ms_p50": med(r.draft_ms for r in records),
         "verify_ms_p50": med(r.timing.verify_ms for r in records),
@@ -87,7 +97,7 @@ def _round_summary(records: list[RoundRecord]) -> dict:
         # link call) and the link's (wall of the call minus verifier compute: gRPC both ways,
         # the wire, the verifier service's hand-offs).
         "edge_overhead_ms_p50": med(
-            r.round_ms + r.apply_ms - r.draft_ms - r.timing.wall_ms for r in records
+            r.round_ms + r.apply_ms - r.on_path_draft_ms - r.timing.wall_ms for r in records
         ),
         "link_overhead_ms_p50": med(r.timing.wall_ms - r.timing.verify_ms for r in records),
     }
@@ -190,7 +200,7 @@ def run_link_bench(
     sparse = replace(SAMPLING_SPARSE, max_new_tokens=max_new_tokens)
     dense = replace(SAMPLING_DENSE, max_new_tokens=max_new_tokens)
 
-    async def bench(address: str, serial_address: str | None) -> dict:
+    async def bench(address: str, serial_address: str | None, floor_ports: dict[str, int]) -> dict:
         host, port = address.rsplit(":", 1)
         result: dict = {}
         # No branches ahead: a round whose block a branch drafted ahead contains no drafting
@@ -216,15 +226,21 @@ def run_link_bench(
                 link_config=engine.link_config,
                 config=chains,
             )
+        floor = FloorClient(floor_ports)
         try:
             # Warm-up: kernels for every shape the prompts need, channels connected.
             await _generate_all(engine, prompts, greedy, k, 1)
             await _generate_all(threaded, prompts[:1], greedy, k, 1)
             if serial is not None:
                 await _generate_all(serial, prompts, greedy, k, 1)
+            await floor.rounds(FLOOR_WARMUP, FLOOR_WORK_MS, record=False)
             runs, runs_thread, runs_serial = RunTotals(), RunTotals(), RunTotals()
+            work_ms = FLOOR_WORK_MS
             for _ in range(reps):  # interleaved, so drift of the host hits all alike
                 await _generate_all(engine, prompts, greedy, k, 1, runs=runs)
+                # the floor's answers wait what the verifier's forwards took so far
+                work_ms = statistics.median(r.timing.verify_ms for r in runs.records)
+                await floor.rounds(FLOOR_ROUNDS_PER_REP, work_ms)
                 await _generate_all(threaded, prompts, greedy, k, 1, runs=runs_thread)
                 if serial is not None:
                     await _generate_all(serial, prompts, greedy, k, 1, runs=runs_serial)
@@ -233,6 +249,12 @@ def run_link_bench(
             result["rtt0"] = rtt0
             result["rtt0_draft_on_worker_thread"] = _round_summary(runs_thread.records)
             result["overhead_ms_p50"] = rtt0["overhead_ms_p50"]
+            floor_ms = floor.summary()
+            result["grpc_floor_ms"] = {"work_ms": work_ms, **floor_ms}
+            if rtt0["overhead_ms_p50_fresh"] is not None:
+                result["overhead_fresh_above_floor_ms"] = (
+                    rtt0["overhead_ms_p50_fresh"] - floor_ms["thread"]["p50"]
+                )
             if serial is not None:
                 rtt0_serial = _round_summary(runs_serial.records)
                 rtt0_serial["tokens_per_s"] = runs_serial.tokens_per_s
@@ -282,6 +304,7 @@ def run_link_bench(
                     await via.aclose()
             result["rtt"] = rows
         finally:
+            await floor.aclose()
             if serial is not None:
                 await serial.aclose()
             await threaded.aclose()
@@ -298,7 +321,8 @@ def run_link_bench(
             serial_addr = stack.enter_context(
                 verifier_process(target, threads, start_timeout_s, ["--no-batching"])
             )
-        measured = asyncio.run(bench(addr, serial_addr))
+        floor_ports = stack.enter_context(floor_servers())
+        measured = asyncio.run(bench(addr, serial_addr, floor_ports))
     return {
         "bench": "link",
         "compute_profile": "real",
@@ -335,6 +359,21 @@ def print_summary(result: dict) -> None:
         f"  overhead split: edge {r0['edge_overhead_ms_p50']:.3f} ms, link (gRPC + verifier "
         f"service) {r0['link_overhead_ms_p50']:.3f} ms, p90 {r0['overhead_ms_p90']:.3f} ms"
     )
+    floor = result["grpc_floor_ms"]
+    fresh = r0["overhead_ms_p50_fresh"]
+    print(
+        f"  fresh rounds ({1 - r0['pipelined_share']:.0%} of them: drafted, sent, verified in "
+        f"turn): p50 "
+        + (f"{fresh:.3f} ms" if fresh is not None else "-")
+        + f"; bare grpc.aio floor (same run, {floor['work_ms']:.1f} ms of work per answer): "
+        f"{floor['thread']['p50']:.3f} ms with the model thread's hand-off, "
+        f"{floor['inline']['p50']:.3f} ms without"
+    )
+    if "overhead_fresh_above_floor_ms" in result:
+        print(
+            f"  edgespec's own share (fresh p50 - floor with hand-off): "
+            f"{result['overhead_fresh_above_floor_ms']:.3f} ms"
+        )
     serial = result.get("rtt0_no_batching")
     if serial is not None:
         print(

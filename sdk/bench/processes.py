@@ -13,8 +13,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 
 @contextmanager
 def verifier_process(
@@ -66,18 +64,25 @@ def verifier_process(
             raise RuntimeError(f"verifier did not start (first line {line!r}): {' '.join(cmd)}")
         yield line.split()[1]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate `proc` and wait for it; killed if it does not stop within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """torch's intra-op thread count set to `threads` (None: left as it is) inside the block,
     restored after it."""
+    import torch  # here: the floor's echo servers import this module and need no torch
+
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -192,6 +193,25 @@ def test_round_record_becomes_the_controllers_observation():
         timing=timing, attempts=1, tokens=1,
     )  # fmt: skip
     assert observation_from_record(empty) is None
+
+
+def test_round_overhead_counts_only_the_drafting_on_the_rounds_own_time():
+    timing = RoundTiming(
+        wall_ms=12.0, verify_ms=10.0, queue_ms=0.5, network_ms=1.5, bytes_sent=1, bytes_received=1
+    )
+    # fresh: drafted (6 ms), sent and verified in turn within the round's 19 ms
+    fresh = RoundRecord(
+        seq=1, k=4, drafted=4, accepted=4, draft_ms=6.0, round_ms=19.0, apply_ms=0.2,
+        timing=timing, attempts=1, tokens=5,
+    )  # fmt: skip
+    assert fresh.on_path_draft_ms == 6.0
+    assert fresh.overhead_ms == pytest.approx(19.0 + 0.2 - 6.0 - 10.0)
+    # drafted ahead during the round before: its 8 ms of drafting is not on this round's 11 ms
+    ahead = replace(fresh, pipelined=True, draft_ms=8.0, round_ms=11.0)
+    assert ahead.on_path_draft_ms == 0.0
+    assert ahead.overhead_ms == pytest.approx(11.0 + 0.2 - 10.0)
+    # the old definition subtracted it anyway: negative, which no framework time can be
+    assert ahead.round_ms + ahead.apply_ms - ahead.draft_ms - timing.verify_ms < 0
 
 
 def test_pipelined_cost_model_hides_round_trips():
