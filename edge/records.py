@@ -42,6 +42,9 @@ class RoundRecord:
     # a chain that rejected a draft token: whether the verifier's token was the draft's
     # runner-up there (`Drafter.last_runner_up`)
     runner_up: bool | None = None
+    # the (last) verdict read -> the round recorded: parsing it, `apply_ms`, the bookkeeping;
+    # the next round's `round_ms` starts where this ends (0: not measured, `apply_ms` stands in)
+    commit_ms: float = 0.0
 
     @property
     def positions(self) -> int:
@@ -60,12 +63,18 @@ class RoundRecord:
         return 0.0 if self.pipelined else self.draft_ms
 
     @property
+    def cycle_ms(self) -> float:
+        """The round's whole wall time: the previous round recorded -> this one recorded
+        (`round_ms` + `commit_ms`), so that consecutive rounds' cycles add up to the session's
+        time with nothing between them."""
+        return self.round_ms + (self.commit_ms or self.apply_ms)
+
+    @property
     def overhead_ms(self) -> float:
-        """Framework time on the round's path: its wall time (previous round's end -> this
-        verdict committed) less the drafting on it (`on_path_draft_ms`) and the verifier's
-        compute. For a block drafted ahead, subtracting its drafting as well would count time
-        the round never spent (and come out negative)."""
-        return self.round_ms + self.apply_ms - self.on_path_draft_ms - self.timing.verify_ms
+        """Framework time on the round's path: its `cycle_ms` less the drafting on it
+        (`on_path_draft_ms`) and the verifier's compute. For a block drafted ahead, subtracting
+        its drafting as well would count time the round never spent (and come out negative)."""
+        return self.cycle_ms - self.on_path_draft_ms - self.timing.verify_ms
 
 
 def observation_from_record(record: RoundRecord) -> RoundObservation | None:

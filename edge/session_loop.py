@@ -552,6 +552,7 @@ class SessionLoop:
             record,
             t_wall=time.time() - (now - reply.received),
             t_ms=(reply.received - self.t_start) * 1e3,
+            commit_ms=(now - reply.received) * 1e3,
         )
         self.last_end = now
         self.stats.observe_round(record)

@@ -205,7 +205,10 @@ def test_round_overhead_counts_only_the_drafting_on_the_rounds_own_time():
         timing=timing, attempts=1, tokens=5,
     )  # fmt: skip
     assert fresh.on_path_draft_ms == 6.0
-    assert fresh.overhead_ms == pytest.approx(19.0 + 0.2 - 6.0 - 10.0)
+    assert fresh.overhead_ms == pytest.approx(19.0 + 0.2 - 6.0 - 10.0)  # apply_ms stands in
+    # measured: verdict read -> recorded (parse, apply, bookkeeping) is the round's too
+    assert replace(fresh, commit_ms=0.5).cycle_ms == 19.5
+    assert replace(fresh, commit_ms=0.5).overhead_ms == pytest.approx(19.5 - 6.0 - 10.0)
     # drafted ahead during the round before: its 8 ms of drafting is not on this round's 11 ms
     ahead = replace(fresh, pipelined=True, draft_ms=8.0, round_ms=11.0)
     assert ahead.on_path_draft_ms == 0.0

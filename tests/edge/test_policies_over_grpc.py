@@ -130,6 +130,12 @@ def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, 
                 records = stats.round_records
                 assert all(r.t_wall > 0 and r.t_ms > 0 for r in records)
                 assert [r.t_ms for r in records] == sorted(r.t_ms for r in records)
+                assert all(r.commit_ms > 0 for r in records)
+                # round cycles tile the session: verdict to verdict is one round's commit and
+                # the next one's round (which starts where the commit ends, the record)
+                for a, b in zip(records, records[1:], strict=False):
+                    if b.mode == SPECULATIVE:
+                        assert b.t_ms - a.t_ms == pytest.approx(a.commit_ms + b.round_ms)
                 if policy == "cloud_only":
                     # One stream for the whole generation, one verdict (and event) per token.
                     assert stats.rounds == 1 and records[0].mode == CLOUD_ONLY
