@@ -10,14 +10,16 @@ one; both use the real models (compute profile "real"). Three measurements:
    verifier compute is the `verify_ms` the verifier reports (forward + acceptance). What is
    left is everything the framework adds: conversions, serialisation, gRPC both ways, the
    verifier's executor hand-off (its `queue_ms`), committing the verdict and the bookkeeping
-   of the round (records, the policy, the streamed text). Reported as the
-   median over all rounds (`overhead_ms_p50`; goal < 1 ms) and over the *fresh* rounds alone
-   (`overhead_ms_p50_fresh`: drafted, sent and verified one after the other, the guess drafted
-   ahead having missed), with its parts, once with the engine's defaults (pipelined, three
-   guesses drafted ahead as branches; one session: drafting on the event loop) and once
-   drafting on the worker thread (as with many sessions). Both against the batching verifier (the default); with `compare_serial`, the
-   first engine also against a second verifier process run with ``--no-batching`` (one block
-   per forward, one session at a time), interleaved with the others, and the ratio of the two.
+   of the round (records, the policy, the streamed text). Reported as the median over all
+   rounds (`overhead_ms_p50`; goal < 1 ms), over the *fresh* rounds alone
+   (`overhead_ms_p50_fresh`: drafted, sent and verified one after the other, every guess
+   drafted ahead having missed) and over those whose block was drafted ahead, with the parts of
+   a fresh round, once with the engine's defaults (pipelined, three guesses drafted ahead as
+   branches; one session: drafting on the event loop) and once drafting on the worker thread
+   (as with many sessions). Both against the batching verifier (the default); with
+   `compare_serial`, the first engine also against a second verifier process run with
+   ``--no-batching`` (one block per forward, one session at a time), interleaved with the
+   others, and the ratio of the two.
    The floor under it, interleaved with the same reps: a bare grpc.aio echo stream
    (`edgespec.bench.grpc_floor`) whose answer waits the verifier's median forward, on a worker
    thread as the verifier's does (`grpc_floor_ms`), and what the fresh rounds cost above it
