@@ -76,7 +76,7 @@ def observe_summary(metrics: EdgeMetrics, event: SummaryEvent) -> None:
             drafted=r.drafted,
             accepted=r.accepted,
             rtt_ms=max(r.network_ms, 0.0),
-            round_ms=r.round_ms,
+            round_ms=r.cycle_ms,
             committed=r.tokens,
             bytes_sent=r.timing.bytes_sent,
             bytes_received=r.timing.bytes_received,

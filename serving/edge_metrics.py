@@ -58,7 +58,8 @@ class EdgeMetrics:
     - ``committed_tokens_total``: tokens committed to outputs (accepted + recovered/bonus).
     - ``draft_length``: histogram of k per round.
     - ``rtt_seconds``: network time per round (round wall time minus verifier queue + compute).
-    - ``round_seconds``: round wall time seen by the edge (send to verdict).
+    - ``round_seconds``: round wall time seen by the edge, one round recorded to the next
+      (`RoundRecord.cycle_ms`: drafting on that time, the link call, committing the verdict).
     - ``link_bytes_total{direction}``: serialized bytes on the verifier link, "sent"/"received".
     - ``reconnects_total``: verifier sessions reopened after a failure.
     - ``generations_total{finish_reason}``: finished generations ("stop" / "length").
@@ -107,7 +108,7 @@ class EdgeMetrics:
         )
         self.round_time = histogram(
             "round_seconds",
-            "Round wall time at the edge, block sent to verdict.",
+            "Round wall time at the edge, one round recorded to the next.",
             LATENCY_BUCKETS_S,
         )
         self.link_bytes = counter(
