@@ -387,6 +387,7 @@ def cmd_bench_link(args: argparse.Namespace) -> int:
         threads=args.threads,
         include_cloud_only=args.cloud_only,
         compare_serial=not args.batched_only,
+        pipelined=not args.no_pipelining,
     )
     write_json(args.json, result)
     print_summary(result)
@@ -535,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batched-only",
         action="store_true",
         help="skip the RTT-0 comparison with a --no-batching verifier",
+    )
+    link.add_argument(
+        "--no-pipelining",
+        action="store_true",
+        help="edges that draft nothing ahead: every round drafted, sent and verified in turn",
     )
     link.set_defaults(func=cmd_bench_link)
     sampling = bench_sub.add_parser(

@@ -194,6 +194,7 @@ def run_link_bench(
     include_cloud_only: bool = False,
     start_timeout_s: float = 180.0,
     compare_serial: bool = True,
+    pipelined: bool = True,
 ) -> dict:
     """Run the link benchmark (see the module docstring) and return its JSON-able result.
 
@@ -201,7 +202,9 @@ def run_link_bench(
     RTT. `threads`: torch intra-op threads for the edge (this process) and the verifier process,
     both on this host (None = torch's default). `include_cloud_only`: also time the cloud-only
     baseline (k = 0, one verifier forward per token) at each RTT. `compare_serial`: also measure
-    the RTT-0 overhead against a ``--no-batching`` verifier (`rtt0_no_batching`).
+    the RTT-0 overhead against a ``--no-batching`` verifier (`rtt0_no_batching`). `pipelined`
+    False: the edges draft nothing ahead (every round fresh), which isolates the framework's
+    share from drafting that runs beside the verifier's forward on the same host.
     """
     check_int("k", k, 1, 32)
     if not prompts:
@@ -216,7 +219,7 @@ def run_link_bench(
         host, port = address.rsplit(":", 1)
         result: dict = {}
         # The engine as a user runs it (pipelined, guesses drafted ahead as branches).
-        defaults = EngineConfig()
+        defaults = EngineConfig(pipelined=pipelined)
         engine = EdgeEngine.from_pretrained(
             draft_path, [address], link_config=LinkConfig(round_timeout_s=30.0), config=defaults
         )
@@ -285,7 +288,11 @@ def run_link_bench(
             rows = []
             with LinkEmulator(host, int(port), LinkProfile(rtt_ms=0)) as emu:
                 via = EdgeEngine(
-                    engine.model, engine.tokenizer, [emu.address], link_config=engine.link_config
+                    engine.model,
+                    engine.tokenizer,
+                    [emu.address],
+                    link_config=engine.link_config,
+                    config=defaults,
                 )
                 try:
                     for rtt in rtts_ms:
@@ -341,6 +348,7 @@ def run_link_bench(
         "target": str(target_path),
         "draft": str(draft_path),
         "k": k,
+        "pipelined": pipelined,
         "max_new_tokens": max_new_tokens,
         "prompts": len(prompts),
         "reps": reps,

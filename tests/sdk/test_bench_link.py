@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgespec.bench.grpc_floor import run as run_floor
 from edgespec.bench.link import print_summary, run_link_bench
 
@@ -21,7 +23,8 @@ def test_floor_subtracts_the_work_and_measures_both_hand_offs():
     json.dumps(result)
 
 
-def test_link_bench_reports_overhead_fresh_rounds_and_the_floor(tiny_pair, capsys):
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_link_bench_reports_overhead_fresh_rounds_and_the_floor(tiny_pair, capsys, pipelined):
     result = run_link_bench(
         tiny_pair.target_dir,
         tiny_pair.draft_dir,
@@ -31,9 +34,14 @@ def test_link_bench_reports_overhead_fresh_rounds_and_the_floor(tiny_pair, capsy
         reps=1,
         rtts_ms=(10.0,),
         compare_serial=False,
+        pipelined=pipelined,
     )
     json.dumps(result)
     r0 = result["rtt0"]
+    assert result["pipelined"] is pipelined
+    if not pipelined:  # every round drafted, sent and verified in turn
+        assert r0["pipelined_share"] == 0 and r0["overhead_ms_p50_pipelined"] is None
+        assert r0["overhead_ms_p50_fresh"] == r0["overhead_ms_p50"]
     assert r0["rounds"] > 0 and 0 <= r0["pipelined_share"] <= 1
     # framework time is never negative: a block drafted ahead does not subtract its drafting
     assert r0["overhead_ms_p50"] > 0
