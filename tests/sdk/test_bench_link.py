@@ -19,7 +19,7 @@ def test_floor_subtracts_the_work_and_measures_both_hand_offs():
         assert q["rounds"] == 15
         # a round trip costs something, and far less than the 20 ms slept before each answer
         # (which the client subtracts: were it counted, p50 would exceed 20)
-        assert 0 < q["p50"] <= q["p90"] < 15.0
+        assert 0 < q["p50"] < 10.0 and q["p50"] <= q["p90"]
     json.dumps(result)
 
 
