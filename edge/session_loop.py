@@ -548,11 +548,12 @@ class SessionLoop:
 
     def _record(self, record: RoundRecord, reply: Reply) -> None:
         now = time.perf_counter()
+        since_verdict = now - reply.received  # s: reading, applying and recording the verdict
         record = replace(
             record,
-            t_wall=time.time() - (now - reply.received),
+            t_wall=time.time() - since_verdict,
             t_ms=(reply.received - self.t_start) * 1e3,
-            commit_ms=(now - reply.received) * 1e3,
+            commit_ms=since_verdict * 1e3,
         )
         self.last_end = now
         self.stats.observe_round(record)
