@@ -381,17 +381,16 @@ def print_summary(result: dict) -> None:
     )
     floor = result["grpc_floor_ms"]
     fresh = r0["overhead_ms_p50_fresh"]
+    fresh_text = "-"
+    if fresh is not None:
+        fresh_text = (
+            f"{fresh:.3f} ms (edge {r0['edge_overhead_ms_p50']:.3f} ms, link: gRPC + verifier "
+            f"service {r0['link_overhead_ms_p50']:.3f} ms)"
+        )
     print(
         f"  fresh rounds ({1 - r0['pipelined_share']:.0%} of them: drafted, sent, verified in "
-        f"turn): p50 "
-        + (f"{fresh:.3f} ms" if fresh is not None else "-")
-        + (
-            f" (edge {r0['edge_overhead_ms_p50']:.3f} ms, link: gRPC + verifier service "
-            f"{r0['link_overhead_ms_p50']:.3f} ms)"
-            if fresh is not None
-            else ""
-        )
-        + f"; bare grpc.aio floor (same run, {floor['work_ms']:.1f} ms of work per answer): "
+        f"turn): p50 {fresh_text}"
+        f"; bare grpc.aio floor (same run, {floor['work_ms']:.1f} ms of work per answer): "
         f"{floor['thread']['p50']:.3f} ms with the model thread's hand-off, "
         f"{floor['inline']['p50']:.3f} ms without"
     )
