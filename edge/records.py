@@ -45,6 +45,9 @@ class RoundRecord:
     # the (last) verdict read -> the round recorded: parsing it, `apply_ms`, the bookkeeping;
     # the next round's `round_ms` starts where this ends (0: not measured, `apply_ms` stands in)
     commit_ms: float = 0.0
+    # Pipelining: drafting for a later block, run on the edge after this round's block was sent
+    # and before its verdict was read (the read waits for it): it overlaps the verifier's work
+    ahead_draft_ms: float = 0.0
 
     @property
     def positions(self) -> int:
@@ -71,10 +74,16 @@ class RoundRecord:
 
     @property
     def overhead_ms(self) -> float:
-        """Framework time on the round's path: its `cycle_ms` less the drafting on it
-        (`on_path_draft_ms`) and the verifier's compute. For a block drafted ahead, subtracting
-        its drafting as well would count time the round never spent (and come out negative)."""
-        return self.cycle_ms - self.on_path_draft_ms - self.timing.verify_ms
+        """Framework time on the round's path: its `cycle_ms` less the compute on that path.
+        That is the drafting on the round's own time (`on_path_draft_ms`), then, while the
+        verdict was due, the longer of the verifier's compute and the edge's drafting ahead
+        (`ahead_draft_ms`): the two run at once, and the verdict is read once the drafting is
+        done, so whichever ends later is the path. For a block drafted ahead, subtracting its
+        own drafting as well would count time the round never spent (and come out negative);
+        not subtracting a drafting ahead that outlasts the forward would count draft compute
+        as the link's."""
+        waited = max(self.timing.verify_ms, self.ahead_draft_ms)
+        return self.cycle_ms - self.on_path_draft_ms - waited
 
 
 def observation_from_record(record: RoundRecord) -> RoundObservation | None:

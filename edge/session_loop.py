@@ -229,13 +229,14 @@ class SessionLoop:
     async def _speculative_round(self, pending: DraftBlock) -> list[int]:
         d = self.drafter
         self._round_failures = 0
+        ahead_ms = 0.0
         while True:
             try:
                 await self._ensure_sent(pending)
                 # A retried round does not write ahead: a write racing a verifier's error status
                 # loses that status (see GrpcVerifierLink.send).
                 if self.pipelined and not self._round_failures:
-                    await self._send_ahead()
+                    ahead_ms = await self._send_ahead()
                 reply = await self._receive_for(pending.seq)
                 if reply.more:
                     raise self.link.protocol_error(
@@ -269,6 +270,7 @@ class SessionLoop:
                 probe=sent.probe,
                 draft_forwards=sent.draft_forwards,
                 runner_up=d.last_runner_up,
+                ahead_draft_ms=ahead_ms,
             ),
             reply,
         )
@@ -289,16 +291,17 @@ class SessionLoop:
             spine_accepted=spine_accepted,
         )
 
-    async def _send_ahead(self) -> None:
+    async def _send_ahead(self) -> float:
         """Pipelining: draft the block after the pending one (a chain or a tree, as the policy
-        decides, after a pending chain or tree) and send it (depth 1)."""
+        decides, after a pending chain or tree) and send it (depth 1). Returns the drafting's
+        wall ms (0.0: nothing drafted)."""
         d = self.drafter
         if self.next_decision is not None or d.ahead is not None or d.ahead_room() < 0:
-            return
+            return 0.0
         decision = self.policy.choose(tokens_left=d.tokens_left)
         if decision.mode != SPECULATIVE or not decision.ahead:
             self.next_decision = decision  # taken when the pending round is over
-            return
+            return 0.0
         shape = self._tree_shape(decision)
         k = shape.depth if shape is not None else self._clip_k(decision.k)
         branches = self.ahead_branches if shape is None else 0
@@ -306,7 +309,7 @@ class SessionLoop:
         block, ms, forwards = await self.compute(_timed, propose, d, k)
         if block is None:  # the guessed bonus token is a stop token: nothing to draft
             self.next_decision = decision
-            return
+            return ms
         # The branches were drafted with the main guess, in the same forwards. The likeliest
         # (the earliest rejected position: the smallest base_len) go out with it, most
         # committed tokens assumed first (once one is applied the verifier finds the later
@@ -323,6 +326,7 @@ class SessionLoop:
         else:
             for ahead in going:
                 await self._send(ahead)
+        return ms
 
     # ---- cloud-only streams -----------------------------------------------------------------
 

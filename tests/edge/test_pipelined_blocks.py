@@ -217,6 +217,27 @@ def test_round_overhead_counts_only_the_drafting_on_the_rounds_own_time():
     assert ahead.round_ms + ahead.apply_ms - ahead.draft_ms - timing.verify_ms < 0
 
 
+def test_round_overhead_takes_the_longer_of_the_forward_and_the_drafting_ahead_beside_it():
+    timing = RoundTiming(
+        wall_ms=12.0, verify_ms=10.0, queue_ms=0.5, network_ms=1.5, bytes_sent=1, bytes_received=1
+    )
+    fresh = RoundRecord(
+        seq=1, k=4, drafted=4, accepted=4, draft_ms=6.0, round_ms=19.0, apply_ms=0.2,
+        timing=timing, attempts=1, tokens=5, commit_ms=0.5,
+    )  # fmt: skip
+    # drafting ahead shorter than the forward: the forward is the path, as without pipelining
+    short = replace(fresh, ahead_draft_ms=7.0)
+    assert short.overhead_ms == pytest.approx(fresh.overhead_ms) == pytest.approx(19.5 - 6 - 10)
+    # drafting ahead that outlasts the forward: the verdict waited for it (read after it)
+    long = replace(fresh, ahead_draft_ms=12.5, round_ms=21.0)
+    assert long.overhead_ms == pytest.approx(21.5 - 6.0 - 12.5)
+    # control: subtracting the forward alone would call 2.5 ms of drafting the link's
+    assert long.cycle_ms - long.on_path_draft_ms - timing.verify_ms == pytest.approx(5.5)
+    # a round whose own block was drafted ahead (nothing on its own time) drafts the next too
+    piped = replace(long, pipelined=True, round_ms=13.0)
+    assert piped.overhead_ms == pytest.approx(13.5 - 12.5)
+
+
 def test_pipelined_cost_model_hides_round_trips():
     serial = CostModel(draft_ms=5.0, rtt_ms=100.0, verify_base_ms=30.0, verify_per_token_ms=0.2)
     piped = CostModel(

@@ -114,7 +114,7 @@ def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, 
 
     async def body() -> None:
         engine = make_engine(draft, link_20ms.address)
-        hits = 0
+        hits = drafted_ahead = 0
         try:
             for i, prompt in enumerate(PROMPTS):
                 expected = reference(target, prompt, params)
@@ -136,6 +136,12 @@ def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, 
                 for a, b in zip(records, records[1:], strict=False):
                     if b.mode == SPECULATIVE:
                         assert b.t_ms - a.t_ms == pytest.approx(a.commit_ms + b.round_ms)
+                # drafting ahead happens while a verdict is due, only when pipelined, and the
+                # round spans it (it ran between the block's send and the verdict's read)
+                ahead = [r for r in records if r.ahead_draft_ms > 0]
+                assert pipelined or not ahead
+                drafted_ahead += len(ahead)
+                assert all(r.ahead_draft_ms < min(r.timing.wall_ms, r.round_ms) for r in ahead)
                 if policy == "cloud_only":
                     # One stream for the whole generation, one verdict (and event) per token.
                     assert stats.rounds == 1 and records[0].mode == CLOUD_ONLY
@@ -156,7 +162,7 @@ def test_greedy_equals_target_alone_under_each_policy(policy, pipelined, draft, 
                 else:
                     assert stats.pipeline_hits == stats.pipeline_misses == 0
             if pipelined:  # (a warm session may finish in a round or two: no hit needed)
-                assert hits > 0
+                assert hits > 0 and drafted_ahead > 0
         finally:
             await engine.aclose()
 

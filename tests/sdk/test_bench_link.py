@@ -42,6 +42,11 @@ def test_link_bench_reports_overhead_fresh_rounds_and_the_floor(tiny_pair, capsy
     if not pipelined:  # every round drafted, sent and verified in turn
         assert r0["pipelined_share"] == 0 and r0["overhead_ms_p50_pipelined"] is None
         assert r0["overhead_ms_p50_fresh"] == r0["overhead_ms_p50"]
+        # nothing drafted beside a forward: the two rules agree
+        assert r0["ahead_outlasts_forward_share"] == 0
+        assert r0["overhead_ms_p50_forward_only"] == r0["overhead_ms_p50"]
+    # per round, the longer of the forward and the drafting ahead is at least the forward
+    assert r0["overhead_ms_p50_forward_only"] >= r0["overhead_ms_p50"]
     assert r0["rounds"] > 0 and 0 <= r0["pipelined_share"] <= 1
     # framework time is never negative: a block drafted ahead does not subtract its drafting
     assert r0["overhead_ms_p50"] > 0
@@ -52,4 +57,5 @@ def test_link_bench_reports_overhead_fresh_rounds_and_the_floor(tiny_pair, capsy
     assert {"thread", "inline"} <= set(result["grpc_floor_ms"])
     assert result["rtt"][0]["rtt_ms_set"] == 10.0 and result["rtt"][0]["tokens_per_s"] > 0
     print_summary(result)
-    assert "bare grpc.aio floor" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bare grpc.aio floor" in out and "drafting ahead outlasted the forward" in out
