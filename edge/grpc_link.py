@@ -50,6 +50,7 @@ from edgespec.protos.edgespec.v1 import edgespec_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 VERIFY_STREAM_METHOD = "/edgespec.v1.Verifier/VerifyStream"
+_WRITE_FAILED = "the stream ended while a block was written"
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc's type stubs
 
 
@@ -116,6 +117,10 @@ class GrpcVerifierLink(VerifierLink):
         self._expired = False
         self._stream_named = False  # the current stream's first block (naming the session) sent
         self._background: set[asyncio.Task] = set()
+        # The current stream's last write, until it is known to have completed, and the read of
+        # its next reply, posted when a block is written (see `send`).
+        self._write: asyncio.Future | None = None
+        self._read: asyncio.Future | None = None
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -219,6 +224,12 @@ class GrpcVerifierLink(VerifierLink):
     async def send(self, block: DraftBlock) -> tuple[float, int]:
         """Write one block on the session's stream without waiting for its verdict.
 
+        The write is handed to grpc, not waited for: grpc reports a write complete through its
+        threads and the event loop (~0.25 ms here), and the caller's next step (drafting
+        ahead, reading the verdict) need not wait for that. The next `send` waits for it first
+        (grpc takes one write at a time), and a write that failed fails that `send`, or the
+        pending read, whichever comes first.
+
         Returns (time.perf_counter() at the write, serialized bytes). Raises `LinkError` (the link
         must then be reopened).
         """
@@ -228,6 +239,7 @@ class GrpcVerifierLink(VerifierLink):
         # The verifier learns the session from the stream's first block; later blocks omit it.
         request = block_to_proto(block, "" if self._stream_named else session.session_id)
         self._stream_named = True
+        await self._last_write_done()
         # A status the verifier sent while this block was drafted (the loop may have been busy)
         # lands first: a write on an ended call would fail locally and hide that status.
         await asyncio.sleep(0)
@@ -240,16 +252,42 @@ class GrpcVerifierLink(VerifierLink):
                 await call.trailing_metadata(),
             )
         t_sent = time.perf_counter()
-        try:
-            await call.write(request)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            # The call ended under the write: the verifier answered a status (its last reply
-            # failed, and grpc replaces that status with a local INTERNAL "Internal error from
-            # Core") or the connection broke. Which one is unknown: retryable, like a broken
-            # stream; the caller retries without writing ahead, so a deterministic failure then
-            # shows its own status.
-            raise self._stream_failure("the stream ended while a block was written", None) from None
+        write = self._write = asyncio.ensure_future(call.write(request))
+        write.add_done_callback(_retrieve)  # its failure is the stream's, reported as such
+        if self._read is None:
+            # A reply is due: its read is posted now, so that one which arrives while the loop
+            # is busy (drafting ahead) is taken by grpc's threads meanwhile, and `receive` finds
+            # it done instead of starting the read then.
+            self._read = asyncio.ensure_future(call.read())
+            self._read.add_done_callback(_retrieve)
+        # One loop turn runs the write's first step: it serializes the block and hands it to
+        # grpc core, which sends it from there, whatever the loop does next.
+        await asyncio.sleep(0)
+        if write.done():
+            await self._last_write_done()
         return t_sent, self._counter.last_sent
+
+    async def _last_write_done(self) -> None:
+        """Wait for the stream's last write to complete; `LinkError` if it failed."""
+        if await self._write_failed():
+            raise self._stream_failure(_WRITE_FAILED, None)
+
+    async def _write_failed(self) -> bool:
+        """Wait for the stream's last write (if any) and say whether it failed.
+
+        A write fails when the call ended under it: the verifier answered a status (its last
+        reply failed), or the connection broke. grpc then replaces the call's status with a
+        local INTERNAL ("Internal error from Core"), the read's too, so which one is unknown:
+        the failure is retryable, like a broken stream; the caller retries without writing
+        ahead, so a deterministic failure then shows its own status."""
+        write, self._write = self._write, None
+        if write is None:
+            return False
+        try:
+            await write
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return True
+        return False
 
     async def receive(self) -> Reply:
         """Read the next Verdict of the stream (blocks are answered in the order sent), within
@@ -264,7 +302,8 @@ class GrpcVerifierLink(VerifierLink):
         # One timer per read; on expiry the call is cancelled, which fails the pending read.
         timer = loop.call_later(self.config.round_timeout_s, self._expire, call)
         try:
-            message: object = await call.read()
+            read, self._read = self._read, None
+            message: object = await (read if read is not None else call.read())
         except asyncio.CancelledError:
             if not self._expired:
                 raise  # our caller was cancelled: not a link failure
@@ -273,6 +312,8 @@ class GrpcVerifierLink(VerifierLink):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             ) from None
         except grpc.aio.AioRpcError as err:
+            if await self._write_failed():  # grpc's status then says nothing of the cause
+                raise self._stream_failure(_WRITE_FAILED, None) from None
             raise self._rpc_failure("VerifyStream", session.address, self._channel, err) from err
         finally:
             timer.cancel()
@@ -343,7 +384,12 @@ class GrpcVerifierLink(VerifierLink):
         self._channel = None
         if call is None or session is None or channel is None:
             return
+        # A read posted ahead is left to fail with the call (cancelling it would cancel the call
+        # before the verifier is asked to end the stream itself).
+        write, self._write, self._read = self._write, None, None
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            if write is not None:
+                await write
             await call.done_writing()
         # CloseSession first, so the verifier ends the stream itself; then drop what is left.
         await self._close_session(channel, session)
@@ -410,6 +456,10 @@ class GrpcVerifierLink(VerifierLink):
         call, session, channel = self._call, self.session, self._channel
         self._call = None
         self._channel = None
+        for pending in (self._write, self._read):
+            if pending is not None:
+                pending.cancel()
+        self._write = self._read = None
         if call is not None:
             call.cancel()
         if channel is not None and session is not None:
@@ -471,6 +521,14 @@ class GrpcVerifierLink(VerifierLink):
             retry_after_ms=retry_after_ms,
             evicted=evicted,
         )
+
+
+def _retrieve(op: asyncio.Future) -> None:
+    """Mark a stream write's or read's failure as seen (asyncio logs unretrieved ones): a write's
+    is reported by the next `send` or by the pending read, which fails with the stream; a read's
+    by `receive`, or by nothing when the stream was abandoned first."""
+    if not op.cancelled():
+        op.exception()
 
 
 def _back_off(trailers: Any) -> tuple[int | None, bool]:

@@ -13,6 +13,7 @@ rounds reconnects; a msgpack round trace is written per generation and reads bac
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -29,6 +30,7 @@ from edgespec.core.policies import (
     Decision,
 )
 from edgespec.core.runner import ModelRunner
+from edgespec.core.session import DraftBlock
 from edgespec.core.sampling import logits_to_probs
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.engine import EdgeEngine
@@ -289,6 +291,40 @@ def test_open_session_measures_the_rtt_on_a_connected_channel(link_20ms):
     # at least the emulated round trip (the prefill is taken out); the bound above only rules out
     # nonsense on a loaded machine
     assert again.open_rtt_ms is not None and RTT_MS * 0.9 <= again.open_rtt_ms < RTT_MS + 1000
+
+
+def test_a_reply_is_read_from_the_write_on_and_close_ends_a_session_with_its_read_posted(
+    target, grpc_verifier
+):
+    """`send` posts the read of the reply it makes due, so a verdict that arrives while the
+    event loop is busy (an edge drafting ahead on it) is taken by grpc's threads meanwhile; the
+    verdict is the same, and a session closed with a read still posted leaves nothing behind."""
+    prompt = PROMPTS[0]
+    greedy = reference(target, prompt, SamplingParams(max_new_tokens=2))
+
+    async def body() -> tuple:
+        link = GrpcVerifierLink([grpc_verifier.address], LinkConfig(round_timeout_s=DEADLINE_S))
+        try:
+            await link.open(prompt, SamplingParams(max_new_tokens=8))
+            # the target's own next token: accepted, plus a bonus token
+            await link.send(DraftBlock(seq=0, base_len=len(prompt), tokens=(greedy[0],)))
+            assert link._read is not None  # posted with the write
+            time.sleep(0.3)  # the loop blocked, as by drafting ahead: grpc reads meanwhile
+            reply = await link.receive()
+            await link.send(DraftBlock(seq=1, base_len=len(prompt) + 2, tokens=(1,)))
+            opened = grpc_verifier.engine.stats().sessions
+        finally:
+            await link.aclose()  # the second reply never read: its read is still posted
+        return reply, opened
+
+    before = grpc_verifier.engine.stats()
+    reply, opened = asyncio.run(body())
+    assert reply.seq == 0 and reply.outcome == "APPLIED"
+    assert reply.verdict is not None and reply.verdict.accepted == 1
+    assert reply.verdict.token == greedy[1]  # the bonus: the target's next token
+    assert opened == before.sessions + 1
+    after = grpc_verifier.engine.stats()
+    assert after.sessions == before.sessions and after.closed == before.closed + 1
 
 
 def test_cloud_only_streams_keep_the_link_estimates_current(draft, link_20ms):
