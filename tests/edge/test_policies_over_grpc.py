@@ -30,8 +30,8 @@ from edgespec.core.policies import (
     Decision,
 )
 from edgespec.core.runner import ModelRunner
-from edgespec.core.session import DraftBlock
 from edgespec.core.sampling import logits_to_probs
+from edgespec.core.session import DraftBlock
 from edgespec.edge.config import EngineConfig, LinkConfig
 from edgespec.edge.engine import EdgeEngine
 from edgespec.edge.grpc_link import GrpcVerifierLink
