@@ -195,15 +195,20 @@ def test_round_record_becomes_the_controllers_observation():
     assert observation_from_record(empty) is None
 
 
-def test_round_overhead_counts_only_the_drafting_on_the_rounds_own_time():
+def _fresh_round() -> RoundRecord:
+    """A fresh round: drafted (6 ms), sent and verified (10 ms) in turn within its 19 ms."""
     timing = RoundTiming(
         wall_ms=12.0, verify_ms=10.0, queue_ms=0.5, network_ms=1.5, bytes_sent=1, bytes_received=1
     )
-    # fresh: drafted (6 ms), sent and verified in turn within the round's 19 ms
-    fresh = RoundRecord(
+    return RoundRecord(
         seq=1, k=4, drafted=4, accepted=4, draft_ms=6.0, round_ms=19.0, apply_ms=0.2,
         timing=timing, attempts=1, tokens=5,
     )  # fmt: skip
+
+
+def test_round_overhead_counts_only_the_drafting_on_the_rounds_own_time():
+    fresh = _fresh_round()
+    timing = fresh.timing
     assert fresh.on_path_draft_ms == 6.0
     assert fresh.overhead_ms == pytest.approx(19.0 + 0.2 - 6.0 - 10.0)  # apply_ms stands in
     # measured: verdict read -> recorded (parse, apply, bookkeeping) is the round's too
@@ -218,13 +223,8 @@ def test_round_overhead_counts_only_the_drafting_on_the_rounds_own_time():
 
 
 def test_round_overhead_takes_the_longer_of_the_forward_and_the_drafting_ahead_beside_it():
-    timing = RoundTiming(
-        wall_ms=12.0, verify_ms=10.0, queue_ms=0.5, network_ms=1.5, bytes_sent=1, bytes_received=1
-    )
-    fresh = RoundRecord(
-        seq=1, k=4, drafted=4, accepted=4, draft_ms=6.0, round_ms=19.0, apply_ms=0.2,
-        timing=timing, attempts=1, tokens=5, commit_ms=0.5,
-    )  # fmt: skip
+    fresh = replace(_fresh_round(), commit_ms=0.5)
+    timing = fresh.timing
     # drafting ahead shorter than the forward: the forward is the path, as without pipelining
     short = replace(fresh, ahead_draft_ms=7.0)
     assert short.overhead_ms == pytest.approx(fresh.overhead_ms) == pytest.approx(19.5 - 6 - 10)
