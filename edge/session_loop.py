@@ -234,7 +234,7 @@ class SessionLoop:
             try:
                 await self._ensure_sent(pending)
                 # A retried round does not write ahead: a write racing a verifier's error status
-                # loses that status (see GrpcVerifierLink.send).
+                # loses that status (see GrpcVerifierLink._write_failed).
                 if self.pipelined and not self._round_failures:
                     ahead_ms = await self._send_ahead()
                 reply = await self._receive_for(pending.seq)
@@ -244,6 +244,7 @@ class SessionLoop:
                     )
                 break
             except LinkError as err:
+                ahead_ms = 0.0  # the verdict finally read did not wait for that drafting
                 await self._failed(err, f"round seq={pending.seq}")
         assert reply.verdict is not None
         t0 = time.perf_counter()
