@@ -73,17 +73,21 @@ class RoundRecord:
         return self.round_ms + (self.commit_ms or self.apply_ms)
 
     @property
+    def awaited_compute_ms(self) -> float:
+        """The compute on the round's path while its verdict was due: the longer of the
+        verifier's (`verify_ms`) and the edge's drafting ahead (`ahead_draft_ms`). The two run
+        at once, and the verdict is read once the drafting is done, so whichever ends later is
+        the path."""
+        return max(self.timing.verify_ms, self.ahead_draft_ms)
+
+    @property
     def overhead_ms(self) -> float:
-        """Framework time on the round's path: its `cycle_ms` less the compute on that path.
-        That is the drafting on the round's own time (`on_path_draft_ms`), then, while the
-        verdict was due, the longer of the verifier's compute and the edge's drafting ahead
-        (`ahead_draft_ms`): the two run at once, and the verdict is read once the drafting is
-        done, so whichever ends later is the path. For a block drafted ahead, subtracting its
-        own drafting as well would count time the round never spent (and come out negative);
-        not subtracting a drafting ahead that outlasts the forward would count draft compute
-        as the link's."""
-        waited = max(self.timing.verify_ms, self.ahead_draft_ms)
-        return self.cycle_ms - self.on_path_draft_ms - waited
+        """Framework time on the round's path: its `cycle_ms` less the compute on that path,
+        the drafting on the round's own time (`on_path_draft_ms`) and `awaited_compute_ms`.
+        For a block drafted ahead, subtracting its own drafting as well would count time the
+        round never spent (and come out negative); not subtracting a drafting ahead that
+        outlasts the forward would count draft compute as the link's."""
+        return self.cycle_ms - self.on_path_draft_ms - self.awaited_compute_ms
 
 
 def observation_from_record(record: RoundRecord) -> RoundObservation | None:

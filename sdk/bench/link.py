@@ -120,9 +120,7 @@ def _round_summary(records: list[RoundRecord]) -> dict:
         )
         if fresh_records
         else None,
-        "link_overhead_ms_p50": med(
-            r.timing.wall_ms - max(r.timing.verify_ms, r.ahead_draft_ms) for r in fresh_records
-        )
+        "link_overhead_ms_p50": med(r.timing.wall_ms - r.awaited_compute_ms for r in fresh_records)
         if fresh_records
         else None,
     }
